@@ -1,0 +1,133 @@
+//! gateway.yaml: schema, loading (file + `TOLLGATE_` environment), validation.
+//!
+//! A config is either fully valid or rejected with every problem listed as
+//! `file: key.path: what was expected`; a running gateway keeps its old config
+//! when a reload is rejected.
+
+mod schema;
+mod target;
+pub mod units;
+mod validate;
+pub mod watch;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Yaml};
+
+pub use schema::*;
+pub use target::{TargetHost, TargetUrl};
+
+/// Environment variables with this prefix override file keys; `__` separates
+/// levels: `TOLLGATE_ADMIN__BIND=0.0.0.0:9090`.
+pub const ENV_PREFIX: &str = "TOLLGATE_";
+
+/// Our own variables that share the prefix but are not config keys.
+const ENV_NOT_KEYS: &[&str] = &["CONFIG", "LOG", "LOG_FORMAT"];
+
+/// One problem, located by key path (`routes[1].upstream.timeout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            if e.path.is_empty() {
+                write!(f, "{}: {}", self.file.display(), e.message)?;
+            } else {
+                write!(f, "{}: {}: {}", self.file.display(), e.path, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads, merges with the environment and validates a config file.
+pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
+    let fail = |errors| ConfigErrors {
+        file: file.to_owned(),
+        errors,
+    };
+    if let Err(e) = std::fs::metadata(file) {
+        return Err(fail(vec![ConfigError {
+            path: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }]));
+    }
+    let figment = Figment::new().merge(Yaml::file_exact(file)).merge(
+        Env::prefixed(ENV_PREFIX)
+            .ignore(ENV_NOT_KEYS)
+            .split("__"),
+    );
+    let config: Config = figment.extract().map_err(|e| fail(from_figment(e)))?;
+    let errors = validate::validate(&config);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(fail(errors))
+    }
+}
+
+fn from_figment(err: figment::Error) -> Vec<ConfigError> {
+    err.into_iter()
+        .map(|e| {
+            let mut path = String::new();
+            for key in &e.path {
+                if key.parse::<usize>().is_ok() {
+                    path.push_str(&format!("[{key}]"));
+                } else {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(key);
+                }
+            }
+            let mut message = e.kind.to_string();
+            if let Some(md) = &e.metadata
+                && md.name.contains("environment")
+            {
+                message.push_str(&format!(" (from environment variable {ENV_PREFIX}…)"));
+            }
+            ConfigError { path, message }
+        })
+        .collect()
+}
+
+/// Where the config comes from: `-c`, then `$TOLLGATE_CONFIG` (both via the CLI),
+/// then `./gateway.yaml`, then `config/gateway.yaml`.
+pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    let candidates = [Path::new("gateway.yaml"), Path::new("config/gateway.yaml")];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .map(|p| p.to_path_buf())
+        .ok_or_else(|| {
+            "no config file: pass -c FILE, set TOLLGATE_CONFIG, or create ./gateway.yaml or ./config/gateway.yaml"
+                .to_owned()
+        })
+}
+
+/// `/bar/` and `/bar` match the same requests; `/` stays `/`.
+pub fn normalize_prefix(prefix: &str) -> &str {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() { "/" } else { trimmed }
+}

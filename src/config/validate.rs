@@ -1,0 +1,277 @@
+//! Semantic checks that serde cannot express. All problems are collected, each
+//! with the key path it concerns, so one `check-config` run shows them all.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use super::schema::{Config, Limits, RouteConfig, UpstreamConfig};
+use super::{ConfigError, TargetUrl};
+
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn nonzero(&mut self, path: impl Into<String>, d: Duration) {
+        if d.is_zero() {
+            self.add(path, "must be greater than zero (e.g. `5s`)");
+        }
+    }
+}
+
+pub fn validate(cfg: &Config) -> Vec<ConfigError> {
+    let mut errs = Errors(Vec::new());
+    listeners(cfg, &mut errs);
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut matches: Vec<(usize, MatchKey)> = Vec::new();
+    for (i, route) in cfg.routes.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        if let Some(first) = names.insert(route.name.as_str(), i) {
+            errs.add(
+                format!("{path}.name"),
+                format!("duplicate route name `{}` (also routes[{first}])", route.name),
+            );
+        }
+        self::route(&path, route, &mut errs);
+        let key = MatchKey::of(route);
+        if let Some((j, _)) = matches.iter().find(|(_, k)| *k == key) {
+            errs.add(
+                format!("{path}.match"),
+                format!(
+                    "matches exactly the same requests as routes[{j}] (`{}`); one of them could never be chosen",
+                    cfg.routes[*j].name
+                ),
+            );
+        }
+        matches.push((i, key));
+    }
+    errs.nonzero("proxy.connect_timeout", cfg.proxy.connect_timeout);
+    errs.nonzero("proxy.pool_idle_timeout", cfg.proxy.pool_idle_timeout);
+    errs.0
+}
+
+fn listeners(cfg: &Config, errs: &mut Errors) {
+    if cfg.listeners.is_empty() {
+        errs.add("listeners", "at least one listener is required");
+    }
+    let mut binds: Vec<(String, SocketAddr)> = vec![("admin.bind".into(), cfg.admin.bind)];
+    let mut names = HashMap::new();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        if l.name.is_empty() {
+            errs.add(format!("{path}.name"), "must not be empty");
+        } else if let Some(first) = names.insert(l.name.as_str(), i) {
+            errs.add(
+                format!("{path}.name"),
+                format!("duplicate listener name `{}` (also listeners[{first}])", l.name),
+            );
+        }
+        for (other, addr) in &binds {
+            if overlaps(*addr, l.bind) {
+                errs.add(
+                    format!("{path}.bind"),
+                    format!("{} overlaps {other} ({addr})", l.bind),
+                );
+            }
+        }
+        binds.push((format!("{path}.bind"), l.bind));
+        limits(&format!("{path}.limits"), &l.limits, errs);
+    }
+}
+
+/// Two binds collide when they share a port (non-zero) and one address covers the other.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn limits(path: &str, l: &Limits, errs: &mut Errors) {
+    if l.max_connections == 0 {
+        errs.add(format!("{path}.max_connections"), "must be at least 1");
+    }
+    if l.max_header_bytes.0 < 1024 {
+        errs.add(format!("{path}.max_header_bytes"), "must be at least 1KiB");
+    }
+    if l.max_headers == 0 {
+        errs.add(format!("{path}.max_headers"), "must be at least 1");
+    }
+    if l.max_uri_bytes.0 < 64 {
+        errs.add(format!("{path}.max_uri_bytes"), "must be at least 64 bytes");
+    }
+    if l.max_concurrent_streams == 0 {
+        errs.add(format!("{path}.max_concurrent_streams"), "must be at least 1");
+    }
+    errs.nonzero(format!("{path}.header_read_timeout"), l.header_read_timeout);
+    errs.nonzero(format!("{path}.idle_timeout"), l.idle_timeout);
+}
+
+fn route(path: &str, r: &RouteConfig, errs: &mut Errors) {
+    if r.name.is_empty()
+        || !r
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        errs.add(
+            format!("{path}.name"),
+            format!(
+                "`{}` is not a valid route name; expected letters, digits, `-`, `_` or `.`",
+                r.name
+            ),
+        );
+    }
+    let m = &r.matcher;
+    if !m.path_prefix.starts_with('/') || m.path_prefix.contains(['?', '#']) {
+        errs.add(
+            format!("{path}.match.path_prefix"),
+            format!("`{}` must be a path starting with `/` (no query)", m.path_prefix),
+        );
+    }
+    if let Some(host) = &m.host {
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        let valid = !name.is_empty()
+            && !name.contains('*')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'[' | b']'));
+        if !valid {
+            errs.add(
+                format!("{path}.match.host"),
+                format!("`{host}` is not a host name; expected `api.internal` or `*.internal`"),
+            );
+        }
+    }
+    if let Some(methods) = &m.methods {
+        if methods.is_empty() {
+            errs.add(
+                format!("{path}.match.methods"),
+                "is empty; leave it out to match every method",
+            );
+        }
+        for (j, method) in methods.iter().enumerate() {
+            if Method::from_bytes(method.to_ascii_uppercase().as_bytes()).is_err() {
+                errs.add(
+                    format!("{path}.match.methods[{j}]"),
+                    format!("`{method}` is not an HTTP method"),
+                );
+            }
+        }
+    }
+    for (name, value) in &m.headers {
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            errs.add(
+                format!("{path}.match.headers.{name}"),
+                "is not a valid header name",
+            );
+        }
+        if HeaderValue::from_str(value).is_err() {
+            errs.add(
+                format!("{path}.match.headers.{name}"),
+                "value is not a valid header value",
+            );
+        }
+    }
+    if let Some(rewrite) = &r.rewrite_prefix {
+        if !rewrite.starts_with('/') || rewrite.contains(['?', '#']) {
+            errs.add(
+                format!("{path}.rewrite_prefix"),
+                format!("`{rewrite}` must be a path starting with `/`"),
+            );
+        }
+        if r.strip_prefix {
+            errs.add(
+                format!("{path}.rewrite_prefix"),
+                "cannot be combined with strip_prefix: true (strip is rewrite_prefix: /)",
+            );
+        }
+    }
+    upstream(&format!("{path}.upstream"), &r.upstream, errs);
+}
+
+fn upstream(path: &str, u: &UpstreamConfig, errs: &mut Errors) {
+    if u.targets.is_empty() {
+        errs.add(format!("{path}.targets"), "at least one target is required");
+    }
+    for (i, t) in u.targets.iter().enumerate() {
+        if let Err(e) = TargetUrl::parse(t) {
+            errs.add(format!("{path}.targets[{i}]"), e);
+        }
+    }
+    errs.nonzero(format!("{path}.timeout"), u.timeout);
+    errs.nonzero(format!("{path}.dns_refresh"), u.dns_refresh);
+    if u.retries > 10 {
+        errs.add(format!("{path}.retries"), "must be at most 10");
+    }
+    for (i, s) in u.retry_on_status.iter().enumerate() {
+        if !(100..=599).contains(s) {
+            errs.add(
+                format!("{path}.retry_on_status[{i}]"),
+                format!("{s} is not an HTTP status"),
+            );
+        }
+    }
+    let b = &u.retry_budget;
+    if !(0.0..=1.0).contains(&b.ratio) {
+        errs.add(
+            format!("{path}.retry_budget.ratio"),
+            "must be between 0.0 and 1.0",
+        );
+    }
+    if let Some(hc) = &u.health_check {
+        let hp = format!("{path}.health_check");
+        if !hc.path.starts_with('/') {
+            errs.add(format!("{hp}.path"), "must start with `/`");
+        }
+        errs.nonzero(format!("{hp}.interval"), hc.interval);
+        errs.nonzero(format!("{hp}.timeout"), hc.timeout);
+        if hc.healthy_threshold == 0 {
+            errs.add(format!("{hp}.healthy_threshold"), "must be at least 1");
+        }
+        if hc.unhealthy_threshold == 0 {
+            errs.add(format!("{hp}.unhealthy_threshold"), "must be at least 1");
+        }
+    }
+    if u.passive_health.consecutive_failures > 0 {
+        errs.nonzero(
+            format!("{path}.passive_health.ejection_time"),
+            u.passive_health.ejection_time,
+        );
+    }
+}
+
+/// What a route matches, normalised, to detect routes that shadow each other.
+#[derive(PartialEq)]
+struct MatchKey {
+    host: Option<String>,
+    prefix: String,
+    methods: Option<BTreeSet<String>>,
+    headers: Vec<(String, String)>,
+}
+
+impl MatchKey {
+    fn of(r: &RouteConfig) -> MatchKey {
+        let m = &r.matcher;
+        MatchKey {
+            host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            prefix: super::normalize_prefix(&m.path_prefix).to_owned(),
+            methods: m
+                .methods
+                .as_ref()
+                .map(|ms| ms.iter().map(|s| s.to_ascii_uppercase()).collect()),
+            headers: m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect(),
+        }
+    }
+}

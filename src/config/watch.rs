@@ -1,0 +1,43 @@
+//! Watches the config file for changes. The directory is watched, not the
+//! file, because editors and Kubernetes ConfigMaps replace files (rename or
+//! symlink swap) rather than write them in place.
+
+use std::path::{Path, PathBuf};
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+/// Keeps the OS watch alive; dropping it stops the notifications.
+pub struct ConfigWatch {
+    _watcher: RecommendedWatcher,
+    pub changes: mpsc::Receiver<()>,
+}
+
+pub fn watch(file: &Path) -> notify::Result<ConfigWatch> {
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+    let dir = file
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let name = file.file_name().map(|n| n.to_owned());
+    // Capacity 1: a pending notification already means "reload soon".
+    let (tx, changes) = mpsc::channel(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let relevant = event.paths.iter().any(|p| {
+            let n = p.file_name();
+            n == name.as_deref()
+                || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+        });
+        if relevant {
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(ConfigWatch {
+        _watcher: watcher,
+        changes,
+    })
+}

@@ -1,0 +1,300 @@
+//! The running gateway: binds listeners, holds the current route table,
+//! reloads config atomically and shuts down with a drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+use crate::admin::{AdminService, Readiness};
+use crate::config::{self, Config, ConfigErrors, Limits};
+use crate::http::router::RouteTable;
+use crate::http::upstream::UpstreamClients;
+use crate::http::{HttpEntry, StackConfig};
+use crate::metrics::Metrics;
+use crate::transport::{self, ListenerInfo, Shutdown};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener `{listener}` cannot bind {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A handle to a running gateway; cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config_path: Option<PathBuf>,
+    config: ArcSwap<Config>,
+    table: Arc<ArcSwap<RouteTable>>,
+    clients: UpstreamClients,
+    metrics: Arc<Metrics>,
+    access_log: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
+    shutdown: Shutdown,
+    reload_lock: Mutex<()>,
+    listeners: Vec<(String, SocketAddr)>,
+    admin_addr: SocketAddr,
+}
+
+/// How a reload ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reloaded {
+    Applied,
+    Unchanged,
+}
+
+impl Gateway {
+    /// Binds every listener and starts serving. `config_path` is where reloads
+    /// read from (and what is watched when `reload.watch` is on).
+    pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Gateway, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let clients = UpstreamClients::new(&config.proxy);
+        let table = RouteTable::build(&config, &clients, &metrics, None).await;
+        let table = Arc::new(ArcSwap::from_pointee(table));
+        let access_log = Arc::new(AtomicBool::new(config.proxy.access_log));
+        let readiness = Arc::new(Readiness::default());
+        let shutdown = Shutdown::default();
+
+        let mut bound = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let listener = bind(&l.name, l.bind).await?;
+            bound.push(listener);
+        }
+        let admin_listener = bind("admin", config.admin.bind).await?;
+        let addr_of = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+
+        let listeners: Vec<(String, SocketAddr)> = config
+            .listeners
+            .iter()
+            .zip(&bound)
+            .map(|(l, b)| (l.name.clone(), addr_of(b, l.bind)))
+            .collect();
+        let admin_addr = addr_of(&admin_listener, config.admin.bind);
+
+        let stack = StackConfig {
+            table: table.clone(),
+            metrics: metrics.clone(),
+            access_log: access_log.clone(),
+            unmatched: metrics.route(
+                "none",
+                &config.listeners.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+            ),
+        }
+        .build();
+        for (index, (l, tcp)) in config.listeners.iter().zip(bound).enumerate() {
+            let info = Arc::new(ListenerInfo {
+                name: Arc::from(l.name.as_str()),
+                index,
+                scheme: l.protocol.scheme(),
+                limits: l.limits.clone(),
+            });
+            let stack = stack.clone();
+            tracing::info!(listener = %l.name, addr = %listeners[index].1, protocol = l.protocol.scheme(), "listening");
+            shutdown.tracker.spawn(transport::serve(
+                tcp,
+                info,
+                move |conn| HttpEntry::new(stack.clone(), conn),
+                shutdown.clone(),
+                metrics.clone(),
+            ));
+        }
+
+        // The admin listener outlives the drain so /readyz can report it; it
+        // stops with the force token.
+        let admin_shutdown = Shutdown {
+            graceful: shutdown.force.clone(),
+            force: shutdown.force.clone(),
+            tracker: tokio_util::task::TaskTracker::new(),
+        };
+        let admin = AdminService::new(metrics.clone(), readiness.clone());
+        tracing::info!(addr = %admin_addr, "admin listening");
+        tokio::spawn(transport::serve(
+            admin_listener,
+            Arc::new(ListenerInfo {
+                name: Arc::from("admin"),
+                index: 0,
+                scheme: "http",
+                limits: Limits {
+                    max_connections: 256,
+                    ..Limits::default()
+                },
+            }),
+            move |_| admin.clone(),
+            admin_shutdown,
+            metrics.clone(),
+        ));
+
+        let gateway = Gateway {
+            inner: Arc::new(Inner {
+                config_path,
+                config: ArcSwap::from_pointee(config),
+                table,
+                clients,
+                metrics,
+                access_log,
+                readiness,
+                shutdown,
+                reload_lock: Mutex::new(()),
+                listeners,
+                admin_addr,
+            }),
+        };
+        gateway.watch_config();
+        gateway.inner.readiness.set_ready();
+        Ok(gateway)
+    }
+
+    /// The bound address of a listener (useful with port 0).
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.inner
+            .listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.inner.admin_addr
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.config.load_full()
+    }
+
+    /// Reads the config file again; on success the new routes serve every new
+    /// request while in-flight ones finish on the old. On failure the running
+    /// config stays and the errors are returned (and logged).
+    pub async fn reload(&self) -> Result<Reloaded, ConfigErrors> {
+        let inner = &self.inner;
+        let Some(path) = &inner.config_path else {
+            return Ok(Reloaded::Unchanged);
+        };
+        let _serial = inner.reload_lock.lock().await;
+        let new = match config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                inner
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["rejected"])
+                    .inc();
+                tracing::error!(errors = %e, "config reload rejected; the running config stays in effect");
+                return Err(e);
+            }
+        };
+        let old = inner.config.load_full();
+        if *old == new {
+            tracing::debug!("config file changed but its content is the same; nothing to do");
+            return Ok(Reloaded::Unchanged);
+        }
+        if old.listeners != new.listeners || old.admin != new.admin || old.proxy.connect_timeout != new.proxy.connect_timeout
+            || old.proxy.pool_idle_timeout != new.proxy.pool_idle_timeout
+            || old.proxy.pool_max_idle_per_target != new.proxy.pool_max_idle_per_target
+        {
+            tracing::warn!("changes to listeners, admin or proxy connection settings take effect after a restart");
+        }
+        let previous = inner.table.load_full();
+        let table = RouteTable::build(&new, &inner.clients, &inner.metrics, Some(&previous)).await;
+        let routes = table.routes().len();
+        inner.table.store(Arc::new(table));
+        inner.access_log.store(new.proxy.access_log, Ordering::Relaxed);
+        inner.config.store(Arc::new(new));
+        inner
+            .metrics
+            .config_reloads
+            .with_label_values(&["ok"])
+            .inc();
+        tracing::info!(routes, "config reloaded");
+        Ok(Reloaded::Applied)
+    }
+
+    fn watch_config(&self) {
+        let inner = &self.inner;
+        let Some(path) = inner.config_path.clone() else {
+            return;
+        };
+        let settings = inner.config.load().reload.clone();
+        if !settings.watch {
+            return;
+        }
+        let mut watch = match config::watch::watch(&path) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e,
+                    "cannot watch the config file; reload with SIGHUP instead");
+                return;
+            }
+        };
+        let gateway = self.clone();
+        let stop = inner.shutdown.graceful.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    change = watch.changes.recv() => if change.is_none() { return },
+                }
+                // Let a burst of writes (editor save, ConfigMap swap) settle.
+                tokio::time::sleep(settings.debounce).await;
+                while watch.changes.try_recv().is_ok() {}
+                tracing::info!(file = %path.display(), "config file changed; reloading");
+                let _ = gateway.reload().await;
+            }
+        });
+    }
+
+    /// Starts the drain: readiness turns false, listeners stop accepting and
+    /// connections close once their current requests are done.
+    pub fn shutdown(&self) {
+        if !self.inner.shutdown.graceful.is_cancelled() {
+            tracing::info!("shutting down: draining in-flight requests");
+        }
+        self.inner.readiness.set_draining();
+        self.inner.shutdown.graceful.cancel();
+    }
+
+    /// After [`shutdown`](Self::shutdown): waits until every connection has
+    /// finished or the configured drain timeout passes, then closes the rest.
+    /// Returns whether the drain completed in time.
+    pub async fn drained(&self) -> bool {
+        let inner = &self.inner;
+        inner.shutdown.graceful.cancelled().await;
+        inner.shutdown.tracker.close();
+        let deadline = inner.config.load().shutdown.drain_timeout;
+        let done = tokio::time::timeout(deadline, inner.shutdown.tracker.wait())
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!(deadline_ms = deadline.as_millis() as u64, "drain deadline passed; closing remaining connections");
+        }
+        inner.shutdown.force.cancel();
+        // Give force-closed connections a moment to unwind their tasks.
+        let _ = tokio::time::timeout(Duration::from_secs(1), inner.shutdown.tracker.wait()).await;
+        tracing::info!(drained = done, "shutdown complete");
+        done
+    }
+}
+
+async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+        listener: name.to_owned(),
+        addr,
+        source,
+    })
+}

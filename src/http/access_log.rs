@@ -1,0 +1,175 @@
+//! One access log event and the request metrics per request. This is also
+//! where a failed request's [`GatewayError`] becomes its response, so every
+//! failure is answered, logged with its source and counted the same way.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderValue, Method, Request, Response};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use super::RequestCtx;
+use super::body::ProxyBody;
+use super::error::{ErrorSource, GatewayError};
+use super::router::Route;
+use crate::metrics::RouteMetrics;
+use crate::transport::ConnState;
+
+#[derive(Clone)]
+pub struct AccessLogLayer {
+    unmatched: Arc<RouteMetrics>,
+    enabled: Arc<AtomicBool>,
+}
+
+impl AccessLogLayer {
+    /// `unmatched` counts requests no route matched; `enabled` turns the log
+    /// events (not the metrics) on and off at reload.
+    pub fn new(unmatched: RouteMetrics, enabled: Arc<AtomicBool>) -> Self {
+        AccessLogLayer {
+            unmatched: Arc::new(unmatched),
+            enabled,
+        }
+    }
+}
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    layer: AccessLogLayer,
+}
+
+/// What the log event needs, taken before the request moves on.
+struct Pending {
+    start: Instant,
+    conn: Option<Arc<ConnState>>,
+    route: Option<Arc<Route>>,
+    request_id: HeaderValue,
+    method: Method,
+    /// Path only: query strings may carry tokens and are never logged.
+    path: Option<String>,
+    unmatched: Arc<RouteMetrics>,
+}
+
+impl<S, B> Service<Request<B>> for AccessLog<S>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = GatewayError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Our inner services are always ready; an error here cannot happen,
+        // and would be reported by `call` anyway.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let ctx = req.extensions().get::<RequestCtx>();
+        let pending = Pending {
+            start: Instant::now(),
+            conn: ctx.map(|c| c.conn.clone()),
+            route: ctx.and_then(|c| c.route.clone()),
+            request_id: ctx
+                .map(|c| c.request_id.clone())
+                .unwrap_or_else(|| HeaderValue::from_static("-")),
+            method: req.method().clone(),
+            path: self
+                .layer
+                .enabled
+                .load(Ordering::Relaxed)
+                .then(|| req.uri().path().to_owned()),
+            unmatched: self.layer.unmatched.clone(),
+        };
+        ResponseFuture {
+            inner: self.inner.call(req),
+            pending: Some(pending),
+        }
+    }
+}
+
+pin_project! {
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, GatewayError>>,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let Some(p) = this.pending.take() else {
+            // Polled after completion: answer with what we have.
+            return Poll::Ready(Ok(result.unwrap_or_else(|e| {
+                e.to_response(&HeaderValue::from_static("-"))
+            })));
+        };
+        let (resp, error) = match result {
+            Ok(resp) => (resp, None),
+            Err(e) => (e.to_response(&p.request_id), Some(e)),
+        };
+        record(&p, resp.status().as_u16(), error.as_ref());
+        Poll::Ready(Ok(resp))
+    }
+}
+
+fn record(p: &Pending, status: u16, error: Option<&GatewayError>) {
+    let elapsed = p.start.elapsed();
+    let metrics = p.route.as_ref().map_or(&*p.unmatched, |r| &r.metrics);
+    let listener_index = p.conn.as_ref().map_or(0, |c| c.listener.index);
+    metrics.count(listener_index, status);
+    metrics.duration.observe(elapsed.as_secs_f64());
+
+    let Some(path) = &p.path else { return };
+    let route = p.route.as_ref().map_or("-", |r| &r.name);
+    let listener = p.conn.as_ref().map_or("-", |c| &c.listener.name);
+    let peer = p.conn.as_ref().map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
+    let request_id = p.request_id.to_str().unwrap_or("-");
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    match error {
+        None => tracing::info!(
+            target: "tollgate::access",
+            listener, route, method = %p.method, path = %path, status, latency_ms,
+            request_id, peer = %peer,
+            "request"
+        ),
+        Some(e) if e.source() == ErrorSource::Client => tracing::info!(
+            target: "tollgate::access",
+            listener, route, method = %p.method, path = %path, status, latency_ms,
+            request_id, peer = %peer, error = e.code(), source = e.source().as_str(), detail = %e,
+            "request refused"
+        ),
+        Some(e) => tracing::warn!(
+            target: "tollgate::access",
+            listener, route, method = %p.method, path = %path, status, latency_ms,
+            request_id, peer = %peer, error = e.code(), source = e.source().as_str(), detail = %e,
+            "request failed"
+        ),
+    }
+}

@@ -1,0 +1,136 @@
+//! Every way a proxied request can fail, and the one place where a failure
+//! becomes a response. Each error says whose fault it was (as pingora does):
+//! the client's, the upstream's or the gateway's own.
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::body::ProxyBody;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+impl ErrorSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Client => "client",
+            ErrorSource::Upstream => "upstream",
+            ErrorSource::Gateway => "gateway",
+        }
+    }
+}
+
+/// The `Display` text is for the operator's log and may name upstream
+/// addresses; callers get [`GatewayError::public_message`].
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches the request")]
+    NoRoute,
+    #[error("request target longer than {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("request headers exceed {limit} {what}")]
+    HeadersTooLarge { limit: usize, what: &'static str },
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("request path contains `.` or `..` segments")]
+    BadPath,
+    #[error("reading the request body failed: {0}")]
+    ClientBody(String),
+    #[error("no healthy upstream target")]
+    NoHealthyTarget,
+    #[error("connecting to upstream {target} failed: {detail}")]
+    UpstreamConnect { target: String, detail: String },
+    #[error("upstream {target} did not answer within {timeout_ms} ms")]
+    UpstreamTimeout { target: String, timeout_ms: u128 },
+    #[error("upstream {target} failed: {detail}")]
+    UpstreamProtocol { target: String, detail: String },
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::NoRoute => StatusCode::NOT_FOUND,
+            GatewayError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BadPath | GatewayError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            GatewayError::NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::UpstreamConnect { .. } | GatewayError::UpstreamProtocol { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Machine-readable error code, the `error` field of the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::NoRoute => "no_route",
+            GatewayError::UriTooLong { .. } => "uri_too_long",
+            GatewayError::HeadersTooLarge { .. } => "headers_too_large",
+            GatewayError::BodyTooLarge { .. } => "body_too_large",
+            GatewayError::BadPath => "bad_path",
+            GatewayError::ClientBody(_) => "bad_request_body",
+            GatewayError::NoHealthyTarget => "no_healthy_upstream",
+            GatewayError::UpstreamConnect { .. } => "upstream_unavailable",
+            GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
+            GatewayError::UpstreamProtocol { .. } => "upstream_error",
+        }
+    }
+
+    pub fn source(&self) -> ErrorSource {
+        match self {
+            GatewayError::NoRoute
+            | GatewayError::UriTooLong { .. }
+            | GatewayError::HeadersTooLarge { .. }
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::BadPath
+            | GatewayError::ClientBody(_) => ErrorSource::Client,
+            GatewayError::UpstreamConnect { .. }
+            | GatewayError::UpstreamTimeout { .. }
+            | GatewayError::UpstreamProtocol { .. } => ErrorSource::Upstream,
+            GatewayError::NoHealthyTarget => ErrorSource::Gateway,
+        }
+    }
+
+    /// What the caller is told: no upstream addresses or internal detail.
+    pub fn public_message(&self) -> String {
+        match self {
+            GatewayError::NoRoute
+            | GatewayError::UriTooLong { .. }
+            | GatewayError::HeadersTooLarge { .. }
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::BadPath
+            | GatewayError::NoHealthyTarget => self.to_string(),
+            GatewayError::ClientBody(_) => "the request body could not be read".into(),
+            GatewayError::UpstreamConnect { .. } => "the upstream service is unreachable".into(),
+            GatewayError::UpstreamTimeout { .. } => {
+                "the upstream service did not answer in time".into()
+            }
+            GatewayError::UpstreamProtocol { .. } => {
+                "the upstream service failed to answer".into()
+            }
+        }
+    }
+
+    /// The response for this error: its status and a JSON body
+    /// `{"error", "message", "request_id"}`.
+    pub fn to_response(&self, request_id: &HeaderValue) -> Response<ProxyBody> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.public_message(),
+            "request_id": request_id.to_str().unwrap_or_default(),
+        });
+        let mut resp = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+}

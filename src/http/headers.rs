@@ -1,0 +1,210 @@
+//! Header hygiene between client and upstream: hop-by-hop removal (RFC 9110
+//! §7.6.1), forwarding headers (X-Forwarded-*, RFC 7239 Forwarded), Via.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Version};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers that never cross the proxy, besides those the
+/// `Connection` header names.
+const HOP_BY_HOP: [&HeaderName; 8] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
+/// Whether the request asks to switch protocols (WebSocket and friends).
+pub fn is_upgrade_request(method: &Method, version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && method == Method::GET
+        && headers.contains_key(header::UPGRADE)
+        && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers. With `upgrade`, the `Upgrade` header and
+/// `Connection: upgrade` are kept so the protocol switch reaches the peer.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Headers named by Connection are hop-by-hop too; collected first because
+    // removing while iterating the Connection values is not possible.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+    }
+    for name in HOP_BY_HOP {
+        if !(upgrade && *name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    // `TE: trailers` is end-to-end meaningful (gRPC); any other TE is not.
+    if let Some(te) = headers.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// What the gateway knows about the request's origin.
+pub struct Origin<'a> {
+    pub peer: IpAddr,
+    pub proto: &'static str,
+    pub host: Option<&'a HeaderValue>,
+    pub version: Version,
+}
+
+/// Appends the peer to `X-Forwarded-For` and `Forwarded`, sets
+/// `X-Forwarded-Proto`/`-Host` and appends this hop to `Via`.
+pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
+    let mut peer = String::with_capacity(48);
+    let _ = write!(peer, "{}", origin.peer);
+
+    append_list(headers, &X_FORWARDED_FOR, &peer);
+
+    let mut fwd = String::with_capacity(96);
+    match origin.peer {
+        IpAddr::V4(_) => {
+            let _ = write!(fwd, "for={peer}");
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(fwd, "for=\"[{peer}]\"");
+        }
+    }
+    let _ = write!(fwd, ";proto={}", origin.proto);
+    if let Some(host) = origin.host.and_then(|h| h.to_str().ok())
+        && is_forwarded_token(host)
+    {
+        let _ = write!(fwd, ";host={host}");
+    }
+    append_list(headers, &FORWARDED, &fwd);
+
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(origin.proto),
+    );
+    if let Some(host) = origin.host {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    }
+    headers.append(header::VIA, via(origin.version));
+}
+
+/// `Via` value for this hop.
+pub fn via(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_2 => "2 tollgate",
+        Version::HTTP_10 => "1.0 tollgate",
+        _ => "1.1 tollgate",
+    })
+}
+
+/// RFC 7239 values may be tokens; anything else would need quoting, so such
+/// hosts are left out rather than risk a malformed header.
+fn is_forwarded_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b))
+}
+
+/// Appends `value` to a comma-separated list header, joining existing lines
+/// into one so upstreams that read only the first line see the whole chain.
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    let mut joined = String::new();
+    for existing in headers.get_all(name) {
+        if let Ok(s) = existing.to_str() {
+            joined.push_str(s);
+            joined.push_str(", ");
+        }
+    }
+    joined.push_str(value);
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name.clone(), v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn keeps_te_trailers_and_upgrade_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn appends_forwarding_chain() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
+        let host = HeaderValue::from_static("api.local:8082");
+        add_forwarding(
+            &mut h,
+            &Origin {
+                peer: "::1".parse().unwrap(),
+                proto: "http",
+                host: Some(&host),
+                version: Version::HTTP_11,
+            },
+        );
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, ::1");
+        assert_eq!(h[&FORWARDED], "for=\"[::1]\";proto=http;host=api.local:8082");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_FORWARDED_HOST], "api.local:8082");
+        assert_eq!(h[header::VIA], "1.1 tollgate");
+    }
+}

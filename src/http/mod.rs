@@ -1,0 +1,32 @@
+//! The HTTP gateway: a tower stack per listener whose stages read top to
+//! bottom as a request's path (see `stack.rs`), then the proxy to upstream pools.
+
+mod access_log;
+pub mod body;
+pub mod error;
+pub mod headers;
+mod limits;
+mod proxy;
+mod request_id;
+pub mod router;
+mod routing;
+mod stack;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+pub use stack::{HttpEntry, Stack, StackConfig};
+
+use crate::transport::ConnState;
+use router::Route;
+
+/// Per-request facts shared by the stages, carried in the request's extensions.
+#[derive(Clone)]
+pub struct RequestCtx {
+    pub conn: Arc<ConnState>,
+    pub request_id: HeaderValue,
+    /// Set by routing; `None` means no route matched.
+    pub route: Option<Arc<Route>>,
+}

@@ -1,0 +1,327 @@
+//! Forwarding to the route's upstream pool: header hygiene, target choice,
+//! timeout, bounded retries, passive health reports, upgrade pass-through.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderValue};
+use http::uri::{Parts as UriParts, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tower::Service;
+
+use super::RequestCtx;
+use super::body::{ProxyBody, RequestBody, RequestBodyError};
+use super::error::GatewayError;
+use super::headers::{self, Origin};
+use super::router::Route;
+use super::upstream::{InflightGuard, Target};
+use crate::config::UpstreamProtocol;
+use crate::transport::ConnState;
+
+#[derive(Clone, Copy, Default)]
+pub struct Proxy;
+
+type ProxyFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, GatewayError>> + Send + 'static>>;
+
+impl Service<Request<Incoming>> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = GatewayError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> ProxyFuture {
+        let ctx = req.extensions_mut().remove::<RequestCtx>();
+        Box::pin(async move {
+            let ctx = ctx.ok_or(GatewayError::NoRoute)?;
+            let route = ctx.route.clone().ok_or(GatewayError::NoRoute)?;
+            forward(&ctx.conn, &route, req).await
+        })
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// How an attempt ended when it did not produce a usable response.
+struct Failure {
+    error: GatewayError,
+    /// Whether another attempt may be made (the request is safe to repeat).
+    retryable: bool,
+}
+
+async fn forward(
+    conn: &Arc<ConnState>,
+    route: &Arc<Route>,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    let pool = &route.pool;
+    pool.budget.deposit();
+
+    let upgrade = headers::is_upgrade_request(req.method(), req.version(), req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    // Only a request without body can be sent again; a streamed body is gone
+    // once the first attempt has taken it.
+    let replayable = body.is_end_stream();
+    let mut body = Some(body);
+    let body_limit = conn.listener.limits.max_body_bytes.as_usize();
+    let idempotent = is_idempotent(&parts.method);
+    let path = route.upstream_path(&parts.uri);
+
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    headers::add_forwarding(
+        &mut parts.headers,
+        &Origin {
+            peer: conn.peer.ip(),
+            proto: conn.listener.scheme,
+            host: original_host.as_ref(),
+            version: parts.version,
+        },
+    );
+    if route.preserve_host
+        && let Some(host) = &original_host
+    {
+        parts.headers.insert(header::HOST, host.clone());
+    }
+    let version = match pool.config.protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2c => Version::HTTP_2,
+    };
+
+    let mut attempt: u32 = 0;
+    let mut previous: Option<Arc<Target>> = None;
+    loop {
+        let target = pool
+            .pick(previous.as_ref())
+            .ok_or(GatewayError::NoHealthyTarget)?;
+        let may_retry = replayable && attempt < route.retries;
+        let mut headers = if may_retry {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        if !route.preserve_host {
+            headers.insert(header::HOST, target.host_header.clone());
+        }
+        let mut uri = UriParts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(target.uri_authority.clone());
+        uri.path_and_query = Some(path.clone());
+        let uri = Uri::from_parts(uri).map_err(|e| GatewayError::UpstreamProtocol {
+            target: target.addr.to_string(),
+            detail: format!("cannot build the upstream URI: {e}"),
+        })?;
+        let upstream_body = match body.take() {
+            Some(b) if !replayable => RequestBody::streaming(b, body_limit),
+            _ => RequestBody::empty(),
+        };
+        let mut upstream_req = Request::new(upstream_body);
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.version_mut() = version;
+        *upstream_req.headers_mut() = headers;
+
+        let inflight = InflightGuard::new(target.clone());
+        let sent = tokio::time::timeout(route.timeout, pool.client.request(upstream_req)).await;
+        let failure = match sent {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                let gateway_error = matches!(
+                    status,
+                    StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::GATEWAY_TIMEOUT
+                );
+                pool.report(&target, !gateway_error);
+                let retry_status = route.retry_on_status.contains(&status);
+                if !(retry_status && idempotent && may_retry) {
+                    return respond(resp, inflight, client_upgrade, conn, route, &target);
+                }
+                route.metrics.upstream_status.inc();
+                Failure {
+                    error: GatewayError::UpstreamProtocol {
+                        target: target.addr.to_string(),
+                        detail: format!("answered {status}"),
+                    },
+                    retryable: true,
+                }
+            }
+            Ok(Err(e)) => {
+                let failure = classify(&e, &target, idempotent && replayable)?;
+                pool.report(&target, false);
+                if matches!(failure.error, GatewayError::UpstreamConnect { .. }) {
+                    route.metrics.upstream_connect.inc();
+                } else {
+                    route.metrics.upstream_protocol.inc();
+                }
+                Failure {
+                    retryable: failure.retryable && replayable,
+                    ..failure
+                }
+            }
+            Err(_) => {
+                pool.report(&target, false);
+                route.metrics.upstream_timeout.inc();
+                Failure {
+                    error: GatewayError::UpstreamTimeout {
+                        target: target.addr.to_string(),
+                        timeout_ms: route.timeout.as_millis(),
+                    },
+                    retryable: idempotent && replayable,
+                }
+            }
+        };
+        drop(inflight);
+        if !(failure.retryable && may_retry) {
+            return Err(failure.error);
+        }
+        if !pool.budget.withdraw() {
+            route.metrics.budget_exhausted.inc();
+            tracing::debug!(route = %route.name, "retry budget exhausted");
+            return Err(failure.error);
+        }
+        route.metrics.retried.inc();
+        tracing::debug!(route = %route.name, attempt, error = %failure.error, "retrying on another target");
+        attempt += 1;
+        previous = Some(target);
+    }
+}
+
+/// Sorts a client error into the caller's fault (returned as `Err`) or an
+/// upstream failure. Connect errors are always retryable: nothing was sent.
+fn classify(
+    e: &hyper_util::client::legacy::Error,
+    target: &Target,
+    repeatable: bool,
+) -> Result<Failure, GatewayError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(body_err) = s.downcast_ref::<RequestBodyError>() {
+            return Err(match body_err {
+                RequestBodyError::TooLarge { limit } => GatewayError::BodyTooLarge { limit: *limit },
+                RequestBodyError::Client(e) => GatewayError::ClientBody(e.to_string()),
+            });
+        }
+        source = s.source();
+    }
+    let detail = error_chain(e);
+    Ok(if e.is_connect() {
+        Failure {
+            error: GatewayError::UpstreamConnect {
+                target: target.addr.to_string(),
+                detail,
+            },
+            retryable: true,
+        }
+    } else {
+        Failure {
+            error: GatewayError::UpstreamProtocol {
+                target: target.addr.to_string(),
+                detail,
+            },
+            retryable: repeatable,
+        }
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn respond(
+    mut resp: Response<Incoming>,
+    inflight: InflightGuard,
+    client_upgrade: Option<OnUpgrade>,
+    conn: &Arc<ConnState>,
+    route: &Route,
+    target: &Target,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(GatewayError::UpstreamProtocol {
+                target: target.addr.to_string(),
+                detail: "101 Switching Protocols without an upgrade request".into(),
+            });
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(tunnel(
+            client_upgrade,
+            upstream_upgrade,
+            inflight,
+            conn.clone(),
+            route.name.clone(),
+        ));
+        let (mut parts, _) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, true);
+        parts.version = Version::HTTP_11;
+        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    parts.headers.append(header::VIA, headers::via(parts.version));
+    parts.version = Version::HTTP_11;
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::upstream(body, Some(inflight)),
+    ))
+}
+
+/// Relays an upgraded connection (WebSocket) byte for byte. The client's
+/// connection state (and so its connection-limit slot) lives as long as the
+/// tunnel does.
+async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    _inflight: InflightGuard,
+    conn: Arc<ConnState>,
+    route: Arc<str>,
+) {
+    let (client, upstream) = tokio::join!(client, upstream);
+    match (client, upstream) {
+        (Ok(client), Ok(upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((up, down)) => tracing::debug!(
+                    route = %route, peer = %conn.peer, bytes_up = up, bytes_down = down,
+                    "upgraded connection closed"
+                ),
+                Err(e) => tracing::debug!(
+                    route = %route, peer = %conn.peer, error = %e, "upgraded connection ended with an error"
+                ),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(route = %route, peer = %conn.peer, error = %e, "protocol upgrade failed");
+        }
+    }
+}

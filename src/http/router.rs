@@ -1,0 +1,275 @@
+//! The route table: compiled from gateway.yaml, ordered once so the first match
+//! is the most specific one: exact host before wildcard host before any host,
+//! then the longest path prefix, then routes with more method/header conditions.
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+
+use super::upstream::{UpstreamClients, UpstreamPool};
+use crate::config::{self, Config, RouteConfig};
+use crate::metrics::{Metrics, RouteMetrics};
+
+pub struct Route {
+    pub name: Arc<str>,
+    matcher: Matcher,
+    /// Replacement for the matched prefix: `Some("")` strips it.
+    rewrite: Option<String>,
+    pub preserve_host: bool,
+    pub pool: Arc<UpstreamPool>,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub retry_on_status: Vec<StatusCode>,
+    pub metrics: RouteMetrics,
+}
+
+struct Matcher {
+    host: HostMatch,
+    /// Normalised: no trailing slash, except `/` itself.
+    prefix: String,
+    methods: Option<Vec<Method>>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+enum HostMatch {
+    Any,
+    Exact(String),
+    /// `*.internal` is stored as `.internal`.
+    Suffix(String),
+}
+
+impl Matcher {
+    fn new(cfg: &config::RouteMatch) -> Matcher {
+        let host = match cfg.host.as_deref().map(str::to_ascii_lowercase) {
+            None => HostMatch::Any,
+            Some(h) => match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_owned()),
+                None => HostMatch::Exact(h),
+            },
+        };
+        Matcher {
+            host,
+            prefix: config::normalize_prefix(&cfg.path_prefix).to_owned(),
+            methods: cfg.methods.as_ref().map(|ms| {
+                ms.iter()
+                    .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+                    .collect()
+            }),
+            headers: cfg
+                .headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+        }
+    }
+
+    fn matches(&self, host: Option<&str>, path: &str, method: &Method, headers: &HeaderMap) -> bool {
+        let host_ok = match &self.host {
+            HostMatch::Any => true,
+            HostMatch::Exact(h) => host.is_some_and(|host| host.eq_ignore_ascii_case(h)),
+            HostMatch::Suffix(s) => host.is_some_and(|host| {
+                host.len() > s.len()
+                    && host.as_bytes()[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+            }),
+        };
+        host_ok
+            && prefix_matches(&self.prefix, path)
+            && self.methods.as_ref().is_none_or(|ms| ms.contains(method))
+            && self
+                .headers
+                .iter()
+                .all(|(name, value)| headers.get_all(name).iter().any(|v| v == value))
+    }
+
+    /// Sort key: most specific first.
+    fn specificity(&self) -> (u8, Reverse<usize>, Reverse<usize>, Reverse<usize>) {
+        let (rank, host_len) = match &self.host {
+            HostMatch::Exact(h) => (0, h.len()),
+            HostMatch::Suffix(s) => (1, s.len()),
+            HostMatch::Any => (2, 0),
+        };
+        let conditions = usize::from(self.methods.is_some()) + self.headers.len();
+        (
+            rank,
+            Reverse(host_len),
+            Reverse(self.prefix.len()),
+            Reverse(conditions),
+        )
+    }
+}
+
+/// Segment-aware: `/bar` matches `/bar` and `/bar/x`, never `/barn`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || (path.starts_with(prefix)
+            && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
+}
+
+impl Route {
+    /// The path and query to send upstream, after strip/rewrite of the prefix.
+    pub fn upstream_path(&self, uri: &Uri) -> PathAndQuery {
+        let original = || {
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"))
+        };
+        let Some(replacement) = &self.rewrite else {
+            return original();
+        };
+        let path = uri.path();
+        let rest = if self.matcher.prefix == "/" {
+            path
+        } else {
+            path.get(self.matcher.prefix.len()..).unwrap_or("")
+        };
+        let query = uri.query();
+        let mut s = String::with_capacity(
+            replacement.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
+        );
+        s.push_str(replacement);
+        s.push_str(rest);
+        if s.is_empty() {
+            s.push('/');
+        }
+        if let Some(q) = query {
+            s.push('?');
+            s.push_str(q);
+        }
+        PathAndQuery::try_from(s).unwrap_or_else(|_| original())
+    }
+}
+
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Compiles routes from a validated config. Upstream pools whose route and
+    /// upstream settings are unchanged are carried over from `previous`, with
+    /// their health state and warm connections.
+    pub async fn build(
+        cfg: &Config,
+        clients: &UpstreamClients,
+        metrics: &Metrics,
+        previous: Option<&RouteTable>,
+    ) -> RouteTable {
+        let listeners: Vec<String> = cfg.listeners.iter().map(|l| l.name.clone()).collect();
+        let mut routes = Vec::with_capacity(cfg.routes.len());
+        for (index, rc) in cfg.routes.iter().enumerate() {
+            let name: Arc<str> = Arc::from(rc.name.as_str());
+            let route_metrics = metrics.route(&rc.name, &listeners);
+            let reused = previous.and_then(|p| {
+                p.routes
+                    .iter()
+                    .find(|r| *r.name == *name && r.pool.config == rc.upstream)
+                    .map(|r| r.pool.clone())
+            });
+            let pool = match reused {
+                Some(pool) => pool,
+                None => {
+                    UpstreamPool::start(
+                        name.clone(),
+                        rc.upstream.clone(),
+                        clients,
+                        route_metrics.clone(),
+                    )
+                    .await
+                }
+            };
+            routes.push((index, Arc::new(Route::new(name, rc, pool, route_metrics))));
+        }
+        routes.sort_by_key(|(index, r)| (r.matcher.specificity(), *index));
+        RouteTable {
+            routes: routes.into_iter().map(|(_, r)| r).collect(),
+        }
+    }
+
+    pub fn find(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<&Arc<Route>> {
+        let host = request_host(uri, headers);
+        let path = uri.path();
+        self.routes
+            .iter()
+            .find(|r| r.matcher.matches(host, path, method, headers))
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
+
+impl Route {
+    fn new(name: Arc<str>, rc: &RouteConfig, pool: Arc<UpstreamPool>, metrics: RouteMetrics) -> Route {
+        let rewrite = if rc.strip_prefix {
+            Some(String::new())
+        } else {
+            rc.rewrite_prefix
+                .as_deref()
+                .map(|p| p.trim_end_matches('/').to_owned())
+        };
+        Route {
+            name,
+            matcher: Matcher::new(&rc.matcher),
+            rewrite,
+            preserve_host: rc.preserve_host,
+            timeout: rc.upstream.timeout,
+            retries: rc.upstream.retries,
+            retry_on_status: rc
+                .upstream
+                .retry_on_status
+                .iter()
+                .filter_map(|s| StatusCode::from_u16(*s).ok())
+                .collect(),
+            pool,
+            metrics,
+        }
+    }
+}
+
+/// The request's host without port: the URI authority (HTTP/2, absolute-form)
+/// or the Host header.
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    let raw = match uri.authority() {
+        Some(a) => a.as_str(),
+        None => headers.get(header::HOST)?.to_str().ok()?,
+    };
+    let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
+    let host = match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') => &raw[..i],
+        _ => raw,
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_is_segment_aware() {
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/bar", "/bar"));
+        assert!(prefix_matches("/bar", "/bar/x"));
+        assert!(!prefix_matches("/bar", "/barn"));
+        assert!(!prefix_matches("/bar", "/ba"));
+    }
+
+    #[test]
+    fn host_without_port() {
+        let h = HeaderMap::new();
+        let uri: Uri = "http://Api.Example:8082/x".parse().unwrap();
+        assert_eq!(request_host(&uri, &h), Some("Api.Example"));
+        let uri: Uri = "http://[::1]:8082/x".parse().unwrap();
+        assert_eq!(request_host(&uri, &h), Some("[::1]"));
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("svc.internal"));
+        assert_eq!(request_host(&"/x".parse().unwrap(), &h), Some("svc.internal"));
+    }
+}

@@ -1,0 +1,105 @@
+//! The HTTP request path, assembled in one place and read top to bottom.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tower::ServiceBuilder;
+use tower::util::{Oneshot, ServiceExt};
+
+use super::RequestCtx;
+use super::access_log::{AccessLog, AccessLogLayer};
+use super::body::ProxyBody;
+use super::limits::{LimitsLayer, RequestLimits};
+use super::proxy::Proxy;
+use super::request_id::{RequestId, RequestIdLayer};
+use super::router::RouteTable;
+use super::routing::{Routing, RoutingLayer};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::transport::{ConnState, RequestGuard};
+
+pub type Stack = RequestId<Routing<AccessLog<RequestLimits<Proxy>>>>;
+
+/// What the stack's stages share across all connections.
+pub struct StackConfig {
+    pub table: Arc<ArcSwap<RouteTable>>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Arc<AtomicBool>,
+    /// Request metrics for requests that match no route.
+    pub unmatched: RouteMetrics,
+}
+
+impl StackConfig {
+    pub fn build(&self) -> Stack {
+        ServiceBuilder::new()
+            // 1. Every request gets its id before anything can fail.
+            .layer(RequestIdLayer)
+            // 2. Which route (none is a 404, answered by the proxy stage).
+            .layer(RoutingLayer::new(self.table.clone()))
+            // 3. One log event and the metrics per request; errors become responses here.
+            .layer(AccessLogLayer::new(
+                self.unmatched.clone(),
+                self.access_log.clone(),
+            ))
+            // 4. The listener's limits on target, headers and body.
+            .layer(LimitsLayer::new(self.metrics.clone()))
+            // 5. Forward to the route's upstream pool.
+            .service(Proxy)
+    }
+}
+
+/// The per-connection hyper service: attaches the request context and counts
+/// the request as in flight on its connection.
+#[derive(Clone)]
+pub struct HttpEntry {
+    stack: Stack,
+    conn: Arc<ConnState>,
+}
+
+impl HttpEntry {
+    pub fn new(stack: Stack, conn: Arc<ConnState>) -> Self {
+        HttpEntry { stack, conn }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for HttpEntry {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = EntryFuture;
+
+    fn call(&self, mut req: Request<Incoming>) -> EntryFuture {
+        let guard = self.conn.begin_request();
+        req.extensions_mut().insert(RequestCtx {
+            conn: self.conn.clone(),
+            request_id: HeaderValue::from_static("-"),
+            route: None,
+        });
+        EntryFuture {
+            inner: self.stack.clone().oneshot(req),
+            _guard: guard,
+        }
+    }
+}
+
+pin_project! {
+    pub struct EntryFuture {
+        #[pin]
+        inner: Oneshot<Stack, Request<Incoming>>,
+        _guard: RequestGuard,
+    }
+}
+
+impl Future for EntryFuture {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}

@@ -1,0 +1,339 @@
+//! Upstream pools: targets (every address a target URL resolves to), load
+//! balancing, keep-alive clients, passive ejection, and the background DNS and
+//! health-check tasks. Request-path state is atomics only.
+
+mod budget;
+mod health;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use http::uri::Authority;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use budget::RetryBudget;
+
+use super::body::RequestBody;
+use crate::config::{
+    LoadBalancing, ProxyConfig, TargetHost, TargetUrl, UpstreamConfig, UpstreamProtocol,
+};
+use crate::metrics::RouteMetrics;
+
+pub type HttpClient = Client<HttpConnector, RequestBody>;
+
+/// Keep-alive clients shared by every route and kept across reloads, so a
+/// reload does not drop warm upstream connections.
+#[derive(Clone)]
+pub struct UpstreamClients {
+    http1: HttpClient,
+    h2c: HttpClient,
+}
+
+impl UpstreamClients {
+    pub fn new(cfg: &ProxyConfig) -> UpstreamClients {
+        let connector = || {
+            let mut c = HttpConnector::new();
+            c.set_nodelay(true);
+            c.set_connect_timeout(Some(cfg.connect_timeout));
+            c.set_keepalive(Some(Duration::from_secs(60)));
+            c
+        };
+        let builder = || {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(cfg.pool_idle_timeout)
+                .pool_max_idle_per_host(cfg.pool_max_idle_per_target);
+            b
+        };
+        UpstreamClients {
+            http1: builder().build(connector()),
+            h2c: builder()
+                .http2_only(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .build(connector()),
+        }
+    }
+
+    pub fn get(&self, protocol: UpstreamProtocol) -> &HttpClient {
+        match protocol {
+            UpstreamProtocol::Http1 => &self.http1,
+            UpstreamProtocol::H2c => &self.h2c,
+        }
+    }
+}
+
+/// One address of an upstream.
+pub struct Target {
+    pub addr: SocketAddr,
+    /// `ip:port`: the request URI's authority, so keep-alive pooling is per address.
+    pub uri_authority: Authority,
+    /// What the upstream expects as Host (`tasks.bar:8080`).
+    pub host_header: HeaderValue,
+    inflight: AtomicU32,
+    /// Active health-check verdict.
+    healthy: AtomicBool,
+    /// Passive ejection: milliseconds since the pool's epoch; 0 when not ejected.
+    ejected_until_ms: AtomicU64,
+    consecutive_failures: AtomicU32,
+}
+
+impl Target {
+    fn new(addr: SocketAddr, host_header: HeaderValue) -> Option<Target> {
+        Some(Target {
+            addr,
+            uri_authority: Authority::try_from(addr.to_string()).ok()?,
+            host_header,
+            inflight: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+            ejected_until_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+        })
+    }
+
+    fn available(&self, now_ms: u64) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request against its target until dropped (after the response body).
+pub struct InflightGuard(Arc<Target>);
+
+impl InflightGuard {
+    pub fn new(target: Arc<Target>) -> InflightGuard {
+        target.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(target)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct UpstreamPool {
+    route: Arc<str>,
+    pub config: UpstreamConfig,
+    urls: Vec<TargetUrl>,
+    targets: ArcSwap<Vec<Arc<Target>>>,
+    rr: AtomicUsize,
+    epoch: Instant,
+    pub client: HttpClient,
+    pub budget: RetryBudget,
+    metrics: RouteMetrics,
+}
+
+impl UpstreamPool {
+    /// Builds the pool, resolving DNS names once, and starts its background
+    /// tasks; they end by themselves once the pool is dropped.
+    pub async fn start(
+        route: Arc<str>,
+        config: UpstreamConfig,
+        clients: &UpstreamClients,
+        metrics: RouteMetrics,
+    ) -> Arc<UpstreamPool> {
+        let urls: Vec<TargetUrl> = config
+            .targets
+            .iter()
+            .filter_map(|t| TargetUrl::parse(t).ok())
+            .collect();
+        let pool = Arc::new(UpstreamPool {
+            budget: RetryBudget::new(&config.retry_budget),
+            client: clients.get(config.protocol).clone(),
+            route,
+            urls,
+            targets: ArcSwap::from_pointee(Vec::new()),
+            rr: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            metrics,
+            config,
+        });
+        pool.refresh_targets().await;
+        if pool.urls.iter().any(|u| matches!(u.host, TargetHost::Name(_))) {
+            tokio::spawn(dns_refresh_loop(Arc::downgrade(&pool)));
+        }
+        if pool.config.health_check.is_some() {
+            tokio::spawn(health::check_loop(Arc::downgrade(&pool)));
+        }
+        pool
+    }
+
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    pub fn targets(&self) -> Arc<Vec<Arc<Target>>> {
+        self.targets.load_full()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Chooses a target, avoiding `avoid` (the previous attempt's) when another is usable.
+    pub fn pick(&self, avoid: Option<&Arc<Target>>) -> Option<Arc<Target>> {
+        let targets = self.targets.load();
+        let now = self.now_ms();
+        self.pick_from(&targets, now, avoid)
+            .or_else(|| avoid.and_then(|_| self.pick_from(&targets, now, None)))
+    }
+
+    fn pick_from(
+        &self,
+        targets: &[Arc<Target>],
+        now: u64,
+        avoid: Option<&Arc<Target>>,
+    ) -> Option<Arc<Target>> {
+        let n = targets.len();
+        let usable = |t: &Arc<Target>| t.available(now) && !avoid.is_some_and(|a| Arc::ptr_eq(a, t));
+        let scan_from = |start: usize| {
+            (0..n)
+                .map(|i| &targets[(start + i) % n])
+                .find(|t| usable(t))
+                .cloned()
+        };
+        match (n, self.config.lb) {
+            (0, _) => None,
+            (_, LoadBalancing::RoundRobin) | (1, _) => {
+                scan_from(self.rr.fetch_add(1, Ordering::Relaxed))
+            }
+            (_, LoadBalancing::LeastRequest) => {
+                // Power of two choices: two distinct random targets, fewer in flight wins.
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ta, tb) = (&targets[a], &targets[b]);
+                match (usable(ta), usable(tb)) {
+                    (true, true) if tb.inflight() < ta.inflight() => Some(tb.clone()),
+                    (true, _) => Some(ta.clone()),
+                    (false, true) => Some(tb.clone()),
+                    (false, false) => scan_from(a),
+                }
+            }
+        }
+    }
+
+    /// Passive health: a gateway error (connect failure, timeout, 502/503/504)
+    /// counts against the target; enough in a row eject it for `ejection_time`.
+    pub fn report(&self, target: &Target, ok: bool) {
+        if ok {
+            if target.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                target.consecutive_failures.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let passive = &self.config.passive_health;
+        let failures = target.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if passive.consecutive_failures > 0 && failures >= passive.consecutive_failures {
+            let until = self.now_ms() + passive.ejection_time.as_millis() as u64;
+            target.ejected_until_ms.store(until, Ordering::Relaxed);
+            target.consecutive_failures.store(0, Ordering::Relaxed);
+            self.metrics.ejections.inc();
+            tracing::warn!(
+                route = %self.route,
+                target = %target.addr,
+                failures,
+                ejection_ms = passive.ejection_time.as_millis() as u64,
+                "upstream target ejected after consecutive failures"
+            );
+        }
+    }
+
+    /// Resolves every target URL; a name that fails to resolve keeps its
+    /// previous addresses (stale on error), and known addresses keep their state.
+    async fn refresh_targets(&self) {
+        let previous = self.targets.load_full();
+        let mut next: Vec<Arc<Target>> = Vec::with_capacity(previous.len().max(self.urls.len()));
+        let mut seen = HashSet::new();
+        for url in &self.urls {
+            let Ok(host_header) = HeaderValue::from_str(url.authority.as_str()) else {
+                continue;
+            };
+            let addrs: Vec<SocketAddr> = match &url.host {
+                TargetHost::Ip(ip) => vec![SocketAddr::new(*ip, url.port)],
+                TargetHost::Name(name) => match resolve(name, url.port).await {
+                    Ok(addrs) => addrs,
+                    Err(e) => {
+                        tracing::warn!(route = %self.route, host = %name, error = %e,
+                            "upstream DNS resolution failed; keeping previous addresses");
+                        previous
+                            .iter()
+                            .filter(|t| t.host_header == host_header)
+                            .map(|t| t.addr)
+                            .collect()
+                    }
+                },
+            };
+            for addr in addrs {
+                if !seen.insert((addr, host_header.clone())) {
+                    continue;
+                }
+                let known = previous
+                    .iter()
+                    .find(|t| t.addr == addr && t.host_header == host_header);
+                match known {
+                    Some(t) => next.push(t.clone()),
+                    None => next.extend(Target::new(addr, host_header.clone()).map(Arc::new)),
+                }
+            }
+        }
+        let changed = next.len() != previous.len()
+            || next.iter().zip(previous.iter()).any(|(a, b)| !Arc::ptr_eq(a, b));
+        if changed {
+            let addrs: Vec<String> = next.iter().map(|t| t.addr.to_string()).collect();
+            if next.is_empty() {
+                tracing::warn!(route = %self.route, "upstream has no resolvable targets");
+            } else {
+                tracing::info!(route = %self.route, targets = ?addrs, "upstream targets updated");
+            }
+            self.metrics.targets.set(next.len() as i64);
+            self.targets.store(Arc::new(next));
+        }
+    }
+}
+
+const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn resolve(name: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    let lookup = tokio::net::lookup_host((name, port));
+    let mut addrs: Vec<SocketAddr> = tokio::time::timeout(DNS_TIMEOUT, lookup)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS lookup timed out"))??
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "name has no A/AAAA records",
+        ));
+    }
+    Ok(addrs)
+}
+
+/// Re-resolves DNS names every `dns_refresh` so `tasks.<service>` follows a
+/// Swarm service as it scales; ends when the pool is gone.
+async fn dns_refresh_loop(pool: Weak<UpstreamPool>) {
+    let Some(every) = pool.upgrade().map(|p| p.config.dns_refresh) else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.refresh_targets().await;
+    }
+}

@@ -1,0 +1,133 @@
+//! The `tollgate` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tollgate::telemetry::{self, LogFormat};
+use tollgate::{Gateway, config};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "A security gateway for microservices and devices")]
+struct Cli {
+    /// Config file [default: ./gateway.yaml, then ./config/gateway.yaml]
+    #[arg(short, long, global = true, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "TOLLGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the config file and list every problem found.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = match config::locate(cli.config.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => check_config(&path),
+        Command::Run => {
+            telemetry::init(cli.log_format);
+            run(path)
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok ({} listeners, {} routes)",
+                path.display(),
+                cfg.listeners.len(),
+                cfg.routes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "{} problem{} found",
+                e.errors.len(),
+                if e.errors.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let cfg = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("invalid config:\n{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting tollgate");
+        let gateway = match Gateway::start(cfg, Some(path)).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = handle_signals(&gateway).await {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+        gateway.drained().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGHUP reloads; SIGTERM or SIGINT starts the drain (a second one exits at once).
+async fn handle_signals(gateway: &Gateway) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading config");
+                let _ = gateway.reload().await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    gateway.shutdown();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second shutdown signal: exiting without waiting for the drain");
+        std::process::exit(130);
+    });
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Prometheus metrics: one registry per gateway, families named
+//! `tollgate_<subsystem>_<name>_<unit>`, labels of low cardinality only.
+//! Hot-path handles (per route, per listener) are resolved once when a config
+//! is built, so a request touches atomics, not the family's label map.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
+    pub http_upstream_errors: IntCounterVec,
+    pub http_retries: IntCounterVec,
+    pub http_limit_exceeded: IntCounterVec,
+    pub transport_active_connections: IntGaugeVec,
+    pub transport_connections: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub upstream_ejections: IntCounterVec,
+    pub upstream_health_changes: IntCounterVec,
+    pub upstream_targets: IntGaugeVec,
+}
+
+/// Latency buckets from 0.5 ms to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+            r.register(Box::new(c.clone()))
+                .expect("metric families are registered once per registry");
+            c
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        Metrics {
+            http_requests: counter(
+                "tollgate_http_requests_total",
+                "HTTP requests by listener, route and status class",
+                &["listener", "route", "class"],
+            ),
+            http_request_duration: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tollgate_http_request_duration_seconds",
+                        "Time from request head to response head, by route",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["route"],
+                )
+                .expect("valid metric"),
+            ),
+            http_upstream_errors: counter(
+                "tollgate_http_upstream_errors_total",
+                "Failed upstream attempts by route and kind",
+                &["route", "kind"],
+            ),
+            http_retries: counter(
+                "tollgate_http_retries_total",
+                "Retry decisions by route and outcome (retried | budget_exhausted)",
+                &["route", "outcome"],
+            ),
+            http_limit_exceeded: counter(
+                "tollgate_http_limit_exceeded_total",
+                "Requests refused for exceeding a limit, by listener and limit",
+                &["listener", "limit"],
+            ),
+            transport_active_connections: gauge(
+                "tollgate_transport_active_connections",
+                "Open client connections by listener",
+                &["listener"],
+            ),
+            transport_connections: counter(
+                "tollgate_transport_connections_total",
+                "Accepted connections by listener and outcome (served | rejected_limit)",
+                &["listener", "outcome"],
+            ),
+            config_reloads: counter(
+                "tollgate_config_reloads_total",
+                "Config reloads by outcome (ok | rejected)",
+                &["outcome"],
+            ),
+            upstream_ejections: counter(
+                "tollgate_upstream_ejections_total",
+                "Targets ejected after consecutive failures, by route",
+                &["route"],
+            ),
+            upstream_health_changes: counter(
+                "tollgate_upstream_health_changes_total",
+                "Active health check transitions by route and new state",
+                &["route", "state"],
+            ),
+            upstream_targets: gauge(
+                "tollgate_upstream_targets",
+                "Resolved upstream targets by route",
+                &["route"],
+            ),
+            registry,
+        }
+    }
+
+    /// Prometheus text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+
+    /// Handles for one route, resolved once per config.
+    pub fn route(&self, route: &str, listeners: &[String]) -> RouteMetrics {
+        RouteMetrics {
+            requests: listeners
+                .iter()
+                .map(|l| {
+                    ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                        .map(|class| self.http_requests.with_label_values(&[l, route, class]))
+                })
+                .collect(),
+            duration: self.http_request_duration.with_label_values(&[route]),
+            retried: self.http_retries.with_label_values(&[route, "retried"]),
+            budget_exhausted: self
+                .http_retries
+                .with_label_values(&[route, "budget_exhausted"]),
+            upstream_connect: self
+                .http_upstream_errors
+                .with_label_values(&[route, "connect"]),
+            upstream_timeout: self
+                .http_upstream_errors
+                .with_label_values(&[route, "timeout"]),
+            upstream_protocol: self
+                .http_upstream_errors
+                .with_label_values(&[route, "protocol"]),
+            upstream_status: self
+                .http_upstream_errors
+                .with_label_values(&[route, "status"]),
+            ejections: self.upstream_ejections.with_label_values(&[route]),
+            became_healthy: self
+                .upstream_health_changes
+                .with_label_values(&[route, "healthy"]),
+            became_unhealthy: self
+                .upstream_health_changes
+                .with_label_values(&[route, "unhealthy"]),
+            targets: self.upstream_targets.with_label_values(&[route]),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[derive(Clone)]
+pub struct RouteMetrics {
+    /// `[listener index][status class]`.
+    requests: Vec<[IntCounter; 5]>,
+    pub duration: Histogram,
+    pub retried: IntCounter,
+    pub budget_exhausted: IntCounter,
+    pub upstream_connect: IntCounter,
+    pub upstream_timeout: IntCounter,
+    pub upstream_protocol: IntCounter,
+    pub upstream_status: IntCounter,
+    pub ejections: IntCounter,
+    pub became_healthy: IntCounter,
+    pub became_unhealthy: IntCounter,
+    pub targets: IntGauge,
+}
+
+impl RouteMetrics {
+    pub fn count(&self, listener: usize, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        if let Some(by_class) = self.requests.get(listener) {
+            by_class[class].inc();
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Per-connection state: the connection permit, activity clock and in-flight
+//! request count that the idle timeout is decided on.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::ListenerInfo;
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Lives as long as the connection, or longer when the connection was
+/// upgraded (a WebSocket tunnel keeps its slot under the connection limit).
+pub struct ConnState {
+    pub listener: Arc<ListenerInfo>,
+    pub peer: SocketAddr,
+    last_activity_ms: AtomicU64,
+    inflight: AtomicU32,
+    active: IntGauge,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ConnState {
+    pub(super) fn new(
+        listener: Arc<ListenerInfo>,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        active: IntGauge,
+    ) -> ConnState {
+        active.inc();
+        ConnState {
+            listener,
+            peer,
+            last_activity_ms: AtomicU64::new(now_ms()),
+            inflight: AtomicU32::new(0),
+            active,
+            _permit: permit,
+        }
+    }
+
+    fn touch(&self) {
+        self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Marks a request in flight until the guard is dropped.
+    pub fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(self.clone())
+    }
+
+    /// How long until the connection counts as idle; `None` if it is idle now.
+    pub(super) fn idle_remaining(&self, idle: Duration) -> Option<Duration> {
+        if self.inflight.load(Ordering::Relaxed) > 0 {
+            return Some(idle);
+        }
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let since = now_ms().saturating_sub(self.last_activity_ms.load(Ordering::Relaxed));
+        (since < idle_ms).then(|| Duration::from_millis(idle_ms - since))
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+pub struct RequestGuard(Arc<ConnState>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A socket that records when bytes last moved.
+pub(super) struct ActivityIo<T> {
+    inner: T,
+    state: Arc<ConnState>,
+}
+
+impl<T> ActivityIo<T> {
+    pub(super) fn new(inner: T, state: Arc<ConnState>) -> Self {
+        ActivityIo { inner, state }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.state.touch();
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            this.state.touch();
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            this.state.touch();
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,178 @@
+//! Accept loop and per-connection serving.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::conn::{ActivityIo, ConnState};
+use crate::config::Limits;
+use crate::metrics::Metrics;
+
+/// What every connection of a listener shares.
+pub struct ListenerInfo {
+    pub name: Arc<str>,
+    /// Position in `listeners`, the index of per-listener metric handles.
+    pub index: usize,
+    pub scheme: &'static str,
+    pub limits: Limits,
+}
+
+/// Shutdown in two steps: `graceful` stops accepting and asks connections to
+/// finish their current requests; `force` closes whatever is left once the
+/// drain deadline has passed.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    pub graceful: CancellationToken,
+    pub force: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let header_bytes = limits.max_header_bytes.as_usize();
+    let uri_bytes = limits.max_uri_bytes.as_usize();
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's own parser limits sit above ours, which answer with a JSON 431/414;
+    // they only catch what is far beyond the configured limits.
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size((header_bytes * 2 + uri_bytes).max(8192))
+        .max_headers(limits.max_headers.saturating_mul(2).max(100))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(header_bytes * 2 + uri_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Serves one listener until `shutdown.graceful` fires.
+pub async fn serve<F, S, B>(
+    listener: TcpListener,
+    info: Arc<ListenerInfo>,
+    make_service: F,
+    shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+) where
+    F: Fn(Arc<ConnState>) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = Arc::new(builder(&info.limits));
+    let slots = Arc::new(Semaphore::new(info.limits.max_connections));
+    let served = metrics
+        .transport_connections
+        .with_label_values(&[&info.name, "served"]);
+    let rejected = metrics
+        .transport_connections
+        .with_label_values(&[&info.name, "rejected_limit"]);
+    let active = metrics
+        .transport_active_connections
+        .with_label_values(&[&info.name]);
+    let mut last_limit_warning: Option<Instant> = None;
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.graceful.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::error!(listener = %info.name, error = %e, "accept failed; retrying in 100ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            rejected.inc();
+            if last_limit_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                last_limit_warning = Some(Instant::now());
+                tracing::warn!(listener = %info.name, %peer, limit = info.limits.max_connections,
+                    "connection limit reached; closing new connections");
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        served.inc();
+        let state = Arc::new(ConnState::new(info.clone(), peer, permit, active.clone()));
+        let service = make_service(state.clone());
+        shutdown.tracker.spawn(serve_connection(
+            builder.clone(),
+            stream,
+            state,
+            service,
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(listener = %info.name, "listener stopped accepting");
+}
+
+async fn serve_connection<S, B>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    state: Arc<ConnState>,
+    service: S,
+    shutdown: Shutdown,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let peer: SocketAddr = state.peer;
+    let idle = state.listener.limits.idle_timeout;
+    let io = TokioIo::new(ActivityIo::new(stream, state.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(listener = %state.listener.name, %peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.graceful.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = idle_elapsed(&state, idle), if !closing => {
+                tracing::debug!(listener = %state.listener.name, %peer, "closing idle connection");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = shutdown.force.cancelled() => {
+                tracing::debug!(listener = %state.listener.name, %peer, "drain deadline passed; closing connection");
+                break;
+            }
+        }
+    }
+}
+
+async fn idle_elapsed(state: &ConnState, idle: Duration) {
+    while let Some(wait) = state.idle_remaining(idle) {
+        tokio::time::sleep(wait).await;
+    }
+}
