@@ -59,7 +59,10 @@ pub enum Reloaded {
 impl Gateway {
     /// Binds every listener and starts serving. `config_path` is where reloads
     /// read from (and what is watched when `reload.watch` is on).
-    pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Gateway, StartError> {
+    pub async fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
         let clients = UpstreamClients::new(&config.proxy);
         let table = RouteTable::build(&config, &clients, &metrics, None).await;
@@ -90,7 +93,11 @@ impl Gateway {
             access_log: access_log.clone(),
             unmatched: metrics.route(
                 "none",
-                &config.listeners.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+                &config
+                    .listeners
+                    .iter()
+                    .map(|l| l.name.clone())
+                    .collect::<Vec<_>>(),
             ),
         }
         .build();
@@ -204,17 +211,23 @@ impl Gateway {
             tracing::debug!("config file changed but its content is the same; nothing to do");
             return Ok(Reloaded::Unchanged);
         }
-        if old.listeners != new.listeners || old.admin != new.admin || old.proxy.connect_timeout != new.proxy.connect_timeout
+        if old.listeners != new.listeners
+            || old.admin != new.admin
+            || old.proxy.connect_timeout != new.proxy.connect_timeout
             || old.proxy.pool_idle_timeout != new.proxy.pool_idle_timeout
             || old.proxy.pool_max_idle_per_target != new.proxy.pool_max_idle_per_target
         {
-            tracing::warn!("changes to listeners, admin or proxy connection settings take effect after a restart");
+            tracing::warn!(
+                "changes to listeners, admin or proxy connection settings take effect after a restart"
+            );
         }
         let previous = inner.table.load_full();
         let table = RouteTable::build(&new, &inner.clients, &inner.metrics, Some(&previous)).await;
         let routes = table.routes().len();
         inner.table.store(Arc::new(table));
-        inner.access_log.store(new.proxy.access_log, Ordering::Relaxed);
+        inner
+            .access_log
+            .store(new.proxy.access_log, Ordering::Relaxed);
         inner.config.store(Arc::new(new));
         inner
             .metrics
@@ -234,7 +247,7 @@ impl Gateway {
         if !settings.watch {
             return;
         }
-        let mut watch = match config::watch::watch(&path) {
+        let watch = match config::watch::watch(&path) {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e,
@@ -245,6 +258,9 @@ impl Gateway {
         let gateway = self.clone();
         let stop = inner.shutdown.graceful.clone();
         tokio::spawn(async move {
+            // Own the whole watch (not just its channel): dropping the OS
+            // watcher would silently end the notifications.
+            let mut watch = watch;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -281,7 +297,10 @@ impl Gateway {
             .await
             .is_ok();
         if !done {
-            tracing::warn!(deadline_ms = deadline.as_millis() as u64, "drain deadline passed; closing remaining connections");
+            tracing::warn!(
+                deadline_ms = deadline.as_millis() as u64,
+                "drain deadline passed; closing remaining connections"
+            );
         }
         inner.shutdown.force.cancel();
         // Give force-closed connections a moment to unwind their tasks.
@@ -292,9 +311,11 @@ impl Gateway {
 }
 
 async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-        listener: name.to_owned(),
-        addr,
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            listener: name.to_owned(),
+            addr,
+            source,
+        })
 }

@@ -8,14 +8,24 @@ use tollgate::telemetry::{self, LogFormat};
 use tollgate::{Gateway, config};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "A security gateway for microservices and devices")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A security gateway for microservices and devices"
+)]
 struct Cli {
     /// Config file [default: ./gateway.yaml, then ./config/gateway.yaml]
     #[arg(short, long, global = true, env = "TOLLGATE_CONFIG")]
     config: Option<PathBuf>,
 
     /// Log output format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "TOLLGATE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TOLLGATE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
 
     #[command(subcommand)]
@@ -48,6 +58,7 @@ fn main() -> ExitCode {
     }
 }
 
+#[allow(clippy::print_stdout)] // the command's output
 fn check_config(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
@@ -79,7 +90,10 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");

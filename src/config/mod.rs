@@ -70,11 +70,9 @@ pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
             message: format!("cannot read the config file: {e}"),
         }]));
     }
-    let figment = Figment::new().merge(Yaml::file_exact(file)).merge(
-        Env::prefixed(ENV_PREFIX)
-            .ignore(ENV_NOT_KEYS)
-            .split("__"),
-    );
+    let figment = Figment::new()
+        .merge(Yaml::file_exact(file))
+        .merge(Env::prefixed(ENV_PREFIX).ignore(ENV_NOT_KEYS).split("__"));
     let config: Config = figment.extract().map_err(|e| fail(from_figment(e)))?;
     let errors = validate::validate(&config);
     if errors.is_empty() {

@@ -39,7 +39,9 @@ impl TargetUrl {
             .ok_or_else(|| format!("`{s}` has no host; expected `http://host:port`"))?
             .clone();
         if authority.as_str().contains('@') {
-            return Err(format!("`{s}` contains credentials; they are not allowed in target URLs"));
+            return Err(format!(
+                "`{s}` contains credentials; they are not allowed in target URLs"
+            ));
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err(format!(
@@ -48,7 +50,11 @@ impl TargetUrl {
         }
         let port = authority.port_u16().unwrap_or(80);
         let host = authority.host();
-        let host = match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        let host = match host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             Ok(ip) => TargetHost::Ip(ip),
             Err(_) if host.is_empty() => return Err(format!("`{s}` has an empty host")),
             Err(_) => TargetHost::Name(host.to_ascii_lowercase()),

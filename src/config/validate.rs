@@ -37,7 +37,10 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         if let Some(first) = names.insert(route.name.as_str(), i) {
             errs.add(
                 format!("{path}.name"),
-                format!("duplicate route name `{}` (also routes[{first}])", route.name),
+                format!(
+                    "duplicate route name `{}` (also routes[{first}])",
+                    route.name
+                ),
             );
         }
         self::route(&path, route, &mut errs);
@@ -71,7 +74,10 @@ fn listeners(cfg: &Config, errs: &mut Errors) {
         } else if let Some(first) = names.insert(l.name.as_str(), i) {
             errs.add(
                 format!("{path}.name"),
-                format!("duplicate listener name `{}` (also listeners[{first}])", l.name),
+                format!(
+                    "duplicate listener name `{}` (also listeners[{first}])",
+                    l.name
+                ),
             );
         }
         for (other, addr) in &binds {
@@ -108,7 +114,10 @@ fn limits(path: &str, l: &Limits, errs: &mut Errors) {
         errs.add(format!("{path}.max_uri_bytes"), "must be at least 64 bytes");
     }
     if l.max_concurrent_streams == 0 {
-        errs.add(format!("{path}.max_concurrent_streams"), "must be at least 1");
+        errs.add(
+            format!("{path}.max_concurrent_streams"),
+            "must be at least 1",
+        );
     }
     errs.nonzero(format!("{path}.header_read_timeout"), l.header_read_timeout);
     errs.nonzero(format!("{path}.idle_timeout"), l.idle_timeout);
@@ -133,16 +142,19 @@ fn route(path: &str, r: &RouteConfig, errs: &mut Errors) {
     if !m.path_prefix.starts_with('/') || m.path_prefix.contains(['?', '#']) {
         errs.add(
             format!("{path}.match.path_prefix"),
-            format!("`{}` must be a path starting with `/` (no query)", m.path_prefix),
+            format!(
+                "`{}` must be a path starting with `/` (no query)",
+                m.path_prefix
+            ),
         );
     }
     if let Some(host) = &m.host {
         let name = host.strip_prefix("*.").unwrap_or(host);
         let valid = !name.is_empty()
             && !name.contains('*')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'[' | b']'));
+            && name.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'[' | b']')
+            });
         if !valid {
             errs.add(
                 format!("{path}.match.host"),

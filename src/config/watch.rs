@@ -28,8 +28,7 @@ pub fn watch(file: &Path) -> notify::Result<ConfigWatch> {
         }
         let relevant = event.paths.iter().any(|p| {
             let n = p.file_name();
-            n == name.as_deref()
-                || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+            n == name.as_deref() || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
         });
         if relevant {
             let _ = tx.try_send(());
@@ -40,4 +39,20 @@ pub fn watch(file: &Path) -> notify::Result<ConfigWatch> {
         _watcher: watcher,
         changes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn sees_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("g.yaml");
+        std::fs::write(&file, "a").unwrap();
+        let mut w = super::watch(&file).unwrap();
+        std::fs::write(dir.path().join("g.tmp"), "b").unwrap();
+        std::fs::rename(dir.path().join("g.tmp"), &file).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), w.changes.recv())
+            .await
+            .unwrap();
+    }
 }

@@ -126,9 +126,9 @@ where
         let result = std::task::ready!(this.inner.poll(cx));
         let Some(p) = this.pending.take() else {
             // Polled after completion: answer with what we have.
-            return Poll::Ready(Ok(result.unwrap_or_else(|e| {
-                e.to_response(&HeaderValue::from_static("-"))
-            })));
+            return Poll::Ready(Ok(
+                result.unwrap_or_else(|e| e.to_response(&HeaderValue::from_static("-")))
+            ));
         };
         let (resp, error) = match result {
             Ok(resp) => (resp, None),
@@ -149,7 +149,10 @@ fn record(p: &Pending, status: u16, error: Option<&GatewayError>) {
     let Some(path) = &p.path else { return };
     let route = p.route.as_ref().map_or("-", |r| &r.name);
     let listener = p.conn.as_ref().map_or("-", |c| &c.listener.name);
-    let peer = p.conn.as_ref().map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
+    let peer = p
+        .conn
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
     let request_id = p.request_id.to_str().unwrap_or("-");
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     match error {

@@ -112,9 +112,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => {
                 "the upstream service did not answer in time".into()
             }
-            GatewayError::UpstreamProtocol { .. } => {
-                "the upstream service failed to answer".into()
-            }
+            GatewayError::UpstreamProtocol { .. } => "the upstream service failed to answer".into(),
         }
     }
 

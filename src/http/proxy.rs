@@ -219,7 +219,9 @@ fn classify(
     while let Some(s) = source {
         if let Some(body_err) = s.downcast_ref::<RequestBodyError>() {
             return Err(match body_err {
-                RequestBodyError::TooLarge { limit } => GatewayError::BodyTooLarge { limit: *limit },
+                RequestBodyError::TooLarge { limit } => {
+                    GatewayError::BodyTooLarge { limit: *limit }
+                }
                 RequestBodyError::Client(e) => GatewayError::ClientBody(e.to_string()),
             });
         }
@@ -287,7 +289,9 @@ fn respond(
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    parts.headers.append(header::VIA, headers::via(parts.version));
+    parts
+        .headers
+        .append(header::VIA, headers::via(parts.version));
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,

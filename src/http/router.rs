@@ -71,7 +71,13 @@ impl Matcher {
         }
     }
 
-    fn matches(&self, host: Option<&str>, path: &str, method: &Method, headers: &HeaderMap) -> bool {
+    fn matches(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> bool {
         let host_ok = match &self.host {
             HostMatch::Any => true,
             HostMatch::Exact(h) => host.is_some_and(|host| host.eq_ignore_ascii_case(h)),
@@ -206,7 +212,12 @@ impl RouteTable {
 }
 
 impl Route {
-    fn new(name: Arc<str>, rc: &RouteConfig, pool: Arc<UpstreamPool>, metrics: RouteMetrics) -> Route {
+    fn new(
+        name: Arc<str>,
+        rc: &RouteConfig,
+        pool: Arc<UpstreamPool>,
+        metrics: RouteMetrics,
+    ) -> Route {
         let rewrite = if rc.strip_prefix {
             Some(String::new())
         } else {
@@ -270,6 +281,9 @@ mod tests {
         assert_eq!(request_host(&uri, &h), Some("[::1]"));
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("svc.internal"));
-        assert_eq!(request_host(&"/x".parse().unwrap(), &h), Some("svc.internal"));
+        assert_eq!(
+            request_host(&"/x".parse().unwrap(), &h),
+            Some("svc.internal")
+        );
     }
 }

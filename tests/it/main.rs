@@ -1,1 +1,10 @@
+//! Black-box tests: a real gateway on 127.0.0.1 ports, real upstream servers,
+//! real HTTP/1.1, h2c and WebSocket clients.
 
+mod cli;
+mod lifecycle;
+mod limits;
+mod proxy;
+mod routing;
+mod support;
+mod upstreams;

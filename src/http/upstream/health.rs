@@ -30,10 +30,8 @@ pub(super) async fn check_loop(pool: Weak<UpstreamPool>) {
         let Some(pool) = pool.upgrade() else { return };
         let targets = pool.targets();
         streaks.retain(|(t, _)| targets.iter().any(|x| Arc::ptr_eq(x, t)));
-        let results = futures_util::future::join_all(
-            targets.iter().map(|t| check(&pool, t, &hc)),
-        )
-        .await;
+        let results =
+            futures_util::future::join_all(targets.iter().map(|t| check(&pool, t, &hc))).await;
         for (target, passed) in targets.iter().zip(results) {
             let streak = match streaks.iter_mut().find(|(t, _)| Arc::ptr_eq(t, target)) {
                 Some((_, s)) => s,
@@ -47,7 +45,13 @@ pub(super) async fn check_loop(pool: Weak<UpstreamPool>) {
     }
 }
 
-fn update(pool: &UpstreamPool, target: &Target, s: &mut Streak, passed: bool, hc: &HealthCheckConfig) {
+fn update(
+    pool: &UpstreamPool,
+    target: &Target,
+    s: &mut Streak,
+    passed: bool,
+    hc: &HealthCheckConfig,
+) {
     let healthy = target.healthy.load(Ordering::Relaxed);
     if passed {
         s.failures = 0;

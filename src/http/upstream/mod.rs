@@ -99,7 +99,8 @@ impl Target {
     }
 
     fn available(&self, now_ms: u64) -> bool {
-        self.healthy.load(Ordering::Relaxed) && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+        self.healthy.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
     pub fn inflight(&self) -> u32 {
@@ -161,7 +162,11 @@ impl UpstreamPool {
             config,
         });
         pool.refresh_targets().await;
-        if pool.urls.iter().any(|u| matches!(u.host, TargetHost::Name(_))) {
+        if pool
+            .urls
+            .iter()
+            .any(|u| matches!(u.host, TargetHost::Name(_)))
+        {
             tokio::spawn(dns_refresh_loop(Arc::downgrade(&pool)));
         }
         if pool.config.health_check.is_some() {
@@ -197,7 +202,8 @@ impl UpstreamPool {
         avoid: Option<&Arc<Target>>,
     ) -> Option<Arc<Target>> {
         let n = targets.len();
-        let usable = |t: &Arc<Target>| t.available(now) && !avoid.is_some_and(|a| Arc::ptr_eq(a, t));
+        let usable =
+            |t: &Arc<Target>| t.available(now) && !avoid.is_some_and(|a| Arc::ptr_eq(a, t));
         let scan_from = |start: usize| {
             (0..n)
                 .map(|i| &targets[(start + i) % n])
@@ -292,7 +298,10 @@ impl UpstreamPool {
             }
         }
         let changed = next.len() != previous.len()
-            || next.iter().zip(previous.iter()).any(|(a, b)| !Arc::ptr_eq(a, b));
+            || next
+                .iter()
+                .zip(previous.iter())
+                .any(|(a, b)| !Arc::ptr_eq(a, b));
         if changed {
             let addrs: Vec<String> = next.iter().map(|t| t.addr.to_string()).collect();
             if next.is_empty() {

@@ -1,0 +1,235 @@
+//! The `tollgate` binary itself: check-config, --version, signals.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+fn tollgate(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("TOLLGATE_CONFIG")
+        .output()
+        .expect("run tollgate")
+}
+
+#[test]
+fn version_flag() {
+    let out = tollgate(&["--version"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/gateway.yaml");
+    let out = tollgate(&["check-config", "-c", shipped]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn check_config_lists_every_error_with_its_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        r#"
+listeners:
+  - name: a
+    bind: 127.0.0.1:8082
+  - name: a
+    bind: 0.0.0.0:8082
+routes:
+  - name: one
+    match: { path_prefix: /x }
+    upstream: { targets: ["http://u:1"], timeout: 0s }
+  - name: one
+    match: { path_prefix: /x/ }
+    upstream: { targets: ["ftp://u"], health_check: { path: health } }
+"#,
+    )
+    .unwrap();
+    let out = tollgate(&["check-config", "-c", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let f = file.display().to_string();
+    for expected in [
+        format!("{f}: listeners[1].name: duplicate listener name `a`"),
+        format!("{f}: listeners[1].bind: 0.0.0.0:8082 overlaps listeners[0].bind"),
+        format!("{f}: routes[0].upstream.timeout: must be greater than zero"),
+        format!("{f}: routes[1].name: duplicate route name `one`"),
+        format!("{f}: routes[1].match: matches exactly the same requests as routes[0]"),
+        format!("{f}: routes[1].upstream.targets[0]: `ftp://u` uses scheme `ftp`"),
+        format!("{f}: routes[1].upstream.health_check.path: must start with `/`"),
+    ] {
+        assert!(err.contains(&expected), "missing `{expected}` in:\n{err}");
+    }
+    assert!(err.contains("7 problems found"), "{err}");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_name_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo.yaml");
+    std::fs::write(
+        &file,
+        "routes:\n  - name: r\n    upstream: { targets: [\"http://u:1\"], timout: 5s }\n",
+    )
+    .unwrap();
+    let out = tollgate(&["check-config", "-c", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("routes[0].upstream") && err.contains("timout"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &file,
+        "routes:\n  - name: r\n    upstream: { targets: [\"http://u:1\"], timeout: soon }\n",
+    )
+    .unwrap();
+    let out = tollgate(&["check-config", "-c", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("routes[0].upstream.timeout") && err.contains("like `15s`"),
+        "{err}"
+    );
+
+    std::fs::write(&file, "routes: [\n").unwrap();
+    let out = tollgate(&["check-config", "-c", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&file.display().to_string()));
+
+    let out = tollgate(&["check-config", "-c", "/nonexistent/gateway.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the config file"));
+}
+
+#[test]
+fn environment_overrides_config_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(&file, "admin: { bind: 127.0.0.1:9090 }\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "-c", file.to_str().unwrap()])
+        .env("TOLLGATE_ADMIN__BIND", "not-an-address")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin.bind") && err.contains("environment"),
+        "{err}"
+    );
+}
+
+/// Reads JSON log lines from the child's stderr until one says "listening".
+fn listen_addr(child: &mut Child) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["message"] == "listening"
+            {
+                let _ = tx.send(v["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("gateway logs its address");
+    (addr, reader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_sigterm_drains() {
+    let slow = Upstream::start(|req| async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        echo_response("slow", req)
+    })
+    .await;
+    let other = Upstream::echo("other").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    let yaml = |up: &Upstream| {
+        config_with_routes(&route("r", "/", &[up], ""))
+            .replace("access_log: false", "access_log: true")
+            + "reload: { watch: false }\n"
+    };
+    std::fs::write(&file, yaml(&other)).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "-c", file.to_str().unwrap(), "--log-format", "json"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (addr, logs) = listen_addr(&mut child);
+    let url = format!("http://{addr}/");
+    assert_eq!(get(&url).await.json()["name"], "other");
+
+    std::fs::write(&file, yaml(&slow)).unwrap();
+    let kill = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    kill("-HUP");
+    wait_until(
+        Duration::from_secs(10),
+        "SIGHUP applied the new route",
+        || async { slow.hits() > 0 || get(&url).await.json()["name"] == "slow" },
+    )
+    .await;
+
+    let in_flight = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    let before = slow.hits();
+    wait_until(Duration::from_secs(5), "request in flight", || async {
+        slow.hits() > before
+    })
+    .await;
+    kill("-TERM");
+    let r = in_flight.await.unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the in-flight request finished during the drain"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "clean exit after the drain: {status:?}");
+    let logs = logs.join().unwrap();
+    assert!(
+        logs.iter().any(|l| l.contains("config reloaded")),
+        "{logs:#?}"
+    );
+    assert!(
+        logs.iter().any(|l| l.contains("\"drained\":true")),
+        "{logs:#?}"
+    );
+    assert!(
+        logs.iter().any(|l| l.contains("\"target\":\"tollgate::access\"") || l.contains("\"route\":\"r\"")),
+        "one access log event per request: {logs:#?}"
+    );
+}

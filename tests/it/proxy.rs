@@ -1,0 +1,319 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_hygiene_and_forwarding_headers() {
+    let up = Upstream::start(|req| async move {
+        let mut r = echo_response("up", req);
+        // Hop-by-hop headers from the upstream must not reach the client either.
+        r.headers_mut()
+            .insert("connection", "x-upstream-private".parse().unwrap());
+        r.headers_mut()
+            .insert("x-upstream-private", "1".parse().unwrap());
+        r.headers_mut()
+            .insert("keep-alive", "timeout=5".parse().unwrap());
+        r
+    })
+    .await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let req = Request::get(gw.url("/h"))
+        .header("host", "api.example:8082")
+        .header("connection", "x-private, keep-alive")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "gzip")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-end-to-end", "kept")
+        .header("x-request-id", "client-chosen-id")
+        .body(full(""))
+        .unwrap();
+    let r = send(req).await;
+    assert_eq!(r.status, 200);
+    let seen = r.json();
+    let h = &seen["headers"];
+    for gone in ["x-private", "keep-alive", "proxy-authorization", "te"] {
+        assert!(h.get(gone).is_none(), "{gone} must not be forwarded: {h}");
+    }
+    assert_eq!(h["x-end-to-end"], "kept");
+    assert_eq!(
+        h["x-forwarded-for"], "203.0.113.9, 127.0.0.1",
+        "XFF is appended"
+    );
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "api.example:8082");
+    assert_eq!(
+        h["forwarded"],
+        "for=127.0.0.1;proto=http;host=api.example:8082"
+    );
+    assert_eq!(h["via"], "1.1 tollgate");
+    assert_eq!(
+        h["host"],
+        up.addr.to_string(),
+        "the target's host unless preserve_host"
+    );
+    assert_eq!(
+        h["x-request-id"], "client-chosen-id",
+        "a sane client id is propagated"
+    );
+    assert_eq!(r.headers["x-request-id"], "client-chosen-id");
+    assert!(r.headers.get("x-upstream-private").is_none());
+    assert!(r.headers.get("keep-alive").is_none());
+    assert_eq!(r.headers["via"], "1.1 tollgate");
+
+    // An absurd client id is replaced by a generated one.
+    let req = Request::get(gw.url("/h"))
+        .header("x-request-id", "x".repeat(500))
+        .body(full(""))
+        .unwrap();
+    let r = send(req).await;
+    let id = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32, "generated ids are 128-bit hex");
+    assert_eq!(r.json()["headers"]["x-request-id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserve_host_forwards_the_client_host() {
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route(
+        "r",
+        "/",
+        &[&up],
+        "    preserve_host: true\n",
+    )))
+    .await;
+    let req = Request::get(gw.url("/"))
+        .header("host", "public.example")
+        .body(full(""))
+        .unwrap();
+    assert_eq!(send(req).await.json()["headers"]["host"], "public.example");
+}
+
+/// The upstream sees the first chunk before the client has sent the second
+/// (and the client sees the first response chunk before the upstream sends
+/// the second): neither direction is buffered whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_both_ways_without_buffering() {
+    const CHUNK: usize = 256 * 1024;
+    const CHUNKS: usize = 64; // 16 MiB each way
+    let first_chunk_seen = Arc::new(Notify::new());
+    let client_got_first = Arc::new(Notify::new());
+    let (seen, got) = (first_chunk_seen.clone(), client_got_first.clone());
+    let up = Upstream::start(move |req| {
+        let (seen, got) = (seen.clone(), got.clone());
+        async move {
+            let mut body = req.into_body();
+            let mut received = 0usize;
+            while let Some(frame) = body.frame().await {
+                let data = frame.unwrap().into_data().unwrap_or_default();
+                if received == 0 && !data.is_empty() {
+                    seen.notify_one();
+                }
+                received += data.len();
+            }
+            // Stream the response: the rest only after the client got the first chunk.
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from(vec![b'd'; CHUNK]))))
+                    .await;
+                got.notified().await;
+                for _ in 1..CHUNKS {
+                    if tx
+                        .send(Ok(Frame::data(Bytes::from(vec![b'd'; CHUNK]))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))));
+            r.headers_mut()
+                .insert("x-received", received.to_string().parse().unwrap());
+            r
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], "")).replace(
+        "bind: 127.0.0.1:0\nadmin",
+        "bind: 127.0.0.1:0\n    limits: { max_body_bytes: 64MiB }\nadmin",
+    ))
+    .await;
+
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+    let seen = first_chunk_seen.clone();
+    let sender = tokio::spawn(async move {
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'u'; CHUNK]))))
+            .await
+            .unwrap();
+        seen.notified().await;
+        for _ in 1..CHUNKS {
+            tx.send(Ok(Frame::data(Bytes::from(vec![b'u'; CHUNK]))))
+                .await
+                .unwrap();
+        }
+    });
+    let req = Request::post(gw.url("/upload"))
+        .body(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client().request(req))
+        .await
+        .expect("no deadlock: the request body streams")
+        .unwrap();
+    sender.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-received"],
+        (CHUNK * CHUNKS).to_string().as_str()
+    );
+    let mut body = resp.into_body();
+    let mut total = 0usize;
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(30), body.frame())
+        .await
+        .expect("no deadlock: the response body streams")
+    {
+        let n = frame.unwrap().into_data().map(|d| d.len()).unwrap_or(0);
+        if total == 0 && n > 0 {
+            client_got_first.notify_one();
+        }
+        total += n;
+    }
+    assert_eq!(total, CHUNK * CHUNKS);
+}
+
+/// An mpsc receiver as a `Stream` (tokio-stream is not needed for one adapter).
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + Sync + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_is_502_json() {
+    let dead = closed_port().await;
+    let routes = format!(
+        "  - name: dead\n    match: {{ path_prefix: / }}\n    upstream: {{ targets: [http://{dead}], retries: 0 }}\n"
+    );
+    let gw = TestGateway::start(&config_with_routes(&routes)).await;
+    let r = get(&gw.url("/x")).await;
+    assert_eq!(r.status, 502);
+    let body = r.json();
+    assert_eq!(body["error"], "upstream_unavailable");
+    assert!(
+        !body["message"].as_str().unwrap().contains("127.0.0.1"),
+        "callers are not told private addresses: {body}"
+    );
+    assert!(body["request_id"].as_str().unwrap().len() == 32);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_http_upstream_errors_total{kind=\"connect\",route=\"dead\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_is_504() {
+    let slow = Upstream::start(|_| async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        status_response(200)
+    })
+    .await;
+    let gw = TestGateway::start(&config_with_routes(&route(
+        "slow",
+        "/",
+        &[&slow],
+        "      timeout: 300ms\n      retries: 0\n",
+    )))
+    .await;
+    let started = std::time::Instant::now();
+    let r = get(&gw.url("/")).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"], "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered at the route timeout, not the upstream's pace"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_from_client_to_upstream() {
+    let up = Upstream::echo("h2").await;
+    let gw = TestGateway::start(&config_with_routes(&route(
+        "h2",
+        "/",
+        &[&up],
+        "      protocol: h2c\n",
+    )))
+    .await;
+    let h2 = h2c_client();
+    for _ in 0..3 {
+        let r = send_with(&h2, Request::get(gw.url("/x")).body(full("")).unwrap()).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.version, http::Version::HTTP_2, "client side is h2c");
+        assert_eq!(r.json()["version"], "HTTP/2.0", "upstream side is h2c");
+    }
+    // HTTP/1.1 clients reach an h2c upstream too.
+    let r = get(&gw.url("/x")).await;
+    assert_eq!(r.version, http::Version::HTTP_11);
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_passes_through() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let routes = format!(
+        "  - name: ws\n    match: {{ path_prefix: /ws/ }}\n    strip_prefix: true\n    upstream: {{ targets: [http://{ws_addr}] }}\n"
+    );
+    let gw = TestGateway::start(&config_with_routes(&routes)).await;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws/echo", gw.addr()))
+        .await
+        .expect("websocket handshake through the gateway");
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, Message::text(format!("hello {i}")));
+    }
+    let big = vec![7u8; 1 << 20];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.into_data().as_ref(), big.as_slice());
+    ws.close(None).await.unwrap();
+}
