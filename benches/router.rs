@@ -1,1 +1,84 @@
-fn main() {}
+//! Micro-benchmarks of the request path's pure parts: route lookup in a table
+//! of realistic size, and header hygiene.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Method, Uri, Version};
+use tollgate::config::{self, Config};
+use tollgate::http::headers::{self, Origin};
+use tollgate::http::router::RouteTable;
+use tollgate::http::upstream::UpstreamClients;
+use tollgate::metrics::Metrics;
+
+fn table(routes: usize) -> RouteTable {
+    let mut yaml = String::from("routes:\n");
+    for i in 0..routes {
+        yaml.push_str(&format!(
+            "  - name: r{i}\n    match: {{ path_prefix: /svc{i}/api }}\n    upstream: {{ targets: [\"http://127.0.0.1:{}\"] }}\n",
+            10000 + i
+        ));
+    }
+    yaml.push_str("  - name: hosted\n    match: { host: \"*.internal\", path_prefix: / }\n    upstream: { targets: [\"http://127.0.0.1:9999\"] }\n");
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("gateway.yaml");
+    std::fs::write(&file, yaml).expect("write");
+    let cfg: Config = config::load(&file).expect("valid bench config");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let clients = UpstreamClients::new(&cfg.proxy);
+        RouteTable::build(&cfg, &clients, &Metrics::new(), None).await
+    })
+}
+
+fn route_lookup(c: &mut Criterion) {
+    let table = table(100);
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("localhost:8082"));
+    let hit: Uri = "/svc73/api/users/42?x=1".parse().expect("uri");
+    let miss: Uri = "/nothing/here".parse().expect("uri");
+    c.bench_function("route_lookup/100_routes/hit", |b| {
+        b.iter(|| black_box(table.find(&Method::GET, black_box(&hit), &headers).is_some()))
+    });
+    c.bench_function("route_lookup/100_routes/miss", |b| {
+        b.iter(|| black_box(table.find(&Method::GET, black_box(&miss), &headers).is_some()))
+    });
+}
+
+fn header_hygiene(c: &mut Criterion) {
+    let mut base = HeaderMap::new();
+    for (k, v) in [
+        ("host", "localhost:8082"),
+        ("user-agent", "curl/8.0"),
+        ("accept", "*/*"),
+        ("connection", "keep-alive"),
+        ("x-forwarded-for", "10.0.0.7"),
+        ("x-request-id", "0123456789abcdef0123456789abcdef"),
+    ] {
+        base.insert(k, HeaderValue::from_static(v));
+    }
+    let host = HeaderValue::from_static("localhost:8082");
+    c.bench_function("headers/strip_and_forward", |b| {
+        b.iter(|| {
+            let mut h = base.clone();
+            headers::strip_hop_by_hop(&mut h, false);
+            headers::add_forwarding(
+                &mut h,
+                &Origin {
+                    peer: [127, 0, 0, 1].into(),
+                    proto: "http",
+                    host: Some(&host),
+                    version: Version::HTTP_11,
+                },
+            );
+            black_box(h)
+        })
+    });
+}
+
+criterion_group!(benches, route_lookup, header_hygiene);
+criterion_main!(benches);

@@ -96,7 +96,7 @@ fn from_figment(err: figment::Error) -> Vec<ConfigError> {
                     path.push_str(key);
                 }
             }
-            let mut message = e.kind.to_string();
+            let mut message = describe(&e.kind);
             if let Some(md) = &e.metadata
                 && md.name.contains("environment")
             {
@@ -105,6 +105,20 @@ fn from_figment(err: figment::Error) -> Vec<ConfigError> {
             ConfigError { path, message }
         })
         .collect()
+}
+
+fn describe(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::UnknownField(field, expected) => {
+            format!("unknown key `{field}`; expected one of: {}", expected.join(", "))
+        }
+        Kind::MissingField(field) => format!("missing required key `{field}`"),
+        Kind::UnknownVariant(found, expected) => {
+            format!("unknown value `{found}`; expected one of: {}", expected.join(", "))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Where the config comes from: `-c`, then `$TOLLGATE_CONFIG` (both via the CLI),

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Load comparison in one run: the same small upstream reached directly, through
+# nginx (proxy_pass with upstream keepalive) and through tollgate. Each proxy is
+# pinned to the same core; the load generator and the upstream share the other.
+# Prints requests/s and p50/p99 latency for each, the ratios, and tollgate's
+# RSS idle and with 10k idle keep-alive connections.
+#
+#   benches/load.sh                 # needs: nginx (nginx-light), wrk, python3
+#   DURATION=30s CONNS=128 benches/load.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+PROXY_CPU=${PROXY_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+UP_PORT=18080 NGINX_PORT=18081 TG_PORT=18082 TG_ADMIN=19090
+
+for tool in nginx wrk python3 taskset; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx-light wrk)"; exit 1; }
+done
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for c in upstream proxy; do
+    [ -f "$work/$c.pid" ] && kill "$(cat "$work/$c.pid")" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --release --quiet
+
+nginx_conf() { # name port cpu body
+  cat > "$work/$1.conf" <<CONF
+worker_processes 1;
+daemon on;
+pid $work/$1.pid;
+error_log $work/$1.err warn;
+events { worker_connections 65536; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  $4
+}
+CONF
+}
+nginx_conf upstream $UP_PORT $LOAD_CPU "server { listen 127.0.0.1:$UP_PORT; location / { return 200 \"ok\\n\"; } }"
+nginx_conf proxy $NGINX_PORT $PROXY_CPU "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
+  server { listen 127.0.0.1:$NGINX_PORT;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }"
+taskset -c "$LOAD_CPU" nginx -q -p "$work" -c "$work/upstream.conf"
+taskset -c "$PROXY_CPU" nginx -q -p "$work" -c "$work/proxy.conf"
+
+cat > "$work/gateway.yaml" <<CONF
+listeners:
+  - name: sidecar
+    bind: 127.0.0.1:$TG_PORT
+    limits: { max_connections: 30000 }
+admin: { bind: 127.0.0.1:$TG_ADMIN }
+proxy: { access_log: false }
+reload: { watch: false }
+routes:
+  - name: up
+    match: { path_prefix: / }
+    upstream: { targets: [http://127.0.0.1:$UP_PORT] }
+CONF
+TOLLGATE_LOG=warn taskset -c "$PROXY_CPU" target/release/tollgate -c "$work/gateway.yaml" &
+tg_pid=$!
+pids+=("$tg_pid")
+
+wait_http() { for _ in $(seq 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not up: $1"; exit 1; }
+wait_http "http://127.0.0.1:$UP_PORT/"
+wait_http "http://127.0.0.1:$NGINX_PORT/"
+wait_http "http://127.0.0.1:$TG_PORT/"
+
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+idle_rss=$(rss_kib "$tg_pid")
+
+# to_us "1.23ms" -> microseconds
+to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'; }
+
+declare -A RPS P50 P99
+run() { # name port
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$2/" >/dev/null # warm-up
+  local out
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/")
+  RPS[$1]=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  P50[$1]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+  P99[$1]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$1: errors during the run:"; grep "Non-2xx\|Socket errors" <<<"$out"; fi
+}
+run direct $UP_PORT
+run nginx $NGINX_PORT
+run tollgate $TG_PORT
+
+printf '\n%-10s %12s %10s %10s\n' target "requests/s" "p50 us" "p99 us"
+for t in direct nginx tollgate; do
+  printf '%-10s %12.0f %10.0f %10.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}"
+done
+awk -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" -v t99="${P99[tollgate]}" -v n99="${P99[nginx]}" -v d99="${P99[direct]}" 'BEGIN {
+  printf "\nthroughput tollgate/nginx: %.2f\n", tr / nr
+  printf "added p99 (us): tollgate %.0f, nginx %.0f\n", t99 - d99, n99 - d99
+}'
+
+# Memory with many idle keep-alive connections.
+python3 - "$TG_PORT" "$IDLE_CONNS" "$work/ready" <<'PY' &
+import asyncio, sys
+port, n, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+async def one():
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET / HTTP/1.1\r\nhost: bench\r\n\r\n")
+    await w.drain()
+    await r.readuntil(b"ok\n")
+    return r, w
+async def main():
+    conns = []
+    for i in range(0, n, 500):
+        conns += await asyncio.gather(*(one() for _ in range(min(500, n - i))))
+    open(ready, "w").write(str(len(conns)))
+    await asyncio.sleep(30)
+asyncio.run(main())
+PY
+py_pid=$!
+pids+=("$py_pid")
+for _ in $(seq 300); do [ -f "$work/ready" ] && break; sleep 0.1; done
+[ -f "$work/ready" ] || { echo "idle connections did not come up"; exit 1; }
+sleep 1
+busy_rss=$(rss_kib "$tg_pid")
+active=$(curl -fs "http://127.0.0.1:$TG_ADMIN/metrics" | awk '/^tollgate_transport_active_connections/ {print $2}')
+kill "$py_pid" 2>/dev/null || true
+
+printf '\ntollgate RSS: idle %d KiB; with %s idle keep-alive connections (gateway counts %s open) %d KiB (%.1f KiB per connection)\n' \
+  "$idle_rss" "$(cat "$work/ready")" "$active" "$busy_rss" "$(awk -v a="$busy_rss" -v b="$idle_rss" -v n="$(cat "$work/ready")" 'BEGIN { print (a - b) / n }')"
