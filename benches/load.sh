@@ -132,7 +132,7 @@ for _ in $(seq 300); do [ -f "$work/ready" ] && break; sleep 0.1; done
 [ -f "$work/ready" ] || { echo "idle connections did not come up"; exit 1; }
 sleep 1
 busy_rss=$(rss_kib "$tg_pid")
-active=$(curl -fs "http://127.0.0.1:$TG_ADMIN/metrics" | awk '/^tollgate_transport_active_connections/ {print $2}')
+active=$(curl -fs "http://127.0.0.1:$TG_ADMIN/metrics" | awk '/^tollgate_transport_active_connections\{listener="sidecar"\}/ {print $2}')
 kill "$py_pid" 2>/dev/null || true
 
 printf '\ntollgate RSS: idle %d KiB; with %s idle keep-alive connections (gateway counts %s open) %d KiB (%.1f KiB per connection)\n' \

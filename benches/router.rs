@@ -42,10 +42,22 @@ fn route_lookup(c: &mut Criterion) {
     let hit: Uri = "/svc73/api/users/42?x=1".parse().expect("uri");
     let miss: Uri = "/nothing/here".parse().expect("uri");
     c.bench_function("route_lookup/100_routes/hit", |b| {
-        b.iter(|| black_box(table.find(&Method::GET, black_box(&hit), &headers).is_some()))
+        b.iter(|| {
+            black_box(
+                table
+                    .find(&Method::GET, black_box(&hit), &headers)
+                    .is_some(),
+            )
+        })
     });
     c.bench_function("route_lookup/100_routes/miss", |b| {
-        b.iter(|| black_box(table.find(&Method::GET, black_box(&miss), &headers).is_some()))
+        b.iter(|| {
+            black_box(
+                table
+                    .find(&Method::GET, black_box(&miss), &headers)
+                    .is_some(),
+            )
+        })
     });
 }
 

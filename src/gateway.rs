@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 
 use crate::admin::{AdminService, Readiness};
 use crate::config::{self, Config, ConfigErrors, Limits};
@@ -21,6 +21,8 @@ use crate::transport::{self, ListenerInfo, Shutdown};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("cannot start a worker thread: {0}")]
+    Worker(std::io::Error),
     #[error("listener `{listener}` cannot bind {addr}: {source}")]
     Bind {
         listener: String,
@@ -47,6 +49,56 @@ struct Inner {
     reload_lock: Mutex<()>,
     listeners: Vec<(String, SocketAddr)>,
     admin_addr: SocketAddr,
+    /// Closed once every worker thread has finished.
+    workers_done: Mutex<mpsc::Receiver<()>>,
+}
+
+/// One worker thread: its event loop serves its share of every listener.
+struct Worker {
+    stack: Arc<StackConfig>,
+    proxy: crate::config::ProxyConfig,
+    shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+    /// Dropped when the worker ends.
+    _done: mpsc::Sender<()>,
+}
+
+impl Worker {
+    fn run(
+        self,
+        runtime: tokio::runtime::Runtime,
+        sockets: Vec<(Arc<ListenerInfo>, std::net::TcpListener)>,
+    ) {
+        let shutdown = self.shutdown.clone();
+        runtime.block_on(async move {
+            let stack = self.stack.build(UpstreamClients::new(&self.proxy));
+            for (info, socket) in sockets {
+                let listener = match TcpListener::from_std(socket) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(listener = %info.name, error = %e, "worker cannot use its listening socket");
+                        continue;
+                    }
+                };
+                let stack = stack.clone();
+                shutdown.tracker.spawn(transport::serve(
+                    listener,
+                    info,
+                    move |conn| HttpEntry::new(stack.clone(), conn),
+                    shutdown.clone(),
+                    self.metrics.clone(),
+                ));
+            }
+            // Keep serving this worker's connections through the drain.
+            shutdown.graceful.cancelled().await;
+            shutdown.tracker.close();
+            tokio::select! {
+                _ = shutdown.tracker.wait() => {}
+                _ = shutdown.force.cancelled() => {}
+            }
+        });
+        // Dropping the runtime closes whatever the drain deadline cut short.
+    }
 }
 
 /// How a reload ended.
@@ -57,8 +109,11 @@ pub enum Reloaded {
 }
 
 impl Gateway {
-    /// Binds every listener and starts serving. `config_path` is where reloads
-    /// read from (and what is watched when `reload.watch` is on).
+    /// Binds every listener and starts serving: one worker thread per
+    /// `runtime.workers`, each with its own event loop, accept sockets and
+    /// upstream connections. The caller's runtime is the control plane: admin
+    /// listener, reloads, DNS refresh and health checks. `config_path` is where
+    /// reloads read from (and what is watched when `reload.watch` is on).
     pub async fn start(
         config: Config,
         config_path: Option<PathBuf>,
@@ -70,24 +125,44 @@ impl Gateway {
         let access_log = Arc::new(AtomicBool::new(config.proxy.access_log));
         let readiness = Arc::new(Readiness::default());
         let shutdown = Shutdown::default();
+        let workers = config.runtime.worker_count();
 
-        let mut bound = Vec::with_capacity(config.listeners.len());
+        // Bind everything before starting anything, so a taken port is a clean error.
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        let mut sockets = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
-            let listener = bind(&l.name, l.bind).await?;
-            bound.push(listener);
+            let (addr, per_worker) =
+                transport::bind_shared(l.bind, workers).map_err(|source| StartError::Bind {
+                    listener: l.name.clone(),
+                    addr: l.bind,
+                    source,
+                })?;
+            listeners.push((l.name.clone(), addr));
+            sockets.push(per_worker);
         }
-        let admin_listener = bind("admin", config.admin.bind).await?;
-        let addr_of = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let admin_listener = TcpListener::bind(config.admin.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                listener: "admin".into(),
+                addr: config.admin.bind,
+                source,
+            })?;
+        let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.bind);
 
-        let listeners: Vec<(String, SocketAddr)> = config
+        let infos: Vec<Arc<ListenerInfo>> = config
             .listeners
             .iter()
-            .zip(&bound)
-            .map(|(l, b)| (l.name.clone(), addr_of(b, l.bind)))
+            .enumerate()
+            .map(|(index, l)| {
+                Arc::new(ListenerInfo::new(
+                    &l.name,
+                    index,
+                    l.protocol.scheme(),
+                    l.limits.clone(),
+                ))
+            })
             .collect();
-        let admin_addr = addr_of(&admin_listener, config.admin.bind);
-
-        let stack = StackConfig {
+        let stack = Arc::new(StackConfig {
             table: table.clone(),
             metrics: metrics.clone(),
             access_log: access_log.clone(),
@@ -99,24 +174,33 @@ impl Gateway {
                     .map(|l| l.name.clone())
                     .collect::<Vec<_>>(),
             ),
+        });
+        let (worker_done, workers_done) = mpsc::channel::<()>(1);
+        for w in 0..workers {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(StartError::Worker)?;
+            let assigned: Vec<(Arc<ListenerInfo>, std::net::TcpListener)> = infos
+                .iter()
+                .cloned()
+                .zip(sockets.iter_mut().map(|per_worker| per_worker.remove(0)))
+                .collect();
+            let worker = Worker {
+                stack: stack.clone(),
+                proxy: config.proxy.clone(),
+                shutdown: shutdown.clone(),
+                metrics: metrics.clone(),
+                _done: worker_done.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("tollgate-worker-{w}"))
+                .spawn(move || worker.run(runtime, assigned))
+                .map_err(StartError::Worker)?;
         }
-        .build();
-        for (index, (l, tcp)) in config.listeners.iter().zip(bound).enumerate() {
-            let info = Arc::new(ListenerInfo {
-                name: Arc::from(l.name.as_str()),
-                index,
-                scheme: l.protocol.scheme(),
-                limits: l.limits.clone(),
-            });
-            let stack = stack.clone();
-            tracing::info!(listener = %l.name, addr = %listeners[index].1, protocol = l.protocol.scheme(), "listening");
-            shutdown.tracker.spawn(transport::serve(
-                tcp,
-                info,
-                move |conn| HttpEntry::new(stack.clone(), conn),
-                shutdown.clone(),
-                metrics.clone(),
-            ));
+        drop(worker_done);
+        for (name, addr) in &listeners {
+            tracing::info!(listener = %name, addr = %addr, workers, "listening");
         }
 
         // The admin listener outlives the drain so /readyz can report it; it
@@ -130,15 +214,15 @@ impl Gateway {
         tracing::info!(addr = %admin_addr, "admin listening");
         tokio::spawn(transport::serve(
             admin_listener,
-            Arc::new(ListenerInfo {
-                name: Arc::from("admin"),
-                index: 0,
-                scheme: "http",
-                limits: Limits {
+            Arc::new(ListenerInfo::new(
+                "admin",
+                0,
+                "http",
+                Limits {
                     max_connections: 256,
                     ..Limits::default()
                 },
-            }),
+            )),
             move |_| admin.clone(),
             admin_shutdown,
             metrics.clone(),
@@ -157,6 +241,7 @@ impl Gateway {
                 reload_lock: Mutex::new(()),
                 listeners,
                 admin_addr,
+                workers_done: Mutex::new(workers_done),
             }),
         };
         gateway.watch_config();
@@ -303,19 +388,10 @@ impl Gateway {
             );
         }
         inner.shutdown.force.cancel();
-        // Give force-closed connections a moment to unwind their tasks.
-        let _ = tokio::time::timeout(Duration::from_secs(1), inner.shutdown.tracker.wait()).await;
+        // Workers end once their connections are closed.
+        let mut workers = inner.workers_done.lock().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), workers.recv()).await;
         tracing::info!(drained = done, "shutdown complete");
         done
     }
-}
-
-async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            listener: name.to_owned(),
-            addr,
-            source,
-        })
 }

@@ -90,7 +90,9 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control plane (signals, admin, reloads, health checks) needs one
+    // thread; the worker threads that serve traffic have their own loops.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -111,11 +111,17 @@ fn describe(kind: &figment::error::Kind) -> String {
     use figment::error::Kind;
     match kind {
         Kind::UnknownField(field, expected) => {
-            format!("unknown key `{field}`; expected one of: {}", expected.join(", "))
+            format!(
+                "unknown key `{field}`; expected one of: {}",
+                expected.join(", ")
+            )
         }
         Kind::MissingField(field) => format!("missing required key `{field}`"),
         Kind::UnknownVariant(found, expected) => {
-            format!("unknown value `{found}`; expected one of: {}", expected.join(", "))
+            format!(
+                "unknown value `{found}`; expected one of: {}",
+                expected.join(", ")
+            )
         }
         other => other.to_string(),
     }

@@ -25,6 +25,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub reload: ReloadConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
 }
 
 impl Default for Config {
@@ -36,6 +38,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             shutdown: ShutdownConfig::default(),
             reload: ReloadConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -349,6 +352,26 @@ impl Default for ReloadConfig {
         ReloadConfig {
             watch: true,
             debounce: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Threads that serve connections: each runs its own single-threaded event
+/// loop with its own accept socket (SO_REUSEPORT) and upstream connection pool,
+/// so a request never crosses threads.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// 0: one per CPU the process may run on.
+    pub workers: usize,
+}
+
+impl RuntimeConfig {
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
         }
     }
 }

@@ -56,6 +56,12 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         }
         matches.push((i, key));
     }
+    if cfg.runtime.workers > 1024 {
+        errs.add(
+            "runtime.workers",
+            "must be at most 1024 (0 means one per CPU)",
+        );
+    }
     errs.nonzero("proxy.connect_timeout", cfg.proxy.connect_timeout);
     errs.nonzero("proxy.pool_idle_timeout", cfg.proxy.pool_idle_timeout);
     errs.0

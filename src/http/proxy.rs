@@ -20,12 +20,23 @@ use super::body::{ProxyBody, RequestBody, RequestBodyError};
 use super::error::GatewayError;
 use super::headers::{self, Origin};
 use super::router::Route;
-use super::upstream::{InflightGuard, Target};
+use super::upstream::{HttpClient, InflightGuard, Target, UpstreamClients};
 use crate::config::UpstreamProtocol;
 use crate::transport::ConnState;
 
-#[derive(Clone, Copy, Default)]
-pub struct Proxy;
+/// The last stage: forwards with this worker's upstream clients.
+#[derive(Clone)]
+pub struct Proxy {
+    clients: Arc<UpstreamClients>,
+}
+
+impl Proxy {
+    pub fn new(clients: UpstreamClients) -> Proxy {
+        Proxy {
+            clients: Arc::new(clients),
+        }
+    }
+}
 
 type ProxyFuture =
     Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, GatewayError>> + Send + 'static>>;
@@ -41,10 +52,12 @@ impl Service<Request<Incoming>> for Proxy {
 
     fn call(&mut self, mut req: Request<Incoming>) -> ProxyFuture {
         let ctx = req.extensions_mut().remove::<RequestCtx>();
+        let clients = self.clients.clone();
         Box::pin(async move {
             let ctx = ctx.ok_or(GatewayError::NoRoute)?;
             let route = ctx.route.clone().ok_or(GatewayError::NoRoute)?;
-            forward(&ctx.conn, &route, req).await
+            let client = clients.get(route.pool.config.protocol);
+            forward(client, &ctx.conn, &route, req).await
         })
     }
 }
@@ -64,6 +77,7 @@ struct Failure {
 }
 
 async fn forward(
+    client: &HttpClient,
     conn: &Arc<ConnState>,
     route: &Arc<Route>,
     mut req: Request<Incoming>,
@@ -143,7 +157,7 @@ async fn forward(
         *upstream_req.headers_mut() = headers;
 
         let inflight = InflightGuard::new(target.clone());
-        let sent = tokio::time::timeout(route.timeout, pool.client.request(upstream_req)).await;
+        let sent = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
         let failure = match sent {
             Ok(Ok(resp)) => {
                 let status = resp.status();

@@ -22,6 +22,7 @@ use super::proxy::Proxy;
 use super::request_id::{RequestId, RequestIdLayer};
 use super::router::RouteTable;
 use super::routing::{Routing, RoutingLayer};
+use super::upstream::UpstreamClients;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::transport::{ConnState, RequestGuard};
 
@@ -37,7 +38,8 @@ pub struct StackConfig {
 }
 
 impl StackConfig {
-    pub fn build(&self) -> Stack {
+    /// A worker's stack; `clients` are that worker's upstream connections.
+    pub fn build(&self, clients: UpstreamClients) -> Stack {
         ServiceBuilder::new()
             // 1. Every request gets its id before anything can fail.
             .layer(RequestIdLayer)
@@ -51,7 +53,7 @@ impl StackConfig {
             // 4. The listener's limits on target, headers and body.
             .layer(LimitsLayer::new(self.metrics.clone()))
             // 5. Forward to the route's upstream pool.
-            .service(Proxy)
+            .service(Proxy::new(clients))
     }
 }
 

@@ -25,6 +25,20 @@ pub struct ListenerInfo {
     pub index: usize,
     pub scheme: &'static str,
     pub limits: Limits,
+    /// Connection slots, shared by every worker serving this listener.
+    pub slots: Arc<Semaphore>,
+}
+
+impl ListenerInfo {
+    pub fn new(name: &str, index: usize, scheme: &'static str, limits: Limits) -> ListenerInfo {
+        ListenerInfo {
+            name: Arc::from(name),
+            index,
+            scheme,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+        }
+    }
 }
 
 /// Shutdown in two steps: `graceful` stops accepting and asks connections to
@@ -76,7 +90,6 @@ pub async fn serve<F, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = Arc::new(builder(&info.limits));
-    let slots = Arc::new(Semaphore::new(info.limits.max_connections));
     let served = metrics
         .transport_connections
         .with_label_values(&[&info.name, "served"]);
@@ -100,7 +113,7 @@ pub async fn serve<F, S, B>(
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = info.slots.clone().try_acquire_owned() else {
             rejected.inc();
             if last_limit_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 last_limit_warning = Some(Instant::now());
@@ -175,4 +188,30 @@ async fn idle_elapsed(state: &ConnState, idle: Duration) {
     while let Some(wait) = state.idle_remaining(idle) {
         tokio::time::sleep(wait).await;
     }
+}
+
+/// Binds `count` sockets to one address with SO_REUSEPORT, one per worker, so
+/// the kernel spreads new connections over the workers. With port 0 the first
+/// socket picks the port and the others join it. Returns the bound address.
+pub fn bind_shared(
+    addr: SocketAddr,
+    count: usize,
+) -> std::io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+    use socket2::{Domain, Socket, Type};
+    let mut bound = addr;
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(4096)?;
+        if let Some(local) = socket.local_addr()?.as_socket() {
+            bound = local;
+        }
+        sockets.push(socket.into());
+    }
+    Ok((bound, sockets))
 }

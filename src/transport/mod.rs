@@ -5,4 +5,4 @@ mod conn;
 mod listener;
 
 pub use conn::{ConnState, RequestGuard};
-pub use listener::{ListenerInfo, Shutdown, serve};
+pub use listener::{ListenerInfo, Shutdown, bind_shared, serve};

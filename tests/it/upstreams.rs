@@ -257,7 +257,11 @@ async fn no_healthy_target_is_503() {
         "  - name: gone\n    match: {{ path_prefix: / }}\n    upstream:\n      targets: [http://{dead}]\n      retries: 0\n      passive_health: {{ consecutive_failures: 1, ejection_time: 1m }}\n"
     );
     let gw = TestGateway::start(&config_with_routes(&routes)).await;
-    assert_eq!(get(&gw.url("/")).await.status, 502, "the first failure is the upstream's");
+    assert_eq!(
+        get(&gw.url("/")).await.status,
+        502,
+        "the first failure is the upstream's"
+    );
     let r = get(&gw.url("/")).await;
     assert_eq!(r.status, 503, "then no target is left");
     assert_eq!(r.json()["error"], "no_healthy_upstream");

@@ -82,7 +82,7 @@ async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> 
     else {
         return false;
     };
-    match tokio::time::timeout(hc.timeout, pool.client.request(req)).await {
+    match tokio::time::timeout(hc.timeout, pool.health_client.request(req)).await {
         Ok(Ok(resp)) => {
             let status = resp.status();
             status.is_success() || status.is_redirection()

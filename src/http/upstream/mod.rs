@@ -28,8 +28,9 @@ use crate::metrics::RouteMetrics;
 
 pub type HttpClient = Client<HttpConnector, RequestBody>;
 
-/// Keep-alive clients shared by every route and kept across reloads, so a
-/// reload does not drop warm upstream connections.
+/// Keep-alive clients, one set per worker thread (connections stay on the
+/// thread that uses them) plus one for health checks; shared by every route
+/// and kept across reloads, so a reload does not drop warm connections.
 #[derive(Clone)]
 pub struct UpstreamClients {
     http1: HttpClient,
@@ -131,7 +132,8 @@ pub struct UpstreamPool {
     targets: ArcSwap<Vec<Arc<Target>>>,
     rr: AtomicUsize,
     epoch: Instant,
-    pub client: HttpClient,
+    /// Used by health checks; requests use their worker's client.
+    health_client: HttpClient,
     pub budget: RetryBudget,
     metrics: RouteMetrics,
 }
@@ -152,7 +154,7 @@ impl UpstreamPool {
             .collect();
         let pool = Arc::new(UpstreamPool {
             budget: RetryBudget::new(&config.retry_budget),
-            client: clients.get(config.protocol).clone(),
+            health_client: clients.get(config.protocol).clone(),
             route,
             urls,
             targets: ArcSwap::from_pointee(Vec::new()),
