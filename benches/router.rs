@@ -74,6 +74,7 @@ fn header_hygiene(c: &mut Criterion) {
         base.insert(k, HeaderValue::from_static(v));
     }
     let host = HeaderValue::from_static("localhost:8082");
+    let peer_text = HeaderValue::from_static("127.0.0.1");
     c.bench_function("headers/strip_and_forward", |b| {
         b.iter(|| {
             let mut h = base.clone();
@@ -82,6 +83,7 @@ fn header_hygiene(c: &mut Criterion) {
                 &mut h,
                 &Origin {
                     peer: [127, 0, 0, 1].into(),
+                    peer_text: &peer_text,
                     proto: "http",
                     host: Some(&host),
                     version: Version::HTTP_11,

@@ -147,3 +147,8 @@ async fn handle_signals(gateway: &Gateway) -> std::io::Result<()> {
     });
     Ok(())
 }
+
+/// mimalloc: fewer cycles per allocation than glibc's malloc on the request
+/// path, and per-thread heaps that suit the one-loop-per-worker design.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

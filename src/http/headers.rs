@@ -1,7 +1,6 @@
 //! Header hygiene between client and upstream: hop-by-hop removal (RFC 9110
 //! §7.6.1), forwarding headers (X-Forwarded-*, RFC 7239 Forwarded), Via.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -48,6 +47,17 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers. With `upgrade`, the `Upgrade` header and
 /// `Connection: upgrade` are kept so the protocol switch reaches the peer.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over the names avoids a lookup per
+    // hop-by-hop header.
+    let any = headers
+        .keys()
+        .any(|k| *k == header::TE || HOP_BY_HOP.iter().any(|h| *h == k));
+    if !any {
+        if upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     // Headers named by Connection are hop-by-hop too; collected first because
     // removing while iterating the Connection values is not possible.
     if headers.contains_key(header::CONNECTION) {
@@ -83,6 +93,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// What the gateway knows about the request's origin.
 pub struct Origin<'a> {
     pub peer: IpAddr,
+    /// The peer address as header text, rendered once per connection.
+    pub peer_text: &'a HeaderValue,
     pub proto: &'static str,
     pub host: Option<&'a HeaderValue>,
     pub version: Version,
@@ -91,27 +103,40 @@ pub struct Origin<'a> {
 /// Appends the peer to `X-Forwarded-For` and `Forwarded`, sets
 /// `X-Forwarded-Proto`/`-Host` and appends this hop to `Via`.
 pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
-    let mut peer = String::with_capacity(48);
-    let _ = write!(peer, "{}", origin.peer);
+    let peer = origin.peer_text.to_str().unwrap_or_default();
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        append_list(headers, &X_FORWARDED_FOR, peer);
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), origin.peer_text.clone());
+    }
 
-    append_list(headers, &X_FORWARDED_FOR, &peer);
-
-    let mut fwd = String::with_capacity(96);
+    let host = origin
+        .host
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| is_forwarded_token(h));
+    let mut fwd = String::with_capacity(32 + peer.len() + host.map_or(0, str::len));
     match origin.peer {
         IpAddr::V4(_) => {
-            let _ = write!(fwd, "for={peer}");
+            fwd.push_str("for=");
+            fwd.push_str(peer);
         }
         IpAddr::V6(_) => {
-            let _ = write!(fwd, "for=\"[{peer}]\"");
+            fwd.push_str("for=\"[");
+            fwd.push_str(peer);
+            fwd.push_str("]\"");
         }
     }
-    let _ = write!(fwd, ";proto={}", origin.proto);
-    if let Some(host) = origin.host.and_then(|h| h.to_str().ok())
-        && is_forwarded_token(host)
-    {
-        let _ = write!(fwd, ";host={host}");
+    fwd.push_str(";proto=");
+    fwd.push_str(origin.proto);
+    if let Some(host) = host {
+        fwd.push_str(";host=");
+        fwd.push_str(host);
     }
-    append_list(headers, &FORWARDED, &fwd);
+    if headers.contains_key(&FORWARDED) {
+        append_list(headers, &FORWARDED, &fwd);
+    } else if let Ok(v) = HeaderValue::from_str(&fwd) {
+        headers.insert(FORWARDED.clone(), v);
+    }
 
     headers.insert(
         X_FORWARDED_PROTO.clone(),
@@ -202,6 +227,7 @@ mod tests {
             &mut h,
             &Origin {
                 peer: "::1".parse().unwrap(),
+                peer_text: &HeaderValue::from_static("::1"),
                 proto: "http",
                 host: Some(&host),
                 version: Version::HTTP_11,

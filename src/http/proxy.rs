@@ -108,6 +108,7 @@ async fn forward(
         &mut parts.headers,
         &Origin {
             peer: conn.peer.ip(),
+            peer_text: &conn.peer_ip,
             proto: conn.listener.scheme,
             host: original_host.as_ref(),
             version: parts.version,

@@ -2,7 +2,6 @@
 //! otherwise; set on the upstream request and on the response.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -38,9 +37,14 @@ fn acceptable(v: &HeaderValue) -> bool {
 
 /// 128 random bits as 32 hex digits.
 pub fn generate() -> HeaderValue {
-    let mut s = String::with_capacity(32);
-    let _ = write!(s, "{:032x}", fastrand::u128(..));
-    HeaderValue::from_str(&s).expect("hex digits are a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for b in out.iter_mut().rev() {
+        *b = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
 }
 
 impl<S, B, ResB> Service<Request<B>> for RequestId<S>

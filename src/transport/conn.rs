@@ -4,10 +4,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use http::HeaderValue;
 
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -15,18 +17,16 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::ListenerInfo;
 
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-fn now_ms() -> u64 {
-    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
 /// Lives as long as the connection, or longer when the connection was
 /// upgraded (a WebSocket tunnel keeps its slot under the connection limit).
 pub struct ConnState {
     pub listener: Arc<ListenerInfo>,
     pub peer: SocketAddr,
-    last_activity_ms: AtomicU64,
+    /// The peer's IP as header text (X-Forwarded-For), rendered once.
+    pub peer_ip: HeaderValue,
+    /// Bumped whenever bytes move; the idle check compares snapshots, so the
+    /// data path never reads a clock.
+    activity: AtomicU64,
     inflight: AtomicU32,
     active: IntGauge,
     _permit: OwnedSemaphorePermit,
@@ -43,7 +43,9 @@ impl ConnState {
         ConnState {
             listener,
             peer,
-            last_activity_ms: AtomicU64::new(now_ms()),
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            activity: AtomicU64::new(0),
             inflight: AtomicU32::new(0),
             active,
             _permit: permit,
@@ -51,7 +53,7 @@ impl ConnState {
     }
 
     fn touch(&self) {
-        self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+        self.activity.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Marks a request in flight until the guard is dropped.
@@ -60,14 +62,33 @@ impl ConnState {
         RequestGuard(self.clone())
     }
 
-    /// How long until the connection counts as idle; `None` if it is idle now.
-    pub(super) fn idle_remaining(&self, idle: Duration) -> Option<Duration> {
-        if self.inflight.load(Ordering::Relaxed) > 0 {
-            return Some(idle);
+    fn activity(&self) -> u64 {
+        self.activity.load(Ordering::Relaxed)
+    }
+
+    fn busy(&self) -> bool {
+        self.inflight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Completes once the connection has had no request in flight and no
+    /// bytes moving for `idle` (checked in quarters, so within 1.25 × idle).
+    pub(super) async fn idle_for(&self, idle: Duration) {
+        let tick = (idle / 4).max(Duration::from_millis(10));
+        let mut seen = self.activity();
+        let mut quiet = Duration::ZERO;
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = self.activity();
+            if now != seen || self.busy() {
+                seen = now;
+                quiet = Duration::ZERO;
+            } else {
+                quiet += tick;
+                if quiet >= idle {
+                    return;
+                }
+            }
         }
-        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-        let since = now_ms().saturating_sub(self.last_activity_ms.load(Ordering::Relaxed));
-        (since < idle_ms).then(|| Duration::from_millis(idle_ms - since))
     }
 }
 

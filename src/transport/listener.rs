@@ -171,7 +171,7 @@ async fn serve_connection<S, B>(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = idle_elapsed(&state, idle), if !closing => {
+            _ = state.idle_for(idle), if !closing => {
                 tracing::debug!(listener = %state.listener.name, %peer, "closing idle connection");
                 closing = true;
                 conn.as_mut().graceful_shutdown();
@@ -184,12 +184,6 @@ async fn serve_connection<S, B>(
     }
 }
 
-async fn idle_elapsed(state: &ConnState, idle: Duration) {
-    while let Some(wait) = state.idle_remaining(idle) {
-        tokio::time::sleep(wait).await;
-    }
-}
-
 /// Binds `count` sockets to one address with SO_REUSEPORT, one per worker, so
 /// the kernel spreads new connections over the workers. With port 0 the first
 /// socket picks the port and the others join it. Returns the bound address.
@@ -198,6 +192,11 @@ pub fn bind_shared(
     count: usize,
 ) -> std::io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
     use socket2::{Domain, Socket, Type};
+    // SO_REUSEPORT would let a second gateway (or anything of the same user)
+    // silently share the port; a plain bind first makes a taken port an error.
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr)?);
+    }
     let mut bound = addr;
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
