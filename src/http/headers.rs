@@ -51,7 +51,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // hop-by-hop header.
     let any = headers
         .keys()
-        .any(|k| *k == header::TE || HOP_BY_HOP.iter().any(|h| *h == k));
+        .any(|k| *k == header::TE || HOP_BY_HOP.contains(&k));
     if !any {
         if upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
