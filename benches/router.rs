@@ -75,6 +75,7 @@ fn header_hygiene(c: &mut Criterion) {
     }
     let host = HeaderValue::from_static("localhost:8082");
     let peer_text = HeaderValue::from_static("127.0.0.1");
+    c.bench_function("headers/clone_only", |b| b.iter(|| black_box(base.clone())));
     c.bench_function("headers/strip_and_forward", |b| {
         b.iter(|| {
             let mut h = base.clone();

@@ -47,41 +47,47 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers. With `upgrade`, the `Upgrade` header and
 /// `Connection: upgrade` are kept so the protocol switch reaches the peer.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none: one pass over the names avoids a lookup per
-    // hop-by-hop header.
-    let any = headers
-        .keys()
-        .any(|k| *k == header::TE || HOP_BY_HOP.contains(&k));
-    if !any {
-        if upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    // One pass over the names finds what is present, so absent headers cost
+    // no lookups (most messages carry one hop-by-hop header or none).
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut te = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present[i] = true;
+        } else if name == header::TE {
+            te = true;
         }
-        return;
     }
-    // Headers named by Connection are hop-by-hop too; collected first because
-    // removing while iterating the Connection values is not possible.
-    if headers.contains_key(header::CONNECTION) {
+    // Headers named by Connection are hop-by-hop too (`keep-alive`, `close`
+    // and `upgrade` name nothing else to remove).
+    if present[0] {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| {
+                !(t.eq_ignore_ascii_case("keep-alive")
+                    || t.eq_ignore_ascii_case("close")
+                    || t.eq_ignore_ascii_case("upgrade"))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
-            if !(upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
-            }
+            headers.remove(&name);
         }
     }
-    for name in HOP_BY_HOP {
-        if !(upgrade && *name == header::UPGRADE) {
-            headers.remove(name);
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        if !(upgrade && **name == header::UPGRADE) {
+            headers.remove(*name);
         }
     }
     // `TE: trailers` is end-to-end meaningful (gRPC); any other TE is not.
-    if let Some(te) = headers.get(header::TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    if te
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         headers.remove(header::TE);
     }
@@ -103,6 +109,8 @@ pub struct Origin<'a> {
 /// Appends the peer to `X-Forwarded-For` and `Forwarded`, sets
 /// `X-Forwarded-Proto`/`-Host` and appends this hop to `Via`.
 pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
+    // Up to five more fields: grow once, not per insert.
+    headers.reserve(5);
     let peer = origin.peer_text.to_str().unwrap_or_default();
     if headers.contains_key(&X_FORWARDED_FOR) {
         append_list(headers, &X_FORWARDED_FOR, peer);
