@@ -101,18 +101,14 @@ impl GatewayError {
     /// What the caller is told: no upstream addresses or internal detail.
     pub fn public_message(&self) -> String {
         match self {
-            GatewayError::NoRoute
-            | GatewayError::UriTooLong { .. }
-            | GatewayError::HeadersTooLarge { .. }
-            | GatewayError::BodyTooLarge { .. }
-            | GatewayError::BadPath
-            | GatewayError::NoHealthyTarget => self.to_string(),
             GatewayError::ClientBody(_) => "the request body could not be read".into(),
             GatewayError::UpstreamConnect { .. } => "the upstream service is unreachable".into(),
             GatewayError::UpstreamTimeout { .. } => {
                 "the upstream service did not answer in time".into()
             }
             GatewayError::UpstreamProtocol { .. } => "the upstream service failed to answer".into(),
+            // The remaining messages hold only what the caller sent or limits.
+            _ => self.to_string(),
         }
     }
 

@@ -117,6 +117,13 @@ impl<T> ActivityIo<T> {
     pub(super) fn new(inner: T, state: Arc<ConnState>) -> Self {
         ActivityIo { inner, state }
     }
+
+    fn counted(&self, res: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.state.touch();
+        }
+        res
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
@@ -142,11 +149,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            this.state.touch();
-        }
-        res
+        this.counted(Pin::new(&mut this.inner).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -155,11 +158,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            this.state.touch();
-        }
-        res
+        this.counted(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -72,15 +72,24 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves one listener until `shutdown.graceful` fires.
-pub async fn serve<F, S, B>(
-    listener: TcpListener,
-    info: Arc<ListenerInfo>,
-    make_service: F,
-    shutdown: Shutdown,
-    metrics: Arc<Metrics>,
-) where
-    F: Fn(Arc<ConnState>) -> S,
+/// What a listener serves: a hyper service whose futures and bodies may move
+/// between tasks.
+pub trait ServeHttp:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Self::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+    type Body: http_body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static;
+}
+
+impl<S, B> ServeHttp for S
+where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Send
         + 'static,
@@ -88,6 +97,20 @@ pub async fn serve<F, S, B>(
     B: http_body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Body = B;
+}
+
+/// Serves one listener until `shutdown.graceful` fires.
+pub async fn serve<F, S>(
+    listener: TcpListener,
+    info: Arc<ListenerInfo>,
+    make_service: F,
+    shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+) where
+    F: Fn(Arc<ConnState>) -> S,
+    S: ServeHttp,
 {
     let builder = Arc::new(builder(&info.limits));
     let served = metrics
@@ -138,21 +161,13 @@ pub async fn serve<F, S, B>(
     tracing::info!(listener = %info.name, "listener stopped accepting");
 }
 
-async fn serve_connection<S, B>(
+async fn serve_connection<S: ServeHttp>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     state: Arc<ConnState>,
     service: S,
     shutdown: Shutdown,
-) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) {
     let peer: SocketAddr = state.peer;
     let idle = state.listener.limits.idle_timeout;
     let io = TokioIo::new(ActivityIo::new(stream, state.clone()));
