@@ -149,7 +149,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.counted(Pin::new(&mut this.inner).poll_write(cx, buf))
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.counted(res)
     }
 
     fn poll_write_vectored(
@@ -158,7 +159,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.counted(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.counted(res)
     }
 
     fn is_write_vectored(&self) -> bool {
