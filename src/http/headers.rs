@@ -16,6 +16,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Hop-by-hop headers that never cross the proxy, besides those the
 /// `Connection` header names.
+/// `Connection` must stay first and `Transfer-Encoding` last: indexes below.
 const HOP_BY_HOP: [&HeaderName; 8] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
@@ -23,8 +24,8 @@ const HOP_BY_HOP: [&HeaderName; 8] = [
     &header::PROXY_AUTHENTICATE,
     &header::PROXY_AUTHORIZATION,
     &header::TRAILER,
-    &header::TRANSFER_ENCODING,
     &header::UPGRADE,
+    &header::TRANSFER_ENCODING,
 ];
 
 /// Whether the request asks to switch protocols (WebSocket and friends).
@@ -77,6 +78,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         for name in named {
             headers.remove(&name);
         }
+    }
+    // A message framed by Transfer-Encoding that also carries Content-Length
+    // (a smuggling attempt or a broken peer): the length was not used to read
+    // it and must not travel on (RFC 9112 §6.3); the next hop frames it anew.
+    if present[7] {
+        headers.remove(header::CONTENT_LENGTH);
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         if !(upgrade && **name == header::UPGRADE) {
@@ -211,6 +218,18 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn transfer_encoding_wins_over_content_length() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]
