@@ -168,30 +168,35 @@ impl RouteTable {
         previous: Option<&RouteTable>,
     ) -> RouteTable {
         let listeners: Vec<String> = cfg.listeners.iter().map(|l| l.name.clone()).collect();
-        let mut routes = Vec::with_capacity(cfg.routes.len());
-        for (index, rc) in cfg.routes.iter().enumerate() {
-            let name: Arc<str> = Arc::from(rc.name.as_str());
-            let route_metrics = metrics.route(&rc.name, &listeners);
-            let reused = previous.and_then(|p| {
-                p.routes
-                    .iter()
-                    .find(|r| *r.name == *name && r.pool.config == rc.upstream)
-                    .map(|r| r.pool.clone())
-            });
-            let pool = match reused {
-                Some(pool) => pool,
-                None => {
-                    UpstreamPool::start(
-                        name.clone(),
-                        rc.upstream.clone(),
-                        clients,
-                        route_metrics.clone(),
-                    )
-                    .await
-                }
-            };
-            routes.push((index, Arc::new(Route::new(name, rc, pool, route_metrics))));
-        }
+        // Pools resolve their DNS names as they start: start them together so
+        // one slow name does not hold up the others.
+        let routes = cfg.routes.iter().enumerate().map(|(index, rc)| {
+            let listeners = &listeners;
+            async move {
+                let name: Arc<str> = Arc::from(rc.name.as_str());
+                let route_metrics = metrics.route(&rc.name, listeners);
+                let reused = previous.and_then(|p| {
+                    p.routes
+                        .iter()
+                        .find(|r| *r.name == *name && r.pool.config == rc.upstream)
+                        .map(|r| r.pool.clone())
+                });
+                let pool = match reused {
+                    Some(pool) => pool,
+                    None => {
+                        UpstreamPool::start(
+                            name.clone(),
+                            rc.upstream.clone(),
+                            clients,
+                            route_metrics.clone(),
+                        )
+                        .await
+                    }
+                };
+                (index, Arc::new(Route::new(name, rc, pool, route_metrics)))
+            }
+        });
+        let mut routes = futures_util::future::join_all(routes).await;
         routes.sort_by_key(|(index, r)| (r.matcher.specificity(), *index));
         RouteTable {
             routes: routes.into_iter().map(|(_, r)| r).collect(),
