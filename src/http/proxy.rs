@@ -329,13 +329,21 @@ async fn tunnel(
         (Ok(client), Ok(upstream)) => {
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                Ok((up, down)) => tracing::debug!(
-                    route = %route, peer = %conn.peer, bytes_up = up, bytes_down = down,
-                    "upgraded connection closed"
-                ),
-                Err(e) => tracing::debug!(
-                    route = %route, peer = %conn.peer, error = %e, "upgraded connection ended with an error"
+            // Bytes moving either way count as activity on the client
+            // connection; a tunnel quiet for the listener's idle timeout ends.
+            let idle = conn.listener.limits.idle_timeout;
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+                    Ok((up, down)) => tracing::debug!(
+                        route = %route, peer = %conn.peer, bytes_up = up, bytes_down = down,
+                        "upgraded connection closed"
+                    ),
+                    Err(e) => tracing::debug!(
+                        route = %route, peer = %conn.peer, error = %e, "upgraded connection ended with an error"
+                    ),
+                },
+                _ = conn.idle_for(idle) => tracing::debug!(
+                    route = %route, peer = %conn.peer, "upgraded connection idle; closed"
                 ),
             }
         }

@@ -72,7 +72,7 @@ impl ConnState {
 
     /// Completes once the connection has had no request in flight and no
     /// bytes moving for `idle` (checked in quarters, so within 1.25 × idle).
-    pub(super) async fn idle_for(&self, idle: Duration) {
+    pub async fn idle_for(&self, idle: Duration) {
         let tick = (idle / 4).max(Duration::from_millis(10));
         let mut seen = self.activity();
         let mut quiet = Duration::ZERO;

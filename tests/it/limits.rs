@@ -9,13 +9,6 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-fn limited_config(limits: &str, routes: &str) -> String {
-    config_with_routes(routes).replace(
-        "bind: 127.0.0.1:0\nadmin",
-        &format!("bind: 127.0.0.1:0\n    limits: {{ {limits} }}\nadmin"),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_uri_and_body_limits() {
     let up = Upstream::echo("up").await;

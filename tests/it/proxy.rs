@@ -318,6 +318,36 @@ async fn websocket_upgrade_passes_through() {
     ws.close(None).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_websocket_tunnel_is_closed() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(_)) = ws.next().await {}
+            });
+        }
+    });
+    let routes = format!(
+        "  - name: ws\n    match: {{ path_prefix: / }}\n    upstream: {{ targets: [http://{ws_addr}] }}\n"
+    );
+    let gw = TestGateway::start(&limited_config("idle_timeout: 300ms", &routes)).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", gw.addr()))
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the quiet tunnel is closed by the gateway");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
+}
+
 /// Transfer-Encoding and Content-Length together (a request smuggling
 /// attempt): the chunked framing wins and the stale length is not forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,6 +99,14 @@ pub fn config_with_routes(routes: &str) -> String {
     )
 }
 
+/// Like [`config_with_routes`], with `limits` (YAML flow mapping body) on the listener.
+pub fn limited_config(limits: &str, routes: &str) -> String {
+    config_with_routes(routes).replace(
+        "bind: 127.0.0.1:0\nadmin",
+        &format!("bind: 127.0.0.1:0\n    limits: {{ {limits} }}\nadmin"),
+    )
+}
+
 /// A route to the given upstreams, YAML at list-item indentation.
 pub fn route(name: &str, prefix: &str, targets: &[&Upstream], extra: &str) -> String {
     let targets: Vec<String> = targets
