@@ -16,11 +16,14 @@ use crate::config::{self, Config, ConfigErrors, Limits};
 use crate::http::router::RouteTable;
 use crate::http::upstream::UpstreamClients;
 use crate::http::{HttpEntry, StackConfig};
+use crate::identity::Providers;
 use crate::metrics::Metrics;
 use crate::transport::{self, ListenerInfo, Shutdown};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("invalid config:\n{0}")]
+    Config(ConfigErrors),
     #[error("cannot start a worker thread: {0}")]
     Worker(std::io::Error),
     #[error("listener `{listener}` cannot bind {addr}: {source}")]
@@ -41,6 +44,7 @@ struct Inner {
     config_path: Option<PathBuf>,
     config: ArcSwap<Config>,
     table: Arc<ArcSwap<RouteTable>>,
+    providers: ArcSwap<Providers>,
     clients: UpstreamClients,
     metrics: Arc<Metrics>,
     access_log: Arc<AtomicBool>,
@@ -101,6 +105,17 @@ impl Worker {
     }
 }
 
+/// Loads a config and everything it points at (key files, secrets) without
+/// starting anything: `tollgate check-config`.
+pub fn check_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
+    let cfg = config::load(path)?;
+    Providers::build(&cfg, None, &Metrics::new()).map_err(|errors| ConfigErrors {
+        file: path.to_owned(),
+        errors,
+    })?;
+    Ok(cfg)
+}
+
 /// How a reload ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reloaded {
@@ -119,8 +134,15 @@ impl Gateway {
         config_path: Option<PathBuf>,
     ) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let providers = Providers::build(&config, None, &metrics).map_err(|errors| {
+            StartError::Config(ConfigErrors {
+                file: config_path.clone().unwrap_or_default(),
+                errors,
+            })
+        })?;
+        providers.start();
         let clients = UpstreamClients::new(&config.proxy);
-        let table = RouteTable::build(&config, &clients, &metrics, None).await;
+        let table = RouteTable::build(&config, &clients, &metrics, &providers, None).await;
         let table = Arc::new(ArcSwap::from_pointee(table));
         let access_log = Arc::new(AtomicBool::new(config.proxy.access_log));
         let readiness = Arc::new(Readiness::default());
@@ -233,6 +255,7 @@ impl Gateway {
                 config_path,
                 config: ArcSwap::from_pointee(config),
                 table,
+                providers: ArcSwap::from_pointee(providers),
                 clients,
                 metrics,
                 access_log,
@@ -245,6 +268,7 @@ impl Gateway {
             }),
         };
         gateway.watch_config();
+        gateway.purge_revocations();
         gateway.inner.readiness.set_ready();
         Ok(gateway)
     }
@@ -306,8 +330,33 @@ impl Gateway {
                 "changes to listeners, admin or proxy connection settings take effect after a restart"
             );
         }
+        let providers = match Providers::build(&new, Some(&inner.providers.load()), &inner.metrics) {
+            Ok(p) => p,
+            Err(errors) => {
+                let e = ConfigErrors {
+                    file: path.clone(),
+                    errors,
+                };
+                inner
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["rejected"])
+                    .inc();
+                tracing::error!(errors = %e, "config reload rejected; the running config stays in effect");
+                return Err(e);
+            }
+        };
+        providers.start();
         let previous = inner.table.load_full();
-        let table = RouteTable::build(&new, &inner.clients, &inner.metrics, Some(&previous)).await;
+        let table = RouteTable::build(
+            &new,
+            &inner.clients,
+            &inner.metrics,
+            &providers,
+            Some(&previous),
+        )
+        .await;
+        inner.providers.store(Arc::new(providers));
         let routes = table.routes().len();
         inner.table.store(Arc::new(table));
         inner
@@ -321,6 +370,31 @@ impl Gateway {
             .inc();
         tracing::info!(routes, "config reloaded");
         Ok(Reloaded::Applied)
+    }
+
+    /// Revoked token ids are dropped once their tokens would have expired.
+    fn purge_revocations(&self) {
+        let gateway = self.clone();
+        let stop = self.inner.shutdown.graceful.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let revocations = gateway.inner.providers.load().revocations.clone();
+                let purged = revocations.purge(crate::identity::jwt::unix_now());
+                if purged > 0 {
+                    tracing::debug!(purged, "expired revocations purged");
+                }
+            }
+        });
+    }
+
+    /// The revocation list the JWT layer honours.
+    pub fn revocations(&self) -> Arc<crate::identity::Revocations> {
+        self.inner.providers.load().revocations.clone()
     }
 
     fn watch_config(&self) {

@@ -6,9 +6,11 @@
 //! together with reload and shutdown.
 
 pub mod admin;
+pub mod authz;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod telemetry;
 pub mod transport;

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
 
 #[allow(clippy::print_stdout)] // the command's output
 fn check_config(path: &std::path::Path) -> ExitCode {
-    match config::load(path) {
+    match tollgate::gateway::check_config(path) {
         Ok(cfg) => {
             println!(
                 "{}: ok ({} listeners, {} routes)",

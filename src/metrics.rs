@@ -21,6 +21,9 @@ pub struct Metrics {
     pub upstream_ejections: IntCounterVec,
     pub upstream_health_changes: IntCounterVec,
     pub upstream_targets: IntGaugeVec,
+    pub auth_tokens: IntCounterVec,
+    pub auth_jwks_fetches: IntCounterVec,
+    pub authz_decisions: IntCounterVec,
 }
 
 /// Latency buckets from 0.5 ms to 30 s.
@@ -111,6 +114,21 @@ impl Metrics {
                 "Resolved upstream targets by route",
                 &["route"],
             ),
+            auth_tokens: counter(
+                "tollgate_auth_tokens_total",
+                "Bearer tokens checked, by provider and outcome (valid | cached | invalid | expired | revoked)",
+                &["provider", "outcome"],
+            ),
+            auth_jwks_fetches: counter(
+                "tollgate_auth_jwks_fetches_total",
+                "JWK Set fetches by provider, reason (refresh | unknown_kid) and outcome (ok | error | rate_limited)",
+                &["provider", "reason", "outcome"],
+            ),
+            authz_decisions: counter(
+                "tollgate_authz_decisions_total",
+                "Authentication and policy decisions by route and outcome (allow | deny | unauthenticated)",
+                &["route", "outcome"],
+            ),
             registry,
         }
     }
@@ -135,6 +153,11 @@ impl Metrics {
                 .collect(),
             duration: self.http_request_duration.with_label_values(&[route]),
             retried: self.http_retries.with_label_values(&[route, "retried"]),
+            allowed: self.authz_decisions.with_label_values(&[route, "allow"]),
+            denied: self.authz_decisions.with_label_values(&[route, "deny"]),
+            unauthenticated: self
+                .authz_decisions
+                .with_label_values(&[route, "unauthenticated"]),
             budget_exhausted: self
                 .http_retries
                 .with_label_values(&[route, "budget_exhausted"]),
@@ -175,6 +198,9 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     pub retried: IntCounter,
     pub budget_exhausted: IntCounter,
+    pub allowed: IntCounter,
+    pub denied: IntCounter,
+    pub unauthenticated: IntCounter,
     pub upstream_connect: IntCounter,
     pub upstream_timeout: IntCounter,
     pub upstream_protocol: IntCounter,

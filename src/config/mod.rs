@@ -73,7 +73,11 @@ pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
     let figment = Figment::new()
         .merge(Yaml::file_exact(file))
         .merge(Env::prefixed(ENV_PREFIX).ignore(ENV_NOT_KEYS).split("__"));
-    let config: Config = figment.extract().map_err(|e| fail(from_figment(e)))?;
+    let mut config: Config = figment.extract().map_err(|e| fail(from_figment(e)))?;
+    config.base_dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let errors = validate::validate(&config);
     if errors.is_empty() {
         Ok(config)

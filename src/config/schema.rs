@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -27,6 +28,22 @@ pub struct Config {
     pub reload: ReloadConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// The directory of the config file: relative paths resolve against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+impl Config {
+    /// A path from the config, resolved against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
 }
 
 impl Default for Config {
@@ -39,6 +56,8 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             reload: ReloadConfig::default(),
             runtime: RuntimeConfig::default(),
+            auth: AuthConfig::default(),
+            base_dir: PathBuf::new(),
         }
     }
 }
@@ -149,6 +168,286 @@ pub struct RouteConfig {
     #[serde(default)]
     pub preserve_host: bool,
     pub upstream: UpstreamConfig,
+    /// What a caller must present: `none` (default), `jwt`, `mtls`, `any`
+    /// (a JWT or a client certificate), `{any_of: [...]}`, `{all_of: [...]}`.
+    #[serde(default)]
+    pub auth: AuthRequirement,
+    /// JWT providers this route accepts (by name); default: all of them.
+    #[serde(default)]
+    pub providers: Option<Vec<String>>,
+    /// Rules checked in order, the first that matches decides; no match is a
+    /// denial. Without a policy every authenticated caller is allowed.
+    #[serde(default)]
+    pub policy: Option<Vec<RuleConfig>>,
+    /// Request header -> identity field or claim (`x-user: sub`) set for the
+    /// upstream. Client-supplied copies of these headers are always removed.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+    /// Pass the caller's `Authorization` header on to the upstream.
+    #[serde(default = "default_true")]
+    pub forward_token: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The credential a route requires.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthRequirement {
+    #[default]
+    None,
+    Jwt,
+    Mtls,
+    /// A JWT or a verified client certificate.
+    Any,
+    AnyOf(Vec<Credential>),
+    AllOf(Vec<Credential>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Credential {
+    Jwt,
+    Mtls,
+}
+
+/// One policy rule: `{allow: {...}}` or `{deny: {...}}`; every condition given
+/// must hold for the rule to match.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleConfig {
+    Allow(Conditions),
+    Deny(Conditions),
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Conditions {
+    /// A list means all of them; or `{all_of: [...], any_of: [...]}`.
+    pub scopes: Option<SetMatch>,
+    pub roles: Option<SetMatch>,
+    /// Claim (or dotted path) -> a value, a list of accepted values, or
+    /// `{equals, contains, matches, any_of}`.
+    pub claims: BTreeMap<String, ClaimMatch>,
+    pub cert: Option<CertMatch>,
+    /// How the caller authenticated: jwt, mtls, password, ticket, anonymous.
+    pub via: Option<Vec<String>>,
+    /// HTTP methods (MQTT/WAMP: publish, subscribe, call, register).
+    #[serde(alias = "actions")]
+    pub methods: Option<Vec<String>>,
+    /// Resource patterns: `*` one segment, `**` the rest, `{sub}`/`%u`,
+    /// `{client_id}`/`%c` and `{claim.NAME}` the caller's own values.
+    #[serde(alias = "resources", alias = "topics", alias = "uris")]
+    pub paths: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum SetMatch {
+    AllOf(Vec<String>),
+    Ops {
+        #[serde(default)]
+        all_of: Vec<String>,
+        #[serde(default)]
+        any_of: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ClaimMatch {
+    Value(ScalarValue),
+    AnyOf(Vec<ScalarValue>),
+    Ops(ClaimOps),
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClaimOps {
+    pub equals: Option<ScalarValue>,
+    /// The claim is an array holding this value, or a string containing it.
+    pub contains: Option<String>,
+    /// A regular expression the whole (string) claim must match.
+    pub matches: Option<String>,
+    pub any_of: Option<Vec<ScalarValue>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ScalarValue {
+    Bool(bool),
+    Int(i64),
+    Str(String),
+}
+
+/// Certificate fields; each takes one value or a list of accepted values.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CertMatch {
+    pub cn: Option<OneOrMany>,
+    pub o: Option<OneOrMany>,
+    pub ou: Option<OneOrMany>,
+    pub san_dns: Option<OneOrMany>,
+    pub san_uri: Option<OneOrMany>,
+    pub san_uri_prefix: Option<OneOrMany>,
+    pub fingerprint_sha256: Option<OneOrMany>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn values(&self) -> &[String] {
+        match self {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The realm named in `WWW-Authenticate` challenges.
+    pub realm: String,
+    pub providers: Vec<ProviderConfig>,
+    /// Validated tokens remembered (per provider) so repeat requests skip the
+    /// signature check; an entry never outlives its token's `exp`.
+    pub token_cache_entries: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            realm: "tollgate".into(),
+            providers: Vec::new(),
+            token_cache_entries: 100_000,
+        }
+    }
+}
+
+/// A JWT issuer the gateway trusts, and where its keys come from (exactly
+/// one of `public_keys`, `jwks_uri`, `secret`, `keys: self`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    /// Required value of `iss`.
+    pub issuer: String,
+    /// `aud` must hold at least one of these.
+    pub audiences: Vec<String>,
+    /// Accepted `alg` values; default: every asymmetric algorithm the keys
+    /// support (HS* only with a `secret`). `none` is never accepted.
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway", deserialize_with = "units::duration")]
+    pub leeway: Duration,
+    /// PEM public keys (SPKI, RSA) or JWK / JWK Set files.
+    #[serde(default)]
+    pub public_keys: Vec<PathBuf>,
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    #[serde(default)]
+    pub jwks: JwksConfig,
+    /// Shared HMAC secret for HS256/384/512, never inline: `{env: VAR}` or `{file: path}`.
+    #[serde(default)]
+    pub secret: Option<SecretSource>,
+    /// `self`: tokens of tollgate's own token server.
+    #[serde(default)]
+    pub keys: Option<KeysFrom>,
+    /// Where the token is read from, in order.
+    #[serde(default = "default_token_from")]
+    pub token_from: Vec<TokenSource>,
+    /// Claims a token must carry besides `exp` (always required).
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Required `typ` header (e.g. `at+jwt`, RFC 9068).
+    #[serde(default)]
+    pub typ: Option<String>,
+    /// Claim (or dotted path) holding the caller's roles.
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// Longer tokens are rejected before any parsing.
+    #[serde(default = "default_max_token")]
+    pub max_token_bytes: ByteSize,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_token_from() -> Vec<TokenSource> {
+    vec![TokenSource::Authorization]
+}
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+fn default_max_token() -> ByteSize {
+    ByteSize::kib(8)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>`.
+    Authorization,
+    /// The whole value of this header.
+    Header(String),
+    Cookie(String),
+    /// A query parameter (RFC 6750 2.3; avoid: URLs end up in logs).
+    Query(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KeysFrom {
+    #[serde(rename = "self")]
+    SelfIssued,
+}
+
+/// Fetching a remote JWK Set.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwksConfig {
+    /// PEM CA bundle for an https `jwks_uri`; default: the system roots.
+    pub ca_file: Option<PathBuf>,
+    #[serde(deserialize_with = "units::duration")]
+    pub timeout: Duration,
+    /// Bounds on the refresh interval; within them the response's
+    /// `Cache-Control: max-age` decides (default 5m without one).
+    #[serde(deserialize_with = "units::duration")]
+    pub min_refresh: Duration,
+    #[serde(deserialize_with = "units::duration")]
+    pub max_refresh: Duration,
+    /// A token with an unknown `kid` triggers a refetch at most this often.
+    #[serde(deserialize_with = "units::duration")]
+    pub unknown_kid_refetch: Duration,
+    pub max_bytes: ByteSize,
+}
+
+impl Default for JwksConfig {
+    fn default() -> Self {
+        JwksConfig {
+            ca_file: None,
+            timeout: Duration::from_secs(5),
+            min_refresh: Duration::from_secs(60),
+            max_refresh: Duration::from_secs(3600),
+            unknown_kid_refetch: Duration::from_secs(30),
+            max_bytes: ByteSize::kib(512),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
-use super::schema::{Config, Limits, RouteConfig, UpstreamConfig};
+use super::schema::{
+    AuthConfig, AuthRequirement, Config, Limits, ProviderConfig, RouteConfig, TokenSource,
+    UpstreamConfig,
+};
+use crate::authz::{Policy, Resource};
 use super::{ConfigError, TargetUrl};
 
 struct Errors(Vec<ConfigError>);
@@ -44,6 +48,7 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
             );
         }
         self::route(&path, route, &mut errs);
+        route_auth(&path, route, &cfg.auth, &mut errs);
         let key = MatchKey::of(route);
         if let Some((j, _)) = matches.iter().find(|(_, k)| *k == key) {
             errs.add(
@@ -62,6 +67,7 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
             "must be at most 1024 (0 means one per CPU)",
         );
     }
+    auth(&cfg.auth, &mut errs);
     errs.nonzero("proxy.connect_timeout", cfg.proxy.connect_timeout);
     errs.nonzero("proxy.pool_idle_timeout", cfg.proxy.pool_idle_timeout);
     errs.0
@@ -263,6 +269,124 @@ fn upstream(path: &str, u: &UpstreamConfig, errs: &mut Errors) {
             format!("{path}.passive_health.ejection_time"),
             u.passive_health.ejection_time,
         );
+    }
+}
+
+fn auth(a: &AuthConfig, errs: &mut Errors) {
+    if a.realm.is_empty() || a.realm.contains(['"', '\\']) || !a.realm.is_ascii() {
+        errs.add("auth.realm", "must be non-empty ASCII text without quotes or backslashes");
+    }
+    let mut names = HashMap::new();
+    for (i, p) in a.providers.iter().enumerate() {
+        let path = format!("auth.providers[{i}]");
+        if p.name.is_empty() || p.name.contains(char::is_whitespace) {
+            errs.add(format!("{path}.name"), "must be a non-empty name without spaces");
+        } else if let Some(first) = names.insert(p.name.as_str(), i) {
+            errs.add(
+                format!("{path}.name"),
+                format!("duplicate provider name `{}` (also auth.providers[{first}])", p.name),
+            );
+        }
+        provider(&path, p, errs);
+    }
+}
+
+fn provider(path: &str, p: &ProviderConfig, errs: &mut Errors) {
+    if p.issuer.is_empty() {
+        errs.add(format!("{path}.issuer"), "must not be empty (the exact `iss` of accepted tokens)");
+    }
+    if p.audiences.is_empty() || p.audiences.iter().any(String::is_empty) {
+        errs.add(
+            format!("{path}.audiences"),
+            "expected at least one audience: tokens must be meant for this gateway's services",
+        );
+    }
+    if p.leeway > Duration::from_secs(3600) {
+        errs.add(format!("{path}.leeway"), "must be at most 1h");
+    }
+    if p.token_from.is_empty() {
+        errs.add(format!("{path}.token_from"), "expected at least one token source");
+    }
+    for (j, s) in p.token_from.iter().enumerate() {
+        let name = match s {
+            TokenSource::Authorization => continue,
+            TokenSource::Header(n) | TokenSource::Cookie(n) | TokenSource::Query(n) => n,
+        };
+        let bad = match s {
+            TokenSource::Header(_) => HeaderName::from_bytes(name.as_bytes()).is_err(),
+            _ => name.is_empty() || name.contains(['=', ';', '&', ' ']),
+        };
+        if bad {
+            errs.add(format!("{path}.token_from[{j}]"), format!("`{name}` is not a valid name"));
+        }
+    }
+    if p.max_token_bytes.0 < 256 {
+        errs.add(format!("{path}.max_token_bytes"), "must be at least 256 bytes");
+    }
+    let j = &p.jwks;
+    errs.nonzero(format!("{path}.jwks.timeout"), j.timeout);
+    errs.nonzero(format!("{path}.jwks.min_refresh"), j.min_refresh);
+    if j.max_refresh < j.min_refresh {
+        errs.add(format!("{path}.jwks.max_refresh"), "must not be shorter than jwks.min_refresh");
+    }
+    if j.max_bytes.0 < 1024 {
+        errs.add(format!("{path}.jwks.max_bytes"), "must be at least 1KiB");
+    }
+}
+
+fn route_auth(path: &str, r: &RouteConfig, a: &AuthConfig, errs: &mut Errors) {
+    let takes_jwt = match &r.auth {
+        AuthRequirement::Jwt | AuthRequirement::Any => true,
+        AuthRequirement::AnyOf(l) | AuthRequirement::AllOf(l) => {
+            if l.is_empty() {
+                errs.add(format!("{path}.auth"), "names no credential; expected jwt and/or mtls");
+            }
+            l.contains(&super::schema::Credential::Jwt)
+        }
+        AuthRequirement::None | AuthRequirement::Mtls => false,
+    };
+    if takes_jwt && a.providers.is_empty() {
+        errs.add(
+            format!("{path}.auth"),
+            "accepts JWTs but no provider is configured under auth.providers",
+        );
+    }
+    if let Some(names) = &r.providers {
+        if !takes_jwt {
+            errs.add(format!("{path}.providers"), "is only meaningful with auth: jwt (or any)");
+        }
+        if names.is_empty() {
+            errs.add(format!("{path}.providers"), "is empty; leave it out to accept every provider");
+        }
+        for (j, n) in names.iter().enumerate() {
+            if !a.providers.iter().any(|p| p.name == *n) {
+                errs.add(
+                    format!("{path}.providers[{j}]"),
+                    format!("`{n}` is not a provider under auth.providers"),
+                );
+            }
+        }
+    }
+    if let Some(rules) = &r.policy
+        && let Err(problems) = Policy::compile(rules, Resource::HttpPath)
+    {
+        for (at, message) in problems {
+            errs.add(format!("{path}.policy{at}"), message);
+        }
+    }
+    for name in r.forward_claims.keys() {
+        let lower = name.to_ascii_lowercase();
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            errs.add(format!("{path}.forward_claims.{name}"), "is not a valid header name");
+        } else if matches!(
+            lower.as_str(),
+            "authorization" | "host" | "connection" | "content-length" | "transfer-encoding" | "cookie"
+        ) {
+            errs.add(
+                format!("{path}.forward_claims.{name}"),
+                "cannot carry identity: tollgate or HTTP itself owns this header",
+            );
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::RequestCtx;
+use super::authz::Caller;
 use super::body::ProxyBody;
 use super::error::{ErrorSource, GatewayError};
 use super::router::Route;
@@ -130,16 +131,20 @@ where
                 result.unwrap_or_else(|e| e.to_response(&HeaderValue::from_static("-")))
             ));
         };
-        let (resp, error) = match result {
-            Ok(resp) => (resp, None),
-            Err(e) => (e.to_response(&p.request_id), Some(e)),
+        let (resp, error, caller) = match result {
+            Ok(mut resp) => {
+                let caller = resp.extensions_mut().remove::<Caller>();
+                (resp, None, caller)
+            }
+            Err(e) => (e.to_response(&p.request_id), Some(e), None),
         };
-        record(&p, resp.status().as_u16(), error.as_ref());
+        let subject = caller.as_ref().map_or("-", |c| c.0.subject.as_str());
+        record(&p, resp.status().as_u16(), error.as_ref(), subject);
         Poll::Ready(Ok(resp))
     }
 }
 
-fn record(p: &Pending, status: u16, error: Option<&GatewayError>) {
+fn record(p: &Pending, status: u16, error: Option<&GatewayError>, subject: &str) {
     let elapsed = p.start.elapsed();
     let metrics = p.route.as_ref().map_or(&*p.unmatched, |r| &r.metrics);
     let listener_index = p.conn.as_ref().map_or(0, |c| c.listener.index);
@@ -159,7 +164,7 @@ fn record(p: &Pending, status: u16, error: Option<&GatewayError>) {
         None => tracing::info!(
             target: "tollgate::access",
             listener, route, method = %p.method, path = %path, status, latency_ms,
-            request_id, peer = %peer,
+            request_id, peer = %peer, subject,
             "request"
         ),
         Some(e) if e.source() == ErrorSource::Client => tracing::info!(

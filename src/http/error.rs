@@ -2,11 +2,14 @@
 //! becomes a response. Each error says whose fault it was (as pingora does):
 //! the client's, the upstream's or the gateway's own.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
+use crate::identity::jwt::TokenError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorSource {
@@ -49,6 +52,30 @@ pub enum GatewayError {
     UpstreamTimeout { target: String, timeout_ms: u128 },
     #[error("upstream {target} failed: {detail}")]
     UpstreamProtocol { target: String, detail: String },
+    #[error("unauthenticated: {reason}")]
+    Unauthenticated {
+        realm: Arc<str>,
+        /// The route takes bearer tokens: answer with a `Bearer` challenge.
+        bearer: bool,
+        reason: &'static str,
+    },
+    #[error("token refused by provider `{provider}`: {error}")]
+    InvalidToken {
+        realm: Arc<str>,
+        provider: Arc<str>,
+        error: TokenError,
+    },
+    #[error("malformed credentials: {reason}")]
+    InvalidAuthRequest { realm: Arc<str>, reason: &'static str },
+    #[error("subject `{subject}` denied by the route's policy (rule {rule:?})")]
+    Forbidden {
+        realm: Arc<str>,
+        bearer: bool,
+        /// Scopes the policy's allow rules name, for the challenge.
+        scope: String,
+        rule: Option<usize>,
+        subject: String,
+    },
 }
 
 impl GatewayError {
@@ -58,7 +85,13 @@ impl GatewayError {
             GatewayError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::BadPath | GatewayError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BadPath
+            | GatewayError::ClientBody(_)
+            | GatewayError::InvalidAuthRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::Unauthenticated { .. } | GatewayError::InvalidToken { .. } => {
+                StatusCode::UNAUTHORIZED
+            }
+            GatewayError::Forbidden { .. } => StatusCode::FORBIDDEN,
             GatewayError::NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamConnect { .. } | GatewayError::UpstreamProtocol { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -80,6 +113,11 @@ impl GatewayError {
             GatewayError::UpstreamConnect { .. } => "upstream_unavailable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamProtocol { .. } => "upstream_error",
+            GatewayError::Unauthenticated { .. } => "unauthorized",
+            GatewayError::InvalidToken { .. } => "invalid_token",
+            GatewayError::InvalidAuthRequest { .. } => "invalid_request",
+            GatewayError::Forbidden { bearer: true, .. } => "insufficient_scope",
+            GatewayError::Forbidden { .. } => "forbidden",
         }
     }
 
@@ -90,7 +128,11 @@ impl GatewayError {
             | GatewayError::HeadersTooLarge { .. }
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::BadPath
-            | GatewayError::ClientBody(_) => ErrorSource::Client,
+            | GatewayError::ClientBody(_)
+            | GatewayError::Unauthenticated { .. }
+            | GatewayError::InvalidToken { .. }
+            | GatewayError::InvalidAuthRequest { .. }
+            | GatewayError::Forbidden { .. } => ErrorSource::Client,
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamProtocol { .. } => ErrorSource::Upstream,
@@ -107,6 +149,10 @@ impl GatewayError {
                 "the upstream service did not answer in time".into()
             }
             GatewayError::UpstreamProtocol { .. } => "the upstream service failed to answer".into(),
+            GatewayError::Unauthenticated { reason, .. } => (*reason).into(),
+            GatewayError::InvalidToken { error, .. } => error.to_string(),
+            GatewayError::InvalidAuthRequest { reason, .. } => (*reason).into(),
+            GatewayError::Forbidden { .. } => "access to this resource is not allowed".into(),
             // The remaining messages hold only what the caller sent or limits.
             _ => self.to_string(),
         }
@@ -125,6 +171,49 @@ impl GatewayError {
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(challenge) = self.challenge().and_then(|c| HeaderValue::from_str(&c).ok()) {
+            headers.insert(WWW_AUTHENTICATE, challenge);
+        }
         resp
+    }
+
+    /// The RFC 6750 `WWW-Authenticate` challenge, for routes that take
+    /// bearer tokens: no error code when no token came, `invalid_token`,
+    /// `invalid_request` or `insufficient_scope` otherwise.
+    fn challenge(&self) -> Option<String> {
+        let quoted = |s: &str| s.replace(['"', '\\'], "");
+        match self {
+            GatewayError::Unauthenticated {
+                realm,
+                bearer: true,
+                ..
+            } => Some(format!("Bearer realm=\"{}\"", quoted(realm))),
+            GatewayError::InvalidToken { realm, error, .. } => Some(format!(
+                "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
+                quoted(realm),
+                quoted(&error.to_string())
+            )),
+            GatewayError::InvalidAuthRequest { realm, reason } => Some(format!(
+                "Bearer realm=\"{}\", error=\"invalid_request\", error_description=\"{}\"",
+                quoted(realm),
+                quoted(reason)
+            )),
+            GatewayError::Forbidden {
+                realm,
+                bearer: true,
+                scope,
+                ..
+            } => {
+                let mut c = format!(
+                    "Bearer realm=\"{}\", error=\"insufficient_scope\"",
+                    quoted(realm)
+                );
+                if !scope.is_empty() {
+                    c.push_str(&format!(", scope=\"{}\"", quoted(scope)));
+                }
+                Some(c)
+            }
+            _ => None,
+        }
     }
 }

@@ -2,6 +2,8 @@
 //! bottom as a request's path (see `stack.rs`), then the proxy to upstream pools.
 
 mod access_log;
+pub mod auth;
+pub mod authz;
 pub mod body;
 pub mod error;
 pub mod headers;
@@ -19,6 +21,7 @@ use http::HeaderValue;
 
 pub use stack::{HttpEntry, Stack, StackConfig};
 
+use crate::identity::Identity;
 use crate::transport::ConnState;
 use router::Route;
 
@@ -29,4 +32,6 @@ pub struct RequestCtx {
     pub request_id: HeaderValue,
     /// Set by routing; `None` means no route matched.
     pub route: Option<Arc<Route>>,
+    /// Set by authentication; `None` for routes that need none.
+    pub identity: Option<Arc<Identity>>,
 }

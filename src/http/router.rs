@@ -9,8 +9,11 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 
+use super::auth::RouteAuth;
 use super::upstream::{UpstreamClients, UpstreamPool};
-use crate::config::{self, Config, RouteConfig};
+use crate::authz::{Policy, Resource};
+use crate::identity::Providers;
+use crate::config::{self, AuthRequirement, Config, Credential, RouteConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 
 pub struct Route {
@@ -24,6 +27,7 @@ pub struct Route {
     pub retries: u32,
     pub retry_on_status: Vec<StatusCode>,
     pub metrics: RouteMetrics,
+    pub auth: RouteAuth,
 }
 
 struct Matcher {
@@ -165,13 +169,18 @@ impl RouteTable {
         cfg: &Config,
         clients: &UpstreamClients,
         metrics: &Metrics,
+        providers: &Providers,
         previous: Option<&RouteTable>,
     ) -> RouteTable {
         let listeners: Vec<String> = cfg.listeners.iter().map(|l| l.name.clone()).collect();
+        let identity_headers = identity_headers(cfg);
+        let realm: Arc<str> = Arc::from(cfg.auth.realm.as_str());
         // Pools resolve their DNS names as they start: start them together so
         // one slow name does not hold up the others.
         let routes = cfg.routes.iter().enumerate().map(|(index, rc)| {
             let listeners = &listeners;
+            let identity_headers = &identity_headers;
+            let realm = &realm;
             async move {
                 let name: Arc<str> = Arc::from(rc.name.as_str());
                 let route_metrics = metrics.route(&rc.name, listeners);
@@ -193,7 +202,11 @@ impl RouteTable {
                         .await
                     }
                 };
-                (index, Arc::new(Route::new(name, rc, pool, route_metrics)))
+                let auth = compile_auth(rc, providers, identity_headers.clone(), realm.clone());
+                (
+                    index,
+                    Arc::new(Route::new(name, rc, pool, route_metrics, auth)),
+                )
             }
         });
         let mut routes = futures_util::future::join_all(routes).await;
@@ -222,6 +235,7 @@ impl Route {
         rc: &RouteConfig,
         pool: Arc<UpstreamPool>,
         metrics: RouteMetrics,
+        auth: RouteAuth,
     ) -> Route {
         let rewrite = if rc.strip_prefix {
             Some(String::new())
@@ -245,8 +259,77 @@ impl Route {
                 .collect(),
             pool,
             metrics,
+            auth,
         }
     }
+}
+
+/// Headers that carry identity to upstreams: the client's copies are removed
+/// from every request, whichever route it takes.
+fn identity_headers(cfg: &Config) -> Arc<[HeaderName]> {
+    let mut names = vec![HeaderName::from_static("x-forwarded-client-cert")];
+    for r in &cfg.routes {
+        for h in r.forward_claims.keys() {
+            if let Ok(name) = HeaderName::from_bytes(h.as_bytes())
+                && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+    }
+    names.into()
+}
+
+/// A route's auth settings; the config was validated, so every provider
+/// named exists and the policy compiles (a policy that did not would deny all).
+fn compile_auth(
+    rc: &RouteConfig,
+    providers: &Providers,
+    identity_headers: Arc<[HeaderName]>,
+    realm: Arc<str>,
+) -> RouteAuth {
+    let mut auth = RouteAuth::open(identity_headers, realm);
+    let has = |list: &[Credential], c| list.contains(&c);
+    (auth.accept_jwt, auth.accept_mtls, auth.require_both) = match &rc.auth {
+        AuthRequirement::None => (false, false, false),
+        AuthRequirement::Jwt => (true, false, false),
+        AuthRequirement::Mtls => (false, true, false),
+        AuthRequirement::Any => (true, true, false),
+        AuthRequirement::AnyOf(l) => (has(l, Credential::Jwt), has(l, Credential::Mtls), false),
+        AuthRequirement::AllOf(l) => {
+            let (j, m) = (has(l, Credential::Jwt), has(l, Credential::Mtls));
+            (j, m, j && m)
+        }
+    };
+    if auth.accept_jwt {
+        auth.providers = match &rc.providers {
+            Some(names) => names.iter().filter_map(|n| providers.get(n).cloned()).collect(),
+            None => {
+                let mut all: Vec<_> = providers.all().cloned().collect();
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                all
+            }
+        };
+        for p in &auth.providers {
+            for s in &p.settings.token_from {
+                if !auth.sources.contains(s) {
+                    auth.sources.push(s.clone());
+                }
+            }
+        }
+    }
+    auth.policy = rc.policy.as_ref().map(|rules| {
+        Policy::compile(rules, Resource::HttpPath).unwrap_or_else(|_| {
+            Policy::compile(&[], Resource::HttpPath).expect("the empty policy compiles")
+        })
+    });
+    auth.forward_claims = rc
+        .forward_claims
+        .iter()
+        .filter_map(|(h, field)| Some((HeaderName::from_bytes(h.as_bytes()).ok()?, field.clone())))
+        .collect();
+    auth.forward_token = rc.forward_token;
+    auth
 }
 
 /// The request's host without port: the URI authority (HTTP/2, absolute-form)

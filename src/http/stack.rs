@@ -16,6 +16,8 @@ use tower::util::{Oneshot, ServiceExt};
 
 use super::RequestCtx;
 use super::access_log::{AccessLog, AccessLogLayer};
+use super::auth::{AuthLayer, Authenticate};
+use super::authz::{AuthzLayer, Authorize};
 use super::body::ProxyBody;
 use super::limits::{LimitsLayer, RequestLimits};
 use super::proxy::Proxy;
@@ -26,7 +28,7 @@ use super::upstream::UpstreamClients;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::transport::{ConnState, RequestGuard};
 
-pub type Stack = RequestId<Routing<AccessLog<RequestLimits<Proxy>>>>;
+pub type Stack = RequestId<Routing<AccessLog<RequestLimits<Authenticate<Authorize<Proxy>>>>>>;
 
 /// What the stack's stages share across all connections.
 pub struct StackConfig {
@@ -52,7 +54,11 @@ impl StackConfig {
             ))
             // 4. The listener's limits on target, headers and body.
             .layer(LimitsLayer::new(self.metrics.clone()))
-            // 5. Forward to the route's upstream pool.
+            // 5. Who is calling (token, client certificate), per the route.
+            .layer(AuthLayer)
+            // 6. Whether the route's policy allows it; identity headers for the upstream.
+            .layer(AuthzLayer)
+            // 7. Forward to the route's upstream pool.
             .service(Proxy::new(clients))
     }
 }
@@ -82,6 +88,7 @@ impl hyper::service::Service<Request<Incoming>> for HttpEntry {
             conn: self.conn.clone(),
             request_id: HeaderValue::from_static("-"),
             route: None,
+            identity: None,
         });
         EntryFuture {
             inner: self.stack.clone().oneshot(req),

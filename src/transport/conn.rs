@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::ListenerInfo;
+use crate::identity::CertIdentity;
 
 /// Lives as long as the connection, or longer when the connection was
 /// upgraded (a WebSocket tunnel keeps its slot under the connection limit).
@@ -24,6 +25,8 @@ pub struct ConnState {
     pub peer: SocketAddr,
     /// The peer's IP as header text (X-Forwarded-For), rendered once.
     pub peer_ip: HeaderValue,
+    /// The verified client certificate, on TLS listeners that asked for one.
+    pub peer_cert: Option<Arc<CertIdentity>>,
     /// Bumped whenever bytes move; the idle check compares snapshots, so the
     /// data path never reads a clock.
     activity: AtomicU64,
@@ -45,6 +48,7 @@ impl ConnState {
             peer,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            peer_cert: None,
             activity: AtomicU64::new(0),
             inflight: AtomicU32::new(0),
             active,

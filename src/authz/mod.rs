@@ -1,0 +1,432 @@
+//! One policy engine for every front-end, pure and deny by default:
+//! `(Identity, Action) -> Decision`. Rules are checked in order and the first
+//! whose conditions all hold decides; when none does, the answer is deny.
+//! HTTP routes, MQTT topics and WAMP URIs all use it, differing only in how a
+//! resource splits into segments ([`Resource`]).
+
+mod pattern;
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use regex::Regex;
+use serde_json::Value;
+
+pub use pattern::Pattern;
+
+use crate::config::{CertMatch, ClaimMatch, Conditions, RuleConfig, ScalarValue, SetMatch};
+use crate::identity::{CertIdentity, Identity};
+
+/// How a front-end's resource names split into segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    /// Paths: `/`-separated, empty segments ignored (`/a//b/` is `/a/b`),
+    /// each segment percent-decoded, so `/%61dmin` is `/admin` to a rule.
+    HttpPath,
+    /// MQTT topics: `/`-separated, empty levels significant.
+    Topic,
+    /// WAMP URIs: `.`-separated.
+    Uri,
+}
+
+impl Resource {
+    fn pattern_segments(self, pattern: &str) -> Vec<&str> {
+        match self {
+            Resource::HttpPath => pattern.split('/').filter(|s| !s.is_empty()).collect(),
+            Resource::Topic => pattern.split('/').collect(),
+            Resource::Uri => pattern.split('.').collect(),
+        }
+    }
+
+    pub fn segments(self, resource: &str) -> Vec<Cow<'_, str>> {
+        match self {
+            Resource::HttpPath => resource
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .map(percent_decode)
+                .collect(),
+            Resource::Topic => resource.split('/').map(Cow::Borrowed).collect(),
+            Resource::Uri => resource.split('.').map(Cow::Borrowed).collect(),
+        }
+    }
+}
+
+/// Decodes `%XX` escapes; a malformed escape or invalid UTF-8 leaves the
+/// segment as it was (it then matches only a literal written the same way).
+fn percent_decode(segment: &str) -> Cow<'_, str> {
+    if !segment.contains('%') {
+        return Cow::Borrowed(segment);
+    }
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match hex {
+                Some(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                None => return Cow::Borrowed(segment),
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).map_or(Cow::Borrowed(segment), Cow::Owned)
+}
+
+/// What the caller wants to do: a verb (HTTP method; MQTT `publish` /
+/// `subscribe`; WAMP `call`, `register`, `publish`, `subscribe`) on a resource.
+#[derive(Debug, Clone, Copy)]
+pub struct Action<'a> {
+    pub verb: &'a str,
+    pub resource: &'a str,
+    pub kind: Resource,
+}
+
+impl<'a> Action<'a> {
+    pub fn http(method: &'a str, path: &'a str) -> Action<'a> {
+        Action {
+            verb: method,
+            resource: path,
+            kind: Resource::HttpPath,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// The outcome and the rule (index into the policy) that decided it;
+/// `rule: None` is the default denial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub effect: Effect,
+    pub rule: Option<usize>,
+}
+
+impl Decision {
+    pub fn allowed(&self) -> bool {
+        self.effect == Effect::Allow
+    }
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    effect: Effect,
+    scopes: Option<Sets>,
+    roles: Option<Sets>,
+    claims: Vec<(String, ClaimTest)>,
+    cert: Option<CertTest>,
+    via: Option<Vec<String>>,
+    verbs: Option<Vec<String>>,
+    resources: Option<Vec<Pattern>>,
+}
+
+#[derive(Debug)]
+struct Sets {
+    all_of: Vec<String>,
+    any_of: Vec<String>,
+}
+
+#[derive(Debug)]
+enum ClaimTest {
+    AnyOf(Vec<ScalarValue>),
+    Contains(String),
+    Matches(Regex),
+}
+
+#[derive(Debug)]
+struct CertTest {
+    fields: Vec<(CertField, HashSet<String>)>,
+    san_uri_prefix: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum CertField {
+    Cn,
+    O,
+    Ou,
+    SanDns,
+    SanUri,
+    Sha256,
+}
+
+impl Policy {
+    /// Compiles rules; errors are `(key path below the rule list, message)`.
+    pub fn compile(rules: &[RuleConfig], kind: Resource) -> Result<Policy, Vec<(String, String)>> {
+        let mut errors = Vec::new();
+        let mut compiled = Vec::with_capacity(rules.len());
+        for (i, rule) in rules.iter().enumerate() {
+            let (effect, cond, key) = match rule {
+                RuleConfig::Allow(c) => (Effect::Allow, c, "allow"),
+                RuleConfig::Deny(c) => (Effect::Deny, c, "deny"),
+            };
+            let at = |field: &str| format!("[{i}].{key}.{field}");
+            match Rule::compile(effect, cond, kind, &at) {
+                Ok(r) => compiled.push(r),
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Policy { rules: compiled })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn evaluate(&self, who: &Identity, action: &Action<'_>) -> Decision {
+        let segments = action.kind.segments(action.resource);
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.matches(who, action, &segments) {
+                return Decision {
+                    effect: rule.effect,
+                    rule: Some(i),
+                };
+            }
+        }
+        Decision {
+            effect: Effect::Deny,
+            rule: None,
+        }
+    }
+
+    /// Scopes named by the allow rules, for an `insufficient_scope` challenge.
+    pub fn scopes_named(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for r in self.rules.iter().filter(|r| r.effect == Effect::Allow) {
+            if let Some(s) = &r.scopes {
+                for scope in s.all_of.iter().chain(&s.any_of) {
+                    if !out.contains(&scope.as_str()) {
+                        out.push(scope);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Rule {
+    fn compile(
+        effect: Effect,
+        c: &Conditions,
+        kind: Resource,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<Rule, Vec<(String, String)>> {
+        let mut errors = Vec::new();
+        let sets = |m: &Option<SetMatch>| {
+            m.as_ref().map(|m| match m {
+                SetMatch::AllOf(all) => Sets {
+                    all_of: all.clone(),
+                    any_of: Vec::new(),
+                },
+                SetMatch::Ops { all_of, any_of } => Sets {
+                    all_of: all_of.clone(),
+                    any_of: any_of.clone(),
+                },
+            })
+        };
+        let mut claims = Vec::new();
+        for (name, m) in &c.claims {
+            let test = match m {
+                ClaimMatch::Value(v) => Ok(ClaimTest::AnyOf(vec![v.clone()])),
+                ClaimMatch::AnyOf(vs) => Ok(ClaimTest::AnyOf(vs.clone())),
+                ClaimMatch::Ops(ops) => {
+                    let given = [
+                        ops.equals.is_some(),
+                        ops.contains.is_some(),
+                        ops.matches.is_some(),
+                        ops.any_of.is_some(),
+                    ];
+                    if given.iter().filter(|g| **g).count() != 1 {
+                        Err("expected exactly one of equals, contains, matches, any_of".to_owned())
+                    } else if let Some(v) = &ops.equals {
+                        Ok(ClaimTest::AnyOf(vec![v.clone()]))
+                    } else if let Some(vs) = &ops.any_of {
+                        Ok(ClaimTest::AnyOf(vs.clone()))
+                    } else if let Some(s) = &ops.contains {
+                        Ok(ClaimTest::Contains(s.clone()))
+                    } else {
+                        let re = ops.matches.as_deref().unwrap_or_default();
+                        regex::RegexBuilder::new(&format!("^(?:{re})$"))
+                            .size_limit(1 << 20)
+                            .build()
+                            .map(ClaimTest::Matches)
+                            .map_err(|e| format!("invalid regular expression: {e}"))
+                    }
+                }
+            };
+            match test {
+                Ok(t) => claims.push((name.clone(), t)),
+                Err(e) => errors.push((at(&format!("claims.{name}")), e)),
+            }
+        }
+        let mut resources = None;
+        if let Some(patterns) = &c.paths {
+            let mut compiled = Vec::new();
+            for (j, p) in patterns.iter().enumerate() {
+                match Pattern::parse(p, kind) {
+                    Ok(p) => compiled.push(p),
+                    Err(e) => errors.push((at(&format!("paths[{j}]")), e)),
+                }
+            }
+            resources = Some(compiled);
+        }
+        if let Some(via) = &c.via {
+            for (j, v) in via.iter().enumerate() {
+                if !["anonymous", "jwt", "mtls", "password", "ticket"].contains(&v.as_str()) {
+                    errors.push((
+                        at(&format!("via[{j}]")),
+                        format!("`{v}`: expected jwt, mtls, password, ticket or anonymous"),
+                    ));
+                }
+            }
+        }
+        let rule = Rule {
+            effect,
+            scopes: sets(&c.scopes),
+            roles: sets(&c.roles),
+            claims,
+            cert: c.cert.as_ref().map(CertTest::compile),
+            via: c.via.clone(),
+            verbs: c
+                .methods
+                .as_ref()
+                .map(|ms| ms.iter().map(|m| m.to_ascii_uppercase()).collect()),
+            resources,
+        };
+        if errors.is_empty() {
+            Ok(rule)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn matches(&self, who: &Identity, action: &Action<'_>, segments: &[Cow<'_, str>]) -> bool {
+        self.via
+            .as_ref()
+            .is_none_or(|v| v.iter().any(|m| m == who.method.as_str()))
+            && self
+                .verbs
+                .as_ref()
+                .is_none_or(|vs| vs.iter().any(|v| v.eq_ignore_ascii_case(action.verb)))
+            && self.scopes.as_ref().is_none_or(|s| s.holds(&who.scopes))
+            && self.roles.as_ref().is_none_or(|s| s.holds(&who.roles))
+            && self
+                .claims
+                .iter()
+                .all(|(name, test)| who.claim(name).is_some_and(|v| test.holds(v)))
+            && self
+                .cert
+                .as_ref()
+                .is_none_or(|t| who.cert.as_deref().is_some_and(|c| t.holds(c)))
+            && self
+                .resources
+                .as_ref()
+                .is_none_or(|ps| ps.iter().any(|p| p.matches(segments, who)))
+    }
+}
+
+impl Sets {
+    fn holds(&self, have: &[String]) -> bool {
+        self.all_of.iter().all(|s| have.contains(s))
+            && (self.any_of.is_empty() || self.any_of.iter().any(|s| have.contains(s)))
+    }
+}
+
+fn scalar_eq(want: &ScalarValue, got: &Value) -> bool {
+    match (want, got) {
+        (ScalarValue::Str(w), Value::String(g)) => w == g,
+        (ScalarValue::Int(w), Value::Number(g)) => g.as_i64() == Some(*w),
+        (ScalarValue::Bool(w), Value::Bool(g)) => w == g,
+        _ => false,
+    }
+}
+
+impl ClaimTest {
+    /// A claim that is an array matches when one of its elements does.
+    fn holds(&self, claim: &Value) -> bool {
+        match (self, claim) {
+            (ClaimTest::AnyOf(wants), Value::Array(items)) => items
+                .iter()
+                .any(|item| wants.iter().any(|w| scalar_eq(w, item))),
+            (ClaimTest::AnyOf(wants), v) => wants.iter().any(|w| scalar_eq(w, v)),
+            (ClaimTest::Contains(s), Value::Array(items)) => {
+                items.iter().any(|i| i.as_str() == Some(s))
+            }
+            (ClaimTest::Contains(s), Value::String(v)) => v.contains(s.as_str()),
+            (ClaimTest::Matches(re), Value::String(v)) => re.is_match(v),
+            (ClaimTest::Matches(re), Value::Array(items)) => items
+                .iter()
+                .any(|i| i.as_str().is_some_and(|s| re.is_match(s))),
+            _ => false,
+        }
+    }
+}
+
+impl CertTest {
+    fn compile(m: &CertMatch) -> CertTest {
+        let mut fields = Vec::new();
+        let mut add = |field, v: &Option<crate::config::OneOrMany>, lower: bool| {
+            if let Some(v) = v {
+                let values = v
+                    .values()
+                    .iter()
+                    .map(|s| if lower { s.to_ascii_lowercase().replace(':', "") } else { s.clone() })
+                    .collect();
+                fields.push((field, values));
+            }
+        };
+        add(CertField::Cn, &m.cn, false);
+        add(CertField::O, &m.o, false);
+        add(CertField::Ou, &m.ou, false);
+        add(CertField::SanDns, &m.san_dns, false);
+        add(CertField::SanUri, &m.san_uri, false);
+        add(CertField::Sha256, &m.fingerprint_sha256, true);
+        CertTest {
+            fields,
+            san_uri_prefix: m
+                .san_uri_prefix
+                .as_ref()
+                .map(|v| v.values().to_vec())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn holds(&self, cert: &CertIdentity) -> bool {
+        self.fields.iter().all(|(field, accepted)| {
+            let any = |vals: &[String]| vals.iter().any(|v| accepted.contains(v));
+            match field {
+                CertField::Cn => cert.cn.as_ref().is_some_and(|cn| accepted.contains(cn)),
+                CertField::O => any(&cert.o),
+                CertField::Ou => any(&cert.ou),
+                CertField::SanDns => any(&cert.san_dns),
+                CertField::SanUri => any(&cert.san_uri),
+                CertField::Sha256 => accepted.contains(&cert.sha256),
+            }
+        }) && (self.san_uri_prefix.is_empty()
+            || cert.san_uri.iter().any(|uri| {
+                self.san_uri_prefix
+                    .iter()
+                    .any(|p| uri.starts_with(p.as_str()))
+            }))
+    }
+}
+
+#[cfg(test)]
+mod tests;

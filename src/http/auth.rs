@@ -1,0 +1,312 @@
+//! Authentication stage: removes client-supplied identity headers, reads the
+//! credentials the route asks for (a bearer token, the connection's verified
+//! client certificate) and records the caller's [`Identity`] in the request
+//! context. A token already validated is answered from the provider's cache
+//! without leaving the synchronous path; only a cache miss allocates a future.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::{BoxFuture, Either, Ready, ready};
+use http::header::{AUTHORIZATION, COOKIE};
+use http::{HeaderMap, HeaderName, Request, Uri};
+use tower::{Layer, Service};
+
+use super::RequestCtx;
+use super::error::GatewayError;
+use crate::authz::Policy;
+use crate::config::TokenSource;
+use crate::identity::jwt::{JwtProvider, TokenError};
+use crate::identity::Identity;
+
+/// A route's authentication and authorization settings, compiled.
+pub struct RouteAuth {
+    pub accept_jwt: bool,
+    pub accept_mtls: bool,
+    /// Both credentials are needed (`all_of`), not either.
+    pub require_both: bool,
+    pub providers: Vec<Arc<JwtProvider>>,
+    /// Where tokens are read, the union over the route's providers.
+    pub sources: Vec<TokenSource>,
+    pub policy: Option<Policy>,
+    /// Header set for the upstream -> identity field or claim.
+    pub forward_claims: Vec<(HeaderName, String)>,
+    pub forward_token: bool,
+    /// Every identity header any route sets: removed from every request.
+    pub identity_headers: Arc<[HeaderName]>,
+    pub realm: Arc<str>,
+}
+
+impl RouteAuth {
+    pub fn open(identity_headers: Arc<[HeaderName]>, realm: Arc<str>) -> RouteAuth {
+        RouteAuth {
+            accept_jwt: false,
+            accept_mtls: false,
+            require_both: false,
+            providers: Vec::new(),
+            sources: Vec::new(),
+            policy: None,
+            forward_claims: Vec::new(),
+            forward_token: true,
+            identity_headers,
+            realm,
+        }
+    }
+
+    fn required(&self) -> bool {
+        self.accept_jwt || self.accept_mtls
+    }
+
+    fn unauthenticated(&self, reason: &'static str) -> GatewayError {
+        GatewayError::Unauthenticated {
+            realm: self.realm.clone(),
+            bearer: self.accept_jwt,
+            reason,
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct AuthLayer;
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Authenticate<S>;
+    fn layer(&self, inner: S) -> Authenticate<S> {
+        Authenticate { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authenticate<S> {
+    inner: S,
+}
+
+type Fut<S, B> = Either<
+    Either<Ready<Result<<S as Service<Request<B>>>::Response, GatewayError>>, <S as Service<Request<B>>>::Future>,
+    BoxFuture<'static, Result<<S as Service<Request<B>>>::Response, GatewayError>>,
+>;
+
+/// What the synchronous path decided.
+enum Step {
+    Done(Option<Arc<Identity>>),
+    Validate(Arc<JwtProvider>, String),
+}
+
+impl<S, B> Service<Request<B>> for Authenticate<S>
+where
+    S: Service<Request<B>, Error = GatewayError> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = GatewayError;
+    type Future = Fut<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let Some(route) = req
+            .extensions()
+            .get::<RequestCtx>()
+            .and_then(|c| c.route.clone())
+        else {
+            return Either::Left(Either::Right(self.inner.call(req)));
+        };
+        let auth = &route.auth;
+        for name in auth.identity_headers.iter() {
+            req.headers_mut().remove(name);
+        }
+        if !auth.required() {
+            return Either::Left(Either::Right(self.inner.call(req)));
+        }
+        let step = match identify(auth, &req) {
+            Ok(step) => step,
+            Err(e) => {
+                route.metrics.unauthenticated.inc();
+                return Either::Left(Either::Left(ready(Err(e))));
+            }
+        };
+        match step {
+            Step::Done(identity) => {
+                set_identity(&mut req, identity);
+                Either::Left(Either::Right(self.inner.call(req)))
+            }
+            Step::Validate(provider, token) => {
+                let mut inner = self.inner.clone();
+                Either::Right(Box::pin(async move {
+                    let validated = provider.authenticate(&token).await;
+                    let auth = &route.auth;
+                    let identity = match validated {
+                        Ok(id) => combine(auth, id, &req)?,
+                        Err(e) => {
+                            route.metrics.unauthenticated.inc();
+                            return Err(invalid_token(auth, &provider, e));
+                        }
+                    };
+                    set_identity(&mut req, Some(identity));
+                    inner.call(req).await
+                }))
+            }
+        }
+    }
+}
+
+fn set_identity<B>(req: &mut Request<B>, identity: Option<Arc<Identity>>) {
+    if let Some(ctx) = req.extensions_mut().get_mut::<RequestCtx>() {
+        ctx.identity = identity;
+    }
+}
+
+fn invalid_token(auth: &RouteAuth, provider: &JwtProvider, error: TokenError) -> GatewayError {
+    GatewayError::InvalidToken {
+        realm: auth.realm.clone(),
+        provider: provider.name.clone(),
+        error,
+    }
+}
+
+/// Decides without waiting when it can: no token needed, a cached token, a
+/// certificate; otherwise names the provider that must validate the token.
+fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError> {
+    let cert = req
+        .extensions()
+        .get::<RequestCtx>()
+        .and_then(|c| c.conn.peer_cert.clone());
+    let token = if auth.accept_jwt {
+        find_token(&auth.sources, req.headers(), req.uri()).map_err(|reason| {
+            GatewayError::InvalidAuthRequest {
+                realm: auth.realm.clone(),
+                reason,
+            }
+        })?
+    } else {
+        None
+    };
+    if auth.require_both && cert.is_none() {
+        return Err(auth.unauthenticated("a client certificate is required"));
+    }
+    let Some(token) = token else {
+        return match cert {
+            Some(cert) if auth.accept_mtls && !auth.require_both => {
+                Ok(Step::Done(Some(Arc::new(Identity::from_cert(cert)))))
+            }
+            _ if auth.accept_jwt => Err(auth.unauthenticated("a bearer token is required")),
+            _ => Err(auth.unauthenticated("a client certificate is required")),
+        };
+    };
+    // A validated token: no signature check, no allocation beyond the Arc.
+    for p in &auth.providers {
+        if let Some(hit) = p.cached(&token) {
+            return match hit {
+                Ok(id) => Ok(Step::Done(Some(combine(auth, id, req)?))),
+                Err(e) => Err(invalid_token(auth, p, e)),
+            };
+        }
+    }
+    let provider = match auth.providers.as_slice() {
+        [only] => only.clone(),
+        several => {
+            let iss = JwtProvider::peek_issuer(&token);
+            match several
+                .iter()
+                .find(|p| iss.as_deref() == Some(p.settings.issuer.as_str()))
+            {
+                Some(p) => p.clone(),
+                None => {
+                    return Err(GatewayError::InvalidToken {
+                        realm: auth.realm.clone(),
+                        provider: Arc::from("-"),
+                        error: TokenError::WrongIssuer,
+                    });
+                }
+            }
+        }
+    };
+    Ok(Step::Validate(provider, token.into_owned()))
+}
+
+/// With `all_of: [jwt, mtls]` the token's identity carries the certificate.
+fn combine<B>(
+    auth: &RouteAuth,
+    id: Arc<Identity>,
+    req: &Request<B>,
+) -> Result<Arc<Identity>, GatewayError> {
+    if !auth.require_both {
+        return Ok(id);
+    }
+    let cert = req
+        .extensions()
+        .get::<RequestCtx>()
+        .and_then(|c| c.conn.peer_cert.clone())
+        .ok_or_else(|| auth.unauthenticated("a client certificate is required"))?;
+    let mut both = Identity::clone(&id);
+    both.cert = Some(cert);
+    Ok(Arc::new(both))
+}
+
+/// The bearer token, from the first source that has one. A request that
+/// carries tokens in more than one place is malformed (RFC 6750 2).
+fn find_token<'a>(
+    sources: &[TokenSource],
+    headers: &'a HeaderMap,
+    uri: &'a Uri,
+) -> Result<Option<Cow<'a, str>>, &'static str> {
+    let mut found: Option<Cow<'a, str>> = None;
+    for source in sources {
+        let token: Option<Cow<'a, str>> = match source {
+            TokenSource::Authorization => {
+                let mut values = headers.get_all(AUTHORIZATION).iter();
+                let first = values.next();
+                if values.next().is_some() {
+                    return Err("more than one Authorization header");
+                }
+                match first.map(|v| v.to_str()) {
+                    None => None,
+                    Some(Err(_)) => return Err("the Authorization header is not text"),
+                    Some(Ok(v)) => match v.split_once(' ') {
+                        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                            let token = token.trim();
+                            if token.is_empty() {
+                                return Err("the Bearer credentials are empty");
+                            }
+                            Some(Cow::Borrowed(token))
+                        }
+                        // Another scheme (Basic, ...) is not a bearer token.
+                        _ => None,
+                    },
+                }
+            }
+            TokenSource::Header(name) => headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(Cow::Borrowed),
+            TokenSource::Cookie(name) => headers
+                .get_all(COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| Cow::Borrowed(v.trim_matches('"'))),
+            TokenSource::Query(name) => uri.query().and_then(|q| {
+                q.split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| Cow::Borrowed(v))
+            }),
+        };
+        if let Some(t) = token {
+            match &found {
+                Some(f) if *f != t => return Err("the request carries more than one token"),
+                Some(_) => {}
+                None => found = Some(t),
+            }
+        }
+    }
+    Ok(found)
+}

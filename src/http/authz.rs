@@ -1,0 +1,152 @@
+//! Authorization stage: the route's policy decides over the caller's identity
+//! and the request (method, path), deny by default; then the identity headers
+//! the route forwards are set for the upstream. The identity rides back on
+//! the response's extensions so the access log can name the caller.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
+
+use futures_util::future::{Either, Ready, ready};
+use http::header::AUTHORIZATION;
+use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use serde_json::Value;
+use tower::{Layer, Service};
+
+use super::RequestCtx;
+use super::error::GatewayError;
+use crate::authz::{Action, Effect};
+use crate::identity::Identity;
+
+static ANONYMOUS: LazyLock<Identity> = LazyLock::new(Identity::anonymous);
+
+/// The caller, attached to the response for the access log.
+#[derive(Clone)]
+pub struct Caller(pub Arc<Identity>);
+
+#[derive(Clone, Default)]
+pub struct AuthzLayer;
+
+impl<S> Layer<S> for AuthzLayer {
+    type Service = Authorize<S>;
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<Request<B>> for Authorize<S>
+where
+    S: Service<Request<B>, Response = Response<RB>, Error = GatewayError>,
+{
+    type Response = Response<RB>;
+    type Error = GatewayError;
+    type Future = Either<Ready<Result<Response<RB>, GatewayError>>, WithCaller<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let Some(ctx) = req.extensions().get::<RequestCtx>() else {
+            return Either::Right(WithCaller::new(self.inner.call(req), None));
+        };
+        let (Some(route), identity) = (ctx.route.clone(), ctx.identity.clone()) else {
+            return Either::Right(WithCaller::new(self.inner.call(req), None));
+        };
+        let auth = &route.auth;
+        if let Some(policy) = &auth.policy {
+            let who = identity.as_deref().unwrap_or(&ANONYMOUS);
+            let decision = policy.evaluate(who, &Action::http(req.method().as_str(), req.uri().path()));
+            tracing::debug!(
+                route = %route.name, subject = %who.subject, via = who.method.as_str(),
+                rule = ?decision.rule, allowed = decision.allowed(),
+                "policy decision"
+            );
+            if decision.effect == Effect::Deny {
+                route.metrics.denied.inc();
+                return Either::Left(ready(Err(GatewayError::Forbidden {
+                    realm: auth.realm.clone(),
+                    bearer: auth.accept_jwt,
+                    scope: policy.scopes_named().join(" "),
+                    rule: decision.rule,
+                    subject: who.subject.clone(),
+                })));
+            }
+            route.metrics.allowed.inc();
+        } else if identity.is_some() {
+            route.metrics.allowed.inc();
+        }
+        if let Some(who) = &identity {
+            let headers = req.headers_mut();
+            for (name, field) in &auth.forward_claims {
+                if let Some(v) = render(who, field) {
+                    headers.insert(name.clone(), v);
+                }
+            }
+        }
+        if !auth.forward_token {
+            req.headers_mut().remove(AUTHORIZATION);
+        }
+        Either::Right(WithCaller::new(self.inner.call(req), identity))
+    }
+}
+
+/// An identity field as a header value: strings as they are, numbers and
+/// booleans as text, arrays of strings joined with `,`, objects as JSON.
+fn render(who: &Identity, field: &str) -> Option<HeaderValue> {
+    if let Some(s) = who.field(field) {
+        return HeaderValue::from_str(s).ok();
+    }
+    let text = match field {
+        "scope" | "scopes" if !who.scopes.is_empty() => who.scopes.join(" "),
+        "roles" if !who.roles.is_empty() => who.roles.join(","),
+        _ => match who.claim(field)? {
+            Value::String(s) => s.clone(),
+            Value::Array(items) => items
+                .iter()
+                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                .collect::<Vec<_>>()
+                .join(","),
+            Value::Null => return None,
+            other => other.to_string(),
+        },
+    };
+    HeaderValue::from_str(&text).ok()
+}
+
+pin_project! {
+    pub struct WithCaller<F> {
+        #[pin]
+        inner: F,
+        caller: Option<Arc<Identity>>,
+    }
+}
+
+impl<F> WithCaller<F> {
+    fn new(inner: F, caller: Option<Arc<Identity>>) -> Self {
+        WithCaller { inner, caller }
+    }
+}
+
+impl<F, RB> Future for WithCaller<F>
+where
+    F: Future<Output = Result<Response<RB>, GatewayError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let mut out = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(resp), Some(caller)) = (&mut out, this.caller.take()) {
+            resp.extensions_mut().insert(Caller(caller));
+        }
+        Poll::Ready(out)
+    }
+}

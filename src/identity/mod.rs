@@ -1,0 +1,156 @@
+//! Who is calling: one [`Identity`] value built from whatever authenticated
+//! the caller (a JWT now; a client certificate, a password or a WAMP ticket in
+//! the front-ends that add them). Nothing past authentication looks at raw
+//! tokens, headers or certificates again.
+
+pub mod jwt;
+mod providers;
+mod revocation;
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+pub use providers::Providers;
+pub use revocation::Revocations;
+
+/// How the caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Anonymous,
+    Jwt,
+    Mtls,
+    Password,
+    Ticket,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Anonymous => "anonymous",
+            AuthMethod::Jwt => "jwt",
+            AuthMethod::Mtls => "mtls",
+            AuthMethod::Password => "password",
+            AuthMethod::Ticket => "ticket",
+        }
+    }
+}
+
+/// The verified client certificate of a connection (filled by the TLS
+/// front-end; plain listeners never have one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertIdentity {
+    /// RFC 4514 subject, e.g. `CN=foo,O=backend`.
+    pub subject: String,
+    pub cn: Option<String>,
+    pub o: Vec<String>,
+    pub ou: Vec<String>,
+    pub san_dns: Vec<String>,
+    /// URI SANs, SPIFFE ids among them.
+    pub san_uri: Vec<String>,
+    pub san_email: Vec<String>,
+    /// Lower-case hex.
+    pub serial: String,
+    pub issuer: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Lower-case hex of the DER certificate's SHA-256.
+    pub sha256: String,
+    pub sha1: String,
+}
+
+/// Who the caller is, however it authenticated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub method: AuthMethod,
+    /// `sub` of a token, CN of a certificate, a user name.
+    pub subject: String,
+    pub issuer: Option<String>,
+    pub client_id: Option<String>,
+    pub scopes: Vec<String>,
+    pub roles: Vec<String>,
+    /// Every claim of a token (empty for other methods).
+    pub claims: Map<String, Value>,
+    pub cert: Option<Arc<CertIdentity>>,
+    /// The JWT provider that accepted the token.
+    pub provider: Option<Arc<str>>,
+    /// `jti` of a token.
+    pub token_id: Option<String>,
+    /// Unix seconds after which the credential is no longer valid.
+    pub expires_at: Option<u64>,
+}
+
+impl Identity {
+    pub fn anonymous() -> Identity {
+        Identity {
+            method: AuthMethod::Anonymous,
+            subject: String::new(),
+            issuer: None,
+            client_id: None,
+            scopes: Vec::new(),
+            roles: Vec::new(),
+            claims: Map::new(),
+            cert: None,
+            provider: None,
+            token_id: None,
+            expires_at: None,
+        }
+    }
+
+    /// An identity from a verified client certificate alone: the subject is
+    /// its CN (or the full subject when it has none).
+    pub fn from_cert(cert: Arc<CertIdentity>) -> Identity {
+        Identity {
+            method: AuthMethod::Mtls,
+            subject: cert.cn.clone().unwrap_or_else(|| cert.subject.clone()),
+            issuer: Some(cert.issuer.clone()),
+            expires_at: u64::try_from(cert.not_after).ok(),
+            cert: Some(cert),
+            ..Identity::anonymous()
+        }
+    }
+
+    /// A field by name, for policy substitution (`{sub}`, `%u`, `{client_id}`)
+    /// and claim headers: the well-known fields, else a claim (dotted paths
+    /// reach into objects) when it is a string.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        match name {
+            "sub" => Some(self.subject.as_str()).filter(|s| !s.is_empty()),
+            "client_id" => self.client_id.as_deref(),
+            "iss" => self.issuer.as_deref(),
+            "cn" => self.cert.as_ref()?.cn.as_deref(),
+            _ => self.claim(name)?.as_str(),
+        }
+    }
+
+    /// A claim by name or dotted path (`realm_access.roles`).
+    pub fn claim(&self, path: &str) -> Option<&Value> {
+        claim_at(&self.claims, path)
+    }
+}
+
+/// Looks up `a.b.c` in nested JSON objects; a name that itself contains dots
+/// is found first as a whole.
+pub fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(v) = claims.get(path) {
+        return Some(v);
+    }
+    let (head, rest) = path.split_once('.')?;
+    match claims.get(head)? {
+        Value::Object(inner) => claim_at(inner, rest),
+        _ => None,
+    }
+}
+
+/// Strings from a claim that may be one string (space-separated, as `scope`)
+/// or an array of strings (as `scp` or `roles`).
+pub fn claim_strings(value: Option<&Value>) -> Vec<String> {
+    match value {
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}

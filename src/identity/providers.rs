@@ -1,0 +1,363 @@
+//! The JWT providers of a config, compiled: key material read from files and
+//! the environment, remote key sets set up. A reload keeps a provider whose
+//! settings and key material did not change (with its token cache and, for a
+//! remote set, the keys already fetched).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use jsonwebtoken::Algorithm;
+
+use super::Revocations;
+use super::jwt::keys::{self, Family, KeySet};
+use super::jwt::{JwtProvider, KeySource, ProviderSettings, RemoteJwks, TokenMetrics};
+use crate::config::{Config, ConfigError, ProviderConfig, SecretSource};
+use crate::metrics::Metrics;
+
+pub struct Providers {
+    by_name: HashMap<String, Built>,
+    pub revocations: Arc<Revocations>,
+}
+
+struct Built {
+    provider: Arc<JwtProvider>,
+    config: ProviderConfig,
+    /// SHA-256 over the key material read for it (never the material itself).
+    material: [u8; 32],
+}
+
+const ASYMMETRIC: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+const HMAC: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+
+/// HMAC secrets shorter than this are refused (RFC 7518 3.2: at least the hash size).
+const MIN_SECRET_BYTES: usize = 32;
+
+impl Providers {
+    pub fn empty() -> Providers {
+        Providers {
+            by_name: HashMap::new(),
+            revocations: Arc::new(Revocations::default()),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<JwtProvider>> {
+        self.by_name.get(name).map(|b| &b.provider)
+    }
+
+    /// Every provider, in no particular order.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<JwtProvider>> {
+        self.by_name.values().map(|b| &b.provider)
+    }
+
+    /// Starts the background refresh of remote key sets (on the current runtime).
+    pub fn start(&self) {
+        for b in self.by_name.values() {
+            if let Some(remote) = b.provider.remote() {
+                remote.start();
+            }
+        }
+    }
+
+    pub fn build(
+        cfg: &Config,
+        previous: Option<&Providers>,
+        metrics: &Metrics,
+    ) -> Result<Providers, Vec<ConfigError>> {
+        let revocations = previous.map_or_else(
+            || Arc::new(Revocations::default()),
+            |p| p.revocations.clone(),
+        );
+        let mut errors = Vec::new();
+        let mut by_name = HashMap::new();
+        for (i, pc) in cfg.auth.providers.iter().enumerate() {
+            let path = format!("auth.providers[{i}]");
+            let mut err = |key: &str, message: String| {
+                errors.push(ConfigError {
+                    path: if key.is_empty() {
+                        path.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    },
+                    message,
+                })
+            };
+            let Some((source, material)) = key_source(cfg, pc, metrics, &mut err) else {
+                continue;
+            };
+            let reused = previous
+                .and_then(|p| p.by_name.get(&pc.name))
+                .filter(|b| b.config == *pc && b.material == material && cfg.auth.token_cache_entries == b.provider.settings.cache_entries);
+            if let Some(b) = reused {
+                by_name.insert(
+                    pc.name.clone(),
+                    Built {
+                        provider: b.provider.clone(),
+                        config: pc.clone(),
+                        material,
+                    },
+                );
+                continue;
+            }
+            let Some(algorithms) = algorithms(pc, &source, &mut err) else {
+                continue;
+            };
+            let settings = ProviderSettings {
+                issuer: pc.issuer.clone(),
+                audiences: pc.audiences.clone(),
+                algorithms,
+                leeway: pc.leeway,
+                required_claims: pc.required_claims.clone(),
+                typ: pc.typ.clone(),
+                roles_claim: pc.roles_claim.clone(),
+                max_token_bytes: pc.max_token_bytes.as_usize(),
+                token_from: pc.token_from.clone(),
+                cache_entries: cfg.auth.token_cache_entries,
+            };
+            let counter = |outcome: &str| {
+                metrics
+                    .auth_tokens
+                    .with_label_values(&[pc.name.as_str(), outcome])
+            };
+            let token_metrics = TokenMetrics {
+                valid: counter("valid"),
+                cached: counter("cached"),
+                invalid: counter("invalid"),
+                expired: counter("expired"),
+                revoked: counter("revoked"),
+            };
+            let provider = JwtProvider::new(
+                &pc.name,
+                settings,
+                source,
+                revocations.clone(),
+                token_metrics,
+            );
+            by_name.insert(
+                pc.name.clone(),
+                Built {
+                    provider: Arc::new(provider),
+                    config: pc.clone(),
+                    material,
+                },
+            );
+        }
+        if errors.is_empty() {
+            Ok(Providers {
+                by_name,
+                revocations,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+fn key_source(
+    cfg: &Config,
+    pc: &ProviderConfig,
+    metrics: &Metrics,
+    err: &mut dyn FnMut(&str, String),
+) -> Option<(KeySource, [u8; 32])> {
+    let given = [
+        !pc.public_keys.is_empty(),
+        pc.jwks_uri.is_some(),
+        pc.secret.is_some(),
+        pc.keys.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        err(
+            "",
+            "expected exactly one key source: public_keys, jwks_uri, secret or keys: self".into(),
+        );
+        return None;
+    }
+    let mut material = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let source = if pc.keys.is_some() {
+        err(
+            "keys",
+            "`keys: self` needs tollgate's own token server (the `oauth` section), which this version does not include yet".into(),
+        );
+        return None;
+    } else if let Some(uri) = &pc.jwks_uri {
+        let parsed = uri
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        let Some(parsed) = parsed else {
+            err("jwks_uri", format!("`{uri}` is not an http(s) URL"));
+            return None;
+        };
+        let roots = match &pc.jwks.ca_file {
+            Some(ca) => {
+                let path = cfg.resolve(ca);
+                match read_ca(&path) {
+                    Ok(roots) => {
+                        material.update(&std::fs::read(&path).unwrap_or_default());
+                        roots
+                    }
+                    Err(e) => {
+                        err("jwks.ca_file", format!("{}: {e}", path.display()));
+                        return None;
+                    }
+                }
+            }
+            None => system_roots(),
+        };
+        match RemoteJwks::new(
+            &pc.name,
+            parsed,
+            pc.jwks.clone(),
+            roots,
+            metrics.auth_jwks_fetches.clone(),
+        ) {
+            Ok(r) => KeySource::Remote(Arc::new(r)),
+            Err(e) => {
+                err("jwks_uri", format!("cannot set up the HTTPS client: {e}"));
+                return None;
+            }
+        }
+    } else if let Some(secret) = &pc.secret {
+        let (key, bytes) = match secret {
+            SecretSource::Env(var) => match std::env::var(var) {
+                Ok(v) => ("secret.env", v.into_bytes()),
+                Err(_) => {
+                    err("secret.env", format!("environment variable `{var}` is not set"));
+                    return None;
+                }
+            },
+            SecretSource::File(path) => {
+                let path = cfg.resolve(path);
+                match std::fs::read(&path) {
+                    Ok(mut b) => {
+                        while b.last().is_some_and(|c| c.is_ascii_whitespace()) {
+                            b.pop();
+                        }
+                        ("secret.file", b)
+                    }
+                    Err(e) => {
+                        err("secret.file", format!("cannot read {}: {e}", path.display()));
+                        return None;
+                    }
+                }
+            }
+        };
+        if bytes.len() < MIN_SECRET_BYTES {
+            err(
+                key,
+                format!("the secret must be at least {MIN_SECRET_BYTES} bytes (256 bits)"),
+            );
+            return None;
+        }
+        material.update(&bytes);
+        KeySource::Static(KeySet::new(vec![keys::from_secret(&bytes)]))
+    } else {
+        let mut all = Vec::new();
+        for (j, file) in pc.public_keys.iter().enumerate() {
+            let path = cfg.resolve(file);
+            let loaded = std::fs::read(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|bytes| {
+                    material.update(&bytes);
+                    let trimmed = bytes.trim_ascii_start();
+                    if trimmed.starts_with(b"{") {
+                        keys::from_jwk_json(&bytes).map(|(k, _)| k)
+                    } else {
+                        keys::from_pem(&bytes)
+                    }
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                });
+            match loaded {
+                Ok(mut k) => all.append(&mut k),
+                Err(e) => err(&format!("public_keys[{j}]"), e),
+            }
+        }
+        if all.is_empty() {
+            return None;
+        }
+        KeySource::Static(KeySet::new(all))
+    };
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(material.finish().as_ref());
+    Some((source, digest))
+}
+
+/// The accepted algorithms: as configured (checked against the key source),
+/// or every algorithm the source's key families can verify.
+fn algorithms(
+    pc: &ProviderConfig,
+    source: &KeySource,
+    err: &mut dyn FnMut(&str, String),
+) -> Option<Vec<Algorithm>> {
+    let hmac_source = matches!(source, KeySource::Static(set) if set.families() == [Family::Hmac]);
+    if pc.algorithms.is_empty() {
+        let families = match source {
+            KeySource::Static(set) => set.families(),
+            KeySource::Remote(_) => vec![Family::Rsa, Family::Ec, Family::Ed],
+        };
+        let pool = if hmac_source { HMAC } else { ASYMMETRIC };
+        return Some(
+            pool.iter()
+                .copied()
+                .filter(|a| families.contains(&keys::family(*a)))
+                .collect(),
+        );
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (j, name) in pc.algorithms.iter().enumerate() {
+        let key = format!("algorithms[{j}]");
+        match name.parse::<Algorithm>() {
+            Ok(a) if HMAC.contains(&a) && !hmac_source => {
+                err(&key, format!("`{name}` needs a shared `secret` as this provider's key source"));
+                ok = false;
+            }
+            Ok(a) if !HMAC.contains(&a) && hmac_source => {
+                err(&key, format!("`{name}` needs public keys; this provider has a shared secret"));
+                ok = false;
+            }
+            Ok(a) => out.push(a),
+            Err(_) => {
+                err(&key, format!(
+                    "`{name}` is not an accepted algorithm; expected one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384, HS512 (never `none`)"
+                ));
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+fn read_ca(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err("holds no usable CA certificate".into());
+    }
+    Ok(roots)
+}
+
+fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "reading a system CA certificate failed");
+    }
+    roots.add_parsable_certificates(found.certs);
+    roots
+}
