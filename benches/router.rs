@@ -31,7 +31,14 @@ fn table(routes: usize) -> RouteTable {
         .expect("runtime");
     rt.block_on(async {
         let clients = UpstreamClients::new(&cfg.proxy);
-        RouteTable::build(&cfg, &clients, &Metrics::new(), &tollgate::identity::Providers::empty(), None).await
+        RouteTable::build(
+            &cfg,
+            &clients,
+            &Metrics::new(),
+            &tollgate::identity::Providers::empty(),
+            None,
+        )
+        .await
     })
 }
 

@@ -108,12 +108,19 @@ impl Worker {
 /// Loads a config and everything it points at (key files, secrets) without
 /// starting anything: `tollgate check-config`.
 pub fn check_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
-    let cfg = config::load(path)?;
-    Providers::build(&cfg, None, &Metrics::new()).map_err(|errors| ConfigErrors {
-        file: path.to_owned(),
-        errors,
-    })?;
-    Ok(cfg)
+    let cfg = config::parse(path)?;
+    let mut errors = config::problems(&cfg);
+    if let Err(mut more) = Providers::build(&cfg, None, &Metrics::new()) {
+        errors.append(&mut more);
+    }
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors {
+            file: path.to_owned(),
+            errors,
+        })
+    }
 }
 
 /// How a reload ended.
@@ -330,7 +337,8 @@ impl Gateway {
                 "changes to listeners, admin or proxy connection settings take effect after a restart"
             );
         }
-        let providers = match Providers::build(&new, Some(&inner.providers.load()), &inner.metrics) {
+        let providers = match Providers::build(&new, Some(&inner.providers.load()), &inner.metrics)
+        {
             Ok(p) => p,
             Err(errors) => {
                 let e = ConfigErrors {

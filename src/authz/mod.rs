@@ -387,7 +387,13 @@ impl CertTest {
                 let values = v
                     .values()
                     .iter()
-                    .map(|s| if lower { s.to_ascii_lowercase().replace(':', "") } else { s.clone() })
+                    .map(|s| {
+                        if lower {
+                            s.to_ascii_lowercase().replace(':', "")
+                        } else {
+                            s.clone()
+                        }
+                    })
                     .collect();
                 fields.push((field, values));
             }

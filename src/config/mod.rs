@@ -60,6 +60,26 @@ impl std::error::Error for ConfigErrors {}
 
 /// Reads, merges with the environment and validates a config file.
 pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
+    let config = parse(file)?;
+    let errors = validate::validate(&config);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors {
+            file: file.to_owned(),
+            errors,
+        })
+    }
+}
+
+/// The semantic problems of a parsed config (what [`load`] rejects).
+pub fn problems(config: &Config) -> Vec<ConfigError> {
+    validate::validate(config)
+}
+
+/// Reads and merges a config file with the environment, without the
+/// semantic checks.
+pub fn parse(file: &Path) -> Result<Config, ConfigErrors> {
     let fail = |errors| ConfigErrors {
         file: file.to_owned(),
         errors,
@@ -74,16 +94,8 @@ pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
         .merge(Yaml::file_exact(file))
         .merge(Env::prefixed(ENV_PREFIX).ignore(ENV_NOT_KEYS).split("__"));
     let mut config: Config = figment.extract().map_err(|e| fail(from_figment(e)))?;
-    config.base_dir = file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let errors = validate::validate(&config);
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(fail(errors))
-    }
+    config.base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok(config)
 }
 
 fn from_figment(err: figment::Error) -> Vec<ConfigError> {

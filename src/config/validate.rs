@@ -11,8 +11,8 @@ use super::schema::{
     AuthConfig, AuthRequirement, Config, Limits, ProviderConfig, RouteConfig, TokenSource,
     UpstreamConfig,
 };
-use crate::authz::{Policy, Resource};
 use super::{ConfigError, TargetUrl};
+use crate::authz::{Policy, Resource};
 
 struct Errors(Vec<ConfigError>);
 
@@ -274,17 +274,26 @@ fn upstream(path: &str, u: &UpstreamConfig, errs: &mut Errors) {
 
 fn auth(a: &AuthConfig, errs: &mut Errors) {
     if a.realm.is_empty() || a.realm.contains(['"', '\\']) || !a.realm.is_ascii() {
-        errs.add("auth.realm", "must be non-empty ASCII text without quotes or backslashes");
+        errs.add(
+            "auth.realm",
+            "must be non-empty ASCII text without quotes or backslashes",
+        );
     }
     let mut names = HashMap::new();
     for (i, p) in a.providers.iter().enumerate() {
         let path = format!("auth.providers[{i}]");
         if p.name.is_empty() || p.name.contains(char::is_whitespace) {
-            errs.add(format!("{path}.name"), "must be a non-empty name without spaces");
+            errs.add(
+                format!("{path}.name"),
+                "must be a non-empty name without spaces",
+            );
         } else if let Some(first) = names.insert(p.name.as_str(), i) {
             errs.add(
                 format!("{path}.name"),
-                format!("duplicate provider name `{}` (also auth.providers[{first}])", p.name),
+                format!(
+                    "duplicate provider name `{}` (also auth.providers[{first}])",
+                    p.name
+                ),
             );
         }
         provider(&path, p, errs);
@@ -293,7 +302,10 @@ fn auth(a: &AuthConfig, errs: &mut Errors) {
 
 fn provider(path: &str, p: &ProviderConfig, errs: &mut Errors) {
     if p.issuer.is_empty() {
-        errs.add(format!("{path}.issuer"), "must not be empty (the exact `iss` of accepted tokens)");
+        errs.add(
+            format!("{path}.issuer"),
+            "must not be empty (the exact `iss` of accepted tokens)",
+        );
     }
     if p.audiences.is_empty() || p.audiences.iter().any(String::is_empty) {
         errs.add(
@@ -305,7 +317,10 @@ fn provider(path: &str, p: &ProviderConfig, errs: &mut Errors) {
         errs.add(format!("{path}.leeway"), "must be at most 1h");
     }
     if p.token_from.is_empty() {
-        errs.add(format!("{path}.token_from"), "expected at least one token source");
+        errs.add(
+            format!("{path}.token_from"),
+            "expected at least one token source",
+        );
     }
     for (j, s) in p.token_from.iter().enumerate() {
         let name = match s {
@@ -317,17 +332,26 @@ fn provider(path: &str, p: &ProviderConfig, errs: &mut Errors) {
             _ => name.is_empty() || name.contains(['=', ';', '&', ' ']),
         };
         if bad {
-            errs.add(format!("{path}.token_from[{j}]"), format!("`{name}` is not a valid name"));
+            errs.add(
+                format!("{path}.token_from[{j}]"),
+                format!("`{name}` is not a valid name"),
+            );
         }
     }
     if p.max_token_bytes.0 < 256 {
-        errs.add(format!("{path}.max_token_bytes"), "must be at least 256 bytes");
+        errs.add(
+            format!("{path}.max_token_bytes"),
+            "must be at least 256 bytes",
+        );
     }
     let j = &p.jwks;
     errs.nonzero(format!("{path}.jwks.timeout"), j.timeout);
     errs.nonzero(format!("{path}.jwks.min_refresh"), j.min_refresh);
     if j.max_refresh < j.min_refresh {
-        errs.add(format!("{path}.jwks.max_refresh"), "must not be shorter than jwks.min_refresh");
+        errs.add(
+            format!("{path}.jwks.max_refresh"),
+            "must not be shorter than jwks.min_refresh",
+        );
     }
     if j.max_bytes.0 < 1024 {
         errs.add(format!("{path}.jwks.max_bytes"), "must be at least 1KiB");
@@ -339,7 +363,10 @@ fn route_auth(path: &str, r: &RouteConfig, a: &AuthConfig, errs: &mut Errors) {
         AuthRequirement::Jwt | AuthRequirement::Any => true,
         AuthRequirement::AnyOf(l) | AuthRequirement::AllOf(l) => {
             if l.is_empty() {
-                errs.add(format!("{path}.auth"), "names no credential; expected jwt and/or mtls");
+                errs.add(
+                    format!("{path}.auth"),
+                    "names no credential; expected jwt and/or mtls",
+                );
             }
             l.contains(&super::schema::Credential::Jwt)
         }
@@ -353,10 +380,16 @@ fn route_auth(path: &str, r: &RouteConfig, a: &AuthConfig, errs: &mut Errors) {
     }
     if let Some(names) = &r.providers {
         if !takes_jwt {
-            errs.add(format!("{path}.providers"), "is only meaningful with auth: jwt (or any)");
+            errs.add(
+                format!("{path}.providers"),
+                "is only meaningful with auth: jwt (or any)",
+            );
         }
         if names.is_empty() {
-            errs.add(format!("{path}.providers"), "is empty; leave it out to accept every provider");
+            errs.add(
+                format!("{path}.providers"),
+                "is empty; leave it out to accept every provider",
+            );
         }
         for (j, n) in names.iter().enumerate() {
             if !a.providers.iter().any(|p| p.name == *n) {
@@ -377,10 +410,18 @@ fn route_auth(path: &str, r: &RouteConfig, a: &AuthConfig, errs: &mut Errors) {
     for name in r.forward_claims.keys() {
         let lower = name.to_ascii_lowercase();
         if HeaderName::from_bytes(name.as_bytes()).is_err() {
-            errs.add(format!("{path}.forward_claims.{name}"), "is not a valid header name");
+            errs.add(
+                format!("{path}.forward_claims.{name}"),
+                "is not a valid header name",
+            );
         } else if matches!(
             lower.as_str(),
-            "authorization" | "host" | "connection" | "content-length" | "transfer-encoding" | "cookie"
+            "authorization"
+                | "host"
+                | "connection"
+                | "content-length"
+                | "transfer-encoding"
+                | "cookie"
         ) {
             errs.add(
                 format!("{path}.forward_claims.{name}"),

@@ -17,8 +17,8 @@ use super::RequestCtx;
 use super::error::GatewayError;
 use crate::authz::Policy;
 use crate::config::TokenSource;
-use crate::identity::jwt::{JwtProvider, TokenError};
 use crate::identity::Identity;
+use crate::identity::jwt::{JwtProvider, TokenError};
 
 /// A route's authentication and authorization settings, compiled.
 pub struct RouteAuth {
@@ -83,7 +83,10 @@ pub struct Authenticate<S> {
 }
 
 type Fut<S, B> = Either<
-    Either<Ready<Result<<S as Service<Request<B>>>::Response, GatewayError>>, <S as Service<Request<B>>>::Future>,
+    Either<
+        Ready<Result<<S as Service<Request<B>>>::Response, GatewayError>>,
+        <S as Service<Request<B>>>::Future,
+    >,
     BoxFuture<'static, Result<<S as Service<Request<B>>>::Response, GatewayError>>,
 >;
 

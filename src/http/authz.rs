@@ -63,7 +63,8 @@ where
         let auth = &route.auth;
         if let Some(policy) = &auth.policy {
             let who = identity.as_deref().unwrap_or(&ANONYMOUS);
-            let decision = policy.evaluate(who, &Action::http(req.method().as_str(), req.uri().path()));
+            let decision =
+                policy.evaluate(who, &Action::http(req.method().as_str(), req.uri().path()));
             tracing::debug!(
                 route = %route.name, subject = %who.subject, via = who.method.as_str(),
                 rule = ?decision.rule, allowed = decision.allowed(),

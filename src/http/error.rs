@@ -66,7 +66,10 @@ pub enum GatewayError {
         error: TokenError,
     },
     #[error("malformed credentials: {reason}")]
-    InvalidAuthRequest { realm: Arc<str>, reason: &'static str },
+    InvalidAuthRequest {
+        realm: Arc<str>,
+        reason: &'static str,
+    },
     #[error("subject `{subject}` denied by the route's policy (rule {rule:?})")]
     Forbidden {
         realm: Arc<str>,
@@ -171,7 +174,10 @@ impl GatewayError {
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(challenge) = self.challenge().and_then(|c| HeaderValue::from_str(&c).ok()) {
+        if let Some(challenge) = self
+            .challenge()
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
             headers.insert(WWW_AUTHENTICATE, challenge);
         }
         resp

@@ -12,8 +12,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use super::auth::RouteAuth;
 use super::upstream::{UpstreamClients, UpstreamPool};
 use crate::authz::{Policy, Resource};
-use crate::identity::Providers;
 use crate::config::{self, AuthRequirement, Config, Credential, RouteConfig};
+use crate::identity::Providers;
 use crate::metrics::{Metrics, RouteMetrics};
 
 pub struct Route {
@@ -303,7 +303,10 @@ fn compile_auth(
     };
     if auth.accept_jwt {
         auth.providers = match &rc.providers {
-            Some(names) => names.iter().filter_map(|n| providers.get(n).cloned()).collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| providers.get(n).cloned())
+                .collect(),
             None => {
                 let mut all: Vec<_> = providers.all().cloned().collect();
                 all.sort_by(|a, b| a.name.cmp(&b.name));

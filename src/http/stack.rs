@@ -17,7 +17,7 @@ use tower::util::{Oneshot, ServiceExt};
 use super::RequestCtx;
 use super::access_log::{AccessLog, AccessLogLayer};
 use super::auth::{AuthLayer, Authenticate};
-use super::authz::{AuthzLayer, Authorize};
+use super::authz::{Authorize, AuthzLayer};
 use super::body::ProxyBody;
 use super::limits::{LimitsLayer, RequestLimits};
 use super::proxy::Proxy;

@@ -94,9 +94,11 @@ impl Providers {
             let Some((source, material)) = key_source(cfg, pc, metrics, &mut err) else {
                 continue;
             };
-            let reused = previous
-                .and_then(|p| p.by_name.get(&pc.name))
-                .filter(|b| b.config == *pc && b.material == material && cfg.auth.token_cache_entries == b.provider.settings.cache_entries);
+            let reused = previous.and_then(|p| p.by_name.get(&pc.name)).filter(|b| {
+                b.config == *pc
+                    && b.material == material
+                    && cfg.auth.token_cache_entries == b.provider.settings.cache_entries
+            });
             if let Some(b) = reused {
                 by_name.insert(
                     pc.name.clone(),
@@ -231,7 +233,10 @@ fn key_source(
             SecretSource::Env(var) => match std::env::var(var) {
                 Ok(v) => ("secret.env", v.into_bytes()),
                 Err(_) => {
-                    err("secret.env", format!("environment variable `{var}` is not set"));
+                    err(
+                        "secret.env",
+                        format!("environment variable `{var}` is not set"),
+                    );
                     return None;
                 }
             },
@@ -245,7 +250,10 @@ fn key_source(
                         ("secret.file", b)
                     }
                     Err(e) => {
-                        err("secret.file", format!("cannot read {}: {e}", path.display()));
+                        err(
+                            "secret.file",
+                            format!("cannot read {}: {e}", path.display()),
+                        );
                         return None;
                     }
                 }
@@ -318,18 +326,27 @@ fn algorithms(
         let key = format!("algorithms[{j}]");
         match name.parse::<Algorithm>() {
             Ok(a) if HMAC.contains(&a) && !hmac_source => {
-                err(&key, format!("`{name}` needs a shared `secret` as this provider's key source"));
+                err(
+                    &key,
+                    format!("`{name}` needs a shared `secret` as this provider's key source"),
+                );
                 ok = false;
             }
             Ok(a) if !HMAC.contains(&a) && hmac_source => {
-                err(&key, format!("`{name}` needs public keys; this provider has a shared secret"));
+                err(
+                    &key,
+                    format!("`{name}` needs public keys; this provider has a shared secret"),
+                );
                 ok = false;
             }
             Ok(a) => out.push(a),
             Err(_) => {
-                err(&key, format!(
-                    "`{name}` is not an accepted algorithm; expected one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384, HS512 (never `none`)"
-                ));
+                err(
+                    &key,
+                    format!(
+                        "`{name}` is not an accepted algorithm; expected one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384, HS512 (never `none`)"
+                    ),
+                );
                 ok = false;
             }
         }

@@ -2,6 +2,7 @@
 //! real HTTP/1.1, h2c and WebSocket clients.
 
 mod cli;
+mod jwt;
 mod lifecycle;
 mod limits;
 mod proxy;

@@ -35,6 +35,8 @@ pub struct RemoteJwks {
     /// The control runtime: fetches run there, whichever worker asked.
     runtime: OnceLock<tokio::runtime::Handle>,
     fetches: IntCounterVec,
+    /// Turns true once the first fetch has been tried, whatever its outcome.
+    first_attempt: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -79,6 +81,7 @@ impl RemoteJwks {
             refetch: Mutex::new(Refetch::default()),
             runtime: OnceLock::new(),
             fetches,
+            first_attempt: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -97,7 +100,9 @@ impl RemoteJwks {
             let mut backoff = Duration::from_secs(1);
             loop {
                 let Some(me) = weak.upgrade() else { return };
-                let wait = match me.fetch_and_store("refresh").await {
+                let fetched = me.fetch_and_store("refresh").await;
+                me.first_attempt.send_replace(true);
+                let wait = match fetched {
                     Ok(max_age) => {
                         backoff = Duration::from_secs(1);
                         max_age
@@ -114,6 +119,13 @@ impl RemoteJwks {
                 tokio::time::sleep(wait).await;
             }
         });
+    }
+
+    /// Waits (up to the fetch timeout) for the first fetch after start to
+    /// have been tried, so the first requests do not fail for want of keys.
+    pub async fn first_fetch(&self) {
+        let mut attempted = self.first_attempt.subscribe();
+        let _ = tokio::time::timeout(self.settings.timeout, attempted.wait_for(|done| *done)).await;
     }
 
     /// Fetches the set again for a token whose `kid` is unknown; returns once
@@ -134,9 +146,8 @@ impl RemoteJwks {
                     };
                     state.last = Some(Instant::now());
                     let me = self.clone();
-                    let task = runtime.spawn(async move {
-                        me.fetch_and_store("unknown_kid").await.is_ok()
-                    });
+                    let task = runtime
+                        .spawn(async move { me.fetch_and_store("unknown_kid").await.is_ok() });
                     let f = async move { task.await.unwrap_or(false) }.boxed().shared();
                     state.inflight = Some(f.clone());
                     f
@@ -178,7 +189,10 @@ impl RemoteJwks {
     async fn fetch(&self) -> Result<(KeySet, Vec<String>, Option<Duration>), String> {
         let req = Request::get(self.uri.clone())
             .header(header::ACCEPT, "application/jwk-set+json, application/json")
-            .header(header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("tollgate/", env!("CARGO_PKG_VERSION")),
+            )
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
         let timeout = self.settings.timeout;
@@ -237,7 +251,10 @@ mod tests {
 
     #[test]
     fn cache_control_max_age() {
-        assert_eq!(max_age("public, max-age=600"), Some(Duration::from_secs(600)));
+        assert_eq!(
+            max_age("public, max-age=600"),
+            Some(Duration::from_secs(600))
+        );
         assert_eq!(max_age("no-store"), Some(Duration::ZERO));
         assert_eq!(max_age("public"), None);
         assert_eq!(max_age("max-age=abc"), None);

@@ -119,7 +119,9 @@ pub fn from_jwk(jwk: &Jwk) -> Result<Key, String> {
         AlgorithmParameters::EllipticCurve(_) => Family::Ec,
         AlgorithmParameters::OctetKeyPair(_) => Family::Ed,
         AlgorithmParameters::OctetKey(_) => {
-            return Err("symmetric (`oct`) keys are not accepted in a key set; use `secret`".into());
+            return Err(
+                "symmetric (`oct`) keys are not accepted in a key set; use `secret`".into(),
+            );
         }
     };
     if let Some(jsonwebtoken::jwk::PublicKeyUse::Encryption) = jwk.common.public_key_use {
@@ -194,7 +196,7 @@ pub fn from_pem(bytes: &[u8]) -> Result<Vec<Key>, String> {
             .find(&end_marker)
             .ok_or_else(|| format!("no `{end_marker}` line"))?
             + end_marker.len();
-        let pem = rest[begin..begin + len].as_bytes();
+        let pem = &rest.as_bytes()[begin..begin + len];
         rest = &rest[begin + len..];
         let (family, key) = match label {
             "RSA PUBLIC KEY" => (Family::Rsa, DecodingKey::from_rsa_pem(pem)),

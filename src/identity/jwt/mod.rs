@@ -207,7 +207,10 @@ impl JwtProvider {
         {
             return Err(TokenError::Revoked);
         }
-        if id.expires_at.is_some_and(|exp| exp + self.settings.leeway.as_secs() <= unix_now()) {
+        if id
+            .expires_at
+            .is_some_and(|exp| exp + self.settings.leeway.as_secs() <= unix_now())
+        {
             return Err(TokenError::Expired);
         }
         Ok(())
@@ -237,10 +240,17 @@ impl JwtProvider {
         let header = self.header(token)?;
         let keys = match &self.keys {
             KeySource::Static(set) => return self.verify(token, &header, set),
-            KeySource::Remote(remote) => remote.keys(),
+            KeySource::Remote(remote) => {
+                let mut keys = remote.keys();
+                if keys.is_empty() {
+                    remote.first_fetch().await;
+                    keys = remote.keys();
+                }
+                keys
+            }
         };
         let known = header.kid.as_deref().is_none_or(|kid| keys.has_kid(kid));
-        if known && !keys.is_empty() {
+        if known || keys.is_empty() {
             return self.verify(token, &header, &keys);
         }
         // A new kid may be a key rotated in at the issuer: fetch the set again
@@ -252,7 +262,8 @@ impl JwtProvider {
 
     fn header(&self, token: &str) -> Result<TokenHeader, TokenError> {
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(TokenError::Malformed);
         };
@@ -265,7 +276,9 @@ impl JwtProvider {
         if !b64(h) || !b64(p) || !b64(s) {
             return Err(TokenError::Malformed);
         }
-        let raw = URL_SAFE_NO_PAD.decode(h).map_err(|_| TokenError::Malformed)?;
+        let raw = URL_SAFE_NO_PAD
+            .decode(h)
+            .map_err(|_| TokenError::Malformed)?;
         let Ok(Value::Object(header)) = serde_json::from_slice::<Value>(&raw) else {
             return Err(TokenError::Malformed);
         };

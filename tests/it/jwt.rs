@@ -1,0 +1,742 @@
+//! JWT authentication end to end: real tokens signed per algorithm, a real
+//! gateway, a real upstream; a real JWKS endpoint for key rotation.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::Request;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::support::*;
+
+const ISS: &str = "https://idp.test";
+const AUD: &str = "bar";
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A signing key and its public half, for one algorithm.
+struct Signer {
+    alg: Algorithm,
+    key: EncodingKey,
+    public_pem: String,
+    /// Raw public key: the EC point (0x04 | x | y) or the Ed25519 key.
+    public_raw: Vec<u8>,
+    kid: Option<String>,
+}
+
+impl Signer {
+    fn new(alg: Algorithm) -> Signer {
+        if alg == Algorithm::HS256 {
+            let secret = b"0123456789abcdef0123456789abcdef-test-secret";
+            return Signer {
+                alg,
+                key: EncodingKey::from_secret(secret),
+                public_pem: String::from_utf8(secret.to_vec()).unwrap(),
+                public_raw: Vec::new(),
+                kid: None,
+            };
+        }
+        let rc = match alg {
+            Algorithm::RS256 | Algorithm::PS256 => &rcgen::PKCS_RSA_SHA256,
+            Algorithm::ES256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            Algorithm::ES384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            Algorithm::EdDSA => &rcgen::PKCS_ED25519,
+            other => panic!("no test key for {other:?}"),
+        };
+        let kp = rcgen::KeyPair::generate_for(rc).expect("key generation");
+        let private = kp.serialize_pem();
+        let key = match alg {
+            Algorithm::RS256 | Algorithm::PS256 => EncodingKey::from_rsa_pem(private.as_bytes()),
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(private.as_bytes()),
+            _ => EncodingKey::from_ec_pem(private.as_bytes()),
+        }
+        .expect("encoding key");
+        Signer {
+            alg,
+            key,
+            public_pem: kp.public_key_pem(),
+            public_raw: kp.public_key_raw().to_vec(),
+            kid: None,
+        }
+    }
+
+    fn with_kid(mut self, kid: &str) -> Signer {
+        self.kid = Some(kid.into());
+        self
+    }
+
+    fn header(&self) -> Header {
+        let mut h = Header::new(self.alg);
+        h.kid = self.kid.clone();
+        h
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        encode(&self.header(), claims, &self.key).expect("sign")
+    }
+
+    fn sign_with(&self, header: &Header, claims: &Value) -> String {
+        encode(header, claims, &self.key).expect("sign")
+    }
+
+    /// The public key as a JWK with this signer's kid.
+    fn jwk(&self) -> Value {
+        let b64 = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
+        let mut v = match self.alg {
+            Algorithm::ES256 => {
+                let (x, y) = self.public_raw[1..].split_at(32);
+                json!({"kty": "EC", "crv": "P-256", "x": b64(x), "y": b64(y)})
+            }
+            Algorithm::EdDSA => json!({"kty": "OKP", "crv": "Ed25519", "x": b64(&self.public_raw)}),
+            other => panic!("no JWK in these tests for {other:?}"),
+        };
+        v["alg"] = json!(format!("{:?}", self.alg));
+        v["use"] = json!("sig");
+        if let Some(kid) = &self.kid {
+            v["kid"] = json!(kid);
+        }
+        v
+    }
+}
+
+fn claims() -> Value {
+    json!({
+        "iss": ISS, "aud": AUD, "sub": "alice", "exp": now() + 300, "iat": now(),
+        "scope": "bar.read", "jti": format!("j-{}", fastrand::u64(..)),
+    })
+}
+
+fn with(mut base: Value, patch: Value) -> Value {
+    for (k, v) in patch.as_object().unwrap() {
+        if v.is_null() {
+            base.as_object_mut().unwrap().remove(k);
+        } else {
+            base[k] = v.clone();
+        }
+    }
+    base
+}
+
+async fn call(gw: &TestGateway, path: &str, token: Option<&str>) -> TestResponse {
+    let mut req = Request::get(gw.url(path));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    send(req.body(full("")).unwrap()).await
+}
+
+fn provider_yaml(name: &str, keys: &str, extra: &str) -> String {
+    format!(
+        "    - name: {name}\n      issuer: {ISS}\n      audiences: [{AUD}]\n      {keys}\n{extra}"
+    )
+}
+
+fn gateway_yaml(providers: &[String], routes: &str) -> String {
+    format!(
+        "{}auth:\n  providers:\n{}",
+        config_with_routes(routes),
+        providers.concat()
+    )
+}
+
+/// Every algorithm: valid, expired, not yet valid, leeway edges, wrong
+/// issuer and audience, missing exp.
+#[tokio::test]
+async fn token_table_per_algorithm() {
+    let up = Upstream::echo("up").await;
+    let dir = TempDir::new().unwrap();
+    let algs = [
+        ("rs256", Algorithm::RS256),
+        ("ps256", Algorithm::PS256),
+        ("es256", Algorithm::ES256),
+        ("es384", Algorithm::ES384),
+        ("eddsa", Algorithm::EdDSA),
+        ("hs256", Algorithm::HS256),
+    ];
+    let mut providers = Vec::new();
+    let mut routes = String::new();
+    let mut signers = Vec::new();
+    for (name, alg) in algs {
+        let s = Signer::new(alg);
+        let file = dir.path().join(format!("{name}.pem"));
+        std::fs::write(&file, &s.public_pem).unwrap();
+        let keys = if alg == Algorithm::HS256 {
+            format!("secret: {{ file: {} }}", file.display())
+        } else {
+            format!("public_keys: [{}]", file.display())
+        };
+        providers.push(provider_yaml(name, &keys, ""));
+        routes.push_str(&route(
+            name,
+            &format!("/{name}"),
+            &[&up],
+            &format!("    auth: jwt\n    providers: [{name}]\n"),
+        ));
+        signers.push((name, s));
+    }
+    let gw = TestGateway::start(&gateway_yaml(&providers, &routes)).await;
+
+    for (name, s) in &signers {
+        let path = format!("/{name}/x");
+        let cases: Vec<(&str, Value, u16)> = vec![
+            ("valid", claims(), 200),
+            ("expired", with(claims(), json!({"exp": now() - 120})), 401),
+            (
+                "not yet valid",
+                with(claims(), json!({"nbf": now() + 300})),
+                401,
+            ),
+            (
+                "expired within leeway",
+                with(claims(), json!({"exp": now() - 30})),
+                200,
+            ),
+            (
+                "expired beyond leeway",
+                with(claims(), json!({"exp": now() - 90})),
+                401,
+            ),
+            (
+                "issued in the future",
+                with(claims(), json!({"iat": now() + 600})),
+                401,
+            ),
+            (
+                "wrong issuer",
+                with(claims(), json!({"iss": "https://evil.test"})),
+                401,
+            ),
+            (
+                "wrong audience",
+                with(claims(), json!({"aud": "other"})),
+                401,
+            ),
+            (
+                "audience list",
+                with(claims(), json!({"aud": ["other", AUD]})),
+                200,
+            ),
+            ("missing exp", with(claims(), json!({"exp": null})), 401),
+            ("missing aud", with(claims(), json!({"aud": null})), 401),
+        ];
+        for (case, c, want) in cases {
+            let r = call(&gw, &path, Some(&s.sign(&c))).await;
+            assert_eq!(r.status.as_u16(), want, "{name}: {case}: {}", r.text());
+            if want == 401 {
+                let challenge = r.headers["www-authenticate"].to_str().unwrap();
+                assert!(
+                    challenge.starts_with("Bearer realm=\"tollgate\", error=\"invalid_token\""),
+                    "{challenge}"
+                );
+                assert_eq!(r.json()["error"], "invalid_token");
+            } else {
+                assert_eq!(r.json()["name"], "up");
+            }
+        }
+        // A token of another provider's key never validates here.
+        let other = &signers.iter().find(|(n, _)| n != name).unwrap().1;
+        let r = call(&gw, &path, Some(&other.sign(&claims()))).await;
+        assert_eq!(r.status, 401, "{name}: foreign key");
+    }
+}
+
+/// Hostile tokens: alg none, algorithm confusion, crit, jku/x5u (never
+/// fetched), garbage, truncation, oversize, ECDSA r=s=0.
+#[tokio::test]
+async fn hostile_tokens() {
+    let up = Upstream::echo("up").await;
+    let dir = TempDir::new().unwrap();
+    let rsa = Signer::new(Algorithm::RS256);
+    let ec = Signer::new(Algorithm::ES256);
+    let rsa_file = dir.path().join("rsa.pem");
+    let ec_file = dir.path().join("ec.pem");
+    std::fs::write(&rsa_file, &rsa.public_pem).unwrap();
+    std::fs::write(&ec_file, &ec.public_pem).unwrap();
+    // A server a forged jku/x5u would point at: it must never be asked.
+    let lure = Upstream::start(|_| async { status_response(200) }).await;
+    let providers = [
+        provider_yaml("rsa", &format!("public_keys: [{}]", rsa_file.display()), ""),
+        provider_yaml("ec", &format!("public_keys: [{}]", ec_file.display()), ""),
+    ];
+    let routes = route(
+        "rsa",
+        "/rsa",
+        &[&up],
+        "    auth: jwt\n    providers: [rsa]\n",
+    ) + &route("ec", "/ec", &[&up], "    auth: jwt\n    providers: [ec]\n");
+    let gw = TestGateway::start(&gateway_yaml(&providers, &routes)).await;
+
+    let good = rsa.sign(&claims());
+    assert_eq!(call(&gw, "/rsa", Some(&good)).await.status, 200);
+
+    let b64 = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let payload = b64(&claims());
+    let none = format!("{}.{payload}.", b64(&json!({"alg": "none", "typ": "JWT"})));
+    let none_sig = format!("{}.{payload}.AAAA", b64(&json!({"alg": "none"})));
+    // HS256 keyed with the RSA public key's PEM: the classic confusion attack.
+    let confused = encode(
+        &Header::new(Algorithm::HS256),
+        &claims(),
+        &EncodingKey::from_secret(rsa.public_pem.as_bytes()),
+    )
+    .unwrap();
+    let mut crit = rsa.header();
+    crit.crit = Some(vec!["exp".into()]);
+    let crit = rsa.sign_with(&crit, &claims());
+    // Signed by an attacker's key, pointing at the attacker's key URL.
+    let attacker = Signer::new(Algorithm::RS256);
+    let mut jku = attacker.header();
+    jku.jku = Some(format!("http://{}/jwks.json", lure.addr));
+    jku.x5u = Some(format!("http://{}/cert.pem", lure.addr));
+    let jku = attacker.sign_with(&jku, &claims());
+    let mut kid_path = rsa.header();
+    kid_path.kid = Some("../../../../etc/passwd".into());
+    let kid_path_token = rsa.sign_with(&kid_path, &claims());
+    let truncated = &good[..good.len() - 10];
+    let parts: Vec<&str> = good.split('.').collect();
+    let garbage_b64 = format!("{}.{}!!.{}", parts[0], parts[1], parts[2]);
+    let huge = format!("{}.{}.{}", parts[0], "A".repeat(9000), parts[2]);
+    let es = ec.sign(&claims());
+    let es_parts: Vec<&str> = es.split('.').collect();
+    let zero_sig = format!(
+        "{}.{}.{}",
+        es_parts[0],
+        es_parts[1],
+        URL_SAFE_NO_PAD.encode([0u8; 64])
+    );
+
+    let cases: Vec<(&str, &str, &str, u16)> = vec![
+        ("alg none", "/rsa", &none, 401),
+        ("alg none with signature", "/rsa", &none_sig, 401),
+        ("HS256 with the RSA public key", "/rsa", &confused, 401),
+        ("crit header", "/rsa", &crit, 401),
+        ("jku / x5u to an attacker key", "/rsa", &jku, 401),
+        ("truncated", "/rsa", truncated, 401),
+        ("garbage base64", "/rsa", &garbage_b64, 401),
+        ("not a JWT", "/rsa", "hello", 401),
+        ("oversized", "/rsa", &huge, 401),
+        ("ECDSA r=s=0", "/ec", &zero_sig, 401),
+        ("RSA token on the EC route", "/ec", &good, 401),
+        // Path characters in kid are only ever a map key: the right key still verifies.
+        ("kid with path characters", "/rsa", &kid_path_token, 200),
+    ];
+    for (case, path, token, want) in cases {
+        let r = call(&gw, path, Some(token)).await;
+        assert_eq!(r.status.as_u16(), want, "{case}: {}", r.text());
+        if want == 401 {
+            assert_eq!(r.json()["error"], "invalid_token", "{case}");
+        }
+    }
+    assert_eq!(lure.hits(), 0, "a token's jku/x5u must never be fetched");
+
+    // Larger than the listener's header limit: refused before any parsing.
+    let r = call(&gw, "/rsa", Some(&"A".repeat(20_000))).await;
+    assert_eq!(r.status, 431);
+
+    // Credentials in the wrong shape.
+    let r = call(&gw, "/rsa", None).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"tollgate\"");
+    assert_eq!(r.json()["error"], "unauthorized");
+    let two = send(
+        Request::get(gw.url("/rsa"))
+            .header("authorization", format!("Bearer {good}"))
+            .header("authorization", format!("Bearer {good}"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(two.status, 400);
+    assert!(
+        two.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_request")
+    );
+    let basic = send(
+        Request::get(gw.url("/rsa"))
+            .header("authorization", "Basic dXNlcjpwYXNz")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(basic.status, 401);
+    assert_eq!(
+        up.hits(),
+        2,
+        "only the two valid tokens reached the upstream"
+    );
+}
+
+/// Scope policy, claims forwarded as headers, client-supplied identity headers removed.
+#[tokio::test]
+async fn policy_claim_headers_and_cache() {
+    let up = Upstream::echo("up").await;
+    let dir = TempDir::new().unwrap();
+    let s = Signer::new(Algorithm::ES256);
+    let file = dir.path().join("k.pem");
+    std::fs::write(&file, &s.public_pem).unwrap();
+    let providers = [provider_yaml(
+        "p",
+        &format!("public_keys: [{}]", file.display()),
+        "",
+    )];
+    let routes = route(
+        "bar",
+        "/bar",
+        &[&up],
+        "    auth: jwt\n    forward_claims: { x-user: sub, x-scopes: scope, x-org: org }\n    forward_token: false\n    policy:\n      - deny: { paths: [/bar/admin/**] }\n      - allow: { scopes: [bar.read], methods: [GET] }\n      - allow: { scopes: [bar.write] }\n",
+    ) + &route("open", "/open", &[&up], "");
+    let gw = TestGateway::start(&gateway_yaml(&providers, &routes)).await;
+
+    let reader = s.sign(&with(claims(), json!({"org": "acme"})));
+    let r = send(
+        Request::get(gw.url("/bar/items"))
+            .header("authorization", format!("Bearer {reader}"))
+            .header("x-user", "mallory")
+            .header("x-forwarded-client-cert", "By=spoofed")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-user"], "alice");
+    assert_eq!(h["x-scopes"], "bar.read");
+    assert_eq!(h["x-org"], "acme");
+    assert!(h.get("authorization").is_none(), "forward_token: false");
+    assert!(h.get("x-forwarded-client-cert").is_none());
+
+    // The same token again comes from the cache.
+    let r = call(&gw, "/bar/items", Some(&reader)).await;
+    assert_eq!(r.status, 200);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_auth_tokens_total{outcome=\"cached\",provider=\"p\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_auth_tokens_total{outcome=\"valid\",provider=\"p\"}"
+        ),
+        1.0
+    );
+
+    // Policy: POST needs bar.write; admin paths are denied to everyone.
+    let r = send(
+        Request::post(gw.url("/bar/items"))
+            .header("authorization", format!("Bearer {reader}"))
+            .body(full("x"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"], "insufficient_scope");
+    let challenge = r.headers["www-authenticate"].to_str().unwrap();
+    assert!(
+        challenge.contains("error=\"insufficient_scope\""),
+        "{challenge}"
+    );
+    assert!(
+        challenge.contains("scope=\"bar.read bar.write\""),
+        "{challenge}"
+    );
+    let writer = s.sign(&with(claims(), json!({"scope": "bar.write"})));
+    let r = send(
+        Request::post(gw.url("/bar/items"))
+            .header("authorization", format!("Bearer {writer}"))
+            .body(full("x"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(call(&gw, "/bar/admin/x", Some(&writer)).await.status, 403);
+    assert_eq!(call(&gw, "/bar/%61dmin/x", Some(&writer)).await.status, 403);
+
+    // Identity headers are stripped on routes without auth too.
+    let r = send(
+        Request::get(gw.url("/open"))
+            .header("x-user", "mallory")
+            .header("x-org", "evil")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["headers"].get("x-user").is_none());
+    assert!(r.json()["headers"].get("x-org").is_none());
+
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_authz_decisions_total{outcome=\"deny\",route=\"bar\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_authz_decisions_total{outcome=\"allow\",route=\"bar\"}"
+        ),
+        3.0
+    );
+}
+
+/// A JWKS endpoint we control: its key set, a fetch counter, and modes.
+struct Jwks {
+    server: Upstream,
+    keys: Arc<Mutex<Value>>,
+    mode: Arc<Mutex<&'static str>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl Jwks {
+    async fn start(initial: Value) -> Jwks {
+        let keys = Arc::new(Mutex::new(initial));
+        let mode = Arc::new(Mutex::new("ok"));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (k, m, f) = (keys.clone(), mode.clone(), fetches.clone());
+        let server = Upstream::start(move |_| {
+            f.fetch_add(1, Ordering::SeqCst);
+            let body = k.lock().unwrap().to_string();
+            let mode = *m.lock().unwrap();
+            async move {
+                match mode {
+                    "down" => status_response(503),
+                    "garbage" => http::Response::new(full("<html>not json</html>")),
+                    _ => {
+                        let mut r = http::Response::new(full(body));
+                        r.headers_mut()
+                            .insert("cache-control", "max-age=1".parse().unwrap());
+                        r
+                    }
+                }
+            }
+        })
+        .await;
+        Jwks {
+            server,
+            keys,
+            mode,
+            fetches,
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn jwks_rotation_refetch_limits_and_stale_keys() {
+    let up = Upstream::echo("up").await;
+    let a = Signer::new(Algorithm::ES256).with_kid("key-a");
+    let b = Signer::new(Algorithm::EdDSA).with_kid("key-b");
+    let jwks = Jwks::start(json!({"keys": [a.jwk()]})).await;
+    let uri = format!("http://{}/.well-known/jwks.json", jwks.server.addr);
+    let providers = [provider_yaml(
+        "idp",
+        &format!("jwks_uri: {uri}"),
+        "      jwks: { min_refresh: 200ms, max_refresh: 200ms, unknown_kid_refetch: 1h }\n",
+    )];
+    let routes = route("bar", "/bar", &[&up], "    auth: jwt\n");
+    let gw = TestGateway::start(&gateway_yaml(&providers, &routes)).await;
+
+    wait_until(Duration::from_secs(5), "key A fetched", || async {
+        call(&gw, "/bar", Some(&a.sign(&claims()))).await.status == 200
+    })
+    .await;
+
+    // Rotation at the issuer: key B appears; a token with kid B triggers a
+    // refetch (the background refresh may also pick it up) and validates.
+    *jwks.keys.lock().unwrap() = json!({"keys": [a.jwk(), b.jwk()]});
+    let r = call(&gw, "/bar", Some(&b.sign(&claims()))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A flood of forged kids causes no fetch beyond the periodic refresh:
+    // the unknown-kid refetch already ran within its interval.
+    let mut rng = fastrand::Rng::new();
+    let before = jwks.fetches();
+    let t0 = std::time::Instant::now();
+    for _ in 0..100 {
+        let forged = Signer::new(Algorithm::HS256);
+        let mut h = a.header();
+        h.kid = Some(format!("forged-{}", rng.u64(..)));
+        let token = a.sign_with(&h, &claims());
+        drop(forged);
+        assert_eq!(call(&gw, "/bar", Some(&token)).await.status, 401);
+    }
+    let periodic = (t0.elapsed().as_millis() / 200) as usize + 2;
+    let during = jwks.fetches() - before;
+    assert!(
+        during <= periodic,
+        "{during} fetches during the flood; the refresh alone allows {periodic}"
+    );
+    let m = gw.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "tollgate_auth_jwks_fetches_total{outcome=\"rate_limited\",provider=\"idp\",reason=\"unknown_kid\"}"
+        ) >= 99.0,
+        "{m}"
+    );
+
+    // Endpoint down, then answering garbage: fresh tokens (not cached) still
+    // validate with the keys known before.
+    for mode in ["down", "garbage"] {
+        *jwks.mode.lock().unwrap() = mode;
+        let seen = jwks.fetches();
+        wait_until(Duration::from_secs(5), "two failed refreshes", || async {
+            jwks.fetches() >= seen + 2
+        })
+        .await;
+        let r = call(&gw, "/bar", Some(&b.sign(&claims()))).await;
+        assert_eq!(r.status, 200, "{mode}: {}", r.text());
+    }
+    let m = gw.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "tollgate_auth_jwks_fetches_total{outcome=\"error\",provider=\"idp\",reason=\"refresh\"}"
+        ) >= 4.0
+    );
+}
+
+#[tokio::test]
+async fn token_sources_and_mtls_routes_without_tls() {
+    let up = Upstream::echo("up").await;
+    let dir = TempDir::new().unwrap();
+    let s = Signer::new(Algorithm::EdDSA);
+    let file = dir.path().join("k.pem");
+    std::fs::write(&file, &s.public_pem).unwrap();
+    let providers = [provider_yaml(
+        "p",
+        &format!("public_keys: [{}]", file.display()),
+        "      token_from: [authorization, { cookie: session }, { query: access_token }]\n",
+    )];
+    let routes = route("bar", "/bar", &[&up], "    auth: jwt\n")
+        + &route("cert", "/cert", &[&up], "    auth: mtls\n")
+        + &route(
+            "either",
+            "/either",
+            &[&up],
+            "    auth: { any_of: [jwt, mtls] }\n",
+        )
+        + &route(
+            "both",
+            "/both",
+            &[&up],
+            "    auth: { all_of: [jwt, mtls] }\n",
+        );
+    let gw = TestGateway::start(&gateway_yaml(&providers, &routes)).await;
+    let t = s.sign(&claims());
+
+    let cookie = send(
+        Request::get(gw.url("/bar"))
+            .header("cookie", format!("theme=dark; session={t}"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(cookie.status, 200);
+    assert_eq!(
+        get(&gw.url(&format!("/bar?x=1&access_token={t}")))
+            .await
+            .status,
+        200
+    );
+    // The same request with a different token in two places is malformed.
+    let other = s.sign(&claims());
+    let r = send(
+        Request::get(gw.url(&format!("/bar?access_token={other}")))
+            .header("authorization", format!("Bearer {t}"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+
+    // A plain listener never has a client certificate.
+    let r = call(&gw, "/cert", Some(&t)).await;
+    assert_eq!(r.status, 401);
+    assert!(r.headers.get("www-authenticate").is_none());
+    assert_eq!(call(&gw, "/either", Some(&t)).await.status, 200);
+    let r = call(&gw, "/either", None).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"tollgate\"");
+    assert_eq!(call(&gw, "/both", Some(&t)).await.status, 401);
+}
+
+#[tokio::test]
+async fn provider_config_errors_name_the_key() {
+    let dir = TempDir::new().unwrap();
+    let private = dir.path().join("private.pem");
+    std::fs::write(
+        &private,
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem(),
+    )
+    .unwrap();
+    let short = dir.path().join("short.secret");
+    std::fs::write(&short, "too-short").unwrap();
+    let yaml = format!(
+        "{}auth:\n  providers:\n{}{}{}{}{}",
+        config_with_routes(
+            "  - name: r\n    match: { path_prefix: / }\n    upstream: { targets: [http://127.0.0.1:9] }\n    auth: jwt\n    providers: [nope]\n"
+        ),
+        provider_yaml("missing", "public_keys: [does-not-exist.pem]", ""),
+        provider_yaml(
+            "private",
+            &format!("public_keys: [{}]", private.display()),
+            ""
+        ),
+        provider_yaml(
+            "short",
+            &format!("secret: {{ file: {} }}", short.display()),
+            ""
+        ),
+        provider_yaml(
+            "confused",
+            &format!("secret: {{ file: {} }}", short.display()),
+            "      algorithms: [RS256, none]\n"
+        ),
+        provider_yaml("self", "keys: self", ""),
+    );
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check-config", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "routes[0].providers[0]: `nope` is not a provider",
+        "auth.providers[0].public_keys[0]: cannot read",
+        "auth.providers[1].public_keys[0]:",
+        "holds a private key",
+        "auth.providers[2].secret.file: the secret must be at least 32 bytes",
+        "auth.providers[4].keys: `keys: self` needs",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+}
