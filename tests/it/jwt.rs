@@ -740,3 +740,89 @@ async fn provider_config_errors_name_the_key() {
         assert!(err.contains(want), "missing `{want}` in:\n{err}");
     }
 }
+
+/// An https JWKS endpoint behind a private CA: trusted with `jwks.ca_file`,
+/// refused with the system roots.
+#[tokio::test]
+async fn jwks_over_https_with_a_private_ca() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    // A CA and a server certificate for 127.0.0.1.
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test idp CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+    let server_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let server_params = rcgen::CertificateParams::new(vec!["127.0.0.1".into()]).unwrap();
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+
+    let signer = Signer::new(Algorithm::ES256).with_kid("tls-key");
+    let body = json!({"keys": [signer.jwk()]}).to_string();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from(server_cert.der().to_vec())],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let served = fetches.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (acceptor, body, served) = (acceptor.clone(), body.clone(), served.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |_req| {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    let body = body.clone();
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(full(body))) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+
+    let up = Upstream::echo("up").await;
+    let dir = TempDir::new().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let uri = format!("https://127.0.0.1:{}/jwks.json", addr.port());
+    let providers = [
+        provider_yaml(
+            "private",
+            &format!("jwks_uri: {uri}"),
+            &format!("      jwks: {{ ca_file: {} }}\n", ca_file.display()),
+        ),
+        provider_yaml("system", &format!("jwks_uri: {uri}"), ""),
+    ];
+    let routes = route("p", "/p", &[&up], "    auth: jwt\n    providers: [private]\n")
+        + &route("s", "/s", &[&up], "    auth: jwt\n    providers: [system]\n");
+    let gw = TestGateway::start(&gateway_yaml(&providers, &routes)).await;
+    let token = signer.sign(&claims());
+    wait_until(Duration::from_secs(5), "keys fetched over https", || async {
+        call(&gw, "/p", Some(&token)).await.status == 200
+    })
+    .await;
+    // The system roots do not know the private CA: no keys, no access.
+    let r = call(&gw, "/s", Some(&signer.sign(&claims()))).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let m = gw.metrics().await;
+    assert!(metric(&m, "tollgate_auth_jwks_fetches_total{outcome=\"error\",provider=\"system\",reason=\"refresh\"}") >= 1.0, "{m}");
+    assert!(fetches.load(Ordering::SeqCst) >= 1);
+    server.abort();
+}
