@@ -65,11 +65,34 @@ listeners:
 admin: { bind: 127.0.0.1:$TG_ADMIN }
 proxy: { access_log: false }
 reload: { watch: false }
+auth:
+  providers:
+    - name: bench
+      issuer: https://idp.bench
+      audiences: [bench]
+      public_keys: [$work/ed.pub.pem]
 routes:
   - name: up
     match: { path_prefix: / }
     upstream: { targets: [http://127.0.0.1:$UP_PORT] }
+  - name: jwt
+    match: { path_prefix: /jwt }
+    upstream: { targets: [http://127.0.0.1:$UP_PORT] }
+    auth: jwt
+    forward_claims: { x-user: sub }
+    policy:
+      - allow: { scopes: [bench.read] }
 CONF
+# An EdDSA token signed with openssl (raw Ed25519 signature, as JWS wants).
+openssl genpkey -algorithm ed25519 -out "$work/ed.pem" 2>/dev/null
+openssl pkey -in "$work/ed.pem" -pubout -out "$work/ed.pub.pem"
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+jwt_header=$(printf '{"alg":"EdDSA","typ":"JWT"}' | b64url)
+jwt_claims=$(printf '{"iss":"https://idp.bench","aud":"bench","sub":"bench-user","scope":"bench.read","exp":%d}' $(( $(date +%s) + 3600 )) | b64url)
+printf '%s.%s' "$jwt_header" "$jwt_claims" > "$work/signing-input"
+jwt_sig=$(openssl pkeyutl -sign -rawin -inkey "$work/ed.pem" -in "$work/signing-input" | b64url)
+TOKEN="$jwt_header.$jwt_claims.$jwt_sig"
+
 TOLLGATE_LOG=warn taskset -c "$PROXY_CPU" target/release/tollgate -c "$work/gateway.yaml" &
 tg_pid=$!
 pids+=("$tg_pid")
@@ -86,26 +109,34 @@ idle_rss=$(rss_kib "$tg_pid")
 to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'; }
 
 declare -A RPS P50 P99
-run() { # name port
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$2/" >/dev/null # warm-up
+run() { # name port [path [wrk args...]]
+  local name=$1 port=$2 path=${3:-/}
+  shift 3 2>/dev/null || shift $#
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "$@" "http://127.0.0.1:$port$path" >/dev/null # warm-up
   local out
-  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/")
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" "http://127.0.0.1:$port$path")
+  set -- "$name"
   RPS[$1]=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   P50[$1]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
   P99[$1]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$1: errors during the run:"; grep "Non-2xx\|Socket errors" <<<"$out"; fi
 }
+curl -fs -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$TG_PORT/jwt/" >/dev/null || { echo "the bench token is refused"; exit 1; }
 run direct $UP_PORT
 run nginx $NGINX_PORT
 run tollgate $TG_PORT
+run tollgate-jwt $TG_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
 
 printf '\n%-10s %12s %10s %10s\n' target "requests/s" "p50 us" "p99 us"
-for t in direct nginx tollgate; do
+for t in direct nginx tollgate tollgate-jwt; do
   printf '%-10s %12.0f %10.0f %10.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}"
 done
 awk -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" -v t99="${P99[tollgate]}" -v n99="${P99[nginx]}" -v d99="${P99[direct]}" 'BEGIN {
   printf "\nthroughput tollgate/nginx: %.2f\n", tr / nr
   printf "added p99 (us): tollgate %.0f, nginx %.0f\n", t99 - d99, n99 - d99
+}'
+awk -v j="${RPS[tollgate-jwt]}" -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" 'BEGIN {
+  printf "JWT-validated throughput: %.2f of tollgate without auth, %.2f of nginx (no auth)\n", j / tr, j / nr
 }'
 
 # Memory with many idle keep-alive connections.

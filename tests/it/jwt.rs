@@ -781,10 +781,14 @@ async fn jwks_over_https_with_a_private_ca() {
     let served = fetches.clone();
     let server = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let (acceptor, body, served) = (acceptor.clone(), body.clone(), served.clone());
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let svc = hyper::service::service_fn(move |_req| {
                     served.fetch_add(1, Ordering::SeqCst);
                     let body = body.clone();
@@ -810,19 +814,36 @@ async fn jwks_over_https_with_a_private_ca() {
         ),
         provider_yaml("system", &format!("jwks_uri: {uri}"), ""),
     ];
-    let routes = route("p", "/p", &[&up], "    auth: jwt\n    providers: [private]\n")
-        + &route("s", "/s", &[&up], "    auth: jwt\n    providers: [system]\n");
+    let routes = route(
+        "p",
+        "/p",
+        &[&up],
+        "    auth: jwt\n    providers: [private]\n",
+    ) + &route(
+        "s",
+        "/s",
+        &[&up],
+        "    auth: jwt\n    providers: [system]\n",
+    );
     let gw = TestGateway::start(&gateway_yaml(&providers, &routes)).await;
     let token = signer.sign(&claims());
-    wait_until(Duration::from_secs(5), "keys fetched over https", || async {
-        call(&gw, "/p", Some(&token)).await.status == 200
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "keys fetched over https",
+        || async { call(&gw, "/p", Some(&token)).await.status == 200 },
+    )
     .await;
     // The system roots do not know the private CA: no keys, no access.
     let r = call(&gw, "/s", Some(&signer.sign(&claims()))).await;
     assert_eq!(r.status, 401, "{}", r.text());
     let m = gw.metrics().await;
-    assert!(metric(&m, "tollgate_auth_jwks_fetches_total{outcome=\"error\",provider=\"system\",reason=\"refresh\"}") >= 1.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "tollgate_auth_jwks_fetches_total{outcome=\"error\",provider=\"system\",reason=\"refresh\"}"
+        ) >= 1.0,
+        "{m}"
+    );
     assert!(fetches.load(Ordering::SeqCst) >= 1);
     server.abort();
 }
