@@ -310,20 +310,33 @@ impl Gateway {
             return Ok(Reloaded::Unchanged);
         };
         let _serial = inner.reload_lock.lock().await;
+        let reject = |e: ConfigErrors| {
+            inner
+                .metrics
+                .config_reloads
+                .with_label_values(&["rejected"])
+                .inc();
+            tracing::error!(errors = %e, "config reload rejected; the running config stays in effect");
+            Err(e)
+        };
         let new = match config::load(path) {
             Ok(c) => c,
-            Err(e) => {
-                inner
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["rejected"])
-                    .inc();
-                tracing::error!(errors = %e, "config reload rejected; the running config stays in effect");
-                return Err(e);
+            Err(e) => return reject(e),
+        };
+        // Key files and secrets are read again: a rotated key is a change
+        // even when gateway.yaml is not.
+        let current = inner.providers.load_full();
+        let providers = match Providers::build(&new, Some(&current), &inner.metrics) {
+            Ok(p) => p,
+            Err(errors) => {
+                return reject(ConfigErrors {
+                    file: path.clone(),
+                    errors,
+                });
             }
         };
         let old = inner.config.load_full();
-        if *old == new {
+        if *old == new && providers.same_as(&current) {
             tracing::debug!("config file changed but its content is the same; nothing to do");
             return Ok(Reloaded::Unchanged);
         }
@@ -337,23 +350,6 @@ impl Gateway {
                 "changes to listeners, admin or proxy connection settings take effect after a restart"
             );
         }
-        let providers = match Providers::build(&new, Some(&inner.providers.load()), &inner.metrics)
-        {
-            Ok(p) => p,
-            Err(errors) => {
-                let e = ConfigErrors {
-                    file: path.clone(),
-                    errors,
-                };
-                inner
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["rejected"])
-                    .inc();
-                tracing::error!(errors = %e, "config reload rejected; the running config stays in effect");
-                return Err(e);
-            }
-        };
         providers.start();
         let previous = inner.table.load_full();
         let table = RouteTable::build(

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
+pub(crate) use proxy::error_chain;
 pub use stack::{HttpEntry, Stack, StackConfig};
 
 use crate::identity::Identity;

@@ -59,6 +59,17 @@ impl Providers {
         self.by_name.values().map(|b| &b.provider)
     }
 
+    /// Whether `other` holds exactly these providers (every one reused).
+    pub fn same_as(&self, other: &Providers) -> bool {
+        self.by_name.len() == other.by_name.len()
+            && self.by_name.iter().all(|(name, b)| {
+                other
+                    .by_name
+                    .get(name)
+                    .is_some_and(|o| Arc::ptr_eq(&o.provider, &b.provider))
+            })
+    }
+
     /// Starts the background refresh of remote key sets (on the current runtime).
     pub fn start(&self) {
         for b in self.by_name.values() {

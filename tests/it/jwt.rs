@@ -847,3 +847,52 @@ async fn jwks_over_https_with_a_private_ca() {
     assert!(fetches.load(Ordering::SeqCst) >= 1);
     server.abort();
 }
+
+/// A key file replaced on disk is picked up by a reload even though
+/// gateway.yaml did not change; a broken replacement is rejected.
+#[tokio::test]
+async fn reload_rereads_key_files() {
+    let up = Upstream::echo("up").await;
+    let dir = TempDir::new().unwrap();
+    let old = Signer::new(Algorithm::ES256);
+    let new = Signer::new(Algorithm::ES256);
+    let file = dir.path().join("k.pem");
+    std::fs::write(&file, &old.public_pem).unwrap();
+    let providers = [provider_yaml(
+        "p",
+        &format!("public_keys: [{}]", file.display()),
+        "",
+    )];
+    let routes = route("bar", "/bar", &[&up], "    auth: jwt\n");
+    let yaml = gateway_yaml(&providers, &routes).replace(
+        "access_log: false",
+        "access_log: false\nreload: { watch: false }",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    assert_eq!(
+        call(&gw, "/bar", Some(&old.sign(&claims()))).await.status,
+        200
+    );
+    assert_eq!(gw.gw.reload().await.unwrap(), tollgate::Reloaded::Unchanged);
+
+    std::fs::write(&file, "not a key").unwrap();
+    assert!(
+        gw.gw.reload().await.is_err(),
+        "a broken key file is rejected"
+    );
+    assert_eq!(
+        call(&gw, "/bar", Some(&old.sign(&claims()))).await.status,
+        200
+    );
+
+    std::fs::write(&file, &new.public_pem).unwrap();
+    assert_eq!(gw.gw.reload().await.unwrap(), tollgate::Reloaded::Applied);
+    assert_eq!(
+        call(&gw, "/bar", Some(&new.sign(&claims()))).await.status,
+        200
+    );
+    assert_eq!(
+        call(&gw, "/bar", Some(&old.sign(&claims()))).await.status,
+        401
+    );
+}

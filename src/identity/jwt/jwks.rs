@@ -22,6 +22,7 @@ use prometheus::IntCounterVec;
 
 use super::keys::{self, KeySet};
 use crate::config::JwksConfig;
+use crate::http::error_chain;
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
@@ -217,17 +218,6 @@ impl RemoteJwks {
         let (keys, skipped) = keys::from_jwk_json(&body)?;
         Ok((KeySet::new(keys), skipped, max_age))
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 /// `max-age` from a Cache-Control value (`no-store`/`no-cache` mean zero).
