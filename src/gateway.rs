@@ -113,14 +113,8 @@ pub fn check_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
     if let Err(mut more) = Providers::build(&cfg, None, &Metrics::new()) {
         errors.append(&mut more);
     }
-    if errors.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(ConfigErrors {
-            file: path.to_owned(),
-            errors,
-        })
-    }
+    ConfigErrors::check(path, errors)?;
+    Ok(cfg)
 }
 
 /// How a reload ended.
@@ -142,10 +136,10 @@ impl Gateway {
     ) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
         let providers = Providers::build(&config, None, &metrics).map_err(|errors| {
-            StartError::Config(ConfigErrors {
-                file: config_path.clone().unwrap_or_default(),
+            StartError::Config(ConfigErrors::new(
+                config_path.as_deref().unwrap_or(std::path::Path::new("")),
                 errors,
-            })
+            ))
         })?;
         providers.start();
         let clients = UpstreamClients::new(&config.proxy);
@@ -328,12 +322,7 @@ impl Gateway {
         let current = inner.providers.load_full();
         let providers = match Providers::build(&new, Some(&current), &inner.metrics) {
             Ok(p) => p,
-            Err(errors) => {
-                return reject(ConfigErrors {
-                    file: path.clone(),
-                    errors,
-                });
-            }
+            Err(errors) => return reject(ConfigErrors::new(path, errors)),
         };
         let old = inner.config.load_full();
         if *old == new && providers.same_as(&current) {
@@ -394,11 +383,6 @@ impl Gateway {
                 }
             }
         });
-    }
-
-    /// The revocation list the JWT layer honours.
-    pub fn revocations(&self) -> Arc<crate::identity::Revocations> {
-        self.inner.providers.load().revocations.clone()
     }
 
     fn watch_config(&self) {

@@ -15,7 +15,7 @@ use serde_json::Value;
 pub use pattern::Pattern;
 
 use crate::config::{CertMatch, ClaimMatch, Conditions, RuleConfig, ScalarValue, SetMatch};
-use crate::identity::{CertIdentity, Identity};
+use crate::identity::{AuthMethod, CertIdentity, Identity};
 
 /// How a front-end's resource names split into segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,15 +38,34 @@ impl Resource {
         }
     }
 
-    pub fn segments(self, resource: &str) -> Vec<Cow<'_, str>> {
-        match self {
-            Resource::HttpPath => resource
-                .split('/')
-                .filter(|s| !s.is_empty())
-                .map(percent_decode)
-                .collect(),
-            Resource::Topic => resource.split('/').map(Cow::Borrowed).collect(),
-            Resource::Uri => resource.split('.').map(Cow::Borrowed).collect(),
+    /// The segments of a resource, split (and decoded) as they are read:
+    /// nothing is allocated unless a path segment holds a `%` escape.
+    pub fn segments(self, resource: &str) -> Segments<'_> {
+        let separator = if self == Resource::Uri { '.' } else { '/' };
+        Segments {
+            parts: resource.split(separator),
+            kind: self,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Segments<'a> {
+    parts: std::str::Split<'a, char>,
+    kind: Resource,
+}
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = Cow<'a, str>;
+
+    fn next(&mut self) -> Option<Cow<'a, str>> {
+        loop {
+            let part = self.parts.next()?;
+            match self.kind {
+                Resource::HttpPath if part.is_empty() => continue,
+                Resource::HttpPath => return Some(percent_decode(part)),
+                Resource::Topic | Resource::Uri => return Some(Cow::Borrowed(part)),
+            }
         }
     }
 }
@@ -123,6 +142,9 @@ impl Decision {
 #[derive(Debug)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// The scopes the allow rules name, space-separated: the `scope` of an
+    /// `insufficient_scope` challenge.
+    scope_hint: String,
 }
 
 #[derive(Debug)]
@@ -132,7 +154,7 @@ struct Rule {
     roles: Option<Sets>,
     claims: Vec<(String, ClaimTest)>,
     cert: Option<CertTest>,
-    via: Option<Vec<String>>,
+    via: Option<Vec<AuthMethod>>,
     verbs: Option<Vec<String>>,
     resources: Option<Vec<Pattern>>,
 }
@@ -182,11 +204,26 @@ impl Policy {
                 Err(mut e) => errors.append(&mut e),
             }
         }
-        if errors.is_empty() {
-            Ok(Policy { rules: compiled })
-        } else {
-            Err(errors)
+        if !errors.is_empty() {
+            return Err(errors);
         }
+        let mut named: Vec<&str> = Vec::new();
+        for r in compiled.iter().filter(|r| r.effect == Effect::Allow) {
+            for s in r
+                .scopes
+                .iter()
+                .flat_map(|s| s.all_of.iter().chain(&s.any_of))
+            {
+                if !named.contains(&s.as_str()) {
+                    named.push(s);
+                }
+            }
+        }
+        let scope_hint = named.join(" ");
+        Ok(Policy {
+            rules: compiled,
+            scope_hint,
+        })
     }
 
     pub fn evaluate(&self, who: &Identity, action: &Action<'_>) -> Decision {
@@ -206,18 +243,8 @@ impl Policy {
     }
 
     /// Scopes named by the allow rules, for an `insufficient_scope` challenge.
-    pub fn scopes_named(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        for r in self.rules.iter().filter(|r| r.effect == Effect::Allow) {
-            if let Some(s) = &r.scopes {
-                for scope in s.all_of.iter().chain(&s.any_of) {
-                    if !out.contains(&scope.as_str()) {
-                        out.push(scope);
-                    }
-                }
-            }
-        }
-        out
+    pub fn scope_hint(&self) -> &str {
+        &self.scope_hint
     }
 }
 
@@ -287,15 +314,19 @@ impl Rule {
             }
             resources = Some(compiled);
         }
-        if let Some(via) = &c.via {
-            for (j, v) in via.iter().enumerate() {
-                if !["anonymous", "jwt", "mtls", "password", "ticket"].contains(&v.as_str()) {
-                    errors.push((
+        let mut via = None;
+        if let Some(names) = &c.via {
+            let mut methods = Vec::with_capacity(names.len());
+            for (j, v) in names.iter().enumerate() {
+                match AuthMethod::from_name(v) {
+                    Some(m) => methods.push(m),
+                    None => errors.push((
                         at(&format!("via[{j}]")),
-                        format!("`{v}`: expected jwt, mtls, password, ticket or anonymous"),
-                    ));
+                        format!("`{v}`: expected one of {}", AuthMethod::names()),
+                    )),
                 }
             }
+            via = Some(methods);
         }
         let rule = Rule {
             effect,
@@ -303,7 +334,7 @@ impl Rule {
             roles: sets(&c.roles),
             claims,
             cert: c.cert.as_ref().map(CertTest::compile),
-            via: c.via.clone(),
+            via,
             verbs: c
                 .methods
                 .as_ref()
@@ -317,10 +348,8 @@ impl Rule {
         }
     }
 
-    fn matches(&self, who: &Identity, action: &Action<'_>, segments: &[Cow<'_, str>]) -> bool {
-        self.via
-            .as_ref()
-            .is_none_or(|v| v.iter().any(|m| m == who.method.as_str()))
+    fn matches(&self, who: &Identity, action: &Action<'_>, segments: &Segments<'_>) -> bool {
+        self.via.as_ref().is_none_or(|v| v.contains(&who.method))
             && self
                 .verbs
                 .as_ref()
@@ -338,7 +367,7 @@ impl Rule {
             && self
                 .resources
                 .as_ref()
-                .is_none_or(|ps| ps.iter().any(|p| p.matches(segments, who)))
+                .is_none_or(|ps| ps.iter().any(|p| p.matches(segments.clone(), who)))
     }
 }
 

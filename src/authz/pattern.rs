@@ -62,9 +62,12 @@ impl Pattern {
         Ok(Pattern { segments })
     }
 
-    /// `resource` split into segments the same way (see [`Resource::split`]).
-    pub fn matches(&self, resource: &[Cow<'_, str>], who: &Identity) -> bool {
-        let mut rest = resource.iter();
+    /// `resource`: segments split the same way (see [`Resource::segments`]).
+    pub fn matches<'a>(
+        &self,
+        mut rest: impl Iterator<Item = Cow<'a, str>>,
+        who: &Identity,
+    ) -> bool {
         for seg in &self.segments {
             match seg {
                 Segment::Rest => return true,
@@ -74,7 +77,7 @@ impl Pattern {
                     }
                 }
                 Segment::Literal(lit) => {
-                    if rest.next().map(|s| s.as_ref()) != Some(lit.as_str()) {
+                    if rest.next().as_deref() != Some(lit.as_str()) {
                         return false;
                     }
                 }

@@ -58,18 +58,29 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+impl ConfigErrors {
+    pub fn new(file: &Path, errors: Vec<ConfigError>) -> ConfigErrors {
+        ConfigErrors {
+            file: file.to_owned(),
+            errors,
+        }
+    }
+
+    /// `Err` when there is any problem.
+    pub fn check(file: &Path, errors: Vec<ConfigError>) -> Result<(), ConfigErrors> {
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors::new(file, errors))
+        }
+    }
+}
+
 /// Reads, merges with the environment and validates a config file.
 pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
     let config = parse(file)?;
-    let errors = validate::validate(&config);
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors {
-            file: file.to_owned(),
-            errors,
-        })
-    }
+    ConfigErrors::check(file, validate::validate(&config))?;
+    Ok(config)
 }
 
 /// The semantic problems of a parsed config (what [`load`] rejects).
@@ -80,10 +91,7 @@ pub fn problems(config: &Config) -> Vec<ConfigError> {
 /// Reads and merges a config file with the environment, without the
 /// semantic checks.
 pub fn parse(file: &Path) -> Result<Config, ConfigErrors> {
-    let fail = |errors| ConfigErrors {
-        file: file.to_owned(),
-        errors,
-    };
+    let fail = |errors| ConfigErrors::new(file, errors);
     if let Err(e) = std::fs::metadata(file) {
         return Err(fail(vec![ConfigError {
             path: String::new(),

@@ -17,8 +17,8 @@ use super::RequestCtx;
 use super::error::GatewayError;
 use crate::authz::Policy;
 use crate::config::TokenSource;
-use crate::identity::Identity;
-use crate::identity::jwt::{JwtProvider, TokenError};
+use crate::identity::jwt::{JwtProvider, TokenDigest, TokenError};
+use crate::identity::{CertIdentity, Identity};
 
 /// A route's authentication and authorization settings, compiled.
 pub struct RouteAuth {
@@ -92,8 +92,14 @@ type Fut<S, B> = Either<
 
 /// What the synchronous path decided.
 enum Step {
-    Done(Option<Arc<Identity>>),
-    Validate(Arc<JwtProvider>, String),
+    Done(Arc<Identity>),
+    Validate {
+        provider: Arc<JwtProvider>,
+        token: String,
+        digest: TokenDigest,
+        /// With `all_of: [jwt, mtls]`: the certificate to attach.
+        cert: Option<Arc<CertIdentity>>,
+    },
 }
 
 impl<S, B> Service<Request<B>> for Authenticate<S>
@@ -137,19 +143,21 @@ where
                 set_identity(&mut req, identity);
                 Either::Left(Either::Right(self.inner.call(req)))
             }
-            Step::Validate(provider, token) => {
+            Step::Validate {
+                provider,
+                token,
+                digest,
+                cert,
+            } => {
                 let mut inner = self.inner.clone();
                 Either::Right(Box::pin(async move {
-                    let validated = provider.authenticate(&token).await;
-                    let auth = &route.auth;
-                    let identity = match validated {
-                        Ok(id) => combine(auth, id, &req)?,
+                    match provider.validate(&token, &digest).await {
+                        Ok(id) => set_identity(&mut req, with_cert(id, cert)),
                         Err(e) => {
                             route.metrics.unauthenticated.inc();
-                            return Err(invalid_token(auth, &provider, e));
+                            return Err(invalid_token(&route.auth, &provider, e));
                         }
-                    };
-                    set_identity(&mut req, Some(identity));
+                    }
                     inner.call(req).await
                 }))
             }
@@ -157,9 +165,9 @@ where
     }
 }
 
-fn set_identity<B>(req: &mut Request<B>, identity: Option<Arc<Identity>>) {
+fn set_identity<B>(req: &mut Request<B>, identity: Arc<Identity>) {
     if let Some(ctx) = req.extensions_mut().get_mut::<RequestCtx>() {
-        ctx.identity = identity;
+        ctx.identity = Some(identity);
     }
 }
 
@@ -194,17 +202,20 @@ fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError>
     let Some(token) = token else {
         return match cert {
             Some(cert) if auth.accept_mtls && !auth.require_both => {
-                Ok(Step::Done(Some(Arc::new(Identity::from_cert(cert)))))
+                Ok(Step::Done(Arc::new(Identity::from_cert(cert))))
             }
             _ if auth.accept_jwt => Err(auth.unauthenticated("a bearer token is required")),
             _ => Err(auth.unauthenticated("a client certificate is required")),
         };
     };
-    // A validated token: no signature check, no allocation beyond the Arc.
+    // Only `all_of` attaches the certificate to the token's identity.
+    let cert = cert.filter(|_| auth.require_both);
+    // A validated token: no signature check, no allocation.
+    let digest = TokenDigest::of(&token);
     for p in &auth.providers {
-        if let Some(hit) = p.cached(&token) {
+        if let Some(hit) = p.cached(&digest) {
             return match hit {
-                Ok(id) => Ok(Step::Done(Some(combine(auth, id, req)?))),
+                Ok(id) => Ok(Step::Done(with_cert(id, cert))),
                 Err(e) => Err(invalid_token(auth, p, e)),
             };
         }
@@ -228,26 +239,24 @@ fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError>
             }
         }
     };
-    Ok(Step::Validate(provider, token.into_owned()))
+    Ok(Step::Validate {
+        provider,
+        token: token.into_owned(),
+        digest,
+        cert,
+    })
 }
 
 /// With `all_of: [jwt, mtls]` the token's identity carries the certificate.
-fn combine<B>(
-    auth: &RouteAuth,
-    id: Arc<Identity>,
-    req: &Request<B>,
-) -> Result<Arc<Identity>, GatewayError> {
-    if !auth.require_both {
-        return Ok(id);
+fn with_cert(id: Arc<Identity>, cert: Option<Arc<CertIdentity>>) -> Arc<Identity> {
+    match cert {
+        None => id,
+        Some(cert) => {
+            let mut both = Identity::clone(&id);
+            both.cert = Some(cert);
+            Arc::new(both)
+        }
     }
-    let cert = req
-        .extensions()
-        .get::<RequestCtx>()
-        .and_then(|c| c.conn.peer_cert.clone())
-        .ok_or_else(|| auth.unauthenticated("a client certificate is required"))?;
-    let mut both = Identity::clone(&id);
-    both.cert = Some(cert);
-    Ok(Arc::new(both))
 }
 
 /// The bearer token, from the first source that has one. A request that

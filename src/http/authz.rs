@@ -1,10 +1,12 @@
 //! Authorization stage: the route's policy decides over the caller's identity
 //! and the request (method, path), deny by default; then the identity headers
-//! the route forwards are set for the upstream. The identity rides back on
-//! the response's extensions so the access log can name the caller.
+//! the route forwards are set for the upstream. While the access log is on,
+//! the identity rides back on the response's extensions so the log can name
+//! the caller (that costs the response an extensions map, so only then).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 
@@ -26,19 +28,32 @@ static ANONYMOUS: LazyLock<Identity> = LazyLock::new(Identity::anonymous);
 #[derive(Clone)]
 pub struct Caller(pub Arc<Identity>);
 
-#[derive(Clone, Default)]
-pub struct AuthzLayer;
+#[derive(Clone)]
+pub struct AuthzLayer {
+    access_log: Arc<AtomicBool>,
+}
+
+impl AuthzLayer {
+    /// `access_log`: whether the access log is on (and wants the caller).
+    pub fn new(access_log: Arc<AtomicBool>) -> Self {
+        AuthzLayer { access_log }
+    }
+}
 
 impl<S> Layer<S> for AuthzLayer {
     type Service = Authorize<S>;
     fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize { inner }
+        Authorize {
+            inner,
+            access_log: self.access_log.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct Authorize<S> {
     inner: S,
+    access_log: Arc<AtomicBool>,
 }
 
 impl<S, B, RB> Service<Request<B>> for Authorize<S>
@@ -75,7 +90,7 @@ where
                 return Either::Left(ready(Err(GatewayError::Forbidden {
                     realm: auth.realm.clone(),
                     bearer: auth.accept_jwt,
-                    scope: policy.scopes_named().join(" "),
+                    scope: policy.scope_hint().to_owned(),
                     rule: decision.rule,
                     subject: who.subject.clone(),
                 })));
@@ -95,7 +110,8 @@ where
         if !auth.forward_token {
             req.headers_mut().remove(AUTHORIZATION);
         }
-        Either::Right(WithCaller::new(self.inner.call(req), identity))
+        let caller = identity.filter(|_| self.access_log.load(Ordering::Relaxed));
+        Either::Right(WithCaller::new(self.inner.call(req), caller))
     }
 }
 

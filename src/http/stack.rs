@@ -57,7 +57,7 @@ impl StackConfig {
             // 5. Who is calling (token, client certificate), per the route.
             .layer(AuthLayer)
             // 6. Whether the route's policy allows it; identity headers for the upstream.
-            .layer(AuthzLayer)
+            .layer(AuthzLayer::new(self.access_log.clone()))
             // 7. Forward to the route's upstream pool.
             .service(Proxy::new(clients))
     }

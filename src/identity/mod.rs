@@ -25,6 +25,23 @@ pub enum AuthMethod {
 }
 
 impl AuthMethod {
+    pub const ALL: [AuthMethod; 5] = [
+        AuthMethod::Anonymous,
+        AuthMethod::Jwt,
+        AuthMethod::Mtls,
+        AuthMethod::Password,
+        AuthMethod::Ticket,
+    ];
+
+    pub fn from_name(name: &str) -> Option<AuthMethod> {
+        AuthMethod::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
+    /// Every name, for error messages.
+    pub fn names() -> String {
+        AuthMethod::ALL.map(AuthMethod::as_str).join(", ")
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::Anonymous => "anonymous",

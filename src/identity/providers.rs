@@ -102,7 +102,7 @@ impl Providers {
                     message,
                 })
             };
-            let Some((source, material)) = key_source(cfg, pc, metrics, &mut err) else {
+            let Some((plan, material)) = key_source(cfg, pc, &mut err) else {
                 continue;
             };
             let reused = previous.and_then(|p| p.by_name.get(&pc.name)).filter(|b| {
@@ -121,8 +121,22 @@ impl Providers {
                 );
                 continue;
             }
-            let Some(algorithms) = algorithms(pc, &source, &mut err) else {
+            let Some(algorithms) = algorithms(pc, &plan, &mut err) else {
                 continue;
+            };
+            let source = match plan {
+                KeyPlan::Static(set) => KeySource::Static(set),
+                KeyPlan::Remote(uri, roots) => {
+                    let roots = roots.unwrap_or_else(system_roots);
+                    let fetches = metrics.auth_jwks_fetches.clone();
+                    match RemoteJwks::new(&pc.name, uri, pc.jwks.clone(), roots, fetches) {
+                        Ok(r) => KeySource::Remote(Arc::new(r)),
+                        Err(e) => {
+                            err("jwks_uri", format!("cannot set up the HTTPS client: {e}"));
+                            continue;
+                        }
+                    }
+                }
             };
             let settings = ProviderSettings {
                 issuer: pc.issuer.clone(),
@@ -175,12 +189,19 @@ impl Providers {
     }
 }
 
+/// Key material read, before anything is built from it: a reused provider
+/// needs nothing more (in particular no HTTPS client for a remote set).
+enum KeyPlan {
+    Static(KeySet),
+    /// The key set's URL and the CA roots from `jwks.ca_file` (`None`: the system's).
+    Remote(http::Uri, Option<rustls::RootCertStore>),
+}
+
 fn key_source(
     cfg: &Config,
     pc: &ProviderConfig,
-    metrics: &Metrics,
     err: &mut dyn FnMut(&str, String),
-) -> Option<(KeySource, [u8; 32])> {
+) -> Option<(KeyPlan, [u8; 32])> {
     let given = [
         !pc.public_keys.is_empty(),
         pc.jwks_uri.is_some(),
@@ -211,34 +232,25 @@ fn key_source(
             return None;
         };
         let roots = match &pc.jwks.ca_file {
+            None => None,
             Some(ca) => {
                 let path = cfg.resolve(ca);
-                match read_ca(&path) {
-                    Ok(roots) => {
-                        material.update(&std::fs::read(&path).unwrap_or_default());
-                        roots
-                    }
+                let roots = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read: {e}"))
+                    .and_then(|pem| {
+                        material.update(&pem);
+                        ca_roots(&pem)
+                    });
+                match roots {
+                    Ok(roots) => Some(roots),
                     Err(e) => {
                         err("jwks.ca_file", format!("{}: {e}", path.display()));
                         return None;
                     }
                 }
             }
-            None => system_roots(),
         };
-        match RemoteJwks::new(
-            &pc.name,
-            parsed,
-            pc.jwks.clone(),
-            roots,
-            metrics.auth_jwks_fetches.clone(),
-        ) {
-            Ok(r) => KeySource::Remote(Arc::new(r)),
-            Err(e) => {
-                err("jwks_uri", format!("cannot set up the HTTPS client: {e}"));
-                return None;
-            }
-        }
+        KeyPlan::Remote(parsed, roots)
     } else if let Some(secret) = &pc.secret {
         let (key, bytes) = match secret {
             SecretSource::Env(var) => match std::env::var(var) {
@@ -278,7 +290,7 @@ fn key_source(
             return None;
         }
         material.update(&bytes);
-        KeySource::Static(KeySet::new(vec![keys::from_secret(&bytes)]))
+        KeyPlan::Static(KeySet::new(vec![keys::from_secret(&bytes)]))
     } else {
         let mut all = Vec::new();
         for (j, file) in pc.public_keys.iter().enumerate() {
@@ -303,7 +315,7 @@ fn key_source(
         if all.is_empty() {
             return None;
         }
-        KeySource::Static(KeySet::new(all))
+        KeyPlan::Static(KeySet::new(all))
     };
     let mut digest = [0u8; 32];
     digest.copy_from_slice(material.finish().as_ref());
@@ -314,14 +326,14 @@ fn key_source(
 /// or every algorithm the source's key families can verify.
 fn algorithms(
     pc: &ProviderConfig,
-    source: &KeySource,
+    plan: &KeyPlan,
     err: &mut dyn FnMut(&str, String),
 ) -> Option<Vec<Algorithm>> {
-    let hmac_source = matches!(source, KeySource::Static(set) if set.families() == [Family::Hmac]);
+    let hmac_source = matches!(plan, KeyPlan::Static(set) if set.families() == [Family::Hmac]);
     if pc.algorithms.is_empty() {
-        let families = match source {
-            KeySource::Static(set) => set.families(),
-            KeySource::Remote(_) => vec![Family::Rsa, Family::Ec, Family::Ed],
+        let families = match plan {
+            KeyPlan::Static(set) => set.families(),
+            KeyPlan::Remote(..) => vec![Family::Rsa, Family::Ec, Family::Ed],
         };
         let pool = if hmac_source { HMAC } else { ASYMMETRIC };
         return Some(
@@ -365,12 +377,11 @@ fn algorithms(
     ok.then_some(out)
 }
 
-fn read_ca(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+fn ca_roots(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read: {e}"))?
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
     let (added, _) = roots.add_parsable_certificates(certs);

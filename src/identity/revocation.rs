@@ -42,14 +42,6 @@ impl Revocations {
         });
         purged
     }
-
-    pub fn len(&self) -> usize {
-        self.revoked.load().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

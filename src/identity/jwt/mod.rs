@@ -189,8 +189,8 @@ impl JwtProvider {
 
     /// The validated-token cache: `Some` on a hit (still checked against the
     /// revocation list and `exp`), `None` when the token must be validated.
-    pub fn cached(&self, token: &str) -> Option<Result<Arc<Identity>, TokenError>> {
-        let id = self.cache.get(&digest(token))?;
+    pub fn cached(&self, digest: &TokenDigest) -> Option<Result<Arc<Identity>, TokenError>> {
+        let id = self.cache.get(&digest.0)?;
         let result = self.still_valid(&id).map(|()| id);
         match &result {
             Ok(_) => self.metrics.cached.inc(),
@@ -216,48 +216,56 @@ impl JwtProvider {
         Ok(())
     }
 
-    /// Full validation (the cache is consulted first). May wait for a key set
-    /// refetch when the token names a `kid` this provider has not seen.
+    /// Cache, then full validation.
     pub async fn authenticate(&self, token: &str) -> Result<Arc<Identity>, TokenError> {
-        if let Some(hit) = self.cached(token) {
-            return hit;
+        let digest = TokenDigest::of(token);
+        match self.cached(&digest) {
+            Some(hit) => hit,
+            None => self.validate(token, &digest).await,
         }
-        let result = self.validate(token).await;
+    }
+
+    /// Full validation of a token the cache did not have; a valid one is
+    /// cached under `digest`. May wait for a key set refetch when the token
+    /// names a `kid` this provider has not seen.
+    pub async fn validate(
+        &self,
+        token: &str,
+        digest: &TokenDigest,
+    ) -> Result<Arc<Identity>, TokenError> {
+        let result = self.check(token).await;
         match &result {
             Ok(id) => {
                 self.metrics.valid.inc();
-                self.cache.insert(digest(token), id.clone());
+                self.cache.insert(digest.0, id.clone());
             }
             Err(e) => self.metrics.count(e),
         }
         result
     }
 
-    async fn validate(&self, token: &str) -> Result<Arc<Identity>, TokenError> {
+    async fn check(&self, token: &str) -> Result<Arc<Identity>, TokenError> {
         if token.len() > self.settings.max_token_bytes {
             return Err(TokenError::TooLarge(self.settings.max_token_bytes));
         }
         let header = self.header(token)?;
-        let keys = match &self.keys {
+        let remote = match &self.keys {
             KeySource::Static(set) => return self.verify(token, &header, set),
-            KeySource::Remote(remote) => {
-                let mut keys = remote.keys();
-                if keys.is_empty() {
-                    remote.first_fetch().await;
-                    keys = remote.keys();
-                }
-                keys
-            }
+            KeySource::Remote(remote) => remote,
         };
-        let known = header.kid.as_deref().is_none_or(|kid| keys.has_kid(kid));
-        if known || keys.is_empty() {
-            return self.verify(token, &header, &keys);
+        let mut keys = remote.keys();
+        if keys.is_empty() {
+            remote.first_fetch().await;
+            keys = remote.keys();
         }
-        // A new kid may be a key rotated in at the issuer: fetch the set again
-        // (rate-limited, so forged kids cannot cause a fetch storm).
-        let remote = self.remote().expect("remote key source");
-        remote.refetch_for_unknown_kid().await;
-        self.verify(token, &header, &remote.keys())
+        let known = header.kid.as_deref().is_none_or(|kid| keys.has_kid(kid));
+        if !known && !keys.is_empty() {
+            // A new kid may be a key rotated in at the issuer: fetch the set
+            // again (rate-limited, so forged kids cannot cause a fetch storm).
+            remote.refetch_for_unknown_kid().await;
+            keys = remote.keys();
+        }
+        self.verify(token, &header, &keys)
     }
 
     fn header(&self, token: &str) -> Result<TokenHeader, TokenError> {
@@ -392,18 +400,19 @@ impl JwtProvider {
         let claims: Map<String, Value> = serde_json::from_slice(&raw).ok()?;
         claims.get("iss")?.as_str().map(str::to_owned)
     }
-
-    /// Empties the validated-token cache (for tests and key changes).
-    pub fn clear_cache(&self) {
-        self.cache.invalidate_all();
-    }
 }
 
-fn digest(token: &str) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+/// The cache key of a token: its SHA-256, computed once per request however
+/// many providers look it up.
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    pub fn of(token: &str) -> TokenDigest {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        TokenDigest(out)
+    }
 }
 
 fn map_error(kind: &ErrorKind) -> TokenError {
