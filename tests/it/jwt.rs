@@ -142,6 +142,20 @@ fn provider_yaml(name: &str, keys: &str, extra: &str) -> String {
     )
 }
 
+/// A provider `name` whose key is `signer`'s public key, written to a PEM
+/// file in `dir` (returned too, for tests that replace it).
+fn pem_provider(
+    dir: &TempDir,
+    name: &str,
+    signer: &Signer,
+    extra: &str,
+) -> (String, std::path::PathBuf) {
+    let file = dir.path().join(format!("{name}.pem"));
+    std::fs::write(&file, &signer.public_pem).unwrap();
+    let yaml = provider_yaml(name, &format!("public_keys: [{}]", file.display()), extra);
+    (yaml, file)
+}
+
 fn gateway_yaml(providers: &[String], routes: &str) -> String {
     format!(
         "{}auth:\n  providers:\n{}",
@@ -259,15 +273,11 @@ async fn hostile_tokens() {
     let dir = TempDir::new().unwrap();
     let rsa = Signer::new(Algorithm::RS256);
     let ec = Signer::new(Algorithm::ES256);
-    let rsa_file = dir.path().join("rsa.pem");
-    let ec_file = dir.path().join("ec.pem");
-    std::fs::write(&rsa_file, &rsa.public_pem).unwrap();
-    std::fs::write(&ec_file, &ec.public_pem).unwrap();
     // A server a forged jku/x5u would point at: it must never be asked.
     let lure = Upstream::start(|_| async { status_response(200) }).await;
     let providers = [
-        provider_yaml("rsa", &format!("public_keys: [{}]", rsa_file.display()), ""),
-        provider_yaml("ec", &format!("public_keys: [{}]", ec_file.display()), ""),
+        pem_provider(&dir, "rsa", &rsa, "").0,
+        pem_provider(&dir, "ec", &ec, "").0,
     ];
     let routes = route(
         "rsa",
@@ -385,13 +395,7 @@ async fn policy_claim_headers_and_cache() {
     let up = Upstream::echo("up").await;
     let dir = TempDir::new().unwrap();
     let s = Signer::new(Algorithm::ES256);
-    let file = dir.path().join("k.pem");
-    std::fs::write(&file, &s.public_pem).unwrap();
-    let providers = [provider_yaml(
-        "p",
-        &format!("public_keys: [{}]", file.display()),
-        "",
-    )];
+    let providers = [pem_provider(&dir, "p", &s, "").0];
     let routes = route(
         "bar",
         "/bar",
@@ -624,13 +628,13 @@ async fn token_sources_and_mtls_routes_without_tls() {
     let up = Upstream::echo("up").await;
     let dir = TempDir::new().unwrap();
     let s = Signer::new(Algorithm::EdDSA);
-    let file = dir.path().join("k.pem");
-    std::fs::write(&file, &s.public_pem).unwrap();
-    let providers = [provider_yaml(
+    let providers = [pem_provider(
+        &dir,
         "p",
-        &format!("public_keys: [{}]", file.display()),
+        &s,
         "      token_from: [authorization, { cookie: session }, { query: access_token }]\n",
-    )];
+    )
+    .0];
     let routes = route("bar", "/bar", &[&up], "    auth: jwt\n")
         + &route("cert", "/cert", &[&up], "    auth: mtls\n")
         + &route(
@@ -856,13 +860,8 @@ async fn reload_rereads_key_files() {
     let dir = TempDir::new().unwrap();
     let old = Signer::new(Algorithm::ES256);
     let new = Signer::new(Algorithm::ES256);
-    let file = dir.path().join("k.pem");
-    std::fs::write(&file, &old.public_pem).unwrap();
-    let providers = [provider_yaml(
-        "p",
-        &format!("public_keys: [{}]", file.display()),
-        "",
-    )];
+    let (provider, file) = pem_provider(&dir, "p", &old, "");
+    let providers = [provider];
     let routes = route("bar", "/bar", &[&up], "    auth: jwt\n");
     let yaml = gateway_yaml(&providers, &routes).replace(
         "access_log: false",
