@@ -8,12 +8,8 @@ use super::*;
 use crate::config::RuleConfig;
 use crate::identity::{AuthMethod, CertIdentity, Identity};
 
-fn rules(yaml: &str) -> Vec<RuleConfig> {
-    serde_yaml_like(yaml)
-}
-
 /// Rules are written as JSON here (the YAML shape is the same data).
-fn serde_yaml_like(json: &str) -> Vec<RuleConfig> {
+fn rules(json: &str) -> Vec<RuleConfig> {
     serde_json::from_str(json).expect("rules parse")
 }
 
@@ -416,51 +412,33 @@ fn microkubes_acl() {
 #[test]
 fn topics_and_uris() {
     let alice = jwt("alice", &[], &[], json!({}));
-    let topic = Policy::compile(
-        &rules(r#"[{"allow": {"actions": ["publish", "subscribe"], "topics": ["%u/#"]}}]"#),
-        Resource::Topic,
-    )
-    .unwrap();
-    let act = |verb, resource| Action {
-        verb,
-        resource,
-        kind: Resource::Topic,
+    let allows = |policy: &str, kind, verb, resource| {
+        Policy::compile(&rules(policy), kind)
+            .unwrap()
+            .evaluate(
+                &alice,
+                &Action {
+                    verb,
+                    resource,
+                    kind,
+                },
+            )
+            .allowed()
     };
-    assert!(
-        topic
-            .evaluate(&alice, &act("publish", "alice/temp"))
-            .allowed()
-    );
-    assert!(topic.evaluate(&alice, &act("publish", "alice")).allowed());
-    assert!(
-        !topic
-            .evaluate(&alice, &act("publish", "bob/temp"))
-            .allowed()
-    );
-    assert!(
-        !topic
-            .evaluate(&alice, &act("publish", "/alice/temp"))
-            .allowed()
-    );
-    let uri = Policy::compile(
-        &rules(r#"[{"allow": {"actions": ["call"], "uris": ["com.example.{sub}.*"]}}]"#),
+    let topics = r#"[{"allow": {"actions": ["publish", "subscribe"], "topics": ["%u/#"]}}]"#;
+    assert!(allows(topics, Resource::Topic, "publish", "alice/temp"));
+    assert!(allows(topics, Resource::Topic, "publish", "alice"));
+    assert!(!allows(topics, Resource::Topic, "publish", "bob/temp"));
+    assert!(!allows(topics, Resource::Topic, "publish", "/alice/temp"));
+    let uris = r#"[{"allow": {"actions": ["call"], "uris": ["com.example.{sub}.*"]}}]"#;
+    assert!(allows(uris, Resource::Uri, "call", "com.example.alice.add"));
+    assert!(!allows(
+        uris,
         Resource::Uri,
-    )
-    .unwrap();
-    let call = |resource| Action {
-        verb: "call",
-        resource,
-        kind: Resource::Uri,
-    };
-    assert!(
-        uri.evaluate(&alice, &call("com.example.alice.add"))
-            .allowed()
-    );
-    assert!(
-        !uri.evaluate(&alice, &call("com.example.alice.add.more"))
-            .allowed()
-    );
-    assert!(!uri.evaluate(&alice, &call("com.example.bob.add")).allowed());
+        "call",
+        "com.example.alice.add.more"
+    ));
+    assert!(!allows(uris, Resource::Uri, "call", "com.example.bob.add"));
 }
 
 #[test]
