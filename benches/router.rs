@@ -36,6 +36,7 @@ fn table(routes: usize) -> RouteTable {
             &clients,
             &Metrics::new(),
             &tollgate::identity::Providers::empty(),
+            &Default::default(),
             None,
         )
         .await

@@ -12,12 +12,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 
 use crate::admin::{AdminService, Readiness};
-use crate::config::{self, Config, ConfigErrors, Limits};
+use crate::config::{self, Config, ConfigError, ConfigErrors, Limits};
 use crate::http::router::RouteTable;
 use crate::http::upstream::UpstreamClients;
 use crate::http::{HttpEntry, StackConfig};
 use crate::identity::Providers;
 use crate::metrics::Metrics;
+use crate::transport::tls::{ServerMaterial, TlsListener, UpstreamTlsConfigs, load_server};
 use crate::transport::{self, ListenerInfo, Shutdown};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,7 @@ struct Inner {
     config: ArcSwap<Config>,
     table: Arc<ArcSwap<RouteTable>>,
     providers: ArcSwap<Providers>,
+    tls_listeners: Vec<Arc<TlsListener>>,
     clients: UpstreamClients,
     metrics: Arc<Metrics>,
     access_log: Arc<AtomicBool>,
@@ -105,16 +107,66 @@ impl Worker {
     }
 }
 
-/// Loads a config and everything it points at (key files, secrets) without
-/// starting anything: `tollgate check-config`.
+/// Loads a config and everything it points at (key files, secrets,
+/// certificates) without starting anything: `tollgate check-config`.
 pub fn check_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
     let cfg = config::parse(path)?;
     let mut errors = config::problems(&cfg);
-    if let Err(mut more) = Providers::build(&cfg, None, &Metrics::new()) {
-        errors.append(&mut more);
+    if errors.is_empty() {
+        if let Err(mut more) = Material::load(&cfg, None, &Metrics::new()) {
+            errors.append(&mut more);
+        }
+        if let Err(mut more) = listener_tls(&cfg) {
+            errors.append(&mut more);
+        }
     }
     ConfigErrors::check(path, errors)?;
     Ok(cfg)
+}
+
+/// What routes need from disk, loaded: JWT keys and secrets, upstream TLS.
+struct Material {
+    providers: Providers,
+    upstream_tls: UpstreamTlsConfigs,
+}
+
+impl Material {
+    fn load(
+        cfg: &Config,
+        previous: Option<&Providers>,
+        metrics: &Metrics,
+    ) -> Result<Material, Vec<ConfigError>> {
+        let providers = Providers::build(cfg, previous, metrics);
+        let upstream_tls = UpstreamTlsConfigs::load(cfg);
+        match (providers, upstream_tls) {
+            (Ok(providers), Ok(upstream_tls)) => Ok(Material {
+                providers,
+                upstream_tls,
+            }),
+            (p, u) => Err(p.err().into_iter().chain(u.err()).flatten().collect()),
+        }
+    }
+}
+
+/// The TLS material of every listener, in `listeners` order.
+fn listener_tls(cfg: &Config) -> Result<Vec<Option<ServerMaterial>>, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut out = Vec::with_capacity(cfg.listeners.len());
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let Some(tls) = &l.tls else {
+            out.push(None);
+            continue;
+        };
+        match load_server(&format!("listeners[{i}].tls"), tls, &|p| cfg.resolve(p)) {
+            Ok(m) => out.push(Some(m)),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 /// How a reload ended.
@@ -135,15 +187,21 @@ impl Gateway {
         config_path: Option<PathBuf>,
     ) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let providers = Providers::build(&config, None, &metrics).map_err(|errors| {
+        let config_error = |errors| {
             StartError::Config(ConfigErrors::new(
                 config_path.as_deref().unwrap_or(std::path::Path::new("")),
                 errors,
             ))
-        })?;
+        };
+        let Material {
+            providers,
+            upstream_tls,
+        } = Material::load(&config, None, &metrics).map_err(config_error)?;
+        let tls_material = listener_tls(&config).map_err(config_error)?;
         providers.start();
         let clients = UpstreamClients::new(&config.proxy);
-        let table = RouteTable::build(&config, &clients, &metrics, &providers, None).await;
+        let table =
+            RouteTable::build(&config, &clients, &metrics, &providers, &upstream_tls, None).await;
         let table = Arc::new(ArcSwap::from_pointee(table));
         let access_log = Arc::new(AtomicBool::new(config.proxy.access_log));
         let readiness = Arc::new(Readiness::default());
@@ -172,17 +230,28 @@ impl Gateway {
             })?;
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.bind);
 
+        let mut tls_listeners = Vec::new();
         let infos: Vec<Arc<ListenerInfo>> = config
             .listeners
             .iter()
+            .zip(tls_material)
             .enumerate()
-            .map(|(index, l)| {
-                Arc::new(ListenerInfo::new(
-                    &l.name,
-                    index,
-                    l.protocol.scheme(),
-                    l.limits.clone(),
-                ))
+            .map(|(index, (l, material))| {
+                let tls = l.tls.clone().zip(material).map(|(settings, material)| {
+                    let tls = Arc::new(TlsListener::new(
+                        &l.name,
+                        format!("listeners[{index}].tls"),
+                        settings,
+                        config.base_dir.clone(),
+                        material,
+                        metrics.tls_cert_expiry.clone(),
+                    ));
+                    tls.clone()
+                        .watch(config.reload.debounce, shutdown.graceful.clone());
+                    tls_listeners.push(tls.clone());
+                    tls
+                });
+                Arc::new(ListenerInfo::new(&l.name, index, l.limits.clone(), tls))
             })
             .collect();
         let stack = Arc::new(StackConfig {
@@ -240,11 +309,11 @@ impl Gateway {
             Arc::new(ListenerInfo::new(
                 "admin",
                 0,
-                "http",
                 Limits {
                     max_connections: 256,
                     ..Limits::default()
                 },
+                None,
             )),
             move |_| admin.clone(),
             admin_shutdown,
@@ -257,6 +326,7 @@ impl Gateway {
                 config: ArcSwap::from_pointee(config),
                 table,
                 providers: ArcSwap::from_pointee(providers),
+                tls_listeners,
                 clients,
                 metrics,
                 access_log,
@@ -317,15 +387,23 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => return reject(e),
         };
-        // Key files and secrets are read again: a rotated key is a change
-        // even when gateway.yaml is not.
+        // Listener certificates follow their files (they are also watched).
+        for tls in &inner.tls_listeners {
+            let _ = tls.reload();
+        }
+        // Key files, secrets and CA files are read again: a rotated key is a
+        // change even when gateway.yaml is not.
         let current = inner.providers.load_full();
-        let providers = match Providers::build(&new, Some(&current), &inner.metrics) {
-            Ok(p) => p,
+        let Material {
+            providers,
+            upstream_tls,
+        } = match Material::load(&new, Some(&current), &inner.metrics) {
+            Ok(m) => m,
             Err(errors) => return reject(ConfigErrors::new(path, errors)),
         };
         let old = inner.config.load_full();
-        if *old == new && providers.same_as(&current) {
+        let previous = inner.table.load_full();
+        if *old == new && providers.same_as(&current) && previous.same_tls(&upstream_tls) {
             tracing::debug!("config file changed but its content is the same; nothing to do");
             return Ok(Reloaded::Unchanged);
         }
@@ -340,12 +418,12 @@ impl Gateway {
             );
         }
         providers.start();
-        let previous = inner.table.load_full();
         let table = RouteTable::build(
             &new,
             &inner.clients,
             &inner.metrics,
             &providers,
+            &upstream_tls,
             Some(&previous),
         )
         .await;

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub auth_tokens: IntCounterVec,
     pub auth_jwks_fetches: IntCounterVec,
     pub authz_decisions: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_cert_expiry: IntGaugeVec,
 }
 
 /// Latency buckets from 0.5 ms to 30 s.
@@ -128,6 +130,16 @@ impl Metrics {
                 "tollgate_authz_decisions_total",
                 "Authentication and policy decisions by route and outcome (allow | deny | unauthenticated)",
                 &["route", "outcome"],
+            ),
+            tls_handshakes: counter(
+                "tollgate_tls_handshakes_total",
+                "TLS handshakes by listener and outcome (ok | bad_certificate | failed | timeout)",
+                &["listener", "outcome"],
+            ),
+            tls_cert_expiry: gauge(
+                "tollgate_tls_cert_expiry_seconds",
+                "Seconds until a served certificate or trusted client CA expires (negative once expired)",
+                &["listener", "cert", "subject"],
             ),
             registry,
         }

@@ -38,11 +38,16 @@ pub struct Config {
 impl Config {
     /// A path from the config, resolved against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() {
-            path.to_owned()
-        } else {
-            self.base_dir.join(path)
-        }
+        resolve_path(&self.base_dir, path)
+    }
+}
+
+/// `path` as written in a config whose file is in `base_dir`.
+pub fn resolve_path(base_dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_owned()
+    } else {
+        base_dir.join(path)
     }
 }
 
@@ -67,6 +72,7 @@ fn default_listeners() -> Vec<ListenerConfig> {
         name: "sidecar".into(),
         bind: SocketAddr::from(([127, 0, 0, 1], 8082)),
         protocol: Protocol::Http,
+        tls: None,
         limits: Limits::default(),
     }]
 }
@@ -78,23 +84,127 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     #[serde(default)]
     pub protocol: Protocol,
+    /// Certificates and client authentication; required for `https`.
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
     #[serde(default)]
     pub limits: Limits,
 }
 
-/// Listener protocols. `http` serves HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
+/// Listener protocols. `http` serves HTTP/1.1 and HTTP/2 with prior knowledge
+/// (h2c); `https` serves both over TLS, chosen by ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     #[default]
     Http,
+    Https,
 }
 
 impl Protocol {
     pub fn scheme(self) -> &'static str {
         match self {
             Protocol::Http => "http",
+            Protocol::Https => "https",
         }
+    }
+}
+
+/// A TLS listener's material. Every file is watched: new handshakes use new
+/// material once it loads; a broken file keeps the old material.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// PEM certificate chain (leaf first) served when no `sni` entry matches.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert`.
+    pub key: PathBuf,
+    /// More certificates, chosen by the client's server name against their DNS SANs.
+    #[serde(default)]
+    pub sni: Vec<CertKeyFiles>,
+    /// `none`, `optional` (verified when sent) or `required`; `required` when
+    /// `client_ca` is given, else `none`.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+    /// PEM bundles of the CAs client certificates must chain to.
+    #[serde(default)]
+    pub client_ca: PathList,
+    /// PEM or DER certificate revocation lists of those CAs.
+    #[serde(default)]
+    pub crls: PathList,
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// A certificate closer to expiry than this is warned about in the log.
+    #[serde(
+        default = "default_expiry_warning",
+        deserialize_with = "units::duration"
+    )]
+    pub expiry_warning: Duration,
+}
+
+fn default_expiry_warning() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertKeyFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    None,
+    Optional,
+    Required,
+}
+
+impl ServerTls {
+    pub fn client_auth(&self) -> ClientAuth {
+        self.client_auth.unwrap_or(if self.client_ca.is_empty() {
+            ClientAuth::None
+        } else {
+            ClientAuth::Required
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// One path or a list of paths.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(from = "OneOrManyPaths")]
+pub struct PathList(pub Vec<PathBuf>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrManyPaths {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl From<OneOrManyPaths> for PathList {
+    fn from(p: OneOrManyPaths) -> PathList {
+        match p {
+            OneOrManyPaths::One(p) => PathList(vec![p]),
+            OneOrManyPaths::Many(v) => PathList(v),
+        }
+    }
+}
+
+impl std::ops::Deref for PathList {
+    type Target = [PathBuf];
+    fn deref(&self) -> &[PathBuf] {
+        &self.0
     }
 }
 
@@ -186,6 +296,11 @@ pub struct RouteConfig {
     /// Pass the caller's `Authorization` header on to the upstream.
     #[serde(default = "default_true")]
     pub forward_token: bool,
+    /// Which fields of a verified client certificate go upstream in
+    /// `x-forwarded-client-cert` (Envoy's XFCC format); `false` sends none.
+    /// A client-supplied copy of the header is always removed.
+    #[serde(default)]
+    pub forward_client_cert: ForwardClientCert,
 }
 
 fn default_true() -> bool {
@@ -496,10 +611,32 @@ pub struct UpstreamConfig {
     /// How often DNS names among `targets` are resolved again.
     #[serde(default = "default_dns_refresh", deserialize_with = "units::duration")]
     pub dns_refresh: Duration,
+    /// TLS settings for `https://` targets.
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
     #[serde(default)]
     pub health_check: Option<HealthCheckConfig>,
     #[serde(default)]
     pub passive_health: PassiveHealthConfig,
+}
+
+/// TLS to `https://` targets.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM bundle of the CAs the upstream's certificate must chain to; the
+    /// system's roots when absent.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Name sent as SNI and verified against the upstream certificate; the
+    /// target URL's host when absent.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Client certificate chain and key presented to the upstream (mTLS).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 fn default_timeout() -> Duration {
@@ -528,6 +665,54 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 over cleartext with prior knowledge.
     H2c,
+    /// HTTP/2 over TLS (ALPN `h2`), for `https://` targets.
+    H2,
+}
+
+/// Fields of Envoy's `x-forwarded-client-cert` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XfccField {
+    /// URI SAN of the gateway's own certificate.
+    By,
+    /// SHA-256 of the client certificate (hex).
+    Hash,
+    Subject,
+    Uri,
+    Dns,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "ForwardClientCertSetting")]
+pub struct ForwardClientCert(pub Vec<XfccField>);
+
+impl Default for ForwardClientCert {
+    fn default() -> Self {
+        ForwardClientCert(vec![
+            XfccField::By,
+            XfccField::Hash,
+            XfccField::Subject,
+            XfccField::Uri,
+            XfccField::Dns,
+        ])
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ForwardClientCertSetting {
+    Enabled(bool),
+    Fields(Vec<XfccField>),
+}
+
+impl From<ForwardClientCertSetting> for ForwardClientCert {
+    fn from(s: ForwardClientCertSetting) -> ForwardClientCert {
+        match s {
+            ForwardClientCertSetting::Enabled(true) => ForwardClientCert::default(),
+            ForwardClientCertSetting::Enabled(false) => ForwardClientCert(Vec::new()),
+            ForwardClientCertSetting::Fields(f) => ForwardClientCert(f),
+        }
+    }
 }
 
 /// Retries may add at most `ratio` of the route's request rate, plus `min_per_second`.

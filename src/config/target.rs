@@ -1,4 +1,4 @@
-//! Upstream target URLs (`http://tasks.bar:8080`).
+//! Upstream target URLs (`http://tasks.bar:8080`, `https://bar.internal`).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -11,6 +11,8 @@ pub struct TargetUrl {
     pub authority: Authority,
     pub host: TargetHost,
     pub port: u16,
+    /// `https://`: connections are TLS.
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,15 +27,16 @@ impl TargetUrl {
         let uri: Uri = s
             .parse()
             .map_err(|e| format!("`{s}` is not a URL ({e}); expected `http://host:port`"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             Some(other) => {
                 return Err(format!(
-                    "`{s}` uses scheme `{other}`; expected `http://host:port` (TLS upstreams are not supported yet)"
+                    "`{s}` uses scheme `{other}`; expected `http://host:port` or `https://host:port`"
                 ));
             }
             None => return Err(format!("`{s}` has no scheme; expected `http://host:port`")),
-        }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| format!("`{s}` has no host; expected `http://host:port`"))?
@@ -48,7 +51,7 @@ impl TargetUrl {
                 "`{s}` has a path or query; expected `http://host:port` (use the route's rewrite_prefix for paths)"
             ));
         }
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let host = authority.host();
         let host = match host
             .trim_start_matches('[')
@@ -63,7 +66,16 @@ impl TargetUrl {
             authority,
             host,
             port,
+            tls,
         })
+    }
+
+    /// The host to verify the certificate of an `https://` target against.
+    pub fn server_name(&self) -> &str {
+        self.authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
     }
 
     /// The socket address when the host is an IP literal.
@@ -89,6 +101,9 @@ mod tests {
         assert_eq!(t.socket_addr(), Some("127.0.0.1:80".parse().unwrap()));
         let t = TargetUrl::parse("http://[::1]:9000/").unwrap();
         assert_eq!(t.socket_addr(), Some("[::1]:9000".parse().unwrap()));
+        let t = TargetUrl::parse("https://bar.internal").unwrap();
+        assert!(t.tls);
+        assert_eq!(t.port, 443);
     }
 
     #[test]
@@ -96,7 +111,6 @@ mod tests {
         for bad in [
             "tasks.bar:8080",
             "ftp://x",
-            "https://x",
             "http://x/path",
             "http://u:p@x",
             "http://x?q=1",

@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 
 use super::schema::{
-    AuthConfig, AuthRequirement, Config, Limits, ProviderConfig, RouteConfig, TokenSource,
-    UpstreamConfig,
+    AuthConfig, AuthRequirement, ClientAuth, Config, Limits, Protocol, ProviderConfig, RouteConfig,
+    TokenSource, UpstreamConfig, UpstreamProtocol,
 };
 use super::{ConfigError, TargetUrl};
 use crate::authz::{Policy, Resource};
@@ -102,6 +102,26 @@ fn listeners(cfg: &Config, errs: &mut Errors) {
         }
         binds.push((format!("{path}.bind"), l.bind));
         limits(&format!("{path}.limits"), &l.limits, errs);
+        match (l.protocol, &l.tls) {
+            (Protocol::Https, None) => errs.add(
+                format!("{path}.tls"),
+                "protocol https needs `tls` with at least `cert` and `key`",
+            ),
+            (Protocol::Http, Some(_)) => errs.add(
+                format!("{path}.protocol"),
+                "`tls` is set but the protocol is http; use `protocol: https`",
+            ),
+            _ => {}
+        }
+        if let Some(tls) = &l.tls
+            && tls.client_auth == Some(ClientAuth::None)
+            && !tls.client_ca.is_empty()
+        {
+            errs.add(
+                format!("{path}.tls.client_ca"),
+                "is set but client_auth is none; use client_auth: optional or required, or remove client_ca",
+            );
+        }
     }
 }
 
@@ -225,10 +245,41 @@ fn upstream(path: &str, u: &UpstreamConfig, errs: &mut Errors) {
     if u.targets.is_empty() {
         errs.add(format!("{path}.targets"), "at least one target is required");
     }
+    let mut schemes = BTreeSet::new();
     for (i, t) in u.targets.iter().enumerate() {
-        if let Err(e) = TargetUrl::parse(t) {
-            errs.add(format!("{path}.targets[{i}]"), e);
+        match TargetUrl::parse(t) {
+            Ok(t) => {
+                schemes.insert(t.tls);
+            }
+            Err(e) => errs.add(format!("{path}.targets[{i}]"), e),
         }
+    }
+    let tls = match (schemes.contains(&false), schemes.contains(&true)) {
+        (true, true) => {
+            errs.add(
+                format!("{path}.targets"),
+                "mixes http:// and https:// targets; one upstream speaks one of them",
+            );
+            None
+        }
+        (_, tls) => Some(tls),
+    };
+    if tls == Some(false) && u.tls.is_some() {
+        errs.add(
+            format!("{path}.tls"),
+            "is set but every target is http://; use https:// targets",
+        );
+    }
+    match (u.protocol, tls) {
+        (UpstreamProtocol::H2, Some(false)) => errs.add(
+            format!("{path}.protocol"),
+            "h2 is HTTP/2 over TLS and needs https:// targets; use h2c for cleartext HTTP/2",
+        ),
+        (UpstreamProtocol::H2c, Some(true)) => errs.add(
+            format!("{path}.protocol"),
+            "h2c is cleartext HTTP/2; use h2 with https:// targets",
+        ),
+        _ => {}
     }
     errs.nonzero(format!("{path}.timeout"), u.timeout);
     errs.nonzero(format!("{path}.dns_refresh"), u.dns_refresh);

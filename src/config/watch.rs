@@ -1,4 +1,4 @@
-//! Watches the config file for changes. The directory is watched, not the
+//! Watches the config file (and TLS files) for changes. The directory is watched, not the
 //! file, because editors and Kubernetes ConfigMaps replace files (rename or
 //! symlink swap) rather than write them in place.
 
@@ -14,11 +14,23 @@ pub struct ConfigWatch {
 }
 
 pub fn watch(file: &Path) -> notify::Result<ConfigWatch> {
-    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
-    let dir = file
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let name = file.file_name().map(|n| n.to_owned());
+    watch_files(&[file.to_owned()])
+}
+
+/// One watch over several files (a listener's certificate, key, CAs, CRLs).
+pub fn watch_files(files: &[PathBuf]) -> notify::Result<ConfigWatch> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut names = Vec::new();
+    for file in files {
+        let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+        let dir = file
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+        names.extend(file.file_name().map(|n| n.to_owned()));
+    }
     // Capacity 1: a pending notification already means "reload soon".
     let (tx, changes) = mpsc::channel(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -27,14 +39,17 @@ pub fn watch(file: &Path) -> notify::Result<ConfigWatch> {
             return;
         }
         let relevant = event.paths.iter().any(|p| {
-            let n = p.file_name();
-            n == name.as_deref() || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+            p.file_name().is_some_and(|n| {
+                names.iter().any(|name| name == n) || n.to_string_lossy().starts_with("..")
+            })
         });
         if relevant {
             let _ = tx.try_send(());
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    for dir in &dirs {
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    }
     Ok(ConfigWatch {
         _watcher: watcher,
         changes,

@@ -15,6 +15,7 @@ use tower::{Layer, Service};
 
 use super::RequestCtx;
 use super::error::GatewayError;
+use super::xfcc::XfccFields;
 use crate::authz::Policy;
 use crate::config::TokenSource;
 use crate::identity::jwt::{JwtProvider, TokenDigest, TokenError};
@@ -33,6 +34,8 @@ pub struct RouteAuth {
     /// Header set for the upstream -> identity field or claim.
     pub forward_claims: Vec<(HeaderName, String)>,
     pub forward_token: bool,
+    /// Client certificate fields sent upstream in `x-forwarded-client-cert`.
+    pub forward_client_cert: XfccFields,
     /// Every identity header any route sets: removed from every request.
     pub identity_headers: Arc<[HeaderName]>,
     pub realm: Arc<str>,
@@ -49,6 +52,7 @@ impl RouteAuth {
             policy: None,
             forward_claims: Vec::new(),
             forward_token: true,
+            forward_client_cert: XfccFields::default(),
             identity_headers,
             realm,
         }

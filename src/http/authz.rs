@@ -1,6 +1,6 @@
 //! Authorization stage: the route's policy decides over the caller's identity
 //! and the request (method, path), deny by default; then the identity headers
-//! the route forwards are set for the upstream. While the access log is on,
+//! the route forwards (claims, the client certificate) are set for the upstream. While the access log is on,
 //! the identity rides back on the response's extensions so the log can name
 //! the caller (that costs the response an extensions map, so only then).
 
@@ -19,6 +19,7 @@ use tower::{Layer, Service};
 
 use super::RequestCtx;
 use super::error::GatewayError;
+use super::xfcc::{self, XFCC};
 use crate::authz::{Action, Effect};
 use crate::identity::Identity;
 
@@ -75,6 +76,14 @@ where
         let (Some(route), identity) = (ctx.route.clone(), ctx.identity.clone()) else {
             return Either::Right(WithCaller::new(self.inner.call(req), None));
         };
+        let xfcc = match &ctx.conn.peer_cert {
+            Some(cert) if !route.auth.forward_client_cert.is_empty() => xfcc::render(
+                cert,
+                ctx.conn.server_uri.as_deref(),
+                route.auth.forward_client_cert,
+            ),
+            _ => None,
+        };
         let auth = &route.auth;
         if let Some(policy) = &auth.policy {
             let who = identity.as_deref().unwrap_or(&ANONYMOUS);
@@ -109,6 +118,9 @@ where
         }
         if !auth.forward_token {
             req.headers_mut().remove(AUTHORIZATION);
+        }
+        if let Some(xfcc) = xfcc {
+            req.headers_mut().insert(XFCC, xfcc);
         }
         let caller = identity.filter(|_| self.access_log.load(Ordering::Relaxed));
         Either::Right(WithCaller::new(self.inner.call(req), caller))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::{self, HeaderValue};
-use http::uri::{Parts as UriParts, Scheme};
+use http::uri::Parts as UriParts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -121,7 +121,7 @@ async fn forward(
     }
     let version = match pool.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::H2c => Version::HTTP_2,
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
     };
 
     let mut attempt: u32 = 0;
@@ -139,8 +139,9 @@ async fn forward(
         if !route.preserve_host {
             headers.insert(header::HOST, target.host_header.clone());
         }
+        let sender = target.sender(client);
         let mut uri = UriParts::default();
-        uri.scheme = Some(Scheme::HTTP);
+        uri.scheme = Some(sender.scheme());
         uri.authority = Some(target.uri_authority.clone());
         uri.path_and_query = Some(path.clone());
         let uri = Uri::from_parts(uri).map_err(|e| GatewayError::UpstreamProtocol {
@@ -158,7 +159,7 @@ async fn forward(
         *upstream_req.headers_mut() = headers;
 
         let inflight = InflightGuard::new(target.clone());
-        let sent = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
+        let sent = tokio::time::timeout(route.timeout, sender.request(upstream_req)).await;
         let failure = match sent {
             Ok(Ok(resp)) => {
                 let status = resp.status();

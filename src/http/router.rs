@@ -11,10 +11,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 
 use super::auth::RouteAuth;
 use super::upstream::{UpstreamClients, UpstreamPool};
+use super::xfcc::XfccFields;
 use crate::authz::{Policy, Resource};
 use crate::config::{self, AuthRequirement, Config, Credential, RouteConfig};
 use crate::identity::Providers;
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::transport::tls::{UpstreamTlsConfigs, UpstreamTlsMaterial};
 
 pub struct Route {
     pub name: Arc<str>,
@@ -170,6 +172,7 @@ impl RouteTable {
         clients: &UpstreamClients,
         metrics: &Metrics,
         providers: &Providers,
+        upstream_tls: &UpstreamTlsConfigs,
         previous: Option<&RouteTable>,
     ) -> RouteTable {
         let listeners: Vec<String> = cfg.listeners.iter().map(|l| l.name.clone()).collect();
@@ -184,10 +187,15 @@ impl RouteTable {
             async move {
                 let name: Arc<str> = Arc::from(rc.name.as_str());
                 let route_metrics = metrics.route(&rc.name, listeners);
+                let tls = upstream_tls.get(&rc.name).cloned();
                 let reused = previous.and_then(|p| {
                     p.routes
                         .iter()
-                        .find(|r| *r.name == *name && r.pool.config == rc.upstream)
+                        .find(|r| {
+                            *r.name == *name
+                                && r.pool.config == rc.upstream
+                                && same_tls(r.pool.tls.as_deref(), tls.as_deref())
+                        })
                         .map(|r| r.pool.clone())
                 });
                 let pool = match reused {
@@ -197,6 +205,7 @@ impl RouteTable {
                             name.clone(),
                             rc.upstream.clone(),
                             clients,
+                            tls,
                             route_metrics.clone(),
                         )
                         .await
@@ -226,6 +235,24 @@ impl RouteTable {
 
     pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes
+    }
+
+    /// Whether every route's upstream TLS material is what `upstream_tls` holds.
+    pub fn same_tls(&self, upstream_tls: &UpstreamTlsConfigs) -> bool {
+        self.routes.iter().all(|r| {
+            same_tls(
+                r.pool.tls.as_deref(),
+                upstream_tls.get(&r.name).map(|m| &**m),
+            )
+        })
+    }
+}
+
+fn same_tls(a: Option<&UpstreamTlsMaterial>, b: Option<&UpstreamTlsMaterial>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.same_as(b),
+        _ => false,
     }
 }
 
@@ -267,7 +294,7 @@ impl Route {
 /// Headers that carry identity to upstreams: the client's copies are removed
 /// from every request, whichever route it takes.
 fn identity_headers(cfg: &Config) -> Arc<[HeaderName]> {
-    let mut names = vec![HeaderName::from_static("x-forwarded-client-cert")];
+    let mut names = vec![super::xfcc::XFCC];
     for r in &cfg.routes {
         for h in r.forward_claims.keys() {
             if let Ok(name) = HeaderName::from_bytes(h.as_bytes())
@@ -332,6 +359,7 @@ fn compile_auth(
         .filter_map(|(h, field)| Some((HeaderName::from_bytes(h.as_bytes()).ok()?, field.clone())))
         .collect();
     auth.forward_token = rc.forward_token;
+    auth.forward_client_cert = XfccFields::new(&rc.forward_client_cert.0);
     auth
 }
 

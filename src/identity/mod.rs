@@ -3,6 +3,7 @@
 //! the front-ends that add them). Nothing past authentication looks at raw
 //! tokens, headers or certificates again.
 
+mod cert;
 pub mod jwt;
 mod providers;
 mod revocation;
@@ -66,10 +67,12 @@ pub struct CertIdentity {
     /// URI SANs, SPIFFE ids among them.
     pub san_uri: Vec<String>,
     pub san_email: Vec<String>,
+    pub san_ip: Vec<String>,
     /// Lower-case hex.
     pub serial: String,
     pub issuer: String,
     /// Unix seconds.
+    pub not_before: i64,
     pub not_after: i64,
     /// Lower-case hex of the DER certificate's SHA-256.
     pub sha256: String,

@@ -27,6 +27,8 @@ pub struct ConnState {
     pub peer_ip: HeaderValue,
     /// The verified client certificate, on TLS listeners that asked for one.
     pub peer_cert: Option<Arc<CertIdentity>>,
+    /// URI SAN of the certificate this connection was served with (XFCC `By`).
+    pub server_uri: Option<Arc<str>>,
     /// Bumped whenever bytes move; the idle check compares snapshots, so the
     /// data path never reads a clock.
     activity: AtomicU64,
@@ -41,6 +43,8 @@ impl ConnState {
         peer: SocketAddr,
         permit: OwnedSemaphorePermit,
         active: IntGauge,
+        peer_cert: Option<Arc<CertIdentity>>,
+        server_uri: Option<Arc<str>>,
     ) -> ConnState {
         active.inc();
         ConnState {
@@ -48,7 +52,8 @@ impl ConnState {
             peer,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            peer_cert: None,
+            peer_cert,
+            server_uri,
             activity: AtomicU64::new(0),
             inflight: AtomicU32::new(0),
             active,

@@ -9,14 +9,19 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::conn::{ActivityIo, ConnState};
+use super::tls::{TlsListener, certificate_problem};
 use crate::config::Limits;
+use crate::identity::CertIdentity;
 use crate::metrics::Metrics;
+use prometheus::{IntCounter, IntGauge};
 
 /// What every connection of a listener shares.
 pub struct ListenerInfo {
@@ -27,16 +32,24 @@ pub struct ListenerInfo {
     pub limits: Limits,
     /// Connection slots, shared by every worker serving this listener.
     pub slots: Arc<Semaphore>,
+    /// TLS listeners: the current certificates and client verifier.
+    pub tls: Option<Arc<TlsListener>>,
 }
 
 impl ListenerInfo {
-    pub fn new(name: &str, index: usize, scheme: &'static str, limits: Limits) -> ListenerInfo {
+    pub fn new(
+        name: &str,
+        index: usize,
+        limits: Limits,
+        tls: Option<Arc<TlsListener>>,
+    ) -> ListenerInfo {
         ListenerInfo {
             name: Arc::from(name),
             index,
-            scheme,
+            scheme: if tls.is_some() { "https" } else { "http" },
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
+            tls,
         }
     }
 }
@@ -101,6 +114,16 @@ where
     type Body = B;
 }
 
+/// Per-listener handles the accept loop and its connections count with.
+#[derive(Clone)]
+struct Counters {
+    active: IntGauge,
+    handshake_ok: IntCounter,
+    handshake_bad_cert: IntCounter,
+    handshake_failed: IntCounter,
+    handshake_timeout: IntCounter,
+}
+
 /// Serves one listener until `shutdown.graceful` fires.
 pub async fn serve<F, S>(
     listener: TcpListener,
@@ -109,19 +132,31 @@ pub async fn serve<F, S>(
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
 ) where
-    F: Fn(Arc<ConnState>) -> S,
+    F: Fn(Arc<ConnState>) -> S + Send + Sync + 'static,
     S: ServeHttp,
 {
     let builder = Arc::new(builder(&info.limits));
+    let make_service = Arc::new(make_service);
     let served = metrics
         .transport_connections
         .with_label_values(&[&info.name, "served"]);
     let rejected = metrics
         .transport_connections
         .with_label_values(&[&info.name, "rejected_limit"]);
-    let active = metrics
-        .transport_active_connections
-        .with_label_values(&[&info.name]);
+    let handshakes = |outcome: &str| {
+        metrics
+            .tls_handshakes
+            .with_label_values(&[&info.name, outcome])
+    };
+    let counters = Counters {
+        active: metrics
+            .transport_active_connections
+            .with_label_values(&[&info.name]),
+        handshake_ok: handshakes("ok"),
+        handshake_bad_cert: handshakes("bad_certificate"),
+        handshake_failed: handshakes("failed"),
+        handshake_timeout: handshakes("timeout"),
+    };
     let mut last_limit_warning: Option<Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
@@ -148,26 +183,136 @@ pub async fn serve<F, S>(
         };
         let _ = stream.set_nodelay(true);
         served.inc();
-        let state = Arc::new(ConnState::new(info.clone(), peer, permit, active.clone()));
-        let service = make_service(state.clone());
-        shutdown.tracker.spawn(serve_connection(
-            builder.clone(),
+        let conn = Accepted {
             stream,
-            state,
-            service,
-            shutdown.clone(),
-        ));
+            peer,
+            permit,
+            info: info.clone(),
+            counters: counters.clone(),
+        };
+        let make_service = make_service.clone();
+        let builder = builder.clone();
+        let shutdown_conn = shutdown.clone();
+        shutdown.tracker.spawn(async move {
+            let make = |state: Arc<ConnState>| make_service(state);
+            conn.serve(builder, make, shutdown_conn).await;
+        });
     }
     tracing::info!(listener = %info.name, "listener stopped accepting");
 }
 
-async fn serve_connection<S: ServeHttp>(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+/// A connection that holds a slot and has not been served yet.
+struct Accepted {
     stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    info: Arc<ListenerInfo>,
+    counters: Counters,
+}
+
+impl Accepted {
+    async fn serve<S: ServeHttp>(
+        self,
+        builder: Arc<auto::Builder<TokioExecutor>>,
+        make_service: impl FnOnce(Arc<ConnState>) -> S,
+        shutdown: Shutdown,
+    ) {
+        let Accepted {
+            stream,
+            peer,
+            permit,
+            info,
+            counters,
+        } = self;
+        let Some(tls) = info.tls.clone() else {
+            let state = Arc::new(ConnState::new(
+                info,
+                peer,
+                permit,
+                counters.active,
+                None,
+                None,
+            ));
+            let service = make_service(state.clone());
+            return serve_connection(builder, stream, state, service, shutdown).await;
+        };
+        // The handshake counts against the header-read timeout: a client that
+        // opens a connection and sends nothing is closed in the same time.
+        let material = tls.material();
+        let server_uri = material.server_uri.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(material.config.clone());
+        drop(material);
+        let timeout = info.limits.header_read_timeout;
+        let handshake = tokio::select! {
+            done = tokio::time::timeout(timeout, acceptor.accept(stream)) => done,
+            _ = shutdown.graceful.cancelled() => return,
+        };
+        let stream = match handshake {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                if let Some(problem) = certificate_problem(&e) {
+                    counters.handshake_bad_cert.inc();
+                    tracing::warn!(listener = %info.name, %peer, error = %problem,
+                        "TLS handshake failed: client certificate rejected");
+                } else {
+                    counters.handshake_failed.inc();
+                    tracing::info!(listener = %info.name, %peer, error = %e, "TLS handshake failed");
+                }
+                return;
+            }
+            Err(_) => {
+                counters.handshake_timeout.inc();
+                tracing::info!(listener = %info.name, %peer, timeout_ms = timeout.as_millis() as u64,
+                    "TLS handshake timed out");
+                return;
+            }
+        };
+        counters.handshake_ok.inc();
+        let peer_cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|der| CertIdentity::from_der(der));
+        let peer_cert = match peer_cert {
+            None => None,
+            Some(Ok(cert)) => {
+                // Crossbar's connect line: who, from where, which certificate.
+                tracing::info!(listener = %info.name, %peer, cn = cert.cn.as_deref().unwrap_or(""),
+                    o = %cert.o.join(","), sha256 = %cert.sha256, sha1 = %cert.sha1,
+                    "client certificate verified");
+                Some(Arc::new(cert))
+            }
+            Some(Err(e)) => {
+                // Verified by rustls yet unreadable here: refuse rather than serve it anonymously.
+                tracing::warn!(listener = %info.name, %peer, error = %e,
+                    "verified client certificate cannot be read; closing the connection");
+                return;
+            }
+        };
+        let state = Arc::new(ConnState::new(
+            info,
+            peer,
+            permit,
+            counters.active,
+            peer_cert,
+            server_uri,
+        ));
+        let service = make_service(state.clone());
+        serve_connection(builder, stream, state, service, shutdown).await;
+    }
+}
+
+async fn serve_connection<I, S>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: I,
     state: Arc<ConnState>,
     service: S,
     shutdown: Shutdown,
-) {
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ServeHttp,
+{
     let peer: SocketAddr = state.peer;
     let idle = state.listener.limits.idle_timeout;
     let io = TokioIo::new(ActivityIo::new(stream, state.clone()));

@@ -74,7 +74,8 @@ fn update(
 }
 
 async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> bool {
-    let uri = format!("http://{}{}", target.uri_authority, hc.path);
+    let sender = target.sender(&pool.health_client);
+    let uri = format!("{}://{}{}", sender.scheme(), target.uri_authority, hc.path);
     let Ok(req) = Request::get(uri)
         .header(header::HOST, target.host_header.clone())
         .header(header::USER_AGENT, "tollgate-health-check")
@@ -82,7 +83,7 @@ async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> 
     else {
         return false;
     };
-    match tokio::time::timeout(hc.timeout, pool.health_client.request(req)).await {
+    match tokio::time::timeout(hc.timeout, sender.request(req)).await {
         Ok(Ok(resp)) => {
             let status = resp.status();
             status.is_success() || status.is_redirection()

@@ -13,10 +13,14 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
+use http::Request;
 use http::uri::Authority;
-use hyper_util::client::legacy::Client;
+use http::uri::Scheme;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::ServerName;
 
 pub use budget::RetryBudget;
 
@@ -25,8 +29,33 @@ use crate::config::{
     LoadBalancing, ProxyConfig, TargetHost, TargetUrl, UpstreamConfig, UpstreamProtocol,
 };
 use crate::metrics::RouteMetrics;
+use crate::transport::tls::UpstreamTlsMaterial;
 
 pub type HttpClient = Client<HttpConnector, RequestBody>;
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// The client that sends a request to a target: the worker's plain client, or
+/// the TLS client of the target's URL.
+pub enum Sender<'a> {
+    Plain(&'a HttpClient),
+    Tls(&'a HttpsClient),
+}
+
+impl Sender<'_> {
+    pub fn request(&self, req: Request<RequestBody>) -> ResponseFuture {
+        match self {
+            Sender::Plain(c) => c.request(req),
+            Sender::Tls(c) => c.request(req),
+        }
+    }
+
+    pub fn scheme(&self) -> Scheme {
+        match self {
+            Sender::Plain(_) => Scheme::HTTP,
+            Sender::Tls(_) => Scheme::HTTPS,
+        }
+    }
+}
 
 /// Keep-alive clients, one set per worker thread (connections stay on the
 /// thread that uses them) plus one for health checks; shared by every route
@@ -35,40 +64,79 @@ pub type HttpClient = Client<HttpConnector, RequestBody>;
 pub struct UpstreamClients {
     http1: HttpClient,
     h2c: HttpClient,
+    proxy: ProxyConfig,
 }
 
 impl UpstreamClients {
     pub fn new(cfg: &ProxyConfig) -> UpstreamClients {
-        let connector = || {
-            let mut c = HttpConnector::new();
-            c.set_nodelay(true);
-            c.set_connect_timeout(Some(cfg.connect_timeout));
-            c.set_keepalive(Some(Duration::from_secs(60)));
-            c
-        };
-        let builder = || {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(cfg.pool_idle_timeout)
-                .pool_max_idle_per_host(cfg.pool_max_idle_per_target);
-            b
-        };
         UpstreamClients {
-            http1: builder().build(connector()),
-            h2c: builder()
+            http1: client_builder(cfg).build(connector(cfg, false)),
+            h2c: client_builder(cfg)
                 .http2_only(true)
                 .http2_keep_alive_interval(Duration::from_secs(30))
-                .build(connector()),
+                .build(connector(cfg, false)),
+            proxy: cfg.clone(),
         }
     }
 
     pub fn get(&self, protocol: UpstreamProtocol) -> &HttpClient {
         match protocol {
-            UpstreamProtocol::Http1 => &self.http1,
             UpstreamProtocol::H2c => &self.h2c,
+            // TLS targets use their pool's own clients.
+            UpstreamProtocol::Http1 | UpstreamProtocol::H2 => &self.http1,
         }
     }
+
+    /// A TLS client for one target URL: SNI and certificate verification use
+    /// `server_name`; ALPN offers the one protocol the route speaks.
+    fn https(
+        &self,
+        tls: &UpstreamTlsMaterial,
+        server_name: ServerName<'static>,
+        protocol: UpstreamProtocol,
+    ) -> HttpsClient {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.config.clone())
+            .https_only()
+            .with_server_name_resolver(FixedServerNameResolver::new(server_name));
+        let mut client = client_builder(&self.proxy);
+        if protocol == UpstreamProtocol::H2 {
+            client
+                .http2_only(true)
+                .http2_keep_alive_interval(Duration::from_secs(30));
+            client.build(
+                builder
+                    .enable_http2()
+                    .wrap_connector(connector(&self.proxy, true)),
+            )
+        } else {
+            client.build(
+                builder
+                    .enable_http1()
+                    .wrap_connector(connector(&self.proxy, true)),
+            )
+        }
+    }
+}
+
+/// TCP connections to targets; `under_tls` when a TLS connector wraps it
+/// (which hands it https:// URIs).
+fn connector(cfg: &ProxyConfig, under_tls: bool) -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(cfg.connect_timeout));
+    c.set_keepalive(Some(Duration::from_secs(60)));
+    c.enforce_http(!under_tls);
+    c
+}
+
+fn client_builder(cfg: &ProxyConfig) -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_target);
+    b
 }
 
 /// One address of an upstream.
@@ -78,6 +146,8 @@ pub struct Target {
     pub uri_authority: Authority,
     /// What the upstream expects as Host (`tasks.bar:8080`).
     pub host_header: HeaderValue,
+    /// `https://` targets: the client of their URL (shared by its addresses).
+    tls: Option<HttpsClient>,
     inflight: AtomicU32,
     /// Active health-check verdict.
     healthy: AtomicBool,
@@ -87,11 +157,12 @@ pub struct Target {
 }
 
 impl Target {
-    fn new(addr: SocketAddr, host_header: HeaderValue) -> Option<Target> {
+    fn new(addr: SocketAddr, host_header: HeaderValue, tls: Option<HttpsClient>) -> Option<Target> {
         Some(Target {
             addr,
             uri_authority: Authority::try_from(addr.to_string()).ok()?,
             host_header,
+            tls,
             inflight: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
@@ -106,6 +177,14 @@ impl Target {
 
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// How to reach this target: its TLS client, or the given plain one.
+    pub fn sender<'a>(&'a self, plain: &'a HttpClient) -> Sender<'a> {
+        match &self.tls {
+            Some(c) => Sender::Tls(c),
+            None => Sender::Plain(plain),
+        }
     }
 }
 
@@ -129,6 +208,10 @@ pub struct UpstreamPool {
     route: Arc<str>,
     pub config: UpstreamConfig,
     urls: Vec<TargetUrl>,
+    /// Per URL: its TLS client when it is `https://`.
+    tls_clients: Vec<Option<HttpsClient>>,
+    /// The TLS material the clients were built from.
+    pub tls: Option<Arc<UpstreamTlsMaterial>>,
     targets: ArcSwap<Vec<Arc<Target>>>,
     rr: AtomicUsize,
     epoch: Instant,
@@ -145,6 +228,7 @@ impl UpstreamPool {
         route: Arc<str>,
         config: UpstreamConfig,
         clients: &UpstreamClients,
+        tls: Option<Arc<UpstreamTlsMaterial>>,
         metrics: RouteMetrics,
     ) -> Arc<UpstreamPool> {
         let urls: Vec<TargetUrl> = config
@@ -152,7 +236,21 @@ impl UpstreamPool {
             .iter()
             .filter_map(|t| TargetUrl::parse(t).ok())
             .collect();
+        let tls_clients = urls
+            .iter()
+            .map(|u| {
+                let material = tls.as_ref().filter(|_| u.tls)?;
+                let name = material
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| u.server_name().to_owned());
+                let name = ServerName::try_from(name).ok()?;
+                Some(clients.https(material, name, config.protocol))
+            })
+            .collect();
         let pool = Arc::new(UpstreamPool {
+            tls_clients,
+            tls,
             budget: RetryBudget::new(&config.retry_budget),
             health_client: clients.get(config.protocol).clone(),
             route,
@@ -267,7 +365,7 @@ impl UpstreamPool {
         let previous = self.targets.load_full();
         let mut next: Vec<Arc<Target>> = Vec::with_capacity(previous.len().max(self.urls.len()));
         let mut seen = HashSet::new();
-        for url in &self.urls {
+        for (url, tls) in self.urls.iter().zip(&self.tls_clients) {
             let Ok(host_header) = HeaderValue::from_str(url.authority.as_str()) else {
                 continue;
             };
@@ -295,7 +393,8 @@ impl UpstreamPool {
                     .find(|t| t.addr == addr && t.host_header == host_header);
                 match known {
                     Some(t) => next.push(t.clone()),
-                    None => next.extend(Target::new(addr, host_header.clone()).map(Arc::new)),
+                    None => next
+                        .extend(Target::new(addr, host_header.clone(), tls.clone()).map(Arc::new)),
                 }
             }
         }
