@@ -112,13 +112,11 @@ impl Worker {
 pub fn check_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
     let cfg = config::parse(path)?;
     let mut errors = config::problems(&cfg);
-    if errors.is_empty() {
-        if let Err(mut more) = Material::load(&cfg, None, &Metrics::new()) {
-            errors.append(&mut more);
-        }
-        if let Err(mut more) = listener_tls(&cfg) {
-            errors.append(&mut more);
-        }
+    if let Err(mut more) = Material::load(&cfg, None, &Metrics::new()) {
+        errors.append(&mut more);
+    }
+    if let Err(mut more) = listener_tls(&cfg) {
+        errors.append(&mut more);
     }
     ConfigErrors::check(path, errors)?;
     Ok(cfg)
