@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tollgate::pki::{self, CertKind, KeyAlgorithm};
 use tollgate::telemetry::{self, LogFormat};
 use tollgate::{Gateway, config};
 
@@ -38,10 +39,75 @@ enum Command {
     Run,
     /// Validate the config file and list every problem found.
     CheckConfig,
+    /// Certificate tools: a CA, server and client certificates, CRLs.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a certificate authority: DIR/ca.pem and DIR/ca.key (0600).
+    InitCa {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        cn: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        #[arg(long, value_enum, default_value = "ecdsa-p256")]
+        key: KeyAlgorithm,
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing CA key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a server or client certificate: PREFIX.pem and PREFIX.key (0600).
+    Issue {
+        /// Directory made by `init-ca`.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long, value_enum)]
+        kind: CertKind,
+        #[arg(long)]
+        cn: String,
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        ou: Option<String>,
+        /// Subject alternative name: DNS:x, URI:x, IP:x, email:x, or a bare
+        /// value; repeatable. A server certificate gets its CN when none is given.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long, value_enum, default_value = "ecdsa-p256")]
+        key: KeyAlgorithm,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a CRL, signed by the CA, revoking the given certificates.
+    Crl {
+        #[arg(long)]
+        ca: PathBuf,
+        /// Certificate files to revoke (repeatable; none writes an empty CRL).
+        #[arg(long)]
+        revoke: Vec<PathBuf>,
+        /// Days until the CRL's next update.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print subject, SANs, validity and fingerprints of a certificate file.
+    Show { file: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Pki(cmd)) = cli.command {
+        return pki_command(cmd);
+    }
     let path = match config::locate(cli.config.as_deref()) {
         Ok(p) => p,
         Err(e) => {
@@ -54,6 +120,81 @@ fn main() -> ExitCode {
         Command::Run => {
             telemetry::init(cli.log_format);
             run(path)
+        }
+        Command::Pki(cmd) => pki_command(cmd),
+    }
+}
+
+#[allow(clippy::print_stdout)] // the command's output
+fn pki_command(cmd: PkiCommand) -> ExitCode {
+    let done = match cmd {
+        PkiCommand::InitCa {
+            org,
+            cn,
+            days,
+            key,
+            out,
+            force,
+        } => pki::init_ca(&pki::CaRequest {
+            org: &org,
+            cn: &cn,
+            days,
+            algorithm: key,
+            out: &out,
+            force,
+        })
+        .map(|cert| {
+            format!(
+                "CA written: {} (key: {})",
+                cert.display(),
+                pki::ca_files(&out).1.display()
+            )
+        }),
+        PkiCommand::Issue {
+            ca,
+            kind,
+            cn,
+            org,
+            ou,
+            sans,
+            days,
+            key,
+            out,
+        } => pki::issue(&pki::IssueRequest {
+            ca: &ca,
+            kind,
+            cn: &cn,
+            org: org.as_deref(),
+            ou: ou.as_deref(),
+            sans: &sans,
+            days,
+            algorithm: key,
+            out: &out,
+        })
+        .map(|(cert, key)| {
+            format!(
+                "certificate written: {} (key: {})",
+                cert.display(),
+                key.display()
+            )
+        }),
+        PkiCommand::Crl {
+            ca,
+            revoke,
+            days,
+            out,
+        } => pki::crl(&ca, &revoke, days, &out)
+            .map(|()| format!("CRL written: {} ({} revoked)", out.display(), revoke.len())),
+        PkiCommand::Show { file } => pki::show(&file).map(|s| s.trim_end().to_owned()),
+    };
+    match done {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate pki: {e}");
+            ExitCode::FAILURE
         }
     }
 }
