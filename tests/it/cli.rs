@@ -1,13 +1,9 @@
 //! The `tollgate` binary itself: check-config, --version, signals.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
 fn tollgate(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
@@ -131,28 +127,6 @@ fn environment_overrides_config_keys() {
         err.contains("admin.bind") && err.contains("environment"),
         "{err}"
     );
-}
-
-/// Reads JSON log lines from the child's stderr until one says "listening".
-fn listen_addr(child: &mut Child) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["message"] == "listening"
-            {
-                let _ = tx.send(v["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("gateway logs its address");
-    (addr, reader)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,4 +8,5 @@ mod limits;
 mod proxy;
 mod routing;
 mod support;
+mod tls;
 mod upstreams;
