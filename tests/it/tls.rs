@@ -502,6 +502,12 @@ async fn revoked_and_expired_certificates_are_rejected_and_logged() {
     assert!(accepted.contains("\"cn\":\"alice\""), "{accepted}");
     assert!(accepted.contains("\"o\":\"backend\""), "{accepted}");
     assert!(accepted.contains(&alice.sha256()), "{accepted}");
+    // The server certificate is valid for 10 days, inside the 30-day warning.
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("certificate expires soon") && l.contains("server.pem")),
+        "{logs:#?}"
+    );
 }
 
 /// Replacing the certificate on disk: new handshakes get the new one while an
