@@ -17,44 +17,16 @@ LOAD_CPU=${LOAD_CPU:-0}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 UP_PORT=18080 NGINX_PORT=18081 TG_PORT=18082 TG_ADMIN=19090
 
-for tool in nginx wrk python3 taskset; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx-light wrk)"; exit 1; }
-done
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for c in upstream proxy; do
-    [ -f "$work/$c.pid" ] && kill "$(cat "$work/$c.pid")" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source benches/common.sh
+require nginx wrk python3 taskset curl
 
 cargo build --release --quiet
 
-nginx_conf() { # name port cpu body
-  cat > "$work/$1.conf" <<CONF
-worker_processes 1;
-daemon on;
-pid $work/$1.pid;
-error_log $work/$1.err warn;
-events { worker_connections 65536; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  $4
-}
-CONF
-}
-nginx_conf upstream $UP_PORT $LOAD_CPU "server { listen 127.0.0.1:$UP_PORT; location / { return 200 \"ok\\n\"; } }"
-nginx_conf proxy $NGINX_PORT $PROXY_CPU "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
+start_upstream "$LOAD_CPU" $UP_PORT
+nginx_conf proxy "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
   server { listen 127.0.0.1:$NGINX_PORT;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }"
-taskset -c "$LOAD_CPU" nginx -q -p "$work" -c "$work/upstream.conf"
 taskset -c "$PROXY_CPU" nginx -q -p "$work" -c "$work/proxy.conf"
 
 cat > "$work/gateway.yaml" <<CONF

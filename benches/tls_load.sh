@@ -18,21 +18,8 @@ PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 UP_PORT=18180 NGINX_PORT=18443 TG_PORT=18444 TG_ADMIN=19190
 
-for tool in nginx curl taskset; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx-light curl util-linux)"; exit 1; }
-done
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for c in upstream proxy; do
-    [ -f "$work/$c.pid" ] && kill "$(cat "$work/$c.pid")" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source benches/common.sh
+require nginx curl taskset
 
 cargo build --release --quiet --bin tollgate --example tlsload
 tg=target/release/tollgate
@@ -42,21 +29,7 @@ $tg pki init-ca --org Bench --cn "Bench Root" --out "$work/ca" >/dev/null
 $tg pki issue --ca "$work/ca" --kind server --cn localhost --san localhost --san 127.0.0.1 --out "$work/server" >/dev/null
 $tg pki issue --ca "$work/ca" --kind client --cn bench --org backend --out "$work/client" >/dev/null
 
-nginx_conf() { # name body
-  cat > "$work/$1.conf" <<CONF
-worker_processes 1;
-daemon on;
-pid $work/$1.pid;
-error_log $work/$1.err warn;
-events { worker_connections 65536; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  $2
-}
-CONF
-}
-nginx_conf upstream "server { listen 127.0.0.1:$UP_PORT; location / { return 200 \"ok\\n\"; } }"
+start_upstream "$LOAD_CPU" $UP_PORT
 nginx_conf proxy "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
   server { listen 127.0.0.1:$NGINX_PORT ssl;
     ssl_certificate $work/server.pem; ssl_certificate_key $work/server.key;
@@ -64,7 +37,6 @@ nginx_conf proxy "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
     ssl_protocols TLSv1.2 TLSv1.3;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
       proxy_set_header X-Client-Subject \$ssl_client_s_dn; } }"
-taskset -c "$LOAD_CPU" nginx -q -p "$work" -c "$work/upstream.conf"
 taskset -c "$PROXY_CPU" nginx -q -p "$work" -c "$work/proxy.conf"
 
 cat > "$work/gateway.yaml" <<CONF

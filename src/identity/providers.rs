@@ -127,7 +127,7 @@ impl Providers {
             let source = match plan {
                 KeyPlan::Static(set) => KeySource::Static(set),
                 KeyPlan::Remote(uri, roots) => {
-                    let roots = roots.unwrap_or_else(system_roots);
+                    let roots = roots.unwrap_or_else(crate::transport::tls::system_roots);
                     let fetches = metrics.auth_jwks_fetches.clone();
                     match RemoteJwks::new(&pc.name, uri, pc.jwks.clone(), roots, fetches) {
                         Ok(r) => KeySource::Remote(Arc::new(r)),
@@ -239,7 +239,7 @@ fn key_source(
                     .map_err(|e| format!("cannot read: {e}"))
                     .and_then(|pem| {
                         material.update(&pem);
-                        ca_roots(&pem)
+                        crate::transport::tls::ca_roots(&pem)
                     });
                 match roots {
                     Ok(roots) => Some(roots),
@@ -375,28 +375,4 @@ fn algorithms(
         }
     }
     ok.then_some(out)
-}
-
-fn ca_roots(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err("holds no usable CA certificate".into());
-    }
-    Ok(roots)
-}
-
-fn system_roots() -> rustls::RootCertStore {
-    let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for e in &found.errors {
-        tracing::warn!(error = %e, "reading a system CA certificate failed");
-    }
-    roots.add_parsable_certificates(found.certs);
-    roots
 }

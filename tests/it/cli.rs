@@ -1,6 +1,6 @@
 //! The `tollgate` binary itself: check-config, --version, signals.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::support::*;
@@ -145,13 +145,7 @@ async fn sighup_reloads_and_sigterm_drains() {
             + "reload: { watch: false }\n"
     };
     std::fs::write(&file, yaml(&other)).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "-c", file.to_str().unwrap(), "--log-format", "json"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (addr, logs) = listen_addr(&mut child);
+    let (mut child, addr, logs) = run_binary(&file);
     let url = format!("http://{addr}/");
     assert_eq!(get(&url).await.json()["name"], "other");
 

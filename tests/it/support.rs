@@ -309,9 +309,30 @@ pub fn metric(metrics: &str, prefix: &str) -> f64 {
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
-/// Reads JSON log lines from the child's stderr until one says "listening";
-/// the thread returns every line once the child exits.
-pub fn listen_addr(child: &mut Child) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+/// Runs `tollgate run -c file` with JSON logs; returns the child, the first
+/// listener's address and a thread that returns every log line once the
+/// child exits.
+pub fn run_binary(
+    file: &std::path::Path,
+) -> (Child, SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "run",
+            "-c",
+            file.to_str().expect("utf-8 path"),
+            "--log-format",
+            "json",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the tollgate binary");
+    let (addr, logs) = listen_addr(&mut child);
+    (child, addr, logs)
+}
+
+/// Reads JSON log lines from the child's stderr until one says "listening".
+fn listen_addr(child: &mut Child) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {

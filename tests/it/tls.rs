@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -457,13 +457,7 @@ async fn revoked_and_expired_certificates_are_rejected_and_logged() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gateway.yaml");
     std::fs::write(&file, config(&listeners, &route("r", "/", &[&up], ""))).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "-c", file.to_str().unwrap(), "--log-format", "json"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (addr, logs) = listen_addr(&mut child);
+    let (mut child, addr, logs) = run_binary(&file);
 
     let r = tls_get(addr, &ca.pem(), Some(&alice), "/", &[]).await;
     assert_eq!(r.expect("alice is accepted").status, 200);

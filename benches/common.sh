@@ -1,0 +1,43 @@
+# Shared by the load scripts: tool checks, a work dir cleaned up on exit
+# (with the nginx instances and background processes started from it), and
+# an nginx config writer. Source it after `cd` to the repository root.
+
+require() { # tool... (the hint says how to get them)
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx-light wrk curl util-linux)"; exit 1; }
+  done
+}
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for c in upstream proxy; do
+    [ -f "$work/$c.pid" ] && kill "$(cat "$work/$c.pid")" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+nginx_conf() { # name http-block-body
+  cat > "$work/$1.conf" <<CONF
+worker_processes 1;
+daemon on;
+pid $work/$1.pid;
+error_log $work/$1.err warn;
+worker_rlimit_nofile 65536;
+events { worker_connections 32768; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  $2
+}
+CONF
+}
+
+# An nginx upstream answering `ok` on CPU $1, port $2.
+start_upstream() {
+  nginx_conf upstream "server { listen 127.0.0.1:$2; location / { return 200 \"ok\\n\"; } }"
+  taskset -c "$1" nginx -q -p "$work" -c "$work/upstream.conf"
+}
