@@ -13,6 +13,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod pki;
+pub mod store;
 pub mod telemetry;
 pub mod transport;
 

@@ -1,0 +1,251 @@
+//! The embedded store: one redb file for what the gateway and the CLI write at
+//! run time (OAuth clients, signing keys, revoked token ids). Records are JSON
+//! so a store stays readable across versions.
+//!
+//! The file is opened per operation, not held: redb locks it while open, and
+//! `tollgate clients add` must be able to write while the gateway runs. The
+//! gateway keeps what it serves from in memory and re-reads when the file
+//! changes. Every write transaction is durable (fsync) when it returns.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("oauth_clients");
+const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys");
+const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked_tokens");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("store {path}: a record of `{table}` cannot be read: {message}")]
+    Corrupt {
+        path: PathBuf,
+        table: String,
+        message: String,
+    },
+}
+
+pub struct Store {
+    path: PathBuf,
+    /// One open at a time from this process (redb refuses a second).
+    open: Mutex<()>,
+}
+
+/// How long an operation waits for the file while another process has it open.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+impl Store {
+    /// Opens (creating the file, its directory and tables when missing) to
+    /// check it is usable.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+                path: path.to_owned(),
+                message: format!("cannot create its directory: {e}"),
+            })?;
+        }
+        let store = Store {
+            path: path.to_owned(),
+            open: Mutex::new(()),
+        };
+        store.write(|txn| {
+            txn.open_table(CLIENTS)?;
+            txn.open_table(SIGNING_KEYS)?;
+            txn.open_table(REVOKED)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _one = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match Database::create(&self.path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(self.io("held open by another process for more than 5s"));
+                }
+                Err(e) => return Err(self.io(e)),
+            }
+        };
+        f(&db)
+    }
+
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| self.io(e))?;
+            let out = f(&txn).map_err(|e| self.io(e))?;
+            txn.commit().map_err(|e| self.io(e))?;
+            Ok(out)
+        })
+    }
+
+    fn read_all<V: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<V>, StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| self.io(e))?;
+            let t = txn.open_table(table).map_err(|e| self.io(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.io(e))? {
+                let (_, v) = row.map_err(|e| self.io(e))?;
+                out.push(
+                    serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        table: table.name().to_owned(),
+                        message: e.to_string(),
+                    })?,
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    fn put<V: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &V,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| self.io(e))?;
+        self.write(|txn| {
+            txn.open_table(table)?.insert(key, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn clients<V: DeserializeOwned>(&self) -> Result<Vec<V>, StoreError> {
+        self.read_all(CLIENTS)
+    }
+
+    pub fn put_client<V: Serialize>(&self, id: &str, client: &V) -> Result<(), StoreError> {
+        self.put(CLIENTS, id, client)
+    }
+
+    /// Whether the client existed.
+    pub fn remove_client(&self, id: &str) -> Result<bool, StoreError> {
+        self.write(|txn| Ok(txn.open_table(CLIENTS)?.remove(id)?.is_some()))
+    }
+
+    pub fn signing_keys<V: DeserializeOwned>(&self) -> Result<Vec<V>, StoreError> {
+        self.read_all(SIGNING_KEYS)
+    }
+
+    /// Replaces the whole key set in one transaction.
+    pub fn replace_signing_keys<V: Serialize>(
+        &self,
+        keys: &[(String, V)],
+    ) -> Result<(), StoreError> {
+        let rows = keys
+            .iter()
+            .map(|(kid, k)| Ok((kid.as_str(), serde_json::to_vec(k)?)))
+            .collect::<Result<Vec<_>, serde_json::Error>>()
+            .map_err(|e| self.io(e))?;
+        self.write(|txn| {
+            let mut t = txn.open_table(SIGNING_KEYS)?;
+            t.retain(|_, _| false)?;
+            for (kid, bytes) in &rows {
+                t.insert(*kid, bytes.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Revoked token ids with the time (unix seconds) after which they no
+    /// longer matter.
+    pub fn revoked(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| self.io(e))?;
+            let t = txn.open_table(REVOKED).map_err(|e| self.io(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.io(e))? {
+                let (k, v) = row.map_err(|e| self.io(e))?;
+                out.push((k.value().to_owned(), v.value()));
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn revoke(&self, jti: &str, until: u64) -> Result<(), StoreError> {
+        self.write(|txn| {
+            txn.open_table(REVOKED)?.insert(jti, until)?;
+            Ok(())
+        })
+    }
+
+    /// Drops revocations whose tokens have expired; returns how many.
+    pub fn purge_revoked(&self, now: u64) -> Result<usize, StoreError> {
+        self.write(|txn| {
+            let mut t = txn.open_table(REVOKED)?;
+            let mut purged = 0;
+            t.retain(|_, until| {
+                let keep = until > now;
+                purged += usize::from(!keep);
+                keep
+            })?;
+            Ok(purged)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/t.redb");
+        let store = Store::open(&path).unwrap();
+        store
+            .put_client("a", &serde_json::json!({"id": "a"}))
+            .unwrap();
+        store
+            .put_client("b", &serde_json::json!({"id": "b"}))
+            .unwrap();
+        assert!(store.remove_client("b").unwrap());
+        assert!(!store.remove_client("b").unwrap());
+        store.revoke("j1", 10).unwrap();
+        store.revoke("j2", 100).unwrap();
+        assert_eq!(store.purge_revoked(50).unwrap(), 1);
+        store
+            .replace_signing_keys(&[("k1".to_string(), serde_json::json!({"kid": "k1"}))])
+            .unwrap();
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let clients: Vec<serde_json::Value> = store.clients().unwrap();
+        assert_eq!(clients, [serde_json::json!({"id": "a"})]);
+        assert_eq!(store.revoked().unwrap(), [("j2".to_string(), 100)]);
+        let keys: Vec<serde_json::Value> = store.signing_keys().unwrap();
+        assert_eq!(keys.len(), 1);
+    }
+}
