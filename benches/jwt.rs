@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
             let cfg_file = dir.path().join(format!("{name}-{mode}.yaml"));
             std::fs::write(&cfg_file, yaml).expect("write config");
             let cfg = tollgate::config::load(&cfg_file).expect("config");
-            let providers = Providers::build(&cfg, None, &Metrics::new()).expect("providers");
+            let providers = Providers::build(&cfg, None, &Metrics::new(), None).expect("providers");
             let provider = providers.get("p").expect("provider").clone();
             rt.block_on(provider.authenticate(&token))
                 .expect("token validates");

@@ -17,7 +17,9 @@ use crate::http::router::RouteTable;
 use crate::http::upstream::UpstreamClients;
 use crate::http::{HttpEntry, StackConfig};
 use crate::identity::Providers;
+use crate::identity::jwt::SelfKeys;
 use crate::metrics::Metrics;
+use crate::oauth::OAuthRuntime;
 use crate::transport::tls::{ServerMaterial, TlsListener, UpstreamTlsConfigs, load_server};
 use crate::transport::{self, ListenerInfo, Shutdown};
 
@@ -46,6 +48,7 @@ struct Inner {
     config: ArcSwap<Config>,
     table: Arc<ArcSwap<RouteTable>>,
     providers: ArcSwap<Providers>,
+    oauth: Arc<OAuthRuntime>,
     tls_listeners: Vec<Arc<TlsListener>>,
     clients: UpstreamClients,
     metrics: Arc<Metrics>,
@@ -112,7 +115,7 @@ impl Worker {
 pub fn check_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
     let cfg = config::parse(path)?;
     let mut errors = config::problems(&cfg);
-    if let Err(mut more) = Material::load(&cfg, None, &Metrics::new()) {
+    if let Err(mut more) = Material::load(&cfg, None, &Metrics::new(), Some(&SelfKeys::default())) {
         errors.append(&mut more);
     }
     if let Err(mut more) = listener_tls(&cfg) {
@@ -133,8 +136,9 @@ impl Material {
         cfg: &Config,
         previous: Option<&Providers>,
         metrics: &Metrics,
+        self_keys: Option<&SelfKeys>,
     ) -> Result<Material, Vec<ConfigError>> {
-        let providers = Providers::build(cfg, previous, metrics);
+        let providers = Providers::build(cfg, previous, metrics, self_keys);
         let upstream_tls = UpstreamTlsConfigs::load(cfg);
         match (providers, upstream_tls) {
             (Ok(providers), Ok(upstream_tls)) => Ok(Material {
@@ -185,6 +189,7 @@ impl Gateway {
         config_path: Option<PathBuf>,
     ) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let oauth = Arc::new(OAuthRuntime::new(metrics.clone()));
         let config_error = |errors| {
             StartError::Config(ConfigErrors::new(
                 config_path.as_deref().unwrap_or(std::path::Path::new("")),
@@ -194,8 +199,13 @@ impl Gateway {
         let Material {
             providers,
             upstream_tls,
-        } = Material::load(&config, None, &metrics).map_err(config_error)?;
+        } = Material::load(&config, None, &metrics, Some(&oauth.self_keys))
+            .map_err(config_error)?;
         let tls_material = listener_tls(&config).map_err(config_error)?;
+        let config = Arc::new(config);
+        oauth
+            .apply(&config, &providers.revocations)
+            .map_err(config_error)?;
         providers.start();
         let clients = UpstreamClients::new(&config.proxy);
         let table =
@@ -254,6 +264,7 @@ impl Gateway {
             .collect();
         let stack = Arc::new(StackConfig {
             table: table.clone(),
+            oauth: oauth.server.clone(),
             metrics: metrics.clone(),
             access_log: access_log.clone(),
             unmatched: metrics.route(
@@ -321,7 +332,8 @@ impl Gateway {
         let gateway = Gateway {
             inner: Arc::new(Inner {
                 config_path,
-                config: ArcSwap::from_pointee(config),
+                config: ArcSwap::new(config.clone()),
+                oauth: oauth.clone(),
                 table,
                 providers: ArcSwap::from_pointee(providers),
                 tls_listeners,
@@ -337,6 +349,14 @@ impl Gateway {
             }),
         };
         gateway.watch_config();
+        {
+            let cfg = gateway.inner.config.load();
+            gateway.inner.oauth.watch_store(
+                &cfg,
+                cfg.reload.debounce,
+                gateway.inner.shutdown.graceful.clone(),
+            );
+        }
         gateway.purge_revocations();
         gateway.inner.readiness.set_ready();
         Ok(gateway)
@@ -395,7 +415,12 @@ impl Gateway {
         let Material {
             providers,
             upstream_tls,
-        } = match Material::load(&new, Some(&current), &inner.metrics) {
+        } = match Material::load(
+            &new,
+            Some(&current),
+            &inner.metrics,
+            Some(&inner.oauth.self_keys),
+        ) {
             Ok(m) => m,
             Err(errors) => return reject(ConfigErrors::new(path, errors)),
         };
@@ -415,6 +440,10 @@ impl Gateway {
                 "changes to listeners, admin or proxy connection settings take effect after a restart"
             );
         }
+        let new = Arc::new(new);
+        if let Err(errors) = inner.oauth.apply(&new, &providers.revocations) {
+            return reject(ConfigErrors::new(path, errors));
+        }
         providers.start();
         let table = RouteTable::build(
             &new,
@@ -431,7 +460,7 @@ impl Gateway {
         inner
             .access_log
             .store(new.proxy.access_log, Ordering::Relaxed);
-        inner.config.store(Arc::new(new));
+        inner.config.store(new);
         inner
             .metrics
             .config_reloads

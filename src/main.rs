@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tollgate::oauth::manage;
 use tollgate::pki::{self, CertKind, KeyAlgorithm};
 use tollgate::telemetry::{self, LogFormat};
 use tollgate::{Gateway, config};
@@ -42,6 +43,64 @@ enum Command {
     /// Certificate tools: a CA, server and client certificates, CRLs.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// OAuth clients in the store (the running gateway picks changes up).
+    #[command(subcommand)]
+    Clients(ClientsCommand),
+    /// The token server's signing keys in the store.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum ClientsCommand {
+    /// Add a client; its new secret is printed once and stored only as a hash.
+    Add {
+        id: String,
+        /// Allowed scope (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Allowed audience (repeatable).
+        #[arg(long = "audience")]
+        audiences: Vec<String>,
+        /// Token lifetime for this client, e.g. 10m (default: oauth.token_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// Extra claim NAME=VALUE (a JSON value, or text); repeatable.
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+        /// Add it disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List clients (store and gateway.yaml).
+    List,
+    /// Show one stored client (without its secret hash).
+    Show {
+        id: String,
+    },
+    /// Remove a stored client.
+    Remove {
+        id: String,
+    },
+    /// Give a client a new secret (printed once); the old one stops working.
+    RotateSecret {
+        id: String,
+    },
+    Enable {
+        id: String,
+    },
+    Disable {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Start signing with a new key; the previous one stays published until
+    /// the tokens it signed have expired.
+    Rotate,
+    /// List signing keys.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -105,9 +164,10 @@ enum PkiCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Pki(cmd)) = cli.command {
-        return pki_command(cmd);
-    }
+    let command = match cli.command {
+        Some(Command::Pki(cmd)) => return pki_command(cmd),
+        other => other,
+    };
     let path = match config::locate(cli.config.as_deref()) {
         Ok(p) => p,
         Err(e) => {
@@ -115,13 +175,86 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
+    match command.unwrap_or(Command::Run) {
         Command::CheckConfig => check_config(&path),
+        Command::Clients(cmd) => store_command(&path, |cfg| clients_command(cfg, cmd)),
+        Command::Keys(cmd) => store_command(&path, |cfg| {
+            match cmd {
+            KeysCommand::Rotate => manage::rotate_keys(cfg)
+                .map(|kid| format!("signing with new key {kid}; the previous key stays published until its tokens expire")),
+            KeysCommand::List => manage::list_keys(cfg).map(|s| s.trim_end().to_owned()),
+        }
+        }),
         Command::Run => {
             telemetry::init(cli.log_format);
             run(path)
         }
         Command::Pki(cmd) => pki_command(cmd),
+    }
+}
+
+fn clients_command(cfg: &config::Config, cmd: ClientsCommand) -> Result<String, String> {
+    match cmd {
+        ClientsCommand::Add {
+            id,
+            scopes,
+            audiences,
+            ttl,
+            claims,
+            disabled,
+        } => manage::add_client(
+            cfg,
+            &manage::NewClient {
+                id: &id,
+                scopes,
+                audiences,
+                ttl,
+                claims: &claims,
+                enabled: !disabled,
+            },
+        )
+        .map(|secret| {
+            format!("client_id: {id}\nclient_secret: {secret}\n(the secret is not shown again)")
+        }),
+        ClientsCommand::List => manage::list_clients(cfg).map(|s| s.trim_end().to_owned()),
+        ClientsCommand::Show { id } => manage::show_client(cfg, &id),
+        ClientsCommand::Remove { id } => {
+            manage::remove_client(cfg, &id).map(|()| format!("client {id} removed"))
+        }
+        ClientsCommand::RotateSecret { id } => manage::rotate_secret(cfg, &id).map(|secret| {
+            format!("client_id: {id}\nclient_secret: {secret}\n(the old secret no longer works)")
+        }),
+        ClientsCommand::Enable { id } => {
+            manage::set_enabled(cfg, &id, true).map(|()| format!("client {id} enabled"))
+        }
+        ClientsCommand::Disable { id } => {
+            manage::set_enabled(cfg, &id, false).map(|()| format!("client {id} disabled"))
+        }
+    }
+}
+
+/// Runs a store command against the store the config names.
+#[allow(clippy::print_stdout)] // the command's output
+fn store_command(
+    path: &std::path::Path,
+    f: impl FnOnce(&config::Config) -> Result<String, String>,
+) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match f(&cfg) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -244,6 +377,15 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Handlers first: a SIGHUP right after "listening" must reload, not
+        // kill the process (the default action).
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                return ExitCode::FAILURE;
+            }
+        };
         tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting tollgate");
         let gateway = match Gateway::start(cfg, Some(path)).await {
             Ok(g) => g,
@@ -252,41 +394,50 @@ fn run(path: PathBuf) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if let Err(e) = handle_signals(&gateway).await {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
+        signals.run(&gateway).await;
         gateway.drained().await;
         ExitCode::SUCCESS
     })
 }
 
-/// SIGHUP reloads; SIGTERM or SIGINT starts the drain (a second one exits at once).
-async fn handle_signals(gateway: &Gateway) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading config");
-                let _ = gateway.reload().await;
-            }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    gateway.shutdown();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+
+    /// SIGHUP reloads; SIGTERM or SIGINT starts the drain (a second one exits at once).
+    async fn run(mut self, gateway: &Gateway) {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading config");
+                    let _ = gateway.reload().await;
+                }
+                _ = self.term.recv() => break,
+                _ = self.int.recv() => break,
+            }
         }
-        tracing::warn!("second shutdown signal: exiting without waiting for the drain");
-        std::process::exit(130);
-    });
-    Ok(())
+        gateway.shutdown();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+            tracing::warn!("second shutdown signal: exiting without waiting for the drain");
+            std::process::exit(130);
+        });
+    }
 }
 
 /// mimalloc: fewer cycles per allocation than glibc's malloc on the request

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub auth_jwks_fetches: IntCounterVec,
     pub authz_decisions: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    pub oauth_tokens_issued: IntCounterVec,
+    pub oauth_client_auth_failures: IntCounterVec,
     pub tls_cert_expiry: IntGaugeVec,
 }
 
@@ -135,6 +137,16 @@ impl Metrics {
                 "tollgate_tls_handshakes_total",
                 "TLS handshakes by listener and outcome (ok | bad_certificate | failed | timeout)",
                 &["listener", "outcome"],
+            ),
+            oauth_tokens_issued: counter(
+                "tollgate_oauth_tokens_issued_total",
+                "Access tokens issued by the token server, by client",
+                &["client"],
+            ),
+            oauth_client_auth_failures: counter(
+                "tollgate_oauth_client_auth_failures_total",
+                "Failed client authentications at the token server, by reason (missing | malformed | bad_credentials | disabled | rate_limited)",
+                &["reason"],
             ),
             tls_cert_expiry: gauge(
                 "tollgate_tls_cert_expiry_seconds",

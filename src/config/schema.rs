@@ -30,6 +30,11 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// The token server; off unless present.
+    #[serde(default)]
+    pub oauth: Option<OAuthConfig>,
+    #[serde(default)]
+    pub store: StoreConfig,
     /// The directory of the config file: relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -62,6 +67,8 @@ impl Default for Config {
             reload: ReloadConfig::default(),
             runtime: RuntimeConfig::default(),
             auth: AuthConfig::default(),
+            oauth: None,
+            store: StoreConfig::default(),
             base_dir: PathBuf::new(),
         }
     }
@@ -206,6 +213,81 @@ impl std::ops::Deref for PathList {
     fn deref(&self) -> &[PathBuf] {
         &self.0
     }
+}
+
+/// The embedded store (OAuth clients, signing keys, revoked tokens).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("data/tollgate.redb"),
+        }
+    }
+}
+
+/// The OAuth 2.0 token server (client credentials grant).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// `iss` of issued tokens, and the base of the metadata's endpoint URLs.
+    pub issuer: String,
+    #[serde(default = "default_token_ttl", deserialize_with = "units::duration")]
+    pub token_ttl: Duration,
+    #[serde(default)]
+    pub signing_algorithm: SigningAlgorithm,
+    /// Listeners that serve the endpoints; default: `sidecar` (else the first).
+    #[serde(default)]
+    pub listeners: Option<Vec<String>>,
+    /// PEM private keys to sign with instead of generated ones (the first
+    /// signs; the others stay in the JWKS).
+    #[serde(default)]
+    pub signing_keys: Vec<PathBuf>,
+    /// Clients defined here; more live in the store (`tollgate clients add`).
+    #[serde(default)]
+    pub clients: Vec<OAuthClientConfig>,
+    /// Largest request body the endpoints read.
+    #[serde(default = "default_oauth_body")]
+    pub max_body_bytes: ByteSize,
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_oauth_body() -> ByteSize {
+    ByteSize::kib(16)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+pub enum SigningAlgorithm {
+    #[default]
+    EdDSA,
+    ES256,
+    RS256,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthClientConfig {
+    pub id: String,
+    /// Hex SHA-256 of the client secret.
+    pub secret_sha256: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Overrides `oauth.token_ttl` for this client.
+    #[serde(default, deserialize_with = "units::option_duration")]
+    pub token_ttl: Option<Duration>,
+    /// Extra claims in this client's tokens (roles, organisation, ...).
+    #[serde(default)]
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
 }
 
 /// Per-listener limits. Every buffer, header, body and connection is bounded.

@@ -33,6 +33,11 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     d.deserialize_any(V)
 }
 
+/// An optional duration (`None` when the key is absent).
+pub fn option_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 /// A size in bytes, written as a plain number or with a unit: `B`, `KB`/`KiB`, `MB`/`MiB`, `GB`/`GiB`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);

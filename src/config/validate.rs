@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 
 use super::schema::{
-    AuthConfig, AuthRequirement, ClientAuth, Config, Limits, Protocol, ProviderConfig, RouteConfig,
-    TokenSource, UpstreamConfig, UpstreamProtocol,
+    AuthConfig, AuthRequirement, ClientAuth, Config, Limits, OAuthConfig, Protocol, ProviderConfig,
+    RouteConfig, TokenSource, UpstreamConfig, UpstreamProtocol,
 };
 use super::{ConfigError, TargetUrl};
 use crate::authz::{Policy, Resource};
@@ -68,6 +68,9 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         );
     }
     auth(&cfg.auth, &mut errs);
+    if let Some(o) = &cfg.oauth {
+        oauth(cfg, o, &mut errs);
+    }
     errs.nonzero("proxy.connect_timeout", cfg.proxy.connect_timeout);
     errs.nonzero("proxy.pool_idle_timeout", cfg.proxy.pool_idle_timeout);
     errs.0
@@ -320,6 +323,58 @@ fn upstream(path: &str, u: &UpstreamConfig, errs: &mut Errors) {
             format!("{path}.passive_health.ejection_time"),
             u.passive_health.ejection_time,
         );
+    }
+}
+
+fn oauth(cfg: &Config, o: &OAuthConfig, errs: &mut Errors) {
+    if o.issuer.trim().is_empty() {
+        errs.add(
+            "oauth.issuer",
+            "must not be empty (e.g. `http://localhost:8082`)",
+        );
+    }
+    errs.nonzero("oauth.token_ttl", o.token_ttl);
+    if let Some(listeners) = &o.listeners {
+        for (i, l) in listeners.iter().enumerate() {
+            if !cfg.listeners.iter().any(|x| &x.name == l) {
+                errs.add(
+                    format!("oauth.listeners[{i}]"),
+                    format!("`{l}` is not a listener name"),
+                );
+            }
+        }
+    }
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    for (i, c) in o.clients.iter().enumerate() {
+        let path = format!("oauth.clients[{i}]");
+        if c.id.is_empty() || c.id.contains(':') {
+            errs.add(format!("{path}.id"), "must be non-empty and without `:`");
+        } else if let Some(first) = ids.insert(c.id.as_str(), i) {
+            errs.add(
+                format!("{path}.id"),
+                format!(
+                    "duplicate client id `{}` (also oauth.clients[{first}])",
+                    c.id
+                ),
+            );
+        }
+        if crate::oauth::parse_hash(&c.secret_sha256).is_none() {
+            errs.add(
+                format!("{path}.secret_sha256"),
+                "expected 64 hex characters: the SHA-256 of the secret (e.g. `printf %s \"$SECRET\" | sha256sum`)",
+            );
+        }
+        if let Some(ttl) = c.token_ttl {
+            errs.nonzero(format!("{path}.token_ttl"), ttl);
+        }
+        for k in c.claims.keys() {
+            if crate::oauth::RESERVED_CLAIMS.contains(&k.as_str()) {
+                errs.add(
+                    format!("{path}.claims.{k}"),
+                    "is set by the token server itself",
+                );
+            }
+        }
     }
 }
 

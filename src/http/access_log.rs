@@ -20,6 +20,7 @@ use super::body::ProxyBody;
 use super::error::{ErrorSource, GatewayError};
 use super::router::Route;
 use crate::metrics::RouteMetrics;
+use crate::oauth::OAuthServer;
 use crate::transport::ConnState;
 
 #[derive(Clone)]
@@ -60,6 +61,8 @@ struct Pending {
     start: Instant,
     conn: Option<Arc<ConnState>>,
     route: Option<Arc<Route>>,
+    /// Token server endpoints: their server, for its metrics.
+    endpoint: Option<Arc<OAuthServer>>,
     request_id: HeaderValue,
     method: Method,
     /// Path only: query strings may carry tokens and are never logged.
@@ -90,6 +93,7 @@ where
             start: Instant::now(),
             conn: ctx.map(|c| c.conn.clone()),
             route: ctx.and_then(|c| c.route.clone()),
+            endpoint: ctx.and_then(|c| c.endpoint.as_ref().map(|(s, _)| s.clone())),
             request_id: ctx
                 .map(|c| c.request_id.clone())
                 .unwrap_or_else(|| HeaderValue::from_static("-")),
@@ -146,13 +150,21 @@ where
 
 fn record(p: &Pending, status: u16, error: Option<&GatewayError>, subject: &str) {
     let elapsed = p.start.elapsed();
-    let metrics = p.route.as_ref().map_or(&*p.unmatched, |r| &r.metrics);
+    let metrics = match (&p.route, &p.endpoint) {
+        (Some(r), _) => &r.metrics,
+        (None, Some(server)) => &server.metrics,
+        (None, None) => &*p.unmatched,
+    };
     let listener_index = p.conn.as_ref().map_or(0, |c| c.listener.index);
     metrics.count(listener_index, status);
     metrics.duration.observe(elapsed.as_secs_f64());
 
     let Some(path) = &p.path else { return };
-    let route = p.route.as_ref().map_or("-", |r| &r.name);
+    let route = match (&p.route, &p.endpoint) {
+        (Some(r), _) => &r.name,
+        (None, Some(_)) => "oauth",
+        (None, None) => "-",
+    };
     let listener = p.conn.as_ref().map_or("-", |c| &c.listener.name);
     let peer = p
         .conn

@@ -24,6 +24,7 @@ pub(crate) use proxy::error_chain;
 pub use stack::{HttpEntry, Stack, StackConfig};
 
 use crate::identity::Identity;
+use crate::oauth::{Endpoint, OAuthServer};
 use crate::transport::ConnState;
 use router::Route;
 
@@ -34,6 +35,8 @@ pub struct RequestCtx {
     pub request_id: HeaderValue,
     /// Set by routing; `None` means no route matched.
     pub route: Option<Arc<Route>>,
+    /// Set by routing instead of `route` for the token server's endpoints.
+    pub endpoint: Option<(Arc<OAuthServer>, Endpoint)>,
     /// Set by authentication; `None` for routes that need none.
     pub identity: Option<Arc<Identity>>,
 }

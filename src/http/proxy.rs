@@ -54,7 +54,10 @@ impl Service<Request<Incoming>> for Proxy {
         let ctx = req.extensions_mut().remove::<RequestCtx>();
         let clients = self.clients.clone();
         Box::pin(async move {
-            let ctx = ctx.ok_or(GatewayError::NoRoute)?;
+            let mut ctx = ctx.ok_or(GatewayError::NoRoute)?;
+            if let Some((server, ep)) = ctx.endpoint.take() {
+                return Ok(server.handle(ep, req).await);
+            }
             let route = ctx.route.clone().ok_or(GatewayError::NoRoute)?;
             let client = clients.get(route.pool.config.protocol);
             forward(client, &ctx.conn, &route, req).await

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::task::{Context, Poll};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
@@ -26,6 +26,7 @@ use super::router::RouteTable;
 use super::routing::{Routing, RoutingLayer};
 use super::upstream::UpstreamClients;
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::oauth::OAuthServer;
 use crate::transport::{ConnState, RequestGuard};
 
 pub type Stack = RequestId<Routing<AccessLog<RequestLimits<Authenticate<Authorize<Proxy>>>>>>;
@@ -33,6 +34,8 @@ pub type Stack = RequestId<Routing<AccessLog<RequestLimits<Authenticate<Authoriz
 /// What the stack's stages share across all connections.
 pub struct StackConfig {
     pub table: Arc<ArcSwap<RouteTable>>,
+    /// The token server, on the listeners that serve it.
+    pub oauth: Arc<ArcSwapOption<OAuthServer>>,
     pub metrics: Arc<Metrics>,
     pub access_log: Arc<AtomicBool>,
     /// Request metrics for requests that match no route.
@@ -45,8 +48,9 @@ impl StackConfig {
         ServiceBuilder::new()
             // 1. Every request gets its id before anything can fail.
             .layer(RequestIdLayer)
-            // 2. Which route (none is a 404, answered by the proxy stage).
-            .layer(RoutingLayer::new(self.table.clone()))
+            // 2. Which route, or which token server endpoint (neither is a 404,
+            //    answered by the proxy stage).
+            .layer(RoutingLayer::new(self.table.clone(), self.oauth.clone()))
             // 3. One log event and the metrics per request; errors become responses here.
             .layer(AccessLogLayer::new(
                 self.unmatched.clone(),
@@ -58,7 +62,7 @@ impl StackConfig {
             .layer(AuthLayer)
             // 6. Whether the route's policy allows it; identity headers for the upstream.
             .layer(AuthzLayer::new(self.access_log.clone()))
-            // 7. Forward to the route's upstream pool.
+            // 7. Forward to the route's upstream pool (or answer a token server endpoint).
             .service(Proxy::new(clients))
     }
 }
@@ -88,6 +92,7 @@ impl hyper::service::Service<Request<Incoming>> for HttpEntry {
             conn: self.conn.clone(),
             request_id: HeaderValue::from_static("-"),
             route: None,
+            endpoint: None,
             identity: None,
         });
         EntryFuture {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+pub(crate) use cert::hex;
 pub use providers::Providers;
 pub use revocation::Revocations;
 

@@ -10,7 +10,7 @@ use jsonwebtoken::Algorithm;
 
 use super::Revocations;
 use super::jwt::keys::{self, Family, KeySet};
-use super::jwt::{JwtProvider, KeySource, ProviderSettings, RemoteJwks, TokenMetrics};
+use super::jwt::{JwtProvider, KeySource, ProviderSettings, RemoteJwks, SelfKeys, TokenMetrics};
 use crate::config::{Config, ConfigError, ProviderConfig, SecretSource};
 use crate::metrics::Metrics;
 
@@ -79,10 +79,13 @@ impl Providers {
         }
     }
 
+    /// `self_keys`: the token server's public keys, for `keys: self`
+    /// providers (`None` when the config has no `oauth` section).
     pub fn build(
         cfg: &Config,
         previous: Option<&Providers>,
         metrics: &Metrics,
+        self_keys: Option<&SelfKeys>,
     ) -> Result<Providers, Vec<ConfigError>> {
         let revocations = previous.map_or_else(
             || Arc::new(Revocations::default()),
@@ -102,7 +105,7 @@ impl Providers {
                     message,
                 })
             };
-            let Some((plan, material)) = key_source(cfg, pc, &mut err) else {
+            let Some((plan, material)) = key_source(cfg, pc, self_keys, &mut err) else {
                 continue;
             };
             let reused = previous.and_then(|p| p.by_name.get(&pc.name)).filter(|b| {
@@ -126,6 +129,7 @@ impl Providers {
             };
             let source = match plan {
                 KeyPlan::Static(set) => KeySource::Static(set),
+                KeyPlan::SelfIssued(keys) => KeySource::SelfIssued(keys),
                 KeyPlan::Remote(uri, roots) => {
                     let roots = roots.unwrap_or_else(crate::transport::tls::system_roots);
                     let fetches = metrics.auth_jwks_fetches.clone();
@@ -195,11 +199,13 @@ enum KeyPlan {
     Static(KeySet),
     /// The key set's URL and the CA roots from `jwks.ca_file` (`None`: the system's).
     Remote(http::Uri, Option<rustls::RootCertStore>),
+    SelfIssued(SelfKeys),
 }
 
 fn key_source(
     cfg: &Config,
     pc: &ProviderConfig,
+    self_keys: Option<&SelfKeys>,
     err: &mut dyn FnMut(&str, String),
 ) -> Option<(KeyPlan, [u8; 32])> {
     let given = [
@@ -217,11 +223,25 @@ fn key_source(
     }
     let mut material = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let source = if pc.keys.is_some() {
-        err(
-            "keys",
-            "`keys: self` needs tollgate's own token server (the `oauth` section), which this version does not include yet".into(),
-        );
-        return None;
+        let Some(oauth) = &cfg.oauth else {
+            err(
+                "keys",
+                "`keys: self` needs tollgate's own token server: add the `oauth` section".into(),
+            );
+            return None;
+        };
+        if oauth.issuer != pc.issuer {
+            err(
+                "issuer",
+                format!(
+                    "`{}` differs from oauth.issuer `{}`; tokens of the token server would never match",
+                    pc.issuer, oauth.issuer
+                ),
+            );
+            return None;
+        }
+        // check-config has no running token server: the keys are read at start.
+        KeyPlan::SelfIssued(self_keys.cloned().unwrap_or_default())
     } else if let Some(uri) = &pc.jwks_uri {
         let parsed = uri
             .parse::<http::Uri>()
@@ -334,6 +354,10 @@ fn algorithms(
         let families = match plan {
             KeyPlan::Static(set) => set.families(),
             KeyPlan::Remote(..) => vec![Family::Rsa, Family::Ec, Family::Ed],
+            // What the token server signs with.
+            KeyPlan::SelfIssued(_) => {
+                return Some(vec![Algorithm::EdDSA, Algorithm::ES256, Algorithm::RS256]);
+            }
         };
         let pool = if hmac_source { HMAC } else { ASYMMETRIC };
         return Some(

@@ -28,6 +28,18 @@ impl Revocations {
         });
     }
 
+    /// Adds many at once (loading the store's list).
+    pub fn extend(&self, entries: &[(String, u64)]) {
+        if entries.is_empty() {
+            return;
+        }
+        self.revoked.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.extend(entries.iter().cloned());
+            Arc::new(next)
+        });
+    }
+
     /// Drops entries of tokens that have expired by `now` (unix seconds).
     pub fn purge(&self, now: u64) -> usize {
         let mut purged = 0;

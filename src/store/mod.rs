@@ -31,6 +31,15 @@ pub enum StoreError {
     },
 }
 
+/// Any redb error, boxed (they are large), so `?` works inside transactions.
+pub struct DbError(Box<redb::Error>);
+
+impl<E: Into<redb::Error>> From<E> for DbError {
+    fn from(e: E) -> DbError {
+        DbError(Box::new(e.into()))
+    }
+}
+
 pub struct Store {
     path: PathBuf,
     /// One open at a time from this process (redb refuses a second).
@@ -55,6 +64,8 @@ impl Store {
             open: Mutex::new(()),
         };
         store.write(|txn| {
+            // The store holds signing keys and secret hashes: owner-only.
+            restrict_permissions(path);
             txn.open_table(CLIENTS)?;
             txn.open_table(SIGNING_KEYS)?;
             txn.open_table(REVOKED)?;
@@ -65,6 +76,24 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file a change of clients or keys touches. Watchers watch it, not
+    /// the store itself: redb writes to the store on every open and close,
+    /// so a reader would wake itself up.
+    pub fn change_marker(path: &Path) -> PathBuf {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".changed");
+        PathBuf::from(p)
+    }
+
+    fn announce_change(&self) {
+        let marker = Self::change_marker(&self.path);
+        let stamp = format!("{:?}\n", std::time::SystemTime::now());
+        if let Err(e) = std::fs::write(&marker, stamp) {
+            tracing::warn!(file = %marker.display(), error = %e,
+                "cannot touch the store's change marker; a running gateway picks the change up on reload (SIGHUP)");
+        }
     }
 
     fn io(&self, e: impl std::fmt::Display) -> StoreError {
@@ -97,11 +126,11 @@ impl Store {
 
     fn write<T>(
         &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, DbError>,
     ) -> Result<T, StoreError> {
         self.with_db(|db| {
             let txn = db.begin_write().map_err(|e| self.io(e))?;
-            let out = f(&txn).map_err(|e| self.io(e))?;
+            let out = f(&txn).map_err(|e| self.io(e.0))?;
             txn.commit().map_err(|e| self.io(e))?;
             Ok(out)
         })
@@ -147,12 +176,16 @@ impl Store {
     }
 
     pub fn put_client<V: Serialize>(&self, id: &str, client: &V) -> Result<(), StoreError> {
-        self.put(CLIENTS, id, client)
+        self.put(CLIENTS, id, client)?;
+        self.announce_change();
+        Ok(())
     }
 
     /// Whether the client existed.
     pub fn remove_client(&self, id: &str) -> Result<bool, StoreError> {
-        self.write(|txn| Ok(txn.open_table(CLIENTS)?.remove(id)?.is_some()))
+        let removed = self.write(|txn| Ok(txn.open_table(CLIENTS)?.remove(id)?.is_some()))?;
+        self.announce_change();
+        Ok(removed)
     }
 
     pub fn signing_keys<V: DeserializeOwned>(&self) -> Result<Vec<V>, StoreError> {
@@ -176,7 +209,9 @@ impl Store {
                 t.insert(*kid, bytes.as_slice())?;
             }
             Ok(())
-        })
+        })?;
+        self.announce_change();
+        Ok(())
     }
 
     /// Revoked token ids with the time (unix seconds) after which they no
@@ -213,6 +248,13 @@ impl Store {
             })?;
             Ok(purged)
         })
+    }
+}
+
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(store = %path.display(), error = %e, "cannot make the store owner-only");
     }
 }
 

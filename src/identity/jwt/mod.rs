@@ -86,7 +86,12 @@ pub struct ProviderSettings {
 pub enum KeySource {
     Static(KeySet),
     Remote(Arc<RemoteJwks>),
+    /// tollgate's own token server's keys (`keys: self`), read in process.
+    SelfIssued(SelfKeys),
 }
+
+/// The token server's public keys as it publishes them; swapped on rotation.
+pub type SelfKeys = Arc<arc_swap::ArcSwap<KeySet>>;
 
 /// Counters by outcome, resolved once.
 pub struct TokenMetrics {
@@ -183,7 +188,7 @@ impl JwtProvider {
     pub fn remote(&self) -> Option<&Arc<RemoteJwks>> {
         match &self.keys {
             KeySource::Remote(r) => Some(r),
-            KeySource::Static(_) => None,
+            KeySource::Static(_) | KeySource::SelfIssued(_) => None,
         }
     }
 
@@ -251,6 +256,7 @@ impl JwtProvider {
         let header = self.header(token)?;
         let remote = match &self.keys {
             KeySource::Static(set) => return self.verify(token, &header, set),
+            KeySource::SelfIssued(set) => return self.verify(token, &header, &set.load()),
             KeySource::Remote(remote) => remote,
         };
         let mut keys = remote.keys();

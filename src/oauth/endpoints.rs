@@ -1,0 +1,500 @@
+//! The token server's HTTP endpoints and their errors (RFC 6749 §5.2 JSON).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Map, Value, json};
+
+use super::{Client, OAuthServer};
+use crate::http::body::ProxyBody;
+use crate::identity::jwt::unix_now;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Token,
+    Introspect,
+    Revoke,
+    Jwks,
+    Metadata,
+}
+
+impl Endpoint {
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        Some(match path {
+            "/oauth2/token" | "/token" => Endpoint::Token,
+            "/oauth2/introspect" => Endpoint::Introspect,
+            "/oauth2/revoke" => Endpoint::Revoke,
+            "/.well-known/jwks.json" => Endpoint::Jwks,
+            "/.well-known/oauth-authorization-server" => Endpoint::Metadata,
+            _ => return None,
+        })
+    }
+}
+
+/// An RFC 6749 §5.2 error.
+#[derive(Debug)]
+struct OAuthError {
+    status: StatusCode,
+    code: &'static str,
+    description: Cow<'static, str>,
+}
+
+fn error(
+    status: StatusCode,
+    code: &'static str,
+    description: impl Into<Cow<'static, str>>,
+) -> OAuthError {
+    OAuthError {
+        status,
+        code,
+        description: description.into(),
+    }
+}
+
+fn invalid_request(d: impl Into<Cow<'static, str>>) -> OAuthError {
+    error(StatusCode::BAD_REQUEST, "invalid_request", d)
+}
+
+fn invalid_client() -> OAuthError {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+        "client authentication failed",
+    )
+}
+
+impl OAuthError {
+    fn into_response(self) -> Response<ProxyBody> {
+        let body = json!({"error": self.code, "error_description": self.description});
+        let mut resp = json_response(self.status, body.to_string().into());
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"tollgate\", error=\"invalid_client\""),
+            );
+        }
+        resp
+    }
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Claims the token server sets itself; client claims cannot replace them.
+pub const RESERVED_CLAIMS: &[&str] = &[
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "nbf",
+    "iat",
+    "jti",
+    "client_id",
+    "scope",
+    "cnf",
+];
+
+/// Form parameters; a parameter may appear once (RFC 6749 §3.2), except the
+/// RFC 8707 `resource` and `audience`, which may repeat.
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    fn parse(body: &[u8]) -> Result<Form, OAuthError> {
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        for (i, (k, _)) in pairs.iter().enumerate() {
+            let repeatable = k == "resource" || k == "audience";
+            if !repeatable && pairs[..i].iter().any(|(p, _)| p == k) {
+                return Err(invalid_request(format!("parameter `{k}` is repeated")));
+            }
+        }
+        Ok(Form(pairs))
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl OAuthServer {
+    pub async fn handle<B>(self: Arc<Self>, ep: Endpoint, req: Request<B>) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let result = match ep {
+            Endpoint::Jwks | Endpoint::Metadata => {
+                if req.method() != Method::GET && req.method() != Method::HEAD {
+                    Err(error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "invalid_request",
+                        "use GET",
+                    ))
+                } else {
+                    let body = match ep {
+                        Endpoint::Jwks => self.keys.jwks_json.clone(),
+                        _ => self.metadata_json.clone(),
+                    };
+                    let mut resp = json_response(StatusCode::OK, body);
+                    // Short: validators elsewhere see a rotation within a minute.
+                    resp.headers_mut()
+                        .insert(CACHE_CONTROL, HeaderValue::from_static("max-age=60"));
+                    resp.headers_mut().remove(PRAGMA);
+                    Ok(resp)
+                }
+            }
+            Endpoint::Token | Endpoint::Introspect | Endpoint::Revoke => self.post(ep, req).await,
+        };
+        result.unwrap_or_else(OAuthError::into_response)
+    }
+
+    async fn post<B>(
+        &self,
+        ep: Endpoint,
+        req: Request<B>,
+    ) -> Result<Response<ProxyBody>, OAuthError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if req.method() != Method::POST {
+            return Err(error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request",
+                "use POST",
+            ));
+        }
+        let form_type = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| {
+                v.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            });
+        if !form_type {
+            return Err(invalid_request(
+                "the body must be application/x-www-form-urlencoded",
+            ));
+        }
+        let (parts, body) = req.into_parts();
+        let body = http_body_util::Limited::new(body, self.max_body)
+            .collect()
+            .await
+            .map_err(|e| invalid_request(format!("cannot read the body: {e}")))?
+            .to_bytes();
+        let form = Form::parse(&body)?;
+        let client = self.authenticate(&parts.headers, &form)?;
+        match ep {
+            Endpoint::Token => self.token(&client, &form),
+            Endpoint::Introspect => self.introspect(&form),
+            _ => self.revoke(&client, &form),
+        }
+    }
+
+    /// `client_secret_basic` or `client_secret_post`, never both.
+    fn authenticate(&self, headers: &HeaderMap, form: &Form) -> Result<Arc<Client>, OAuthError> {
+        let basic = match headers.get(AUTHORIZATION) {
+            None => None,
+            Some(v) => Some(basic_credentials(v).ok_or_else(|| {
+                self.auth_failed("malformed");
+                invalid_client()
+            })?),
+        };
+        let posted = form.get("client_secret");
+        let (id, secret) = match (basic, posted) {
+            (Some(_), Some(_)) => {
+                return Err(invalid_request(
+                    "client credentials in both the Authorization header and the body",
+                ));
+            }
+            (Some((id, secret)), None) => (Cow::Owned(id), Cow::Owned(secret)),
+            (None, Some(secret)) => {
+                let id = form
+                    .get("client_id")
+                    .ok_or_else(|| invalid_request("client_secret without client_id"))?;
+                (Cow::Borrowed(id), Cow::Borrowed(secret))
+            }
+            (None, None) => {
+                self.auth_failed("missing");
+                return Err(invalid_client());
+            }
+        };
+        match self.clients.authenticate(&id, &secret) {
+            Some(c) if c.enabled => Ok(c.clone()),
+            Some(_) => {
+                self.auth_failed("disabled");
+                tracing::info!(client = %id, "disabled client tried to authenticate");
+                Err(invalid_client())
+            }
+            None => {
+                self.auth_failed("bad_credentials");
+                // The id is what the caller claimed; never the secret.
+                tracing::info!(client = %truncate(&id), "client authentication failed");
+                Err(invalid_client())
+            }
+        }
+    }
+
+    fn auth_failed(&self, reason: &str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    fn token(&self, client: &Client, form: &Form) -> Result<Response<ProxyBody>, OAuthError> {
+        match form.get("grant_type") {
+            None => return Err(invalid_request("grant_type is missing")),
+            Some("client_credentials") => {}
+            Some(other) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported_grant_type",
+                    format!(
+                        "`{}` is not supported; use client_credentials",
+                        truncate(other)
+                    ),
+                ));
+            }
+        }
+        let scopes: Vec<String> = match form.get("scope") {
+            None => client.scopes.clone(),
+            Some(requested) => {
+                let mut out: Vec<String> = Vec::new();
+                for s in requested.split_whitespace() {
+                    if !client.scopes.iter().any(|a| a == s) {
+                        return Err(error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_scope",
+                            format!("scope `{}` is not allowed for this client", truncate(s)),
+                        ));
+                    }
+                    if !out.iter().any(|o| o == s) {
+                        out.push(s.to_owned());
+                    }
+                }
+                out
+            }
+        };
+        let requested: Vec<&str> = form.all("resource").chain(form.all("audience")).collect();
+        let audiences: Vec<String> = if requested.is_empty() {
+            client.audiences.clone()
+        } else {
+            let mut out: Vec<String> = Vec::new();
+            for a in requested {
+                if !client.audiences.iter().any(|x| x == a) {
+                    return Err(error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_target",
+                        format!("audience `{}` is not allowed for this client", truncate(a)),
+                    ));
+                }
+                if !out.iter().any(|o| o == a) {
+                    out.push(a.to_owned());
+                }
+            }
+            out
+        };
+        let now = unix_now();
+        let ttl = client.ttl.as_secs();
+        let mut claims: Map<String, Value> = client
+            .claims
+            .iter()
+            .filter(|(k, _)| !RESERVED_CLAIMS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        claims.insert("iss".into(), self.issuer.clone().into());
+        claims.insert("sub".into(), client.id.clone().into());
+        match audiences.as_slice() {
+            [] => {}
+            [one] => {
+                claims.insert("aud".into(), one.clone().into());
+            }
+            many => {
+                claims.insert("aud".into(), many.into());
+            }
+        }
+        claims.insert("exp".into(), (now + ttl).into());
+        claims.insert("iat".into(), now.into());
+        claims.insert("nbf".into(), now.into());
+        claims.insert("jti".into(), token_id().into());
+        claims.insert("client_id".into(), client.id.clone().into());
+        let scope = scopes.join(" ");
+        if !scope.is_empty() {
+            claims.insert("scope".into(), scope.clone().into());
+        }
+        let key = &self.keys.signing;
+        let mut header = jsonwebtoken::Header::new(key.algorithm);
+        header.typ = Some("at+jwt".into());
+        header.kid = Some(key.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &key.encoding).map_err(|e| {
+            tracing::error!(error = %e, "signing a token failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the token could not be signed",
+            )
+        })?;
+        self.issued.with_label_values(&[&client.id]).inc();
+        let mut body = json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": ttl,
+        });
+        if !scope.is_empty() {
+            body["scope"] = scope.into();
+        }
+        Ok(json_response(StatusCode::OK, body.to_string().into()))
+    }
+
+    /// The claims of a token this server issued, if its signature, issuer and
+    /// expiry hold and it is not revoked.
+    fn active_claims(&self, token: &str) -> Option<Map<String, Value>> {
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        let keys = &self.keys.verify;
+        for key in keys.candidates(header.alg, header.kid.as_deref()) {
+            let mut v = jsonwebtoken::Validation::new(header.alg);
+            v.set_issuer(&[&self.issuer]);
+            v.validate_aud = false;
+            v.leeway = 0;
+            v.set_required_spec_claims(&["exp", "iss", "jti"]);
+            if let Ok(data) = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &v) {
+                let claims = data.claims;
+                let jti = claims.get("jti").and_then(Value::as_str)?;
+                if self.revocations.is_revoked(jti) {
+                    return None;
+                }
+                return Some(claims);
+            }
+        }
+        None
+    }
+
+    fn introspect(&self, form: &Form) -> Result<Response<ProxyBody>, OAuthError> {
+        let token = form
+            .get("token")
+            .ok_or_else(|| invalid_request("token is missing"))?;
+        let body = match self.active_claims(token) {
+            None => json!({"active": false}),
+            Some(mut claims) => {
+                claims.insert("active".into(), true.into());
+                claims.insert("token_type".into(), "Bearer".into());
+                Value::Object(claims)
+            }
+        };
+        Ok(json_response(StatusCode::OK, body.to_string().into()))
+    }
+
+    /// Revokes a token of the calling client until it would have expired.
+    /// An unknown, expired or foreign token is answered 200 as well (RFC 7009
+    /// §2.2): the caller learns nothing about other clients' tokens.
+    fn revoke(&self, client: &Client, form: &Form) -> Result<Response<ProxyBody>, OAuthError> {
+        let token = form
+            .get("token")
+            .ok_or_else(|| invalid_request("token is missing"))?;
+        if let Some(claims) = self.active_claims(token) {
+            let owner = claims.get("client_id").and_then(Value::as_str);
+            let jti = claims.get("jti").and_then(Value::as_str);
+            let exp = claims.get("exp").and_then(Value::as_u64);
+            if let (Some(owner), Some(jti), Some(exp)) = (owner, jti, exp)
+                && owner == client.id
+            {
+                self.revocations.revoke(jti, exp);
+                if let Some(store) = &self.store
+                    && let Err(e) = store.revoke(jti, exp)
+                {
+                    // Revoked in memory on this node; say that it is not durable.
+                    tracing::error!(error = %e, "revocation not saved to the store");
+                }
+                tracing::info!(client = %client.id, jti, "token revoked");
+            }
+        }
+        Ok(json_response(StatusCode::OK, Bytes::new()))
+    }
+}
+
+/// `Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1).
+fn basic_credentials(v: &HeaderValue) -> Option<(String, String)> {
+    let v = v.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((form_decode(id)?, form_decode(secret)?))
+}
+
+fn form_decode(s: &str) -> Option<String> {
+    let plus = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus)
+        .decode_utf8()
+        .ok()
+        .map(Cow::into_owned)
+}
+
+/// A 128-bit random token id.
+fn token_id() -> String {
+    let mut raw = [0u8; 16];
+    // The system RNG does not fail on supported platforms; a zero id would
+    // still be unique enough not to matter for one token.
+    let _ = aws_lc_rs::rand::fill(&mut raw);
+    crate::identity::hex(&raw)
+}
+
+/// Caller-supplied text in messages and logs, bounded.
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        let enc = base64::engine::general_purpose::STANDARD.encode("my%3Aid:s+e%26cret");
+        let v = HeaderValue::from_str(&format!("Basic {enc}")).unwrap();
+        assert_eq!(
+            basic_credentials(&v).unwrap(),
+            ("my:id".to_string(), "s e&cret".to_string())
+        );
+        assert!(basic_credentials(&HeaderValue::from_static("Bearer x")).is_none());
+        assert!(basic_credentials(&HeaderValue::from_static("Basic !!!")).is_none());
+    }
+
+    #[test]
+    fn repeated_parameters_are_refused() {
+        assert!(Form::parse(b"grant_type=a&grant_type=b").is_err());
+        let f = Form::parse(b"resource=a&resource=b&scope=x").unwrap();
+        assert_eq!(f.all("resource").collect::<Vec<_>>(), ["a", "b"]);
+    }
+}
