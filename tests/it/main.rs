@@ -5,6 +5,7 @@ mod cli;
 mod jwt;
 mod lifecycle;
 mod limits;
+mod oauth;
 mod proxy;
 mod routing;
 mod support;

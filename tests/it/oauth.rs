@@ -1,0 +1,625 @@
+//! The token server through real HTTP: clients added with the CLI, tokens by
+//! client_secret_basic and client_secret_post, RFC 6749 errors, tokens used on
+//! a `keys: self` route, introspection, revocation, key rotation, restart,
+//! and an independent check of tokens and JWKS with Python (PyJWT, jwcrypto).
+
+use std::path::Path;
+use std::process::Command;
+
+use base64::Engine;
+use http::Request;
+use serde_json::Value;
+
+use crate::support::*;
+
+const ISSUER: &str = "http://localhost:8082";
+
+fn oauth_config(up: &Upstream, alg: &str, extra_oauth: &str) -> String {
+    config_with_routes(&format!(
+        "{}    auth: jwt\n    providers: [local]\n    forward_claims: {{ x-client: client_id }}\n    policy:\n      - allow: {{ scopes: [bar.read] }}\n",
+        route("bar", "/bar", &[up], "")
+    )) + &format!(
+        "auth:\n  providers:\n    - name: local\n      issuer: {ISSUER}\n      audiences: [bar]\n      keys: self\noauth:\n  issuer: {ISSUER}\n  token_ttl: 5m\n  signing_algorithm: {alg}\n{extra_oauth}reload: {{ debounce: 50ms }}\n"
+    )
+}
+
+/// Runs `tollgate <args> -c <config>` and returns stdout; panics on failure.
+fn cli(config: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tollgate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `clients add` and the secret it printed.
+fn add_client(config: &Path, id: &str, extra: &[&str]) -> String {
+    let mut args = vec!["clients", "add", id];
+    args.extend_from_slice(extra);
+    let out = cli(config, &args);
+    out.lines()
+        .find_map(|l| l.strip_prefix("client_secret: "))
+        .expect("the secret is printed")
+        .to_owned()
+}
+
+async fn post_form(
+    gw: &TestGateway,
+    path: &str,
+    body: &str,
+    basic: Option<(&str, &str)>,
+) -> TestResponse {
+    let mut req =
+        Request::post(gw.url(path)).header("content-type", "application/x-www-form-urlencoded");
+    if let Some((id, secret)) = basic {
+        let cred = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+        req = req.header("authorization", format!("Basic {cred}"));
+    }
+    send(req.body(full(body.to_owned())).unwrap()).await
+}
+
+/// Whether the token endpoint accepts the client (it is known and enabled).
+async fn authenticates(gw: &TestGateway, id: &str, secret: &str) -> bool {
+    post_form(
+        gw,
+        "/oauth2/token",
+        "grant_type=client_credentials",
+        Some((id, secret)),
+    )
+    .await
+    .status
+        == 200
+}
+
+async fn token(gw: &TestGateway, id: &str, secret: &str, extra: &str) -> String {
+    let r = post_form(
+        gw,
+        "/oauth2/token",
+        &format!("grant_type=client_credentials{extra}"),
+        Some((id, secret)),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn call_bar(gw: &TestGateway, token: &str) -> TestResponse {
+    send(
+        Request::get(gw.url("/bar/x"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await
+}
+
+fn claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Microfy's flow: a client added with the CLI gets a token (basic and post
+/// auth) and calls a route through the gateway; every RFC 6749 error case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_round_trip_and_errors() {
+    let up = Upstream::echo("bar").await;
+    let gw = TestGateway::start(&oauth_config(&up, "EdDSA", "")).await;
+    let secret = add_client(
+        &gw.path,
+        "foo",
+        &[
+            "--scope",
+            "bar.read",
+            "--scope",
+            "bar.write",
+            "--audience",
+            "bar",
+            "--claim",
+            "org=acme",
+        ],
+    );
+    let other = add_client(&gw.path, "other", &["--scope", "other.read"]);
+
+    // The gateway sees the store change (clients added while it runs).
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the new clients are known",
+        || async {
+            authenticates(&gw, "foo", &secret).await && authenticates(&gw, "other", &other).await
+        },
+    )
+    .await;
+
+    let r = post_form(
+        &gw,
+        "/oauth2/token",
+        "grant_type=client_credentials&scope=bar.read",
+        Some(("foo", &secret)),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let body = r.json();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 300);
+    assert_eq!(body["scope"], "bar.read");
+    let t = body["access_token"].as_str().unwrap().to_owned();
+    let c = claims(&t);
+    assert_eq!(c["iss"], ISSUER);
+    assert_eq!(c["sub"], "foo");
+    assert_eq!(c["client_id"], "foo");
+    assert_eq!(c["aud"], "bar");
+    assert_eq!(c["org"], "acme");
+    assert_eq!(c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(), 300);
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(t.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["typ"], "at+jwt");
+    assert_eq!(header["alg"], "EdDSA");
+
+    let r = call_bar(&gw, &t).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-client"], "foo");
+
+    // client_secret_post on the path Microfy users call.
+    let r = post_form(
+        &gw,
+        "/token",
+        &format!("grant_type=client_credentials&client_id=foo&client_secret={secret}"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["scope"], "bar.read bar.write");
+    // A token without the policy's scope is refused by the route.
+    let t_other = token(&gw, "other", &other, "").await;
+    assert_eq!(
+        call_bar(&gw, &t_other).await.status,
+        401,
+        "wrong audience for the route"
+    );
+
+    let expect = |r: &TestResponse, status: u16, code: &str| {
+        assert_eq!(r.status, status, "{}", r.text());
+        assert_eq!(r.json()["error"], code, "{}", r.text());
+    };
+    let r = post_form(
+        &gw,
+        "/oauth2/token",
+        "grant_type=client_credentials",
+        Some(("foo", "wrong")),
+    )
+    .await;
+    expect(&r, 401, "invalid_client");
+    assert!(
+        r.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Basic")
+    );
+    expect(
+        &post_form(
+            &gw,
+            "/oauth2/token",
+            "grant_type=client_credentials",
+            Some(("nobody", "x")),
+        )
+        .await,
+        401,
+        "invalid_client",
+    );
+    expect(
+        &post_form(&gw, "/oauth2/token", "grant_type=client_credentials", None).await,
+        401,
+        "invalid_client",
+    );
+    expect(
+        &post_form(
+            &gw,
+            "/oauth2/token",
+            "grant_type=client_credentials&scope=admin",
+            Some(("foo", &secret)),
+        )
+        .await,
+        400,
+        "invalid_scope",
+    );
+    expect(
+        &post_form(
+            &gw,
+            "/oauth2/token",
+            "grant_type=client_credentials&resource=elsewhere",
+            Some(("foo", &secret)),
+        )
+        .await,
+        400,
+        "invalid_target",
+    );
+    expect(
+        &post_form(
+            &gw,
+            "/oauth2/token",
+            "grant_type=password",
+            Some(("foo", &secret)),
+        )
+        .await,
+        400,
+        "unsupported_grant_type",
+    );
+    expect(
+        &post_form(
+            &gw,
+            "/oauth2/token",
+            "scope=bar.read",
+            Some(("foo", &secret)),
+        )
+        .await,
+        400,
+        "invalid_request",
+    );
+    expect(
+        &post_form(
+            &gw,
+            "/oauth2/token",
+            "grant_type=client_credentials&grant_type=client_credentials",
+            Some(("foo", &secret)),
+        )
+        .await,
+        400,
+        "invalid_request",
+    );
+    expect(
+        &post_form(
+            &gw,
+            "/oauth2/token",
+            &format!("grant_type=client_credentials&client_id=foo&client_secret={secret}"),
+            Some(("foo", &secret)),
+        )
+        .await,
+        400,
+        "invalid_request",
+    );
+    let r = send(
+        Request::post(gw.url("/oauth2/token"))
+            .header("content-type", "application/json")
+            .body(full("{\"grant_type\":\"client_credentials\"}"))
+            .unwrap(),
+    )
+    .await;
+    expect(&r, 400, "invalid_request");
+    let r = send(
+        Request::get(gw.url("/oauth2/token"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 405);
+    let big = format!(
+        "grant_type=client_credentials&pad={}",
+        "x".repeat(64 * 1024)
+    );
+    expect(
+        &post_form(&gw, "/oauth2/token", &big, Some(("foo", &secret))).await,
+        400,
+        "invalid_request",
+    );
+
+    // A disabled client cannot authenticate.
+    cli(&gw.path, &["clients", "disable", "other"]);
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the client is disabled",
+        || async { !authenticates(&gw, "other", &other).await },
+    )
+    .await;
+
+    let m = gw.metrics().await;
+    assert!(
+        metric(&m, "tollgate_oauth_tokens_issued_total{client=\"foo\"}") >= 3.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "tollgate_oauth_client_auth_failures_total{reason=\"bad_credentials\"}"
+        ) >= 2.0
+    );
+    assert!(
+        metric(
+            &m,
+            "tollgate_http_requests_total{class=\"2xx\",listener=\"sidecar\",route=\"oauth\"}"
+        ) >= 3.0
+    );
+    let metadata = get(&gw.url("/.well-known/oauth-authorization-server"))
+        .await
+        .json();
+    assert_eq!(metadata["issuer"], ISSUER);
+    assert_eq!(metadata["token_endpoint"], format!("{ISSUER}/oauth2/token"));
+    assert_eq!(metadata["grant_types_supported"][0], "client_credentials");
+}
+
+/// Introspection says active until revoked; revocation makes the next
+/// request through the gateway 401; only the owner can revoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_and_revocation() {
+    let up = Upstream::echo("bar").await;
+    let (a, b) = (
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+    );
+    let hash = |s: &str| {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
+        d.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let clients = format!(
+        "  clients:\n    - {{ id: foo, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n    - {{ id: baz, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
+        hash(a),
+        hash(b)
+    );
+    let gw = TestGateway::start(&oauth_config(&up, "ES256", &clients)).await;
+    let t = token(&gw, "foo", a, "").await;
+    assert_eq!(call_bar(&gw, &t).await.status, 200);
+
+    let r = post_form(
+        &gw,
+        "/oauth2/introspect",
+        &format!("token={t}"),
+        Some(("baz", b)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let info = r.json();
+    assert_eq!(info["active"], true);
+    assert_eq!(info["client_id"], "foo");
+    assert_eq!(info["scope"], "bar.read");
+    let r = post_form(
+        &gw,
+        "/oauth2/introspect",
+        "token=not.a.token",
+        Some(("baz", b)),
+    )
+    .await;
+    assert_eq!(r.json(), serde_json::json!({"active": false}));
+    let r = post_form(&gw, "/oauth2/introspect", &format!("token={t}"), None).await;
+    assert_eq!(r.status, 401, "introspection needs client authentication");
+
+    // Another client's revocation is answered 200 but revokes nothing.
+    let r = post_form(
+        &gw,
+        "/oauth2/revoke",
+        &format!("token={t}"),
+        Some(("baz", b)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(call_bar(&gw, &t).await.status, 200);
+
+    let r = post_form(
+        &gw,
+        "/oauth2/revoke",
+        &format!("token={t}"),
+        Some(("foo", a)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = call_bar(&gw, &t).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(
+        r.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    let r = post_form(
+        &gw,
+        "/oauth2/introspect",
+        &format!("token={t}"),
+        Some(("baz", b)),
+    )
+    .await;
+    assert_eq!(r.json()["active"], false);
+    // A new token works.
+    assert_eq!(
+        call_bar(&gw, &token(&gw, "foo", a, "").await).await.status,
+        200
+    );
+}
+
+/// Rotation keeps the old key published (its tokens still pass) and signs
+/// with the new one; a restart keeps clients, keys and revocations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_and_restart() {
+    let up = Upstream::echo("bar").await;
+    let yaml = oauth_config(&up, "EdDSA", "");
+    let gw = TestGateway::start(&yaml).await;
+    let secret = add_client(
+        &gw.path,
+        "foo",
+        &["--scope", "bar.read", "--audience", "bar"],
+    );
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the new client is known",
+        || async { authenticates(&gw, "foo", &secret).await },
+    )
+    .await;
+    let old = token(&gw, "foo", &secret, "").await;
+    let old_kid = header_kid(&old);
+    let jwks = get(&gw.url("/.well-known/jwks.json")).await.json();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 1);
+
+    let out = cli(&gw.path, &["keys", "rotate"]);
+    assert!(out.contains("signing with new key"), "{out}");
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the JWKS lists both keys",
+        || async {
+            get(&gw.url("/.well-known/jwks.json")).await.json()["keys"]
+                .as_array()
+                .unwrap()
+                .len()
+                == 2
+        },
+    )
+    .await;
+    let new = token(&gw, "foo", &secret, "").await;
+    assert_ne!(header_kid(&new), old_kid);
+    assert_eq!(
+        call_bar(&gw, &old).await.status,
+        200,
+        "the old key's token is valid during the overlap"
+    );
+    assert_eq!(call_bar(&gw, &new).await.status, 200);
+    let r = post_form(
+        &gw,
+        "/oauth2/revoke",
+        &format!("token={new}"),
+        Some(("foo", &secret)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    // Restart on the same store.
+    let dir_config = gw.path.clone();
+    let yaml_now = std::fs::read_to_string(&dir_config).unwrap();
+    gw.gw.shutdown();
+    gw.gw.drained().await;
+    let cfg = tollgate::config::load(&dir_config).unwrap();
+    let again = tollgate::Gateway::start(cfg, Some(dir_config.clone()))
+        .await
+        .unwrap();
+    let url = |p: &str| format!("http://{}{p}", again.listener_addr("sidecar").unwrap());
+    assert_eq!(yaml_now, std::fs::read_to_string(&dir_config).unwrap());
+    let call = |t: String| {
+        let url = url("/bar/x");
+        async move {
+            send(
+                Request::get(url)
+                    .header("authorization", format!("Bearer {t}"))
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(call(old.clone()).await, 200, "keys survive a restart");
+    assert_eq!(
+        call(new.clone()).await,
+        401,
+        "revocations survive a restart"
+    );
+    let r = send(
+        Request::post(url("/oauth2/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full(format!(
+                "grant_type=client_credentials&client_id=foo&client_secret={secret}"
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "clients survive a restart: {}", r.text());
+    again.shutdown();
+}
+
+fn header_kid(token: &str) -> String {
+    let h: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    h["kid"].as_str().unwrap().to_owned()
+}
+
+/// Another implementation agrees: PyJWT verifies the tokens with the
+/// published JWKS, and jwcrypto computes the same RFC 7638 thumbprints as kids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_jwks_verify_with_python() {
+    let up = Upstream::echo("bar").await;
+    for alg in ["EdDSA", "ES256", "RS256"] {
+        let gw = TestGateway::start(&oauth_config(&up, alg, "")).await;
+        let secret = add_client(
+            &gw.path,
+            "py",
+            &["--scope", "bar.read", "--audience", "bar"],
+        );
+        wait_until(
+            std::time::Duration::from_secs(10),
+            "the new client is known",
+            || async { authenticates(&gw, "py", &secret).await },
+        )
+        .await;
+        let t = token(&gw, "py", &secret, "").await;
+        let jwks = get(&gw.url("/.well-known/jwks.json")).await.text();
+        let script = r#"
+import json, sys, jwt
+from jwcrypto import jwk
+jwks = json.loads(sys.argv[1]); token = sys.argv[2]; alg = sys.argv[3]
+for k in jwks["keys"]:
+    assert jwk.JWK(**k).thumbprint() == k["kid"], ("thumbprint", k)
+header = jwt.get_unverified_header(token)
+assert header["typ"] == "at+jwt" and header["alg"] == alg, header
+key = next(k for k in jwks["keys"] if k["kid"] == header["kid"])
+pub = jwt.PyJWK(key).key
+claims = jwt.decode(token, pub, algorithms=[alg], audience="bar", issuer="http://localhost:8082")
+assert claims["client_id"] == "py" and claims["scope"] == "bar.read", claims
+print("ok")
+"#;
+        let out = Command::new("/usr/bin/python3")
+            .args(["-c", script, &jwks, &t, alg])
+            .output()
+            .expect(
+                "/usr/bin/python3 with python3-jwt and python3-jwcrypto (.ci/run installs them)",
+            );
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+            "{alg}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// OAuth config problems name their keys.
+#[test]
+fn oauth_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let yaml = config_with_routes(
+        "  - name: r\n    match: { path_prefix: / }\n    upstream: { targets: [\"http://127.0.0.1:1\"] }\n",
+    ) + "auth:\n  providers:\n    - name: local\n      issuer: http://other\n      audiences: [x]\n      keys: self\n"
+        + "oauth:\n  issuer: http://localhost:8082\n  token_ttl: 0s\n  listeners: [nope]\n  clients:\n    - { id: a, secret_sha256: short, claims: { sub: x } }\n    - { id: a, secret_sha256: \"0000000000000000000000000000000000000000000000000000000000000000\" }\n";
+    std::fs::write(&path, yaml).unwrap();
+    let err = tollgate::gateway::check_config(&path)
+        .unwrap_err()
+        .to_string();
+    for want in [
+        "oauth.token_ttl: must be greater than zero",
+        "oauth.listeners[0]: `nope` is not a listener name",
+        "oauth.clients[0].secret_sha256: expected 64 hex characters",
+        "oauth.clients[0].claims.sub: is set by the token server itself",
+        "oauth.clients[1].id: duplicate client id `a`",
+        "auth.providers[0].issuer: `http://other` differs from oauth.issuer",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+}
