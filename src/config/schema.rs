@@ -253,6 +253,27 @@ pub struct OAuthConfig {
     /// Largest request body the endpoints read.
     #[serde(default = "default_oauth_body")]
     pub max_body_bytes: ByteSize,
+    #[serde(default)]
+    pub client_auth_limit: ClientAuthLimit,
+}
+
+/// Failed client authentications allowed per client id and per source
+/// address in a window; past it, 429 until the window ends. 0 turns it off.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientAuthLimit {
+    pub max_failures: u32,
+    #[serde(deserialize_with = "units::duration")]
+    pub window: Duration,
+}
+
+impl Default for ClientAuthLimit {
+    fn default() -> Self {
+        ClientAuthLimit {
+            max_failures: 10,
+            window: Duration::from_secs(60),
+        }
+    }
 }
 
 fn default_token_ttl() -> Duration {

@@ -166,6 +166,7 @@ mod tests {
             signing_keys: Vec::new(),
             clients: yaml_clients,
             max_body_bytes: crate::config::units::ByteSize::kib(16),
+            client_auth_limit: Default::default(),
         }
     }
 

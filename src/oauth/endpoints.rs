@@ -1,6 +1,7 @@
 //! The token server's HTTP endpoints and their errors (RFC 6749 §5.2 JSON).
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -42,6 +43,8 @@ struct OAuthError {
     status: StatusCode,
     code: &'static str,
     description: Cow<'static, str>,
+    /// Seconds, for 429.
+    retry_after: Option<u64>,
 }
 
 fn error(
@@ -53,6 +56,7 @@ fn error(
         status,
         code,
         description: description.into(),
+        retry_after: None,
     }
 }
 
@@ -72,6 +76,10 @@ impl OAuthError {
     fn into_response(self) -> Response<ProxyBody> {
         let body = json!({"error": self.code, "error_description": self.description});
         let mut resp = json_response(self.status, body.to_string().into());
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 WWW_AUTHENTICATE,
@@ -140,7 +148,12 @@ impl Form {
 }
 
 impl OAuthServer {
-    pub async fn handle<B>(self: Arc<Self>, ep: Endpoint, req: Request<B>) -> Response<ProxyBody>
+    pub async fn handle<B>(
+        self: Arc<Self>,
+        ep: Endpoint,
+        req: Request<B>,
+        peer: IpAddr,
+    ) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -166,7 +179,9 @@ impl OAuthServer {
                     Ok(resp)
                 }
             }
-            Endpoint::Token | Endpoint::Introspect | Endpoint::Revoke => self.post(ep, req).await,
+            Endpoint::Token | Endpoint::Introspect | Endpoint::Revoke => {
+                self.post(ep, req, peer).await
+            }
         };
         result.unwrap_or_else(OAuthError::into_response)
     }
@@ -175,6 +190,7 @@ impl OAuthServer {
         &self,
         ep: Endpoint,
         req: Request<B>,
+        peer: IpAddr,
     ) -> Result<Response<ProxyBody>, OAuthError>
     where
         B: http_body::Body<Data = Bytes>,
@@ -208,7 +224,7 @@ impl OAuthServer {
             .map_err(|e| invalid_request(format!("cannot read the body: {e}")))?
             .to_bytes();
         let form = Form::parse(&body)?;
-        let client = self.authenticate(&parts.headers, &form)?;
+        let client = self.authenticate(&parts.headers, &form, peer)?;
         match ep {
             Endpoint::Token => self.token(&client, &form),
             Endpoint::Introspect => self.introspect(&form),
@@ -216,47 +232,79 @@ impl OAuthServer {
         }
     }
 
-    /// `client_secret_basic` or `client_secret_post`, never both.
-    fn authenticate(&self, headers: &HeaderMap, form: &Form) -> Result<Arc<Client>, OAuthError> {
+    /// `client_secret_basic` or `client_secret_post`, never both. Failures
+    /// count against the client id and the source address.
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        form: &Form,
+        peer: IpAddr,
+    ) -> Result<Arc<Client>, OAuthError> {
+        let (id, secret) = match self.credentials(headers, form) {
+            Ok(c) => c,
+            Err((reason, e)) => {
+                if let Some(reason) = reason {
+                    self.auth_failed(reason);
+                    self.limiter.failed(None, peer);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(wait) = self.limiter.blocked(Some(&id), peer) {
+            self.auth_failed("rate_limited");
+            return Err(OAuthError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                code: "slow_down",
+                description: format!(
+                    "too many failed client authentications; retry in {}s",
+                    wait.as_secs().max(1)
+                )
+                .into(),
+                retry_after: Some(wait.as_secs().max(1)),
+            });
+        }
+        match self.clients.authenticate(&id, &secret) {
+            Some(c) if c.enabled => Ok(c.clone()),
+            found => {
+                let reason = if found.is_some() {
+                    "disabled"
+                } else {
+                    "bad_credentials"
+                };
+                self.auth_failed(reason);
+                self.limiter.failed(Some(&id), peer);
+                // The id is what the caller claimed; never the secret.
+                tracing::info!(client = %truncate(&id), %peer, reason, "client authentication failed");
+                Err(invalid_client())
+            }
+        }
+    }
+
+    /// The presented client id and secret. Errors carry the failure reason
+    /// to count (`None` for a malformed request, which is not a guess).
+    #[allow(clippy::type_complexity)]
+    fn credentials<'f>(
+        &self,
+        headers: &HeaderMap,
+        form: &'f Form,
+    ) -> Result<(Cow<'f, str>, Cow<'f, str>), (Option<&'static str>, OAuthError)> {
         let basic = match headers.get(AUTHORIZATION) {
             None => None,
-            Some(v) => Some(basic_credentials(v).ok_or_else(|| {
-                self.auth_failed("malformed");
-                invalid_client()
-            })?),
+            Some(v) => Some(basic_credentials(v).ok_or((Some("malformed"), invalid_client()))?),
         };
-        let posted = form.get("client_secret");
-        let (id, secret) = match (basic, posted) {
-            (Some(_), Some(_)) => {
-                return Err(invalid_request(
-                    "client credentials in both the Authorization header and the body",
-                ));
-            }
-            (Some((id, secret)), None) => (Cow::Owned(id), Cow::Owned(secret)),
+        match (basic, form.get("client_secret")) {
+            (Some(_), Some(_)) => Err((
+                None,
+                invalid_request("client credentials in both the Authorization header and the body"),
+            )),
+            (Some((id, secret)), None) => Ok((Cow::Owned(id), Cow::Owned(secret))),
             (None, Some(secret)) => {
                 let id = form
                     .get("client_id")
-                    .ok_or_else(|| invalid_request("client_secret without client_id"))?;
-                (Cow::Borrowed(id), Cow::Borrowed(secret))
+                    .ok_or((None, invalid_request("client_secret without client_id")))?;
+                Ok((Cow::Borrowed(id), Cow::Borrowed(secret)))
             }
-            (None, None) => {
-                self.auth_failed("missing");
-                return Err(invalid_client());
-            }
-        };
-        match self.clients.authenticate(&id, &secret) {
-            Some(c) if c.enabled => Ok(c.clone()),
-            Some(_) => {
-                self.auth_failed("disabled");
-                tracing::info!(client = %id, "disabled client tried to authenticate");
-                Err(invalid_client())
-            }
-            None => {
-                self.auth_failed("bad_credentials");
-                // The id is what the caller claimed; never the secret.
-                tracing::info!(client = %truncate(&id), "client authentication failed");
-                Err(invalid_client())
-            }
+            (None, None) => Err((Some("missing"), invalid_client())),
         }
     }
 

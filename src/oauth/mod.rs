@@ -7,6 +7,7 @@
 mod clients;
 mod endpoints;
 pub mod keys;
+mod limit;
 pub mod manage;
 mod runtime;
 
@@ -43,6 +44,7 @@ pub struct OAuthServer {
     pub metrics: RouteMetrics,
     issued: IntCounterVec,
     auth_failures: IntCounterVec,
+    limiter: Arc<limit::AuthLimiter>,
 }
 
 /// Listeners that serve the token server: as configured, else `sidecar`,

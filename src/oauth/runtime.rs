@@ -10,8 +10,9 @@ use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{self, KeySource};
+use super::limit::AuthLimiter;
 use super::{ClientRecord, Clients, OAuthServer, serving_listeners};
-use crate::config::{Config, ConfigError};
+use crate::config::{ClientAuthLimit, Config, ConfigError};
 use crate::identity::Revocations;
 use crate::identity::jwt::{SelfKeys, unix_now};
 use crate::metrics::Metrics;
@@ -28,6 +29,8 @@ pub struct OAuthRuntime {
     issued: IntCounterVec,
     auth_failures: IntCounterVec,
     metrics: Arc<Metrics>,
+    /// Kept across rebuilds while its settings stay the same.
+    limiter: Mutex<Option<(ClientAuthLimit, Arc<AuthLimiter>)>>,
 }
 
 /// Keys retired by rotation stay published this long past the longest token
@@ -41,6 +44,7 @@ impl OAuthRuntime {
             server: Arc::new(ArcSwapOption::empty()),
             store: Mutex::new(None),
             applied: Mutex::new(None),
+            limiter: Mutex::new(None),
             issued: metrics.oauth_tokens_issued.clone(),
             auth_failures: metrics.oauth_client_auth_failures.clone(),
             metrics,
@@ -119,10 +123,23 @@ impl OAuthRuntime {
             metrics: self.metrics.route("oauth", &route_listeners),
             issued: self.issued.clone(),
             auth_failures: self.auth_failures.clone(),
+            limiter: self.limiter(&oauth.client_auth_limit),
         })));
         *self.applied.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((cfg.clone(), revocations.clone()));
         Ok(())
+    }
+
+    fn limiter(&self, settings: &ClientAuthLimit) -> Arc<AuthLimiter> {
+        let mut current = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, l)) = current.as_ref()
+            && s == settings
+        {
+            return l.clone();
+        }
+        let l = Arc::new(AuthLimiter::new(settings.max_failures, settings.window));
+        *current = Some((settings.clone(), l.clone()));
+        l
     }
 
     fn open_store(&self, cfg: &Config) -> Result<Arc<Store>, String> {

@@ -623,3 +623,58 @@ fn oauth_config_errors_name_the_key() {
         assert!(err.contains(want), "missing `{want}` in:\n{err}");
     }
 }
+
+/// Failed client authentications are limited per client id and per address:
+/// past the limit even the right secret gets 429 with Retry-After, until the
+/// window ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_client_auth_is_rate_limited() {
+    let up = Upstream::echo("bar").await;
+    let gw = TestGateway::start(&oauth_config(
+        &up,
+        "EdDSA",
+        "  client_auth_limit: { max_failures: 3, window: 2s }\n",
+    ))
+    .await;
+    let secret = add_client(&gw.path, "foo", &["--scope", "bar.read"]);
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the new client is known",
+        || async { authenticates(&gw, "foo", &secret).await },
+    )
+    .await;
+    for _ in 0..3 {
+        let r = post_form(
+            &gw,
+            "/oauth2/token",
+            "grant_type=client_credentials",
+            Some(("foo", "guess")),
+        )
+        .await;
+        assert_eq!(r.status, 401);
+    }
+    let r = post_form(
+        &gw,
+        "/oauth2/token",
+        "grant_type=client_credentials",
+        Some(("foo", &secret)),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"], "slow_down");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    let m = gw.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "tollgate_oauth_client_auth_failures_total{reason=\"rate_limited\"}"
+        ) >= 1.0
+    );
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the window ends",
+        || async { authenticates(&gw, "foo", &secret).await },
+    )
+    .await;
+}
