@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tollgate::config::TlsClientAuth;
 use tollgate::oauth::manage;
 use tollgate::pki::{self, CertKind, KeyAlgorithm};
 use tollgate::telemetry::{self, LogFormat};
@@ -71,6 +72,21 @@ enum ClientsCommand {
         /// Add it disabled.
         #[arg(long)]
         disabled: bool,
+        /// No secret: the client authenticates with --public-key or a --tls-* identity only.
+        #[arg(long)]
+        no_secret: bool,
+        /// PEM public key or JWK (Set) file for private_key_jwt assertions.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// tls_client_auth: the certificate subject (RFC 4514, e.g. "CN=foo,O=backend").
+        #[arg(long, conflicts_with_all = ["tls_san_uri", "tls_san_dns"])]
+        tls_subject: Option<String>,
+        /// tls_client_auth: a URI SAN of the certificate (e.g. a SPIFFE id).
+        #[arg(long, conflicts_with = "tls_san_dns")]
+        tls_san_uri: Option<String>,
+        /// tls_client_auth: a DNS SAN of the certificate.
+        #[arg(long)]
+        tls_san_dns: Option<String>,
     },
     /// List clients (store and gateway.yaml).
     List,
@@ -202,20 +218,44 @@ fn clients_command(cfg: &config::Config, cmd: ClientsCommand) -> Result<String, 
             ttl,
             claims,
             disabled,
-        } => manage::add_client(
-            cfg,
-            &manage::NewClient {
-                id: &id,
-                scopes,
-                audiences,
-                ttl,
-                claims: &claims,
-                enabled: !disabled,
-            },
-        )
-        .map(|secret| {
-            format!("client_id: {id}\nclient_secret: {secret}\n(the secret is not shown again)")
-        }),
+            no_secret,
+            public_key,
+            tls_subject,
+            tls_san_uri,
+            tls_san_dns,
+        } => {
+            let public_key = match public_key {
+                None => None,
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| format!("--public-key {}: {e}", p.display()))?,
+                ),
+            };
+            let tls_client_auth = tls_subject
+                .map(TlsClientAuth::SubjectDn)
+                .or(tls_san_uri.map(TlsClientAuth::SanUri))
+                .or(tls_san_dns.map(TlsClientAuth::SanDns));
+            manage::add_client(
+                cfg,
+                &manage::NewClient {
+                    id: &id,
+                    scopes,
+                    audiences,
+                    ttl,
+                    claims: &claims,
+                    enabled: !disabled,
+                    secret: !no_secret,
+                    public_key,
+                    tls_client_auth,
+                },
+            )
+            .map(|secret| match secret {
+                Some(secret) => format!(
+                    "client_id: {id}\nclient_secret: {secret}\n(the secret is not shown again)"
+                ),
+                None => format!("client_id: {id}"),
+            })
+        }
         ClientsCommand::List => manage::list_clients(cfg).map(|s| s.trim_end().to_owned()),
         ClientsCommand::Show { id } => manage::show_client(cfg, &id),
         ClientsCommand::Remove { id } => {

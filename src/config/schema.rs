@@ -295,8 +295,16 @@ pub enum SigningAlgorithm {
 #[serde(deny_unknown_fields)]
 pub struct OAuthClientConfig {
     pub id: String,
-    /// Hex SHA-256 of the client secret.
-    pub secret_sha256: String,
+    /// Hex SHA-256 of the client secret (client_secret_basic / _post).
+    #[serde(default)]
+    pub secret_sha256: Option<String>,
+    /// PEM public key or JWK (Set) file the client signs assertions with
+    /// (private_key_jwt, RFC 7523).
+    #[serde(default)]
+    pub public_key: Option<PathBuf>,
+    /// The certificate that identifies the client (tls_client_auth, RFC 8705).
+    #[serde(default)]
+    pub tls_client_auth: Option<TlsClientAuth>,
     #[serde(default)]
     pub scopes: Vec<String>,
     #[serde(default)]
@@ -309,6 +317,19 @@ pub struct OAuthClientConfig {
     pub claims: serde_json::Map<String, serde_json::Value>,
     #[serde(default = "default_true")]
     pub enabled: bool,
+}
+
+/// Which field of a verified client certificate names an OAuth client
+/// (RFC 8705 §2.1.2); exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum TlsClientAuth {
+    /// RFC 4514 subject, e.g. `CN=foo,O=backend`.
+    SubjectDn(String),
+    SanDns(String),
+    SanUri(String),
+    SanEmail(String),
+    SanIp(String),
 }
 
 /// Per-listener limits. Every buffer, header, body and connection is bounded.

@@ -358,10 +358,18 @@ fn oauth(cfg: &Config, o: &OAuthConfig, errs: &mut Errors) {
                 ),
             );
         }
-        if crate::oauth::parse_hash(&c.secret_sha256).is_none() {
+        if let Some(h) = &c.secret_sha256
+            && crate::oauth::parse_hash(h).is_none()
+        {
             errs.add(
                 format!("{path}.secret_sha256"),
                 "expected 64 hex characters: the SHA-256 of the secret (e.g. `printf %s \"$SECRET\" | sha256sum`)",
+            );
+        }
+        if c.secret_sha256.is_none() && c.public_key.is_none() && c.tls_client_auth.is_none() {
+            errs.add(
+                path.clone(),
+                "needs a way to authenticate: secret_sha256, public_key or tls_client_auth",
             );
         }
         if let Some(ttl) = c.token_ttl {

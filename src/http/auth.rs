@@ -101,8 +101,10 @@ enum Step {
         provider: Arc<JwtProvider>,
         token: String,
         digest: TokenDigest,
-        /// With `all_of: [jwt, mtls]`: the certificate to attach.
+        /// The connection's certificate: attached with `all_of: [jwt, mtls]`,
+        /// and what a certificate-bound token must match.
         cert: Option<Arc<CertIdentity>>,
+        attach_cert: bool,
     },
 }
 
@@ -152,11 +154,16 @@ where
                 token,
                 digest,
                 cert,
+                attach_cert,
             } => {
                 let mut inner = self.inner.clone();
                 Either::Right(Box::pin(async move {
-                    match provider.validate(&token, &digest).await {
-                        Ok(id) => set_identity(&mut req, with_cert(id, cert)),
+                    let checked = provider
+                        .validate(&token, &digest)
+                        .await
+                        .and_then(|id| bound(id, cert.as_ref(), attach_cert));
+                    match checked {
+                        Ok(id) => set_identity(&mut req, id),
                         Err(e) => {
                             route.metrics.unauthenticated.inc();
                             return Err(invalid_token(&route.auth, &provider, e));
@@ -213,13 +220,13 @@ fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError>
         };
     };
     // Only `all_of` attaches the certificate to the token's identity.
-    let cert = cert.filter(|_| auth.require_both);
+    let attach_cert = auth.require_both;
     // A validated token: no signature check, no allocation.
     let digest = TokenDigest::of(&token);
     for p in &auth.providers {
         if let Some(hit) = p.cached(&digest) {
-            return match hit {
-                Ok(id) => Ok(Step::Done(with_cert(id, cert))),
+            return match hit.and_then(|id| bound(id, cert.as_ref(), attach_cert)) {
+                Ok(id) => Ok(Step::Done(id)),
                 Err(e) => Err(invalid_token(auth, p, e)),
             };
         }
@@ -248,7 +255,21 @@ fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError>
         token: token.into_owned(),
         digest,
         cert,
+        attach_cert,
     })
+}
+
+/// A token's identity checked against the connection's certificate (RFC
+/// 8705 binding), with the certificate attached when the route wants both.
+fn bound(
+    id: Arc<Identity>,
+    cert: Option<&Arc<CertIdentity>>,
+    attach: bool,
+) -> Result<Arc<Identity>, TokenError> {
+    if !id.bound_to(cert.map(|c| &**c)) {
+        return Err(TokenError::CertificateMismatch);
+    }
+    Ok(with_cert(id, cert.filter(|_| attach).cloned()))
 }
 
 /// With `all_of: [jwt, mtls]` the token's identity carries the certificate.

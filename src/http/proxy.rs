@@ -56,7 +56,7 @@ impl Service<Request<Incoming>> for Proxy {
         Box::pin(async move {
             let mut ctx = ctx.ok_or(GatewayError::NoRoute)?;
             if let Some((server, ep)) = ctx.endpoint.take() {
-                return Ok(server.handle(ep, req, ctx.conn.peer.ip()).await);
+                return Ok(server.handle(ep, req, &ctx.conn).await);
             }
             let route = ctx.route.clone().ok_or(GatewayError::NoRoute)?;
             let client = clients.get(route.pool.config.protocol);

@@ -27,6 +27,11 @@ impl CertIdentity {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             sha256: hex(digest::digest(&digest::SHA256, der).as_ref()),
+            x5t_s256: {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(digest::digest(&digest::SHA256, der).as_ref())
+            },
             sha1: hex(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, der).as_ref()),
             ..CertIdentity::default()
         };

@@ -78,6 +78,8 @@ pub struct CertIdentity {
     /// Lower-case hex of the DER certificate's SHA-256.
     pub sha256: String,
     pub sha1: String,
+    /// base64url SHA-256 of the DER: RFC 8705's `x5t#S256`.
+    pub x5t_s256: String,
 }
 
 /// Who the caller is, however it authenticated.
@@ -99,6 +101,9 @@ pub struct Identity {
     pub token_id: Option<String>,
     /// Unix seconds after which the credential is no longer valid.
     pub expires_at: Option<u64>,
+    /// A certificate-bound token's `cnf.x5t#S256` (RFC 8705 §3): the
+    /// connection must present that certificate.
+    pub cert_binding: Option<String>,
 }
 
 impl Identity {
@@ -115,6 +120,16 @@ impl Identity {
             provider: None,
             token_id: None,
             expires_at: None,
+            cert_binding: None,
+        }
+    }
+
+    /// Whether the connection's certificate satisfies a certificate-bound
+    /// token; any identity without a binding does.
+    pub fn bound_to(&self, peer: Option<&CertIdentity>) -> bool {
+        match &self.cert_binding {
+            None => true,
+            Some(x5t) => peer.is_some_and(|c| c.x5t_s256 == *x5t),
         }
     }
 

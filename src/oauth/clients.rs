@@ -1,5 +1,6 @@
-//! OAuth clients: from gateway.yaml and from the store, secrets kept only as
-//! SHA-256 hashes and compared in constant time.
+//! OAuth clients: from gateway.yaml and from the store. Each authenticates by
+//! a secret (kept only as its SHA-256, compared in constant time), a signed
+//! assertion (its public key), or its TLS client certificate.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,14 +10,24 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 
-use crate::config::OAuthConfig;
+use std::path::{Path, PathBuf};
+
+use crate::config::{ConfigError, OAuthConfig, TlsClientAuth};
+use crate::identity::CertIdentity;
+use crate::identity::jwt::keys::KeySet;
 
 /// A client as the store keeps it (`tollgate clients add`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientRecord {
     pub id: String,
     /// Hex SHA-256 of the secret.
-    pub secret_sha256: String,
+    #[serde(default)]
+    pub secret_sha256: Option<String>,
+    /// PEM public key or JWK (Set) text, for private_key_jwt.
+    #[serde(default)]
+    pub public_key: Option<String>,
+    #[serde(default)]
+    pub tls_client_auth: Option<TlsClientAuth>,
     #[serde(default)]
     pub scopes: Vec<String>,
     #[serde(default)]
@@ -37,7 +48,10 @@ fn enabled() -> bool {
 
 pub struct Client {
     pub id: String,
-    secret_hash: [u8; 32],
+    secret_hash: Option<[u8; 32]>,
+    /// Keys its assertions must be signed with (private_key_jwt).
+    pub assertion_keys: Option<KeySet>,
+    pub tls: Option<TlsClientAuth>,
     pub scopes: Vec<String>,
     pub audiences: Vec<String>,
     pub ttl: Duration,
@@ -54,19 +68,44 @@ pub struct Clients {
 
 impl Clients {
     /// Clients from the config and the store; a config client wins over a
-    /// store client of the same id (logged). Records whose hash is not 64 hex
-    /// characters are skipped (logged): they could never authenticate.
-    pub fn build(cfg: &OAuthConfig, stored: Vec<ClientRecord>) -> Clients {
+    /// store client of the same id (logged). A config client whose key file
+    /// cannot be read is an error; a store record that cannot be used is
+    /// skipped and logged.
+    pub fn build(
+        cfg: &OAuthConfig,
+        stored: Vec<ClientRecord>,
+        resolve: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<Clients, Vec<ConfigError>> {
         let mut by_id = HashMap::new();
-        for c in &cfg.clients {
-            let Some(hash) = parse_hash(&c.secret_sha256) else {
-                continue; // validation reports it
+        let mut errors = Vec::new();
+        for (i, c) in cfg.clients.iter().enumerate() {
+            let assertion_keys = match &c.public_key {
+                None => None,
+                Some(file) => {
+                    let path = resolve(file);
+                    match std::fs::read(&path)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                        .and_then(|b| {
+                            public_keys(&b).map_err(|e| format!("{}: {e}", path.display()))
+                        }) {
+                        Ok(k) => Some(k),
+                        Err(message) => {
+                            errors.push(ConfigError {
+                                path: format!("oauth.clients[{i}].public_key"),
+                                message,
+                            });
+                            continue;
+                        }
+                    }
+                }
             };
             by_id.insert(
                 c.id.clone(),
                 Arc::new(Client {
                     id: c.id.clone(),
-                    secret_hash: hash,
+                    secret_hash: c.secret_sha256.as_deref().and_then(parse_hash),
+                    assertion_keys,
+                    tls: c.tls_client_auth.clone(),
                     scopes: c.scopes.clone(),
                     audiences: c.audiences.clone(),
                     ttl: c.token_ttl.unwrap_or(cfg.token_ttl),
@@ -76,19 +115,36 @@ impl Clients {
                 }),
             );
         }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
         for r in stored {
             if by_id.contains_key(&r.id) {
                 tracing::warn!(client = %r.id, "a client in gateway.yaml has the id of a stored client; the file's wins");
                 continue;
             }
-            let Some(hash) = parse_hash(&r.secret_sha256) else {
-                tracing::warn!(client = %r.id, "stored client has an unusable secret hash; skipped");
-                continue;
+            let secret_hash = match r.secret_sha256.as_deref().map(parse_hash) {
+                Some(None) => {
+                    tracing::warn!(client = %r.id, "stored client has an unusable secret hash; skipped");
+                    continue;
+                }
+                Some(h) => h,
+                None => None,
+            };
+            let assertion_keys = match r.public_key.as_deref().map(|k| public_keys(k.as_bytes())) {
+                Some(Err(e)) => {
+                    tracing::warn!(client = %r.id, error = %e, "stored client has an unusable public key; skipped");
+                    continue;
+                }
+                Some(Ok(k)) => Some(k),
+                None => None,
             };
             by_id.insert(
                 r.id.clone(),
                 Arc::new(Client {
-                    secret_hash: hash,
+                    secret_hash,
+                    assertion_keys,
+                    tls: r.tls_client_auth,
                     ttl: r.token_ttl_secs.map_or(cfg.token_ttl, Duration::from_secs),
                     source: "store",
                     id: r.id,
@@ -99,7 +155,7 @@ impl Clients {
                 }),
             );
         }
-        Clients { by_id }
+        Ok(Clients { by_id })
     }
 
     pub fn get(&self, id: &str) -> Option<&Arc<Client>> {
@@ -114,15 +170,41 @@ impl Clients {
         self.by_id.is_empty()
     }
 
-    /// The client whose secret this is. An unknown id costs the same hash
-    /// and comparison as a known one.
+    /// The client whose secret this is. An unknown id (or one without a
+    /// secret) costs the same hash and comparison as a known one.
     pub fn authenticate(&self, id: &str, secret: &str) -> Option<&Arc<Client>> {
         let presented = sha256(secret.as_bytes());
         let client = self.by_id.get(id);
-        let expected = client.map_or([0xa5; 32], |c| c.secret_hash);
-        let matches: bool = presented.ct_eq(&expected).into();
-        client.filter(|_| matches)
+        let expected = client.and_then(|c| c.secret_hash);
+        let matches: bool = presented.ct_eq(&expected.unwrap_or([0xa5; 32])).into();
+        client.filter(|_| matches && expected.is_some())
     }
+}
+
+/// Whether a verified certificate is the one a client registered.
+pub fn cert_matches(auth: &TlsClientAuth, cert: &CertIdentity) -> bool {
+    let has = |list: &[String], v: &str| list.iter().any(|x| x == v);
+    match auth {
+        TlsClientAuth::SubjectDn(dn) => cert.subject == *dn,
+        TlsClientAuth::SanDns(v) => has(&cert.san_dns, v),
+        TlsClientAuth::SanUri(v) => has(&cert.san_uri, v),
+        TlsClientAuth::SanEmail(v) => has(&cert.san_email, v),
+        TlsClientAuth::SanIp(v) => has(&cert.san_ip, v),
+    }
+}
+
+/// A client's assertion keys from PEM (public keys) or JWK / JWK Set text.
+pub fn public_keys(bytes: &[u8]) -> Result<KeySet, String> {
+    let trimmed = bytes.trim_ascii_start();
+    let keys = if trimmed.starts_with(b"{") {
+        crate::identity::jwt::keys::from_jwk_json(bytes).map(|(k, _)| k)?
+    } else {
+        crate::identity::jwt::keys::from_pem(bytes)?
+    };
+    if keys.is_empty() {
+        return Err("holds no public key".into());
+    }
+    Ok(KeySet::new(keys))
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -177,7 +259,9 @@ mod tests {
         let (other, other_hash) = new_secret().unwrap();
         let file_client = crate::config::OAuthClientConfig {
             id: "foo".into(),
-            secret_sha256: hash.clone(),
+            secret_sha256: Some(hash.clone()),
+            public_key: None,
+            tls_client_auth: None,
             scopes: vec!["a".into()],
             audiences: vec![],
             token_ttl: None,
@@ -187,7 +271,9 @@ mod tests {
         let stored = vec![
             ClientRecord {
                 id: "foo".into(),
-                secret_sha256: other_hash.clone(),
+                secret_sha256: Some(other_hash.clone()),
+                public_key: None,
+                tls_client_auth: None,
                 scopes: vec![],
                 audiences: vec![],
                 token_ttl_secs: None,
@@ -197,7 +283,9 @@ mod tests {
             },
             ClientRecord {
                 id: "bar".into(),
-                secret_sha256: other_hash.to_uppercase(),
+                secret_sha256: Some(other_hash.to_uppercase()),
+                public_key: None,
+                tls_client_auth: None,
                 scopes: vec![],
                 audiences: vec![],
                 token_ttl_secs: Some(60),
@@ -206,7 +294,7 @@ mod tests {
                 created_at: 0,
             },
         ];
-        let clients = Clients::build(&cfg(vec![file_client]), stored);
+        let clients = Clients::build(&cfg(vec![file_client]), stored, &|p| p.to_owned()).unwrap();
         assert_eq!(clients.len(), 2);
         assert_eq!(
             clients.authenticate("foo", &secret).unwrap().source,

@@ -11,9 +11,12 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Map, Value, json};
 
+use super::clients::cert_matches;
 use super::{Client, OAuthServer};
 use crate::http::body::ProxyBody;
+use crate::identity::CertIdentity;
 use crate::identity::jwt::unix_now;
+use crate::transport::ConnState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -152,7 +155,7 @@ impl OAuthServer {
         self: Arc<Self>,
         ep: Endpoint,
         req: Request<B>,
-        peer: IpAddr,
+        conn: &ConnState,
     ) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes>,
@@ -180,7 +183,7 @@ impl OAuthServer {
                 }
             }
             Endpoint::Token | Endpoint::Introspect | Endpoint::Revoke => {
-                self.post(ep, req, peer).await
+                self.post(ep, req, conn).await
             }
         };
         result.unwrap_or_else(OAuthError::into_response)
@@ -190,7 +193,7 @@ impl OAuthServer {
         &self,
         ep: Endpoint,
         req: Request<B>,
-        peer: IpAddr,
+        conn: &ConnState,
     ) -> Result<Response<ProxyBody>, OAuthError>
     where
         B: http_body::Body<Data = Bytes>,
@@ -224,24 +227,27 @@ impl OAuthServer {
             .map_err(|e| invalid_request(format!("cannot read the body: {e}")))?
             .to_bytes();
         let form = Form::parse(&body)?;
-        let client = self.authenticate(&parts.headers, &form, peer)?;
+        let cert = conn.peer_cert.as_deref();
+        let client = self.authenticate(&parts.headers, &form, conn.peer.ip(), cert)?;
         match ep {
-            Endpoint::Token => self.token(&client, &form),
+            Endpoint::Token => self.token(&client, &form, cert),
             Endpoint::Introspect => self.introspect(&form),
             _ => self.revoke(&client, &form),
         }
     }
 
-    /// `client_secret_basic` or `client_secret_post`, never both. Failures
-    /// count against the client id and the source address.
+    /// One of `client_secret_basic`, `client_secret_post`, `private_key_jwt`
+    /// or `tls_client_auth`. Failures count against the client id and the
+    /// source address.
     fn authenticate(
         &self,
         headers: &HeaderMap,
         form: &Form,
         peer: IpAddr,
+        cert: Option<&CertIdentity>,
     ) -> Result<Arc<Client>, OAuthError> {
-        let (id, secret) = match self.credentials(headers, form) {
-            Ok(c) => c,
+        let presented = match presented(headers, form, cert) {
+            Ok(p) => p,
             Err((reason, e)) => {
                 if let Some(reason) = reason {
                     self.auth_failed(reason);
@@ -250,7 +256,8 @@ impl OAuthServer {
                 return Err(e);
             }
         };
-        if let Some(wait) = self.limiter.blocked(Some(&id), peer) {
+        let id = presented.client_id();
+        if let Some(wait) = self.limiter.blocked(id.as_deref(), peer) {
             self.auth_failed("rate_limited");
             return Err(OAuthError {
                 status: StatusCode::TOO_MANY_REQUESTS,
@@ -263,8 +270,25 @@ impl OAuthServer {
                 retry_after: Some(wait.as_secs().max(1)),
             });
         }
-        match self.clients.authenticate(&id, &secret) {
-            Some(c) if c.enabled => Ok(c.clone()),
+        let (method, found) = match &presented {
+            Presented::Secret(id, secret) => (
+                "client_secret",
+                self.clients.authenticate(id, secret).cloned(),
+            ),
+            Presented::Certificate(id, cert) => (
+                "tls_client_auth",
+                self.clients
+                    .get(id)
+                    .filter(|c| c.tls.as_ref().is_some_and(|t| cert_matches(t, cert)))
+                    .cloned(),
+            ),
+            Presented::Assertion(assertion) => (
+                "private_key_jwt",
+                self.check_assertion(assertion, form.get("client_id")),
+            ),
+        };
+        match found {
+            Some(c) if c.enabled => Ok(c),
             found => {
                 let reason = if found.is_some() {
                     "disabled"
@@ -272,47 +296,75 @@ impl OAuthServer {
                     "bad_credentials"
                 };
                 self.auth_failed(reason);
-                self.limiter.failed(Some(&id), peer);
-                // The id is what the caller claimed; never the secret.
-                tracing::info!(client = %truncate(&id), %peer, reason, "client authentication failed");
+                self.limiter.failed(id.as_deref(), peer);
+                // The id is what the caller claimed; never the credential.
+                tracing::info!(client = %truncate(id.as_deref().unwrap_or("-")), %peer, method, reason,
+                    "client authentication failed");
                 Err(invalid_client())
             }
         }
     }
 
-    /// The presented client id and secret. Errors carry the failure reason
-    /// to count (`None` for a malformed request, which is not a guess).
-    #[allow(clippy::type_complexity)]
-    fn credentials<'f>(
-        &self,
-        headers: &HeaderMap,
-        form: &'f Form,
-    ) -> Result<(Cow<'f, str>, Cow<'f, str>), (Option<&'static str>, OAuthError)> {
-        let basic = match headers.get(AUTHORIZATION) {
-            None => None,
-            Some(v) => Some(basic_credentials(v).ok_or((Some("malformed"), invalid_client()))?),
-        };
-        match (basic, form.get("client_secret")) {
-            (Some(_), Some(_)) => Err((
-                None,
-                invalid_request("client credentials in both the Authorization header and the body"),
-            )),
-            (Some((id, secret)), None) => Ok((Cow::Owned(id), Cow::Owned(secret))),
-            (None, Some(secret)) => {
-                let id = form
-                    .get("client_id")
-                    .ok_or((None, invalid_request("client_secret without client_id")))?;
-                Ok((Cow::Borrowed(id), Cow::Borrowed(secret)))
-            }
-            (None, None) => Err((Some("missing"), invalid_client())),
+    /// A `private_key_jwt` assertion (RFC 7523): signed by the client's key,
+    /// `iss` = `sub` = the client, our token endpoint or issuer in `aud`, an
+    /// `exp` at most 10 minutes out, and a `jti` never seen before.
+    fn check_assertion(&self, assertion: &str, form_id: Option<&str>) -> Option<Arc<Client>> {
+        let claimed = crate::identity::jwt::JwtProvider::peek_issuer(assertion)?;
+        if form_id.is_some_and(|f| f != claimed) {
+            return None;
         }
+        let client = self.clients.get(&claimed)?;
+        let keys = client.assertion_keys.as_ref()?;
+        let header = jsonwebtoken::decode_header(assertion).ok()?;
+        if matches!(
+            header.alg,
+            jsonwebtoken::Algorithm::HS256
+                | jsonwebtoken::Algorithm::HS384
+                | jsonwebtoken::Algorithm::HS512
+        ) {
+            return None;
+        }
+        let base = self.issuer.trim_end_matches('/');
+        let audiences = [
+            self.issuer.clone(),
+            format!("{base}/oauth2/token"),
+            format!("{base}/token"),
+        ];
+        for key in keys.candidates(header.alg, header.kid.as_deref()) {
+            let mut v = jsonwebtoken::Validation::new(header.alg);
+            v.set_issuer(&[&client.id]);
+            v.set_audience(&audiences);
+            v.sub = Some(client.id.clone());
+            v.leeway = 30;
+            v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+            let Ok(data) = jsonwebtoken::decode::<Map<String, Value>>(assertion, &key.key, &v)
+            else {
+                continue;
+            };
+            let exp = data.claims.get("exp").and_then(Value::as_u64)?;
+            let jti = data.claims.get("jti").and_then(Value::as_str)?;
+            if exp > unix_now() + MAX_ASSERTION_LIFETIME {
+                return None;
+            }
+            // Replays: a jti is accepted once until its assertion expires.
+            return self
+                .replays
+                .first_use(&client.id, jti, exp)
+                .then(|| client.clone());
+        }
+        None
     }
 
     fn auth_failed(&self, reason: &str) {
         self.auth_failures.with_label_values(&[reason]).inc();
     }
 
-    fn token(&self, client: &Client, form: &Form) -> Result<Response<ProxyBody>, OAuthError> {
+    fn token(
+        &self,
+        client: &Client,
+        form: &Form,
+        cert: Option<&CertIdentity>,
+    ) -> Result<Response<ProxyBody>, OAuthError> {
         match form.get("grant_type") {
             None => return Err(invalid_request("grant_type is missing")),
             Some("client_credentials") => {}
@@ -392,6 +444,10 @@ impl OAuthServer {
         let scope = scopes.join(" ");
         if !scope.is_empty() {
             claims.insert("scope".into(), scope.clone().into());
+        }
+        // Asked for over mutual TLS: bound to that certificate (RFC 8705 §3).
+        if let Some(cert) = cert {
+            claims.insert("cnf".into(), json!({"x5t#S256": cert.x5t_s256}));
         }
         let key = &self.keys.signing;
         let mut header = jsonwebtoken::Header::new(key.algorithm);
@@ -480,6 +536,90 @@ impl OAuthServer {
             }
         }
         Ok(json_response(StatusCode::OK, Bytes::new()))
+    }
+}
+
+/// Assertions may not live longer than this (seconds), so the replay cache
+/// stays small.
+const MAX_ASSERTION_LIFETIME: u64 = 600;
+
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// The credential a request presents.
+enum Presented<'f> {
+    Secret(Cow<'f, str>, Cow<'f, str>),
+    Assertion(&'f str),
+    /// `client_id` in the body, with the connection's verified certificate.
+    Certificate(&'f str, &'f CertIdentity),
+}
+
+impl Presented<'_> {
+    /// The client id the request claims, before anything is verified.
+    fn client_id(&self) -> Option<Cow<'_, str>> {
+        match self {
+            Presented::Secret(id, _) => Some(Cow::Borrowed(id)),
+            Presented::Certificate(id, _) => Some(Cow::Borrowed(id)),
+            Presented::Assertion(a) => {
+                crate::identity::jwt::JwtProvider::peek_issuer(a).map(Cow::Owned)
+            }
+        }
+    }
+}
+
+/// Which credential the request carries; more than one is refused. Errors
+/// carry the failure reason to count (`None` for a malformed request).
+#[allow(clippy::type_complexity)]
+fn presented<'f>(
+    headers: &HeaderMap,
+    form: &'f Form,
+    cert: Option<&'f CertIdentity>,
+) -> Result<Presented<'f>, (Option<&'static str>, OAuthError)> {
+    let basic = match headers.get(AUTHORIZATION) {
+        None => None,
+        Some(v) => Some(basic_credentials(v).ok_or((Some("malformed"), invalid_client()))?),
+    };
+    let assertion = match (
+        form.get("client_assertion_type"),
+        form.get("client_assertion"),
+    ) {
+        (None, None) => None,
+        (Some(JWT_BEARER), Some(a)) => Some(a),
+        (Some(_), Some(_)) => {
+            return Err((
+                None,
+                invalid_request(format!("client_assertion_type must be {JWT_BEARER}")),
+            ));
+        }
+        _ => {
+            return Err((
+                None,
+                invalid_request("client_assertion and client_assertion_type go together"),
+            ));
+        }
+    };
+    let secret = form.get("client_secret");
+    let methods = usize::from(basic.is_some())
+        + usize::from(secret.is_some())
+        + usize::from(assertion.is_some());
+    if methods > 1 {
+        return Err((
+            None,
+            invalid_request("more than one client authentication method"),
+        ));
+    }
+    if let Some((id, secret)) = basic {
+        return Ok(Presented::Secret(Cow::Owned(id), Cow::Owned(secret)));
+    }
+    if let Some(a) = assertion {
+        return Ok(Presented::Assertion(a));
+    }
+    match (form.get("client_id"), secret, cert) {
+        (Some(id), Some(secret), _) => {
+            Ok(Presented::Secret(Cow::Borrowed(id), Cow::Borrowed(secret)))
+        }
+        (None, Some(_), _) => Err((None, invalid_request("client_secret without client_id"))),
+        (Some(id), None, Some(cert)) => Ok(Presented::Certificate(id, cert)),
+        _ => Err((Some("missing"), invalid_client())),
     }
 }
 

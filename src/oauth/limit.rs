@@ -91,6 +91,41 @@ impl AuthLimiter {
     }
 }
 
+/// `jti`s of client assertions already used, each remembered until its
+/// assertion expires (RFC 7523 §3 replay protection).
+pub struct Replays {
+    seen: moka::sync::Cache<String, u64>,
+}
+
+struct UntilExp;
+
+impl moka::Expiry<String, u64> for UntilExp {
+    fn expire_after_create(&self, _: &String, exp: &u64, _: Instant) -> Option<Duration> {
+        let now = crate::identity::jwt::unix_now();
+        // Clock leeway on top, so a replay just past `exp` still finds it.
+        Some(Duration::from_secs(exp.saturating_sub(now) + 60))
+    }
+}
+
+impl Default for Replays {
+    fn default() -> Self {
+        Replays {
+            seen: moka::sync::Cache::builder()
+                .max_capacity(CAPACITY)
+                .expire_after(UntilExp)
+                .build(),
+        }
+    }
+}
+
+impl Replays {
+    /// Records the assertion; `false` when it was seen before.
+    pub fn first_use(&self, client: &str, jti: &str, exp: u64) -> bool {
+        let key = format!("{client}\u{0}{jti}");
+        self.seen.entry(key).or_insert(exp).is_fresh()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::endpoints::RESERVED_CLAIMS;
 use super::keys::{self, StoredKey};
 use super::{ClientRecord, new_secret};
-use crate::config::Config;
+use crate::config::{Config, TlsClientAuth};
 use crate::identity::jwt::unix_now;
 use crate::store::Store;
 
@@ -20,6 +20,11 @@ pub struct NewClient<'a> {
     /// `name=value`; a value that parses as JSON is taken as JSON.
     pub claims: &'a [String],
     pub enabled: bool,
+    /// Generate a secret (client_secret_basic / _post).
+    pub secret: bool,
+    /// PEM or JWK text (private_key_jwt).
+    pub public_key: Option<String>,
+    pub tls_client_auth: Option<TlsClientAuth>,
 }
 
 fn open(cfg: &Config) -> Result<Store, String> {
@@ -34,9 +39,15 @@ fn find(store: &Store, id: &str) -> Result<ClientRecord, String> {
         .ok_or_else(|| format!("no client `{id}` in the store"))
 }
 
-/// Adds a client with a new secret; returns the secret (shown once, stored
-/// only as its hash).
-pub fn add_client(cfg: &Config, new: &NewClient) -> Result<String, String> {
+/// Adds a client; returns its new secret when it has one (shown once,
+/// stored only as its hash).
+pub fn add_client(cfg: &Config, new: &NewClient) -> Result<Option<String>, String> {
+    if !new.secret && new.public_key.is_none() && new.tls_client_auth.is_none() {
+        return Err("a client without a secret needs --public-key or a --tls-* identity".into());
+    }
+    if let Some(k) = &new.public_key {
+        super::clients::public_keys(k.as_bytes()).map_err(|e| format!("--public-key: {e}"))?;
+    }
     if new.id.is_empty() || new.id.len() > 128 || new.id.chars().any(|c| c.is_control() || c == ':')
     {
         return Err(
@@ -71,10 +82,18 @@ pub fn add_client(cfg: &Config, new: &NewClient) -> Result<String, String> {
             new.id
         ));
     }
-    let (secret, hash) = new_secret()?;
+    let (secret, hash) = match new.secret {
+        true => {
+            let (s, h) = new_secret()?;
+            (Some(s), Some(h))
+        }
+        false => (None, None),
+    };
     let record = ClientRecord {
         id: new.id.to_owned(),
         secret_sha256: hash,
+        public_key: new.public_key.clone(),
+        tls_client_auth: new.tls_client_auth.clone(),
         scopes: new.scopes.clone(),
         audiences: new.audiences.clone(),
         token_ttl_secs: new.ttl.map(|d| d.as_secs()),
@@ -144,7 +163,7 @@ pub fn rotate_secret(cfg: &Config, id: &str) -> Result<String, String> {
     let store = open(cfg)?;
     let mut c = find(&store, id)?;
     let (secret, hash) = new_secret()?;
-    c.secret_sha256 = hash;
+    c.secret_sha256 = Some(hash);
     store.put_client(id, &c).map_err(|e| e.to_string())?;
     Ok(secret)
 }

@@ -45,6 +45,7 @@ pub struct OAuthServer {
     issued: IntCounterVec,
     auth_failures: IntCounterVec,
     limiter: Arc<limit::AuthLimiter>,
+    replays: Arc<limit::Replays>,
 }
 
 /// Listeners that serve the token server: as configured, else `sidecar`,

@@ -10,7 +10,7 @@ use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{self, KeySource};
-use super::limit::AuthLimiter;
+use super::limit::{AuthLimiter, Replays};
 use super::{ClientRecord, Clients, OAuthServer, serving_listeners};
 use crate::config::{ClientAuthLimit, Config, ConfigError};
 use crate::identity::Revocations;
@@ -31,6 +31,8 @@ pub struct OAuthRuntime {
     metrics: Arc<Metrics>,
     /// Kept across rebuilds while its settings stay the same.
     limiter: Mutex<Option<(ClientAuthLimit, Arc<AuthLimiter>)>>,
+    /// Client assertions already used; kept across rebuilds.
+    replays: Arc<Replays>,
 }
 
 /// Keys retired by rotation stay published this long past the longest token
@@ -45,6 +47,7 @@ impl OAuthRuntime {
             store: Mutex::new(None),
             applied: Mutex::new(None),
             limiter: Mutex::new(None),
+            replays: Arc::default(),
             issued: metrics.oauth_tokens_issued.clone(),
             auth_failures: metrics.oauth_client_auth_failures.clone(),
             metrics,
@@ -98,7 +101,7 @@ impl OAuthRuntime {
             .revoked()
             .map_err(|e| fail("store.path", e.to_string()))?;
         revocations.extend(&revoked);
-        let clients = Clients::build(oauth, stored);
+        let clients = Clients::build(oauth, stored, &|p| cfg.resolve(p))?;
         let listeners = serving_listeners(cfg, oauth);
         let route_listeners: Vec<String> = cfg.listeners.iter().map(|l| l.name.clone()).collect();
         let ring = Arc::new(ring);
@@ -124,6 +127,7 @@ impl OAuthRuntime {
             issued: self.issued.clone(),
             auth_failures: self.auth_failures.clone(),
             limiter: self.limiter(&oauth.client_auth_limit),
+            replays: self.replays.clone(),
         })));
         *self.applied.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((cfg.clone(), revocations.clone()));

@@ -57,6 +57,8 @@ pub enum TokenError {
     BadClaim(String),
     #[error("the token has been revoked")]
     Revoked,
+    #[error("the token is bound to a client certificate this connection did not present")]
+    CertificateMismatch,
 }
 
 impl TokenError {
@@ -392,6 +394,10 @@ impl JwtProvider {
             token_id: string("jti"),
             expires_at: claims.get("exp").and_then(Value::as_u64),
             cert: None,
+            cert_binding: claim_at(&claims, "cnf")
+                .and_then(|c| c.get("x5t#S256"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             claims,
         };
         self.still_valid(&id)?;
