@@ -155,4 +155,13 @@ mod tests {
             "released after the window"
         );
     }
+
+    #[test]
+    fn replays_are_caught_per_client() {
+        let r = Replays::default();
+        let exp = crate::identity::jwt::unix_now() + 60;
+        assert!(r.first_use("a", "j1", exp));
+        assert!(!r.first_use("a", "j1", exp));
+        assert!(r.first_use("b", "j1", exp));
+    }
 }
