@@ -678,3 +678,181 @@ async fn failed_client_auth_is_rate_limited() {
     )
     .await;
 }
+
+/// private_key_jwt (RFC 7523): an assertion signed with the client's
+/// registered key gets a token once; replays, wrong audiences, expired or
+/// long-lived assertions and other keys are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_key_jwt_clients() {
+    let up = Upstream::echo("bar").await;
+    let gw = TestGateway::start(&oauth_config(&up, "EdDSA", "")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let public = dir.path().join("signer.pub.pem");
+    std::fs::write(&public, key.public_key_pem()).unwrap();
+    let out = cli(
+        &gw.path,
+        &[
+            "clients",
+            "add",
+            "signer",
+            "--no-secret",
+            "--public-key",
+            public.to_str().unwrap(),
+            "--scope",
+            "bar.read",
+            "--audience",
+            "bar",
+        ],
+    );
+    assert!(!out.contains("client_secret"), "{out}");
+
+    let now = tollgate::identity::jwt::unix_now();
+    let assertion = |k: &rcgen::KeyPair, aud: &str, exp: u64, jti: &str| {
+        let enc = jsonwebtoken::EncodingKey::from_ec_pem(k.serialize_pem().as_bytes()).unwrap();
+        let claims = serde_json::json!({"iss": "signer", "sub": "signer", "aud": aud, "exp": exp, "iat": now, "jti": jti});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &claims,
+            &enc,
+        )
+        .unwrap()
+    };
+    let ask = |a: String| {
+        let gw = &gw;
+        async move {
+            post_form(
+                gw,
+                "/oauth2/token",
+                &format!("grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={a}"),
+                None,
+            )
+            .await
+        }
+    };
+    let token_url = format!("{ISSUER}/oauth2/token");
+    let good = assertion(&key, &token_url, now + 60, "one");
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the client is known",
+        || async {
+            ask(assertion(
+                &key,
+                ISSUER,
+                now + 60,
+                &format!("probe-{}", fastrand::u64(..)),
+            ))
+            .await
+            .status
+                == 200
+        },
+    )
+    .await;
+    let r = ask(good.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = r.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(claims(&t)["client_id"], "signer");
+    assert_eq!(call_bar(&gw, &t).await.status, 200);
+
+    for (why, a) in [
+        ("replayed jti", good),
+        (
+            "wrong audience",
+            assertion(&key, "https://elsewhere", now + 60, "two"),
+        ),
+        ("expired", assertion(&key, &token_url, now - 120, "three")),
+        (
+            "lives too long",
+            assertion(&key, &token_url, now + 3600, "four"),
+        ),
+        (
+            "another key",
+            assertion(&other, &token_url, now + 60, "five"),
+        ),
+    ] {
+        let r = ask(a).await;
+        assert_eq!(r.status, 401, "{why}: {}", r.text());
+        assert_eq!(r.json()["error"], "invalid_client", "{why}");
+    }
+}
+
+/// tls_client_auth (RFC 8705): a client identified by its certificate over
+/// mTLS gets a certificate-bound token, which the gateway accepts only on a
+/// connection presenting that certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_auth_and_certificate_bound_tokens() {
+    use crate::tls::{TestCa, TlsConn, https_listener};
+    let up = Upstream::echo("bar").await;
+    let ca = TestCa::new("Acme");
+    let server = ca.server("server", "localhost");
+    let alice = ca.client("alice", "backend");
+    let eve = ca.client("eve", "backend");
+    let listeners = https_listener(
+        "sidecar",
+        &server,
+        &format!(", client_ca: {}, client_auth: optional", ca.pem().display()),
+    );
+    let clients = "  clients:\n    - { id: alice-svc, tls_client_auth: { subject_dn: \"CN=alice,O=backend\" }, scopes: [bar.read], audiences: [bar] }\n";
+    let yaml = crate::tls::config(
+        &listeners,
+        &format!(
+            "{}    auth: jwt\n    providers: [local]\n",
+            route("bar", "/bar", &[&up], "")
+        ),
+    ) + &format!(
+        "auth:\n  providers:\n    - name: local\n      issuer: {ISSUER}\n      audiences: [bar]\n      keys: self\noauth:\n  issuer: {ISSUER}\n{clients}"
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let body = "grant_type=client_credentials&client_id=alice-svc";
+    let mut as_alice = TlsConn::open(gw.addr(), "localhost", &ca.pem(), Some(&alice))
+        .await
+        .unwrap();
+    let mut as_eve = TlsConn::open(gw.addr(), "localhost", &ca.pem(), Some(&eve))
+        .await
+        .unwrap();
+    let mut anonymous = TlsConn::open(gw.addr(), "localhost", &ca.pem(), None)
+        .await
+        .unwrap();
+
+    let r = as_alice
+        .request(http::Method::POST, "/oauth2/token", &form, body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = r.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        claims(&t)["cnf"]["x5t#S256"],
+        alice.parsed().x5t_s256.as_str()
+    );
+    let r = as_eve
+        .request(http::Method::POST, "/oauth2/token", &form, body)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        401,
+        "another certificate is not alice-svc: {}",
+        r.text()
+    );
+    let r = anonymous
+        .request(http::Method::POST, "/oauth2/token", &form, body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401, "no certificate, no client: {}", r.text());
+
+    let bearer = format!("Bearer {t}");
+    let auth = [("authorization", bearer.as_str())];
+    let r = as_alice.get_with("/bar/x", &auth).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (who, conn) in [("eve", &mut as_eve), ("no certificate", &mut anonymous)] {
+        let r = conn.get_with("/bar/x", &auth).await;
+        assert_eq!(r.status, 401, "{who}: {}", r.text());
+        assert!(
+            r.text().contains("bound to a client certificate"),
+            "{who}: {}",
+            r.text()
+        );
+    }
+}

@@ -21,13 +21,13 @@ use tollgate::pki::{self, CertKind, KeyAlgorithm};
 use crate::support::*;
 
 /// A CA made with `tollgate::pki`, and certificates it issues, in a temp dir.
-struct TestCa {
+pub struct TestCa {
     dir: TempDir,
     ca: PathBuf,
 }
 
 impl TestCa {
-    fn new(org: &str) -> TestCa {
+    pub fn new(org: &str) -> TestCa {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
         pki::init_ca(&pki::CaRequest {
@@ -42,7 +42,7 @@ impl TestCa {
         TestCa { dir, ca }
     }
 
-    fn pem(&self) -> PathBuf {
+    pub fn pem(&self) -> PathBuf {
         self.ca.join("ca.pem")
     }
 
@@ -63,7 +63,7 @@ impl TestCa {
         Identity { cert, key }
     }
 
-    fn server(&self, name: &str, cn: &str) -> Identity {
+    pub fn server(&self, name: &str, cn: &str) -> Identity {
         self.issue(
             name,
             CertKind::Server,
@@ -73,7 +73,7 @@ impl TestCa {
         )
     }
 
-    fn client(&self, name: &str, org: &str) -> Identity {
+    pub fn client(&self, name: &str, org: &str) -> Identity {
         self.issue(
             name,
             CertKind::Client,
@@ -119,28 +119,32 @@ impl TestCa {
 }
 
 #[derive(Clone)]
-struct Identity {
+pub struct Identity {
     cert: PathBuf,
     key: PathBuf,
 }
 
 impl Identity {
-    fn sha256(&self) -> String {
+    pub fn sha256(&self) -> String {
+        self.parsed().sha256
+    }
+
+    pub fn parsed(&self) -> CertIdentity {
         let pem = std::fs::read(&self.cert).unwrap();
         let der = tollgate::transport::tls::certificates(&pem).unwrap();
-        CertIdentity::from_der(&der[0]).unwrap().sha256
+        CertIdentity::from_der(&der[0]).unwrap()
     }
 }
 
 /// A gateway config whose listeners are given as YAML list items.
-fn config(listeners: &str, routes: &str) -> String {
+pub fn config(listeners: &str, routes: &str) -> String {
     config_with_routes(routes).replace(
         "listeners:\n  - name: sidecar\n    bind: 127.0.0.1:0\n",
         &format!("listeners:\n{listeners}"),
     ) + "reload: { debounce: 50ms }\n"
 }
 
-fn https_listener(name: &str, server: &Identity, extra: &str) -> String {
+pub fn https_listener(name: &str, server: &Identity, extra: &str) -> String {
     format!(
         "  - name: {name}\n    bind: 127.0.0.1:0\n    protocol: https\n    tls: {{ cert: {}, key: {}{extra} }}\n",
         server.cert.display(),
@@ -170,13 +174,13 @@ fn client_config(ca: &Path, me: Option<&Identity>, alpn: &[&[u8]]) -> rustls::Cl
 }
 
 /// An established TLS connection to a listener, with its HTTP/1.1 sender.
-struct TlsConn {
+pub struct TlsConn {
     server_cert: CertIdentity,
     sender: hyper::client::conn::http1::SendRequest<TestBody>,
 }
 
 impl TlsConn {
-    async fn open(
+    pub async fn open(
         addr: SocketAddr,
         server_name: &str,
         ca: &Path,
@@ -203,13 +207,32 @@ impl TlsConn {
     }
 
     async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<TestResponse, String> {
-        let mut req = Request::get(path).header("host", "localhost");
+        self.request(http::Method::GET, path, headers, "").await
+    }
+
+    /// A GET that must get a response.
+    pub async fn get_with(&mut self, path: &str, headers: &[(&str, &str)]) -> TestResponse {
+        self.get(path, headers).await.expect("a response")
+    }
+
+    pub async fn request(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<TestResponse, String> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let resp = tokio::time::timeout(
             Duration::from_secs(10),
-            self.sender.send_request(req.body(full("")).unwrap()),
+            self.sender
+                .send_request(req.body(full(body.to_owned())).unwrap()),
         )
         .await
         .map_err(|_| "no response in 10s".to_string())?
