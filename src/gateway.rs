@@ -349,14 +349,10 @@ impl Gateway {
             }),
         };
         gateway.watch_config();
-        {
-            let cfg = gateway.inner.config.load();
-            gateway.inner.oauth.watch_store(
-                &cfg,
-                cfg.reload.debounce,
-                gateway.inner.shutdown.graceful.clone(),
-            );
-        }
+        gateway.inner.oauth.maintain(
+            gateway.inner.config.load().reload.debounce,
+            gateway.inner.shutdown.graceful.clone(),
+        );
         gateway.purge_revocations();
         gateway.inner.readiness.set_ready();
         Ok(gateway)

@@ -255,6 +255,10 @@ pub struct OAuthConfig {
     pub max_body_bytes: ByteSize,
     #[serde(default)]
     pub client_auth_limit: ClientAuthLimit,
+    /// Rotate the signing key when it is this old (the previous key stays
+    /// published until its tokens expire); off when absent.
+    #[serde(default, deserialize_with = "units::option_duration")]
+    pub key_rotation: Option<Duration>,
 }
 
 /// Failed client authentications allowed per client id and per source

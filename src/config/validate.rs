@@ -334,6 +334,31 @@ fn oauth(cfg: &Config, o: &OAuthConfig, errs: &mut Errors) {
         );
     }
     errs.nonzero("oauth.token_ttl", o.token_ttl);
+    if let Some(every) = o.key_rotation {
+        let longest = o
+            .clients
+            .iter()
+            .filter_map(|c| c.token_ttl)
+            .chain([o.token_ttl])
+            .max()
+            .unwrap_or(o.token_ttl);
+        if every < longest * 2 {
+            errs.add(
+                "oauth.key_rotation",
+                format!(
+                    "{} is shorter than twice the longest token lifetime ({}); keys would pile up",
+                    humantime::format_duration(every),
+                    humantime::format_duration(longest)
+                ),
+            );
+        }
+        if !o.signing_keys.is_empty() {
+            errs.add(
+                "oauth.key_rotation",
+                "signing_keys are managed outside tollgate; rotate by replacing the files",
+            );
+        }
+    }
     if let Some(listeners) = &o.listeners {
         for (i, l) in listeners.iter().enumerate() {
             if !cfg.listeners.iter().any(|x| &x.name == l) {

@@ -249,6 +249,7 @@ mod tests {
             clients: yaml_clients,
             max_body_bytes: crate::config::units::ByteSize::kib(16),
             client_auth_limit: Default::default(),
+            key_rotation: None,
         }
     }
 

@@ -63,6 +63,13 @@ pub fn serving_listeners(cfg: &crate::config::Config, oauth: &OAuthConfig) -> Ve
     }
 }
 
+const AUTH_METHODS: [&str; 4] = [
+    "client_secret_basic",
+    "client_secret_post",
+    "private_key_jwt",
+    "tls_client_auth",
+];
+
 impl OAuthServer {
     /// The endpoint a request on `listener` to `path` is for, if any.
     pub fn endpoint(&self, listener: &str, path: &str) -> Option<Endpoint> {
@@ -79,11 +86,11 @@ impl OAuthServer {
             "introspection_endpoint": format!("{base}/oauth2/introspect"),
             "revocation_endpoint": format!("{base}/oauth2/revoke"),
             "grant_types_supported": ["client_credentials"],
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-            "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-            "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-            "response_types_supported": ["token"],
-            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA", "ES256", "RS256"],
+            "token_endpoint_auth_methods_supported": AUTH_METHODS,
+            "introspection_endpoint_auth_methods_supported": AUTH_METHODS,
+            "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
+            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA", "ES256", "ES384", "RS256", "PS256"],
+            "tls_client_certificate_bound_access_tokens": true,
         });
         Bytes::from(doc.to_string())
     }

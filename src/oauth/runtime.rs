@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use prometheus::IntCounterVec;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::keys::{self, KeySource};
 use super::limit::{AuthLimiter, Replays};
 use super::{ClientRecord, Clients, OAuthServer, serving_listeners};
+use crate::config::watch::{ConfigWatch, watch_files};
 use crate::config::{ClientAuthLimit, Config, ConfigError};
 use crate::identity::Revocations;
 use crate::identity::jwt::{SelfKeys, unix_now};
@@ -33,6 +35,8 @@ pub struct OAuthRuntime {
     limiter: Mutex<Option<(ClientAuthLimit, Arc<AuthLimiter>)>>,
     /// Client assertions already used; kept across rebuilds.
     replays: Arc<Replays>,
+    /// Pinged when a config is applied, so `maintain` watches its store.
+    reapplied: tokio::sync::Notify,
 }
 
 /// Keys retired by rotation stay published this long past the longest token
@@ -48,6 +52,7 @@ impl OAuthRuntime {
             applied: Mutex::new(None),
             limiter: Mutex::new(None),
             replays: Arc::default(),
+            reapplied: tokio::sync::Notify::new(),
             issued: metrics.oauth_tokens_issued.clone(),
             auth_failures: metrics.oauth_client_auth_failures.clone(),
             metrics,
@@ -129,8 +134,14 @@ impl OAuthRuntime {
             limiter: self.limiter(&oauth.client_auth_limit),
             replays: self.replays.clone(),
         })));
-        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((cfg.clone(), revocations.clone()));
+        let previous = self
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace((cfg.clone(), revocations.clone()));
+        if previous.is_none_or(|(c, _)| c.store != cfg.store || c.base_dir != cfg.base_dir) {
+            self.reapplied.notify_one();
+        }
         Ok(())
     }
 
@@ -157,58 +168,126 @@ impl OAuthRuntime {
         Ok(store)
     }
 
-    /// Rebuilds the server whenever the store file changes; ends with `stop`.
-    pub fn watch_store(
-        self: &Arc<Self>,
-        cfg: &Config,
-        debounce: std::time::Duration,
-        stop: CancellationToken,
-    ) {
-        if cfg.oauth.is_none() {
-            return;
-        }
-        let path = Store::change_marker(&Self::store_path(cfg));
-        let watch = match crate::config::watch::watch_files(std::slice::from_ref(&path)) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(store = %path.display(), error = %e,
-                    "cannot watch the store; clients and keys changed by the CLI apply on reload (SIGHUP)");
-                return;
-            }
-        };
+    /// Runs until `stop`: rebuilds the server when the store's change marker
+    /// is touched (`tollgate clients ...`, `tollgate keys rotate`), drops keys
+    /// whose overlap has ended, and rotates the signing key when
+    /// `oauth.key_rotation` says it is due.
+    pub fn maintain(self: &Arc<Self>, debounce: Duration, stop: CancellationToken) {
         let runtime = self.clone();
-        tracing::debug!(store = %path.display(), "watching the store");
         tokio::spawn(async move {
-            // Own the whole watch: dropping the OS watcher ends the events.
-            let mut watch = watch;
+            let mut watched: Option<(PathBuf, ConfigWatch)> = None;
+            let mut next_check = tokio::time::Instant::now();
             loop {
+                let current = runtime.current();
+                let marker = current
+                    .as_ref()
+                    .map(|(cfg, _)| Store::change_marker(&Self::store_path(cfg)));
+                // Key checks every minute, more often for short rotation periods.
+                let every = current
+                    .as_ref()
+                    .and_then(|(cfg, _)| cfg.oauth.as_ref()?.key_rotation)
+                    .map_or(Duration::from_secs(60), |r| {
+                        (r / 4).clamp(Duration::from_millis(250), Duration::from_secs(60))
+                    });
+                if watched.as_ref().map(|(p, _)| p) != marker.as_ref() {
+                    watched = marker.and_then(|m| match watch_files(std::slice::from_ref(&m)) {
+                        Ok(w) => Some((m, w)),
+                        Err(e) => {
+                            tracing::warn!(store = %m.display(), error = %e,
+                                "cannot watch the store; clients and keys changed by the CLI apply on reload (SIGHUP)");
+                            None
+                        }
+                    });
+                }
+                let changed = async {
+                    match watched.as_mut() {
+                        Some((_, w)) => w.changes.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    change = watch.changes.recv() => if change.is_none() { return },
-                }
-                tokio::time::sleep(debounce).await;
-                while watch.changes.try_recv().is_ok() {}
-                tracing::debug!("store changed; reloading clients and keys");
-                let applied = runtime
-                    .applied
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let Some((cfg, revocations)) = applied else {
-                    continue;
-                };
-                let rt = runtime.clone();
-                // Store reads block (file lock, fsync): off the event loop.
-                let result =
-                    tokio::task::spawn_blocking(move || rt.apply(&cfg, &revocations)).await;
-                if let Ok(Err(errors)) = result {
-                    for e in errors {
-                        tracing::error!(key = %e.path, error = %e.message,
-                            "store changed but cannot be loaded; the token server keeps its clients and keys");
+                    _ = runtime.reapplied.notified() => continue,
+                    _ = tokio::time::sleep_until(next_check) => {
+                        next_check = tokio::time::Instant::now() + every;
+                        runtime.clone().keys_due().await;
+                    }
+                    change = changed => {
+                        if change.is_none() {
+                            watched = None;
+                            continue;
+                        }
+                        tokio::time::sleep(debounce).await;
+                        if let Some((_, w)) = watched.as_mut() {
+                            while w.changes.try_recv().is_ok() {}
+                        }
+                        tracing::debug!("store changed; reloading clients and keys");
+                        runtime.clone().reapply().await;
                     }
                 }
             }
         });
+    }
+
+    fn current(&self) -> Option<(Arc<Config>, Arc<Revocations>)> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Applies the current config again (reading the store afresh).
+    async fn reapply(self: Arc<Self>) {
+        let Some((cfg, revocations)) = self.current() else {
+            return;
+        };
+        // Store access blocks (file lock, fsync): off the event loop.
+        let result = tokio::task::spawn_blocking(move || self.apply(&cfg, &revocations)).await;
+        if let Ok(Err(errors)) = result {
+            for e in errors {
+                tracing::error!(key = %e.path, error = %e.message,
+                    "store changed but cannot be loaded; the token server keeps its clients and keys");
+            }
+        }
+    }
+
+    /// Rotates a signing key that is due, or drops published keys whose
+    /// overlap has ended.
+    async fn keys_due(self: Arc<Self>) {
+        let (Some((cfg, _)), Some(server)) = (self.current(), self.server.load_full()) else {
+            return;
+        };
+        let Some(oauth) = cfg.oauth.as_ref() else {
+            return;
+        };
+        let now = unix_now();
+        let rotate = oauth.signing_keys.is_empty()
+            && oauth
+                .key_rotation
+                .is_some_and(|age| server.keys.signing.created_at + age.as_secs() <= now);
+        if rotate {
+            let store = self.open_store(&cfg);
+            let (alg, overlap) = (oauth.signing_algorithm, key_overlap(&cfg));
+            let rotated = tokio::task::spawn_blocking(move || {
+                store.and_then(|s| keys::rotate(&s, alg, overlap, now))
+            })
+            .await;
+            match rotated {
+                // The store's change marker brings the new key in.
+                Ok(Ok(kid)) => tracing::info!(kid, "signing key rotated (oauth.key_rotation)"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "automatic key rotation failed; signing with the current key")
+                }
+                Err(_) => {}
+            }
+        } else if server
+            .keys
+            .published
+            .iter()
+            .any(|k| k.retire_at.is_some_and(|t| t <= now))
+        {
+            self.reapply().await;
+        }
     }
 }
 

@@ -856,3 +856,105 @@ async fn tls_client_auth_and_certificate_bound_tokens() {
         );
     }
 }
+
+/// `oauth.key_rotation`: the signing key is replaced when it is that old; the
+/// previous one stays published and its tokens keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_key_rotation() {
+    let up = Upstream::echo("bar").await;
+    let yaml = oauth_config(&up, "EdDSA", "  key_rotation: 2s\n")
+        .replace("token_ttl: 5m", "token_ttl: 1s");
+    let gw = TestGateway::start(&yaml).await;
+    let secret = add_client(
+        &gw.path,
+        "foo",
+        &["--scope", "bar.read", "--audience", "bar"],
+    );
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the new client is known",
+        || async { authenticates(&gw, "foo", &secret).await },
+    )
+    .await;
+    let first = header_kid(&token(&gw, "foo", &secret, "").await);
+    wait_until(
+        std::time::Duration::from_secs(15),
+        "a new signing key",
+        || async { header_kid(&token(&gw, "foo", &secret, "").await) != first },
+    )
+    .await;
+    let jwks = get(&gw.url("/.well-known/jwks.json")).await.json();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert!(
+        kids.contains(&first.as_str()),
+        "the previous key stays published: {kids:?}"
+    );
+}
+
+/// Keys managed outside tollgate: `oauth.signing_keys` PEM files sign and are
+/// published; `keys rotate` refuses to touch them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_signing_keys() {
+    let up = Upstream::echo("bar").await;
+    let dir = tempfile::tempdir().unwrap();
+    let signing = dir.path().join("signing.pem");
+    let previous = dir.path().join("previous.pem");
+    std::fs::write(
+        &signing,
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem(),
+    )
+    .unwrap();
+    std::fs::write(
+        &previous,
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .unwrap()
+            .serialize_pem(),
+    )
+    .unwrap();
+    let hash = {
+        let d = aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            b"imported-keys-secret-0123456789abcdef",
+        );
+        d.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let gw = TestGateway::start(&oauth_config(
+        &up,
+        "ES256",
+        &format!(
+            "  signing_keys: [{}, {}]\n  clients:\n    - {{ id: foo, secret_sha256: \"{hash}\", scopes: [bar.read], audiences: [bar] }}\n",
+            signing.display(),
+            previous.display()
+        ),
+    ))
+    .await;
+    let t = token(&gw, "foo", "imported-keys-secret-0123456789abcdef", "").await;
+    let jwks = get(&gw.url("/.well-known/jwks.json")).await.json();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(
+        keys[0]["kid"].as_str().unwrap(),
+        header_kid(&t),
+        "the first file signs"
+    );
+    assert_eq!(keys[0]["alg"], "ES256");
+    assert_eq!(keys[1]["alg"], "EdDSA");
+    assert_eq!(call_bar(&gw, &t).await.status, 200);
+    let out = Command::new(BIN)
+        .args(["keys", "rotate", "-c"])
+        .arg(&gw.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("managed outside tollgate"));
+}
