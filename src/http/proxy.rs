@@ -56,7 +56,9 @@ impl Service<Request<Incoming>> for Proxy {
         Box::pin(async move {
             let mut ctx = ctx.ok_or(GatewayError::NoRoute)?;
             if let Some((server, ep)) = ctx.endpoint.take() {
-                return Ok(server.handle(ep, req, &ctx.conn).await);
+                return Ok(server
+                    .handle(ep, req, ctx.conn.peer.ip(), ctx.conn.peer_cert.as_deref())
+                    .await);
             }
             let route = ctx.route.clone().ok_or(GatewayError::NoRoute)?;
             let client = clients.get(route.pool.config.protocol);

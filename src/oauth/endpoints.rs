@@ -16,7 +16,6 @@ use super::{Client, OAuthServer};
 use crate::http::body::ProxyBody;
 use crate::identity::CertIdentity;
 use crate::identity::jwt::unix_now;
-use crate::transport::ConnState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -155,7 +154,8 @@ impl OAuthServer {
         self: Arc<Self>,
         ep: Endpoint,
         req: Request<B>,
-        conn: &ConnState,
+        peer: IpAddr,
+        cert: Option<&CertIdentity>,
     ) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes>,
@@ -183,7 +183,7 @@ impl OAuthServer {
                 }
             }
             Endpoint::Token | Endpoint::Introspect | Endpoint::Revoke => {
-                self.post(ep, req, conn).await
+                self.post(ep, req, peer, cert).await
             }
         };
         result.unwrap_or_else(OAuthError::into_response)
@@ -193,7 +193,8 @@ impl OAuthServer {
         &self,
         ep: Endpoint,
         req: Request<B>,
-        conn: &ConnState,
+        peer: IpAddr,
+        cert: Option<&CertIdentity>,
     ) -> Result<Response<ProxyBody>, OAuthError>
     where
         B: http_body::Body<Data = Bytes>,
@@ -227,8 +228,7 @@ impl OAuthServer {
             .map_err(|e| invalid_request(format!("cannot read the body: {e}")))?
             .to_bytes();
         let form = Form::parse(&body)?;
-        let cert = conn.peer_cert.as_deref();
-        let client = self.authenticate(&parts.headers, &form, conn.peer.ip(), cert)?;
+        let client = self.authenticate(&parts.headers, &form, peer, cert)?;
         match ep {
             Endpoint::Token => self.token(&client, &form, cert),
             Endpoint::Introspect => self.introspect(&form),
