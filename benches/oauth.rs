@@ -60,14 +60,18 @@ fn bench(c: &mut Criterion) {
                 "jti": "0123456789abcdef0123456789abcdef", "client_id": "bench",
                 "scope": "bar.read bar.write",
             });
-            b.iter(|| black_box(jsonwebtoken::encode(&header, &claims, &key.encoding).expect("sign")))
+            b.iter(|| {
+                black_box(jsonwebtoken::encode(&header, &claims, &key.encoding).expect("sign"))
+            })
         });
         group.bench_function("token_endpoint", |b| {
             b.iter(|| {
                 let req = Request::post("/oauth2/token")
                     .header("content-type", "application/x-www-form-urlencoded")
                     .header("authorization", basic.as_str())
-                    .body(Full::new(Bytes::from_static(b"grant_type=client_credentials")))
+                    .body(Full::new(Bytes::from_static(
+                        b"grant_type=client_credentials",
+                    )))
                     .expect("request");
                 let resp = rt.block_on(server.clone().handle(
                     Endpoint::Token,
