@@ -76,8 +76,11 @@ enum ClientsCommand {
         #[arg(long)]
         no_secret: bool,
         /// PEM public key or JWK (Set) file for private_key_jwt assertions.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "jwks_uri")]
         public_key: Option<PathBuf>,
+        /// URL of the client's JWK Set, for private_key_jwt assertions.
+        #[arg(long)]
+        jwks_uri: Option<String>,
         /// tls_client_auth: the certificate subject (RFC 4514, e.g. "CN=foo,O=backend").
         #[arg(long, conflicts_with_all = ["tls_san_uri", "tls_san_dns"])]
         tls_subject: Option<String>,
@@ -220,6 +223,7 @@ fn clients_command(cfg: &config::Config, cmd: ClientsCommand) -> Result<String, 
             disabled,
             no_secret,
             public_key,
+            jwks_uri,
             tls_subject,
             tls_san_uri,
             tls_san_dns,
@@ -246,6 +250,7 @@ fn clients_command(cfg: &config::Config, cmd: ClientsCommand) -> Result<String, 
                     enabled: !disabled,
                     secret: !no_secret,
                     public_key,
+                    jwks_uri,
                     tls_client_auth,
                 },
             )

@@ -306,6 +306,9 @@ pub struct OAuthClientConfig {
     /// (private_key_jwt, RFC 7523).
     #[serde(default)]
     pub public_key: Option<PathBuf>,
+    /// JWK Set URL with the client's assertion keys (private_key_jwt).
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
     /// The certificate that identifies the client (tls_client_auth, RFC 8705).
     #[serde(default)]
     pub tls_client_auth: Option<TlsClientAuth>,

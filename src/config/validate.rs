@@ -391,10 +391,28 @@ fn oauth(cfg: &Config, o: &OAuthConfig, errs: &mut Errors) {
                 "expected 64 hex characters: the SHA-256 of the secret (e.g. `printf %s \"$SECRET\" | sha256sum`)",
             );
         }
-        if c.secret_sha256.is_none() && c.public_key.is_none() && c.tls_client_auth.is_none() {
+        if c.secret_sha256.is_none()
+            && c.public_key.is_none()
+            && c.jwks_uri.is_none()
+            && c.tls_client_auth.is_none()
+        {
             errs.add(
                 path.clone(),
-                "needs a way to authenticate: secret_sha256, public_key or tls_client_auth",
+                "needs a way to authenticate: secret_sha256, public_key, jwks_uri or tls_client_auth",
+            );
+        }
+        if c.public_key.is_some() && c.jwks_uri.is_some() {
+            errs.add(
+                format!("{path}.jwks_uri"),
+                "give public_key or jwks_uri, not both",
+            );
+        }
+        if let Some(uri) = &c.jwks_uri
+            && crate::oauth::jwks_url(uri).is_err()
+        {
+            errs.add(
+                format!("{path}.jwks_uri"),
+                format!("`{uri}` is not an http(s) URL"),
             );
         }
         if let Some(ttl) = c.token_ttl {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, OAuthConfig, TlsClientAuth};
 use crate::identity::CertIdentity;
+use crate::identity::jwt::RemoteJwks;
 use crate::identity::jwt::keys::KeySet;
 
 /// A client as the store keeps it (`tollgate clients add`).
@@ -26,6 +27,9 @@ pub struct ClientRecord {
     /// PEM public key or JWK (Set) text, for private_key_jwt.
     #[serde(default)]
     pub public_key: Option<String>,
+    /// Or a JWK Set URL, for private_key_jwt.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
     #[serde(default)]
     pub tls_client_auth: Option<TlsClientAuth>,
     #[serde(default)]
@@ -50,7 +54,7 @@ pub struct Client {
     pub id: String,
     secret_hash: Option<[u8; 32]>,
     /// Keys its assertions must be signed with (private_key_jwt).
-    pub assertion_keys: Option<KeySet>,
+    pub assertion_keys: Option<AssertionKeys>,
     pub tls: Option<TlsClientAuth>,
     pub scopes: Vec<String>,
     pub audiences: Vec<String>,
@@ -60,6 +64,15 @@ pub struct Client {
     /// `config` or `store`.
     pub source: &'static str,
 }
+
+pub enum AssertionKeys {
+    Static(Arc<KeySet>),
+    /// The client's JWK Set URL, fetched and refreshed in the background.
+    Remote(Arc<RemoteJwks>),
+}
+
+/// Gets (or sets up) the fetcher of a client's JWK Set URL.
+pub type RemoteKeys<'a> = dyn FnMut(&str, &str) -> Result<Arc<RemoteJwks>, String> + 'a;
 
 #[derive(Default)]
 pub struct Clients {
@@ -75,20 +88,31 @@ impl Clients {
         cfg: &OAuthConfig,
         stored: Vec<ClientRecord>,
         resolve: &dyn Fn(&Path) -> PathBuf,
+        remote: &mut RemoteKeys,
     ) -> Result<Clients, Vec<ConfigError>> {
         let mut by_id = HashMap::new();
         let mut errors = Vec::new();
         for (i, c) in cfg.clients.iter().enumerate() {
-            let assertion_keys = match &c.public_key {
-                None => None,
-                Some(file) => {
+            let assertion_keys = match (&c.public_key, &c.jwks_uri) {
+                (None, Some(uri)) => match remote(&c.id, uri) {
+                    Ok(r) => Some(AssertionKeys::Remote(r)),
+                    Err(message) => {
+                        errors.push(ConfigError {
+                            path: format!("oauth.clients[{i}].jwks_uri"),
+                            message,
+                        });
+                        continue;
+                    }
+                },
+                (None, None) => None,
+                (Some(file), _) => {
                     let path = resolve(file);
                     match std::fs::read(&path)
                         .map_err(|e| format!("cannot read {}: {e}", path.display()))
                         .and_then(|b| {
                             public_keys(&b).map_err(|e| format!("{}: {e}", path.display()))
                         }) {
-                        Ok(k) => Some(k),
+                        Ok(k) => Some(AssertionKeys::Static(Arc::new(k))),
                         Err(message) => {
                             errors.push(ConfigError {
                                 path: format!("oauth.clients[{i}].public_key"),
@@ -131,13 +155,19 @@ impl Clients {
                 Some(h) => h,
                 None => None,
             };
-            let assertion_keys = match r.public_key.as_deref().map(|k| public_keys(k.as_bytes())) {
-                Some(Err(e)) => {
-                    tracing::warn!(client = %r.id, error = %e, "stored client has an unusable public key; skipped");
+            let assertion_keys = match (&r.public_key, &r.jwks_uri) {
+                (Some(k), _) => {
+                    public_keys(k.as_bytes()).map(|k| Some(AssertionKeys::Static(Arc::new(k))))
+                }
+                (None, Some(uri)) => remote(&r.id, uri).map(|r| Some(AssertionKeys::Remote(r))),
+                (None, None) => Ok(None),
+            };
+            let assertion_keys = match assertion_keys {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(client = %r.id, error = %e, "stored client has unusable assertion keys; skipped");
                     continue;
                 }
-                Some(Ok(k)) => Some(k),
-                None => None,
             };
             by_id.insert(
                 r.id.clone(),
@@ -262,6 +292,7 @@ mod tests {
             id: "foo".into(),
             secret_sha256: Some(hash.clone()),
             public_key: None,
+            jwks_uri: None,
             tls_client_auth: None,
             scopes: vec!["a".into()],
             audiences: vec![],
@@ -274,6 +305,7 @@ mod tests {
                 id: "foo".into(),
                 secret_sha256: Some(other_hash.clone()),
                 public_key: None,
+                jwks_uri: None,
                 tls_client_auth: None,
                 scopes: vec![],
                 audiences: vec![],
@@ -286,6 +318,7 @@ mod tests {
                 id: "bar".into(),
                 secret_sha256: Some(other_hash.to_uppercase()),
                 public_key: None,
+                jwks_uri: None,
                 tls_client_auth: None,
                 scopes: vec![],
                 audiences: vec![],
@@ -295,7 +328,13 @@ mod tests {
                 created_at: 0,
             },
         ];
-        let clients = Clients::build(&cfg(vec![file_client]), stored, &|p| p.to_owned()).unwrap();
+        let clients = Clients::build(
+            &cfg(vec![file_client]),
+            stored,
+            &|p| p.to_owned(),
+            &mut |_, _| Err("no remote keys here".into()),
+        )
+        .unwrap();
         assert_eq!(clients.len(), 2);
         assert_eq!(
             clients.authenticate("foo", &secret).unwrap().source,

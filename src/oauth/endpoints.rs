@@ -11,10 +11,11 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Map, Value, json};
 
-use super::clients::cert_matches;
+use super::clients::{AssertionKeys, cert_matches};
 use super::{Client, OAuthServer};
 use crate::http::body::ProxyBody;
 use crate::identity::CertIdentity;
+use crate::identity::jwt::keys::KeySet;
 use crate::identity::jwt::unix_now;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,7 +229,7 @@ impl OAuthServer {
             .map_err(|e| invalid_request(format!("cannot read the body: {e}")))?
             .to_bytes();
         let form = Form::parse(&body)?;
-        let client = self.authenticate(&parts.headers, &form, peer, cert)?;
+        let client = self.authenticate(&parts.headers, &form, peer, cert).await?;
         match ep {
             Endpoint::Token => self.token(&client, &form, cert),
             Endpoint::Introspect => self.introspect(&form),
@@ -239,7 +240,7 @@ impl OAuthServer {
     /// One of `client_secret_basic`, `client_secret_post`, `private_key_jwt`
     /// or `tls_client_auth`. Failures count against the client id and the
     /// source address.
-    fn authenticate(
+    async fn authenticate(
         &self,
         headers: &HeaderMap,
         form: &Form,
@@ -284,7 +285,7 @@ impl OAuthServer {
             ),
             Presented::Assertion(assertion) => (
                 "private_key_jwt",
-                self.check_assertion(assertion, form.get("client_id")),
+                self.check_assertion(assertion, form.get("client_id")).await,
             ),
         };
         match found {
@@ -308,14 +309,27 @@ impl OAuthServer {
     /// A `private_key_jwt` assertion (RFC 7523): signed by the client's key,
     /// `iss` = `sub` = the client, our token endpoint or issuer in `aud`, an
     /// `exp` at most 10 minutes out, and a `jti` never seen before.
-    fn check_assertion(&self, assertion: &str, form_id: Option<&str>) -> Option<Arc<Client>> {
+    async fn check_assertion(&self, assertion: &str, form_id: Option<&str>) -> Option<Arc<Client>> {
         let claimed = crate::identity::jwt::JwtProvider::peek_issuer(assertion)?;
         if form_id.is_some_and(|f| f != claimed) {
             return None;
         }
         let client = self.clients.get(&claimed)?;
-        let keys = client.assertion_keys.as_ref()?;
         let header = jsonwebtoken::decode_header(assertion).ok()?;
+        let keys = match client.assertion_keys.as_ref()? {
+            AssertionKeys::Static(k) => k.clone(),
+            AssertionKeys::Remote(remote) => {
+                if remote.keys().is_empty() {
+                    remote.first_fetch().await;
+                }
+                let known = |k: &KeySet| header.kid.as_deref().is_none_or(|kid| k.has_kid(kid));
+                if !known(&remote.keys()) {
+                    // A key the client rotated in (rate-limited refetch).
+                    remote.refetch_for_unknown_kid().await;
+                }
+                remote.keys()
+            }
+        };
         if matches!(
             header.alg,
             jsonwebtoken::Algorithm::HS256

@@ -24,6 +24,8 @@ pub struct NewClient<'a> {
     pub secret: bool,
     /// PEM or JWK text (private_key_jwt).
     pub public_key: Option<String>,
+    /// Or the URL of its JWK Set.
+    pub jwks_uri: Option<String>,
     pub tls_client_auth: Option<TlsClientAuth>,
 }
 
@@ -42,8 +44,17 @@ fn find(store: &Store, id: &str) -> Result<ClientRecord, String> {
 /// Adds a client; returns its new secret when it has one (shown once,
 /// stored only as its hash).
 pub fn add_client(cfg: &Config, new: &NewClient) -> Result<Option<String>, String> {
-    if !new.secret && new.public_key.is_none() && new.tls_client_auth.is_none() {
-        return Err("a client without a secret needs --public-key or a --tls-* identity".into());
+    if !new.secret
+        && new.public_key.is_none()
+        && new.jwks_uri.is_none()
+        && new.tls_client_auth.is_none()
+    {
+        return Err(
+            "a client without a secret needs --public-key, --jwks-uri or a --tls-* identity".into(),
+        );
+    }
+    if let Some(uri) = &new.jwks_uri {
+        super::jwks_url(uri).map_err(|e| format!("--jwks-uri: {e}"))?;
     }
     if let Some(k) = &new.public_key {
         super::clients::public_keys(k.as_bytes()).map_err(|e| format!("--public-key: {e}"))?;
@@ -93,6 +104,7 @@ pub fn add_client(cfg: &Config, new: &NewClient) -> Result<Option<String>, Strin
         id: new.id.to_owned(),
         secret_sha256: hash,
         public_key: new.public_key.clone(),
+        jwks_uri: new.jwks_uri.clone(),
         tls_client_auth: new.tls_client_auth.clone(),
         scopes: new.scopes.clone(),
         audiences: new.audiences.clone(),

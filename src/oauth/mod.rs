@@ -48,6 +48,14 @@ pub struct OAuthServer {
     replays: Arc<limit::Replays>,
 }
 
+/// A client's JWK Set URL, checked.
+pub fn jwks_url(uri: &str) -> Result<http::Uri, String> {
+    uri.parse::<http::Uri>()
+        .ok()
+        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+        .ok_or_else(|| format!("`{uri}` is not an http(s) URL"))
+}
+
 /// Listeners that serve the token server: as configured, else `sidecar`,
 /// else the first listener.
 pub fn serving_listeners(cfg: &crate::config::Config, oauth: &OAuthConfig) -> Vec<String> {

@@ -2,6 +2,7 @@
 //! `keys: self` providers, and the current server, rebuilt when gateway.yaml
 //! or the store file changes (`tollgate clients add`, `tollgate keys rotate`).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,8 +15,9 @@ use super::keys::{self, KeySource};
 use super::limit::{AuthLimiter, Replays};
 use super::{ClientRecord, Clients, OAuthServer, serving_listeners};
 use crate::config::watch::{ConfigWatch, watch_files};
-use crate::config::{ClientAuthLimit, Config, ConfigError};
+use crate::config::{ClientAuthLimit, Config, ConfigError, JwksConfig};
 use crate::identity::Revocations;
+use crate::identity::jwt::RemoteJwks;
 use crate::identity::jwt::{SelfKeys, unix_now};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -37,6 +39,8 @@ pub struct OAuthRuntime {
     replays: Arc<Replays>,
     /// Pinged when a config is applied, so `maintain` watches its store.
     reapplied: tokio::sync::Notify,
+    /// Clients' JWK Set fetchers by (client, URL), kept across rebuilds.
+    remote_keys: Mutex<HashMap<(String, String), Arc<RemoteJwks>>>,
 }
 
 /// Keys retired by rotation stay published this long past the longest token
@@ -53,6 +57,7 @@ impl OAuthRuntime {
             limiter: Mutex::new(None),
             replays: Arc::default(),
             reapplied: tokio::sync::Notify::new(),
+            remote_keys: Mutex::new(HashMap::new()),
             issued: metrics.oauth_tokens_issued.clone(),
             auth_failures: metrics.oauth_client_auth_failures.clone(),
             metrics,
@@ -106,7 +111,31 @@ impl OAuthRuntime {
             .revoked()
             .map_err(|e| fail("store.path", e.to_string()))?;
         revocations.extend(&revoked);
-        let clients = Clients::build(oauth, stored, &|p| cfg.resolve(p))?;
+        let mut previous =
+            std::mem::take(&mut *self.remote_keys.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut kept = HashMap::new();
+        let fetches = self.metrics.auth_jwks_fetches.clone();
+        let clients = Clients::build(oauth, stored, &|p| cfg.resolve(p), &mut |id, uri| {
+            let key = (id.to_owned(), uri.to_owned());
+            let remote = match previous.remove(&key) {
+                Some(r) => r,
+                None => {
+                    let r = Arc::new(RemoteJwks::new(
+                        &format!("client:{id}"),
+                        super::jwks_url(uri)?,
+                        JwksConfig::default(),
+                        crate::transport::tls::system_roots(),
+                        fetches.clone(),
+                    )?);
+                    r.start();
+                    r
+                }
+            };
+            kept.insert(key, remote.clone());
+            Ok(remote)
+        });
+        *self.remote_keys.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+        let clients = clients?;
         let listeners = serving_listeners(cfg, oauth);
         let route_listeners: Vec<String> = cfg.listeners.iter().map(|l| l.name.clone()).collect();
         let ring = Arc::new(ring);

@@ -958,3 +958,69 @@ async fn imported_signing_keys() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("managed outside tollgate"));
 }
+
+/// private_key_jwt with the client's JWK Set URL: fetched on first use, and
+/// fetched again when an assertion names a key the client rotated in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_key_jwt_with_a_jwks_url() {
+    use std::sync::{Arc, Mutex};
+    let up = Upstream::echo("bar").await;
+    let jwk = |k: &rcgen::KeyPair, kid: &str| {
+        let raw = k.public_key_raw();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        serde_json::json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..]), "kid": kid, "alg": "ES256"})
+    };
+    let k1 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let k2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let published = Arc::new(Mutex::new(serde_json::json!({"keys": [jwk(&k1, "k1")]})));
+    let served = published.clone();
+    let jwks = Upstream::start(move |_| {
+        let body = served.lock().unwrap().to_string();
+        async move { http::Response::new(full(body)) }
+    })
+    .await;
+    let gw = TestGateway::start(&oauth_config(
+        &up,
+        "EdDSA",
+        &format!(
+            "  clients:\n    - {{ id: remote, jwks_uri: \"http://{}/jwks.json\", scopes: [bar.read], audiences: [bar] }}\n",
+            jwks.addr
+        ),
+    ))
+    .await;
+    let now = tollgate::identity::jwt::unix_now();
+    let assertion = |k: &rcgen::KeyPair, kid: &str, jti: &str| {
+        let enc = jsonwebtoken::EncodingKey::from_ec_pem(k.serialize_pem().as_bytes()).unwrap();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.into());
+        let claims = serde_json::json!({"iss": "remote", "sub": "remote", "aud": ISSUER, "exp": now + 60, "jti": jti});
+        jsonwebtoken::encode(&header, &claims, &enc).unwrap()
+    };
+    let ask = |a: String| {
+        let gw = &gw;
+        async move {
+            post_form(
+                gw,
+                "/oauth2/token",
+                &format!("grant_type=client_credentials&client_id=remote&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={a}"),
+                None,
+            )
+            .await
+        }
+    };
+    let r = ask(assertion(&k1, "k1", "a")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let fetched = jwks.hits();
+
+    // The client rotates in k2: an assertion naming it makes the gateway
+    // fetch the set again.
+    *published.lock().unwrap() = serde_json::json!({"keys": [jwk(&k1, "k1"), jwk(&k2, "k2")]});
+    let r = ask(assertion(&k2, "k2", "b")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(jwks.hits() > fetched);
+
+    // A key the client never published is refused.
+    let k3 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let r = ask(assertion(&k3, "k3", "c")).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+}
