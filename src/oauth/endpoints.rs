@@ -393,44 +393,19 @@ impl OAuthServer {
                 ));
             }
         }
-        let scopes: Vec<String> = match form.get("scope") {
-            None => client.scopes.clone(),
-            Some(requested) => {
-                let mut out: Vec<String> = Vec::new();
-                for s in requested.split_whitespace() {
-                    if !client.scopes.iter().any(|a| a == s) {
-                        return Err(error(
-                            StatusCode::BAD_REQUEST,
-                            "invalid_scope",
-                            format!("scope `{}` is not allowed for this client", truncate(s)),
-                        ));
-                    }
-                    if !out.iter().any(|o| o == s) {
-                        out.push(s.to_owned());
-                    }
-                }
-                out
-            }
-        };
+        let scopes = allowed_subset(
+            form.get("scope").map(|s| s.split_whitespace().collect()),
+            &client.scopes,
+            "invalid_scope",
+            "scope",
+        )?;
         let requested: Vec<&str> = form.all("resource").chain(form.all("audience")).collect();
-        let audiences: Vec<String> = if requested.is_empty() {
-            client.audiences.clone()
-        } else {
-            let mut out: Vec<String> = Vec::new();
-            for a in requested {
-                if !client.audiences.iter().any(|x| x == a) {
-                    return Err(error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_target",
-                        format!("audience `{}` is not allowed for this client", truncate(a)),
-                    ));
-                }
-                if !out.iter().any(|o| o == a) {
-                    out.push(a.to_owned());
-                }
-            }
-            out
-        };
+        let audiences = allowed_subset(
+            (!requested.is_empty()).then_some(requested),
+            &client.audiences,
+            "invalid_target",
+            "audience",
+        )?;
         let now = unix_now();
         let ttl = client.ttl.as_secs();
         let mut claims: Map<String, Value> = client
@@ -551,6 +526,33 @@ impl OAuthServer {
         }
         Ok(json_response(StatusCode::OK, Bytes::new()))
     }
+}
+
+/// The requested values (deduplicated) when each is allowed; all allowed
+/// values when none are requested.
+fn allowed_subset(
+    requested: Option<Vec<&str>>,
+    allowed: &[String],
+    code: &'static str,
+    what: &str,
+) -> Result<Vec<String>, OAuthError> {
+    let Some(requested) = requested else {
+        return Ok(allowed.to_vec());
+    };
+    let mut out: Vec<String> = Vec::new();
+    for r in requested {
+        if !allowed.iter().any(|a| a == r) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                code,
+                format!("{what} `{}` is not allowed for this client", truncate(r)),
+            ));
+        }
+        if !out.iter().any(|o| o == r) {
+            out.push(r.to_owned());
+        }
+    }
+    Ok(out)
 }
 
 /// Assertions may not live longer than this (seconds), so the replay cache

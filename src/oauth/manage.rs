@@ -123,29 +123,28 @@ pub fn list_clients(cfg: &Config) -> Result<String, String> {
     let store = open(cfg)?;
     let mut clients: Vec<ClientRecord> = store.clients().map_err(|e| e.to_string())?;
     clients.sort_by(|a, b| a.id.cmp(&b.id));
-    let mut out = format!(
-        "{:<24} {:<8} {:<30} {}\n",
-        "ID", "ENABLED", "SCOPES", "AUDIENCES"
-    );
+    let row =
+        |id: &str, enabled: &dyn std::fmt::Display, scopes: &str, audiences: &str, from: &str| {
+            format!("{id:<24} {enabled:<8} {scopes:<30} {audiences}{from}\n")
+        };
+    let mut out = row("ID", &"ENABLED", "SCOPES", "AUDIENCES", "");
     for c in clients {
-        out.push_str(&format!(
-            "{:<24} {:<8} {:<30} {}\n",
-            c.id,
-            c.enabled,
-            c.scopes.join(","),
-            c.audiences.join(",")
-        ));
+        out += &row(
+            &c.id,
+            &c.enabled,
+            &c.scopes.join(","),
+            &c.audiences.join(","),
+            "",
+        );
     }
-    if let Some(o) = &cfg.oauth {
-        for c in &o.clients {
-            out.push_str(&format!(
-                "{:<24} {:<8} {:<30} {} (gateway.yaml)\n",
-                c.id,
-                c.enabled,
-                c.scopes.join(","),
-                c.audiences.join(",")
-            ));
-        }
+    for c in cfg.oauth.iter().flat_map(|o| &o.clients) {
+        out += &row(
+            &c.id,
+            &c.enabled,
+            &c.scopes.join(","),
+            &c.audiences.join(","),
+            " (gateway.yaml)",
+        );
     }
     Ok(out)
 }

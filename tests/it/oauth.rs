@@ -65,6 +65,42 @@ async fn post_form(
     send(req.body(full(body.to_owned())).unwrap()).await
 }
 
+/// `clients add` while the gateway runs, then waits until it knows the
+/// client; returns the secret.
+async fn known_client(gw: &TestGateway, id: &str, extra: &[&str]) -> String {
+    let secret = add_client(&gw.path, id, extra);
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the new client is known",
+        || async { authenticates(gw, id, &secret).await },
+    )
+    .await;
+    secret
+}
+
+fn sha256_hex(s: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A token request authenticated by a client assertion (private_key_jwt).
+async fn with_assertion(
+    gw: &TestGateway,
+    client_id: Option<&str>,
+    assertion: &str,
+) -> TestResponse {
+    let id = client_id
+        .map(|c| format!("&client_id={c}"))
+        .unwrap_or_default();
+    post_form(
+        gw,
+        "/oauth2/token",
+        &format!("grant_type=client_credentials{id}&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={assertion}"),
+        None,
+    )
+    .await
+}
+
 /// Whether the token endpoint accepts the client (it is known and enabled).
 async fn authenticates(gw: &TestGateway, id: &str, secret: &str) -> bool {
     post_form(
@@ -212,88 +248,49 @@ async fn client_credentials_round_trip_and_errors() {
             .unwrap()
             .starts_with("Basic")
     );
-    expect(
-        &post_form(
-            &gw,
-            "/oauth2/token",
+    let posted = format!("grant_type=client_credentials&client_id=foo&client_secret={secret}");
+    let big = format!(
+        "grant_type=client_credentials&pad={}",
+        "x".repeat(64 * 1024)
+    );
+    let foo = Some(("foo", secret.as_str()));
+    for (body, basic, status, code) in [
+        (
             "grant_type=client_credentials",
             Some(("nobody", "x")),
-        )
-        .await,
-        401,
-        "invalid_client",
-    );
-    expect(
-        &post_form(&gw, "/oauth2/token", "grant_type=client_credentials", None).await,
-        401,
-        "invalid_client",
-    );
-    expect(
-        &post_form(
-            &gw,
-            "/oauth2/token",
+            401,
+            "invalid_client",
+        ),
+        ("grant_type=client_credentials", None, 401, "invalid_client"),
+        (
             "grant_type=client_credentials&scope=admin",
-            Some(("foo", &secret)),
-        )
-        .await,
-        400,
-        "invalid_scope",
-    );
-    expect(
-        &post_form(
-            &gw,
-            "/oauth2/token",
+            foo,
+            400,
+            "invalid_scope",
+        ),
+        (
             "grant_type=client_credentials&resource=elsewhere",
-            Some(("foo", &secret)),
-        )
-        .await,
-        400,
-        "invalid_target",
-    );
-    expect(
-        &post_form(
-            &gw,
-            "/oauth2/token",
-            "grant_type=password",
-            Some(("foo", &secret)),
-        )
-        .await,
-        400,
-        "unsupported_grant_type",
-    );
-    expect(
-        &post_form(
-            &gw,
-            "/oauth2/token",
-            "scope=bar.read",
-            Some(("foo", &secret)),
-        )
-        .await,
-        400,
-        "invalid_request",
-    );
-    expect(
-        &post_form(
-            &gw,
-            "/oauth2/token",
+            foo,
+            400,
+            "invalid_target",
+        ),
+        ("grant_type=password", foo, 400, "unsupported_grant_type"),
+        ("scope=bar.read", foo, 400, "invalid_request"),
+        (
             "grant_type=client_credentials&grant_type=client_credentials",
-            Some(("foo", &secret)),
-        )
-        .await,
-        400,
-        "invalid_request",
-    );
-    expect(
-        &post_form(
-            &gw,
-            "/oauth2/token",
-            &format!("grant_type=client_credentials&client_id=foo&client_secret={secret}"),
-            Some(("foo", &secret)),
-        )
-        .await,
-        400,
-        "invalid_request",
-    );
+            foo,
+            400,
+            "invalid_request",
+        ),
+        (posted.as_str(), foo, 400, "invalid_request"),
+        (big.as_str(), foo, 400, "invalid_request"),
+    ] {
+        expect(
+            &post_form(&gw, "/oauth2/token", body, basic).await,
+            status,
+            code,
+        );
+    }
     let r = send(
         Request::post(gw.url("/oauth2/token"))
             .header("content-type", "application/json")
@@ -309,16 +306,6 @@ async fn client_credentials_round_trip_and_errors() {
     )
     .await;
     assert_eq!(r.status, 405);
-    let big = format!(
-        "grant_type=client_credentials&pad={}",
-        "x".repeat(64 * 1024)
-    );
-    expect(
-        &post_form(&gw, "/oauth2/token", &big, Some(("foo", &secret))).await,
-        400,
-        "invalid_request",
-    );
-
     // A disabled client cannot authenticate.
     cli(&gw.path, &["clients", "disable", "other"]);
     wait_until(
@@ -362,13 +349,7 @@ async fn introspection_and_revocation() {
         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
     );
-    let hash = |s: &str| {
-        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
-        d.as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let hash = sha256_hex;
     let clients = format!(
         "  clients:\n    - {{ id: foo, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n    - {{ id: baz, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
         hash(a),
@@ -450,17 +431,7 @@ async fn rotation_and_restart() {
     let up = Upstream::echo("bar").await;
     let yaml = oauth_config(&up, "EdDSA", "");
     let gw = TestGateway::start(&yaml).await;
-    let secret = add_client(
-        &gw.path,
-        "foo",
-        &["--scope", "bar.read", "--audience", "bar"],
-    );
-    wait_until(
-        std::time::Duration::from_secs(10),
-        "the new client is known",
-        || async { authenticates(&gw, "foo", &secret).await },
-    )
-    .await;
+    let secret = known_client(&gw, "foo", &["--scope", "bar.read", "--audience", "bar"]).await;
     let old = token(&gw, "foo", &secret, "").await;
     let old_kid = header_kid(&old);
     let jwks = get(&gw.url("/.well-known/jwks.json")).await.json();
@@ -557,17 +528,7 @@ async fn tokens_and_jwks_verify_with_python() {
     let up = Upstream::echo("bar").await;
     for alg in ["EdDSA", "ES256", "RS256"] {
         let gw = TestGateway::start(&oauth_config(&up, alg, "")).await;
-        let secret = add_client(
-            &gw.path,
-            "py",
-            &["--scope", "bar.read", "--audience", "bar"],
-        );
-        wait_until(
-            std::time::Duration::from_secs(10),
-            "the new client is known",
-            || async { authenticates(&gw, "py", &secret).await },
-        )
-        .await;
+        let secret = known_client(&gw, "py", &["--scope", "bar.read", "--audience", "bar"]).await;
         let t = token(&gw, "py", &secret, "").await;
         let jwks = get(&gw.url("/.well-known/jwks.json")).await.text();
         let script = r#"
@@ -636,13 +597,7 @@ async fn failed_client_auth_is_rate_limited() {
         "  client_auth_limit: { max_failures: 3, window: 2s }\n",
     ))
     .await;
-    let secret = add_client(&gw.path, "foo", &["--scope", "bar.read"]);
-    wait_until(
-        std::time::Duration::from_secs(10),
-        "the new client is known",
-        || async { authenticates(&gw, "foo", &secret).await },
-    )
-    .await;
+    let secret = known_client(&gw, "foo", &["--scope", "bar.read"]).await;
     for _ in 0..3 {
         let r = post_form(
             &gw,
@@ -721,15 +676,7 @@ async fn private_key_jwt_clients() {
     };
     let ask = |a: String| {
         let gw = &gw;
-        async move {
-            post_form(
-                gw,
-                "/oauth2/token",
-                &format!("grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={a}"),
-                None,
-            )
-            .await
-        }
+        async move { with_assertion(gw, None, &a).await }
     };
     let token_url = format!("{ISSUER}/oauth2/token");
     let good = assertion(&key, &token_url, now + 60, "one");
@@ -865,17 +812,7 @@ async fn automatic_key_rotation() {
     let yaml = oauth_config(&up, "EdDSA", "  key_rotation: 2s\n")
         .replace("token_ttl: 5m", "token_ttl: 1s");
     let gw = TestGateway::start(&yaml).await;
-    let secret = add_client(
-        &gw.path,
-        "foo",
-        &["--scope", "bar.read", "--audience", "bar"],
-    );
-    wait_until(
-        std::time::Duration::from_secs(10),
-        "the new client is known",
-        || async { authenticates(&gw, "foo", &secret).await },
-    )
-    .await;
+    let secret = known_client(&gw, "foo", &["--scope", "bar.read", "--audience", "bar"]).await;
     let first = header_kid(&token(&gw, "foo", &secret, "").await);
     wait_until(
         std::time::Duration::from_secs(15),
@@ -918,16 +855,7 @@ async fn imported_signing_keys() {
             .serialize_pem(),
     )
     .unwrap();
-    let hash = {
-        let d = aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA256,
-            b"imported-keys-secret-0123456789abcdef",
-        );
-        d.as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let hash = sha256_hex("imported-keys-secret-0123456789abcdef");
     let gw = TestGateway::start(&oauth_config(
         &up,
         "ES256",
@@ -998,15 +926,7 @@ async fn private_key_jwt_with_a_jwks_url() {
     };
     let ask = |a: String| {
         let gw = &gw;
-        async move {
-            post_form(
-                gw,
-                "/oauth2/token",
-                &format!("grant_type=client_credentials&client_id=remote&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={a}"),
-                None,
-            )
-            .await
-        }
+        async move { with_assertion(gw, Some("remote"), &a).await }
     };
     let r = ask(assertion(&k1, "k1", "a")).await;
     assert_eq!(r.status, 200, "{}", r.text());
