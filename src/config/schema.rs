@@ -541,7 +541,7 @@ pub struct CertMatch {
     pub fingerprint_sha256: Option<OneOrMany>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -699,10 +699,12 @@ impl Default for JwksConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouteMatch {
-    /// Segment-aware: `/bar` matches `/bar` and `/bar/x`, not `/barn`.
-    pub path_prefix: String,
-    /// Exact host (`api.internal`) or a wildcard suffix (`*.internal`).
-    pub host: Option<String>,
+    /// Segment-aware: `/bar` matches `/bar` and `/bar/x`, not `/barn`. One
+    /// prefix or a list (any of them).
+    pub path_prefix: OneOrMany,
+    /// Exact host (`api.internal`) or a wildcard suffix (`*.internal`); one
+    /// or a list (any of them).
+    pub host: Option<OneOrMany>,
     pub methods: Option<Vec<String>>,
     /// Header name -> exact value that must be present.
     pub headers: BTreeMap<String, String>,
@@ -711,7 +713,7 @@ pub struct RouteMatch {
 impl Default for RouteMatch {
     fn default() -> Self {
         RouteMatch {
-            path_prefix: "/".into(),
+            path_prefix: OneOrMany::One("/".into()),
             host: None,
             methods: None,
             headers: BTreeMap::new(),

@@ -49,17 +49,18 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         }
         self::route(&path, route, &mut errs);
         route_auth(&path, route, &cfg.auth, &mut errs);
-        let key = MatchKey::of(route);
-        if let Some((j, _)) = matches.iter().find(|(_, k)| *k == key) {
-            errs.add(
-                format!("{path}.match"),
-                format!(
-                    "matches exactly the same requests as routes[{j}] (`{}`); one of them could never be chosen",
-                    cfg.routes[*j].name
-                ),
-            );
+        for key in MatchKey::of(route) {
+            if let Some((j, _)) = matches.iter().find(|(j, k)| *k == key && *j != i) {
+                errs.add(
+                    format!("{path}.match"),
+                    format!(
+                        "matches exactly the same requests as routes[{j}] (`{}`); one of them could never be chosen",
+                        cfg.routes[*j].name
+                    ),
+                );
+            }
+            matches.push((i, key));
         }
-        matches.push((i, key));
     }
     if cfg.runtime.workers > 1024 {
         errs.add(
@@ -174,16 +175,21 @@ fn route(path: &str, r: &RouteConfig, errs: &mut Errors) {
         );
     }
     let m = &r.matcher;
-    if !m.path_prefix.starts_with('/') || m.path_prefix.contains(['?', '#']) {
+    if m.path_prefix.values().is_empty() {
         errs.add(
             format!("{path}.match.path_prefix"),
-            format!(
-                "`{}` must be a path starting with `/` (no query)",
-                m.path_prefix
-            ),
+            "at least one prefix is required",
         );
     }
-    if let Some(host) = &m.host {
+    for prefix in m.path_prefix.values() {
+        if !prefix.starts_with('/') || prefix.contains(['?', '#']) {
+            errs.add(
+                format!("{path}.match.path_prefix"),
+                format!("`{prefix}` must be a path starting with `/` (no query)"),
+            );
+        }
+    }
+    for host in m.host.iter().flat_map(|h| h.values()) {
         let name = host.strip_prefix("*.").unwrap_or(host);
         let valid = !name.is_empty()
             && !name.contains('*')
@@ -598,20 +604,37 @@ struct MatchKey {
 }
 
 impl MatchKey {
-    fn of(r: &RouteConfig) -> MatchKey {
+    /// One key per host and prefix the route matches.
+    fn of(r: &RouteConfig) -> Vec<MatchKey> {
         let m = &r.matcher;
-        MatchKey {
-            host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),
-            prefix: super::normalize_prefix(&m.path_prefix).to_owned(),
-            methods: m
-                .methods
-                .as_ref()
-                .map(|ms| ms.iter().map(|s| s.to_ascii_uppercase()).collect()),
-            headers: m
-                .headers
+        let hosts: Vec<Option<String>> = match &m.host {
+            None => vec![None],
+            Some(h) => h
+                .values()
                 .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .map(|h| Some(h.to_ascii_lowercase()))
                 .collect(),
+        };
+        let methods: Option<BTreeSet<String>> = m
+            .methods
+            .as_ref()
+            .map(|ms| ms.iter().map(|s| s.to_ascii_uppercase()).collect());
+        let headers: Vec<(String, String)> = m
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
+        let mut keys = Vec::new();
+        for host in &hosts {
+            for prefix in m.path_prefix.values() {
+                keys.push(MatchKey {
+                    host: host.clone(),
+                    prefix: super::normalize_prefix(prefix).to_owned(),
+                    methods: methods.clone(),
+                    headers: headers.clone(),
+                });
+            }
         }
+        keys
     }
 }

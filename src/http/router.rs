@@ -20,7 +20,8 @@ use crate::transport::tls::{UpstreamTlsConfigs, UpstreamTlsMaterial};
 
 pub struct Route {
     pub name: Arc<str>,
-    matcher: Matcher,
+    /// Normalised path prefixes (what `upstream_path` strips or rewrites).
+    prefixes: Vec<String>,
     /// Replacement for the matched prefix: `Some("")` strips it.
     rewrite: Option<String>,
     pub preserve_host: bool,
@@ -48,8 +49,23 @@ enum HostMatch {
 }
 
 impl Matcher {
-    fn new(cfg: &config::RouteMatch) -> Matcher {
-        let host = match cfg.host.as_deref().map(str::to_ascii_lowercase) {
+    /// One matcher per host and prefix of the route.
+    fn all(cfg: &config::RouteMatch) -> Vec<Matcher> {
+        let hosts: Vec<Option<&str>> = match &cfg.host {
+            None => vec![None],
+            Some(h) => h.values().iter().map(|h| Some(h.as_str())).collect(),
+        };
+        let mut out = Vec::new();
+        for host in hosts {
+            for prefix in cfg.path_prefix.values() {
+                out.push(Matcher::new(cfg, host, prefix));
+            }
+        }
+        out
+    }
+
+    fn new(cfg: &config::RouteMatch, host: Option<&str>, prefix: &str) -> Matcher {
+        let host = match host.map(str::to_ascii_lowercase) {
             None => HostMatch::Any,
             Some(h) => match h.strip_prefix('*') {
                 Some(suffix) => HostMatch::Suffix(suffix.to_owned()),
@@ -58,7 +74,7 @@ impl Matcher {
         };
         Matcher {
             host,
-            prefix: config::normalize_prefix(&cfg.path_prefix).to_owned(),
+            prefix: config::normalize_prefix(prefix).to_owned(),
             methods: cfg.methods.as_ref().map(|ms| {
                 ms.iter()
                     .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
@@ -137,10 +153,17 @@ impl Route {
             return original();
         };
         let path = uri.path();
-        let rest = if self.matcher.prefix == "/" {
+        // The longest of the route's prefixes that this path is under.
+        let prefix = self
+            .prefixes
+            .iter()
+            .filter(|p| prefix_matches(p, path))
+            .max_by_key(|p| p.len())
+            .map_or("/", String::as_str);
+        let rest = if prefix == "/" {
             path
         } else {
-            path.get(self.matcher.prefix.len()..).unwrap_or("")
+            path.get(prefix.len()..).unwrap_or("")
         };
         let query = uri.query();
         let mut s = String::with_capacity(
@@ -161,6 +184,8 @@ impl Route {
 
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
+    /// Every (host, prefix, conditions) of every route, most specific first.
+    entries: Vec<(Matcher, Arc<Route>)>,
 }
 
 impl RouteTable {
@@ -218,19 +243,29 @@ impl RouteTable {
                 )
             }
         });
-        let mut routes = futures_util::future::join_all(routes).await;
-        routes.sort_by_key(|(index, r)| (r.matcher.specificity(), *index));
+        let routes = futures_util::future::join_all(routes).await;
+        let mut entries: Vec<(usize, Matcher, Arc<Route>)> = routes
+            .iter()
+            .flat_map(|(index, r)| {
+                Matcher::all(&cfg.routes[*index].matcher)
+                    .into_iter()
+                    .map(|m| (*index, m, r.clone()))
+            })
+            .collect();
+        entries.sort_by_key(|(index, m, _)| (m.specificity(), *index));
         RouteTable {
             routes: routes.into_iter().map(|(_, r)| r).collect(),
+            entries: entries.into_iter().map(|(_, m, r)| (m, r)).collect(),
         }
     }
 
     pub fn find(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<&Arc<Route>> {
         let host = request_host(uri, headers);
         let path = uri.path();
-        self.routes
+        self.entries
             .iter()
-            .find(|r| r.matcher.matches(host, path, method, headers))
+            .find(|(m, _)| m.matches(host, path, method, headers))
+            .map(|(_, r)| r)
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {
@@ -273,7 +308,13 @@ impl Route {
         };
         Route {
             name,
-            matcher: Matcher::new(&rc.matcher),
+            prefixes: rc
+                .matcher
+                .path_prefix
+                .values()
+                .iter()
+                .map(|p| config::normalize_prefix(p).to_owned())
+                .collect(),
             rewrite,
             preserve_host: rc.preserve_host,
             timeout: rc.upstream.timeout,

@@ -151,3 +151,44 @@ async fn unmatched_request_gets_json_404_and_bad_paths_400() {
         1.0
     );
 }
+
+/// A route may match several prefixes and hosts: each is ranked on its own
+/// (a longer prefix of another route on the same host still wins), and
+/// strip/rewrite uses the prefix that matched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_with_several_prefixes_and_hosts() {
+    let multi = Upstream::echo("multi").await;
+    let deeper = Upstream::echo("deeper").await;
+    let routes = [
+        format!(
+            "  - name: multi\n    match: {{ path_prefix: [/a, /b/c], host: [one.internal, \"*.two.internal\"] }}\n    strip_prefix: true\n    upstream: {{ targets: [http://{}] }}\n",
+            multi.addr
+        ),
+        format!(
+            "  - name: deeper\n    match: {{ path_prefix: /a/deep, host: one.internal }}\n    upstream: {{ targets: [http://{}] }}\n",
+            deeper.addr
+        ),
+    ]
+    .concat();
+    let gw = TestGateway::start(&config_with_routes(&routes)).await;
+    let call = |path: &str, host: &str| {
+        let req = Request::get(gw.url(path))
+            .header("host", host)
+            .body(full(""))
+            .unwrap();
+        async move { send(req).await }
+    };
+    for (path, host, name, upstream_path) in [
+        ("/a/x", "one.internal", "multi", "/x"),
+        ("/b/c/y?q=1", "one.internal", "multi", "/y?q=1"),
+        ("/b/c", "x.two.internal", "multi", "/"),
+        ("/a/deep/z", "one.internal", "deeper", "/a/deep/z"),
+    ] {
+        let r = call(path, host).await;
+        assert_eq!(r.status, 200, "{path} {host}: {}", r.text());
+        assert_eq!(r.json()["name"], name, "{path} {host}");
+        assert_eq!(r.json()["path"], upstream_path, "{path} {host}");
+    }
+    assert_eq!(call("/b/x", "one.internal").await.status, 404);
+    assert_eq!(call("/a/x", "three.internal").await.status, 404);
+}
