@@ -381,14 +381,38 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// `/healthz`, `/readyz`, `/metrics`.
+    /// `/healthz`, `/readyz`, `/metrics` (always open) and the admin API.
     pub bind: SocketAddr,
+    /// Hex SHA-256 of a token the admin API accepts as `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// JWT providers whose tokens the admin API accepts (then `policy` decides).
+    #[serde(default)]
+    pub providers: Option<Vec<String>>,
+    /// Who may use the admin API by token claims or client certificate, e.g.
+    /// `- allow: { scopes: [tollgate.admin] }` or `- allow: { cert: { o: ops } }`.
+    #[serde(default)]
+    pub policy: Option<Vec<RuleConfig>>,
+    /// Serve the admin listener over TLS (with `client_ca` for certificate policies).
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
+}
+
+impl AdminConfig {
+    /// Whether the admin API asks callers for credentials.
+    pub fn authenticated(&self) -> bool {
+        self.token_sha256.is_some() || self.policy.is_some()
+    }
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            token_sha256: None,
+            providers: None,
+            policy: None,
+            tls: None,
         }
     }
 }

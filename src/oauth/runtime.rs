@@ -192,7 +192,7 @@ impl OAuthRuntime {
         if let Some(s) = current.as_ref().filter(|s| s.path() == path) {
             return Ok(s.clone());
         }
-        let store = Arc::new(Store::open(&path).map_err(|e| e.to_string())?);
+        let store = Store::shared(&path).map_err(|e| e.to_string())?;
         *current = Some(store.clone());
         Ok(store)
     }

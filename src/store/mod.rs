@@ -8,7 +8,7 @@
 //! changes. Every write transaction is durable (fsync) when it returns.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
@@ -18,6 +18,10 @@ use serde::de::DeserializeOwned;
 const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("oauth_clients");
 const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys");
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked_tokens");
+/// Routes registered through the admin API (tollgate's and Kong's shapes).
+pub const API_ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("api_routes");
+/// Kong >= 1.0 services registered through the admin API.
+pub const KONG_SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("kong_services");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -69,6 +73,8 @@ impl Store {
             txn.open_table(CLIENTS)?;
             txn.open_table(SIGNING_KEYS)?;
             txn.open_table(REVOKED)?;
+            txn.open_table(API_ROUTES)?;
+            txn.open_table(KONG_SERVICES)?;
             Ok(())
         })?;
         Ok(store)
@@ -169,6 +175,49 @@ impl Store {
             txn.open_table(table)?.insert(key, bytes.as_slice())?;
             Ok(())
         })
+    }
+
+    /// One store per file in this process (redb allows one open at a time).
+    pub fn shared(path: &Path) -> Result<Arc<Store>, StoreError> {
+        static OPEN: Mutex<Vec<(PathBuf, Weak<Store>)>> = Mutex::new(Vec::new());
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(s) = open
+            .iter()
+            .find(|(p, _)| p == path)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(s);
+        }
+        let store = Arc::new(Store::open(path)?);
+        open.push((path.to_owned(), Arc::downgrade(&store)));
+        Ok(store)
+    }
+
+    /// Every record of a JSON table, with its key.
+    pub fn records<V: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<V>, StoreError> {
+        self.read_all(table)
+    }
+
+    pub fn put_record<V: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &V,
+    ) -> Result<(), StoreError> {
+        self.put(table, key, value)
+    }
+
+    /// Whether the record existed.
+    pub fn remove_record(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<bool, StoreError> {
+        self.write(|txn| Ok(txn.open_table(table)?.remove(key)?.is_some()))
     }
 
     pub fn clients<V: DeserializeOwned>(&self) -> Result<Vec<V>, StoreError> {
