@@ -56,7 +56,9 @@ enum Command {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum ClientsCommand {
-    /// Add a client; its new secret is printed once and stored only as a hash.
+    /// Add a client. It authenticates with exactly one of: --public-key or
+    /// --jwks-uri (private_key_jwt), a --tls-* identity (tls_client_auth), or
+    /// else a new secret, printed once and stored only as a hash.
     Add {
         id: String,
         /// Allowed scope (repeatable).
@@ -74,9 +76,6 @@ enum ClientsCommand {
         /// Add it disabled.
         #[arg(long)]
         disabled: bool,
-        /// No secret: the client authenticates with --public-key or a --tls-* identity only.
-        #[arg(long)]
-        no_secret: bool,
         /// PEM public key or JWK (Set) file for private_key_jwt assertions.
         #[arg(long, conflicts_with = "jwks_uri")]
         public_key: Option<PathBuf>,
@@ -223,7 +222,6 @@ fn clients_command(cfg: &config::Config, cmd: ClientsCommand) -> Result<String, 
             ttl,
             claims,
             disabled,
-            no_secret,
             public_key,
             jwks_uri,
             tls_subject,
@@ -250,7 +248,6 @@ fn clients_command(cfg: &config::Config, cmd: ClientsCommand) -> Result<String, 
                     ttl,
                     claims: &claims,
                     enabled: !disabled,
-                    secret: !no_secret,
                     public_key,
                     jwks_uri,
                     tls_client_auth,

@@ -397,14 +397,13 @@ fn oauth(cfg: &Config, o: &OAuthConfig, errs: &mut Errors) {
                 "expected 64 hex characters: the SHA-256 of the secret (e.g. `printf %s \"$SECRET\" | sha256sum`)",
             );
         }
-        if c.secret_sha256.is_none()
-            && c.public_key.is_none()
-            && c.jwks_uri.is_none()
-            && c.tls_client_auth.is_none()
-        {
+        let methods = usize::from(c.secret_sha256.is_some())
+            + usize::from(c.public_key.is_some() || c.jwks_uri.is_some())
+            + usize::from(c.tls_client_auth.is_some());
+        if methods != 1 {
             errs.add(
                 path.clone(),
-                "needs a way to authenticate: secret_sha256, public_key, jwks_uri or tls_client_auth",
+                "needs exactly one way to authenticate: secret_sha256, public_key or jwks_uri, or tls_client_auth",
             );
         }
         if c.public_key.is_some() && c.jwks_uri.is_some() {
@@ -414,12 +413,9 @@ fn oauth(cfg: &Config, o: &OAuthConfig, errs: &mut Errors) {
             );
         }
         if let Some(uri) = &c.jwks_uri
-            && crate::oauth::jwks_url(uri).is_err()
+            && let Err(e) = crate::oauth::jwks_url(uri)
         {
-            errs.add(
-                format!("{path}.jwks_uri"),
-                format!("`{uri}` is not an http(s) URL"),
-            );
+            errs.add(format!("{path}.jwks_uri"), e);
         }
         if let Some(ttl) = c.token_ttl {
             errs.nonzero(format!("{path}.token_ttl"), ttl);

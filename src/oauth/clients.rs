@@ -50,6 +50,16 @@ fn enabled() -> bool {
     true
 }
 
+impl ClientRecord {
+    /// How many authentication methods it registers: exactly one is valid,
+    /// so a certificate or key client can never fall back to a secret.
+    pub fn methods(&self) -> usize {
+        usize::from(self.secret_sha256.is_some())
+            + usize::from(self.public_key.is_some() || self.jwks_uri.is_some())
+            + usize::from(self.tls_client_auth.is_some())
+    }
+}
+
 pub struct Client {
     pub id: String,
     secret_hash: Option<[u8; 32]>,
@@ -143,6 +153,10 @@ impl Clients {
             return Err(errors);
         }
         for r in stored {
+            if r.methods() != 1 {
+                tracing::warn!(client = %r.id, "stored client does not have exactly one authentication method; skipped");
+                continue;
+            }
             if by_id.contains_key(&r.id) {
                 tracing::warn!(client = %r.id, "a client in gateway.yaml has the id of a stored client; the file's wins");
                 continue;

@@ -117,20 +117,31 @@ pub const RESERVED_CLAIMS: &[&str] = &[
     "cnf",
 ];
 
+/// No token request needs more parameters than this.
+const MAX_PARAMETERS: usize = 32;
+
 /// Form parameters; a parameter may appear once (RFC 6749 §3.2), except the
 /// RFC 8707 `resource` and `audience`, which may repeat.
 struct Form(Vec<(String, String)>);
 
 impl Form {
     fn parse(body: &[u8]) -> Result<Form, OAuthError> {
-        let pairs: Vec<(String, String)> = form_urlencoded::parse(body)
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        for (i, (k, _)) in pairs.iter().enumerate() {
-            let repeatable = k == "resource" || k == "audience";
-            if !repeatable && pairs[..i].iter().any(|(p, _)| p == k) {
-                return Err(invalid_request(format!("parameter `{k}` is repeated")));
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (k, v) in form_urlencoded::parse(body) {
+            if pairs.len() == MAX_PARAMETERS {
+                return Err(invalid_request(format!(
+                    "more than {MAX_PARAMETERS} parameters"
+                )));
             }
+            let repeatable = k == "resource" || k == "audience";
+            if !repeatable && !seen.insert(k.clone()) {
+                return Err(invalid_request(format!(
+                    "parameter `{}` is repeated",
+                    truncate(&k)
+                )));
+            }
+            pairs.push((k.into_owned(), v.into_owned()));
         }
         Ok(Form(pairs))
     }
@@ -233,7 +244,7 @@ impl OAuthServer {
         match ep {
             Endpoint::Token => self.token(&client, &form, cert),
             Endpoint::Introspect => self.introspect(&form),
-            _ => self.revoke(&client, &form),
+            _ => self.revoke(&client, &form).await,
         }
     }
 
@@ -258,7 +269,11 @@ impl OAuthServer {
             }
         };
         let id = presented.client_id();
-        if let Some(wait) = self.limiter.blocked(id.as_deref(), peer) {
+        // Failures count per known client (made-up ids cannot fill the table).
+        let known = id
+            .as_deref()
+            .filter(|i| i.len() <= 128 && self.clients.get(i).is_some());
+        if let Some(wait) = self.limiter.blocked(known, peer) {
             self.auth_failed("rate_limited");
             return Err(OAuthError {
                 status: StatusCode::TOO_MANY_REQUESTS,
@@ -297,7 +312,7 @@ impl OAuthServer {
                     "bad_credentials"
                 };
                 self.auth_failed(reason);
-                self.limiter.failed(id.as_deref(), peer);
+                self.limiter.failed(known, peer);
                 // The id is what the caller claimed; never the credential.
                 tracing::info!(client = %truncate(id.as_deref().unwrap_or("-")), %peer, method, reason,
                     "client authentication failed");
@@ -350,6 +365,7 @@ impl OAuthServer {
             v.set_audience(&audiences);
             v.sub = Some(client.id.clone());
             v.leeway = 30;
+            v.validate_nbf = true;
             v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
             let Ok(data) = jsonwebtoken::decode::<Map<String, Value>>(assertion, &key.key, &v)
             else {
@@ -357,7 +373,7 @@ impl OAuthServer {
             };
             let exp = data.claims.get("exp").and_then(Value::as_u64)?;
             let jti = data.claims.get("jti").and_then(Value::as_str)?;
-            if exp > unix_now() + MAX_ASSERTION_LIFETIME {
+            if jti.is_empty() || jti.len() > 256 || exp > unix_now() + MAX_ASSERTION_LIFETIME {
                 return None;
             }
             // Replays: a jti is accepted once until its assertion expires.
@@ -503,7 +519,11 @@ impl OAuthServer {
     /// Revokes a token of the calling client until it would have expired.
     /// An unknown, expired or foreign token is answered 200 as well (RFC 7009
     /// §2.2): the caller learns nothing about other clients' tokens.
-    fn revoke(&self, client: &Client, form: &Form) -> Result<Response<ProxyBody>, OAuthError> {
+    async fn revoke(
+        &self,
+        client: &Client,
+        form: &Form,
+    ) -> Result<Response<ProxyBody>, OAuthError> {
         let token = form
             .get("token")
             .ok_or_else(|| invalid_request("token is missing"))?;
@@ -515,11 +535,16 @@ impl OAuthServer {
                 && owner == client.id
             {
                 self.revocations.revoke(jti, exp);
-                if let Some(store) = &self.store
-                    && let Err(e) = store.revoke(jti, exp)
-                {
-                    // Revoked in memory on this node; say that it is not durable.
-                    tracing::error!(error = %e, "revocation not saved to the store");
+                if let Some(store) = self.store.clone() {
+                    // An fsync, and possibly a wait for the CLI's lock: not
+                    // on the event loop.
+                    let jti_owned = jti.to_owned();
+                    let saved =
+                        tokio::task::spawn_blocking(move || store.revoke(&jti_owned, exp)).await;
+                    if let Ok(Err(e)) = saved {
+                        // Revoked in memory on this node; say that it is not durable.
+                        tracing::error!(error = %e, "revocation not saved to the store");
+                    }
                 }
                 tracing::info!(client = %client.id, jti, "token revoked");
             }

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::config::SigningAlgorithm;
 use crate::identity::jwt::keys::{self as verify_keys, KeySet};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// A key as the store keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -262,13 +262,11 @@ pub fn load(
             KeyRing::new(keys)
         }
         KeySource::Store(store) => {
-            let stored: Vec<StoredKey> = store.signing_keys().map_err(store_error)?;
-            let (kept, changed) = maintain(stored, alg, overlap, now)?;
-            if changed {
-                let rows: Vec<(String, StoredKey)> =
-                    kept.iter().map(|k| (k.kid.clone(), k.clone())).collect();
-                store.replace_signing_keys(&rows).map_err(store_error)?;
-            }
+            let kept = store.update_signing_keys(|stored: Vec<StoredKey>| {
+                let (kept, changed) = maintain(stored, alg, overlap, now)?;
+                let rows = changed.then(|| rows(&kept));
+                Ok((rows, kept))
+            })?;
             KeyRing::new(
                 kept.iter()
                     .map(SigningKey::from_stored)
@@ -278,25 +276,28 @@ pub fn load(
     }
 }
 
-/// Generates a new signing key and retires the current one after `overlap`:
-/// `tollgate keys rotate`.
+fn rows(keys: &[StoredKey]) -> Vec<(String, StoredKey)> {
+    keys.iter().map(|k| (k.kid.clone(), k.clone())).collect()
+}
+
+/// Generates a new signing key and retires the current one after `overlap`
+/// (one store transaction): `tollgate keys rotate`.
 pub fn rotate(
     store: &Store,
     alg: SigningAlgorithm,
     overlap: u64,
     now: u64,
 ) -> Result<String, String> {
-    let mut stored: Vec<StoredKey> = store.signing_keys().map_err(store_error)?;
-    for k in stored.iter_mut().filter(|k| k.retire_at.is_none()) {
-        k.retire_at = Some(now + overlap);
-    }
-    let new = StoredKey::generate(alg, now)?;
-    let kid = new.kid.clone();
-    stored.push(new);
-    let (kept, _) = maintain(stored, alg, overlap, now)?;
-    let rows: Vec<(String, StoredKey)> = kept.iter().map(|k| (k.kid.clone(), k.clone())).collect();
-    store.replace_signing_keys(&rows).map_err(store_error)?;
-    Ok(kid)
+    store.update_signing_keys(|mut stored: Vec<StoredKey>| {
+        for k in stored.iter_mut().filter(|k| k.retire_at.is_none()) {
+            k.retire_at = Some(now + overlap);
+        }
+        let new = StoredKey::generate(alg, now)?;
+        let kid = new.kid.clone();
+        stored.push(new);
+        let (kept, _) = maintain(stored, alg, overlap, now)?;
+        Ok((Some(rows(&kept)), kid))
+    })
 }
 
 fn maintain(
@@ -334,10 +335,6 @@ fn pem_algorithm(pem: &str) -> Result<SigningAlgorithm, String> {
     } else {
         Err("expected an Ed25519, P-256 or RSA private key".into())
     }
-}
-
-fn store_error(e: StoreError) -> String {
-    e.to_string()
 }
 
 #[cfg(test)]

@@ -47,13 +47,31 @@ impl<K: Hash + Eq + Send + Sync + Clone + 'static> Counter<K> {
 pub struct AuthLimiter {
     max_failures: u32,
     window: Duration,
-    by_client: Counter<String>,
+    /// A known client id from one address: guessing one client's secret.
+    by_client: Counter<(String, IpAddr)>,
+    /// One address, any ids (IPv6 by /64): spraying. Loopback is exempt:
+    /// on the sidecar every local service shares it.
     by_address: Counter<IpAddr>,
 }
 
 /// Keys remembered at most; beyond it the oldest windows are dropped
-/// (an attacker rotating ids cannot grow memory without bound).
+/// (an attacker rotating addresses cannot grow memory without bound).
 const CAPACITY: u64 = 100_000;
+
+/// IPv6 clients usually own a /64: count them as one.
+fn address_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        IpAddr::V6(v6) => IpAddr::V4(
+            v6.to_ipv4_mapped()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        ),
+        v4 => v4,
+    }
+}
 
 impl AuthLimiter {
     pub fn new(max_failures: u32, window: Duration) -> AuthLimiter {
@@ -65,66 +83,92 @@ impl AuthLimiter {
         }
     }
 
-    /// How long the caller must wait, when its id or address is over the limit.
-    pub fn blocked(&self, client: Option<&str>, addr: IpAddr) -> Option<Duration> {
+    /// How long the caller must wait, when its address, or this known
+    /// client from this address, is over the limit.
+    pub fn blocked(&self, known_client: Option<&str>, addr: IpAddr) -> Option<Duration> {
         if self.max_failures == 0 {
             return None;
         }
-        let by_addr = self
-            .by_address
-            .blocked(&addr, self.max_failures, self.window);
-        let by_client = client.and_then(|c| {
-            self.by_client
-                .blocked(&c.to_owned(), self.max_failures, self.window)
+        let by_addr = (!addr.is_loopback())
+            .then(|| {
+                self.by_address
+                    .blocked(&address_key(addr), self.max_failures, self.window)
+            })
+            .flatten();
+        let by_client = known_client.and_then(|c| {
+            self.by_client.blocked(
+                &(c.to_owned(), address_key(addr)),
+                self.max_failures,
+                self.window,
+            )
         });
         by_addr.max(by_client)
     }
 
-    pub fn failed(&self, client: Option<&str>, addr: IpAddr) {
+    /// Counts a failure; `known_client` only for ids that exist (so made-up
+    /// ids cannot fill the table).
+    pub fn failed(&self, known_client: Option<&str>, addr: IpAddr) {
         if self.max_failures == 0 {
             return;
         }
-        self.by_address.fail(addr);
-        if let Some(c) = client {
-            self.by_client.fail(c.to_owned());
+        if !addr.is_loopback() {
+            self.by_address.fail(address_key(addr));
+        }
+        if let Some(c) = known_client {
+            self.by_client.fail((c.to_owned(), address_key(addr)));
         }
     }
 }
 
 /// `jti`s of client assertions already used, each remembered until its
-/// assertion expires (RFC 7523 §3 replay protection).
+/// assertion expires (RFC 7523 §3 replay protection). Bounded, and fails
+/// closed: when full of unexpired entries, new assertions are refused.
 pub struct Replays {
-    seen: moka::sync::Cache<String, u64>,
-}
-
-struct UntilExp;
-
-impl moka::Expiry<String, u64> for UntilExp {
-    fn expire_after_create(&self, _: &String, exp: &u64, _: Instant) -> Option<Duration> {
-        let now = crate::identity::jwt::unix_now();
-        // Clock leeway on top, so a replay just past `exp` still finds it.
-        Some(Duration::from_secs(exp.saturating_sub(now) + 60))
-    }
+    seen: std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>,
+    capacity: usize,
 }
 
 impl Default for Replays {
     fn default() -> Self {
-        Replays {
-            seen: moka::sync::Cache::builder()
-                .max_capacity(CAPACITY)
-                .expire_after(UntilExp)
-                .build(),
-        }
+        Replays::with_capacity(CAPACITY as usize)
     }
 }
 
 impl Replays {
-    /// Records the assertion; `false` when it was seen before.
+    pub fn with_capacity(capacity: usize) -> Replays {
+        Replays {
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+            capacity,
+        }
+    }
+
+    /// Records the assertion; `false` when it was seen before, or when the
+    /// table is full of assertions that have not expired.
     pub fn first_use(&self, client: &str, jti: &str, exp: u64) -> bool {
-        let key = format!("{client}\u{0}{jti}");
-        self.seen.entry(key).or_insert(exp).is_fresh()
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(client.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(jti.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ctx.finish().as_ref());
+        let now = crate::identity::jwt::unix_now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.get(&key).is_some_and(|e| *e + LEEWAY >= now) {
+            return false;
+        }
+        if seen.len() >= self.capacity {
+            seen.retain(|_, e| *e + LEEWAY >= now);
+            if seen.len() >= self.capacity {
+                return false;
+            }
+        }
+        seen.insert(key, exp);
+        true
     }
 }
+
+/// Clock leeway on top of `exp`, so a replay just past it is still found.
+const LEEWAY: u64 = 60;
 
 #[cfg(test)]
 mod tests {
@@ -141,8 +185,8 @@ mod tests {
         }
         assert!(l.blocked(Some("x"), a).is_some());
         assert!(
-            l.blocked(Some("x"), b).is_some(),
-            "the client id is blocked from anywhere"
+            l.blocked(Some("x"), b).is_none(),
+            "the client is not locked out from elsewhere"
         );
         assert!(
             l.blocked(Some("y"), a).is_some(),
@@ -157,11 +201,38 @@ mod tests {
     }
 
     #[test]
-    fn replays_are_caught_per_client() {
-        let r = Replays::default();
-        let exp = crate::identity::jwt::unix_now() + 60;
-        assert!(r.first_use("a", "j1", exp));
-        assert!(!r.first_use("a", "j1", exp));
-        assert!(r.first_use("b", "j1", exp));
+    fn replays_are_caught_per_client_and_a_full_table_refuses() {
+        let r = Replays::with_capacity(3);
+        let now = crate::identity::jwt::unix_now();
+        assert!(r.first_use("a", "j1", now + 60));
+        assert!(!r.first_use("a", "j1", now + 60));
+        assert!(r.first_use("b", "j1", now + 60));
+        assert!(r.first_use("b", "old", now - 3600));
+        assert!(
+            r.first_use("c", "j2", now + 60),
+            "an expired entry makes room"
+        );
+        assert!(
+            !r.first_use("d", "j3", now + 60),
+            "full of live entries: refused"
+        );
+    }
+
+    #[test]
+    fn loopback_is_counted_per_client_only_and_ipv6_by_prefix() {
+        let l = AuthLimiter::new(2, Duration::from_secs(60));
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        for _ in 0..5 {
+            l.failed(None, local);
+        }
+        assert!(
+            l.blocked(Some("x"), local).is_none(),
+            "unknown ids do not lock out the node"
+        );
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2::ffff".parse().unwrap();
+        l.failed(None, v6a);
+        l.failed(None, v6a);
+        assert!(l.blocked(None, v6b).is_some(), "the same /64");
     }
 }

@@ -20,8 +20,6 @@ pub struct NewClient<'a> {
     /// `name=value`; a value that parses as JSON is taken as JSON.
     pub claims: &'a [String],
     pub enabled: bool,
-    /// Generate a secret (client_secret_basic / _post).
-    pub secret: bool,
     /// PEM or JWK text (private_key_jwt).
     pub public_key: Option<String>,
     /// Or the URL of its JWK Set.
@@ -41,18 +39,18 @@ fn find(store: &Store, id: &str) -> Result<ClientRecord, String> {
         .ok_or_else(|| format!("no client `{id}` in the store"))
 }
 
-/// Adds a client; returns its new secret when it has one (shown once,
-/// stored only as its hash).
+/// Adds a client with exactly one authentication method: a key
+/// (private_key_jwt), a certificate identity (tls_client_auth), or else a new
+/// secret, returned to be shown once (the store keeps only its hash).
 pub fn add_client(cfg: &Config, new: &NewClient) -> Result<Option<String>, String> {
-    if !new.secret
-        && new.public_key.is_none()
-        && new.jwks_uri.is_none()
-        && new.tls_client_auth.is_none()
-    {
+    let key = new.public_key.is_some() || new.jwks_uri.is_some();
+    if key && new.tls_client_auth.is_some() {
         return Err(
-            "a client without a secret needs --public-key, --jwks-uri or a --tls-* identity".into(),
+            "a client authenticates one way: a key (--public-key / --jwks-uri) or a certificate (--tls-*), not both"
+                .into(),
         );
     }
+    let with_secret = !key && new.tls_client_auth.is_none();
     if let Some(uri) = &new.jwks_uri {
         super::jwks_url(uri).map_err(|e| format!("--jwks-uri: {e}"))?;
     }
@@ -93,7 +91,7 @@ pub fn add_client(cfg: &Config, new: &NewClient) -> Result<Option<String>, Strin
             new.id
         ));
     }
-    let (secret, hash) = match new.secret {
+    let (secret, hash) = match with_secret {
         true => {
             let (s, h) = new_secret()?;
             (Some(s), Some(h))
@@ -173,6 +171,11 @@ pub fn remove_client(cfg: &Config, id: &str) -> Result<(), String> {
 pub fn rotate_secret(cfg: &Config, id: &str) -> Result<String, String> {
     let store = open(cfg)?;
     let mut c = find(&store, id)?;
+    if c.secret_sha256.is_none() {
+        return Err(format!(
+            "client `{id}` authenticates with a key or a certificate, not a secret"
+        ));
+    }
     let (secret, hash) = new_secret()?;
     c.secret_sha256 = Some(hash);
     store.put_client(id, &c).map_err(|e| e.to_string())?;
@@ -199,7 +202,8 @@ pub fn rotate_keys(cfg: &Config) -> Result<String, String> {
         );
     }
     let store = open(cfg)?;
-    let overlap = super::runtime::key_overlap(cfg);
+    let stored: Vec<ClientRecord> = store.clients().map_err(|e| e.to_string())?;
+    let overlap = super::runtime::key_overlap(cfg, &stored);
     keys::rotate(&store, oauth.signing_algorithm, overlap, unix_now())
 }
 

@@ -48,12 +48,28 @@ pub struct OAuthServer {
     replays: Arc<limit::Replays>,
 }
 
-/// A client's JWK Set URL, checked.
+/// A client's JWK Set URL, checked: https, or http to a loopback address
+/// (anyone on the path of a plain fetch could swap the client's keys).
 pub fn jwks_url(uri: &str) -> Result<http::Uri, String> {
-    uri.parse::<http::Uri>()
+    let parsed = uri
+        .parse::<http::Uri>()
         .ok()
-        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
-        .ok_or_else(|| format!("`{uri}` is not an http(s) URL"))
+        .filter(|u| u.host().is_some())
+        .ok_or_else(|| format!("`{uri}` is not a URL"))?;
+    let loopback = parsed.host().is_some_and(|h| {
+        h == "localhost"
+            || h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    match parsed.scheme_str() {
+        Some("https") => Ok(parsed),
+        Some("http") if loopback => Ok(parsed),
+        _ => Err(format!(
+            "`{uri}` must be https (plain http only to a loopback address)"
+        )),
+    }
 }
 
 /// Listeners that serve the token server: as configured, else `sidecar`,

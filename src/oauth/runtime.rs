@@ -39,6 +39,8 @@ pub struct OAuthRuntime {
     replays: Arc<Replays>,
     /// Pinged when a config is applied, so `maintain` watches its store.
     reapplied: tokio::sync::Notify,
+    /// One apply at a time (config reload, store change, key maintenance).
+    apply_lock: Mutex<()>,
     /// Clients' JWK Set fetchers by (client, URL), kept across rebuilds.
     remote_keys: Mutex<HashMap<(String, String), Arc<RemoteJwks>>>,
 }
@@ -58,6 +60,7 @@ impl OAuthRuntime {
             replays: Arc::default(),
             reapplied: tokio::sync::Notify::new(),
             remote_keys: Mutex::new(HashMap::new()),
+            apply_lock: Mutex::new(()),
             issued: metrics.oauth_tokens_issued.clone(),
             auth_failures: metrics.oauth_client_auth_failures.clone(),
             metrics,
@@ -75,6 +78,15 @@ impl OAuthRuntime {
         cfg: &Arc<Config>,
         revocations: &Arc<Revocations>,
     ) -> Result<(), Vec<ConfigError>> {
+        let _one = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.apply_locked(cfg, revocations)
+    }
+
+    fn apply_locked(
+        &self,
+        cfg: &Arc<Config>,
+        revocations: &Arc<Revocations>,
+    ) -> Result<(), Vec<ConfigError>> {
         let Some(oauth) = &cfg.oauth else {
             self.server.store(None);
             *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -87,7 +99,10 @@ impl OAuthRuntime {
             }]
         };
         let store = self.open_store(cfg).map_err(|e| fail("store.path", e))?;
-        let overlap = key_overlap(cfg);
+        let stored: Vec<ClientRecord> = store
+            .clients()
+            .map_err(|e| fail("store.path", e.to_string()))?;
+        let overlap = key_overlap(cfg, &stored);
         let now = unix_now();
         let source = if oauth.signing_keys.is_empty() {
             KeySource::Store(&store)
@@ -104,9 +119,6 @@ impl OAuthRuntime {
                 e,
             )
         })?;
-        let stored: Vec<ClientRecord> = store
-            .clients()
-            .map_err(|e| fail("store.path", e.to_string()))?;
         let revoked = store
             .revoked()
             .map_err(|e| fail("store.path", e.to_string()))?;
@@ -267,11 +279,17 @@ impl OAuthRuntime {
 
     /// Applies the current config again (reading the store afresh).
     async fn reapply(self: Arc<Self>) {
-        let Some((cfg, revocations)) = self.current() else {
-            return;
-        };
-        // Store access blocks (file lock, fsync): off the event loop.
-        let result = tokio::task::spawn_blocking(move || self.apply(&cfg, &revocations)).await;
+        // Store access blocks (file lock, fsync): off the event loop. The
+        // config is read under the lock, so a reload cannot be undone by an
+        // older snapshot.
+        let result = tokio::task::spawn_blocking(move || {
+            let _one = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+            match self.current() {
+                Some((cfg, revocations)) => self.apply_locked(&cfg, &revocations),
+                None => Ok(()),
+            }
+        })
+        .await;
         if let Ok(Err(errors)) = result {
             for e in errors {
                 tracing::error!(key = %e.path, error = %e.message,
@@ -296,9 +314,11 @@ impl OAuthRuntime {
                 .is_some_and(|age| server.keys.signing.created_at + age.as_secs() <= now);
         if rotate {
             let store = self.open_store(&cfg);
-            let (alg, overlap) = (oauth.signing_algorithm, key_overlap(&cfg));
+            let alg = oauth.signing_algorithm;
             let rotated = tokio::task::spawn_blocking(move || {
-                store.and_then(|s| keys::rotate(&s, alg, overlap, now))
+                let store = store?;
+                let stored: Vec<ClientRecord> = store.clients().map_err(|e| e.to_string())?;
+                keys::rotate(&store, alg, key_overlap(&cfg, &stored), now)
             })
             .await;
             match rotated {
@@ -322,18 +342,20 @@ impl OAuthRuntime {
 
 /// How long a retired key stays published: the longest token lifetime the
 /// config can issue, plus slack.
-pub(crate) fn key_overlap(cfg: &Config) -> u64 {
-    max_ttl(cfg) + OVERLAP_SLACK_SECS
+pub(crate) fn key_overlap(cfg: &Config, stored: &[ClientRecord]) -> u64 {
+    max_ttl(cfg, stored) + OVERLAP_SLACK_SECS
 }
 
-fn max_ttl(cfg: &Config) -> u64 {
+/// The longest token lifetime of any client, in gateway.yaml or the store.
+fn max_ttl(cfg: &Config, stored: &[ClientRecord]) -> u64 {
     cfg.oauth.as_ref().map_or(0, |o| {
-        o.clients
+        let configured = o
+            .clients
             .iter()
             .filter_map(|c| c.token_ttl)
             .chain([o.token_ttl])
-            .max()
-            .unwrap_or(o.token_ttl)
-            .as_secs()
+            .map(|d| d.as_secs());
+        let stored = stored.iter().filter_map(|c| c.token_ttl_secs);
+        configured.chain(stored).max().unwrap_or(0)
     })
 }

@@ -14,6 +14,8 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use x509_parser::prelude::FromDer;
+
 use crate::identity::CertIdentity;
 
 #[derive(Debug, thiserror::Error)]
@@ -153,17 +155,25 @@ pub fn issue(req: &IssueRequest) -> Result<(PathBuf, PathBuf), PkiError> {
 }
 
 /// Writes a CRL signed by the CA that revokes the certificates in `revoke`
-/// (PEM files). Listeners load it with `tls.crls`.
+/// (PEM files) and every certificate a CRL already at `out` revokes, so a
+/// new CRL never un-revokes one. Listeners load it with `tls.crls`.
 pub fn crl(ca: &Path, revoke: &[PathBuf], days: u32, out: &Path) -> Result<(), PkiError> {
     let issuer = load_ca(ca)?;
     let now = OffsetDateTime::now_utc();
-    let mut revoked = Vec::new();
+    let mut revoked = previously_revoked(out)?;
     for file in revoke {
         let bytes = fs::read(file).map_err(|e| file_error(file, e))?;
         for der in crate::transport::tls::certificates(&bytes).map_err(|e| file_error(file, e))? {
             let cert = CertIdentity::from_der(&der).map_err(|e| file_error(file, e))?;
+            let serial = unhex(&cert.serial);
+            if revoked
+                .iter()
+                .any(|r| r.serial_number.as_ref() == serial.as_slice())
+            {
+                continue;
+            }
             revoked.push(RevokedCertParams {
-                serial_number: SerialNumber::from_slice(&unhex(&cert.serial)),
+                serial_number: SerialNumber::from_slice(&serial),
                 revocation_time: now,
                 reason_code: Some(RevocationReason::Unspecified),
                 invalidity_date: None,
@@ -183,6 +193,30 @@ pub fn crl(ca: &Path, revoke: &[PathBuf], days: u32, out: &Path) -> Result<(), P
         .and_then(|c| c.pem())
         .map_err(|e| PkiError::Invalid(format!("cannot sign the CRL: {e}")))?;
     write_public(out, crl.as_bytes())
+}
+
+/// The entries of an existing CRL file (none when there is no file).
+fn previously_revoked(file: &Path) -> Result<Vec<RevokedCertParams>, PkiError> {
+    let bytes = match fs::read(file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(file_error(file, e)),
+    };
+    let mut out = Vec::new();
+    for der in crate::transport::tls::crls(&bytes).map_err(|e| file_error(file, e))? {
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+            .map_err(|e| file_error(file, format!("not a CRL: {e}")))?;
+        for r in crl.iter_revoked_certificates() {
+            out.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(r.raw_serial()),
+                revocation_time: OffsetDateTime::from_unix_timestamp(r.revocation_date.timestamp())
+                    .unwrap_or_else(|_| OffsetDateTime::now_utc()),
+                reason_code: Some(RevocationReason::Unspecified),
+                invalidity_date: None,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// A readable summary of every certificate in a PEM (or DER) file.
@@ -445,5 +479,44 @@ mod tests {
             force: false,
         });
         assert!(again.unwrap_err().to_string().contains("--force"));
+    }
+
+    #[test]
+    fn crls_accumulate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&CaRequest {
+            org: "Acme",
+            cn: "Root",
+            days: 10,
+            algorithm: KeyAlgorithm::EcdsaP256,
+            out: &ca,
+            force: false,
+        })
+        .unwrap();
+        let leaf = |name: &str| {
+            issue(&IssueRequest {
+                ca: &ca,
+                kind: CertKind::Client,
+                cn: name,
+                org: None,
+                ou: None,
+                sans: &[],
+                days: 5,
+                algorithm: KeyAlgorithm::EcdsaP256,
+                out: &dir.path().join(name),
+            })
+            .unwrap()
+            .0
+        };
+        let (a, b) = (leaf("a"), leaf("b"));
+        let out = dir.path().join("ca.crl");
+        crl(&ca, std::slice::from_ref(&a), 7, &out).unwrap();
+        crl(&ca, &[b, a], 7, &out).unwrap();
+        assert_eq!(
+            previously_revoked(&out).unwrap().len(),
+            2,
+            "a stays revoked, once"
+        );
     }
 }

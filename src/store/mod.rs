@@ -63,6 +63,26 @@ impl Store {
                 message: format!("cannot create its directory: {e}"),
             })?;
         }
+        // Created owner-only before redb opens it: nobody else can get a
+        // descriptor to the signing keys in between.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+            match created {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path: path.to_owned(),
+                        message: format!("cannot create: {e}"),
+                    });
+                }
+            }
+        }
         let store = Store {
             path: path.to_owned(),
             open: Mutex::new(()),
@@ -241,26 +261,58 @@ impl Store {
         self.read_all(SIGNING_KEYS)
     }
 
-    /// Replaces the whole key set in one transaction.
-    pub fn replace_signing_keys<V: Serialize>(
+    /// Reads the signing keys and replaces them with what `f` returns, in one
+    /// write transaction (so the CLI and the gateway cannot lose each
+    /// other's keys). `f` returning `None` changes nothing.
+    pub fn update_signing_keys<V, T>(
         &self,
-        keys: &[(String, V)],
-    ) -> Result<(), StoreError> {
-        let rows = keys
-            .iter()
-            .map(|(kid, k)| Ok((kid.as_str(), serde_json::to_vec(k)?)))
-            .collect::<Result<Vec<_>, serde_json::Error>>()
-            .map_err(|e| self.io(e))?;
-        self.write(|txn| {
-            let mut t = txn.open_table(SIGNING_KEYS)?;
-            t.retain(|_, _| false)?;
-            for (kid, bytes) in &rows {
-                t.insert(*kid, bytes.as_slice())?;
-            }
-            Ok(())
-        })?;
-        self.announce_change();
-        Ok(())
+        f: impl FnOnce(Vec<V>) -> Result<(Option<Vec<(String, V)>>, T), String>,
+    ) -> Result<T, String>
+    where
+        V: Serialize + DeserializeOwned,
+    {
+        let mut changed = false;
+        let out = self
+            .with_db(|db| {
+                let txn = db.begin_write().map_err(|e| self.io(e))?;
+                let current = {
+                    let t = txn.open_table(SIGNING_KEYS).map_err(|e| self.io(e))?;
+                    let mut current = Vec::new();
+                    for row in t.iter().map_err(|e| self.io(e))? {
+                        let (_, v) = row.map_err(|e| self.io(e))?;
+                        current.push(serde_json::from_slice(v.value()).map_err(|e| {
+                            StoreError::Corrupt {
+                                path: self.path.clone(),
+                                table: "signing_keys".into(),
+                                message: e.to_string(),
+                            }
+                        })?);
+                    }
+                    current
+                };
+                let (next, out) = f(current).map_err(|e| self.io(e))?;
+                if let Some(rows) = next {
+                    {
+                        let mut t = txn.open_table(SIGNING_KEYS).map_err(|e| self.io(e))?;
+                        t.retain(|_, _| false).map_err(|e| self.io(e))?;
+                        for (kid, k) in &rows {
+                            let bytes = serde_json::to_vec(k).map_err(|e| self.io(e))?;
+                            t.insert(kid.as_str(), bytes.as_slice())
+                                .map_err(|e| self.io(e))?;
+                        }
+                    }
+                    txn.commit().map_err(|e| self.io(e))?;
+                    changed = true;
+                } else {
+                    txn.abort().map_err(|e| self.io(e))?;
+                }
+                Ok(out)
+            })
+            .map_err(|e| e.to_string())?;
+        if changed {
+            self.announce_change();
+        }
+        Ok(out)
     }
 
     /// Revoked token ids with the time (unix seconds) after which they no
@@ -328,7 +380,12 @@ mod tests {
         store.revoke("j2", 100).unwrap();
         assert_eq!(store.purge_revoked(50).unwrap(), 1);
         store
-            .replace_signing_keys(&[("k1".to_string(), serde_json::json!({"kid": "k1"}))])
+            .update_signing_keys(|_: Vec<serde_json::Value>| {
+                Ok((
+                    Some(vec![("k1".to_string(), serde_json::json!({"kid": "k1"}))]),
+                    (),
+                ))
+            })
             .unwrap();
         drop(store);
 

@@ -652,7 +652,6 @@ async fn private_key_jwt_clients() {
             "clients",
             "add",
             "signer",
-            "--no-secret",
             "--public-key",
             public.to_str().unwrap(),
             "--scope",
@@ -662,6 +661,15 @@ async fn private_key_jwt_clients() {
         ],
     );
     assert!(!out.contains("client_secret"), "{out}");
+    let refused = Command::new(BIN)
+        .args(["clients", "rotate-secret", "signer", "-c"])
+        .arg(&gw.path)
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "a key client never gets a secret"
+    );
 
     let now = tollgate::identity::jwt::unix_now();
     let assertion = |k: &rcgen::KeyPair, aud: &str, exp: u64, jti: &str| {

@@ -100,8 +100,11 @@ pub fn load_server(
     let verifier = if auth == ClientAuth::None {
         WebPkiClientVerifier::no_client_auth()
     } else {
+        // A CRL past its next update fails closed: a stale list could miss
+        // a revocation.
         let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .with_crls(revocations);
+            .with_crls(revocations)
+            .enforce_revocation_expiration();
         let builder = if auth == ClientAuth::Optional {
             builder.allow_unauthenticated()
         } else {
@@ -254,6 +257,9 @@ pub struct TlsListener {
     expiry: IntGaugeVec,
     /// Label sets exported for the current material, removed when it is replaced.
     exported: Mutex<Vec<[String; 3]>>,
+    /// One reload at a time: the watcher and SIGHUP may race, and the older
+    /// read must not be stored last.
+    reloading: Mutex<()>,
 }
 
 impl TlsListener {
@@ -273,6 +279,7 @@ impl TlsListener {
             current: ArcSwap::from_pointee(material),
             expiry,
             exported: Mutex::new(Vec::new()),
+            reloading: Mutex::new(()),
         };
         listener.check_expiry(true);
         listener
@@ -301,6 +308,7 @@ impl TlsListener {
     /// Reads the files again; new handshakes use the new material. A file that
     /// does not load keeps the current material. Returns whether it changed.
     pub fn reload(&self) -> Result<bool, String> {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = load_server(&self.path, &self.settings, &|p| self.resolve(p));
         match loaded {
             Ok(m) if m.digest == self.current.load().digest => Ok(false),
