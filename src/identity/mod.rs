@@ -129,7 +129,7 @@ impl Identity {
     pub fn bound_to(&self, peer: Option<&CertIdentity>) -> bool {
         match &self.cert_binding {
             None => true,
-            Some(x5t) => peer.is_some_and(|c| c.x5t_s256 == *x5t),
+            Some(x5t) => !x5t.is_empty() && peer.is_some_and(|c| c.x5t_s256 == *x5t),
         }
     }
 

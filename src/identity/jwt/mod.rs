@@ -394,10 +394,14 @@ impl JwtProvider {
             token_id: string("jti"),
             expires_at: claims.get("exp").and_then(Value::as_u64),
             cert: None,
-            cert_binding: claim_at(&claims, "cnf")
-                .and_then(|c| c.get("x5t#S256"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            // A confirmation this gateway cannot check (not `x5t#S256`, or
+            // malformed) binds the token to nothing any connection has.
+            cert_binding: claims.get("cnf").map(|c| {
+                c.get("x5t#S256")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            }),
             claims,
         };
         self.still_valid(&id)?;
