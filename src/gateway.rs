@@ -11,6 +11,8 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 
+use crate::admin::auth::AdminAuth;
+use crate::admin::dynamic;
 use crate::admin::{AdminService, Readiness};
 use crate::config::{self, Config, ConfigError, ConfigErrors, Limits};
 use crate::http::router::RouteTable;
@@ -45,7 +47,16 @@ pub struct Gateway {
 
 struct Inner {
     config_path: Option<PathBuf>,
+    /// What is served: gateway.yaml plus the routes registered through the
+    /// admin API.
     config: ArcSwap<Config>,
+    /// gateway.yaml alone (with its environment overrides).
+    file_config: ArcSwap<Config>,
+    /// API routes left out of `config`, with why.
+    skipped_routes: ArcSwap<Vec<(String, String)>>,
+    admin_auth: ArcSwap<AdminAuth>,
+    /// One admin API write at a time (read, validate, store, apply).
+    admin_write: Mutex<()>,
     table: Arc<ArcSwap<RouteTable>>,
     providers: ArcSwap<Providers>,
     oauth: Arc<OAuthRuntime>,
@@ -164,11 +175,30 @@ fn listener_tls(cfg: &Config) -> Result<Vec<Option<ServerMaterial>>, Vec<ConfigE
             Err(mut e) => errors.append(&mut e),
         }
     }
+    if let Some(tls) = &cfg.admin.tls
+        && let Err(mut e) = load_server("admin.tls", tls, &|p| cfg.resolve(p))
+    {
+        errors.append(&mut e);
+    }
     if errors.is_empty() {
         Ok(out)
     } else {
         Err(errors)
     }
+}
+
+/// gateway.yaml merged with the routes registered through the admin API
+/// (read from the store when it exists; never creates it).
+fn effective(file: &Config) -> Result<(Config, dynamic::Merged), String> {
+    let routes = match dynamic::existing_store(file)? {
+        None => Vec::new(),
+        Some(store) => dynamic::api_routes(&store)?,
+    };
+    let (cfg, merged) = dynamic::merge(file, &routes);
+    for (name, why) in &merged.skipped {
+        tracing::warn!(route = %name, reason = %why, "route registered through the admin API is not served");
+    }
+    Ok((cfg, merged))
 }
 
 /// How a reload ended.
@@ -188,6 +218,16 @@ impl Gateway {
         config: Config,
         config_path: Option<PathBuf>,
     ) -> Result<Gateway, StartError> {
+        let file_config = config.clone();
+        let (config, merged) = effective(&file_config).map_err(|e| {
+            StartError::Config(ConfigErrors::new(
+                config_path.as_deref().unwrap_or(std::path::Path::new("")),
+                vec![crate::config::ConfigError {
+                    path: "store.path".into(),
+                    message: e,
+                }],
+            ))
+        })?;
         let metrics = Arc::new(Metrics::new());
         let oauth = Arc::new(OAuthRuntime::new(metrics.clone()));
         let config_error = |errors| {
@@ -229,6 +269,12 @@ impl Gateway {
             listeners.push((l.name.clone(), addr));
             sockets.push(per_worker);
         }
+        let admin_tls = match &config.admin.tls {
+            None => None,
+            Some(tls) => {
+                Some(load_server("admin.tls", tls, &|p| config.resolve(p)).map_err(config_error)?)
+            }
+        };
         let admin_listener = TcpListener::bind(config.admin.bind)
             .await
             .map_err(|source| StartError::Bind {
@@ -304,35 +350,14 @@ impl Gateway {
             tracing::info!(listener = %name, addr = %addr, workers, "listening");
         }
 
-        // The admin listener outlives the drain so /readyz can report it; it
-        // stops with the force token.
-        let admin_shutdown = Shutdown {
-            graceful: shutdown.force.clone(),
-            force: shutdown.force.clone(),
-            tracker: tokio_util::task::TaskTracker::new(),
-        };
-        let admin = AdminService::new(metrics.clone(), readiness.clone());
-        tracing::info!(addr = %admin_addr, "admin listening");
-        tokio::spawn(transport::serve(
-            admin_listener,
-            Arc::new(ListenerInfo::new(
-                "admin",
-                0,
-                Limits {
-                    max_connections: 256,
-                    ..Limits::default()
-                },
-                None,
-            )),
-            move |_| admin.clone(),
-            admin_shutdown,
-            metrics.clone(),
-        ));
-
         let gateway = Gateway {
             inner: Arc::new(Inner {
                 config_path,
                 config: ArcSwap::new(config.clone()),
+                file_config: ArcSwap::from_pointee(file_config),
+                skipped_routes: ArcSwap::from_pointee(merged.skipped),
+                admin_auth: ArcSwap::from_pointee(AdminAuth::build(&config, &providers)),
+                admin_write: Mutex::new(()),
                 oauth: oauth.clone(),
                 table,
                 providers: ArcSwap::from_pointee(providers),
@@ -348,6 +373,49 @@ impl Gateway {
                 workers_done: Mutex::new(workers_done),
             }),
         };
+        // The admin listener outlives the drain so /readyz can report it; it
+        // stops with the force token.
+        let admin_shutdown = Shutdown {
+            graceful: gateway.inner.shutdown.force.clone(),
+            force: gateway.inner.shutdown.force.clone(),
+            tracker: tokio_util::task::TaskTracker::new(),
+        };
+        let admin_tls = config
+            .admin
+            .tls
+            .clone()
+            .zip(admin_tls)
+            .map(|(settings, material)| {
+                let tls = Arc::new(TlsListener::new(
+                    "admin",
+                    "admin.tls".into(),
+                    settings,
+                    config.base_dir.clone(),
+                    material,
+                    gateway.inner.metrics.tls_cert_expiry.clone(),
+                ));
+                tls.clone()
+                    .watch(config.reload.debounce, gateway.inner.shutdown.force.clone());
+                tls
+            });
+        tracing::info!(addr = %admin_addr, tls = admin_tls.is_some(),
+            authenticated = config.admin.authenticated(), "admin listening");
+        let admin_gateway = gateway.clone();
+        tokio::spawn(transport::serve(
+            admin_listener,
+            Arc::new(ListenerInfo::new(
+                "admin",
+                0,
+                Limits {
+                    max_connections: 256,
+                    ..Limits::default()
+                },
+                admin_tls,
+            )),
+            move |conn| AdminService::new(admin_gateway.clone(), conn),
+            admin_shutdown,
+            gateway.inner.metrics.clone(),
+        ));
         gateway.watch_config();
         gateway.inner.oauth.maintain(
             gateway.inner.config.load().reload.debounce,
@@ -375,6 +443,107 @@ impl Gateway {
         &self.inner.metrics
     }
 
+    pub fn readiness(&self) -> &Readiness {
+        &self.inner.readiness
+    }
+
+    pub fn admin_auth(&self) -> Arc<AdminAuth> {
+        self.inner.admin_auth.load_full()
+    }
+
+    /// gateway.yaml as running (without the API routes).
+    pub fn file_config(&self) -> Arc<Config> {
+        self.inner.file_config.load_full()
+    }
+
+    pub async fn admin_write_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.admin_write.lock().await
+    }
+
+    /// `GET /admin/status`: version, listeners with open connections, routes.
+    pub fn status(&self) -> serde_json::Value {
+        let inner = &self.inner;
+        let listeners: Vec<serde_json::Value> = inner
+            .listeners
+            .iter()
+            .map(|(name, addr)| {
+                serde_json::json!({
+                    "name": name,
+                    "address": addr.to_string(),
+                    "active_connections": inner.metrics.transport_active_connections.with_label_values(&[name]).get(),
+                })
+            })
+            .collect();
+        let cfg = inner.config.load();
+        let file_routes = inner.file_config.load().routes.len();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "ready": inner.readiness.is_ready(),
+            "listeners": listeners,
+            "routes": { "total": cfg.routes.len(), "from_file": file_routes, "from_api": cfg.routes.len() - file_routes, "not_served": inner.skipped_routes.load().len() },
+            "oauth_clients": inner.oauth.server.load().as_ref().map(|s| s.clients.len()),
+        })
+    }
+
+    /// `GET /admin/config`: gateway.yaml with environment overrides, secrets
+    /// redacted, and the routes registered through the API.
+    pub fn redacted_config(&self) -> serde_json::Value {
+        let file = match &self.inner.config_path {
+            Some(p) => config::redacted(p).unwrap_or_else(|e| serde_json::json!({ "error": e })),
+            None => serde_json::json!({}),
+        };
+        let api: Vec<String> = self.api_route_names();
+        serde_json::json!({ "file": file, "api_routes": api })
+    }
+
+    fn api_route_names(&self) -> Vec<String> {
+        let file = self.inner.file_config.load();
+        self.inner
+            .config
+            .load()
+            .routes
+            .iter()
+            .filter(|r| !file.routes.iter().any(|f| f.name == r.name))
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// `GET /admin/routes`: every served route with its targets' health, and
+    /// API routes that are not served.
+    pub fn routes_status(&self) -> serde_json::Value {
+        let api = self.api_route_names();
+        let table = self.inner.table.load();
+        let data: Vec<serde_json::Value> = table
+            .routes()
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": &*r.name,
+                    "source": if api.iter().any(|a| **a == *r.name) { "api" } else { "file" },
+                    "targets": r.pool.target_states(),
+                })
+            })
+            .collect();
+        let skipped: Vec<serde_json::Value> = self
+            .inner
+            .skipped_routes
+            .load()
+            .iter()
+            .map(|(name, why)| serde_json::json!({ "name": name, "reason": why }))
+            .collect();
+        serde_json::json!({ "data": data, "not_served": skipped })
+    }
+
+    /// `GET /admin/clients`: the token server's clients, without secrets.
+    pub fn oauth_clients(&self) -> Option<Vec<serde_json::Value>> {
+        self.inner
+            .oauth
+            .server
+            .load()
+            .as_ref()
+            .map(|s| s.clients.summary())
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.inner.config.load_full()
     }
@@ -388,6 +557,39 @@ impl Gateway {
             return Ok(Reloaded::Unchanged);
         };
         let _serial = inner.reload_lock.lock().await;
+        let file = match config::load(path) {
+            Ok(c) => c,
+            Err(e) => return self.rejected(e),
+        };
+        self.apply(file, path).await
+    }
+
+    /// The routes registered through the admin API changed: the running
+    /// gateway.yaml is merged with them again and applied atomically.
+    pub async fn routes_changed(&self) -> Result<(), String> {
+        let _serial = self.inner.reload_lock.lock().await;
+        let file = Config::clone(&self.inner.file_config.load());
+        let path = self.inner.config_path.clone().unwrap_or_default();
+        self.apply(file, &path)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn rejected(&self, e: ConfigErrors) -> Result<Reloaded, ConfigErrors> {
+        self.inner
+            .metrics
+            .config_reloads
+            .with_label_values(&["rejected"])
+            .inc();
+        tracing::error!(errors = %e, "config reload rejected; the running config stays in effect");
+        Err(e)
+    }
+
+    /// Applies a validated gateway.yaml (merged with the API routes): under
+    /// the reload lock.
+    async fn apply(&self, file: Config, path: &std::path::Path) -> Result<Reloaded, ConfigErrors> {
+        let inner = &self.inner;
         let reject = |e: ConfigErrors| {
             inner
                 .metrics
@@ -397,10 +599,31 @@ impl Gateway {
             tracing::error!(errors = %e, "config reload rejected; the running config stays in effect");
             Err(e)
         };
-        let new = match config::load(path) {
-            Ok(c) => c,
-            Err(e) => return reject(e),
+        let merged_file = file.clone();
+        let merged = tokio::task::spawn_blocking(move || effective(&merged_file)).await;
+        let (new, merged) = match merged {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                return reject(ConfigErrors::new(
+                    path,
+                    vec![crate::config::ConfigError {
+                        path: "store.path".into(),
+                        message: e,
+                    }],
+                ));
+            }
+            Err(e) => {
+                return reject(ConfigErrors::new(
+                    path,
+                    vec![crate::config::ConfigError {
+                        path: String::new(),
+                        message: e.to_string(),
+                    }],
+                ));
+            }
         };
+        inner.file_config.store(Arc::new(file));
+        inner.skipped_routes.store(Arc::new(merged.skipped));
         // Listener certificates follow their files (they are also watched).
         for tls in &inner.tls_listeners {
             let _ = tls.reload();
@@ -427,7 +650,8 @@ impl Gateway {
             return Ok(Reloaded::Unchanged);
         }
         if old.listeners != new.listeners
-            || old.admin != new.admin
+            || old.admin.bind != new.admin.bind
+            || old.admin.tls != new.admin.tls
             || old.proxy.connect_timeout != new.proxy.connect_timeout
             || old.proxy.pool_idle_timeout != new.proxy.pool_idle_timeout
             || old.proxy.pool_max_idle_per_target != new.proxy.pool_max_idle_per_target
@@ -450,6 +674,9 @@ impl Gateway {
             Some(&previous),
         )
         .await;
+        inner
+            .admin_auth
+            .store(Arc::new(AdminAuth::build(&new, &providers)));
         inner.providers.store(Arc::new(providers));
         let routes = table.routes().len();
         inner.table.store(Arc::new(table));

@@ -50,6 +50,48 @@ enum Command {
     /// The token server's signing keys in the store.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Register this service's route with a gateway's admin API (for start
+    /// scripts; exits non-zero when the gateway refuses or cannot be reached).
+    RegisterService(RegisterArgs),
+}
+
+#[derive(clap::Args)]
+struct RegisterArgs {
+    /// The admin API's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:9090", env = "TOLLGATE_ADMIN")]
+    admin: String,
+    /// The route's name.
+    #[arg(long)]
+    name: String,
+    /// Path prefix routed to the service (repeatable).
+    #[arg(long = "path")]
+    paths: Vec<String>,
+    /// Only requests for this Host (repeatable).
+    #[arg(long = "match-host")]
+    match_hosts: Vec<String>,
+    /// Where the service listens: host name or address...
+    #[arg(long)]
+    host: String,
+    /// ...and port.
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value = "http")]
+    scheme: String,
+    /// Forward the whole path instead of stripping the matched prefix.
+    #[arg(long)]
+    no_strip: bool,
+    /// Send the caller's Host header to the service.
+    #[arg(long)]
+    preserve_host: bool,
+    /// Admin API token.
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Keep trying this long while the gateway is not reachable yet.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    wait: std::time::Duration,
+    /// Remove the registration instead.
+    #[arg(long)]
+    deregister: bool,
 }
 
 // Parsed once per run: the size of the largest variant does not matter.
@@ -186,6 +228,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Some(Command::Pki(cmd)) => return pki_command(cmd),
+        Some(Command::RegisterService(args)) => return register_service(&args),
         other => other,
     };
     let path = match config::locate(cli.config.as_deref()) {
@@ -210,6 +253,32 @@ fn main() -> ExitCode {
             run(path)
         }
         Command::Pki(cmd) => pki_command(cmd),
+        Command::RegisterService(args) => register_service(&args),
+    }
+}
+
+#[allow(clippy::print_stdout)] // the command's output
+fn register_service(a: &RegisterArgs) -> ExitCode {
+    let registration = tollgate::admin::register::Registration {
+        admin: &a.admin,
+        name: &a.name,
+        paths: &a.paths,
+        hosts: &a.match_hosts,
+        upstream_url: format!("{}://{}:{}", a.scheme, a.host, a.port),
+        strip_path: !a.no_strip,
+        preserve_host: a.preserve_host,
+        token: a.token.as_deref(),
+        wait: a.wait,
+    };
+    match tollgate::admin::register::run(&registration, a.deregister) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate register-service: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,8 +1,16 @@
 //! The admin listener: `/healthz` (process alive), `/readyz` (serving, not
-//! draining) and `/metrics` (Prometheus text format).
+//! draining), `/metrics` (Prometheus text format), and the admin API (route
+//! registration, Kong-compatible endpoints, operator endpoints).
+
+mod api;
+pub mod auth;
+pub mod dynamic;
+mod kong;
+pub mod register;
 
 use std::convert::Infallible;
-use std::future::{Ready, ready};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,8 +19,9 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::gateway::Gateway;
 use crate::http::body::ProxyBody;
-use crate::metrics::Metrics;
+use crate::transport::ConnState;
 
 /// Readiness as load balancers and orchestrators see it.
 #[derive(Default)]
@@ -33,35 +42,41 @@ impl Readiness {
     }
 }
 
+/// The admin listener's service for one connection.
 #[derive(Clone)]
 pub struct AdminService {
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
+    gateway: Gateway,
+    conn: Arc<ConnState>,
 }
 
 impl AdminService {
-    pub fn new(metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Self {
-        AdminService { metrics, readiness }
+    pub fn new(gateway: Gateway, conn: Arc<ConnState>) -> Self {
+        AdminService { gateway, conn }
     }
 
-    fn respond(&self, req: &Request<Incoming>) -> Response<ProxyBody> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    /// Health, readiness and metrics: open, GET/HEAD only.
+    fn probe(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+        let path = req.uri().path();
+        if !matches!(path, "/healthz" | "/readyz" | "/metrics") {
+            return None;
         }
-        match req.uri().path() {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return Some(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+        }
+        Some(match path {
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" if self.readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+            "/readyz" if self.gateway.readiness().is_ready() => text(StatusCode::OK, "ready\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-            "/metrics" => {
-                let mut resp = Response::new(ProxyBody::full(Bytes::from(self.metrics.render())));
+            _ => {
+                let body = Bytes::from(self.gateway.metrics().render());
+                let mut resp = Response::new(ProxyBody::full(body));
                 resp.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
                 );
                 resp
             }
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
-        }
+        })
     }
 }
 
@@ -80,9 +95,40 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
 impl hyper::service::Service<Request<Incoming>> for AdminService {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Ready<Result<Response<ProxyBody>, Infallible>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        ready(Ok(self.respond(&req)))
+        if let Some(resp) = self.probe(&req) {
+            return Box::pin(std::future::ready(Ok(resp)));
+        }
+        let svc = self.clone();
+        Box::pin(async move {
+            let auth = svc.gateway.admin_auth();
+            let checked = auth
+                .check(
+                    req.method(),
+                    req.uri().path(),
+                    req.headers(),
+                    svc.conn.peer_cert.as_ref(),
+                )
+                .await;
+            if let Err(denied) = checked {
+                let mut resp = api::json_response(
+                    denied.status(),
+                    &serde_json::json!({ "message": match denied {
+                        auth::Denied::Unauthenticated => "admin credentials required",
+                        auth::Denied::Forbidden => "not allowed by admin.policy",
+                    }}),
+                );
+                if denied.status() == StatusCode::UNAUTHORIZED {
+                    resp.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"tollgate-admin\""),
+                    );
+                }
+                return Ok(resp);
+            }
+            Ok(api::handle(&svc.gateway, req).await)
+        })
     }
 }

@@ -88,6 +88,35 @@ pub fn problems(config: &Config) -> Vec<ConfigError> {
     validate::validate(config)
 }
 
+fn figment(file: &Path) -> Figment {
+    Figment::new()
+        .merge(Yaml::file_exact(file))
+        .merge(Env::prefixed(ENV_PREFIX).ignore(ENV_NOT_KEYS).split("__"))
+}
+
+/// The config file with its environment overrides as written (no
+/// defaults), with every secret-bearing value replaced: `GET /admin/config`.
+pub fn redacted(file: &Path) -> Result<serde_json::Value, String> {
+    let mut v: serde_json::Value = figment(file).extract().map_err(|e| e.to_string())?;
+    fn redact(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m.iter_mut() {
+                    if k.contains("secret") || k.contains("token_sha256") || k == "key" {
+                        *v = serde_json::Value::String("<redacted>".into());
+                    } else {
+                        redact(v);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+            _ => {}
+        }
+    }
+    redact(&mut v);
+    Ok(v)
+}
+
 /// Reads and merges a config file with the environment, without the
 /// semantic checks.
 pub fn parse(file: &Path) -> Result<Config, ConfigErrors> {
@@ -98,10 +127,7 @@ pub fn parse(file: &Path) -> Result<Config, ConfigErrors> {
             message: format!("cannot read the config file: {e}"),
         }]));
     }
-    let figment = Figment::new()
-        .merge(Yaml::file_exact(file))
-        .merge(Env::prefixed(ENV_PREFIX).ignore(ENV_NOT_KEYS).split("__"));
-    let mut config: Config = figment.extract().map_err(|e| fail(from_figment(e)))?;
+    let mut config: Config = figment(file).extract().map_err(|e| fail(from_figment(e)))?;
     config.base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(config)
 }

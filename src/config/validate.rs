@@ -69,6 +69,7 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         );
     }
     auth(&cfg.auth, &mut errs);
+    admin(cfg, &mut errs);
     if let Some(o) = &cfg.oauth {
         oauth(cfg, o, &mut errs);
     }
@@ -328,6 +329,48 @@ fn upstream(path: &str, u: &UpstreamConfig, errs: &mut Errors) {
         errs.nonzero(
             format!("{path}.passive_health.ejection_time"),
             u.passive_health.ejection_time,
+        );
+    }
+}
+
+fn admin(cfg: &Config, errs: &mut Errors) {
+    let a = &cfg.admin;
+    if !a.bind.ip().is_loopback() && !a.authenticated() {
+        errs.add(
+            "admin.bind",
+            format!(
+                "{} is not a loopback address and the admin API has no authentication; set admin.token_sha256 or admin.policy (or bind 127.0.0.1)",
+                a.bind
+            ),
+        );
+    }
+    if let Some(h) = &a.token_sha256
+        && crate::oauth::parse_hash(h).is_none()
+    {
+        errs.add(
+            "admin.token_sha256",
+            "expected 64 hex characters: the SHA-256 of the admin token",
+        );
+    }
+    for (i, name) in a.providers.iter().flatten().enumerate() {
+        if !cfg.auth.providers.iter().any(|p| &p.name == name) {
+            errs.add(
+                format!("admin.providers[{i}]"),
+                format!("`{name}` is not a provider under auth.providers"),
+            );
+        }
+    }
+    if let Some(rules) = &a.policy
+        && let Err(problems) = Policy::compile(rules, Resource::HttpPath)
+    {
+        for (path, message) in problems {
+            errs.add(format!("admin.policy{path}"), message);
+        }
+    }
+    if a.providers.is_some() && a.policy.is_none() {
+        errs.add(
+            "admin.policy",
+            "admin.providers is set but no policy says which tokens may use the admin API",
         );
     }
 }

@@ -206,6 +206,28 @@ impl Clients {
         self.by_id.get(id)
     }
 
+    /// Every client, sorted by id, without secrets: `GET /admin/clients`.
+    pub fn summary(&self) -> Vec<serde_json::Value> {
+        let mut all: Vec<&Arc<Client>> = self.by_id.values().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.iter()
+            .map(|c| {
+                let method = if c.secret_hash.is_some() {
+                    "client_secret"
+                } else if c.assertion_keys.is_some() {
+                    "private_key_jwt"
+                } else {
+                    "tls_client_auth"
+                };
+                serde_json::json!({
+                    "id": c.id, "enabled": c.enabled, "scopes": c.scopes,
+                    "audiences": c.audiences, "token_ttl_secs": c.ttl.as_secs(),
+                    "auth_method": method, "source": c.source,
+                })
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.by_id.len()
     }

@@ -283,6 +283,24 @@ impl UpstreamPool {
         self.targets.load_full()
     }
 
+    /// Each target with its state: `/admin/routes`.
+    pub fn target_states(&self) -> Vec<serde_json::Value> {
+        let now = self.now_ms();
+        self.targets
+            .load()
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "address": t.addr.to_string(),
+                    "host": t.host_header.to_str().unwrap_or(""),
+                    "healthy": t.healthy.load(Ordering::Relaxed),
+                    "ejected": t.ejected_until_ms.load(Ordering::Relaxed) > now,
+                    "in_flight": t.inflight(),
+                })
+            })
+            .collect()
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }

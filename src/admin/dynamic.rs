@@ -1,0 +1,193 @@
+//! Routes registered through the admin API: kept in the store in tollgate's
+//! own route shape (with the Kong object a Kong client registered, to answer
+//! it in its own shape), and merged with gateway.yaml's routes. A file route
+//! wins over an API route of the same name.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{self, Config, ConfigError, RouteConfig};
+use crate::store::{API_ROUTES, KONG_SERVICES, Store};
+
+/// Which API created a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `/admin/routes`.
+    Admin,
+    /// Kong 0.x `/apis`.
+    KongApi,
+    /// Kong >= 1.0 `/services/{name}/routes`.
+    KongRoute,
+}
+
+/// One API-registered route as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiRoute {
+    /// The route in gateway.yaml's shape (as JSON), `name` included.
+    pub route: Value,
+    pub origin: Origin,
+    pub id: String,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    /// The Kong object as the client registered it (Kong origins).
+    #[serde(default)]
+    pub kong: Option<Value>,
+    /// Kong >= 1.0: the service the route belongs to.
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+impl ApiRoute {
+    pub fn name(&self) -> &str {
+        self.route.get("name").and_then(Value::as_str).unwrap_or("")
+    }
+}
+
+/// A Kong >= 1.0 service as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KongService {
+    pub name: String,
+    pub id: String,
+    /// `http://host:port/path`.
+    pub url: String,
+    pub created_at: u64,
+}
+
+/// The store of a config, when it exists (reading never creates it).
+pub fn existing_store(cfg: &Config) -> Result<Option<Arc<Store>>, String> {
+    let path = cfg.resolve(&cfg.store.path);
+    if !path.exists() {
+        return Ok(None);
+    }
+    Store::shared(&path).map(Some).map_err(|e| e.to_string())
+}
+
+pub fn store(cfg: &Config) -> Result<Arc<Store>, String> {
+    Store::shared(&cfg.resolve(&cfg.store.path)).map_err(|e| e.to_string())
+}
+
+pub fn api_routes(store: &Store) -> Result<Vec<ApiRoute>, String> {
+    store.records(API_ROUTES).map_err(|e| e.to_string())
+}
+
+pub fn kong_services(store: &Store) -> Result<Vec<KongService>, String> {
+    store.records(KONG_SERVICES).map_err(|e| e.to_string())
+}
+
+/// A route document in gateway.yaml's shape, checked on its own: unknown
+/// keys, types and every semantic rule, with errors naming the field.
+pub fn parse_route(doc: &Value) -> Result<RouteConfig, Vec<ConfigError>> {
+    let route: RouteConfig = serde_json::from_value(doc.clone()).map_err(|e| {
+        vec![ConfigError {
+            path: "route".into(),
+            message: e.to_string(),
+        }]
+    })?;
+    Ok(route)
+}
+
+/// What merging found: API routes left out, and why.
+#[derive(Debug, Default)]
+pub struct Merged {
+    /// (route name, reason) for API routes that are not served.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// gateway.yaml's routes plus the API routes that are valid next to them.
+/// An API route whose name a file route has, or that would make the config
+/// invalid, is left out (and reported).
+pub fn merge(file: &Config, api: &[ApiRoute]) -> (Config, Merged) {
+    let mut cfg = file.clone();
+    let mut merged = Merged::default();
+    for r in api {
+        let name = r.name().to_owned();
+        if file.routes.iter().any(|f| f.name == name) {
+            merged.skipped.push((
+                name,
+                "gateway.yaml has a route of this name; the file's route is served".into(),
+            ));
+            continue;
+        }
+        let route = match parse_route(&r.route) {
+            Ok(route) => route,
+            Err(e) => {
+                merged.skipped.push((name, describe(&e)));
+                continue;
+            }
+        };
+        let before = config::problems(&cfg).len();
+        cfg.routes.push(route);
+        let problems = config::problems(&cfg);
+        if problems.len() > before {
+            cfg.routes.pop();
+            merged.skipped.push((name, describe(&problems[before..])));
+        }
+    }
+    (cfg, merged)
+}
+
+/// Problems of a candidate route in the context of the running routes,
+/// with `routes[i].` replaced by `route.` so they name the caller's fields.
+pub fn check_candidate(
+    file: &Config,
+    api: &[ApiRoute],
+    candidate: &Value,
+) -> Result<(), Vec<ConfigError>> {
+    let route = parse_route(candidate)?;
+    let name = route.name.clone();
+    if file.routes.iter().any(|f| f.name == name) {
+        return Err(vec![ConfigError {
+            path: "route.name".into(),
+            message: format!("`{name}` is a route in gateway.yaml"),
+        }]);
+    }
+    let others: Vec<ApiRoute> = api.iter().filter(|r| r.name() != name).cloned().collect();
+    let (mut cfg, _) = merge(file, &others);
+    let before = config::problems(&cfg).len();
+    let index = cfg.routes.len();
+    cfg.routes.push(route);
+    let problems = config::problems(&cfg);
+    if problems.len() > before {
+        let prefix = format!("routes[{index}]");
+        return Err(problems[before..]
+            .iter()
+            .map(|e| ConfigError {
+                path: e.path.replacen(&prefix, "route", 1),
+                message: e.message.clone(),
+            })
+            .collect());
+    }
+    Ok(())
+}
+
+pub fn describe(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {}", e.path, e.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A short random id for API objects (Kong clients expect one).
+pub fn new_id() -> String {
+    let mut raw = [0u8; 16];
+    let _ = aws_lc_rs::rand::fill(&mut raw);
+    let h = crate::identity::hex(&raw);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
