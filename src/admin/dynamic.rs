@@ -111,22 +111,45 @@ pub fn merge(file: &Config, api: &[ApiRoute]) -> (Config, Merged) {
             ));
             continue;
         }
-        let route = match parse_route(&r.route) {
-            Ok(route) => route,
-            Err(e) => {
-                merged.skipped.push((name, describe(&e)));
-                continue;
-            }
-        };
-        let before = config::problems(&cfg).len();
-        cfg.routes.push(route);
+        match parse_route(&r.route) {
+            Ok(route) => cfg.routes.push(route),
+            Err(e) => merged.skipped.push((name, describe(&e))),
+        }
+    }
+    // Validate the whole once; drop the API routes it flags, until clean
+    // (usually no round at all).
+    let first_api = file.routes.len();
+    loop {
         let problems = config::problems(&cfg);
-        if problems.len() > before {
-            cfg.routes.pop();
-            merged.skipped.push((name, describe(&problems[before..])));
+        let mut bad: Vec<(usize, Vec<ConfigError>)> = Vec::new();
+        for p in problems {
+            let Some(i) = route_index(&p.path).filter(|i| *i >= first_api) else {
+                continue;
+            };
+            match bad.iter_mut().find(|(j, _)| *j == i) {
+                Some((_, errs)) => errs.push(p),
+                None => bad.push((i, vec![p])),
+            }
+        }
+        if bad.is_empty() {
+            break;
+        }
+        bad.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, errs) in bad {
+            let route = cfg.routes.remove(i);
+            merged.skipped.push((route.name, describe(&errs)));
         }
     }
     (cfg, merged)
+}
+
+/// `routes[12].match` -> 12.
+fn route_index(path: &str) -> Option<usize> {
+    path.strip_prefix("routes[")?
+        .split(']')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Problems of a candidate route in the context of the running routes,

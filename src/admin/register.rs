@@ -36,7 +36,11 @@ pub fn run(r: &Registration, deregister: bool) -> Result<String, String> {
     runtime.block_on(async {
         let base = r.admin.trim_end_matches('/');
         let (method, url, body) = if deregister {
-            (Method::DELETE, format!("{base}/apis/{}", r.name), Bytes::new())
+            (
+                Method::DELETE,
+                format!("{base}/apis/{}", r.name),
+                Bytes::new(),
+            )
         } else {
             let doc = serde_json::json!({
                 "name": r.name,
@@ -46,7 +50,11 @@ pub fn run(r: &Registration, deregister: bool) -> Result<String, String> {
                 "strip_uri": r.strip_path,
                 "preserve_host": r.preserve_host,
             });
-            (Method::PUT, format!("{base}/apis"), Bytes::from(doc.to_string()))
+            (
+                Method::PUT,
+                format!("{base}/apis"),
+                Bytes::from(doc.to_string()),
+            )
         };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(

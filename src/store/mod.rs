@@ -46,9 +46,20 @@ impl<E: Into<redb::Error>> From<E> for DbError {
 
 pub struct Store {
     path: PathBuf,
-    /// One open at a time from this process (redb refuses a second).
-    open: Mutex<()>,
+    /// The open database, kept while operations follow each other and
+    /// closed after [`LINGER`] of quiet, so the CLI can open the file.
+    open: Arc<Mutex<Option<Open>>>,
 }
+
+struct Open {
+    db: Database,
+    last_used: Instant,
+}
+
+/// How long the file stays open after the last operation. Opening and
+/// closing a redb file costs two commits; a burst of admin API writes
+/// shares one open.
+const LINGER: Duration = Duration::from_millis(250);
 
 /// How long an operation waits for the file while another process has it open.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -85,7 +96,7 @@ impl Store {
         }
         let store = Store {
             path: path.to_owned(),
-            open: Mutex::new(()),
+            open: Arc::new(Mutex::new(None)),
         };
         store.write(|txn| {
             // The store holds signing keys and secret hashes: owner-only.
@@ -133,21 +144,58 @@ impl Store {
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let _one = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let deadline = Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match Database::create(&self.path) {
-                Ok(db) => break db,
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.is_none() {
+            let deadline = Instant::now() + LOCK_WAIT;
+            let db = loop {
+                match Database::create(&self.path) {
+                    Ok(db) => break db,
+                    Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                        return Err(self.io("held open by another process for more than 5s"));
+                    }
+                    Err(e) => return Err(self.io(e)),
                 }
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                    return Err(self.io("held open by another process for more than 5s"));
-                }
-                Err(e) => return Err(self.io(e)),
-            }
+            };
+            *open = Some(Open {
+                db,
+                last_used: Instant::now(),
+            });
+            self.close_when_quiet();
+        }
+        let Some(o) = open.as_mut() else {
+            return Err(self.io("not open"));
         };
-        f(&db)
+        let out = f(&o.db);
+        o.last_used = Instant::now();
+        out
+    }
+
+    /// Closes the file once no operation has used it for [`LINGER`].
+    fn close_when_quiet(&self) {
+        let open = Arc::downgrade(&self.open);
+        let spawned = std::thread::Builder::new()
+            .name("tollgate-store".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(LINGER / 2);
+                    let Some(open) = open.upgrade() else { return };
+                    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+                    match open.as_ref() {
+                        None => return,
+                        Some(o) if o.last_used.elapsed() >= LINGER => {
+                            *open = None;
+                            return;
+                        }
+                        Some(_) => {}
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the store's closer; the file stays open");
+        }
     }
 
     fn write<T>(

@@ -1,6 +1,7 @@
 //! Black-box tests: a real gateway on 127.0.0.1 ports, real upstream servers,
 //! real HTTP/1.1, h2c and WebSocket clients.
 
+mod admin;
 mod cli;
 mod jwt;
 mod lifecycle;
