@@ -545,3 +545,77 @@ async fn register_service_cli() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
 }
+
+/// Admin access by a JWT with an admin scope, or by a client certificate the
+/// admin policy allows, over an admin listener with TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_access_by_jwt_scope_or_certificate() {
+    use crate::tls::{TestCa, TlsConn};
+    let a = Upstream::echo("a").await;
+    let ca = TestCa::new("Acme");
+    let server = ca.server("admin", "localhost");
+    let ops = ca.client("ops", "ops");
+    let dev = ca.client("dev", "dev");
+    let dir = tempfile::tempdir().unwrap();
+    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let public = dir.path().join("admin-idp.pem");
+    std::fs::write(&public, signing.public_key_pem()).unwrap();
+    let yaml = config_with_routes(&route("r", "/", &[&a], "")).replace(
+        "admin:\n  bind: 127.0.0.1:0\n",
+        &format!(
+            "admin:\n  bind: 127.0.0.1:0\n  providers: [idp]\n  policy:\n    - allow: {{ scopes: [tollgate.admin] }}\n    - allow: {{ cert: {{ o: ops }} }}\n  tls: {{ cert: {}, key: {}, client_ca: {}, client_auth: optional }}\n",
+            server.cert.display(),
+            server.key.display(),
+            ca.pem().display()
+        ),
+    ) + &format!(
+        "auth:\n  providers:\n    - name: idp\n      issuer: https://idp.test\n      audiences: [tollgate]\n      public_keys: [{}]\n",
+        public.display()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let token = |scope: &str| {
+        let enc =
+            jsonwebtoken::EncodingKey::from_ed_pem(signing.serialize_pem().as_bytes()).unwrap();
+        let now = tollgate::identity::jwt::unix_now();
+        let claims = json!({"iss": "https://idp.test", "aud": "tollgate", "sub": "ops-bot", "scope": scope, "exp": now + 300, "iat": now});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+            &claims,
+            &enc,
+        )
+        .unwrap()
+    };
+    let addr = gw.gw.admin_addr();
+    let admin_token = format!("Bearer {}", token("tollgate.admin"));
+    let reader_token = format!("Bearer {}", token("reader"));
+    let mut anonymous = TlsConn::open(addr, "localhost", &ca.pem(), None)
+        .await
+        .unwrap();
+    let r = anonymous.get_with("/admin/status", &[]).await;
+    assert_eq!(r.status, 401);
+    let r = anonymous
+        .get_with("/admin/status", &[("authorization", admin_token.as_str())])
+        .await;
+    assert_eq!(r.status, 200, "admin scope: {}", r.text());
+    let r = anonymous
+        .get_with("/admin/status", &[("authorization", reader_token.as_str())])
+        .await;
+    assert_eq!(r.status, 403, "another scope: {}", r.text());
+    let mut as_ops = TlsConn::open(addr, "localhost", &ca.pem(), Some(&ops))
+        .await
+        .unwrap();
+    assert_eq!(
+        as_ops.get_with("/admin/status", &[]).await.status,
+        200,
+        "O=ops certificate"
+    );
+    let mut as_dev = TlsConn::open(addr, "localhost", &ca.pem(), Some(&dev))
+        .await
+        .unwrap();
+    assert_eq!(
+        as_dev.get_with("/admin/status", &[]).await.status,
+        403,
+        "O=dev certificate"
+    );
+    assert_eq!(anonymous.get_with("/healthz", &[]).await.status, 200);
+}

@@ -120,8 +120,8 @@ impl TestCa {
 
 #[derive(Clone)]
 pub struct Identity {
-    cert: PathBuf,
-    key: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Identity {
