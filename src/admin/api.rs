@@ -158,8 +158,25 @@ where
             Err(r) => r,
         },
         (&Method::DELETE, ["admin", "routes", name]) => delete_route(gw, name, None).await,
+        (&Method::GET, ["admin", "routes", name, "targets"]) => {
+            let route = get_route(gw, name).await;
+            if route.status() != StatusCode::OK {
+                return route;
+            }
+            let all = gw.routes_status();
+            let targets = all["data"]
+                .as_array()
+                .and_then(|rs| rs.iter().find(|r| r["name"] == *name))
+                .map(|r| r["targets"].clone())
+                .unwrap_or_default();
+            json_response(StatusCode::OK, &json!({ "data": targets }))
+        }
         (&Method::POST, ["admin", "routes", name, "targets"]) => match body_json(req).await {
             Ok(doc) => add_target(gw, name, doc).await,
+            Err(r) => r,
+        },
+        (&Method::PUT, ["admin", "routes", name, "targets"]) => match body_json(req).await {
+            Ok(doc) => replace_targets(gw, name, doc).await,
             Err(r) => r,
         },
         (&Method::DELETE, ["admin", "routes", name, "targets", target]) => {
@@ -412,6 +429,32 @@ async fn add_target(gw: &Gateway, name: &str, doc: Value) -> Response<ProxyBody>
         targets.push(json!(target));
         let body = route.route["upstream"].clone();
         Ok((Some(route), json_response(StatusCode::CREATED, &body)))
+    })
+    .await
+}
+
+/// `PUT /admin/routes/{name}/targets` with `{"targets": [...]}`.
+async fn replace_targets(gw: &Gateway, name: &str, doc: Value) -> Response<ProxyBody> {
+    let name = name.to_owned();
+    write_routes(gw, move |_, routes| {
+        let existing = routes
+            .iter()
+            .find(|r| r.name() == name)
+            .ok_or_else(not_found)?;
+        let targets = doc
+            .get("targets")
+            .filter(|t| t.is_array())
+            .ok_or_else(|| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "expected {\"targets\": [\"http://host:port\", ...]}",
+                )
+            })?
+            .clone();
+        let mut route = existing.clone();
+        route.route["upstream"]["targets"] = targets;
+        let body = route.route["upstream"].clone();
+        Ok((Some(route), json_response(StatusCode::OK, &body)))
     })
     .await
 }

@@ -152,15 +152,29 @@ async fn kong_1x_services_and_routes() {
         "",
     )))
     .await;
-    let r = admin(
-        &gw,
-        Method::POST,
-        "/services",
-        Some(json!({"name": "orders", "url": format!("http://{}/api", orders.addr)})),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(r.json()["path"], "/api");
+    // curl, as a shell registrator would.
+    let out = tokio::task::block_in_place(|| {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-d",
+            ])
+            .arg(
+                json!({"name": "orders", "url": format!("http://{}/api", orders.addr)}).to_string(),
+            )
+            .args(["-w", "\n%{http_code}"])
+            .arg(admin_url(&gw, "/services"))
+            .output()
+            .expect("curl is installed (.ci/run installs it)")
+    });
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    assert_eq!(code, "201", "{text}");
+    assert_eq!(serde_json::from_str::<Value>(body).unwrap()["path"], "/api");
     let r = admin(
         &gw,
         Method::POST,
@@ -289,6 +303,13 @@ async fn admin_routes_validation_file_precedence_and_restart() {
     .await;
     assert_eq!(r.status, 400, "a file route's name: {}", r.text());
 
+    let r = admin(&gw, Method::GET, "/admin/routes/svc/targets", None).await;
+    assert_eq!(
+        r.json()["data"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.text()
+    );
     let r = admin(
         &gw,
         Method::POST,
@@ -297,6 +318,16 @@ async fn admin_routes_validation_file_precedence_and_restart() {
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.text());
+    let both = json!({"targets": [format!("http://{}", a.addr), format!("http://{}", b.addr)]});
+    let r = admin(&gw, Method::PUT, "/admin/routes/svc/targets", Some(both)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = admin(&gw, Method::GET, "/admin/routes/svc/targets", None).await;
+    assert_eq!(
+        r.json()["data"].as_array().unwrap().len(),
+        2,
+        "{}",
+        r.text()
+    );
     let r = admin(
         &gw,
         Method::DELETE,
