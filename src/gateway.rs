@@ -590,15 +590,7 @@ impl Gateway {
     /// the reload lock.
     async fn apply(&self, file: Config, path: &std::path::Path) -> Result<Reloaded, ConfigErrors> {
         let inner = &self.inner;
-        let reject = |e: ConfigErrors| {
-            inner
-                .metrics
-                .config_reloads
-                .with_label_values(&["rejected"])
-                .inc();
-            tracing::error!(errors = %e, "config reload rejected; the running config stays in effect");
-            Err(e)
-        };
+        let reject = |e: ConfigErrors| self.rejected(e);
         let merged_file = file.clone();
         let merged = tokio::task::spawn_blocking(move || effective(&merged_file)).await;
         let (new, merged) = match merged {

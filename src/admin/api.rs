@@ -402,10 +402,7 @@ fn merge_json(target: &mut Value, patch: &Value) {
 async fn add_target(gw: &Gateway, name: &str, doc: Value) -> Response<ProxyBody> {
     let name = name.to_owned();
     write_routes(gw, move |_, routes| {
-        let existing = routes
-            .iter()
-            .find(|r| r.name() == name)
-            .ok_or_else(not_found)?;
+        let existing = by_name(routes, &name)?;
         let target = doc
             .get("target")
             .and_then(Value::as_str)
@@ -433,14 +430,18 @@ async fn add_target(gw: &Gateway, name: &str, doc: Value) -> Response<ProxyBody>
     .await
 }
 
+fn by_name<'a>(routes: &'a [ApiRoute], name: &str) -> Result<&'a ApiRoute, Response<ProxyBody>> {
+    routes
+        .iter()
+        .find(|r| r.name() == name)
+        .ok_or_else(not_found)
+}
+
 /// `PUT /admin/routes/{name}/targets` with `{"targets": [...]}`.
 async fn replace_targets(gw: &Gateway, name: &str, doc: Value) -> Response<ProxyBody> {
     let name = name.to_owned();
     write_routes(gw, move |_, routes| {
-        let existing = routes
-            .iter()
-            .find(|r| r.name() == name)
-            .ok_or_else(not_found)?;
+        let existing = by_name(routes, &name)?;
         let targets = doc
             .get("targets")
             .filter(|t| t.is_array())
@@ -462,10 +463,7 @@ async fn replace_targets(gw: &Gateway, name: &str, doc: Value) -> Response<Proxy
 async fn remove_target(gw: &Gateway, name: &str, target: &str) -> Response<ProxyBody> {
     let (name, target) = (name.to_owned(), target.to_owned());
     write_routes(gw, move |_, routes| {
-        let existing = routes
-            .iter()
-            .find(|r| r.name() == name)
-            .ok_or_else(not_found)?;
+        let existing = by_name(routes, &name)?;
         let mut route = existing.clone();
         let targets = route.route["upstream"]["targets"]
             .as_array_mut()
