@@ -53,6 +53,12 @@ enum Command {
     /// Register this service's route with a gateway's admin API (for start
     /// scripts; exits non-zero when the gateway refuses or cannot be reached).
     RegisterService(RegisterArgs),
+    /// Exit 0 when the gateway answers its health endpoint (for container
+    /// healthchecks in images without a shell or curl).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -229,6 +235,7 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Some(Command::Pki(cmd)) => return pki_command(cmd),
         Some(Command::RegisterService(args)) => return register_service(&args),
+        Some(Command::Healthcheck { url }) => return healthcheck(&url),
         other => other,
     };
     let path = match config::locate(cli.config.as_deref()) {
@@ -254,6 +261,17 @@ fn main() -> ExitCode {
         }
         Command::Pki(cmd) => pki_command(cmd),
         Command::RegisterService(args) => register_service(&args),
+        Command::Healthcheck { url } => healthcheck(&url),
+    }
+}
+
+fn healthcheck(url: &str) -> ExitCode {
+    match tollgate::admin::register::probe(url) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate healthcheck: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

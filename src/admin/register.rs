@@ -26,6 +26,27 @@ pub struct Registration<'a> {
     pub wait: Duration,
 }
 
+/// `GET url` answers 2xx within 5 seconds: `tollgate healthcheck`.
+pub fn probe(url: &str) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let client: Client<_, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let req = Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("bad URL `{url}`: {e}"))?;
+        match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+            Ok(Ok(resp)) => Err(format!("{url} answered {}", resp.status())),
+            Ok(Err(e)) => Err(format!("{url}: {}", crate::http::error_chain(&e))),
+            Err(_) => Err(format!("{url} did not answer within 5s")),
+        }
+    })
+}
+
 /// Registers (or with `deregister`, removes) the service. Returns what to
 /// print on success.
 pub fn run(r: &Registration, deregister: bool) -> Result<String, String> {
