@@ -14,6 +14,13 @@ RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --locked --quiet --target "$TARGET" --bin tollgate
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
+# `docker build`, quiet unless it fails.
+build() {
+  if ! docker build -q -t "$1" "$2" >"$ctx/build.log" 2>&1; then
+    cat "$ctx/build.log"
+    exit 1
+  fi
+}
 
 mkdir -p "$ctx/gw/var/lib/tollgate" "$ctx/gw/etc/ssl/certs"
 cp "target/$TARGET/release/tollgate" "$ctx/gw/tollgate"
@@ -32,7 +39,7 @@ HEALTHCHECK --interval=10s --timeout=6s --start-period=5s CMD ["/usr/local/bin/t
 ENTRYPOINT ["/usr/local/bin/tollgate"]
 CMD ["run", "-c", "/etc/tollgate/gateway.yaml", "--log-format", "json"]
 DOCKERFILE
-docker build -q -t tollgate:local "$ctx/gw" >/dev/null
+build tollgate:local "$ctx/gw"
 
 busybox=$(command -v busybox || true)
 if [ -z "$busybox" ] || ! file -L "$busybox" 2>/dev/null | grep -q "statically linked"; then
@@ -51,7 +58,7 @@ USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/bin/busybox", "httpd", "-f", "-v", "-p", "8080", "-h", "/www"]
 DOCKERFILE
-docker build -q -t tollgate-example-bar:local "$ctx/bar" >/dev/null
+build tollgate-example-bar:local "$ctx/bar"
 
 cp "$busybox" "$ctx/foo/busybox"
 cat > "$ctx/foo/foo.sh" <<'SCRIPT'
@@ -74,7 +81,7 @@ COPY foo.sh /foo.sh
 USER 65532:65532
 ENTRYPOINT ["/bin/busybox", "sh", "/foo.sh"]
 DOCKERFILE
-docker build -q -t tollgate-example-foo:local "$ctx/foo" >/dev/null
+build tollgate-example-foo:local "$ctx/foo"
 
 for image in tollgate:local tollgate-example-bar:local tollgate-example-foo:local; do
   printf '%-30s %s\n' "$image" "$(docker image inspect -f '{{.Size}}' "$image" | awk '{ printf "%.1f MB", $1 / 1e6 }')"
