@@ -33,8 +33,7 @@ pub fn probe(url: &str) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let client: Client<_, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let req = Request::get(url)
             .body(Full::new(Bytes::new()))
             .map_err(|e| format!("bad URL `{url}`: {e}"))?;
