@@ -18,6 +18,21 @@ async fn admin(gw: &TestGateway, method: Method, path: &str, body: Option<Value>
     admin_with(gw, method, path, body, None).await
 }
 
+async fn admin_status(gw: &TestGateway, method: Method, path: &str) -> u16 {
+    admin(gw, method, path, None).await.status.as_u16()
+}
+
+/// Admin calls without a body, in order, and the status each must get.
+async fn expect_statuses(gw: &TestGateway, calls: &[(Method, &str, u16)]) {
+    for (method, path, status) in calls {
+        assert_eq!(
+            admin_status(gw, method.clone(), path).await,
+            *status,
+            "{method} {path}"
+        );
+    }
+}
+
 async fn admin_with(
     gw: &TestGateway,
     method: Method,
@@ -118,24 +133,15 @@ print("ok")
 
     let r = admin(&gw, Method::GET, "/apis", None).await;
     assert_eq!(r.json()["total"], 1);
-    assert_eq!(
-        admin(&gw, Method::DELETE, "/apis/user-service", None)
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        admin(&gw, Method::GET, "/apis/user-service", None)
-            .await
-            .status,
-        404
-    );
-    assert_eq!(
-        admin(&gw, Method::DELETE, "/apis/user-service", None)
-            .await
-            .status,
-        404
-    );
+    expect_statuses(
+        &gw,
+        &[
+            (Method::DELETE, "/apis/user-service", 204),
+            (Method::GET, "/apis/user-service", 404),
+            (Method::DELETE, "/apis/user-service", 404),
+        ],
+    )
+    .await;
     assert_eq!(get(&gw.url("/users/1")).await.status, 404);
 }
 
@@ -219,24 +225,16 @@ async fn kong_1x_services_and_routes() {
             .len(),
         1
     );
-    assert_eq!(
-        admin(&gw, Method::DELETE, "/services/orders", None)
-            .await
-            .status,
-        400
-    );
-    assert_eq!(
-        admin(&gw, Method::DELETE, &format!("/routes/{route_id}"), None)
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        admin(&gw, Method::DELETE, "/services/orders", None)
-            .await
-            .status,
-        204
-    );
+    let route_path = format!("/routes/{route_id}");
+    expect_statuses(
+        &gw,
+        &[
+            (Method::DELETE, "/services/orders", 400),
+            (Method::DELETE, &route_path, 204),
+            (Method::DELETE, "/services/orders", 204),
+        ],
+    )
+    .await;
     assert_eq!(get(&gw.url("/orders/42")).await.status, 404);
 }
 
