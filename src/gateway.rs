@@ -201,6 +201,47 @@ fn effective(file: &Config) -> Result<(Config, dynamic::Merged), String> {
     Ok((cfg, merged))
 }
 
+/// The material of a merged config. An API route whose files do not load
+/// (an upstream CA, a client key) is left out and reported, so one bad
+/// registration never stops the gateway from loading or starting.
+fn load_material(
+    cfg: &mut Config,
+    file_routes: usize,
+    merged: &mut dynamic::Merged,
+    previous: Option<&Providers>,
+    metrics: &Metrics,
+    self_keys: &SelfKeys,
+) -> Result<Material, Vec<ConfigError>> {
+    loop {
+        let errors = match Material::load(cfg, previous, metrics, Some(self_keys)) {
+            Ok(m) => return Ok(m),
+            Err(errors) => errors,
+        };
+        let mut bad: Vec<usize> = errors
+            .iter()
+            .filter_map(|e| dynamic::route_index(&e.path))
+            .filter(|i| *i >= file_routes && *i < cfg.routes.len())
+            .collect();
+        if bad.is_empty() {
+            return Err(errors);
+        }
+        bad.sort_unstable();
+        bad.dedup();
+        for i in bad.into_iter().rev() {
+            let route = cfg.routes.remove(i);
+            let prefix = format!("routes[{i}]");
+            let why: Vec<ConfigError> = errors
+                .iter()
+                .filter(|e| e.path.starts_with(&prefix))
+                .cloned()
+                .collect();
+            tracing::warn!(route = %route.name, reason = %dynamic::describe(&why),
+                "route registered through the admin API is not served");
+            merged.skipped.push((route.name, dynamic::describe(&why)));
+        }
+    }
+}
+
 /// How a reload ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reloaded {
@@ -219,7 +260,7 @@ impl Gateway {
         config_path: Option<PathBuf>,
     ) -> Result<Gateway, StartError> {
         let file_config = config.clone();
-        let (config, merged) = effective(&file_config).map_err(|e| {
+        let (mut config, mut merged) = effective(&file_config).map_err(|e| {
             StartError::Config(ConfigErrors::new(
                 config_path.as_deref().unwrap_or(std::path::Path::new("")),
                 vec![crate::config::ConfigError {
@@ -239,8 +280,15 @@ impl Gateway {
         let Material {
             providers,
             upstream_tls,
-        } = Material::load(&config, None, &metrics, Some(&oauth.self_keys))
-            .map_err(config_error)?;
+        } = load_material(
+            &mut config,
+            file_config.routes.len(),
+            &mut merged,
+            None,
+            &metrics,
+            &oauth.self_keys,
+        )
+        .map_err(config_error)?;
         let tls_material = listener_tls(&config).map_err(config_error)?;
         let config = Arc::new(config);
         oauth
@@ -460,6 +508,16 @@ impl Gateway {
         self.inner.admin_write.lock().await
     }
 
+    /// Why an API route is not served, if it is not.
+    pub fn not_served(&self, name: &str) -> Option<String> {
+        self.inner
+            .skipped_routes
+            .load()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, why)| why.clone())
+    }
+
     /// `GET /admin/status`: version, listeners with open connections, routes.
     pub fn status(&self) -> serde_json::Value {
         let inner = &self.inner;
@@ -480,7 +538,7 @@ impl Gateway {
             "version": env!("CARGO_PKG_VERSION"),
             "ready": inner.readiness.is_ready(),
             "listeners": listeners,
-            "routes": { "total": cfg.routes.len(), "from_file": file_routes, "from_api": cfg.routes.len() - file_routes, "not_served": inner.skipped_routes.load().len() },
+            "routes": { "total": cfg.routes.len(), "from_file": file_routes, "from_api": cfg.routes.len().saturating_sub(file_routes), "not_served": inner.skipped_routes.load().len() },
             "oauth_clients": inner.oauth.server.load().as_ref().map(|s| s.clients.len()),
         })
     }
@@ -593,7 +651,7 @@ impl Gateway {
         let reject = |e: ConfigErrors| self.rejected(e);
         let merged_file = file.clone();
         let merged = tokio::task::spawn_blocking(move || effective(&merged_file)).await;
-        let (new, merged) = match merged {
+        let (mut new, mut merged) = match merged {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 return reject(ConfigErrors::new(
@@ -614,8 +672,6 @@ impl Gateway {
                 ));
             }
         };
-        inner.file_config.store(Arc::new(file));
-        inner.skipped_routes.store(Arc::new(merged.skipped));
         // Listener certificates follow their files (they are also watched).
         for tls in &inner.tls_listeners {
             let _ = tls.reload();
@@ -626,11 +682,13 @@ impl Gateway {
         let Material {
             providers,
             upstream_tls,
-        } = match Material::load(
-            &new,
+        } = match load_material(
+            &mut new,
+            file.routes.len(),
+            &mut merged,
             Some(&current),
             &inner.metrics,
-            Some(&inner.oauth.self_keys),
+            &inner.oauth.self_keys,
         ) {
             Ok(m) => m,
             Err(errors) => return reject(ConfigErrors::new(path, errors)),
@@ -639,6 +697,8 @@ impl Gateway {
         let previous = inner.table.load_full();
         if *old == new && providers.same_as(&current) && previous.same_tls(&upstream_tls) {
             tracing::debug!("config file changed but its content is the same; nothing to do");
+            inner.file_config.store(Arc::new(file));
+            inner.skipped_routes.store(Arc::new(merged.skipped));
             return Ok(Reloaded::Unchanged);
         }
         if old.listeners != new.listeners
@@ -653,8 +713,24 @@ impl Gateway {
             );
         }
         let new = Arc::new(new);
-        if let Err(errors) = inner.oauth.apply(&new, &providers.revocations) {
-            return reject(ConfigErrors::new(path, errors));
+        // Store I/O (and perhaps a wait for the CLI's lock): off the control loop.
+        let (oauth, cfg, revocations) = (
+            inner.oauth.clone(),
+            new.clone(),
+            providers.revocations.clone(),
+        );
+        match tokio::task::spawn_blocking(move || oauth.apply(&cfg, &revocations)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(errors)) => return reject(ConfigErrors::new(path, errors)),
+            Err(e) => {
+                return reject(ConfigErrors::new(
+                    path,
+                    vec![crate::config::ConfigError {
+                        path: "oauth".into(),
+                        message: e.to_string(),
+                    }],
+                ));
+            }
         }
         providers.start();
         let table = RouteTable::build(
@@ -676,6 +752,8 @@ impl Gateway {
             .access_log
             .store(new.proxy.access_log, Ordering::Relaxed);
         inner.config.store(new);
+        inner.file_config.store(Arc::new(file));
+        inner.skipped_routes.store(Arc::new(merged.skipped));
         inner
             .metrics
             .config_reloads

@@ -56,7 +56,11 @@ enum Command {
     /// Exit 0 when the gateway answers its health endpoint (for container
     /// healthchecks in images without a shell or curl).
     Healthcheck {
-        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:9090/healthz",
+            env = "TOLLGATE_HEALTHCHECK_URL"
+        )]
         url: String,
     },
 }

@@ -286,7 +286,7 @@ async fn write_routes(
         let routes = dynamic::api_routes(&store)?;
         Ok(match change(&store, &routes) {
             Err(resp) => Err(resp),
-            Ok((None, resp)) => Ok((resp, false)),
+            Ok((None, resp)) => Ok((resp, None)),
             Ok((Some(route), resp)) => match dynamic::check_candidate(&file, &routes, &route.route)
             {
                 Err(errors) => Err(config_errors(&errors)),
@@ -294,7 +294,8 @@ async fn write_routes(
                     store
                         .put_record(API_ROUTES, route.name(), &route)
                         .map_err(|e| e.to_string())?;
-                    Ok((resp, true))
+                    let before = routes.iter().find(|r| r.name() == route.name()).cloned();
+                    Ok((resp, Some((route.name().to_owned(), before))))
                 }
             },
         })
@@ -303,11 +304,33 @@ async fn write_routes(
     match result {
         Err(e) => internal(e),
         Ok(Err(resp)) => resp,
-        Ok(Ok((resp, changed))) => {
-            if changed && let Err(e) = gw.routes_changed().await {
+        Ok(Ok((resp, None))) => resp,
+        Ok(Ok((resp, Some((name, before))))) => {
+            if let Err(e) = gw.routes_changed().await {
                 return internal(e);
             }
-            resp
+            // Files the route names (an upstream CA, a client key) are only
+            // read when it is applied: a route left out is taken back.
+            let Some(why) = gw.not_served(&name) else {
+                return resp;
+            };
+            let file = gw.file_config();
+            let undone = blocking(move || {
+                let store = dynamic::store(&file)?;
+                match before {
+                    Some(r) => store.put_record(API_ROUTES, &name, &r),
+                    None => store.remove_record(API_ROUTES, &name).map(|_| ()),
+                }
+                .map_err(|e| e.to_string())
+            })
+            .await;
+            if let Err(e) = undone.and(gw.routes_changed().await) {
+                return internal(e);
+            }
+            json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({ "message": format!("invalid route: {why}") }),
+            )
         }
     }
 }
@@ -318,6 +341,9 @@ async fn put_admin_route(
     doc: Value,
     replace: bool,
 ) -> Response<ProxyBody> {
+    if let Err(r) = object(&doc) {
+        return r;
+    }
     let mut doc = doc;
     if let Some(name) = name {
         match doc.get("name") {
@@ -365,6 +391,9 @@ async fn put_admin_route(
 }
 
 async fn patch_admin_route(gw: &Gateway, name: &str, patch: Value) -> Response<ProxyBody> {
+    if let Err(r) = object(&patch) {
+        return r;
+    }
     let name = name.to_owned();
     write_routes(gw, move |_, routes| {
         let existing = routes
@@ -573,6 +602,9 @@ async fn put_kong_api(
             let existing = existing.ok_or_else(not_found)?;
             let mut merged = existing.kong.clone().unwrap_or_default().as_object().cloned().unwrap_or_default();
             merged.extend(fields);
+            // The name in the URL stays: a body cannot move the update onto
+            // another route.
+            merged.insert("name".into(), json!(existing.name()));
             fields = merged;
         } else if existing.is_some() && !replace {
             return Err(json_response(

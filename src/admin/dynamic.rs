@@ -69,8 +69,20 @@ pub fn store(cfg: &Config) -> Result<Arc<Store>, String> {
     Store::shared(&cfg.resolve(&cfg.store.path)).map_err(|e| e.to_string())
 }
 
+/// The stored API routes; a record that no longer reads is skipped (logged),
+/// so it cannot take the others down with it.
 pub fn api_routes(store: &Store) -> Result<Vec<ApiRoute>, String> {
-    store.records(API_ROUTES).map_err(|e| e.to_string())
+    let raw: Vec<Value> = store.records(API_ROUTES).map_err(|e| e.to_string())?;
+    Ok(raw
+        .into_iter()
+        .filter_map(|v| match serde_json::from_value::<ApiRoute>(v) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "an API route record in the store cannot be read; skipped");
+                None
+            }
+        })
+        .collect())
 }
 
 pub fn kong_services(store: &Store) -> Result<Vec<KongService>, String> {
@@ -144,7 +156,7 @@ pub fn merge(file: &Config, api: &[ApiRoute]) -> (Config, Merged) {
 }
 
 /// `routes[12].match` -> 12.
-fn route_index(path: &str) -> Option<usize> {
+pub fn route_index(path: &str) -> Option<usize> {
     path.strip_prefix("routes[")?
         .split(']')
         .next()?

@@ -8,7 +8,7 @@
 //! changes. Every write transaction is durable (fsync) when it returns.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
@@ -245,20 +245,17 @@ impl Store {
         })
     }
 
-    /// One store per file in this process (redb allows one open at a time).
+    /// One store per file in this process (redb allows one open at a time),
+    /// kept for the life of the process: reopening would redo `open`'s
+    /// checks; the file itself is closed when quiet.
     pub fn shared(path: &Path) -> Result<Arc<Store>, StoreError> {
-        static OPEN: Mutex<Vec<(PathBuf, Weak<Store>)>> = Mutex::new(Vec::new());
+        static OPEN: Mutex<Vec<(PathBuf, Arc<Store>)>> = Mutex::new(Vec::new());
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-        open.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(s) = open
-            .iter()
-            .find(|(p, _)| p == path)
-            .and_then(|(_, w)| w.upgrade())
-        {
-            return Ok(s);
+        if let Some((_, s)) = open.iter().find(|(p, _)| p == path) {
+            return Ok(s.clone());
         }
         let store = Arc::new(Store::open(path)?);
-        open.push((path.to_owned(), Arc::downgrade(&store)));
+        open.push((path.to_owned(), store.clone()));
         Ok(store)
     }
 

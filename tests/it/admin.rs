@@ -131,6 +131,16 @@ print("ok")
     );
     assert_eq!(get(&gw.url("/users/1")).await.json()["name"], "users-v2");
 
+    // A body cannot move a PATCH onto another name.
+    let r = admin(
+        &gw,
+        Method::PATCH,
+        "/apis/user-service",
+        Some(json!({"name": "status"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["name"], "user-service");
     let r = admin(&gw, Method::GET, "/apis", None).await;
     assert_eq!(r.json()["total"], 1);
     expect_statuses(
@@ -348,6 +358,27 @@ async fn admin_routes_validation_file_precedence_and_restart() {
         .unwrap();
     assert_eq!(svc["source"], "api");
     assert_eq!(svc["targets"][0]["healthy"], true);
+
+    // Files a route names are read when it is applied: one that does not
+    // load is refused and not kept, and nothing else is disturbed.
+    let mut tls_route = doc("tls", "/tls", &a);
+    tls_route["upstream"] =
+        json!({"targets": ["https://127.0.0.1:1"], "tls": {"ca_file": "/nonexistent/ca.pem"}});
+    let r = admin(&gw, Method::POST, "/admin/routes", Some(tls_route)).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("ca_file"), "{}", r.text());
+    assert_eq!(
+        admin_status(&gw, Method::GET, "/admin/routes/tls").await,
+        404
+    );
+    let r = admin(&gw, Method::PUT, "/admin/routes/x", Some(json!([1]))).await;
+    assert_eq!(r.status, 400, "not an object: {}", r.text());
+    // A reload the file breaks is rejected and changes nothing.
+    let good = std::fs::read_to_string(&gw.path).unwrap();
+    gw.write_config(&good.replace("targets: [http://", "targets: [ftp://"));
+    assert!(gw.gw.reload().await.is_err());
+    assert_eq!(admin_status(&gw, Method::GET, "/admin/status").await, 200);
+    gw.write_config(&good);
 
     // A file route of the same name, added later, wins.
     let r = admin(
