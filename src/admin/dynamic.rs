@@ -124,7 +124,10 @@ pub fn merge(file: &Config, api: &[ApiRoute]) -> (Config, Merged) {
             continue;
         }
         match parse_route(&r.route) {
-            Ok(route) => cfg.routes.push(route),
+            Ok(route) => match shadows_protected(file, &route) {
+                Some(why) => merged.skipped.push((name, why)),
+                None => cfg.routes.push(route),
+            },
             Err(e) => merged.skipped.push((name, describe(&e))),
         }
     }
@@ -164,6 +167,70 @@ pub fn route_index(path: &str) -> Option<usize> {
         .ok()
 }
 
+/// Whether `api` could take requests away from a file route that asks for
+/// credentials or has a policy: one of its prefixes is that route's prefix or
+/// under it, on a host that route also serves. The admin API must not be a
+/// way around a protected route.
+pub fn shadows_protected(file: &Config, api: &RouteConfig) -> Option<String> {
+    let hosts = |r: &RouteConfig| -> Vec<Option<String>> {
+        match &r.matcher.host {
+            None => vec![None],
+            Some(h) => h
+                .values()
+                .iter()
+                .map(|h| Some(h.to_ascii_lowercase()))
+                .collect(),
+        }
+    };
+    let host_overlaps =
+        |api_host: &Option<String>, file_host: &Option<String>| match (api_host, file_host) {
+            (_, None) => true,
+            (None, Some(_)) => true,
+            (Some(a), Some(f)) => {
+                a == f
+                    || f.strip_prefix('*')
+                        .is_some_and(|suffix| a.ends_with(suffix))
+                    || a.strip_prefix('*')
+                        .is_some_and(|suffix| f.ends_with(suffix))
+            }
+        };
+    let under = |api_prefix: &str, file_prefix: &str| {
+        let (a, f) = (
+            config::normalize_prefix(api_prefix),
+            config::normalize_prefix(file_prefix),
+        );
+        f == "/" || a == f || (a.starts_with(f) && a.as_bytes().get(f.len()) == Some(&b'/'))
+    };
+    for f in &file.routes {
+        let protected = f.policy.is_some() || f.auth != config::AuthRequirement::None;
+        if !protected {
+            continue;
+        }
+        for fh in hosts(f) {
+            for ah in hosts(api) {
+                if !host_overlaps(&ah, &fh) {
+                    continue;
+                }
+                for fp in f.matcher.path_prefix.values() {
+                    if api
+                        .matcher
+                        .path_prefix
+                        .values()
+                        .iter()
+                        .any(|ap| under(ap, fp))
+                    {
+                        return Some(format!(
+                            "would take requests from `{}`, a route in gateway.yaml that asks for credentials; register outside its prefixes",
+                            f.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Problems of a candidate route in the context of the running routes,
 /// with `routes[i].` replaced by `route.` so they name the caller's fields.
 pub fn check_candidate(
@@ -173,6 +240,12 @@ pub fn check_candidate(
 ) -> Result<(), Vec<ConfigError>> {
     let route = parse_route(candidate)?;
     let name = route.name.clone();
+    if let Some(why) = shadows_protected(file, &route) {
+        return Err(vec![ConfigError {
+            path: "route.match".into(),
+            message: why,
+        }]);
+    }
     if file.routes.iter().any(|f| f.name == name) {
         return Err(vec![ConfigError {
             path: "route.name".into(),

@@ -679,3 +679,50 @@ async fn admin_access_by_jwt_scope_or_certificate() {
     );
     assert_eq!(anonymous.get_with("/healthz", &[]).await.status, 200);
 }
+
+/// The admin API is no way around a protected route: an API route under a
+/// gateway.yaml route's prefix that asks for credentials (or has a policy)
+/// is refused; next to it is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_routes_cannot_shadow_protected_file_routes() {
+    let up = Upstream::echo("up").await;
+    let protected = route(
+        "secure",
+        "/secure",
+        &[&up],
+        "    policy:\n      - allow: { paths: [/secure/public/**] }\n",
+    );
+    let gw = TestGateway::start(&config_with_routes(&protected)).await;
+    let doc = |name: &str, prefix: &str, host: Option<&str>| {
+        let mut d = json!({"name": name, "match": {"path_prefix": prefix}, "upstream": {"targets": [format!("http://{}", up.addr)]}});
+        if let Some(h) = host {
+            d["match"]["host"] = json!(h);
+        }
+        d
+    };
+    for (name, prefix, host) in [
+        ("inside", "/secure/admin", None),
+        ("same", "/secure", Some("api.internal")),
+    ] {
+        let r = admin(
+            &gw,
+            Method::POST,
+            "/admin/routes",
+            Some(doc(name, prefix, host)),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{name}: {}", r.text());
+        assert!(r.text().contains("secure"), "{}", r.text());
+    }
+    let r = admin(
+        &gw,
+        Method::POST,
+        "/admin/routes",
+        Some(doc("beside", "/securex", None)),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = admin(&gw, Method::POST, "/apis/", Some(json!({"name": "kong-inside", "uris": "/secure/x", "upstream_url": format!("http://{}", up.addr)}))).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(get(&gw.url("/secure/admin")).await.status, 403);
+}
