@@ -9,10 +9,11 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 # A static binary: the runtime image needs no libc.
-RUN RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release --locked --target x86_64-unknown-linux-gnu --bin tollgate \
+RUN target="$(uname -m)-unknown-linux-gnu" \
+ && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --target "$target" --bin tollgate \
  && mkdir -p /out/var/lib/tollgate \
- && cp target/x86_64-unknown-linux-gnu/release/tollgate /out/tollgate
+ && cp "target/$target/release/tollgate" /out/tollgate
 
 FROM debian:bookworm-slim AS certs
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates

@@ -747,6 +747,14 @@ impl Gateway {
             .store(Arc::new(AdminAuth::build(&new, &providers)));
         inner.providers.store(Arc::new(providers));
         let routes = table.routes().len();
+        let listener_names: Vec<String> = new.listeners.iter().map(|l| l.name.clone()).collect();
+        for gone in previous
+            .routes()
+            .iter()
+            .filter(|r| !table.routes().iter().any(|n| n.name == r.name))
+        {
+            inner.metrics.forget_route(&gone.name, &listener_names);
+        }
         inner.table.store(Arc::new(table));
         inner
             .access_log

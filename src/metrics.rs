@@ -209,6 +209,37 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Drops a removed route's series, so routes that come and go (API
+    /// registrations) do not grow the registry without bound.
+    pub fn forget_route(&self, route: &str, listeners: &[String]) {
+        for l in listeners {
+            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                let _ = self.http_requests.remove_label_values(&[l, route, class]);
+            }
+        }
+        let _ = self.http_request_duration.remove_label_values(&[route]);
+        for outcome in ["retried", "budget_exhausted"] {
+            let _ = self.http_retries.remove_label_values(&[route, outcome]);
+        }
+        for outcome in ["allow", "deny", "unauthenticated"] {
+            let _ = self.authz_decisions.remove_label_values(&[route, outcome]);
+        }
+        for kind in ["connect", "timeout", "protocol", "status"] {
+            let _ = self
+                .http_upstream_errors
+                .remove_label_values(&[route, kind]);
+        }
+        let _ = self.upstream_ejections.remove_label_values(&[route]);
+        for state in ["healthy", "unhealthy"] {
+            let _ = self
+                .upstream_health_changes
+                .remove_label_values(&[route, state]);
+        }
+        let _ = self.upstream_targets.remove_label_values(&[route]);
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()

@@ -8,7 +8,7 @@
 #   deploy/image/build.sh            # tollgate:local, tollgate-example-bar:local, tollgate-example-foo:local
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-TARGET=x86_64-unknown-linux-gnu
+TARGET=$(uname -m)-unknown-linux-gnu   # x86_64 or aarch64
 
 RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --locked --quiet --target "$TARGET" --bin tollgate

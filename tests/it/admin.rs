@@ -143,6 +143,7 @@ print("ok")
     assert_eq!(r.json()["name"], "user-service");
     let r = admin(&gw, Method::GET, "/apis", None).await;
     assert_eq!(r.json()["total"], 1);
+    assert!(gw.metrics().await.contains("route=\"user-service\""));
     expect_statuses(
         &gw,
         &[
@@ -153,6 +154,11 @@ print("ok")
     )
     .await;
     assert_eq!(get(&gw.url("/users/1")).await.status, 404);
+    let m = gw.metrics().await;
+    assert!(
+        !m.contains("route=\"user-service\""),
+        "a removed route's series are dropped"
+    );
 }
 
 /// Kong >= 1.0: a service, a route on it, traffic; a service with routes
