@@ -128,6 +128,9 @@ enum ClientsCommand {
         /// Add it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Let it introspect other clients' tokens (a resource server).
+        #[arg(long)]
+        introspect: bool,
         /// PEM public key or JWK (Set) file for private_key_jwt assertions.
         #[arg(long, conflicts_with = "jwks_uri")]
         public_key: Option<PathBuf>,
@@ -313,6 +316,7 @@ fn clients_command(cfg: &config::Config, cmd: ClientsCommand) -> Result<String, 
             ttl,
             claims,
             disabled,
+            introspect,
             public_key,
             jwks_uri,
             tls_subject,
@@ -339,6 +343,7 @@ fn clients_command(cfg: &config::Config, cmd: ClientsCommand) -> Result<String, 
                     ttl,
                     claims: &claims,
                     enabled: !disabled,
+                    introspect,
                     public_key,
                     jwks_uri,
                     tls_client_auth,

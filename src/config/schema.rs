@@ -324,6 +324,10 @@ pub struct OAuthClientConfig {
     pub claims: serde_json::Map<String, serde_json::Value>,
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// May introspect other clients' tokens (a resource server); without it
+    /// a client learns only about its own.
+    #[serde(default)]
+    pub introspect: bool,
 }
 
 /// Which field of a verified client certificate names an OAuth client

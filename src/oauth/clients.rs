@@ -42,6 +42,9 @@ pub struct ClientRecord {
     pub claims: Map<String, Value>,
     #[serde(default = "enabled")]
     pub enabled: bool,
+    /// May introspect other clients' tokens.
+    #[serde(default)]
+    pub introspect: bool,
     #[serde(default)]
     pub created_at: u64,
 }
@@ -71,6 +74,7 @@ pub struct Client {
     pub ttl: Duration,
     pub claims: Map<String, Value>,
     pub enabled: bool,
+    pub introspect: bool,
     /// `config` or `store`.
     pub source: &'static str,
 }
@@ -145,6 +149,7 @@ impl Clients {
                     ttl: c.token_ttl.unwrap_or(cfg.token_ttl),
                     claims: c.claims.clone(),
                     enabled: c.enabled,
+                    introspect: c.introspect,
                     source: "config",
                 }),
             );
@@ -196,6 +201,7 @@ impl Clients {
                     audiences: r.audiences,
                     claims: r.claims,
                     enabled: r.enabled,
+                    introspect: r.introspect,
                 }),
             );
         }
@@ -335,6 +341,7 @@ mod tests {
             token_ttl: None,
             claims: Map::new(),
             enabled: true,
+            introspect: false,
         };
         let stored = vec![
             ClientRecord {
@@ -348,6 +355,7 @@ mod tests {
                 token_ttl_secs: None,
                 claims: Map::new(),
                 enabled: true,
+                introspect: false,
                 created_at: 0,
             },
             ClientRecord {
@@ -361,6 +369,7 @@ mod tests {
                 token_ttl_secs: Some(60),
                 claims: Map::new(),
                 enabled: true,
+                introspect: false,
                 created_at: 0,
             },
         ];

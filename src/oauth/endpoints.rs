@@ -243,7 +243,7 @@ impl OAuthServer {
         let client = self.authenticate(&parts.headers, &form, peer, cert).await?;
         match ep {
             Endpoint::Token => self.token(&client, &form, cert),
-            Endpoint::Introspect => self.introspect(&form),
+            Endpoint::Introspect => self.introspect(&client, &form),
             _ => self.revoke(&client, &form).await,
         }
     }
@@ -501,11 +501,18 @@ impl OAuthServer {
         None
     }
 
-    fn introspect(&self, form: &Form) -> Result<Response<ProxyBody>, OAuthError> {
+    /// A client learns about its own tokens; one registered with
+    /// `introspect` (a resource server) about any. Others are "inactive"
+    /// (RFC 7662 §2.2), which says nothing about them.
+    fn introspect(&self, caller: &Client, form: &Form) -> Result<Response<ProxyBody>, OAuthError> {
         let token = form
             .get("token")
             .ok_or_else(|| invalid_request("token is missing"))?;
-        let body = match self.active_claims(token) {
+        let visible = self.active_claims(token).filter(|claims| {
+            caller.introspect
+                || claims.get("client_id").and_then(Value::as_str) == Some(caller.id.as_str())
+        });
+        let body = match visible {
             None => json!({"active": false}),
             Some(mut claims) => {
                 claims.insert("active".into(), true.into());

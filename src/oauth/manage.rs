@@ -20,6 +20,8 @@ pub struct NewClient<'a> {
     /// `name=value`; a value that parses as JSON is taken as JSON.
     pub claims: &'a [String],
     pub enabled: bool,
+    /// May introspect other clients' tokens.
+    pub introspect: bool,
     /// PEM or JWK text (private_key_jwt).
     pub public_key: Option<String>,
     /// Or the URL of its JWK Set.
@@ -109,6 +111,7 @@ pub fn add_client(cfg: &Config, new: &NewClient) -> Result<Option<String>, Strin
         token_ttl_secs: new.ttl.map(|d| d.as_secs()),
         claims,
         enabled: new.enabled,
+        introspect: new.introspect,
         created_at: unix_now(),
     };
     store

@@ -345,15 +345,17 @@ async fn client_credentials_round_trip_and_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn introspection_and_revocation() {
     let up = Upstream::echo("bar").await;
-    let (a, b) = (
+    let (a, b, c) = (
         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        "cccccccccccccccccccccccccccccccccccc",
     );
     let hash = sha256_hex;
     let clients = format!(
-        "  clients:\n    - {{ id: foo, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n    - {{ id: baz, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
+        "  clients:\n    - {{ id: foo, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n    - {{ id: baz, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar], introspect: true }}\n    - {{ id: qux, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
         hash(a),
-        hash(b)
+        hash(b),
+        hash(c)
     );
     let gw = TestGateway::start(&oauth_config(&up, "ES256", &clients)).await;
     let t = token(&gw, "foo", a, "").await;
@@ -371,6 +373,23 @@ async fn introspection_and_revocation() {
     assert_eq!(info["active"], true);
     assert_eq!(info["client_id"], "foo");
     assert_eq!(info["scope"], "bar.read");
+    // Without `introspect` a client learns only about its own tokens.
+    let r = post_form(
+        &gw,
+        "/oauth2/introspect",
+        &format!("token={t}"),
+        Some(("qux", c)),
+    )
+    .await;
+    assert_eq!(r.json(), serde_json::json!({"active": false}));
+    let r = post_form(
+        &gw,
+        "/oauth2/introspect",
+        &format!("token={t}"),
+        Some(("foo", a)),
+    )
+    .await;
+    assert_eq!(r.json()["active"], true, "its own token");
     let r = post_form(
         &gw,
         "/oauth2/introspect",
