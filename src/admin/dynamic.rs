@@ -172,16 +172,6 @@ pub fn route_index(path: &str) -> Option<usize> {
 /// under it, on a host that route also serves. The admin API must not be a
 /// way around a protected route.
 pub fn shadows_protected(file: &Config, api: &RouteConfig) -> Option<String> {
-    let hosts = |r: &RouteConfig| -> Vec<Option<String>> {
-        match &r.matcher.host {
-            None => vec![None],
-            Some(h) => h
-                .values()
-                .iter()
-                .map(|h| Some(h.to_ascii_lowercase()))
-                .collect(),
-        }
-    };
     let host_overlaps =
         |api_host: &Option<String>, file_host: &Option<String>| match (api_host, file_host) {
             (_, None) => true,
@@ -206,8 +196,8 @@ pub fn shadows_protected(file: &Config, api: &RouteConfig) -> Option<String> {
         if !protected {
             continue;
         }
-        for fh in hosts(f) {
-            for ah in hosts(api) {
+        for fh in f.matcher.hosts() {
+            for ah in api.matcher.hosts() {
                 if !host_overlaps(&ah, &fh) {
                     continue;
                 }

@@ -738,6 +738,20 @@ pub struct RouteMatch {
     pub headers: BTreeMap<String, String>,
 }
 
+impl RouteMatch {
+    /// Each host the route serves, lower-cased; one `None` when it serves any.
+    pub fn hosts(&self) -> Vec<Option<String>> {
+        match &self.host {
+            None => vec![None],
+            Some(h) => h
+                .values()
+                .iter()
+                .map(|h| Some(h.to_ascii_lowercase()))
+                .collect(),
+        }
+    }
+}
+
 impl Default for RouteMatch {
     fn default() -> Self {
         RouteMatch {

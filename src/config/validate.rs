@@ -646,14 +646,7 @@ impl MatchKey {
     /// One key per host and prefix the route matches.
     fn of(r: &RouteConfig) -> Vec<MatchKey> {
         let m = &r.matcher;
-        let hosts: Vec<Option<String>> = match &m.host {
-            None => vec![None],
-            Some(h) => h
-                .values()
-                .iter()
-                .map(|h| Some(h.to_ascii_lowercase()))
-                .collect(),
-        };
+        let hosts = m.hosts();
         let methods: Option<BTreeSet<String>> = m
             .methods
             .as_ref()

@@ -51,14 +51,10 @@ enum HostMatch {
 impl Matcher {
     /// One matcher per host and prefix of the route.
     fn all(cfg: &config::RouteMatch) -> Vec<Matcher> {
-        let hosts: Vec<Option<&str>> = match &cfg.host {
-            None => vec![None],
-            Some(h) => h.values().iter().map(|h| Some(h.as_str())).collect(),
-        };
         let mut out = Vec::new();
-        for host in hosts {
+        for host in cfg.hosts() {
             for prefix in cfg.path_prefix.values() {
-                out.push(Matcher::new(cfg, host, prefix));
+                out.push(Matcher::new(cfg, host.as_deref(), prefix));
             }
         }
         out
