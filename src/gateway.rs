@@ -619,6 +619,11 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => return self.rejected(e),
         };
+        // Listener certificates follow their files (they are also watched);
+        // a reload reads them too. Admin route changes need not.
+        for tls in &inner.tls_listeners {
+            let _ = tls.reload();
+        }
         self.apply(file, path).await
     }
 
@@ -672,10 +677,6 @@ impl Gateway {
                 ));
             }
         };
-        // Listener certificates follow their files (they are also watched).
-        for tls in &inner.tls_listeners {
-            let _ = tls.reload();
-        }
         // Key files, secrets and CA files are read again: a rotated key is a
         // change even when gateway.yaml is not.
         let current = inner.providers.load_full();
@@ -771,7 +772,8 @@ impl Gateway {
         Ok(Reloaded::Applied)
     }
 
-    /// Revoked token ids are dropped once their tokens would have expired.
+    /// Revoked token ids are dropped once their tokens would have expired,
+    /// in memory and in the store.
     fn purge_revocations(&self) {
         let gateway = self.clone();
         let stop = self.inner.shutdown.graceful.clone();
@@ -782,10 +784,13 @@ impl Gateway {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                let now = crate::identity::jwt::unix_now();
                 let revocations = gateway.inner.providers.load().revocations.clone();
-                let purged = revocations.purge(crate::identity::jwt::unix_now());
+                let purged = revocations.purge(now);
                 if purged > 0 {
                     tracing::debug!(purged, "expired revocations purged");
+                    // The store holds the same list (it is loaded from there).
+                    gateway.inner.oauth.purge_stored_revocations(now).await;
                 }
             }
         });

@@ -12,7 +12,6 @@ pub mod manage;
 mod runtime;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus::IntCounterVec;
@@ -31,7 +30,6 @@ use keys::KeyRing;
 /// Replaced as a whole when the config or the store changes.
 pub struct OAuthServer {
     pub issuer: String,
-    pub default_ttl: Duration,
     pub clients: Clients,
     pub keys: Arc<KeyRing>,
     revocations: Arc<Revocations>,

@@ -27,7 +27,6 @@ pub struct OAuthRuntime {
     pub self_keys: SelfKeys,
     /// What the HTTP stack serves; `None` without an `oauth` section.
     pub server: Arc<ArcSwapOption<OAuthServer>>,
-    store: Mutex<Option<Arc<Store>>>,
     /// The config last applied, for rebuilding on store changes.
     applied: Mutex<Option<(Arc<Config>, Arc<Revocations>)>>,
     issued: IntCounterVec,
@@ -54,7 +53,6 @@ impl OAuthRuntime {
         OAuthRuntime {
             self_keys: SelfKeys::default(),
             server: Arc::new(ArcSwapOption::empty()),
-            store: Mutex::new(None),
             applied: Mutex::new(None),
             limiter: Mutex::new(None),
             replays: Arc::default(),
@@ -161,7 +159,6 @@ impl OAuthRuntime {
         );
         self.server.store(Some(Arc::new(OAuthServer {
             issuer: oauth.issuer.clone(),
-            default_ttl: oauth.token_ttl,
             clients,
             keys: ring,
             revocations: revocations.clone(),
@@ -198,15 +195,31 @@ impl OAuthRuntime {
         l
     }
 
-    fn open_store(&self, cfg: &Config) -> Result<Arc<Store>, String> {
-        let path = Self::store_path(cfg);
-        let mut current = self.store.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = current.as_ref().filter(|s| s.path() == path) {
-            return Ok(s.clone());
+    /// Drops stored revocations of tokens that have expired anyway.
+    pub async fn purge_stored_revocations(&self, now: u64) {
+        let Some((cfg, _)) = self.current() else {
+            return;
+        };
+        let store = match self.open_store(&cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot purge expired revocations from the store");
+                return;
+            }
+        };
+        match tokio::task::spawn_blocking(move || store.purge_revoked(now)).await {
+            Ok(Ok(n)) if n > 0 => {
+                tracing::debug!(purged = n, "expired revocations purged from the store")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot purge expired revocations from the store")
+            }
+            _ => {}
         }
-        let store = Store::shared(&path).map_err(|e| e.to_string())?;
-        *current = Some(store.clone());
-        Ok(store)
+    }
+
+    fn open_store(&self, cfg: &Config) -> Result<Arc<Store>, String> {
+        Store::shared(&Self::store_path(cfg)).map_err(|e| e.to_string())
     }
 
     /// Runs until `stop`: rebuilds the server when the store's change marker

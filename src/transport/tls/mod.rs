@@ -51,10 +51,6 @@ impl<'a> FileReader<'a> {
         Ok(bytes)
     }
 
-    pub fn resolved(&self, path: &Path) -> PathBuf {
-        (self.resolve)(path)
-    }
-
     pub fn digest(self) -> [u8; 32] {
         let mut out = [0; 32];
         out.copy_from_slice(self.digest.finish().as_ref());
