@@ -76,14 +76,7 @@ where
         let (Some(route), identity) = (ctx.route.clone(), ctx.identity.clone()) else {
             return Either::Right(WithCaller::new(self.inner.call(req), None));
         };
-        let xfcc = match &ctx.conn.peer_cert {
-            Some(cert) if !route.auth.forward_client_cert.is_empty() => xfcc::render(
-                cert,
-                ctx.conn.server_uri.as_deref(),
-                route.auth.forward_client_cert,
-            ),
-            _ => None,
-        };
+        let xfcc = xfcc::for_connection(&ctx.conn, route.auth.forward_client_cert);
         let auth = &route.auth;
         if let Some(policy) = &auth.policy {
             let who = identity.as_deref().unwrap_or(&ANONYMOUS);

@@ -6,6 +6,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::config::XfccField;
 use crate::identity::CertIdentity;
+use crate::transport::ConnState;
 
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
@@ -28,6 +29,20 @@ impl XfccFields {
 
     pub fn is_empty(self) -> bool {
         self.0 == 0
+    }
+}
+
+/// The connection's XFCC header for `fields`: rendered once per connection
+/// (a route asking for other fields renders its own).
+pub fn for_connection(conn: &ConnState, fields: XfccFields) -> Option<HeaderValue> {
+    let cert = conn.peer_cert.as_deref()?;
+    if fields.is_empty() {
+        return None;
+    }
+    let render_now = || render(cert, conn.server_uri.as_deref(), fields);
+    match conn.xfcc.get_or_init(|| (fields.0, render_now())) {
+        (bits, value) if *bits == fields.0 => value.clone(),
+        _ => render_now(),
     }
 }
 

@@ -4,8 +4,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,6 +29,9 @@ pub struct ConnState {
     pub peer_cert: Option<Arc<CertIdentity>>,
     /// URI SAN of the certificate this connection was served with (XFCC `By`).
     pub server_uri: Option<Arc<str>>,
+    /// The client certificate's XFCC header, rendered once per connection for
+    /// the field set (a bit set) of the first route that asked.
+    pub xfcc: OnceLock<(u8, Option<HeaderValue>)>,
     /// Bumped whenever bytes move; the idle check compares snapshots, so the
     /// data path never reads a clock.
     activity: AtomicU64,
@@ -54,6 +57,7 @@ impl ConnState {
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             peer_cert,
             server_uri,
+            xfcc: OnceLock::new(),
             activity: AtomicU64::new(0),
             inflight: AtomicU32::new(0),
             active,
