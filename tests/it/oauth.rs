@@ -101,6 +101,16 @@ async fn with_assertion(
     .await
 }
 
+/// Introspection or revocation of `token`, authenticated as `who`.
+async fn token_call(
+    gw: &TestGateway,
+    endpoint: &str,
+    token: &str,
+    who: (&str, &str),
+) -> TestResponse {
+    post_form(gw, endpoint, &format!("token={token}"), Some(who)).await
+}
+
 /// Whether the token endpoint accepts the client (it is known and enabled).
 async fn authenticates(gw: &TestGateway, id: &str, secret: &str) -> bool {
     post_form(
@@ -361,34 +371,16 @@ async fn introspection_and_revocation() {
     let t = token(&gw, "foo", a, "").await;
     assert_eq!(call_bar(&gw, &t).await.status, 200);
 
-    let r = post_form(
-        &gw,
-        "/oauth2/introspect",
-        &format!("token={t}"),
-        Some(("baz", b)),
-    )
-    .await;
+    let r = token_call(&gw, "/oauth2/introspect", &t, ("baz", b)).await;
     assert_eq!(r.status, 200);
     let info = r.json();
     assert_eq!(info["active"], true);
     assert_eq!(info["client_id"], "foo");
     assert_eq!(info["scope"], "bar.read");
     // Without `introspect` a client learns only about its own tokens.
-    let r = post_form(
-        &gw,
-        "/oauth2/introspect",
-        &format!("token={t}"),
-        Some(("qux", c)),
-    )
-    .await;
+    let r = token_call(&gw, "/oauth2/introspect", &t, ("qux", c)).await;
     assert_eq!(r.json(), serde_json::json!({"active": false}));
-    let r = post_form(
-        &gw,
-        "/oauth2/introspect",
-        &format!("token={t}"),
-        Some(("foo", a)),
-    )
-    .await;
+    let r = token_call(&gw, "/oauth2/introspect", &t, ("foo", a)).await;
     assert_eq!(r.json()["active"], true, "its own token");
     let r = post_form(
         &gw,
@@ -402,23 +394,11 @@ async fn introspection_and_revocation() {
     assert_eq!(r.status, 401, "introspection needs client authentication");
 
     // Another client's revocation is answered 200 but revokes nothing.
-    let r = post_form(
-        &gw,
-        "/oauth2/revoke",
-        &format!("token={t}"),
-        Some(("baz", b)),
-    )
-    .await;
+    let r = token_call(&gw, "/oauth2/revoke", &t, ("baz", b)).await;
     assert_eq!(r.status, 200);
     assert_eq!(call_bar(&gw, &t).await.status, 200);
 
-    let r = post_form(
-        &gw,
-        "/oauth2/revoke",
-        &format!("token={t}"),
-        Some(("foo", a)),
-    )
-    .await;
+    let r = token_call(&gw, "/oauth2/revoke", &t, ("foo", a)).await;
     assert_eq!(r.status, 200);
     let r = call_bar(&gw, &t).await;
     assert_eq!(r.status, 401, "{}", r.text());
@@ -428,13 +408,7 @@ async fn introspection_and_revocation() {
             .unwrap()
             .contains("invalid_token")
     );
-    let r = post_form(
-        &gw,
-        "/oauth2/introspect",
-        &format!("token={t}"),
-        Some(("baz", b)),
-    )
-    .await;
+    let r = token_call(&gw, "/oauth2/introspect", &t, ("baz", b)).await;
     assert_eq!(r.json()["active"], false);
     // A new token works.
     assert_eq!(
@@ -478,13 +452,7 @@ async fn rotation_and_restart() {
         "the old key's token is valid during the overlap"
     );
     assert_eq!(call_bar(&gw, &new).await.status, 200);
-    let r = post_form(
-        &gw,
-        "/oauth2/revoke",
-        &format!("token={new}"),
-        Some(("foo", &secret)),
-    )
-    .await;
+    let r = token_call(&gw, "/oauth2/revoke", &new, ("foo", &secret)).await;
     assert_eq!(r.status, 200);
 
     // Restart on the same store.
