@@ -16,7 +16,7 @@ use crate::admin::dynamic;
 use crate::admin::{AdminService, Readiness};
 use crate::config::{self, Config, ConfigError, ConfigErrors, Limits};
 use crate::http::router::RouteTable;
-use crate::http::upstream::UpstreamClients;
+use crate::http::upstream::{self, UpstreamClients};
 use crate::http::{HttpEntry, StackConfig};
 use crate::identity::Providers;
 use crate::identity::jwt::SelfKeys;
@@ -91,6 +91,7 @@ impl Worker {
     ) {
         let shutdown = self.shutdown.clone();
         runtime.block_on(async move {
+            upstream::start_worker_pool(&self.proxy);
             let stack = self.stack.build(UpstreamClients::new(&self.proxy));
             for (info, socket) in sockets {
                 let listener = match TcpListener::from_std(socket) {

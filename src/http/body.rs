@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::upstream::InflightGuard;
+use super::upstream::{H1Conn, InflightGuard};
 
 /// What tollgate sends to clients: an upstream's body or a small local one.
 pub struct ProxyBody {
@@ -19,6 +19,10 @@ enum Kind {
         body: Incoming,
         /// Keeps the target's in-flight count until the body is done or dropped.
         _inflight: Option<InflightGuard>,
+        /// The HTTP/1 connection the body arrives on, when this task drives
+        /// it: polled before the body, pooled again once the body has ended,
+        /// closed if the body is dropped before its end.
+        conn: Option<H1Conn>,
     },
     Full(Option<Bytes>),
 }
@@ -36,11 +40,16 @@ impl ProxyBody {
         }
     }
 
-    pub fn upstream(body: Incoming, inflight: Option<InflightGuard>) -> ProxyBody {
+    pub fn upstream(
+        body: Incoming,
+        inflight: Option<InflightGuard>,
+        conn: Option<H1Conn>,
+    ) -> ProxyBody {
         ProxyBody {
             kind: Kind::Upstream {
                 body,
                 _inflight: inflight,
+                conn,
             },
         }
     }
@@ -55,7 +64,25 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().kind {
-            Kind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Kind::Upstream { body, conn, .. } => {
+                if let Some(c) = conn {
+                    c.drive(cx);
+                }
+                let frame = Pin::new(&mut *body).poll_frame(cx);
+                let ended = match &frame {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    Poll::Ready(Some(Err(_))) => {
+                        *conn = None;
+                        false
+                    }
+                    Poll::Pending => false,
+                };
+                if ended && let Some(c) = conn.take() {
+                    c.release(cx);
+                }
+                frame
+            }
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }

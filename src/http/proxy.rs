@@ -20,7 +20,7 @@ use super::body::{ProxyBody, RequestBody, RequestBodyError};
 use super::error::GatewayError;
 use super::headers::{self, Origin};
 use super::router::Route;
-use super::upstream::{HttpClient, InflightGuard, Target, UpstreamClients};
+use super::upstream::{H1Conn, InflightGuard, SendError, Target, UpstreamClients};
 use crate::config::UpstreamProtocol;
 use crate::transport::ConnState;
 
@@ -61,8 +61,7 @@ impl Service<Request<Incoming>> for Proxy {
                     .await);
             }
             let route = ctx.route.clone().ok_or(GatewayError::NoRoute)?;
-            let client = clients.get(route.pool.config.protocol);
-            forward(client, &ctx.conn, &route, req).await
+            forward(&clients, &ctx.conn, &route, req).await
         })
     }
 }
@@ -82,11 +81,12 @@ struct Failure {
 }
 
 async fn forward(
-    client: &HttpClient,
-    conn: &Arc<ConnState>,
+    clients: &UpstreamClients,
+    client_conn: &Arc<ConnState>,
     route: &Arc<Route>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
+    let conn = client_conn;
     let pool = &route.pool;
     pool.budget.deposit();
 
@@ -144,10 +144,12 @@ async fn forward(
         if !route.preserve_host {
             headers.insert(header::HOST, target.host_header.clone());
         }
-        let sender = target.sender(client);
+        let sender = clients.sender(&target, pool.config.protocol, upgrade);
         let mut uri = UriParts::default();
-        uri.scheme = Some(sender.scheme());
-        uri.authority = Some(target.uri_authority.clone());
+        if let Some(scheme) = sender.scheme() {
+            uri.scheme = Some(scheme);
+            uri.authority = Some(target.uri_authority.clone());
+        }
         uri.path_and_query = Some(path.clone());
         let uri = Uri::from_parts(uri).map_err(|e| GatewayError::UpstreamProtocol {
             target: target.addr.to_string(),
@@ -164,9 +166,10 @@ async fn forward(
         *upstream_req.headers_mut() = headers;
 
         let inflight = InflightGuard::new(target.clone());
-        let sent = tokio::time::timeout(route.timeout, sender.request(upstream_req)).await;
+        let sent =
+            tokio::time::timeout(route.timeout, sender.send(target.addr, upstream_req)).await;
         let failure = match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, conn))) => {
                 let status = resp.status();
                 let gateway_error = matches!(
                     status,
@@ -177,7 +180,20 @@ async fn forward(
                 pool.report(&target, !gateway_error);
                 let retry_status = route.retry_on_status.contains(&status);
                 if !(retry_status && idempotent && may_retry) {
-                    return respond(resp, inflight, client_upgrade, conn, route, &target);
+                    let conn = match conn {
+                        // Nothing more to read: the connection is free now.
+                        Some(c) if resp.body().is_end_stream() => {
+                            c.release_now().await;
+                            None
+                        }
+                        other => other,
+                    };
+                    let upstream = Upstream {
+                        inflight,
+                        conn,
+                        target: &target,
+                    };
+                    return respond(resp, upstream, client_upgrade, client_conn, route);
                 }
                 route.metrics.upstream_status.inc();
                 Failure {
@@ -231,11 +247,7 @@ async fn forward(
 
 /// Sorts a client error into the caller's fault (returned as `Err`) or an
 /// upstream failure. Connect errors are always retryable: nothing was sent.
-fn classify(
-    e: &hyper_util::client::legacy::Error,
-    target: &Target,
-    repeatable: bool,
-) -> Result<Failure, GatewayError> {
+fn classify(e: &SendError, target: &Target, repeatable: bool) -> Result<Failure, GatewayError> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(body_err) = s.downcast_ref::<RequestBodyError>() {
@@ -279,14 +291,25 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// What a response keeps of its upstream until its body is done.
+struct Upstream<'a> {
+    inflight: InflightGuard,
+    conn: Option<H1Conn>,
+    target: &'a Target,
+}
+
 fn respond(
     mut resp: Response<Incoming>,
-    inflight: InflightGuard,
+    upstream: Upstream<'_>,
     client_upgrade: Option<OnUpgrade>,
     conn: &Arc<ConnState>,
     route: &Route,
-    target: &Target,
 ) -> Result<Response<ProxyBody>, GatewayError> {
+    let Upstream {
+        inflight,
+        conn: upstream_conn,
+        target,
+    } = upstream;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         let Some(client_upgrade) = client_upgrade else {
@@ -316,7 +339,7 @@ fn respond(
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,
-        ProxyBody::upstream(body, Some(inflight)),
+        ProxyBody::upstream(body, Some(inflight), upstream_conn),
     ))
 }
 

@@ -125,6 +125,9 @@ pub fn route(name: &str, prefix: &str, targets: &[&Upstream], extra: &str) -> St
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted, and those still open.
+    pub accepted: Arc<AtomicUsize>,
+    pub open: Arc<AtomicUsize>,
     _tasks: JoinSet<()>,
 }
 
@@ -150,14 +153,20 @@ impl Upstream {
         let handler = Arc::new(handler);
         let mut tasks = JoinSet::new();
         let counter = hits.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (accepted_in, open_in) = (accepted.clone(), open.clone());
         tasks.spawn(async move {
             let mut conns = JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted_in.fetch_add(1, Ordering::SeqCst);
+                open_in.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
                 let counter = counter.clone();
+                let open = open_in.clone();
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
@@ -167,12 +176,15 @@ impl Upstream {
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Upstream {
             addr,
             hits,
+            accepted,
+            open,
             _tasks: tasks,
         }
     }
@@ -185,6 +197,13 @@ impl Upstream {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn connections(&self) -> (usize, usize) {
+        (
+            self.accepted.load(Ordering::SeqCst),
+            self.open.load(Ordering::SeqCst),
+        )
     }
 }
 

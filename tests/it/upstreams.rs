@@ -266,3 +266,113 @@ async fn no_healthy_target_is_503() {
     assert_eq!(r.status, 503, "then no target is left");
     assert_eq!(r.json()["error"], "no_healthy_upstream");
 }
+
+/// Keep-alive connections to a target are reused whatever the response's
+/// framing (length, chunked, none), and closed once idle for the pool's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_and_closed_when_idle() {
+    use http::{Method, Response};
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+
+    let up = Upstream::start(|req| async move {
+        match req.uri().path() {
+            "/chunked" => {
+                let frames = ["ch", "unk", "ed"]
+                    .map(|s| Ok::<_, BoxError>(Frame::data(bytes::Bytes::from(s))));
+                Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                    frames,
+                ))))
+            }
+            "/empty" => status_response(204),
+            _ => Response::new(full("length")),
+        }
+    })
+    .await;
+    let yaml = config_with_routes(&route("r", "/", &[&up], "")).replace(
+        "proxy:\n  access_log: false\n",
+        "proxy:\n  access_log: false\n  pool_idle_timeout: 300ms\nruntime:\n  workers: 1\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    for _ in 0..5 {
+        for (method, path, status, body) in [
+            (Method::GET, "/len", 200, "length"),
+            (Method::GET, "/chunked", 200, "chunked"),
+            (Method::GET, "/empty", 204, ""),
+            (Method::HEAD, "/len", 200, ""),
+            (Method::POST, "/len", 200, "length"),
+        ] {
+            let r = send(
+                Request::builder()
+                    .method(method.clone())
+                    .uri(gw.url(path))
+                    .body(full("request body"))
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(
+                (r.status.as_u16(), r.text().as_str()),
+                (status, body),
+                "{method} {path}"
+            );
+        }
+    }
+    assert_eq!(up.hits(), 25);
+    assert_eq!(up.connections(), (1, 1), "one upstream connection, reused");
+    wait_until(
+        Duration::from_secs(5),
+        "the idle upstream connection closes",
+        || async { up.connections().1 == 0 },
+    )
+    .await;
+    assert_eq!(get(&gw.url("/len")).await.status, 200);
+    assert_eq!(up.connections(), (2, 1));
+}
+
+/// A pooled connection that the target closed while it sat idle is not used:
+/// the next request, even a POST with a body, goes out on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_idle_connections_loses_no_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // Answers one request per connection with a keep-alive response, then
+    // closes the connection shortly after.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(12).any(|w| w == b"request body") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    let targets = format!(
+        "  - name: r\n    match:\n      path_prefix: /\n    upstream:\n      targets: [http://{addr}]\n"
+    );
+    let gw = TestGateway::start(&config_with_routes(&targets)).await;
+    for _ in 0..3 {
+        let r = send(
+            Request::post(gw.url("/"))
+                .header("content-length", "12")
+                .body(full("request body"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -74,8 +74,9 @@ fn update(
 }
 
 async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> bool {
-    let sender = target.sender(&pool.health_client);
-    let uri = format!("{}://{}{}", sender.scheme(), target.uri_authority, hc.path);
+    let sender = target.pooled_sender(&pool.health_client);
+    let scheme = sender.scheme().unwrap_or(http::uri::Scheme::HTTP);
+    let uri = format!("{scheme}://{}{}", target.uri_authority, hc.path);
     let Ok(req) = Request::get(uri)
         .header(header::HOST, target.host_header.clone())
         .header(header::USER_AGENT, "tollgate-health-check")
@@ -83,8 +84,8 @@ async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> 
     else {
         return false;
     };
-    match tokio::time::timeout(hc.timeout, sender.request(req)).await {
-        Ok(Ok(resp)) => {
+    match tokio::time::timeout(hc.timeout, sender.send(target.addr, req)).await {
+        Ok(Ok((resp, _))) => {
             let status = resp.status();
             status.is_success() || status.is_redirection()
         }

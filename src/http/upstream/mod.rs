@@ -3,6 +3,7 @@
 //! health-check tasks. Request-path state is atomics only.
 
 mod budget;
+mod h1;
 mod health;
 
 use std::collections::HashSet;
@@ -13,16 +14,18 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
-use http::Request;
 use http::uri::Authority;
 use http::uri::Scheme;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
+use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::ServerName;
 
 pub use budget::RetryBudget;
+pub use h1::{H1Conn, H1Error, start_worker_pool};
 
 use super::body::RequestBody;
 use crate::config::{
@@ -34,25 +37,60 @@ use crate::transport::tls::UpstreamTlsMaterial;
 pub type HttpClient = Client<HttpConnector, RequestBody>;
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
-/// The client that sends a request to a target: the worker's plain client, or
-/// the TLS client of the target's URL.
+/// How a request reaches a target.
 pub enum Sender<'a> {
-    Plain(&'a HttpClient),
+    /// Plain HTTP/1.1 on a connection this request's task drives (`h1`).
+    Direct(&'a ProxyConfig),
+    /// The worker's pooled client: h2c, and upgrades (which hand the
+    /// connection over to a tunnel).
+    Pooled(&'a HttpClient),
+    /// The TLS client of the target's URL.
     Tls(&'a HttpsClient),
 }
 
-impl Sender<'_> {
-    pub fn request(&self, req: Request<RequestBody>) -> ResponseFuture {
+/// Why sending to a target failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Direct(#[from] H1Error),
+    #[error(transparent)]
+    Client(#[from] hyper_util::client::legacy::Error),
+}
+
+impl SendError {
+    /// No connection was made: nothing was sent.
+    pub fn is_connect(&self) -> bool {
         match self {
-            Sender::Plain(c) => c.request(req),
-            Sender::Tls(c) => c.request(req),
+            SendError::Direct(e) => matches!(e, H1Error::Connect(_)),
+            SendError::Client(e) => e.is_connect(),
+        }
+    }
+}
+
+impl Sender<'_> {
+    /// Sends to `addr`; the connection comes back with the response when
+    /// the response body is to drive it.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<H1Conn>), SendError> {
+        match self {
+            Sender::Direct(proxy) => {
+                let (resp, conn) = h1::send(addr, req, proxy).await?;
+                Ok((resp, Some(conn)))
+            }
+            Sender::Pooled(c) => Ok((c.request(req).await?, None)),
+            Sender::Tls(c) => Ok((c.request(req).await?, None)),
         }
     }
 
-    pub fn scheme(&self) -> Scheme {
+    /// The request URI's scheme, or none for origin-form (`Direct`).
+    pub fn scheme(&self) -> Option<Scheme> {
         match self {
-            Sender::Plain(_) => Scheme::HTTP,
-            Sender::Tls(_) => Scheme::HTTPS,
+            Sender::Direct(_) => None,
+            Sender::Pooled(_) => Some(Scheme::HTTP),
+            Sender::Tls(_) => Some(Scheme::HTTPS),
         }
     }
 }
@@ -85,6 +123,19 @@ impl UpstreamClients {
             // TLS targets use their pool's own clients.
             UpstreamProtocol::Http1 | UpstreamProtocol::H2 => &self.http1,
         }
+    }
+
+    /// How to reach `target` for a request of the route's `protocol`.
+    pub fn sender<'a>(
+        &'a self,
+        target: &'a Target,
+        protocol: UpstreamProtocol,
+        upgrade: bool,
+    ) -> Sender<'a> {
+        if target.tls.is_none() && protocol == UpstreamProtocol::Http1 && !upgrade {
+            return Sender::Direct(&self.proxy);
+        }
+        target.pooled_sender(self.get(protocol))
     }
 
     /// A TLS client for one target URL: SNI and certificate verification use
@@ -179,11 +230,11 @@ impl Target {
         self.inflight.load(Ordering::Relaxed)
     }
 
-    /// How to reach this target: its TLS client, or the given plain one.
-    pub fn sender<'a>(&'a self, plain: &'a HttpClient) -> Sender<'a> {
+    /// Its TLS client, or the given plain one.
+    pub fn pooled_sender<'a>(&'a self, plain: &'a HttpClient) -> Sender<'a> {
         match &self.tls {
             Some(c) => Sender::Tls(c),
-            None => Sender::Plain(plain),
+            None => Sender::Pooled(plain),
         }
     }
 }
