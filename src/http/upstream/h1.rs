@@ -26,8 +26,11 @@ use crate::http::body::RequestBody;
 type Conn = Connection<TokioIo<TcpStream>, RequestBody>;
 
 /// One connection to a target: the request handle and the connection state
-/// machine that this side polls itself.
-pub struct H1Conn {
+/// machine that this side polls itself. Boxed: it moves between the pool,
+/// request futures and response bodies, and its buffers are large.
+pub struct H1Conn(Box<ConnParts>);
+
+struct ConnParts {
     sender: SendRequest<RequestBody>,
     /// `None` once the connection has finished (closed or failed).
     conn: Option<Conn>,
@@ -39,11 +42,11 @@ impl H1Conn {
     /// a finished connection fails any request still queued on it, so a
     /// waiting response future always resolves.
     pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(conn) = self.conn.as_mut() else {
+        let Some(conn) = self.0.conn.as_mut() else {
             return false;
         };
         if Pin::new(conn).poll(cx).is_ready() {
-            self.conn = None;
+            self.0.conn = None;
             return false;
         }
         true
@@ -58,7 +61,7 @@ impl H1Conn {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let limit = LIMITS.get().max_idle;
-            let list = idle.entry(self.addr).or_default();
+            let list = idle.entry(self.0.addr).or_default();
             if list.len() < limit {
                 list.push(Idle {
                     conn: self,
@@ -122,7 +125,7 @@ async fn exchange(
     conn: &mut H1Conn,
     req: Request<RequestBody>,
 ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>> {
-    let mut response = pin!(conn.sender.try_send_request(req));
+    let mut response = pin!(conn.0.sender.try_send_request(req));
     poll_fn(|cx| {
         conn.drive(cx);
         response.as_mut().poll(cx)
@@ -139,7 +142,7 @@ async fn checkout(addr: SocketAddr) -> Option<H1Conn> {
         // Polling notices a close by the target (and finishes the previous
         // response's bookkeeping); only a connection waiting for a request is used.
         let open = poll_fn(|cx| Poll::Ready(conn.drive(cx))).await;
-        if open && conn.sender.is_ready() {
+        if open && conn.0.sender.is_ready() {
             return Some(conn);
         }
     }
@@ -163,11 +166,11 @@ async fn connect(addr: SocketAddr, proxy: &ProxyConfig) -> Result<H1Conn, H1Erro
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await?;
-    Ok(H1Conn {
+    Ok(H1Conn(Box::new(ConnParts {
         sender,
         conn: Some(conn),
         addr,
-    })
+    })))
 }
 
 struct Idle {
