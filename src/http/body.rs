@@ -19,9 +19,8 @@ enum Kind {
         body: Incoming,
         /// Keeps the target's in-flight count until the body is done or dropped.
         _inflight: Option<InflightGuard>,
-        /// The HTTP/1 connection the body arrives on, when this task drives
-        /// it: polled before the body, pooled again once the body has ended,
-        /// closed if the body is dropped before its end.
+        /// The pooled HTTP/1 connection the body arrives on: back to the
+        /// pool once the body has ended, closed if it is dropped before.
         conn: Option<H1Conn>,
     },
     Full(Option<Bytes>),
@@ -65,9 +64,6 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().kind {
             Kind::Upstream { body, conn, .. } => {
-                if let Some(c) = conn {
-                    c.drive(cx);
-                }
                 let frame = Pin::new(&mut *body).poll_frame(cx);
                 let ended = match &frame {
                     Poll::Ready(None) => true,
@@ -79,7 +75,7 @@ impl Body for ProxyBody {
                     Poll::Pending => false,
                 };
                 if ended && let Some(c) = conn.take() {
-                    c.release(cx);
+                    c.release();
                 }
                 frame
             }

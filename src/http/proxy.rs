@@ -183,7 +183,7 @@ async fn forward(
                     let conn = match conn {
                         // Nothing more to read: the connection is free now.
                         Some(c) if resp.body().is_end_stream() => {
-                            c.release_now().await;
+                            c.release();
                             None
                         }
                         other => other,

@@ -229,6 +229,11 @@ impl TlsConn {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
+        // The connection's task may not have finished the previous exchange yet.
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
         let resp = tokio::time::timeout(
             Duration::from_secs(10),
             self.sender

@@ -1,67 +1,44 @@
-//! Plain HTTP/1.1 to targets over connections that the request's own task
-//! drives. The hyper connection is polled from the proxied request's future
-//! and then from its response body, so a request costs no hand-off to a
-//! connection task and back, and no task spawned to watch for the connection
-//! to become idle again (what a pooled client with a task per connection
-//! does). Each worker is one thread with its own event loop, so idle
-//! connections wait in a per-thread list: checkout and return take no lock.
+//! Plain HTTP/1.1 to targets on a per-thread pool of hyper connections.
+//! Each worker is one thread with its own event loop, so idle connections
+//! wait in a per-thread list: checkout and return take no lock, and no task
+//! is spawned per request (hyper-util's pooled client does both).
+//!
+//! Each connection runs in its own task. Driving it from the request's task
+//! instead was measured slower: writes to upstreams and clients then go out
+//! one by one rather than batched per event-loop turn, and waking the peers
+//! more often costs more than the hand-off between tasks saves.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
-use std::pin::{Pin, pin};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::ProxyConfig;
 use crate::http::body::RequestBody;
 
-type Conn = Connection<TokioIo<TcpStream>, RequestBody>;
-
-/// One connection to a target: the request handle and the connection state
-/// machine that this side polls itself. Boxed: it moves between the pool,
-/// request futures and response bodies, and its buffers are large.
-pub struct H1Conn(Box<ConnParts>);
-
-struct ConnParts {
+/// A connection to a target, as the handle that sends requests on it.
+pub struct H1Conn {
     sender: SendRequest<RequestBody>,
-    /// `None` once the connection has finished (closed or failed).
-    conn: Option<Conn>,
     addr: SocketAddr,
 }
 
 impl H1Conn {
-    /// Moves the connection's IO along; false once it has finished. Dropping
-    /// a finished connection fails any request still queued on it, so a
-    /// waiting response future always resolves.
-    pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(conn) = self.0.conn.as_mut() else {
-            return false;
-        };
-        if Pin::new(conn).poll(cx).is_ready() {
-            self.0.conn = None;
-            return false;
-        }
-        true
-    }
-
     /// Hands the connection back for the next request to this target, after
     /// its response has been read to the end.
-    pub fn release(mut self, cx: &mut Context<'_>) {
-        if !self.drive(cx) {
+    pub fn release(self) {
+        if self.sender.is_closed() {
             return;
         }
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let limit = LIMITS.get().max_idle;
-            let list = idle.entry(self.0.addr).or_default();
+            let list = idle.entry(self.addr).or_default();
             if list.len() < limit {
                 list.push(Idle {
                     conn: self,
@@ -72,24 +49,10 @@ impl H1Conn {
     }
 }
 
-impl H1Conn {
-    /// `release` from async code: for a response without a body to read.
-    pub async fn release_now(self) {
-        let mut conn = Some(self);
-        poll_fn(|cx| {
-            if let Some(c) = conn.take() {
-                c.release(cx);
-            }
-            Poll::Ready(())
-        })
-        .await;
-    }
-}
-
 /// How a request to a target failed.
 #[derive(Debug, thiserror::Error)]
 pub enum H1Error {
-    #[error("connect: {0}")]
+    #[error("cannot connect")]
     Connect(#[source] std::io::Error),
     #[error(transparent)]
     Http(#[from] hyper::Error),
@@ -97,14 +60,19 @@ pub enum H1Error {
 
 /// Sends `req` to `addr` on an idle connection of this thread, or a new one.
 /// A pooled connection that turns out closed before the request was written
-/// to it gives the request back; it is then sent on a fresh connection.
+/// to it gives the request back; it is then sent on the next one.
 pub async fn send(
     addr: SocketAddr,
     mut req: Request<RequestBody>,
     proxy: &ProxyConfig,
 ) -> Result<(Response<Incoming>, H1Conn), H1Error> {
-    while let Some(mut conn) = checkout(addr).await {
-        match exchange(&mut conn, req).await {
+    while let Some(mut conn) = checkout(addr) {
+        // Ready at once unless its task has not yet seen the end of the
+        // previous response; an error means it closed meanwhile.
+        if conn.sender.ready().await.is_err() {
+            continue;
+        }
+        match conn.sender.try_send_request(req).await {
             Ok(resp) => return Ok((resp, conn)),
             Err(mut e) => match e.take_message() {
                 Some(unsent) => req = unsent,
@@ -113,39 +81,24 @@ pub async fn send(
         }
     }
     let mut conn = connect(addr, proxy).await?;
-    match exchange(&mut conn, req).await {
+    match conn.sender.try_send_request(req).await {
         Ok(resp) => Ok((resp, conn)),
         Err(e) => Err(H1Error::Http(e.into_error())),
     }
 }
 
-/// Writes the request and reads the response head, driving the connection
-/// from this task.
-async fn exchange(
-    conn: &mut H1Conn,
-    req: Request<RequestBody>,
-) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>> {
-    let mut response = pin!(conn.0.sender.try_send_request(req));
-    poll_fn(|cx| {
-        conn.drive(cx);
-        response.as_mut().poll(cx)
-    })
-    .await
-}
-
 /// The most recently used idle connection to `addr` that is still open.
-async fn checkout(addr: SocketAddr) -> Option<H1Conn> {
-    loop {
-        let mut conn = IDLE
-            .with(|idle| idle.borrow_mut().get_mut(&addr)?.pop())?
-            .conn;
-        // Polling notices a close by the target (and finishes the previous
-        // response's bookkeeping); only a connection waiting for a request is used.
-        let open = poll_fn(|cx| Poll::Ready(conn.drive(cx))).await;
-        if open && conn.0.sender.is_ready() {
-            return Some(conn);
+fn checkout(addr: SocketAddr) -> Option<H1Conn> {
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some(Idle { conn, .. }) = list.pop() {
+            if !conn.sender.is_closed() {
+                return Some(conn);
+            }
         }
-    }
+        None
+    })
 }
 
 async fn connect(addr: SocketAddr, proxy: &ProxyConfig) -> Result<H1Conn, H1Error> {
@@ -166,11 +119,14 @@ async fn connect(addr: SocketAddr, proxy: &ProxyConfig) -> Result<H1Conn, H1Erro
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await?;
-    Ok(H1Conn(Box::new(ConnParts {
-        sender,
-        conn: Some(conn),
-        addr,
-    })))
+    // Ends when the target closes the connection or every handle is dropped
+    // (the request that holds it, or the idle list).
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(target = %addr, error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(H1Conn { sender, addr })
 }
 
 struct Idle {
