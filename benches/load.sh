@@ -2,15 +2,18 @@
 # Load comparison in one run: the same small upstream reached directly, through
 # nginx (proxy_pass with upstream keepalive) and through tollgate. Each proxy is
 # pinned to the same core; the load generator and the upstream share the other.
+# The targets take turns for ROUNDS rounds, and each figure is the median of
+# its rounds: on a shared VM one run can be 20% off the next.
 # Prints requests/s and p50/p99 latency for each, the ratios, and tollgate's
 # RSS idle and with 10k idle keep-alive connections.
 #
 #   benches/load.sh                 # needs: nginx (nginx-light), wrk, python3
-#   DURATION=30s CONNS=128 benches/load.sh
+#   DURATION=30s CONNS=128 ROUNDS=5 benches/load.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
@@ -81,27 +84,34 @@ idle_rss=$(rss_kib "$tg_pid")
 to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'; }
 
 declare -A RPS P50 P99
-run() { # name port [path [wrk args...]]
+# median "v1 v2 ..." -> the middle value (the upper middle for an even count)
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int(NR / 2) + 1] }'; }
+run() { # name port [path [wrk args...]]: one round, appended to the target's figures
   local name=$1 port=$2 path=${3:-/}
   shift 3 2>/dev/null || shift $#
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "$@" "http://127.0.0.1:$port$path" >/dev/null # warm-up
   local out
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" "http://127.0.0.1:$port$path")
-  set -- "$name"
-  RPS[$1]=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  P50[$1]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
-  P99[$1]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$1: errors during the run:"; grep "Non-2xx\|Socket errors" <<<"$out"; fi
+  RPS[$name]+=" $(awk '/Requests\/sec/ {print $2}' <<<"$out")"
+  P50[$name]+=" $(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")"
+  P99[$name]+=" $(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")"
+  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$name: errors during the run:"; grep "Non-2xx\|Socket errors" <<<"$out"; fi
 }
 curl -fs -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$TG_PORT/jwt/" >/dev/null || { echo "the bench token is refused"; exit 1; }
-run direct $UP_PORT
-run nginx $NGINX_PORT
-run tollgate $TG_PORT
-run tollgate-jwt $TG_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
-
-printf '\n%-10s %12s %10s %10s\n' target "requests/s" "p50 us" "p99 us"
+for round in $(seq "$ROUNDS"); do
+  run direct $UP_PORT
+  run nginx $NGINX_PORT
+  run tollgate $TG_PORT
+  run tollgate-jwt $TG_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
+  echo "round $round requests/s: direct ${RPS[direct]##* }, nginx ${RPS[nginx]##* }, tollgate ${RPS[tollgate]##* }, tollgate-jwt ${RPS[tollgate-jwt]##* }"
+done
 for t in direct nginx tollgate tollgate-jwt; do
-  printf '%-10s %12.0f %10.0f %10.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}"
+  RPS[$t]=$(median "${RPS[$t]}") P50[$t]=$(median "${P50[$t]}") P99[$t]=$(median "${P99[$t]}")
+done
+
+printf '\nmedians of %d rounds\n%-12s %12s %10s %10s\n' "$ROUNDS" target "requests/s" "p50 us" "p99 us"
+for t in direct nginx tollgate tollgate-jwt; do
+  printf '%-12s %12.0f %10.0f %10.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}"
 done
 awk -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" -v t99="${P99[tollgate]}" -v n99="${P99[nginx]}" -v d99="${P99[direct]}" 'BEGIN {
   printf "\nthroughput tollgate/nginx: %.2f\n", tr / nr
