@@ -141,7 +141,8 @@ async fn forward(
         } else {
             std::mem::take(&mut parts.headers)
         };
-        if !route.preserve_host {
+        // HTTP/1.1 needs a Host: the target's unless the client's is kept.
+        if !(route.preserve_host && original_host.is_some()) {
             headers.insert(header::HOST, target.host_header.clone());
         }
         let sender = clients.sender(&target, pool.config.protocol, upgrade);

@@ -97,6 +97,21 @@ async fn preserve_host_forwards_the_client_host() {
         .body(full(""))
         .unwrap();
     assert_eq!(send(req).await.json()["headers"]["host"], "public.example");
+
+    // An HTTP/1.0 client may send no Host; the upstream still gets one.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("response within 10s")
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    let json = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {raw}"));
+    assert_eq!(body["headers"]["host"], up.addr.to_string(), "{raw}");
 }
 
 /// The upstream sees the first chunk before the client has sent the second
