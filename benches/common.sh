@@ -41,3 +41,9 @@ start_upstream() {
   nginx_conf upstream "server { listen 127.0.0.1:$2; location / { return 200 \"ok\\n\"; } }"
   taskset -c "$1" nginx -q -p "$work" -c "$work/upstream.conf"
 }
+
+# median "v1 v2 ..." -> the middle value (the upper middle for an even count).
+# The load scripts alternate their targets over $ROUNDS rounds and report
+# medians: on a shared VM one run can be 20-30% off the next.
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int(NR / 2) + 1] }'; }
+ROUNDS=${ROUNDS:-3}

@@ -13,7 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
-ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
@@ -84,8 +83,6 @@ idle_rss=$(rss_kib "$tg_pid")
 to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'; }
 
 declare -A RPS P50 P99
-# median "v1 v2 ..." -> the middle value (the upper middle for an even count)
-median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int(NR / 2) + 1] }'; }
 run() { # name port [path [wrk args...]]: one round, appended to the target's figures
   local name=$1 port=$2 path=${3:-/}
   shift 3 2>/dev/null || shift $#

@@ -5,10 +5,11 @@
 #   - mTLS handshakes/s: every request on a new connection, full handshake
 #   - keep-alive requests/s over mTLS
 # for nginx (ssl_verify_client on, proxy_pass with upstream keepalive) and
-# tollgate (client_auth: required), with the ratios.
+# tollgate (client_auth: required), with the ratios: medians of ROUNDS rounds
+# in which the targets take turns.
 #
 #   benches/tls_load.sh              # needs: nginx (nginx-light), curl, taskset
-#   SECONDS_PER_RUN=20 CONNS=64 benches/tls_load.sh
+#   SECONDS_PER_RUN=20 CONNS=64 ROUNDS=5 benches/tls_load.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,23 +70,32 @@ wait_https $NGINX_PORT
 wait_https $TG_PORT
 
 declare -A RPS P99
-run() { # name port mode
+run() { # name port mode: one round, appended to the target's figures
   local args=(--addr "127.0.0.1:$2" --ca "$work/ca/ca.pem" --cert "$work/client.pem" --key "$work/client.key" --mode "$3" --conns "$CONNS")
   taskset -c "$LOAD_CPU" $load "${args[@]}" --seconds 2 >/dev/null # warm-up
   local out
   out=$(taskset -c "$LOAD_CPU" $load "${args[@]}" --seconds "$RUN_SECONDS")
-  RPS[$1]=$(awk '/requests\/s/ {print $2}' <<<"$out")
-  P99[$1]=$(awk '/p99_us/ {print $2}' <<<"$out")
+  RPS[$1]+=" $(awk '/requests\/s/ {print $2}' <<<"$out")"
+  P99[$1]+=" $(awk '/p99_us/ {print $2}' <<<"$out")"
   local errors; errors=$(awk '/errors/ {print $2}' <<<"$out")
   [ "$errors" = 0 ] || echo "$1: $errors errors during the run"
 }
-run nginx-handshake $NGINX_PORT handshake
-run tollgate-handshake $TG_PORT handshake
-run nginx-keepalive $NGINX_PORT keepalive
-run tollgate-keepalive $TG_PORT keepalive
+targets=(nginx-handshake tollgate-handshake nginx-keepalive tollgate-keepalive)
+for round in $(seq "$ROUNDS"); do
+  run nginx-handshake $NGINX_PORT handshake
+  run tollgate-handshake $TG_PORT handshake
+  run nginx-keepalive $NGINX_PORT keepalive
+  run tollgate-keepalive $TG_PORT keepalive
+  line="round $round requests/s:"
+  for t in "${targets[@]}"; do line+=" $t ${RPS[$t]##* },"; done
+  echo "${line%,}"
+done
+for t in "${targets[@]}"; do
+  RPS[$t]=$(median "${RPS[$t]}") P99[$t]=$(median "${P99[$t]}")
+done
 
-printf '\n%-20s %12s %10s\n' target "requests/s" "p99 us"
-for t in nginx-handshake tollgate-handshake nginx-keepalive tollgate-keepalive; do
+printf '\nmedians of %d rounds\n%-20s %12s %10s\n' "$ROUNDS" target "requests/s" "p99 us"
+for t in "${targets[@]}"; do
   printf '%-20s %12.0f %10.0f\n' "$t" "${RPS[$t]}" "${P99[$t]}"
 done
 awk -v th="${RPS[tollgate-handshake]}" -v nh="${RPS[nginx-handshake]}" \
