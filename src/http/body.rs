@@ -20,7 +20,8 @@ enum Kind {
         /// Keeps the target's in-flight count until the body is done or dropped.
         _inflight: Option<InflightGuard>,
         /// The pooled HTTP/1 connection the body arrives on: back to the
-        /// pool once the body has ended, closed if it is dropped before.
+        /// pool once the body has ended (at once when there is none), closed
+        /// if the body is dropped before its end.
         conn: Option<H1Conn>,
     },
     Full(Option<Bytes>),
@@ -44,6 +45,14 @@ impl ProxyBody {
         inflight: Option<InflightGuard>,
         conn: Option<H1Conn>,
     ) -> ProxyBody {
+        // A body that is already complete is never polled: free its connection now.
+        let conn = match conn {
+            Some(c) if body.is_end_stream() => {
+                c.release();
+                None
+            }
+            other => other,
+        };
         ProxyBody {
             kind: Kind::Upstream {
                 body,

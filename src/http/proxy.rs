@@ -82,11 +82,10 @@ struct Failure {
 
 async fn forward(
     clients: &UpstreamClients,
-    client_conn: &Arc<ConnState>,
+    conn: &Arc<ConnState>,
     route: &Arc<Route>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
-    let conn = client_conn;
     let pool = &route.pool;
     pool.budget.deposit();
 
@@ -170,7 +169,7 @@ async fn forward(
         let sent =
             tokio::time::timeout(route.timeout, sender.send(target.addr, upstream_req)).await;
         let failure = match sent {
-            Ok(Ok((resp, conn))) => {
+            Ok(Ok((resp, upstream_conn))) => {
                 let status = resp.status();
                 let gateway_error = matches!(
                     status,
@@ -181,20 +180,15 @@ async fn forward(
                 pool.report(&target, !gateway_error);
                 let retry_status = route.retry_on_status.contains(&status);
                 if !(retry_status && idempotent && may_retry) {
-                    let conn = match conn {
-                        // Nothing more to read: the connection is free now.
-                        Some(c) if resp.body().is_end_stream() => {
-                            c.release();
-                            None
-                        }
-                        other => other,
-                    };
-                    let upstream = Upstream {
+                    return respond(
+                        resp,
                         inflight,
+                        upstream_conn,
+                        client_upgrade,
                         conn,
-                        target: &target,
-                    };
-                    return respond(resp, upstream, client_upgrade, client_conn, route);
+                        route,
+                        &target,
+                    );
                 }
                 route.metrics.upstream_status.inc();
                 Failure {
@@ -292,25 +286,15 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// What a response keeps of its upstream until its body is done.
-struct Upstream<'a> {
-    inflight: InflightGuard,
-    conn: Option<H1Conn>,
-    target: &'a Target,
-}
-
 fn respond(
     mut resp: Response<Incoming>,
-    upstream: Upstream<'_>,
+    inflight: InflightGuard,
+    upstream_conn: Option<H1Conn>,
     client_upgrade: Option<OnUpgrade>,
     conn: &Arc<ConnState>,
     route: &Route,
+    target: &Target,
 ) -> Result<Response<ProxyBody>, GatewayError> {
-    let Upstream {
-        inflight,
-        conn: upstream_conn,
-        target,
-    } = upstream;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         let Some(client_upgrade) = client_upgrade else {

@@ -19,6 +19,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::TCP_KEEPALIVE;
 use crate::config::ProxyConfig;
 use crate::http::body::RequestBody;
 
@@ -37,9 +38,8 @@ impl H1Conn {
         }
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let limit = LIMITS.get().max_idle;
             let list = idle.entry(self.addr).or_default();
-            if list.len() < limit {
+            if list.len() < MAX_IDLE.get() {
                 list.push(Idle {
                     conn: self,
                     tick: TICK.get(),
@@ -112,7 +112,7 @@ async fn connect(addr: SocketAddr, proxy: &ProxyConfig) -> Result<H1Conn, H1Erro
         })?
         .map_err(H1Error::Connect)?;
     stream.set_nodelay(true).map_err(H1Error::Connect)?;
-    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
     socket2::SockRef::from(&stream)
         .set_tcp_keepalive(&keepalive)
         .map_err(H1Error::Connect)?;
@@ -135,11 +135,6 @@ struct Idle {
     tick: u32,
 }
 
-#[derive(Clone, Copy)]
-struct Limits {
-    max_idle: usize,
-}
-
 /// Idle connections close after this many sweep ticks (a tick is a quarter
 /// of `pool_idle_timeout`, so the bound holds within 1.25×).
 const IDLE_TICKS: u32 = 4;
@@ -147,16 +142,15 @@ const IDLE_TICKS: u32 = 4;
 thread_local! {
     static IDLE: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
     static TICK: Cell<u32> = const { Cell::new(0) };
-    static LIMITS: Cell<Limits> = const { Cell::new(Limits { max_idle: 0 }) };
+    /// Per target; 0 (no pooling) on a thread that did not start a pool.
+    static MAX_IDLE: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Sets this thread up for pooling with `proxy`'s limits and starts its
 /// sweeper, which closes connections idle for `pool_idle_timeout`. Call from
 /// the worker's event loop; the sweeper ends with it.
 pub fn start_worker_pool(proxy: &ProxyConfig) {
-    LIMITS.set(Limits {
-        max_idle: proxy.pool_max_idle_per_target,
-    });
+    MAX_IDLE.set(proxy.pool_max_idle_per_target);
     let tick = (proxy.pool_idle_timeout / IDLE_TICKS).max(Duration::from_millis(10));
     tokio::spawn(async move {
         let mut every = tokio::time::interval(tick);

@@ -39,10 +39,10 @@ pub type HttpsClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 /// How a request reaches a target.
 pub enum Sender<'a> {
-    /// Plain HTTP/1.1 on a connection this request's task drives (`h1`).
+    /// Plain HTTP/1.1 on the worker's own connection pool (`h1`).
     Direct(&'a ProxyConfig),
-    /// The worker's pooled client: h2c, and upgrades (which hand the
-    /// connection over to a tunnel).
+    /// hyper-util's pooled client: h2c, upgrades (which hand the connection
+    /// over to a tunnel) and health checks.
     Pooled(&'a HttpClient),
     /// The TLS client of the target's URL.
     Tls(&'a HttpsClient),
@@ -68,8 +68,8 @@ impl SendError {
 }
 
 impl Sender<'_> {
-    /// Sends to `addr`; the connection comes back with the response when
-    /// the response body is to drive it.
+    /// Sends to `addr`. A `Direct` connection comes back with the response;
+    /// the response body returns it to the pool once read to the end.
     pub async fn send(
         &self,
         addr: SocketAddr,
@@ -170,13 +170,16 @@ impl UpstreamClients {
     }
 }
 
+/// TCP keepalive probes on upstream connections start after this much silence.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// TCP connections to targets; `under_tls` when a TLS connector wraps it
 /// (which hands it https:// URIs).
 fn connector(cfg: &ProxyConfig, under_tls: bool) -> HttpConnector {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     c.set_connect_timeout(Some(cfg.connect_timeout));
-    c.set_keepalive(Some(Duration::from_secs(60)));
+    c.set_keepalive(Some(TCP_KEEPALIVE));
     c.enforce_http(!under_tls);
     c
 }
