@@ -53,6 +53,7 @@ refused "admin.exposed" --set admin.exposed=true
 refused "serviceMonitor.enabled" --set serviceMonitor.enabled=true
 refused "mode: expected daemonset or deployment" --set mode=statefulset
 refused "nodeAccess: expected hostPort or hostNetwork" --set nodeAccess=nodePort
+refused "config.listeners\[sidecar\].bind: expected port 9000" --set ports.sidecar=9000
 
 /usr/bin/python3 - "$work" "$tollgate" <<'PY'
 import hashlib, os, subprocess, sys, yaml

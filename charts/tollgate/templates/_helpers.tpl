@@ -42,6 +42,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if and .Values.serviceMonitor.enabled (not .Values.admin.exposed) -}}
 {{- fail "serviceMonitor.enabled: Prometheus cannot reach /metrics on the pod's loopback; set admin.exposed (with admin.tokenSha256)" -}}
 {{- end -}}
+{{- range .Values.config.listeners -}}
+{{- if and (eq .name "sidecar") (not (hasSuffix (printf ":%v" $.Values.ports.sidecar) (toString .bind))) -}}
+{{- fail (printf "config.listeners[sidecar].bind: expected port %v (ports.sidecar), got %q" $.Values.ports.sidecar (toString .bind)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.secretFiles .Values.existingSecret -}}
 {{- fail "secretFiles and existingSecret: give one or the other" -}}
 {{- end -}}
