@@ -7,7 +7,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::upstream::{H1Conn, InflightGuard};
+use super::upstream::{InflightGuard, UpstreamBody};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What tollgate sends to clients: an upstream's body or a small local one.
 pub struct ProxyBody {
@@ -16,13 +18,9 @@ pub struct ProxyBody {
 
 enum Kind {
     Upstream {
-        body: Incoming,
+        body: UpstreamBody,
         /// Keeps the target's in-flight count until the body is done or dropped.
         _inflight: Option<InflightGuard>,
-        /// The pooled HTTP/1 connection the body arrives on: back to the
-        /// pool once the body has ended (at once when there is none), closed
-        /// if the body is dropped before its end.
-        conn: Option<H1Conn>,
     },
     Full(Option<Bytes>),
 }
@@ -40,24 +38,11 @@ impl ProxyBody {
         }
     }
 
-    pub fn upstream(
-        body: Incoming,
-        inflight: Option<InflightGuard>,
-        conn: Option<H1Conn>,
-    ) -> ProxyBody {
-        // A body that is already complete is never polled: free its connection now.
-        let conn = match conn {
-            Some(c) if body.is_end_stream() => {
-                c.release();
-                None
-            }
-            other => other,
-        };
+    pub fn upstream(body: UpstreamBody, inflight: Option<InflightGuard>) -> ProxyBody {
         ProxyBody {
             kind: Kind::Upstream {
                 body,
                 _inflight: inflight,
-                conn,
             },
         }
     }
@@ -65,45 +50,87 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
-            Kind::Upstream { body, conn, .. } => {
-                let frame = Pin::new(&mut *body).poll_frame(cx);
-                let ended = match &frame {
-                    Poll::Ready(None) => true,
-                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
-                    Poll::Ready(Some(Err(_))) => {
-                        *conn = None;
-                        false
-                    }
-                    Poll::Pending => false,
-                };
-                if ended && let Some(c) = conn.take() {
-                    c.release();
-                }
-                frame
-            }
+            Kind::Upstream {
+                body: UpstreamBody::H1(body),
+                ..
+            } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Kind::Upstream {
+                body: UpstreamBody::Hyper(body),
+                ..
+            } => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Upstream {
+                body: UpstreamBody::H1(body),
+                ..
+            } => body.is_end_stream(),
+            Kind::Upstream {
+                body: UpstreamBody::Hyper(body),
+                ..
+            } => body.is_end_stream(),
             Kind::Full(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Upstream {
+                body: UpstreamBody::H1(body),
+                ..
+            } => body.size_hint(),
+            Kind::Upstream {
+                body: UpstreamBody::Hyper(body),
+                ..
+            } => body.size_hint(),
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A client's request body as the stack sees it: hyper's, or none (requests
+/// read by tollgate's own HTTP/1 reader carry no body).
+pub enum ClientBody {
+    Empty,
+    Hyper(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Hyper(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Hyper(body) => body.size_hint(),
         }
     }
 }
@@ -120,13 +147,13 @@ pub enum RequestBodyError {
 /// What tollgate sends upstream: the client's body, counted against the
 /// listener's limit as it streams, or nothing.
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     remaining: usize,
     limit: usize,
 }
 
 impl RequestBody {
-    pub fn streaming(body: Incoming, limit: usize) -> RequestBody {
+    pub fn streaming(body: ClientBody, limit: usize) -> RequestBody {
         RequestBody {
             inner: Some(body),
             remaining: limit,

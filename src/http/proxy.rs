@@ -10,17 +10,16 @@ use http::header::{self, HeaderValue};
 use http::uri::Parts as UriParts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tower::Service;
 
 use super::RequestCtx;
-use super::body::{ProxyBody, RequestBody, RequestBodyError};
+use super::body::{ClientBody, ProxyBody, RequestBody, RequestBodyError};
 use super::error::GatewayError;
 use super::headers::{self, Origin};
 use super::router::Route;
-use super::upstream::{H1Conn, InflightGuard, SendError, Target, UpstreamClients};
+use super::upstream::{InflightGuard, SendError, Target, UpstreamBody, UpstreamClients};
 use crate::config::UpstreamProtocol;
 use crate::transport::ConnState;
 
@@ -41,7 +40,7 @@ impl Proxy {
 type ProxyFuture =
     Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, GatewayError>> + Send + 'static>>;
 
-impl Service<Request<Incoming>> for Proxy {
+impl Service<Request<ClientBody>> for Proxy {
     type Response = Response<ProxyBody>;
     type Error = GatewayError;
     type Future = ProxyFuture;
@@ -50,7 +49,7 @@ impl Service<Request<Incoming>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> ProxyFuture {
+    fn call(&mut self, mut req: Request<ClientBody>) -> ProxyFuture {
         let ctx = req.extensions_mut().remove::<RequestCtx>();
         let clients = self.clients.clone();
         Box::pin(async move {
@@ -66,7 +65,7 @@ impl Service<Request<Incoming>> for Proxy {
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
+pub(super) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -84,7 +83,7 @@ async fn forward(
     clients: &UpstreamClients,
     conn: &Arc<ConnState>,
     route: &Arc<Route>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let pool = &route.pool;
     pool.budget.deposit();
@@ -169,7 +168,7 @@ async fn forward(
         let sent =
             tokio::time::timeout(route.timeout, sender.send(target.addr, upstream_req)).await;
         let failure = match sent {
-            Ok(Ok((resp, upstream_conn))) => {
+            Ok(Ok(resp)) => {
                 let status = resp.status();
                 let gateway_error = matches!(
                     status,
@@ -180,15 +179,7 @@ async fn forward(
                 pool.report(&target, !gateway_error);
                 let retry_status = route.retry_on_status.contains(&status);
                 if !(retry_status && idempotent && may_retry) {
-                    return respond(
-                        resp,
-                        inflight,
-                        upstream_conn,
-                        client_upgrade,
-                        conn,
-                        route,
-                        &target,
-                    );
+                    return respond(resp, inflight, client_upgrade, conn, route, &target);
                 }
                 route.metrics.upstream_status.inc();
                 Failure {
@@ -287,9 +278,8 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn respond(
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamBody>,
     inflight: InflightGuard,
-    upstream_conn: Option<H1Conn>,
     client_upgrade: Option<OnUpgrade>,
     conn: &Arc<ConnState>,
     route: &Route,
@@ -324,7 +314,7 @@ fn respond(
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,
-        ProxyBody::upstream(body, Some(inflight), upstream_conn),
+        ProxyBody::upstream(body, Some(inflight)),
     ))
 }
 

@@ -18,7 +18,7 @@ use super::RequestCtx;
 use super::access_log::{AccessLog, AccessLogLayer};
 use super::auth::{AuthLayer, Authenticate};
 use super::authz::{Authorize, AuthzLayer};
-use super::body::ProxyBody;
+use super::body::{ClientBody, ProxyBody};
 use super::limits::{LimitsLayer, RequestLimits};
 use super::proxy::Proxy;
 use super::request_id::{RequestId, RequestIdLayer};
@@ -86,7 +86,14 @@ impl hyper::service::Service<Request<Incoming>> for HttpEntry {
     type Error = Infallible;
     type Future = EntryFuture;
 
-    fn call(&self, mut req: Request<Incoming>) -> EntryFuture {
+    fn call(&self, req: Request<Incoming>) -> EntryFuture {
+        self.dispatch(req.map(ClientBody::Hyper))
+    }
+}
+
+impl HttpEntry {
+    /// Runs a request through the stack, counted as in flight on its connection.
+    pub fn dispatch(&self, mut req: Request<ClientBody>) -> EntryFuture {
         let guard = self.conn.begin_request();
         req.extensions_mut().insert(RequestCtx {
             conn: self.conn.clone(),
@@ -105,7 +112,7 @@ impl hyper::service::Service<Request<Incoming>> for HttpEntry {
 pin_project! {
     pub struct EntryFuture {
         #[pin]
-        inner: Oneshot<Stack, Request<Incoming>>,
+        inner: Oneshot<Stack, Request<ClientBody>>,
         _guard: RequestGuard,
     }
 }

@@ -65,7 +65,7 @@ impl ConnState {
         }
     }
 
-    fn touch(&self) {
+    pub(super) fn touch(&self) {
         self.activity.fetch_add(1, Ordering::Relaxed);
     }
 

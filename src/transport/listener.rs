@@ -17,8 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::conn::{ActivityIo, ConnState};
+use super::h1;
 use super::tls::{TlsListener, certificate_problem};
+use crate::admin::AdminService;
 use crate::config::Limits;
+use crate::http::HttpEntry;
+use crate::http::body::ProxyBody;
 use crate::identity::CertIdentity;
 use crate::metrics::Metrics;
 use prometheus::{IntCounter, IntGauge};
@@ -90,29 +94,26 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 pub trait ServeHttp:
     hyper::service::Service<
         Request<Incoming>,
-        Response = Response<Self::Body>,
+        Response = Response<ProxyBody>,
         Error = Infallible,
         Future: Send + 'static,
     > + Send
     + 'static
 {
-    type Body: http_body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
-        + Send
-        + 'static;
+    /// The gateway's stack, which also serves requests read by tollgate's
+    /// own HTTP/1 loop (`h1`); other services are read by hyper only.
+    fn gateway_entry(&self) -> Option<&HttpEntry> {
+        None
+    }
 }
 
-impl<S, B> ServeHttp for S
-where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Body = B;
+impl ServeHttp for HttpEntry {
+    fn gateway_entry(&self) -> Option<&HttpEntry> {
+        Some(self)
+    }
 }
+
+impl ServeHttp for AdminService {}
 
 /// Per-listener handles the accept loop and its connections count with.
 #[derive(Clone)]
@@ -234,7 +235,18 @@ impl Accepted {
                 None,
             ));
             let service = make_service(state.clone());
-            return serve_connection(builder, stream, state, service, shutdown).await;
+            let Some(entry) = service.gateway_entry().cloned() else {
+                return serve_connection(builder, stream, state, service, shutdown).await;
+            };
+            let ended = tokio::select! {
+                ended = h1::serve(stream, state.clone(), entry, &shutdown) => ended,
+                _ = shutdown.force.cancelled() => return,
+            };
+            if let h1::Ended::HandOff(stream, read) = ended {
+                let stream = h1::Rewind::new(stream, read);
+                serve_connection(builder, stream, state, service, shutdown).await;
+            }
+            return;
         };
         // The handshake counts against the header-read timeout: a client that
         // opens a connection and sends nothing is closed in the same time.

@@ -3,6 +3,7 @@
 //! header/idle timeouts, and drain on shutdown.
 
 mod conn;
+mod h1;
 mod listener;
 pub mod tls;
 

@@ -59,7 +59,7 @@ async fn header_uri_and_body_limits() {
             .unwrap(),
     )
     .await;
-    assert_eq!(r.status, 413, "streamed body too large");
+    assert_eq!(r.status, 413, "streamed body too large: {}", r.text());
 
     let r = send(
         Request::post(gw.url("/"))

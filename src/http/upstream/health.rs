@@ -85,7 +85,7 @@ async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> 
         return false;
     };
     match tokio::time::timeout(hc.timeout, sender.send(target.addr, req)).await {
-        Ok(Ok((resp, _))) => {
+        Ok(Ok(resp)) => {
             let status = resp.status();
             status.is_success() || status.is_redirection()
         }

@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::ServerName;
 
 pub use budget::RetryBudget;
-pub use h1::{H1Conn, H1Error, start_worker_pool};
+pub use h1::{H1Body, H1Error, start_worker_pool};
 
 use super::body::RequestBody;
 use crate::config::{
@@ -48,6 +48,12 @@ pub enum Sender<'a> {
     Tls(&'a HttpsClient),
 }
 
+/// A target's response body, from whichever client carried the request.
+pub enum UpstreamBody {
+    H1(H1Body),
+    Hyper(Incoming),
+}
+
 /// Why sending to a target failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -68,21 +74,18 @@ impl SendError {
 }
 
 impl Sender<'_> {
-    /// Sends to `addr`. A `Direct` connection comes back with the response;
-    /// the response body returns it to the pool once read to the end.
+    /// Sends to `addr`. A `Direct` response body returns its connection to
+    /// the pool once read to the end.
     pub async fn send(
         &self,
         addr: SocketAddr,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<H1Conn>), SendError> {
-        match self {
-            Sender::Direct(proxy) => {
-                let (resp, conn) = h1::send(addr, req, proxy).await?;
-                Ok((resp, Some(conn)))
-            }
-            Sender::Pooled(c) => Ok((c.request(req).await?, None)),
-            Sender::Tls(c) => Ok((c.request(req).await?, None)),
-        }
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        Ok(match self {
+            Sender::Direct(proxy) => h1::send(addr, req, proxy).await?.map(UpstreamBody::H1),
+            Sender::Pooled(c) => c.request(req).await?.map(UpstreamBody::Hyper),
+            Sender::Tls(c) => c.request(req).await?.map(UpstreamBody::Hyper),
+        })
     }
 
     /// The request URI's scheme, or none for origin-form (`Direct`).

@@ -1,0 +1,199 @@
+//! Writing a request to a target: the head in one buffer, then the body as
+//! it streams in, with its length as the client gave it or chunked.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header;
+use http::request::Parts;
+use http_body::Body;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use super::H1Error;
+use crate::http::body::RequestBody;
+
+/// Encodes the request line and headers. Returns whether the body must be
+/// sent chunked (it has content but no declared length).
+pub(super) fn encode_head(parts: &Parts, body: &RequestBody, out: &mut BytesMut) -> bool {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.put_slice(parts.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    let mut chunked = false;
+    if !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        match body.size_hint().exact() {
+            Some(n) => {
+                out.put_slice(b"content-length: ");
+                out.put_slice(itoa_u64(n, &mut [0u8; 20]));
+                out.put_slice(b"\r\n");
+            }
+            None => {
+                out.put_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+        }
+    }
+    out.put_slice(b"\r\n");
+    chunked
+}
+
+fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// Writes a request to the target: the head, then the body as it streams
+/// in. Body data that is ready goes out in the same write as the head.
+pub(crate) struct RequestWriter {
+    /// `None` once the body has ended.
+    body: Option<RequestBody>,
+    chunked: bool,
+    /// Encoded and not yet written, in order.
+    pending: VecDeque<Bytes>,
+    pending_bytes: usize,
+}
+
+/// Body data gathered ahead of a write, at most.
+const GATHER_BYTES: usize = 64 * 1024;
+/// Buffers per vectored write, at most.
+const WRITE_SLICES: usize = 8;
+
+impl RequestWriter {
+    pub(super) fn new(head: Bytes, body: RequestBody, chunked: bool) -> RequestWriter {
+        let mut pending = VecDeque::with_capacity(4);
+        let pending_bytes = head.len();
+        pending.push_back(head);
+        RequestWriter {
+            body: (!body.is_end_stream()).then_some(body),
+            chunked,
+            pending,
+            pending_bytes,
+        }
+    }
+
+    fn push(&mut self, bytes: Bytes) {
+        self.pending_bytes += bytes.len();
+        self.pending.push_back(bytes);
+    }
+
+    /// Moves what the body has ready into `pending`.
+    fn gather(&mut self, cx: &mut Context<'_>) -> Result<(), H1Error> {
+        while self.pending_bytes < GATHER_BYTES {
+            let Some(body) = self.body.as_mut() else {
+                return Ok(());
+            };
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(None) => {
+                    self.body = None;
+                    if self.chunked {
+                        self.push(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                }
+                // Trailers are not forwarded.
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => {
+                        if self.chunked {
+                            self.push(Bytes::from(format!("{:x}\r\n", data.len())));
+                            self.push(data);
+                            self.push(Bytes::from_static(b"\r\n"));
+                        } else {
+                            self.push(data);
+                        }
+                    }
+                    _ => {}
+                },
+                Poll::Ready(Some(Err(e))) => return Err(H1Error::Body(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ready once the whole request has been written.
+    pub(super) fn poll_write(
+        &mut self,
+        io: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), H1Error>> {
+        loop {
+            self.gather(cx)?;
+            if self.pending.is_empty() {
+                return if self.body.is_none() {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+            let count = self.pending.len().min(WRITE_SLICES);
+            for (slice, bytes) in slices.iter_mut().zip(&self.pending) {
+                *slice = IoSlice::new(bytes);
+            }
+            let mut written = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]))
+                .map_err(H1Error::Io)?;
+            if written == 0 {
+                return Poll::Ready(Err(H1Error::Io(std::io::ErrorKind::WriteZero.into())));
+            }
+            self.pending_bytes -= written;
+            while written > 0 {
+                let front = self
+                    .pending
+                    .front_mut()
+                    .expect("written bytes were pending");
+                let n = written.min(front.len());
+                front.advance(n);
+                written -= n;
+                if front.is_empty() {
+                    self.pending.pop_front();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_render_as_decimal() {
+        for n in [0u64, 7, 10, 12345, u64::MAX] {
+            assert_eq!(itoa_u64(n, &mut [0; 20]), n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn the_head_is_origin_form_with_every_header() {
+        let (parts, ()) = http::Request::put("/a?b=1")
+            .header("host", "up")
+            .header("x-two", "1")
+            .header("x-two", "2")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut out = BytesMut::new();
+        assert!(!encode_head(&parts, &RequestBody::empty(), &mut out));
+        assert_eq!(
+            &out[..],
+            b"PUT /a?b=1 HTTP/1.1\r\nhost: up\r\nx-two: 1\r\nx-two: 2\r\n\r\n"
+        );
+    }
+}

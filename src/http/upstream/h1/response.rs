@@ -1,0 +1,557 @@
+//! Reading a target's response: the head parsed with httparse into `http`
+//! types (header values share the read buffer), then the body as its framing
+//! says, from the same buffer and socket.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::net::TcpStream;
+
+use super::request::RequestWriter;
+use super::{H1Conn, H1Error};
+
+/// A response head may not be larger than this (status line and headers).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// A chunk-size line or the trailer section may not be longer than this.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// How much is read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How the body's end is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the target closes the connection (HTTP/1.0 style).
+    Close,
+    Done,
+}
+
+/// Where a chunked body's decoder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// Reads into `buf` from `io`; `Ok(0)` is the end of the stream.
+pub(super) fn poll_read_more(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    buf.reserve(READ_CHUNK);
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// A parsed response head; `framing` and `keep_alive` come from its headers.
+pub(super) struct Head {
+    pub response: Response<()>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Parses a complete response head at the front of `buf`, consuming it.
+/// `Ok(None)`: more bytes are needed.
+pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+            return Err(H1Error::Invalid("response head too large"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Invalid("too many response headers"));
+        }
+        Err(_) => return Err(H1Error::Invalid("malformed response head")),
+    };
+    let status = parsed
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(H1Error::Invalid("malformed status code"))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Offsets into the head, so the values can share its bytes once split off.
+    let base = buf.as_ptr() as usize;
+    let mut fields = Vec::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| H1Error::Invalid("malformed header name"))?;
+        let start = h.value.as_ptr() as usize - base;
+        fields.push((name, start..start + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
+    for (name, range) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(range))
+            .map_err(|_| H1Error::Invalid("malformed header value"))?;
+        headers.append(name, value);
+    }
+
+    let framing = framing(status, method, &mut headers)?;
+    let keep_alive = keep_alive(version, &headers) && framing != Framing::Close;
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(Some(Head {
+        response,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// RFC 9112 §6.3, for a response to `method`.
+fn framing(
+    status: StatusCode,
+    method: &Method,
+    headers: &mut HeaderMap,
+) -> Result<Framing, H1Error> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Done);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let chunked_last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        // The decoded length is what the client gets; a stale length would lie.
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(if chunked_last {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            Framing::Close
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let n = std::str::from_utf8(part)
+                .ok()
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(H1Error::Invalid("malformed content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::Invalid("conflicting content-length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if version == Version::HTTP_10 {
+        has("keep-alive")
+    } else {
+        !has("close")
+    }
+}
+
+/// A response body read from its target connection. At its end the
+/// connection goes back to the worker's pool when it can carry another
+/// request; dropped before its end, the connection is closed.
+pub struct H1Body {
+    conn: Option<H1Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    /// The rest of the request body, still going out while the response
+    /// comes in (boxed: seldom there).
+    writer: Option<Box<RequestWriter>>,
+}
+
+impl H1Body {
+    pub(super) fn new(conn: H1Conn, head: &Head, writer: Option<RequestWriter>) -> H1Body {
+        let mut body = H1Body {
+            conn: Some(conn),
+            framing: head.framing,
+            keep_alive: head.keep_alive,
+            writer: writer.map(Box::new),
+        };
+        if body.framing == Framing::Done {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body has ended: the connection is reusable when the target allows
+    /// it and nothing more arrived. A request body still going out (the
+    /// target answered before reading it all) is finished first, apart from
+    /// the response.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if !(self.keep_alive && conn.buf.is_empty()) {
+            return;
+        }
+        match self.writer.take() {
+            None => conn.release(),
+            Some(writer) => {
+                tokio::spawn(finish_request(conn, writer));
+            }
+        }
+    }
+
+    fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        self.conn = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// Moves the request body along. Once the response has begun, the
+    /// target failing to take it only means the connection cannot be reused;
+    /// the client's body failing ends the response too (the target may be
+    /// waiting for the rest).
+    fn poll_writer(&mut self, cx: &mut Context<'_>) -> Result<(), H1Error> {
+        if let (Some(writer), Some(conn)) = (self.writer.as_mut(), self.conn.as_mut()) {
+            match writer.poll_write(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => self.writer = None,
+                Poll::Ready(Err(e @ H1Error::Body(_))) => return Err(e),
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(target = %conn.addr, error = %e, "request body not sent whole");
+                    self.keep_alive = false;
+                    self.writer = None;
+                }
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl http_body::Body for H1Body {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        if let Err(e) = this.poll_writer(cx) {
+            return this.fail(e);
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut conn.buf;
+            match this.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(left) if !buf.is_empty() => {
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(n).freeze();
+                    this.framing = Framing::Length(left - n as u64);
+                    if left == n as u64 {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close if !buf.is_empty() => {
+                    let data = buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(state) => match decode_chunk(buf, state) {
+                    Err(e) => return this.fail(e),
+                    Ok((next, data)) => {
+                        this.framing = Framing::Chunked(next);
+                        if let Some(data) = data {
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        if next == Chunk::Trailers {
+                            match trailers_end(buf) {
+                                Ok(true) => {
+                                    this.finish();
+                                    return Poll::Ready(None);
+                                }
+                                Ok(false) => {}
+                                Err(e) => return this.fail(e),
+                            }
+                        } else if next != state {
+                            // A size line or CRLF was consumed: decode on.
+                            continue;
+                        }
+                    }
+                },
+                Framing::Length(_) | Framing::Close => {}
+            }
+            // Everything buffered is used: read more.
+            let conn = this.conn.as_mut().expect("checked above");
+            match ready!(poll_read_more(&mut conn.io, &mut conn.buf, cx)) {
+                Ok(0) if this.framing == Framing::Close => {
+                    this.keep_alive = false;
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(H1Error::Closed("before the end of the response body")),
+                Ok(_) => {}
+                Err(e) => return this.fail(H1Error::Io(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// How long the rest of a request body may take once its response is done.
+const FINISH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn finish_request(mut conn: H1Conn, mut writer: Box<RequestWriter>) {
+    let sent = tokio::time::timeout(
+        FINISH_REQUEST_TIMEOUT,
+        poll_fn(|cx| writer.poll_write(&mut conn.io, cx)),
+    )
+    .await;
+    match sent {
+        Ok(Ok(())) => conn.release(),
+        Ok(Err(e)) => {
+            tracing::debug!(target = %conn.addr, error = %e, "request body not sent whole after its response");
+        }
+        Err(_) => {
+            tracing::debug!(target = %conn.addr, "request body still not sent after its response; closing");
+        }
+    }
+}
+
+/// Decodes what it can of a chunked body at the front of `buf`: the next
+/// state and any data. `Chunk::Trailers` is left for `trailers_end`.
+fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<(Chunk, Option<Bytes>), H1Error> {
+    match state {
+        Chunk::Size => match httparse::parse_chunk_size(buf) {
+            Ok(httparse::Status::Complete((used, size))) => {
+                buf.advance(used);
+                Ok((
+                    if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    },
+                    None,
+                ))
+            }
+            Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                Err(H1Error::Invalid("chunk-size line too long"))
+            }
+            Ok(httparse::Status::Partial) => Ok((Chunk::Size, None)),
+            Err(_) => Err(H1Error::Invalid("malformed chunk size")),
+        },
+        Chunk::Data(left) if !buf.is_empty() => {
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            let data = buf.split_to(n).freeze();
+            let next = if left == n as u64 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left - n as u64)
+            };
+            Ok((next, Some(data)))
+        }
+        Chunk::DataEnd if buf.len() >= 2 => {
+            if &buf[..2] != b"\r\n" {
+                return Err(H1Error::Invalid("chunk data not followed by CRLF"));
+            }
+            buf.advance(2);
+            Ok((Chunk::Size, None))
+        }
+        other => Ok((other, None)),
+    }
+}
+
+/// Skips the trailer section (trailers are not forwarded). True once its
+/// closing empty line has been consumed.
+fn trailers_end(buf: &mut BytesMut) -> Result<bool, H1Error> {
+    loop {
+        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+            if buf.len() > MAX_TRAILERS {
+                return Err(H1Error::Invalid("trailer section too large"));
+            }
+            return Ok(false);
+        };
+        buf.advance(eol + 2);
+        if eol == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str, method: Method) -> Result<Option<Head>, H1Error> {
+        parse_head(&mut BytesMut::from(raw), &method)
+    }
+
+    fn decode_all(mut raw: BytesMut) -> Result<Vec<u8>, H1Error> {
+        let mut state = Chunk::Size;
+        let mut out = Vec::new();
+        loop {
+            let (next, data) = decode_chunk(&mut raw, state)?;
+            if next == Chunk::Trailers {
+                assert!(trailers_end(&mut raw)?, "trailers complete");
+                assert!(raw.is_empty());
+                return Ok(out);
+            }
+            match data {
+                Some(d) => out.extend_from_slice(&d),
+                None if next == state => return Err(H1Error::Invalid("incomplete")),
+                None => {}
+            }
+            state = next;
+        }
+    }
+
+    #[test]
+    fn framing_follows_the_headers_and_the_request() {
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(5), true));
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::HEAD)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Done);
+        let h = head(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert!(!h.response.headers().contains_key(header::CONTENT_LENGTH));
+        let h = head("HTTP/1.0 200 OK\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        let h = head(
+            "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Done, false));
+        let h = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn bad_heads_are_errors_not_guesses() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1e3\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            assert!(head(raw, Method::GET).is_err(), "{raw:?}");
+        }
+        assert!(
+            head("HTTP/1.1 200 OK\r\ncontent-le", Method::GET)
+                .unwrap()
+                .is_none()
+        );
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD_BYTES + 1));
+        assert!(head(&huge, Method::GET).is_err());
+    }
+
+    #[test]
+    fn the_head_is_consumed_and_the_body_left() {
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok");
+        let h = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(&buf[..], b"ok");
+        assert_eq!(h.response.headers()["x-a"], "1");
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_split_reads() {
+        let raw = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\ntrailer: x\r\n\r\n";
+        assert_eq!(
+            decode_all(BytesMut::from(&raw[..])).unwrap(),
+            b"hello world"
+        );
+        // Fed a byte at a time, the decoder waits instead of failing.
+        let mut buf = BytesMut::new();
+        let mut state = Chunk::Size;
+        let mut out = Vec::new();
+        let mut done = false;
+        for b in raw {
+            buf.extend_from_slice(&[*b]);
+            loop {
+                let (next, data) = decode_chunk(&mut buf, state).unwrap();
+                let moved = next != state || data.is_some();
+                if let Some(d) = data {
+                    out.extend_from_slice(&d);
+                }
+                state = next;
+                if state == Chunk::Trailers {
+                    done = trailers_end(&mut buf).unwrap();
+                    break;
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        assert!(done);
+        assert_eq!(out, b"hello world");
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for raw in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloXX0\r\n\r\n"] {
+            assert!(decode_all(BytesMut::from(raw)).is_err(), "{raw:?}");
+        }
+        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
+        assert!(decode_chunk(&mut BytesMut::from(&long[..]), Chunk::Size).is_err());
+    }
+}

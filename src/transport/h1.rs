@@ -1,0 +1,425 @@
+//! tollgate's own HTTP/1.1 server loop for plain-TCP connections, for the
+//! common request: a complete head in the buffer, no body, no upgrade. It
+//! runs the request through the same stack as hyper does and writes the
+//! response from the connection's own task, with no per-connection
+//! dispatcher in between. Anything else (a body, `Expect`, an upgrade,
+//! HTTP/1.0, a head split over reads, a malformed head) hands the connection
+//! with what it has read over to hyper, which serves it from then on.
+
+use std::cell::Cell;
+use std::io::IoSlice;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::conn::ConnState;
+use super::listener::Shutdown;
+use crate::http::HttpEntry;
+use crate::http::body::{ClientBody, ProxyBody};
+
+/// Request heads with more headers than this go to hyper (which applies the
+/// listener's limits the same way).
+const MAX_HEADERS: usize = 64;
+
+/// How the loop ended.
+pub(super) enum Ended {
+    Closed,
+    /// Serve the rest with hyper, starting with these bytes.
+    HandOff(TcpStream, Bytes),
+}
+
+pub(super) async fn serve(
+    mut io: TcpStream,
+    state: Arc<ConnState>,
+    entry: HttpEntry,
+    shutdown: &Shutdown,
+) -> Ended {
+    let limits = &state.listener.limits;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = BytesMut::with_capacity(1024);
+    let mut idle = pin!(state.idle_for(limits.idle_timeout));
+    let mut graceful = pin!(shutdown.graceful.cancelled());
+    loop {
+        if buf.is_empty() {
+            buf.reserve(4096);
+            let read = tokio::select! {
+                biased;
+                read = io.read_buf(&mut buf) => read,
+                _ = &mut graceful => return Ended::Closed,
+                _ = &mut idle => {
+                    tracing::debug!(listener = %state.listener.name, peer = %state.peer, "closing idle connection");
+                    return Ended::Closed;
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(_) => state.touch(),
+            }
+        }
+        let Some(parsed) = parse_request(&mut buf) else {
+            return Ended::HandOff(io, buf.freeze());
+        };
+        let head = parsed.request.method() == Method::HEAD;
+        let close = parsed.close || shutdown.graceful.is_cancelled();
+        let response = match entry.dispatch(parsed.request).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        if let Err(e) = write_response(&mut io, &mut out, response, head, close).await {
+            tracing::debug!(listener = %state.listener.name, peer = %state.peer, error = %e,
+                "response not written whole; closing the connection");
+            return Ended::Closed;
+        }
+        state.touch();
+        if close {
+            let _ = io.shutdown().await;
+            return Ended::Closed;
+        }
+    }
+}
+
+struct Parsed {
+    request: Request<ClientBody>,
+    /// The client asked to close after this response.
+    close: bool,
+}
+
+/// A complete, body-less HTTP/1.1 request at the front of `buf`, consumed;
+/// `None` (and `buf` untouched) for anything hyper should read instead.
+fn parse_request(buf: &mut BytesMut) -> Option<Parsed> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => return None,
+    };
+    if parsed.version != Some(1) {
+        return None;
+    }
+    let path = parsed.path?;
+    if !path.starts_with('/') {
+        return None;
+    }
+    let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
+    if method == Method::CONNECT {
+        return None;
+    }
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| s.as_ptr() as usize - base;
+    let mut close = false;
+    let mut fields = Vec::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        match name {
+            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => return None,
+            header::CONTENT_LENGTH if h.value != b"0" => return None,
+            header::CONNECTION => {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        return None;
+                    }
+                }
+            }
+            _ => {}
+        }
+        let start = offset(h.value);
+        fields.push((name, start..start + h.value.len()));
+    }
+    let path_start = offset(path.as_bytes());
+    let path_range = path_start..path_start + path.len();
+
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path_range)).ok();
+    let mut headers = HeaderMap::with_capacity(fields.len() + 8);
+    for (name, range) in fields {
+        // httparse has checked the value's characters.
+        let value = HeaderValue::from_maybe_shared(head.slice(range)).ok();
+        headers.append(name, value?);
+    }
+    let mut request = Request::new(ClientBody::Empty);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri?;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Some(Parsed { request, close })
+}
+
+/// Writes the head and streams the body: with its length when it is known,
+/// chunked otherwise.
+async fn write_response(
+    io: &mut TcpStream,
+    out: &mut BytesMut,
+    response: Response<ProxyBody>,
+    head_request: bool,
+    close: bool,
+) -> std::io::Result<()> {
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    out.clear();
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.put_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.put_slice(b"date: ");
+        put_date(out);
+        out.put_slice(b"\r\n");
+    }
+    if close {
+        out.put_slice(b"connection: close\r\n");
+    }
+    let mut declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut chunked = false;
+    if !bodiless && declared.is_none() {
+        match body.size_hint().exact() {
+            Some(n) => {
+                out.put_slice(b"content-length: ");
+                out.put_slice(n.to_string().as_bytes());
+                out.put_slice(b"\r\n");
+                declared = Some(n);
+            }
+            None => {
+                out.put_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+        }
+    }
+    out.put_slice(b"\r\n");
+    if bodiless || body.is_end_stream() {
+        if chunked {
+            out.put_slice(b"0\r\n\r\n");
+        }
+        io.write_all(out).await?;
+        return check_length(declared, 0, bodiless);
+    }
+
+    let mut sent: u64 = 0;
+    let mut pending_head = true;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(std::io::Error::other)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers are not forwarded
+        };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        if declared.is_some_and(|d| sent > d) {
+            return Err(std::io::Error::other("body longer than its content-length"));
+        }
+        let mut size_line = [0u8; 20];
+        let size_line = if chunked {
+            chunk_size_line(data.len(), &mut size_line)
+        } else {
+            &[][..]
+        };
+        let head: &[u8] = if pending_head { out } else { &[] };
+        let tail: &[u8] = if chunked { b"\r\n" } else { &[] };
+        write_all_vectored(io, &mut [head, size_line, &data, tail]).await?;
+        pending_head = false;
+    }
+    if pending_head || chunked {
+        let head: &[u8] = if pending_head { out } else { &[] };
+        let end: &[u8] = if chunked { b"0\r\n\r\n" } else { &[] };
+        write_all_vectored(io, &mut [head, end]).await?;
+    }
+    check_length(declared, sent, false)
+}
+
+/// A body shorter than its declared length leaves the client waiting: the
+/// connection must close.
+fn check_length(declared: Option<u64>, sent: u64, bodiless: bool) -> std::io::Result<()> {
+    match declared {
+        Some(d) if !bodiless && d != sent => Err(std::io::Error::other(format!(
+            "body ended after {sent} of {d} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn chunk_size_line(len: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let digits = format!("{len:x}\r\n");
+    buf[..digits.len()].copy_from_slice(digits.as_bytes());
+    &buf[..digits.len()]
+}
+
+async fn write_all_vectored(io: &mut TcpStream, parts: &mut [&[u8]]) -> std::io::Result<()> {
+    let mut first = 0;
+    loop {
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+        if first == parts.len() {
+            return Ok(());
+        }
+        let slices: Vec<IoSlice<'_>> = parts[first..].iter().map(|p| IoSlice::new(p)).collect();
+        let mut n = io.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let take = n.min(parts[first].len());
+            parts[first] = &parts[first][take..];
+            n -= take;
+            if parts[first].is_empty() {
+                first += 1;
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The `date` header text and the second it was rendered for.
+    static DATE: Cell<(u64, [u8; 29])> = const { Cell::new((0, [0; 29])) };
+}
+
+fn put_date(out: &mut BytesMut) {
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (at, mut text) = DATE.get();
+    if at != secs {
+        let rendered = httpdate::fmt_http_date(now);
+        text.copy_from_slice(&rendered.as_bytes()[..29]);
+        DATE.set((secs, text));
+    }
+    out.put_slice(&text);
+}
+
+/// A connection handed over to hyper: what was read already comes first.
+pub(super) struct Rewind {
+    read: Bytes,
+    io: TcpStream,
+}
+
+impl Rewind {
+    pub(super) fn new(io: TcpStream, read: Bytes) -> Rewind {
+        Rewind { read, io }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Option<Parsed> {
+        parse_request(&mut BytesMut::from(raw))
+    }
+
+    #[test]
+    fn plain_requests_are_read_here() {
+        let mut buf = BytesMut::from("GET /a?b HTTP/1.1\r\nhost: x\r\nx-y: 1\r\n\r\nGET /next");
+        let p = parse_request(&mut buf).unwrap();
+        assert_eq!(p.request.uri(), "/a?b");
+        assert_eq!(p.request.headers()["x-y"], "1");
+        assert!(!p.close);
+        assert_eq!(&buf[..], b"GET /next", "the next request stays buffered");
+        assert!(
+            parse("DELETE / HTTP/1.1\r\nconnection: keep-alive, close\r\n\r\n")
+                .unwrap()
+                .close
+        );
+        assert!(parse("POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n").is_some());
+    }
+
+    #[test]
+    fn everything_else_is_left_to_hyper() {
+        for raw in [
+            "GET / HTTP/1.1\r\nhost: x\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello",
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            "PUT / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
+            "GET http://x/ HTTP/1.1\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nbad header\r\n\r\n",
+            "GARBAGE\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(raw);
+            assert!(parse_request(&mut buf).is_none(), "{raw:?}");
+            assert_eq!(&buf[..], raw.as_bytes(), "left as read");
+        }
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("x-{i}: v\r\n"))
+            .collect();
+        assert!(parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).is_none());
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        assert_eq!(chunk_size_line(255, &mut [0; 20]), b"ff\r\n");
+        assert_eq!(chunk_size_line(1, &mut [0; 20]), b"1\r\n");
+    }
+}
