@@ -106,7 +106,7 @@ impl Worker {
                     listener,
                     info,
                     move |conn| HttpEntry::new(stack.clone(), conn),
-                    shutdown.clone(),
+                    shutdown.for_worker(),
                     self.metrics.clone(),
                 ));
             }

@@ -11,8 +11,8 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use tower::Service;
 use tower::ServiceBuilder;
-use tower::util::{Oneshot, ServiceExt};
 
 use super::RequestCtx;
 use super::access_log::{AccessLog, AccessLogLayer};
@@ -87,13 +87,16 @@ impl hyper::service::Service<Request<Incoming>> for HttpEntry {
     type Future = EntryFuture;
 
     fn call(&self, req: Request<Incoming>) -> EntryFuture {
-        self.dispatch(req.map(ClientBody::Hyper))
+        self.clone().dispatch(req.map(ClientBody::Hyper))
     }
 }
 
 impl HttpEntry {
-    /// Runs a request through the stack, counted as in flight on its connection.
-    pub fn dispatch(&self, mut req: Request<ClientBody>) -> EntryFuture {
+    /// Runs a request through the stack, counted as in flight on its
+    /// connection. Every stage is always ready (none holds back requests:
+    /// limits answer instead), so `call` needs no `poll_ready` first and the
+    /// stack no clone per request.
+    pub fn dispatch(&mut self, mut req: Request<ClientBody>) -> EntryFuture {
         let guard = self.conn.begin_request();
         req.extensions_mut().insert(RequestCtx {
             conn: self.conn.clone(),
@@ -103,7 +106,7 @@ impl HttpEntry {
             identity: None,
         });
         EntryFuture {
-            inner: self.stack.clone().oneshot(req),
+            inner: self.stack.call(req),
             _guard: guard,
         }
     }
@@ -112,7 +115,7 @@ impl HttpEntry {
 pin_project! {
     pub struct EntryFuture {
         #[pin]
-        inner: Oneshot<Stack, Request<ClientBody>>,
+        inner: <Stack as Service<Request<ClientBody>>>::Future,
         _guard: RequestGuard,
     }
 }

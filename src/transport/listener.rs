@@ -68,6 +68,19 @@ pub struct Shutdown {
     pub tracker: TaskTracker,
 }
 
+impl Shutdown {
+    /// The same shutdown through tokens of one worker's own: connections
+    /// check them on every request, and a token's state sits behind a lock
+    /// that the workers would otherwise all share.
+    pub fn for_worker(&self) -> Shutdown {
+        Shutdown {
+            graceful: self.graceful.child_token(),
+            force: self.force.child_token(),
+            tracker: self.tracker.clone(),
+        }
+    }
+}
+
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let header_bytes = limits.max_header_bytes.as_usize();
     let uri_bytes = limits.max_uri_bytes.as_usize();

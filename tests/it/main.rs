@@ -3,6 +3,7 @@
 
 mod admin;
 mod cli;
+mod h1;
 mod jwt;
 mod lifecycle;
 mod limits;

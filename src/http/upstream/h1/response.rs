@@ -3,6 +3,7 @@
 //! says, from the same buffer and socket.
 
 use std::future::poll_fn;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -65,10 +66,18 @@ pub(super) struct Head {
 /// Parses a complete response head at the front of `buf`, consuming it.
 /// `Ok(None)`: more bytes are needed.
 pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Error> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // Uninitialised slots: zeroing them all costs more than the parse.
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
+        Ok(httparse::Status::Complete(_)) => {
+            return Err(H1Error::Invalid("response head too large"));
+        }
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
             return Err(H1Error::Invalid("response head too large"));
         }

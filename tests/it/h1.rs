@@ -1,0 +1,218 @@
+//! tollgate's own HTTP/1.1 reader and upstream client, seen from outside:
+//! pipelining, the hand-over to hyper within one connection, every response
+//! framing, and what a broken upstream response becomes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::*;
+
+/// Sends `raw` on one connection and reads until the gateway closes it.
+async fn exchange_raw(gw: &TestGateway, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An upstream that answers every request head with `reply` and then, with
+/// `close`, closes the connection.
+async fn scripted(reply: &'static [u8], close: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        if s.write_all(reply).await.is_err() || close {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn gateway_to(addr: SocketAddr) -> String {
+    config_with_routes(&format!(
+        "  - name: r\n    match:\n      path_prefix: /\n    upstream:\n      targets: [http://{addr}]\n"
+    ))
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let text = exchange_raw(
+        &gw,
+        b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n\
+          HEAD /b HTTP/1.1\r\nhost: x\r\n\r\n\
+          GET /c HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
+    let a = text.find("\"path\":\"/a\"").expect("/a answered");
+    let c = text.find("\"path\":\"/c\"").expect("/c answered");
+    assert!(a < c, "in order: {text}");
+    assert!(
+        !text.contains("\"path\":\"/b\""),
+        "HEAD has no body: {text}"
+    );
+    let last_head = &text[text.rfind("HTTP/1.1 200").unwrap()..];
+    assert!(last_head.contains("connection: close\r\n"), "{last_head}");
+    assert_eq!(up.hits(), 3);
+}
+
+#[tokio::test]
+async fn a_connection_with_a_body_moves_to_hyper_and_keeps_serving() {
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let text = exchange_raw(
+        &gw,
+        b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n\
+          POST /second HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello\
+          GET /third HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
+    let order: Vec<usize> = ["/first", "/second", "/third"]
+        .iter()
+        .map(|p| text.find(&format!("\"path\":\"{p}\"")).expect(p))
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "in order: {text}");
+    assert!(text.contains("\"method\":\"POST\""));
+}
+
+#[tokio::test]
+async fn malformed_and_partial_requests_get_hypers_answers() {
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let text = exchange_raw(&gw, b"GET / HTTP/1.1\r\nbad header line\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    // A head split over two writes is read whole.
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"GET /split HTTP/1.1\r\nho").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"st: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"path\":\"/split\""), "{out}");
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn every_response_framing_reaches_the_client() {
+    for (reply, close, body) in [
+        (
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-trailer: t\r\n\r\n"[..],
+            false,
+            "hello world",
+        ),
+        (b"HTTP/1.0 200 OK\r\n\r\nuntil the end", true, "until the end"),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+            false,
+            "final",
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc", false, "abc"),
+    ] {
+        let addr = scripted(reply, close).await;
+        let gw = TestGateway::start(&gateway_to(addr)).await;
+        for _ in 0..2 {
+            let r = get(&gw.url("/")).await;
+            assert_eq!((r.status.as_u16(), r.text().as_str()), (200, body));
+        }
+    }
+}
+
+#[tokio::test]
+async fn broken_upstream_responses_are_502() {
+    let huge: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n",
+            "a".repeat(70 * 1024)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    for reply in [
+        &b"SSH-2.0-OpenSSH_9.2\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabc",
+        b"",
+        huge,
+    ] {
+        let addr = scripted(reply, true).await;
+        let gw = TestGateway::start(&gateway_to(addr)).await;
+        let r = get(&gw.url("/")).await;
+        assert_eq!(
+            r.status,
+            502,
+            "{}",
+            String::from_utf8_lossy(&reply[..reply.len().min(80)])
+        );
+        assert_eq!(r.json()["error"], "upstream_error");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_cut_short_not_passed_on() {
+    let addr = scripted(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\nmore",
+        true,
+    )
+    .await;
+    let gw = TestGateway::start(&gateway_to(addr)).await;
+    let text = exchange_raw(&gw, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("transfer-encoding: chunked\r\n"));
+    assert!(
+        !text.contains("more") && !text.ends_with("0\r\n\r\n"),
+        "no clean end: {text:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_closing_mid_body_ends_the_response_not_the_gateway() {
+    let addr = scripted(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b",
+        true,
+    )
+    .await;
+    let gw = TestGateway::start(&gateway_to(addr)).await;
+    let text = exchange_raw(&gw, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("content-length: 100\r\n"));
+    assert!(
+        text.ends_with("only ten b"),
+        "the connection closes after what came: {text}"
+    );
+    let ok = scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
+    let gw2 = TestGateway::start(&gateway_to(ok)).await;
+    assert_eq!(get(&gw2.url("/")).await.text(), "ok");
+}
