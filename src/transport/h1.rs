@@ -26,6 +26,7 @@ use super::conn::ConnState;
 use super::listener::Shutdown;
 use crate::http::HttpEntry;
 use crate::http::body::{ClientBody, ProxyBody};
+use crate::http::headers;
 
 /// Request heads with more headers than this go to hyper (which applies the
 /// listener's limits the same way).
@@ -183,12 +184,7 @@ async fn write_response(
     out.put_u8(b' ');
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
-    }
+    headers::put_fields(out, &parts.headers);
     if !parts.headers.contains_key(header::DATE) {
         out.put_slice(b"date: ");
         put_date(out);
@@ -205,9 +201,7 @@ async fn write_response(
     if !bodiless && declared.is_none() {
         match body.size_hint().exact() {
             Some(n) => {
-                out.put_slice(b"content-length: ");
-                out.put_slice(n.to_string().as_bytes());
-                out.put_slice(b"\r\n");
+                headers::put_length_field(out, "content-length", n);
                 declared = Some(n);
             }
             None => {

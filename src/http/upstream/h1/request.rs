@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use super::H1Error;
 use crate::http::body::RequestBody;
+use crate::http::headers;
 
 /// Encodes the request line and headers. Returns whether the body must be
 /// sent chunked (it has content but no declared length).
@@ -24,20 +25,11 @@ pub(super) fn encode_head(parts: &Parts, body: &RequestBody, out: &mut BytesMut)
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
-    }
+    headers::put_fields(out, &parts.headers);
     let mut chunked = false;
     if !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH) {
         match body.size_hint().exact() {
-            Some(n) => {
-                out.put_slice(b"content-length: ");
-                out.put_slice(itoa_u64(n, &mut [0u8; 20]));
-                out.put_slice(b"\r\n");
-            }
+            Some(n) => headers::put_length_field(out, "content-length", n),
             None => {
                 out.put_slice(b"transfer-encoding: chunked\r\n");
                 chunked = true;
@@ -46,18 +38,6 @@ pub(super) fn encode_head(parts: &Parts, body: &RequestBody, out: &mut BytesMut)
     }
     out.put_slice(b"\r\n");
     chunked
-}
-
-fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
 }
 
 /// Writes a request to the target: the head, then the body as it streams
@@ -172,13 +152,6 @@ impl RequestWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn numbers_render_as_decimal() {
-        for n in [0u64, 7, 10, 12345, u64::MAX] {
-            assert_eq!(itoa_u64(n, &mut [0; 20]), n.to_string().as_bytes());
-        }
-    }
 
     #[test]
     fn the_head_is_origin_form_with_every_header() {
