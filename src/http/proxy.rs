@@ -122,7 +122,7 @@ async fn forward(
     {
         parts.headers.insert(header::HOST, host.clone());
     }
-    let version = match pool.config.protocol {
+    parts.version = match pool.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
     };
@@ -134,14 +134,11 @@ async fn forward(
             .pick(previous.as_ref())
             .ok_or(GatewayError::NoHealthyTarget)?;
         let may_retry = replayable && attempt < route.retries;
-        let mut headers = if may_retry {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
         // HTTP/1.1 needs a Host: the target's unless the client's is kept.
         if !(route.preserve_host && original_host.is_some()) {
-            headers.insert(header::HOST, target.host_header.clone());
+            parts
+                .headers
+                .insert(header::HOST, target.host_header.clone());
         }
         let sender = clients.sender(&target, pool.config.protocol, upgrade);
         let mut uri = UriParts::default();
@@ -150,7 +147,7 @@ async fn forward(
             uri.authority = Some(target.uri_authority.clone());
         }
         uri.path_and_query = Some(path.clone());
-        let uri = Uri::from_parts(uri).map_err(|e| GatewayError::UpstreamProtocol {
+        parts.uri = Uri::from_parts(uri).map_err(|e| GatewayError::UpstreamProtocol {
             target: target.addr.to_string(),
             detail: format!("cannot build the upstream URI: {e}"),
         })?;
@@ -158,15 +155,13 @@ async fn forward(
             Some(b) if !replayable => RequestBody::streaming(b, body_limit),
             _ => RequestBody::empty(),
         };
-        let mut upstream_req = Request::new(upstream_body);
-        *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.version_mut() = version;
-        *upstream_req.headers_mut() = headers;
 
         let inflight = InflightGuard::new(target.clone());
-        let sent =
-            tokio::time::timeout(route.timeout, sender.send(target.addr, upstream_req)).await;
+        let sent = tokio::time::timeout(
+            route.timeout,
+            sender.send(target.addr, &parts, upstream_body),
+        )
+        .await;
         let failure = match sent {
             Ok(Ok(resp)) => {
                 let status = resp.status();

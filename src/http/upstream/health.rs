@@ -84,7 +84,8 @@ async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> 
     else {
         return false;
     };
-    match tokio::time::timeout(hc.timeout, sender.send(target.addr, req)).await {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(hc.timeout, sender.send(target.addr, &parts, body)).await {
         Ok(Ok(resp)) => {
             let status = resp.status();
             status.is_success() || status.is_redirection()

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
+use http::request::Parts;
 use http::uri::Authority;
 use http::uri::Scheme;
 use http::{Request, Response};
@@ -76,15 +77,28 @@ impl SendError {
 impl Sender<'_> {
     /// Sends to `addr`. A `Direct` response body returns its connection to
     /// the pool once read to the end.
+    /// `parts` are borrowed: our own client writes them out as they are, so
+    /// a request that may be retried needs no copy of its headers.
     pub async fn send(
         &self,
         addr: SocketAddr,
-        req: Request<RequestBody>,
+        parts: &Parts,
+        body: RequestBody,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let owned = |body| {
+            let mut req = Request::new(body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            req
+        };
         Ok(match self {
-            Sender::Direct(proxy) => h1::send(addr, req, proxy).await?.map(UpstreamBody::H1),
-            Sender::Pooled(c) => c.request(req).await?.map(UpstreamBody::Hyper),
-            Sender::Tls(c) => c.request(req).await?.map(UpstreamBody::Hyper),
+            Sender::Direct(proxy) => h1::send(addr, parts, body, proxy)
+                .await?
+                .map(UpstreamBody::H1),
+            Sender::Pooled(c) => c.request(owned(body)).await?.map(UpstreamBody::Hyper),
+            Sender::Tls(c) => c.request(owned(body)).await?.map(UpstreamBody::Hyper),
         })
     }
 

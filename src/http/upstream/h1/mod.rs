@@ -17,7 +17,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::{Method, Request, Response};
+use http::request::Parts;
+use http::{Method, Response};
 use http_body::Body as _;
 use tokio::net::TcpStream;
 
@@ -86,12 +87,12 @@ pub enum H1Error {
 /// target closed an idle connection just as it was reused.
 pub async fn send(
     addr: SocketAddr,
-    req: Request<RequestBody>,
+    parts: &Parts,
+    body: RequestBody,
     proxy: &ProxyConfig,
 ) -> Result<Response<H1Body>, H1Error> {
-    let (parts, body) = req.into_parts();
     let mut head = BytesMut::with_capacity(256 + parts.headers.len() * 32);
-    let chunked = request::encode_head(&parts, &body, &mut head);
+    let chunked = request::encode_head(parts, &body, &mut head);
     let head = head.freeze();
     let resendable = body.is_end_stream() && is_idempotent(&parts.method);
     let mut writer = Some(RequestWriter::new(head.clone(), body, chunked));
