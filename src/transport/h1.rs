@@ -50,6 +50,11 @@ pub(super) async fn serve(
     let mut out = BytesMut::with_capacity(1024);
     let mut idle = pin!(state.idle_for(limits.idle_timeout));
     let mut graceful = pin!(shutdown.graceful.cancelled());
+    // A new connection sends its first head within the header-read timeout
+    // (as hyper has it), so silent connections do not hold their slots for
+    // the whole idle timeout.
+    let mut first_head = pin!(tokio::time::sleep(limits.header_read_timeout));
+    let mut served = false;
     loop {
         if buf.is_empty() {
             buf.reserve(4096);
@@ -57,6 +62,11 @@ pub(super) async fn serve(
                 biased;
                 read = io.read_buf(&mut buf) => read,
                 _ = &mut graceful => return Ended::Closed,
+                _ = &mut first_head, if !served => {
+                    tracing::debug!(listener = %state.listener.name, peer = %state.peer,
+                        "no request within the header-read timeout; closing");
+                    return Ended::Closed;
+                }
                 _ = &mut idle => {
                     tracing::debug!(listener = %state.listener.name, peer = %state.peer, "closing idle connection");
                     return Ended::Closed;
@@ -70,24 +80,70 @@ pub(super) async fn serve(
         let Some(parsed) = parse_request(&mut buf) else {
             return Ended::HandOff(io, buf.freeze());
         };
+        served = true;
         let head = parsed.request.method() == Method::HEAD;
         let close = parsed.close || shutdown.graceful.is_cancelled();
-        let response = match entry.dispatch(parsed.request).await {
-            Ok(r) => r,
-            Err(never) => match never {},
+        let Some(response) = run(&mut entry, parsed.request, &io, &mut buf).await else {
+            tracing::debug!(listener = %state.listener.name, peer = %state.peer,
+                "client closed the connection; request cancelled");
+            return Ended::Closed;
         };
         // As for requests to targets (`upstream::h1`): responses go out in
         // one burst per event-loop turn, waking clients less often.
         tokio::task::yield_now().await;
-        if let Err(e) = write_response(&mut io, &mut out, response, head, close).await {
+        let written = tokio::select! {
+            biased;
+            written = write_response(&mut io, &mut out, response, head, close, &state) => written,
+            // A client that stops reading is closed like an idle one.
+            _ = &mut idle => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took nothing for the idle timeout",
+            )),
+        };
+        if let Err(e) = written {
             tracing::debug!(listener = %state.listener.name, peer = %state.peer, error = %e,
                 "response not written whole; closing the connection");
             return Ended::Closed;
         }
-        state.touch();
         if close {
             let _ = io.shutdown().await;
             return Ended::Closed;
+        }
+    }
+}
+
+/// Pipelined bytes read while a request runs are kept up to this much.
+const MAX_READ_AHEAD: usize = 64 * 1024;
+
+/// Runs the request through the stack while watching the connection:
+/// bytes that arrive meanwhile (pipelined requests) are kept in `buf`; the
+/// end of the stream means the client is gone, and `None` drops (cancels)
+/// the request.
+async fn run(
+    entry: &mut HttpEntry,
+    request: Request<ClientBody>,
+    io: &TcpStream,
+    buf: &mut BytesMut,
+) -> Option<Response<ProxyBody>> {
+    let mut dispatch = pin!(entry.dispatch(request));
+    loop {
+        tokio::select! {
+            biased;
+            response = &mut dispatch => return Some(match response {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }),
+            // Readiness only: no read is tried until the socket has news.
+            ready = io.readable(), if buf.len() < MAX_READ_AHEAD => {
+                ready.ok()?;
+                buf.reserve(4096);
+                match io.try_read_buf(buf) {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return None,
+                }
+            }
         }
     }
 }
@@ -148,16 +204,29 @@ fn parse_request(buf: &mut BytesMut) -> Option<Parsed> {
     let path_range = path_start..path_start + path.len();
 
     let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(path_range)).ok();
-    let mut headers = HeaderMap::with_capacity(fields.len() + 8);
-    for (name, range) in fields {
-        // httparse has checked the value's characters.
-        let value = HeaderValue::from_maybe_shared(head.slice(range)).ok();
-        headers.append(name, value?);
-    }
+    let parts = || -> Option<(Uri, HeaderMap)> {
+        let uri = Uri::from_maybe_shared(head.slice(path_range)).ok()?;
+        let mut headers = HeaderMap::with_capacity(fields.len() + 8);
+        for (name, range) in fields {
+            headers.append(
+                name,
+                HeaderValue::from_maybe_shared(head.slice(range)).ok()?,
+            );
+        }
+        Some((uri, headers))
+    };
+    let Some((uri, headers)) = parts() else {
+        // httparse takes targets that `http` refuses (`/a<b>`): hyper gets
+        // the head back, with what follows, and answers it.
+        let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+        whole.extend_from_slice(&head);
+        whole.extend_from_slice(buf);
+        *buf = whole;
+        return None;
+    };
     let mut request = Request::new(ClientBody::Empty);
     *request.method_mut() = method;
-    *request.uri_mut() = uri?;
+    *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Some(Parsed { request, close })
@@ -171,6 +240,7 @@ async fn write_response(
     response: Response<ProxyBody>,
     head_request: bool,
     close: bool,
+    state: &ConnState,
 ) -> std::io::Result<()> {
     let (parts, mut body) = response.into_parts();
     let status = parts.status;
@@ -216,6 +286,7 @@ async fn write_response(
             out.put_slice(b"0\r\n\r\n");
         }
         io.write_all(out).await?;
+        state.touch();
         return check_length(declared, 0, bodiless);
     }
 
@@ -242,12 +313,14 @@ async fn write_response(
         let head: &[u8] = if pending_head { out } else { &[] };
         let tail: &[u8] = if chunked { b"\r\n" } else { &[] };
         write_all_vectored(io, &mut [head, size_line, &data, tail]).await?;
+        state.touch();
         pending_head = false;
     }
     if pending_head || chunked {
         let head: &[u8] = if pending_head { out } else { &[] };
         let end: &[u8] = if chunked { b"0\r\n\r\n" } else { &[] };
         write_all_vectored(io, &mut [head, end]).await?;
+        state.touch();
     }
     check_length(declared, sent, false)
 }
@@ -405,6 +478,7 @@ mod tests {
             "GET http://x/ HTTP/1.1\r\n\r\n",
             "CONNECT x:443 HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nbad header\r\n\r\n",
+            "GET /a<b> HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
             "GARBAGE\r\n\r\n",
         ] {
             let mut buf = BytesMut::from(raw);

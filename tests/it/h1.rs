@@ -109,6 +109,9 @@ async fn malformed_and_partial_requests_get_hypers_answers() {
     let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
     let text = exchange_raw(&gw, b"GET / HTTP/1.1\r\nbad header line\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    // A target httparse takes and `http` refuses is answered, not dropped.
+    let text = exchange_raw(&gw, b"GET /a<b> HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     // A head split over two writes is read whole.
     let mut s = TcpStream::connect(gw.addr()).await.unwrap();
     s.write_all(b"GET /split HTTP/1.1\r\nho").await.unwrap();
@@ -165,6 +168,7 @@ async fn broken_upstream_responses_are_502() {
         &b"SSH-2.0-OpenSSH_9.2\r\n\r\n"[..],
         b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabc",
         b"",
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
         huge,
     ] {
         let addr = scripted(reply, true).await;
@@ -215,4 +219,48 @@ async fn an_upstream_closing_mid_body_ends_the_response_not_the_gateway() {
     let ok = scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
     let gw2 = TestGateway::start(&gateway_to(ok)).await;
     assert_eq!(get(&gw2.url("/")).await.text(), "ok");
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_header_read_timeout() {
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&limited_config(
+        "header_read_timeout: 300ms, idle_timeout: 60s",
+        &route("r", "/", &[&up], ""),
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("closed long before the idle timeout")
+        .unwrap();
+    assert!(out.is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_request() {
+    let up = Upstream::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        status_response(200)
+    })
+    .await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the request reaches the upstream",
+        || async { up.hits() == 1 },
+    )
+    .await;
+    drop(s);
+    wait_until(
+        Duration::from_secs(5),
+        "the gateway drops its upstream request",
+        || async { up.connections().1 == 0 },
+    )
+    .await;
 }

@@ -133,23 +133,41 @@ async fn exchange(
     // targets then get this turn's requests in one burst instead of being
     // woken for each (measured: +7% requests/s under load).
     tokio::task::yield_now().await;
+    let mut write_failed: Option<H1Error> = None;
     let parsed = poll_fn(|cx| {
         if let Some(w) = writer.as_mut() {
             match w.poll_write(&mut conn.io, cx) {
                 Poll::Ready(Ok(())) => *writer = None,
-                Poll::Ready(Err(error)) => {
+                Poll::Ready(Err(error @ H1Error::Body(_))) => {
                     return Poll::Ready(Err(Attempt {
                         error,
                         reply_began: false,
                     }));
                 }
+                // The target may have answered already (a 413 before
+                // closing, say): what it sent is read before giving up.
+                Poll::Ready(Err(error)) => {
+                    *writer = None;
+                    write_failed = Some(error);
+                }
                 Poll::Pending => {}
             }
         }
-        poll_head(&mut conn, method, cx)
+        match poll_head(&mut conn, method, cx) {
+            Poll::Ready(Err(attempt)) if !attempt.reply_began => {
+                Poll::Ready(Err(match write_failed.take() {
+                    Some(error) => Attempt {
+                        error,
+                        reply_began: false,
+                    },
+                    None => attempt,
+                }))
+            }
+            other => other,
+        }
     })
     .await?;
-    let body = H1Body::new(conn, &parsed, writer.take());
+    let body = H1Body::new(conn, &parsed, writer.take(), write_failed.is_none());
     Ok(parsed.response.map(|()| body))
 }
 
@@ -163,6 +181,12 @@ fn poll_head(
     loop {
         let failed = |error| Attempt { error, reply_began };
         match response::parse_head(&mut conn.buf, method) {
+            // Upgrades never come this way (they go through hyper's client).
+            Ok(Some(head)) if head.response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                return Poll::Ready(Err(failed(H1Error::Invalid(
+                    "101 Switching Protocols without an upgrade request",
+                ))));
+            }
             // 100 Continue and other interim responses are not forwarded.
             Ok(Some(head)) if head.response.status().is_informational() => continue,
             Ok(Some(head)) => return Poll::Ready(Ok(head)),

@@ -156,8 +156,10 @@ fn framing(
         });
     }
     let mut length: Option<u64> = None;
+    let mut values = 0;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|b| *b == b',') {
+            values += 1;
             let n = std::str::from_utf8(part)
                 .ok()
                 .map(str::trim)
@@ -169,6 +171,10 @@ fn framing(
             }
             length = Some(n);
         }
+    }
+    if let (Some(n), 2..) = (length, values) {
+        // Repeats of one length travel on as that one length.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(match length {
         Some(0) => Framing::Done,
@@ -204,11 +210,17 @@ pub struct H1Body {
 }
 
 impl H1Body {
-    pub(super) fn new(conn: H1Conn, head: &Head, writer: Option<RequestWriter>) -> H1Body {
+    /// `reusable`: the request went out without a write error.
+    pub(super) fn new(
+        conn: H1Conn,
+        head: &Head,
+        writer: Option<RequestWriter>,
+        reusable: bool,
+    ) -> H1Body {
         let mut body = H1Body {
             conn: Some(conn),
             framing: head.framing,
-            keep_alive: head.keep_alive,
+            keep_alive: head.keep_alive && reusable,
             writer: writer.map(Box::new),
         };
         if body.framing == Framing::Done {
@@ -491,6 +503,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(h.framing, Framing::Length(3));
+        assert_eq!(h.response.headers()[header::CONTENT_LENGTH], "3");
     }
 
     #[test]
