@@ -264,3 +264,38 @@ async fn a_client_that_goes_away_cancels_its_request() {
     )
     .await;
 }
+
+/// Sockets of this process's network namespace in CLOSE_WAIT towards `port`
+/// (Linux: /proc/net/tcp).
+fn close_wait_towards(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let remote = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() > 3 && cols[2].ends_with(&remote) && cols[3] == "08"
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn idle_connections_the_target_closed_leave_the_pool_before_they_expire() {
+    let addr = scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
+    let yaml = gateway_to(addr).replace(
+        "proxy:\n  access_log: false\n",
+        "proxy:\n  access_log: false\n  pool_idle_timeout: 8s\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    assert_eq!(get(&gw.url("/")).await.text(), "ok");
+    // The target closed right after answering; the pool's sweep (every 2s
+    // here) finds that long before the connection's 8s are up.
+    wait_until(
+        Duration::from_secs(5),
+        "no pooled connection left half-closed",
+        || async { close_wait_towards(addr.port()) == 0 },
+    )
+    .await;
+    assert_eq!(get(&gw.url("/")).await.text(), "ok");
+}

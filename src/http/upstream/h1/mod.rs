@@ -274,13 +274,16 @@ fn sweep() {
     let now = TICK.get().wrapping_add(1);
     TICK.set(now);
     IDLE.with(|idle| {
-        // Lists are oldest first: drop the expired front of each.
+        // Lists are oldest first: drop the expired front of each, and any
+        // the target has closed meanwhile (so they do not wait in CLOSE_WAIT
+        // for the next checkout).
         idle.borrow_mut().retain(|_, list| {
             let keep_from = list
                 .iter()
                 .position(|i| now.wrapping_sub(i.tick) < IDLE_TICKS)
                 .unwrap_or(list.len());
             list.drain(..keep_from);
+            list.retain_mut(|i| i.conn.still_open());
             !list.is_empty()
         });
     });
