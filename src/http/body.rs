@@ -57,42 +57,21 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
-            Kind::Upstream {
-                body: UpstreamBody::H1(body),
-                ..
-            } => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Kind::Upstream {
-                body: UpstreamBody::Hyper(body),
-                ..
-            } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Kind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream {
-                body: UpstreamBody::H1(body),
-                ..
-            } => body.is_end_stream(),
-            Kind::Upstream {
-                body: UpstreamBody::Hyper(body),
-                ..
-            } => body.is_end_stream(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
             Kind::Full(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream {
-                body: UpstreamBody::H1(body),
-                ..
-            } => body.size_hint(),
-            Kind::Upstream {
-                body: UpstreamBody::Hyper(body),
-                ..
-            } => body.size_hint(),
+            Kind::Upstream { body, .. } => body.size_hint(),
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
         }

@@ -3,7 +3,6 @@
 
 use std::net::IpAddr;
 
-use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 
@@ -164,34 +163,6 @@ pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
     headers.append(header::VIA, via(origin.version));
 }
 
-/// Writes header fields as HTTP/1.1 lines (`name: value\r\n`).
-pub fn put_fields(out: &mut BytesMut, headers: &HeaderMap) {
-    for (name, value) in headers {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
-    }
-}
-
-/// Writes `name: n\r\n` with `n` in decimal, without allocating.
-pub fn put_length_field(out: &mut BytesMut, name: &str, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.put_slice(name.as_bytes());
-    out.put_slice(b": ");
-    out.put_slice(&digits[i..]);
-    out.put_slice(b"\r\n");
-}
-
 /// `Via` value for this hop.
 pub fn via(version: Version) -> HeaderValue {
     HeaderValue::from_static(match version {
@@ -228,26 +199,6 @@ fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fields_render_as_http1_lines() {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-a", HeaderValue::from_static("1"));
-        headers.append("x-a", HeaderValue::from_static("2"));
-        let mut out = BytesMut::new();
-        put_fields(&mut out, &headers);
-        for n in [0u64, 7, 10, 12345, u64::MAX] {
-            put_length_field(&mut out, "content-length", n);
-        }
-        assert_eq!(
-            &out[..],
-            format!(
-                "x-a: 1\r\nx-a: 2\r\ncontent-length: 0\r\ncontent-length: 7\r\ncontent-length: 10\r\ncontent-length: 12345\r\ncontent-length: {}\r\n",
-                u64::MAX
-            )
-            .as_bytes()
-        );
-    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {

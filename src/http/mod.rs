@@ -14,6 +14,7 @@ pub mod router;
 mod routing;
 mod stack;
 pub mod upstream;
+pub mod wire;
 pub mod xfcc;
 
 use std::sync::Arc;

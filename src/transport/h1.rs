@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -26,7 +26,7 @@ use super::conn::ConnState;
 use super::listener::Shutdown;
 use crate::http::HttpEntry;
 use crate::http::body::{ClientBody, ProxyBody};
-use crate::http::headers;
+use crate::http::wire;
 
 /// Request heads with more headers than this go to hyper (which applies the
 /// listener's limits the same way).
@@ -176,17 +176,15 @@ fn parse_request(buf: &mut BytesMut) -> Option<Parsed> {
     if method == Method::CONNECT {
         return None;
     }
-    let base = buf.as_ptr() as usize;
-    let offset = |s: &[u8]| s.as_ptr() as usize - base;
+    let fields = wire::fields(buf, parsed.headers)?;
     let mut close = false;
-    let mut fields = Vec::with_capacity(parsed.headers.len());
-    for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        match name {
+    for (name, range) in &fields {
+        let value = &buf[range.clone()];
+        match *name {
             header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => return None,
-            header::CONTENT_LENGTH if h.value != b"0" => return None,
+            header::CONTENT_LENGTH if value != b"0" => return None,
             header::CONNECTION => {
-                for token in h.value.split(|b| *b == b',') {
+                for token in value.split(|b| *b == b',') {
                     let token = token.trim_ascii();
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
@@ -197,25 +195,15 @@ fn parse_request(buf: &mut BytesMut) -> Option<Parsed> {
             }
             _ => {}
         }
-        let start = offset(h.value);
-        fields.push((name, start..start + h.value.len()));
     }
-    let path_start = offset(path.as_bytes());
+    let path_start = path.as_ptr() as usize - buf.as_ptr() as usize;
     let path_range = path_start..path_start + path.len();
 
     let head = buf.split_to(len).freeze();
-    let parts = || -> Option<(Uri, HeaderMap)> {
-        let uri = Uri::from_maybe_shared(head.slice(path_range)).ok()?;
-        let mut headers = HeaderMap::with_capacity(fields.len() + 8);
-        for (name, range) in fields {
-            headers.append(
-                name,
-                HeaderValue::from_maybe_shared(head.slice(range)).ok()?,
-            );
-        }
-        Some((uri, headers))
-    };
-    let Some((uri, headers)) = parts() else {
+    let parts = Uri::from_maybe_shared(head.slice(path_range))
+        .ok()
+        .zip(wire::header_map(&head, fields, 8));
+    let Some((uri, headers)) = parts else {
         // httparse takes targets that `http` refuses (`/a<b>`): hyper gets
         // the head back, with what follows, and answers it.
         let mut whole = BytesMut::with_capacity(head.len() + buf.len());
@@ -254,7 +242,7 @@ async fn write_response(
     out.put_u8(b' ');
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
-    headers::put_fields(out, &parts.headers);
+    wire::put_fields(out, &parts.headers);
     if !parts.headers.contains_key(header::DATE) {
         out.put_slice(b"date: ");
         put_date(out);
@@ -271,7 +259,7 @@ async fn write_response(
     if !bodiless && declared.is_none() {
         match body.size_hint().exact() {
             Some(n) => {
-                headers::put_length_field(out, "content-length", n);
+                wire::put_length_field(out, "content-length", n);
                 declared = Some(n);
             }
             None => {
@@ -304,9 +292,9 @@ async fn write_response(
         if declared.is_some_and(|d| sent > d) {
             return Err(std::io::Error::other("body longer than its content-length"));
         }
-        let mut size_line = [0u8; 20];
+        let mut size_line = [0u8; 18];
         let size_line = if chunked {
-            chunk_size_line(data.len(), &mut size_line)
+            wire::chunk_size_line(data.len(), &mut size_line)
         } else {
             &[][..]
         };
@@ -336,12 +324,6 @@ fn check_length(declared: Option<u64>, sent: u64, bodiless: bool) -> std::io::Re
     }
 }
 
-fn chunk_size_line(len: usize, buf: &mut [u8; 20]) -> &[u8] {
-    let digits = format!("{len:x}\r\n");
-    buf[..digits.len()].copy_from_slice(digits.as_bytes());
-    &buf[..digits.len()]
-}
-
 async fn write_all_vectored(io: &mut TcpStream, parts: &mut [&[u8]]) -> std::io::Result<()> {
     let mut first = 0;
     loop {
@@ -351,8 +333,12 @@ async fn write_all_vectored(io: &mut TcpStream, parts: &mut [&[u8]]) -> std::io:
         if first == parts.len() {
             return Ok(());
         }
-        let slices: Vec<IoSlice<'_>> = parts[first..].iter().map(|p| IoSlice::new(p)).collect();
-        let mut n = io.write_vectored(&slices).await?;
+        let mut slices = [IoSlice::new(&[]); 4];
+        let count = (parts.len() - first).min(slices.len());
+        for (slice, part) in slices.iter_mut().zip(&parts[first..]) {
+            *slice = IoSlice::new(part);
+        }
+        let mut n = io.write_vectored(&slices[..count]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -489,11 +475,5 @@ mod tests {
             .map(|i| format!("x-{i}: v\r\n"))
             .collect();
         assert!(parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).is_none());
-    }
-
-    #[test]
-    fn chunk_size_lines_are_hex() {
-        assert_eq!(chunk_size_line(255, &mut [0; 20]), b"ff\r\n");
-        assert_eq!(chunk_size_line(1, &mut [0; 20]), b"1\r\n");
     }
 }

@@ -251,10 +251,10 @@ impl Accepted {
             let Some(entry) = service.gateway_entry().cloned() else {
                 return serve_connection(builder, stream, state, service, shutdown).await;
             };
-            let ended = tokio::select! {
-                ended = h1::serve(stream, state.clone(), entry, &shutdown) => ended,
-                _ = shutdown.force.cancelled() => return,
-            };
+            // No watch on `shutdown.force` here: gateway connections run on
+            // a worker's event loop, which is dropped with them at the drain
+            // deadline (and a watch would be polled on every wake-up).
+            let ended = h1::serve(stream, state.clone(), entry, &shutdown).await;
             if let h1::Ended::HandOff(stream, read) = ended {
                 let stream = h1::Rewind::new(stream, read);
                 serve_connection(builder, stream, state, service, shutdown).await;

@@ -28,7 +28,7 @@ use rustls_pki_types::ServerName;
 pub use budget::RetryBudget;
 pub use h1::{H1Body, H1Error, start_worker_pool};
 
-use super::body::RequestBody;
+use super::body::{BoxError, RequestBody};
 use crate::config::{
     LoadBalancing, ProxyConfig, TargetHost, TargetUrl, UpstreamConfig, UpstreamProtocol,
 };
@@ -53,6 +53,35 @@ pub enum Sender<'a> {
 pub enum UpstreamBody {
     H1(H1Body),
     Hyper(Incoming),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 /// Why sending to a target failed.

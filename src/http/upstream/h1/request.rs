@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use super::H1Error;
 use crate::http::body::RequestBody;
-use crate::http::headers;
+use crate::http::wire;
 
 /// Encodes the request line and headers. Returns whether the body must be
 /// sent chunked (it has content but no declared length).
@@ -25,11 +25,11 @@ pub(super) fn encode_head(parts: &Parts, body: &RequestBody, out: &mut BytesMut)
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    headers::put_fields(out, &parts.headers);
+    wire::put_fields(out, &parts.headers);
     let mut chunked = false;
     if !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH) {
         match body.size_hint().exact() {
-            Some(n) => headers::put_length_field(out, "content-length", n),
+            Some(n) => wire::put_length_field(out, "content-length", n),
             None => {
                 out.put_slice(b"transfer-encoding: chunked\r\n");
                 chunked = true;
@@ -43,10 +43,13 @@ pub(super) fn encode_head(parts: &Parts, body: &RequestBody, out: &mut BytesMut)
 /// Writes a request to the target: the head, then the body as it streams
 /// in. Body data that is ready goes out in the same write as the head.
 pub(crate) struct RequestWriter {
+    /// What is left of the head to write.
+    head: Bytes,
     /// `None` once the body has ended.
     body: Option<RequestBody>,
     chunked: bool,
-    /// Encoded and not yet written, in order.
+    /// Body data encoded and not yet written, in order (stays unallocated
+    /// for a request without body).
     pending: VecDeque<Bytes>,
     pending_bytes: usize,
 }
@@ -58,14 +61,12 @@ const WRITE_SLICES: usize = 8;
 
 impl RequestWriter {
     pub(super) fn new(head: Bytes, body: RequestBody, chunked: bool) -> RequestWriter {
-        let mut pending = VecDeque::with_capacity(4);
-        let pending_bytes = head.len();
-        pending.push_back(head);
         RequestWriter {
+            head,
             body: (!body.is_end_stream()).then_some(body),
             chunked,
-            pending,
-            pending_bytes,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
         }
     }
 
@@ -92,7 +93,8 @@ impl RequestWriter {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if !data.is_empty() => {
                         if self.chunked {
-                            self.push(Bytes::from(format!("{:x}\r\n", data.len())));
+                            let line = wire::chunk_size_line(data.len(), &mut [0; 18]).to_vec();
+                            self.push(Bytes::from(line));
                             self.push(data);
                             self.push(Bytes::from_static(b"\r\n"));
                         } else {
@@ -115,7 +117,7 @@ impl RequestWriter {
     ) -> Poll<Result<(), H1Error>> {
         loop {
             self.gather(cx)?;
-            if self.pending.is_empty() {
+            if self.head.is_empty() && self.pending.is_empty() {
                 return if self.body.is_none() {
                     Poll::Ready(Ok(()))
                 } else {
@@ -123,15 +125,22 @@ impl RequestWriter {
                 };
             }
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
-            let count = self.pending.len().min(WRITE_SLICES);
-            for (slice, bytes) in slices.iter_mut().zip(&self.pending) {
+            let queued = std::iter::once(&self.head)
+                .filter(|h| !h.is_empty())
+                .chain(&self.pending);
+            let mut count = 0;
+            for (slice, bytes) in slices.iter_mut().zip(queued) {
                 *slice = IoSlice::new(bytes);
+                count += 1;
             }
             let mut written = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]))
                 .map_err(H1Error::Io)?;
             if written == 0 {
                 return Poll::Ready(Err(H1Error::Io(std::io::ErrorKind::WriteZero.into())));
             }
+            let from_head = written.min(self.head.len());
+            self.head.advance(from_head);
+            written -= from_head;
             self.pending_bytes -= written;
             while written > 0 {
                 let front = self

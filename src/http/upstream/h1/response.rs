@@ -9,13 +9,14 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::net::TcpStream;
 
 use super::request::RequestWriter;
 use super::{H1Conn, H1Error};
+use crate::http::wire;
 
 /// A response head may not be larger than this (status line and headers).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -96,22 +97,11 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
     } else {
         Version::HTTP_11
     };
-    // Offsets into the head, so the values can share its bytes once split off.
-    let base = buf.as_ptr() as usize;
-    let mut fields = Vec::with_capacity(parsed.headers.len());
-    for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| H1Error::Invalid("malformed header name"))?;
-        let start = h.value.as_ptr() as usize - base;
-        fields.push((name, start..start + h.value.len()));
-    }
+    let fields =
+        wire::fields(buf, parsed.headers).ok_or(H1Error::Invalid("malformed header name"))?;
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
-    for (name, range) in fields {
-        let value = HeaderValue::from_maybe_shared(head.slice(range))
-            .map_err(|_| H1Error::Invalid("malformed header value"))?;
-        headers.append(name, value);
-    }
+    let mut headers =
+        wire::header_map(&head, fields, 2).ok_or(H1Error::Invalid("malformed header value"))?;
 
     let framing = framing(status, method, &mut headers)?;
     let keep_alive = keep_alive(version, &headers) && framing != Framing::Close;

@@ -1,0 +1,129 @@
+//! HTTP/1.1 on the wire, shared by tollgate's own server loop
+//! (`transport::h1`) and upstream client (`upstream::h1`): header fields
+//! from httparse into `http` types, and the lines both write.
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// A parsed header: its name, and where its value lies in the parsed buffer.
+pub type Field = (HeaderName, Range<usize>);
+
+/// Names and value positions of `headers`, which httparse parsed from
+/// `buf`; `None` if `http` refuses a name.
+pub fn fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Option<Vec<Field>> {
+    let base = buf.as_ptr() as usize;
+    // One allocation: collecting into `Option<Vec>` would grow it step by step.
+    let mut fields = Vec::with_capacity(headers.len());
+    for h in headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let start = h.value.as_ptr() as usize - base;
+        fields.push((name, start..start + h.value.len()));
+    }
+    Some(fields)
+}
+
+/// The header map of a head split off its buffer, with room for `spare`
+/// more fields; the values share the head's bytes. `None` if `http`
+/// refuses a value.
+pub fn header_map(head: &Bytes, fields: Vec<Field>, spare: usize) -> Option<HeaderMap> {
+    let mut map = HeaderMap::with_capacity(fields.len() + spare);
+    for (name, range) in fields {
+        map.append(
+            name,
+            HeaderValue::from_maybe_shared(head.slice(range)).ok()?,
+        );
+    }
+    Some(map)
+}
+
+/// Writes header fields as HTTP/1.1 lines (`name: value\r\n`).
+pub fn put_fields(out: &mut BytesMut, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+}
+
+/// Writes `name: n\r\n` with `n` in decimal, without allocating.
+pub fn put_length_field(out: &mut BytesMut, name: &str, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(name.as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(&digits[i..]);
+    out.put_slice(b"\r\n");
+}
+
+/// The size line of a chunk of `len` bytes (`{hex}\r\n`), in `buf`.
+pub fn chunk_size_line(mut len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = buf.len() - 2;
+    buf[i..].copy_from_slice(b"\r\n");
+    loop {
+        i -= 1;
+        buf[i] = HEX[len & 0xf];
+        len >>= 4;
+        if len == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_render_as_http1_lines() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        let mut out = BytesMut::new();
+        put_fields(&mut out, &headers);
+        for n in [0u64, 7, 10, 12345, u64::MAX] {
+            put_length_field(&mut out, "content-length", n);
+        }
+        assert_eq!(
+            &out[..],
+            format!(
+                "x-a: 1\r\nx-a: 2\r\ncontent-length: 0\r\ncontent-length: 7\r\ncontent-length: 10\r\ncontent-length: 12345\r\ncontent-length: {}\r\n",
+                u64::MAX
+            )
+            .as_bytes()
+        );
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        for n in [0usize, 1, 15, 16, 255, 4096, usize::MAX] {
+            assert_eq!(
+                chunk_size_line(n, &mut [0; 18]),
+                format!("{n:x}\r\n").as_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn parsed_fields_share_the_head() {
+        let raw = Bytes::from_static(b"GET / HTTP/1.1\r\nx-a: 1\r\nx-b:\r\n\r\n");
+        let mut slots = [httparse::EMPTY_HEADER; 4];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(&raw).unwrap().is_complete());
+        let found = fields(&raw, req.headers).unwrap();
+        let map = header_map(&raw, found, 0).unwrap();
+        assert_eq!(map["x-a"], "1");
+        assert_eq!(map["x-b"], "");
+    }
+}
