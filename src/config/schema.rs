@@ -775,6 +775,10 @@ pub struct UpstreamConfig {
     /// Time allowed for connecting, sending the request and receiving the response head.
     #[serde(default = "default_timeout", deserialize_with = "units::duration")]
     pub timeout: Duration,
+    /// Longest wait for the next bytes of a response body, once its head has
+    /// come; a target quiet for longer has its response cut off.
+    #[serde(default = "default_read_timeout", deserialize_with = "units::duration")]
+    pub read_timeout: Duration,
     /// Extra attempts after a failed one (another target when there is one).
     #[serde(default = "default_retries")]
     pub retries: u32,
@@ -816,6 +820,9 @@ pub struct UpstreamTls {
 
 fn default_timeout() -> Duration {
     Duration::from_secs(15)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_retries() -> u32 {
     2

@@ -292,6 +292,7 @@ fn upstream(path: &str, u: &UpstreamConfig, errs: &mut Errors) {
         _ => {}
     }
     errs.nonzero(format!("{path}.timeout"), u.timeout);
+    errs.nonzero(format!("{path}.read_timeout"), u.read_timeout);
     errs.nonzero(format!("{path}.dns_refresh"), u.dns_refresh);
     if u.retries > 10 {
         errs.add(format!("{path}.retries"), "must be at most 10");

@@ -1,11 +1,14 @@
 //! Body types of the proxy: streamed both ways, never buffered whole.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use super::upstream::{InflightGuard, UpstreamBody};
 
@@ -20,7 +23,8 @@ enum Kind {
     Upstream {
         body: UpstreamBody,
         /// Keeps the target's in-flight count until the body is done or dropped.
-        _inflight: Option<InflightGuard>,
+        inflight: InflightGuard,
+        stall: StallWatch,
     },
     Full(Option<Bytes>),
 }
@@ -38,15 +42,57 @@ impl ProxyBody {
         }
     }
 
-    pub fn upstream(body: UpstreamBody, inflight: Option<InflightGuard>) -> ProxyBody {
+    /// A target's body, cut off with an error when the target sends
+    /// nothing for `read_timeout` while we wait for it.
+    pub fn upstream(
+        body: UpstreamBody,
+        inflight: InflightGuard,
+        read_timeout: Duration,
+    ) -> ProxyBody {
         ProxyBody {
             kind: Kind::Upstream {
                 body,
-                _inflight: inflight,
+                inflight,
+                stall: StallWatch {
+                    limit: read_timeout,
+                    timer: None,
+                    armed: false,
+                },
             },
         }
     }
 }
+
+/// The read deadline of a response body: armed when the body has nothing
+/// ready, disarmed by the next frame. A body that never waits (most small
+/// responses arrive with their head) never sets a timer.
+struct StallWatch {
+    limit: Duration,
+    /// Boxed: only bodies that wait need one, and it is reused by resetting.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl StallWatch {
+    /// Whether the body has waited longer than the limit (with the task
+    /// woken when it will have).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = Instant::now() + self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// A target that went quiet mid-body.
+#[derive(Debug, thiserror::Error)]
+#[error("the target sent nothing for {}s within the response body", .0.as_secs_f64())]
+pub struct BodyStalled(Duration);
 
 impl Body for ProxyBody {
     type Data = Bytes;
@@ -57,7 +103,22 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
-            Kind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Kind::Upstream {
+                body,
+                inflight,
+                stall,
+            } => match Pin::new(body).poll_frame(cx) {
+                Poll::Pending if stall.expired(cx) => {
+                    tracing::warn!(target = %inflight.target(), read_timeout = ?stall.limit,
+                        "target went quiet mid-body; response cut off");
+                    Poll::Ready(Some(Err(BodyStalled(stall.limit).into())))
+                }
+                Poll::Pending => Poll::Pending,
+                ready => {
+                    stall.armed = false;
+                    ready
+                }
+            },
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }

@@ -309,7 +309,7 @@ fn respond(
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,
-        ProxyBody::upstream(body, Some(inflight)),
+        ProxyBody::upstream(body, inflight, route.pool.config.read_timeout),
     ))
 }
 

@@ -222,6 +222,35 @@ async fn an_upstream_closing_mid_body_ends_the_response_not_the_gateway() {
 }
 
 #[tokio::test]
+async fn an_upstream_going_quiet_mid_body_is_cut_off_at_the_read_timeout() {
+    // Sends part of the body and then holds the connection open, silent.
+    let addr = scripted(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b",
+        false,
+    )
+    .await;
+    let gw = TestGateway::start(&config_with_routes(&format!(
+        "  - name: r\n    match:\n      path_prefix: /\n    upstream:\n      targets: [http://{addr}]\n      read_timeout: 300ms\n"
+    )))
+    .await;
+    // exchange_raw waits for the gateway to close the connection.
+    let text = exchange_raw(&gw, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        text.ends_with("only ten b"),
+        "what came, then the close: {text}"
+    );
+    // The same through hyper's server (a request with a body goes there).
+    let text = exchange_raw(
+        &gw,
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("only ten b"), "{text}");
+}
+
+#[tokio::test]
 async fn a_silent_connection_is_closed_after_the_header_read_timeout() {
     let up = Upstream::echo("up").await;
     let gw = TestGateway::start(&limited_config(

@@ -296,6 +296,10 @@ impl InflightGuard {
         target.inflight.fetch_add(1, Ordering::Relaxed);
         InflightGuard(target)
     }
+
+    pub fn target(&self) -> SocketAddr {
+        self.0.addr
+    }
 }
 
 impl Drop for InflightGuard {
