@@ -143,32 +143,54 @@ where
             Err(e) => (e.to_response(&p.request_id), Some(e), None),
         };
         let subject = caller.as_ref().map_or("-", |c| c.0.subject.as_str());
-        record(&p, resp.status().as_u16(), error.as_ref(), subject);
+        let (route, metrics) = match (&p.route, &p.endpoint) {
+            (Some(r), _) => (&*r.name, &r.metrics),
+            (None, Some(server)) => ("oauth", &server.metrics),
+            (None, None) => ("-", &*p.unmatched),
+        };
+        record(
+            &Entry {
+                start: p.start,
+                conn: p.conn.as_deref(),
+                route,
+                metrics,
+                request_id: &p.request_id,
+                method: &p.method,
+                path: p.path.as_deref(),
+            },
+            resp.status().as_u16(),
+            error.as_ref(),
+            subject,
+        );
         Poll::Ready(Ok(resp))
     }
 }
 
-fn record(p: &Pending, status: u16, error: Option<&GatewayError>, subject: &str) {
-    let elapsed = p.start.elapsed();
-    let metrics = match (&p.route, &p.endpoint) {
-        (Some(r), _) => &r.metrics,
-        (None, Some(server)) => &server.metrics,
-        (None, None) => &*p.unmatched,
-    };
-    let listener_index = p.conn.as_ref().map_or(0, |c| c.listener.index);
-    metrics.count(listener_index, status);
-    metrics.duration.observe(elapsed.as_secs_f64());
+/// A request's entry in the access log and the request metrics.
+pub(super) struct Entry<'a> {
+    pub start: Instant,
+    pub conn: Option<&'a ConnState>,
+    /// The route's name, `oauth` or `-`.
+    pub route: &'a str,
+    pub metrics: &'a RouteMetrics,
+    pub request_id: &'a HeaderValue,
+    pub method: &'a Method,
+    /// Path only: query strings may carry tokens and are never logged.
+    /// `None` while the log is off.
+    pub path: Option<&'a str>,
+}
 
-    let Some(path) = &p.path else { return };
-    let route = match (&p.route, &p.endpoint) {
-        (Some(r), _) => &r.name,
-        (None, Some(_)) => "oauth",
-        (None, None) => "-",
-    };
-    let listener = p.conn.as_ref().map_or("-", |c| &c.listener.name);
+pub(super) fn record(p: &Entry<'_>, status: u16, error: Option<&GatewayError>, subject: &str) {
+    let elapsed = p.start.elapsed();
+    let listener_index = p.conn.map_or(0, |c| c.listener.index);
+    p.metrics.count(listener_index, status);
+    p.metrics.duration.observe(elapsed.as_secs_f64());
+
+    let Some(path) = p.path else { return };
+    let route = p.route;
+    let listener = p.conn.map_or("-", |c| &c.listener.name);
     let peer = p
         .conn
-        .as_ref()
         .map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
     let request_id = p.request_id.to_str().unwrap_or("-");
     let latency_ms = elapsed.as_secs_f64() * 1000.0;

@@ -58,7 +58,7 @@ impl RouteAuth {
         }
     }
 
-    fn required(&self) -> bool {
+    pub(super) fn required(&self) -> bool {
         self.accept_jwt || self.accept_mtls
     }
 

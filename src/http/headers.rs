@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 
@@ -125,10 +126,28 @@ pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
         headers.insert(X_FORWARDED_FOR.clone(), origin.peer_text.clone());
     }
 
-    let host = origin
-        .host
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| is_forwarded_token(h));
+    let fwd = forwarded_element(origin, origin.host.and_then(|h| h.to_str().ok()));
+    if headers.contains_key(&FORWARDED) {
+        append_list(headers, &FORWARDED, &fwd);
+    } else if let Ok(v) = HeaderValue::from_str(&fwd) {
+        headers.insert(FORWARDED.clone(), v);
+    }
+
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(origin.proto),
+    );
+    if let Some(host) = origin.host {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    }
+    headers.append(header::VIA, via(origin.version));
+}
+
+/// This hop's `Forwarded` element (RFC 7239): the peer, the scheme and
+/// the client's Host when it is a token.
+fn forwarded_element(origin: &Origin<'_>, host: Option<&str>) -> String {
+    let peer = origin.peer_text.to_str().unwrap_or_default();
+    let host = host.filter(|h| is_forwarded_token(h));
     let mut fwd = String::with_capacity(32 + peer.len() + host.map_or(0, str::len));
     match origin.peer {
         IpAddr::V4(_) => {
@@ -147,20 +166,46 @@ pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
         fwd.push_str(";host=");
         fwd.push_str(host);
     }
-    if headers.contains_key(&FORWARDED) {
-        append_list(headers, &FORWARDED, &fwd);
-    } else if let Ok(v) = HeaderValue::from_str(&fwd) {
-        headers.insert(FORWARDED.clone(), v);
-    }
+    fwd
+}
 
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(origin.proto),
-    );
-    if let Some(host) = origin.host {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+/// Whether the direct path (which writes a request's fields as they came)
+/// must leave this field to the stack's rules: a hop-by-hop field other
+/// than `Connection` (whose tokens the caller checks), or a forwarding
+/// list this hop would have to extend.
+pub fn needs_stack(name: &HeaderName) -> bool {
+    *name != header::CONNECTION && HOP_BY_HOP.contains(&name)
+        || *name == header::TE
+        || *name == X_FORWARDED_FOR
+        || *name == FORWARDED
+}
+
+/// Whether a client's field is one this hop replaces or drops (besides
+/// hop-by-hop ones) when it writes the forwarding fields itself.
+pub fn replaced_by_forwarding(name: &HeaderName) -> bool {
+    *name == header::HOST
+        || *name == header::CONNECTION
+        || *name == X_FORWARDED_PROTO
+        || *name == X_FORWARDED_HOST
+}
+
+/// The forwarding fields of an HTTP/1.1 request that carried no
+/// `X-Forwarded-For` or `Forwarded` (see [`needs_stack`]), as wire lines:
+/// what [`add_forwarding`] sets, for the direct path.
+pub fn put_forwarding(out: &mut BytesMut, origin: &Origin<'_>, host: Option<&str>) {
+    let mut line = |name: &HeaderName, value: &[u8]| {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value);
+        out.put_slice(b"\r\n");
+    };
+    line(&X_FORWARDED_FOR, origin.peer_text.as_bytes());
+    line(&FORWARDED, forwarded_element(origin, host).as_bytes());
+    line(&X_FORWARDED_PROTO, origin.proto.as_bytes());
+    if let Some(host) = host {
+        line(&X_FORWARDED_HOST, host.as_bytes());
     }
-    headers.append(header::VIA, via(origin.version));
+    line(&header::VIA, via(origin.version).as_bytes());
 }
 
 /// `Via` value for this hop.

@@ -78,39 +78,58 @@ where
 }
 
 fn check<B>(limits: &Limits, req: &Request<B>) -> Result<(), GatewayError> {
+    let headers = req.headers();
+    check_sizes(
+        limits,
+        &Sizes {
+            uri: req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()),
+            fields: headers.len(),
+            // Name, value and the ": " and CRLF of each field, as on the wire.
+            field_bytes: headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum(),
+            declared_body: headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok()),
+            path: req.uri().path(),
+        },
+    )
+}
+
+/// What the limits are checked against.
+pub(super) struct Sizes<'a> {
+    pub uri: usize,
+    pub fields: usize,
+    pub field_bytes: usize,
+    pub declared_body: Option<u64>,
+    pub path: &'a str,
+}
+
+pub(super) fn check_sizes(limits: &Limits, sizes: &Sizes<'_>) -> Result<(), GatewayError> {
     let uri_limit = limits.max_uri_bytes.as_usize();
-    let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
-    if uri_len > uri_limit {
+    if sizes.uri > uri_limit {
         return Err(GatewayError::UriTooLong { limit: uri_limit });
     }
-    let headers = req.headers();
-    if headers.len() > limits.max_headers {
+    if sizes.fields > limits.max_headers {
         return Err(GatewayError::HeadersTooLarge {
             limit: limits.max_headers,
             what: "headers",
         });
     }
     let header_limit = limits.max_header_bytes.as_usize();
-    // Name, value and the ": " and CRLF of each field, as on the wire.
-    let header_bytes: usize = headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
-    if header_bytes > header_limit {
+    if sizes.field_bytes > header_limit {
         return Err(GatewayError::HeadersTooLarge {
             limit: header_limit,
             what: "bytes",
         });
     }
     let body_limit = limits.max_body_bytes.as_usize();
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > body_limit as u64) {
+    if sizes.declared_body.is_some_and(|n| n > body_limit as u64) {
         return Err(GatewayError::BodyTooLarge { limit: body_limit });
     }
-    if has_dot_segment(req.uri().path()) {
+    if has_dot_segment(sizes.path) {
         return Err(GatewayError::BadPath);
     }
     Ok(())

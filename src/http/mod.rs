@@ -5,6 +5,7 @@ mod access_log;
 pub mod auth;
 pub mod authz;
 pub mod body;
+mod direct;
 pub mod error;
 pub mod headers;
 mod limits;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 pub(crate) use proxy::error_chain;
-pub use stack::{HttpEntry, Stack, StackConfig};
+pub use stack::{HttpEntry, Pipeline, Stack, StackConfig};
 
 use crate::identity::Identity;
 use crate::oauth::{Endpoint, OAuthServer};

@@ -6,8 +6,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderValue};
-use http::uri::Parts as UriParts;
+use http::request::Parts;
+use http::uri::{Parts as UriParts, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
@@ -19,7 +21,7 @@ use super::body::{ClientBody, ProxyBody, RequestBody, RequestBodyError};
 use super::error::GatewayError;
 use super::headers::{self, Origin};
 use super::router::Route;
-use super::upstream::{InflightGuard, SendError, Target, UpstreamBody, UpstreamClients};
+use super::upstream::{InflightGuard, SendError, Sender, Target, UpstreamBody, UpstreamClients};
 use crate::config::UpstreamProtocol;
 use crate::transport::ConnState;
 
@@ -30,10 +32,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(clients: UpstreamClients) -> Proxy {
-        Proxy {
-            clients: Arc::new(clients),
-        }
+    pub fn new(clients: Arc<UpstreamClients>) -> Proxy {
+        Proxy { clients }
     }
 }
 
@@ -60,7 +60,7 @@ impl Service<Request<ClientBody>> for Proxy {
                     .await);
             }
             let route = ctx.route.clone().ok_or(GatewayError::NoRoute)?;
-            forward(&clients, &ctx.conn, &route, req).await
+            forward_http(&clients, &ctx.conn, &route, req).await
         })
     }
 }
@@ -79,27 +79,125 @@ struct Failure {
     retryable: bool,
 }
 
-async fn forward(
+/// What goes to the target, attempt after attempt.
+// One per request, made in place and never moved about: the size of its
+// larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Outgoing<'a> {
+    /// An `http` request, readied by [`forward`].
+    Http {
+        parts: Parts,
+        body: Option<ClientBody>,
+        client_upgrade: Option<OnUpgrade>,
+        /// The client's Host, when the route keeps it.
+        kept_host: Option<HeaderValue>,
+        path: PathAndQuery,
+    },
+    /// A body-less request from the direct path, its head written but for
+    /// the request line and Host (which depend on the target).
+    Encoded {
+        method: &'a Method,
+        path: &'a str,
+        /// The client's Host, when the route keeps it.
+        host: Option<&'a [u8]>,
+        fields: &'a [u8],
+    },
+}
+
+impl Outgoing<'_> {
+    fn method(&self) -> &Method {
+        match self {
+            Outgoing::Http { parts, .. } => &parts.method,
+            Outgoing::Encoded { method, .. } => method,
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        match self {
+            Outgoing::Http { body, .. } => body.as_ref().is_none_or(|b| b.is_end_stream()),
+            Outgoing::Encoded { .. } => true,
+        }
+    }
+
+    /// Sends one attempt to `target`.
+    async fn send(
+        &mut self,
+        sender: Sender<'_>,
+        target: &Target,
+        replayable: bool,
+        body_limit: usize,
+    ) -> Result<Result<Response<UpstreamBody>, SendError>, GatewayError> {
+        match self {
+            Outgoing::Http {
+                parts,
+                body,
+                kept_host,
+                path,
+                ..
+            } => {
+                // HTTP/1.1 needs a Host: the target's unless the client's is kept.
+                match kept_host {
+                    Some(host) => {
+                        parts.headers.insert(header::HOST, host.clone());
+                    }
+                    _ => {
+                        parts
+                            .headers
+                            .insert(header::HOST, target.host_header.clone());
+                    }
+                }
+                let mut uri = UriParts::default();
+                if let Some(scheme) = sender.scheme() {
+                    uri.scheme = Some(scheme);
+                    uri.authority = Some(target.uri_authority.clone());
+                }
+                uri.path_and_query = Some(path.clone());
+                parts.uri = Uri::from_parts(uri).map_err(|e| GatewayError::UpstreamProtocol {
+                    target: target.addr.to_string(),
+                    detail: format!("cannot build the upstream URI: {e}"),
+                })?;
+                let upstream_body = match body.take() {
+                    Some(b) if !replayable => RequestBody::streaming(b, body_limit),
+                    _ => RequestBody::empty(),
+                };
+                Ok(sender.send(target.addr, parts, upstream_body).await)
+            }
+            Outgoing::Encoded {
+                method,
+                path,
+                host,
+                fields,
+            } => {
+                let host = host.unwrap_or(target.host_header.as_bytes());
+                let mut head = BytesMut::with_capacity(
+                    method.as_str().len() + path.len() + host.len() + fields.len() + 32,
+                );
+                head.put_slice(method.as_str().as_bytes());
+                head.put_u8(b' ');
+                head.put_slice(path.as_bytes());
+                head.put_slice(b" HTTP/1.1\r\nhost: ");
+                head.put_slice(host);
+                head.put_slice(b"\r\n");
+                head.put_slice(fields);
+                head.put_slice(b"\r\n");
+                Ok(sender.send_head(target.addr, head.freeze(), method).await)
+            }
+        }
+    }
+}
+
+/// Readies an `http` request for its target (hop-by-hop headers out,
+/// forwarding headers in) and forwards it.
+async fn forward_http(
     clients: &UpstreamClients,
     conn: &Arc<ConnState>,
     route: &Arc<Route>,
     mut req: Request<ClientBody>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
-    let pool = &route.pool;
-    pool.budget.deposit();
-
     let upgrade = headers::is_upgrade_request(req.method(), req.version(), req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-
-    // Only a request without body can be sent again; a streamed body is gone
-    // once the first attempt has taken it.
-    let replayable = body.is_end_stream();
-    let mut body = Some(body);
-    let body_limit = conn.listener.limits.max_body_bytes.as_usize();
-    let idempotent = is_idempotent(&parts.method);
     let path = route.upstream_path(&parts.uri);
-
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -117,15 +215,36 @@ async fn forward(
             version: parts.version,
         },
     );
-    if route.preserve_host
-        && let Some(host) = &original_host
-    {
-        parts.headers.insert(header::HOST, host.clone());
-    }
-    parts.version = match pool.config.protocol {
+    parts.version = match route.pool.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
     };
+    let outgoing = Outgoing::Http {
+        parts,
+        body: Some(body),
+        client_upgrade,
+        kept_host: original_host.filter(|_| route.preserve_host),
+        path,
+    };
+    forward(clients, conn, route, outgoing, upgrade).await
+}
+
+/// Sends to the route's pool: a target per attempt, each within the
+/// route's timeout, retried within the route's limits and budget.
+pub(super) async fn forward(
+    clients: &UpstreamClients,
+    conn: &Arc<ConnState>,
+    route: &Arc<Route>,
+    mut outgoing: Outgoing<'_>,
+    upgrade: bool,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    let pool = &route.pool;
+    pool.budget.deposit();
+    // Only a request without body can be sent again; a streamed body is gone
+    // once the first attempt has taken it.
+    let replayable = outgoing.replayable();
+    let body_limit = conn.listener.limits.max_body_bytes.as_usize();
+    let idempotent = is_idempotent(outgoing.method());
 
     let mut attempt: u32 = 0;
     let mut previous: Option<Arc<Target>> = None;
@@ -134,36 +253,16 @@ async fn forward(
             .pick(previous.as_ref())
             .ok_or(GatewayError::NoHealthyTarget)?;
         let may_retry = replayable && attempt < route.retries;
-        // HTTP/1.1 needs a Host: the target's unless the client's is kept.
-        if !(route.preserve_host && original_host.is_some()) {
-            parts
-                .headers
-                .insert(header::HOST, target.host_header.clone());
-        }
         let sender = clients.sender(&target, pool.config.protocol, upgrade);
-        let mut uri = UriParts::default();
-        if let Some(scheme) = sender.scheme() {
-            uri.scheme = Some(scheme);
-            uri.authority = Some(target.uri_authority.clone());
-        }
-        uri.path_and_query = Some(path.clone());
-        parts.uri = Uri::from_parts(uri).map_err(|e| GatewayError::UpstreamProtocol {
-            target: target.addr.to_string(),
-            detail: format!("cannot build the upstream URI: {e}"),
-        })?;
-        let upstream_body = match body.take() {
-            Some(b) if !replayable => RequestBody::streaming(b, body_limit),
-            _ => RequestBody::empty(),
-        };
-
         let inflight = InflightGuard::new(target.clone());
         let sent = tokio::time::timeout(
             route.timeout,
-            sender.send(target.addr, &parts, upstream_body),
+            outgoing.send(sender, &target, replayable, body_limit),
         )
         .await;
         let failure = match sent {
-            Ok(Ok(resp)) => {
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(Ok(resp))) => {
                 let status = resp.status();
                 let gateway_error = matches!(
                     status,
@@ -174,6 +273,10 @@ async fn forward(
                 pool.report(&target, !gateway_error);
                 let retry_status = route.retry_on_status.contains(&status);
                 if !(retry_status && idempotent && may_retry) {
+                    let client_upgrade = match &mut outgoing {
+                        Outgoing::Http { client_upgrade, .. } => client_upgrade.take(),
+                        Outgoing::Encoded { .. } => None,
+                    };
                     return respond(resp, inflight, client_upgrade, conn, route, &target);
                 }
                 route.metrics.upstream_status.inc();
@@ -185,7 +288,7 @@ async fn forward(
                     retryable: true,
                 }
             }
-            Ok(Err(e)) => {
+            Ok(Ok(Err(e))) => {
                 let failure = classify(&e, &target, idempotent && replayable)?;
                 pool.report(&target, false);
                 if matches!(failure.error, GatewayError::UpstreamConnect { .. }) {

@@ -30,8 +30,8 @@ pub struct RequestId<S> {
     inner: S,
 }
 
-fn acceptable(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
+/// Whether a client's request id is kept: short, visible ASCII.
+pub(super) fn acceptable(b: &[u8]) -> bool {
     !b.is_empty() && b.len() <= MAX_LEN && b.iter().all(|c| c.is_ascii_graphic())
 }
 
@@ -61,7 +61,7 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let id = match req.headers().get(&X_REQUEST_ID) {
-            Some(v) if acceptable(v) => v.clone(),
+            Some(v) if acceptable(v.as_bytes()) => v.clone(),
             _ => {
                 let id = generate();
                 req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());

@@ -33,6 +33,19 @@ pub struct Route {
     pub auth: RouteAuth,
 }
 
+/// The header fields a route matches on: a header map, or a head as read
+/// off the wire.
+pub trait FieldLookup {
+    /// Whether some `name` field has exactly `value`.
+    fn has_value(&self, name: &HeaderName, value: &[u8]) -> bool;
+}
+
+impl FieldLookup for HeaderMap {
+    fn has_value(&self, name: &HeaderName, value: &[u8]) -> bool {
+        self.get_all(name).iter().any(|v| v.as_bytes() == value)
+    }
+}
+
 struct Matcher {
     host: HostMatch,
     /// Normalised: no trailing slash, except `/` itself.
@@ -94,7 +107,7 @@ impl Matcher {
         host: Option<&str>,
         path: &str,
         method: &Method,
-        headers: &HeaderMap,
+        headers: &impl FieldLookup,
     ) -> bool {
         let host_ok = match &self.host {
             HostMatch::Any => true,
@@ -110,7 +123,7 @@ impl Matcher {
             && self
                 .headers
                 .iter()
-                .all(|(name, value)| headers.get_all(name).iter().any(|v| v == value))
+                .all(|(name, value)| headers.has_value(name, value.as_bytes()))
     }
 
     /// Sort key: most specific first.
@@ -256,8 +269,17 @@ impl RouteTable {
     }
 
     pub fn find(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<&Arc<Route>> {
-        let host = request_host(uri, headers);
-        let path = uri.path();
+        self.find_by(method, request_host(uri, headers), uri.path(), headers)
+    }
+
+    /// `find` over a request's parts: `host` without its port.
+    pub fn find_by(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &impl FieldLookup,
+    ) -> Option<&Arc<Route>> {
         self.entries
             .iter()
             .find(|(m, _)| m.matches(host, path, method, headers))
@@ -403,10 +425,14 @@ fn compile_auth(
 /// The request's host without port: the URI authority (HTTP/2, absolute-form)
 /// or the Host header.
 pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
-    let raw = match uri.authority() {
+    host_name(match uri.authority() {
         Some(a) => a.as_str(),
         None => headers.get(header::HOST)?.to_str().ok()?,
-    };
+    })
+}
+
+/// The host of an authority (`user@host:port`), without its port.
+pub fn host_name(raw: &str) -> Option<&str> {
     let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
     let host = match raw.rfind(':') {
         Some(i) if !raw[i..].contains(']') => &raw[..i],

@@ -19,12 +19,14 @@ use super::access_log::{AccessLog, AccessLogLayer};
 use super::auth::{AuthLayer, Authenticate};
 use super::authz::{Authorize, AuthzLayer};
 use super::body::{ClientBody, ProxyBody};
+use super::direct::{DirectPath, Plan};
 use super::limits::{LimitsLayer, RequestLimits};
 use super::proxy::Proxy;
 use super::request_id::{RequestId, RequestIdLayer};
 use super::router::RouteTable;
 use super::routing::{Routing, RoutingLayer};
 use super::upstream::UpstreamClients;
+use super::wire::RequestHead;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::oauth::OAuthServer;
 use crate::transport::{ConnState, RequestGuard};
@@ -43,9 +45,17 @@ pub struct StackConfig {
 }
 
 impl StackConfig {
-    /// A worker's stack; `clients` are that worker's upstream connections.
-    pub fn build(&self, clients: UpstreamClients) -> Stack {
-        ServiceBuilder::new()
+    /// A worker's stack and direct path; `clients` are that worker's
+    /// upstream connections.
+    pub fn build(&self, clients: UpstreamClients) -> Pipeline {
+        let clients = Arc::new(clients);
+        let direct = Arc::new(DirectPath {
+            table: self.table.clone(),
+            oauth: self.oauth.clone(),
+            clients: clients.clone(),
+            access_log: self.access_log.clone(),
+        });
+        let stack = ServiceBuilder::new()
             // 1. Every request gets its id before anything can fail.
             .layer(RequestIdLayer)
             // 2. Which route, or which token server endpoint (neither is a 404,
@@ -63,8 +73,17 @@ impl StackConfig {
             // 6. Whether the route's policy allows it; identity headers for the upstream.
             .layer(AuthzLayer::new(self.access_log.clone()))
             // 7. Forward to the route's upstream pool (or answer a token server endpoint).
-            .service(Proxy::new(clients))
+            .service(Proxy::new(clients));
+        Pipeline { stack, direct }
     }
+}
+
+/// A worker's ways through the gateway: the stack, and the direct path
+/// for the requests that qualify (see `direct.rs`).
+#[derive(Clone)]
+pub struct Pipeline {
+    stack: Stack,
+    direct: Arc<DirectPath>,
 }
 
 /// The per-connection hyper service: attaches the request context and counts
@@ -72,12 +91,36 @@ impl StackConfig {
 #[derive(Clone)]
 pub struct HttpEntry {
     stack: Stack,
+    direct: Arc<DirectPath>,
     conn: Arc<ConnState>,
 }
 
 impl HttpEntry {
-    pub fn new(stack: Stack, conn: Arc<ConnState>) -> Self {
-        HttpEntry { stack, conn }
+    pub fn new(pipeline: Pipeline, conn: Arc<ConnState>) -> Self {
+        HttpEntry {
+            stack: pipeline.stack,
+            direct: pipeline.direct,
+            conn,
+        }
+    }
+
+    /// Whether a request read by our own HTTP/1 loop takes the direct path.
+    pub fn plan(&self, req: &RequestHead) -> Option<Plan> {
+        self.direct.plan(&self.conn, req)
+    }
+
+    /// Runs a planned request on the direct path, counted as in flight on
+    /// its connection.
+    pub fn direct(
+        &self,
+        req: RequestHead,
+        plan: Plan,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> {
+        let guard = self.conn.begin_request();
+        async move {
+            let _guard = guard;
+            self.direct.forward(&self.conn, req, plan).await
+        }
     }
 }
 

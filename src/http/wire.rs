@@ -6,9 +6,59 @@ use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri, Version};
+
+use super::body::ClientBody;
+use super::router::FieldLookup;
 
 /// A parsed header: its name, and where its value lies in the parsed buffer.
 pub type Field = (HeaderName, Range<usize>);
+
+/// A body-less HTTP/1.1 request head as read off the wire: its bytes, and
+/// where its fields lie in them.
+pub struct RequestHead {
+    pub head: Bytes,
+    pub method: Method,
+    /// Origin-form; shares `head`.
+    pub uri: Uri,
+    pub fields: Vec<Field>,
+}
+
+impl RequestHead {
+    pub fn value(&self, field: &Field) -> &[u8] {
+        &self.head[field.1.clone()]
+    }
+
+    /// The first `name` field's value.
+    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|f| f.0 == name)
+            .map(|f| self.value(f))
+    }
+
+    /// As an `http` request, the form the tower stack takes; `Err` gives
+    /// the head back if `http` refuses one of its values.
+    pub fn into_request(self) -> Result<Request<ClientBody>, Bytes> {
+        let Some(headers) = header_map(&self.head, self.fields, 8) else {
+            return Err(self.head);
+        };
+        let mut request = Request::new(ClientBody::Empty);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        Ok(request)
+    }
+}
+
+impl FieldLookup for RequestHead {
+    fn has_value(&self, name: &HeaderName, value: &[u8]) -> bool {
+        self.fields
+            .iter()
+            .any(|f| f.0 == name && self.value(f) == value)
+    }
+}
 
 /// Names and value positions of `headers`, which httparse parsed from
 /// `buf`; `None` if `http` refuses a name.

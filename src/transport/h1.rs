@@ -7,6 +7,7 @@
 //! with what it has read over to hyper, which serves it from then on.
 
 use std::cell::Cell;
+use std::convert::Infallible;
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
@@ -16,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -25,8 +26,8 @@ use tokio::net::TcpStream;
 use super::conn::ConnState;
 use super::listener::Shutdown;
 use crate::http::HttpEntry;
-use crate::http::body::{ClientBody, ProxyBody};
-use crate::http::wire;
+use crate::http::body::ProxyBody;
+use crate::http::wire::{self, RequestHead};
 
 /// Request heads with more headers than this go to hyper (which applies the
 /// listener's limits the same way).
@@ -81,9 +82,21 @@ pub(super) async fn serve(
             return Ended::HandOff(io, buf.freeze());
         };
         served = true;
-        let head = parsed.request.method() == Method::HEAD;
+        let head = parsed.request.method == Method::HEAD;
         let close = parsed.close || shutdown.graceful.is_cancelled();
-        let Some(response) = run(&mut entry, parsed.request, &io, &mut buf).await else {
+        // The direct path when the request qualifies, the stack otherwise.
+        let request = parsed.request;
+        let response = match entry.plan(&request) {
+            Some(plan) => run(entry.direct(request, plan), &io, &mut buf).await,
+            None => match request.into_request() {
+                Ok(request) => run(entry.dispatch(request), &io, &mut buf).await,
+                Err(head) => {
+                    give_back(&mut buf, &head);
+                    return Ended::HandOff(io, buf.freeze());
+                }
+            },
+        };
+        let Some(response) = response else {
             tracing::debug!(listener = %state.listener.name, peer = %state.peer,
                 "client closed the connection; request cancelled");
             return Ended::Closed;
@@ -120,16 +133,15 @@ const MAX_READ_AHEAD: usize = 64 * 1024;
 /// end of the stream means the client is gone, and `None` drops (cancels)
 /// the request.
 async fn run(
-    entry: &mut HttpEntry,
-    request: Request<ClientBody>,
+    request: impl Future<Output = Result<Response<ProxyBody>, Infallible>>,
     io: &TcpStream,
     buf: &mut BytesMut,
 ) -> Option<Response<ProxyBody>> {
-    let mut dispatch = pin!(entry.dispatch(request));
+    let mut request = pin!(request);
     loop {
         tokio::select! {
             biased;
-            response = &mut dispatch => return Some(match response {
+            response = &mut request => return Some(match response {
                 Ok(r) => r,
                 Err(never) => match never {},
             }),
@@ -149,7 +161,7 @@ async fn run(
 }
 
 struct Parsed {
-    request: Request<ClientBody>,
+    request: RequestHead,
     /// The client asked to close after this response.
     close: bool,
 }
@@ -200,24 +212,31 @@ fn parse_request(buf: &mut BytesMut) -> Option<Parsed> {
     let path_range = path_start..path_start + path.len();
 
     let head = buf.split_to(len).freeze();
-    let parts = Uri::from_maybe_shared(head.slice(path_range))
-        .ok()
-        .zip(wire::header_map(&head, fields, 8));
-    let Some((uri, headers)) = parts else {
+    match Uri::from_maybe_shared(head.slice(path_range)) {
+        Ok(uri) => Some(Parsed {
+            request: RequestHead {
+                head,
+                method,
+                uri,
+                fields,
+            },
+            close,
+        }),
         // httparse takes targets that `http` refuses (`/a<b>`): hyper gets
         // the head back, with what follows, and answers it.
-        let mut whole = BytesMut::with_capacity(head.len() + buf.len());
-        whole.extend_from_slice(&head);
-        whole.extend_from_slice(buf);
-        *buf = whole;
-        return None;
-    };
-    let mut request = Request::new(ClientBody::Empty);
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
-    Some(Parsed { request, close })
+        Err(_) => {
+            give_back(buf, &head);
+            None
+        }
+    }
+}
+
+/// Puts a head split off `buf` back in front of it.
+fn give_back(buf: &mut BytesMut, head: &[u8]) {
+    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+    whole.extend_from_slice(head);
+    whole.extend_from_slice(buf);
+    *buf = whole;
 }
 
 /// Writes the head and streams the body: with its length when it is known,
@@ -440,8 +459,11 @@ mod tests {
     fn plain_requests_are_read_here() {
         let mut buf = BytesMut::from("GET /a?b HTTP/1.1\r\nhost: x\r\nx-y: 1\r\n\r\nGET /next");
         let p = parse_request(&mut buf).unwrap();
-        assert_eq!(p.request.uri(), "/a?b");
-        assert_eq!(p.request.headers()["x-y"], "1");
+        assert_eq!(p.request.uri, "/a?b");
+        assert_eq!(
+            p.request.get(&http::HeaderName::from_static("x-y")),
+            Some(&b"1"[..])
+        );
         assert!(!p.close);
         assert_eq!(&buf[..], b"GET /next", "the next request stays buffered");
         assert!(

@@ -82,6 +82,56 @@ async fn header_hygiene_and_forwarding_headers() {
     assert_eq!(r.json()["headers"]["x-request-id"], id.as_str());
 }
 
+/// A plain request takes the direct path (its wire form, no tower stack);
+/// the same request with `te: trailers` goes through the stack. The target
+/// must see the same fields from both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_direct_path_forwards_what_the_stack_does() {
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let request = |stack: bool| {
+        let mut b = Request::get(gw.url("/eq?q=1"))
+            .header("host", "api.example:8082")
+            .header("connection", "keep-alive")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "spoofed.example")
+            .header("x-forwarded-client-cert", "Hash=spoofed")
+            .header("via", "1.0 other")
+            .header("x-end-to-end", "kept");
+        if stack {
+            b = b.header("te", "trailers");
+        }
+        b.body(full("")).unwrap()
+    };
+    let direct = send(request(false)).await;
+    let stacked = send(request(true)).await;
+    assert_eq!(direct.status, 200);
+    assert_eq!(stacked.status, 200);
+    let seen = |r: &TestResponse| {
+        let mut json = r.json();
+        let id = json["headers"]["x-request-id"].clone();
+        assert_eq!(
+            r.headers["x-request-id"].to_str().unwrap(),
+            id.as_str().unwrap(),
+            "the generated id goes both ways"
+        );
+        let headers = json["headers"].as_object_mut().unwrap();
+        headers.remove("x-request-id");
+        headers.remove("te");
+        json
+    };
+    let (direct, stacked) = (seen(&direct), seen(&stacked));
+    assert_eq!(direct, stacked, "the target sees the same request");
+    let h = &direct["headers"];
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "api.example:8082");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert!(h.get("x-forwarded-client-cert").is_none(), "{h}");
+    assert!(h.get("connection").is_none(), "{h}");
+    assert_eq!(h["x-end-to-end"], "kept");
+    assert_eq!(direct["path"], "/eq?q=1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preserve_host_forwards_the_client_host() {
     let up = Upstream::echo("up").await;

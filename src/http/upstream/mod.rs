@@ -13,11 +13,12 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::HeaderValue;
 use http::request::Parts;
 use http::uri::Authority;
 use http::uri::Scheme;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::Client;
@@ -129,6 +130,24 @@ impl Sender<'_> {
             Sender::Pooled(c) => c.request(owned(body)).await?.map(UpstreamBody::Hyper),
             Sender::Tls(c) => c.request(owned(body)).await?.map(UpstreamBody::Hyper),
         })
+    }
+
+    /// Sends a body-less request whose HTTP/1.1 head is encoded already:
+    /// only our own client (`Direct`) takes one.
+    pub async fn send_head(
+        &self,
+        addr: SocketAddr,
+        head: Bytes,
+        method: &Method,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        match self {
+            Sender::Direct(proxy) => Ok(h1::send_head(addr, head, method, proxy)
+                .await?
+                .map(UpstreamBody::H1)),
+            Sender::Pooled(_) | Sender::Tls(_) => Err(SendError::Direct(H1Error::Invalid(
+                "an encoded head goes to plain HTTP/1.1 targets only",
+            ))),
+        }
     }
 
     /// The request URI's scheme, or none for origin-form (`Direct`).
@@ -326,6 +345,13 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
+    /// Whether every target is reached over plain HTTP/1.1 by our own
+    /// client (so a request may go with an encoded head).
+    pub fn plain_http1(&self) -> bool {
+        self.config.protocol == UpstreamProtocol::Http1
+            && self.tls_clients.iter().all(Option::is_none)
+    }
+
     /// Builds the pool, resolving DNS names once, and starts its background
     /// tasks; they end by themselves once the pool is dropped.
     pub async fn start(

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{Method, Response};
 use http_body::Body as _;
@@ -93,11 +93,33 @@ pub async fn send(
 ) -> Result<Response<H1Body>, H1Error> {
     let mut head = BytesMut::with_capacity(256 + parts.headers.len() * 32);
     let chunked = request::encode_head(parts, &body, &mut head);
-    let head = head.freeze();
     let resendable = body.is_end_stream() && is_idempotent(&parts.method);
-    let mut writer = Some(RequestWriter::new(head.clone(), body, chunked));
+    let writer = RequestWriter::new(head.freeze(), body, chunked);
+    send_with(addr, writer, resendable, &parts.method, proxy).await
+}
+
+/// Sends a request without body whose head is encoded already.
+pub async fn send_head(
+    addr: SocketAddr,
+    head: Bytes,
+    method: &Method,
+    proxy: &ProxyConfig,
+) -> Result<Response<H1Body>, H1Error> {
+    let writer = RequestWriter::new(head, RequestBody::empty(), false);
+    send_with(addr, writer, is_idempotent(method), method, proxy).await
+}
+
+async fn send_with(
+    addr: SocketAddr,
+    writer: RequestWriter,
+    resendable: bool,
+    method: &Method,
+    proxy: &ProxyConfig,
+) -> Result<Response<H1Body>, H1Error> {
+    let head = writer.head().clone();
+    let mut writer = Some(writer);
     while let Some(conn) = checkout(addr) {
-        match exchange(conn, &mut writer, &parts.method).await {
+        match exchange(conn, &mut writer, method).await {
             Err(Attempt { error, reply_began }) if !reply_began && resendable => {
                 tracing::debug!(target = %addr, %error, "pooled connection closed; sending on a new one");
                 writer = Some(RequestWriter::new(
@@ -110,7 +132,7 @@ pub async fn send(
         }
     }
     let conn = connect(addr, proxy).await?;
-    exchange(conn, &mut writer, &parts.method)
+    exchange(conn, &mut writer, method)
         .await
         .map_err(|a| a.error)
 }

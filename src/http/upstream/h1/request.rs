@@ -70,6 +70,11 @@ impl RequestWriter {
         }
     }
 
+    /// The head, as long as none of it has been written.
+    pub(super) fn head(&self) -> &Bytes {
+        &self.head
+    }
+
     fn push(&mut self, bytes: Bytes) {
         self.pending_bytes += bytes.len();
         self.pending.push_back(bytes);

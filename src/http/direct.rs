@@ -1,0 +1,196 @@
+//! The direct path: the common request read by tollgate's own HTTP/1 loop
+//! (body-less, on a route that needs no credentials or policy, to plain
+//! HTTP/1.1 targets) goes to its target from its wire form, without the
+//! tower stack or an `http` request. What it does is the stack's doing for
+//! such a request: limits, request id, hop-by-hop and identity headers out,
+//! forwarding headers in, the same retries, timeouts, metrics and log.
+//! Anything else, and every request the stack would refuse (no route, a
+//! limit, a forwarding chain to extend), goes through the stack, where
+//! the full rules live.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Response, Version};
+
+use super::access_log::{self, Entry};
+use super::body::ProxyBody;
+use super::headers::{self, Origin, X_REQUEST_ID};
+use super::limits::{self, Sizes};
+use super::proxy::{self, Outgoing};
+use super::request_id;
+use super::router::{Route, RouteTable, host_name};
+use super::upstream::UpstreamClients;
+use super::wire::RequestHead;
+use crate::oauth::OAuthServer;
+use crate::transport::ConnState;
+
+/// What the direct path shares with the stack of its worker.
+pub struct DirectPath {
+    pub table: Arc<ArcSwap<RouteTable>>,
+    pub oauth: Arc<ArcSwapOption<OAuthServer>>,
+    pub clients: Arc<UpstreamClients>,
+    pub access_log: Arc<AtomicBool>,
+}
+
+/// A request the direct path takes.
+pub struct Plan {
+    route: Arc<Route>,
+    request_id: HeaderValue,
+    /// The id is ours (the client sent none), so it is added upstream.
+    generated_id: bool,
+}
+
+impl DirectPath {
+    /// Whether the direct path takes `req`, and how; `None` leaves it to
+    /// the stack. Decides without side effects.
+    pub fn plan(&self, conn: &ConnState, req: &RequestHead) -> Option<Plan> {
+        let path = req.uri.path();
+        if let Some(server) = &*self.oauth.load()
+            && server.endpoint(&conn.listener.name, path).is_some()
+        {
+            return None;
+        }
+        let mut host = None;
+        let mut client_id = None;
+        let mut field_bytes = 0;
+        for field in &req.fields {
+            let value = req.value(field);
+            field_bytes += field.0.as_str().len() + value.len() + 4;
+            match field.0 {
+                header::HOST if host.is_none() => host = Some(value),
+                header::HOST => return None,
+                header::CONNECTION => {
+                    let only_persistence = value.split(|b| *b == b',').all(|t| {
+                        let t = t.trim_ascii();
+                        t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
+                    });
+                    if !only_persistence {
+                        return None;
+                    }
+                }
+                ref name if *name == X_REQUEST_ID => {
+                    if client_id.is_some() || !request_id::acceptable(value) {
+                        return None;
+                    }
+                    client_id = Some(value);
+                }
+                ref name if headers::needs_stack(name) => return None,
+                _ => {}
+            }
+        }
+        let host = std::str::from_utf8(host?).ok()?;
+        let table = self.table.load();
+        let route = table.find_by(&req.method, host_name(host), path, req)?;
+        if route.auth.required() || route.auth.policy.is_some() || !route.pool.plain_http1() {
+            return None;
+        }
+        let sizes = Sizes {
+            uri: req.uri.path_and_query().map_or(0, |pq| pq.as_str().len()),
+            fields: req.fields.len(),
+            field_bytes,
+            // Heads with a body other than `content-length: 0` never come here.
+            declared_body: None,
+            path,
+        };
+        limits::check_sizes(&conn.listener.limits, &sizes).ok()?;
+        let (request_id, generated_id) = match client_id {
+            Some(id) => (HeaderValue::from_bytes(id).ok()?, false),
+            None => (request_id::generate(), true),
+        };
+        Some(Plan {
+            route: route.clone(),
+            request_id,
+            generated_id,
+        })
+    }
+
+    /// Forwards a planned request; every failure is answered here, as the
+    /// stack answers it.
+    pub async fn forward(
+        &self,
+        conn: &Arc<ConnState>,
+        req: RequestHead,
+        plan: Plan,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let start = Instant::now();
+        let Plan {
+            route,
+            request_id,
+            generated_id,
+        } = plan;
+        let auth = &route.auth;
+
+        // The client's fields as they came, less those this hop drops or
+        // replaces, then the forwarding fields.
+        let mut fields = BytesMut::with_capacity(req.head.len() + 256);
+        let mut host = None;
+        for field in &req.fields {
+            let value = req.value(field);
+            let name = &field.0;
+            if *name == header::HOST {
+                host = std::str::from_utf8(value).ok();
+            }
+            if headers::replaced_by_forwarding(name)
+                || auth.identity_headers.contains(name)
+                || (!auth.forward_token && *name == header::AUTHORIZATION)
+            {
+                continue;
+            }
+            fields.put_slice(name.as_str().as_bytes());
+            fields.put_slice(b": ");
+            fields.put_slice(value);
+            fields.put_slice(b"\r\n");
+        }
+        let origin = Origin {
+            peer: conn.peer.ip(),
+            peer_text: &conn.peer_ip,
+            proto: conn.listener.scheme,
+            host: None,
+            version: Version::HTTP_11,
+        };
+        headers::put_forwarding(&mut fields, &origin, host);
+        if generated_id {
+            fields.put_slice(b"x-request-id: ");
+            fields.put_slice(request_id.as_bytes());
+            fields.put_slice(b"\r\n");
+        }
+
+        let path = route.upstream_path(&req.uri);
+        let outgoing = Outgoing::Encoded {
+            method: &req.method,
+            path: path.as_str(),
+            host: host.filter(|_| route.preserve_host).map(str::as_bytes),
+            fields: &fields,
+        };
+        let result = proxy::forward(&self.clients, conn, &route, outgoing, false).await;
+        let (mut resp, error) = match result {
+            Ok(resp) => (resp, None),
+            Err(e) => (e.to_response(&request_id), Some(e)),
+        };
+        access_log::record(
+            &Entry {
+                start,
+                conn: Some(conn),
+                route: &route.name,
+                metrics: &route.metrics,
+                request_id: &request_id,
+                method: &req.method,
+                path: self
+                    .access_log
+                    .load(Ordering::Relaxed)
+                    .then(|| req.uri.path()),
+            },
+            resp.status().as_u16(),
+            error.as_ref(),
+            "-",
+        );
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        Ok(resp)
+    }
+}
