@@ -168,7 +168,9 @@ impl DirectPath {
             host: host.filter(|_| route.preserve_host).map(str::as_bytes),
             fields: &fields,
         };
-        let result = proxy::forward(&self.clients, conn, &route, outgoing, false).await;
+        // Boxed: the forward future is large, and this one stays small to
+        // move (it is made per request in the connection's future).
+        let result = Box::pin(proxy::forward(&self.clients, conn, &route, outgoing, false)).await;
         let (mut resp, error) = match result {
             Ok(resp) => (resp, None),
             Err(e) => (e.to_response(&request_id), Some(e)),

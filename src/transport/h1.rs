@@ -87,9 +87,9 @@ pub(super) async fn serve(
         // The direct path when the request qualifies, the stack otherwise.
         let request = parsed.request;
         let response = match entry.plan(&request) {
-            Some(plan) => run(entry.direct(request, plan), &io, &mut buf).await,
+            Some(plan) => run(pin!(entry.direct(request, plan)), &io, &mut buf).await,
             None => match request.into_request() {
-                Ok(request) => run(entry.dispatch(request), &io, &mut buf).await,
+                Ok(request) => run(pin!(entry.dispatch(request)), &io, &mut buf).await,
                 Err(head) => {
                     give_back(&mut buf, &head);
                     return Ended::HandOff(io, buf.freeze());
@@ -132,12 +132,13 @@ const MAX_READ_AHEAD: usize = 64 * 1024;
 /// bytes that arrive meanwhile (pipelined requests) are kept in `buf`; the
 /// end of the stream means the client is gone, and `None` drops (cancels)
 /// the request.
+/// The request comes pinned where it was made: moving it in by value would
+/// copy it, and keep a second slot for it in this future.
 async fn run(
-    request: impl Future<Output = Result<Response<ProxyBody>, Infallible>>,
+    mut request: Pin<&mut impl Future<Output = Result<Response<ProxyBody>, Infallible>>>,
     io: &TcpStream,
     buf: &mut BytesMut,
 ) -> Option<Response<ProxyBody>> {
-    let mut request = pin!(request);
     loop {
         tokio::select! {
             biased;
