@@ -428,6 +428,7 @@ impl Gateway {
             graceful: gateway.inner.shutdown.force.clone(),
             force: gateway.inner.shutdown.force.clone(),
             tracker: tokio_util::task::TaskTracker::new(),
+            drain: Default::default(),
         };
         let admin_tls = config
             .admin

@@ -50,7 +50,7 @@ pub(super) async fn serve(
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(1024);
     let mut idle = pin!(state.idle_for(limits.idle_timeout));
-    let mut graceful = pin!(shutdown.graceful.cancelled());
+    let mut graceful = pin!(shutdown.drain.wait());
     // A new connection sends its first head within the header-read timeout
     // (as hyper has it), so silent connections do not hold their slots for
     // the whole idle timeout.
@@ -83,7 +83,7 @@ pub(super) async fn serve(
         };
         served = true;
         let head = parsed.request.method == Method::HEAD;
-        let close = parsed.close || shutdown.graceful.is_cancelled();
+        let close = parsed.close || shutdown.drain.started();
         // The direct path when the request qualifies, the stack otherwise.
         let request = parsed.request;
         let response = match entry.plan(&request) {

@@ -1,8 +1,12 @@
 //! Accept loop and per-connection serving.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -13,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::Semaphore;
+use tokio::sync::{Notify, futures::Notified};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -66,18 +71,99 @@ pub struct Shutdown {
     pub graceful: CancellationToken,
     pub force: CancellationToken,
     pub tracker: TaskTracker,
+    /// `graceful` as one worker's connections see it on every request
+    /// (set up by `for_worker`).
+    pub drain: Arc<Drain>,
 }
 
 impl Shutdown {
-    /// The same shutdown through tokens of one worker's own: connections
-    /// check them on every request, and a token's state sits behind a lock
-    /// that the workers would otherwise all share.
+    /// The same shutdown through tokens of one worker's own, and a drain
+    /// signal that follows `graceful` without a lock per check. Call on
+    /// the worker's runtime.
     pub fn for_worker(&self) -> Shutdown {
+        let graceful = self.graceful.child_token();
+        let drain = Arc::new(Drain::default());
+        tokio::spawn({
+            let (graceful, drain) = (graceful.clone(), drain.clone());
+            async move {
+                graceful.cancelled().await;
+                drain.start();
+            }
+        });
         Shutdown {
-            graceful: self.graceful.child_token(),
+            graceful,
             force: self.force.child_token(),
             tracker: self.tracker.clone(),
+            drain,
         }
+    }
+}
+
+/// The graceful step of a shutdown as connections check it between
+/// requests: a flag, and a wait that registers its task once instead of
+/// taking a lock each time the connection wakes (as polling a
+/// `CancellationToken` does).
+#[derive(Default)]
+pub struct Drain {
+    started: AtomicBool,
+    notify: Notify,
+}
+
+impl Drain {
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    fn start(&self) {
+        self.started.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once the drain has started.
+    pub fn wait(&self) -> DrainWait<'_> {
+        DrainWait {
+            drain: self,
+            notified: self.notify.notified(),
+            registered: None,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct DrainWait<'a> {
+        drain: &'a Drain,
+        #[pin]
+        notified: Notified<'a>,
+        // The waker `notified` holds.
+        registered: Option<Waker>,
+    }
+}
+
+impl Future for DrainWait<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if this.drain.started() {
+            return Poll::Ready(());
+        }
+        // Still registered with this task: the start (which sets the flag
+        // before it notifies) will wake it.
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        // Registered before the flag is read again, so a start in between
+        // is not missed.
+        this.notified.as_mut().enable();
+        if this.drain.started() || this.notified.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        *this.registered = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 

@@ -41,6 +41,33 @@ async fn graceful_shutdown_drains_in_flight_requests() {
     assert!(gw.gw.drained().await, "drain finished before the deadline");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_closes_idle_keep_alive_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let mut idle = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK\r\n"));
+    // The connection now waits, idle, for its next request.
+    gw.gw.shutdown();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle connection is closed by the drain");
+    assert!(gw.gw.drained().await, "drain finished before the deadline");
+}
+
 fn two_route_config(target: &Upstream) -> String {
     config_with_routes(&route("switch", "/", &[target], ""))
 }
