@@ -10,11 +10,12 @@ use std::task::{Context, Poll};
 
 use futures_util::future::{BoxFuture, Either, Ready, ready};
 use http::header::{AUTHORIZATION, COOKIE};
-use http::{HeaderMap, HeaderName, Request, Uri};
+use http::{HeaderName, Request};
 use tower::{Layer, Service};
 
 use super::RequestCtx;
 use super::error::GatewayError;
+use super::router::FieldLookup;
 use super::xfcc::XfccFields;
 use crate::authz::Policy;
 use crate::config::TokenSource;
@@ -95,7 +96,7 @@ type Fut<S, B> = Either<
 >;
 
 /// What the synchronous path decided.
-enum Step {
+pub(super) enum Step {
     Done(Arc<Identity>),
     Validate {
         provider: Arc<JwtProvider>,
@@ -197,8 +198,19 @@ fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError>
         .extensions()
         .get::<RequestCtx>()
         .and_then(|c| c.conn.peer_cert.clone());
+    identify_from(auth, req.headers(), req.uri().query(), cert)
+}
+
+/// `identify` over a request's fields and query, and the connection's
+/// certificate.
+pub(super) fn identify_from(
+    auth: &RouteAuth,
+    fields: &impl FieldLookup,
+    query: Option<&str>,
+    cert: Option<Arc<CertIdentity>>,
+) -> Result<Step, GatewayError> {
     let token = if auth.accept_jwt {
-        find_token(&auth.sources, req.headers(), req.uri()).map_err(|reason| {
+        find_token(&auth.sources, fields, query).map_err(|reason| {
             GatewayError::InvalidAuthRequest {
                 realm: auth.realm.clone(),
                 reason,
@@ -284,26 +296,35 @@ fn with_cert(id: Arc<Identity>, cert: Option<Arc<CertIdentity>>) -> Arc<Identity
     }
 }
 
+/// A field value as text, as `HeaderValue::to_str` reads it (visible
+/// ASCII, spaces and tabs).
+fn text(v: &[u8]) -> Option<&str> {
+    v.iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        .then(|| std::str::from_utf8(v).ok())
+        .flatten()
+}
+
 /// The bearer token, from the first source that has one. A request that
 /// carries tokens in more than one place is malformed (RFC 6750 2).
 fn find_token<'a>(
     sources: &[TokenSource],
-    headers: &'a HeaderMap,
-    uri: &'a Uri,
+    fields: &'a impl FieldLookup,
+    query: Option<&'a str>,
 ) -> Result<Option<Cow<'a, str>>, &'static str> {
     let mut found: Option<Cow<'a, str>> = None;
     for source in sources {
         let token: Option<Cow<'a, str>> = match source {
             TokenSource::Authorization => {
-                let mut values = headers.get_all(AUTHORIZATION).iter();
+                let mut values = fields.values(&AUTHORIZATION);
                 let first = values.next();
                 if values.next().is_some() {
                     return Err("more than one Authorization header");
                 }
-                match first.map(|v| v.to_str()) {
+                match first.map(text) {
                     None => None,
-                    Some(Err(_)) => return Err("the Authorization header is not text"),
-                    Some(Ok(v)) => match v.split_once(' ') {
+                    Some(None) => return Err("the Authorization header is not text"),
+                    Some(Some(v)) => match v.split_once(' ') {
                         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
                             let token = token.trim();
                             if token.is_empty() {
@@ -316,21 +337,20 @@ fn find_token<'a>(
                     },
                 }
             }
-            TokenSource::Header(name) => headers
-                .get(name.as_str())
-                .and_then(|v| v.to_str().ok())
+            TokenSource::Header(name) => HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .and_then(|name| fields.first(&name).and_then(text))
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .map(Cow::Borrowed),
-            TokenSource::Cookie(name) => headers
-                .get_all(COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
+            TokenSource::Cookie(name) => fields
+                .values(&COOKIE)
+                .filter_map(text)
                 .flat_map(|v| v.split(';'))
                 .filter_map(|pair| pair.trim().split_once('='))
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| Cow::Borrowed(v.trim_matches('"'))),
-            TokenSource::Query(name) => uri.query().and_then(|q| {
+            TokenSource::Query(name) => query.and_then(|q| {
                 q.split('&')
                     .filter_map(|pair| pair.split_once('='))
                     .find(|(k, _)| *k == name)

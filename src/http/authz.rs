@@ -23,7 +23,7 @@ use super::xfcc::{self, XFCC};
 use crate::authz::{Action, Effect};
 use crate::identity::Identity;
 
-static ANONYMOUS: LazyLock<Identity> = LazyLock::new(Identity::anonymous);
+pub(super) static ANONYMOUS: LazyLock<Identity> = LazyLock::new(Identity::anonymous);
 
 /// The caller, attached to the response for the access log.
 #[derive(Clone)]
@@ -122,7 +122,7 @@ where
 
 /// An identity field as a header value: strings as they are, numbers and
 /// booleans as text, arrays of strings joined with `,`, objects as JSON.
-fn render(who: &Identity, field: &str) -> Option<HeaderValue> {
+pub(super) fn render(who: &Identity, field: &str) -> Option<HeaderValue> {
     if let Some(s) = who.field(field) {
         return HeaderValue::from_str(s).ok();
     }

@@ -1,12 +1,13 @@
 //! The direct path: the common request read by tollgate's own HTTP/1 loop
-//! (body-less, on a route that needs no credentials or policy, to plain
-//! HTTP/1.1 targets) goes to its target from its wire form, without the
-//! tower stack or an `http` request. What it does is the stack's doing for
-//! such a request: limits, request id, hop-by-hop and identity headers out,
-//! forwarding headers in, the same retries, timeouts, metrics and log.
-//! Anything else, and every request the stack would refuse (no route, a
-//! limit, a forwarding chain to extend), goes through the stack, where
-//! the full rules live.
+//! (body-less, to plain HTTP/1.1 targets, with no credentials or a bearer
+//! token already validated) goes to its target from its wire form, without
+//! the tower stack or an `http` request. What it does is the stack's doing
+//! for such a request: limits, request id, the route's policy, hop-by-hop
+//! and identity headers out, forwarding and claim headers in, the same
+//! retries, timeouts, metrics and log. Anything else, and every request the
+//! stack would refuse or must look at longer (no route, a limit, a token to
+//! validate, a policy denial, a forwarding chain to extend), goes through
+//! the stack, where the full rules live.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ use http::header::{self, HeaderValue};
 use http::{Response, Version};
 
 use super::access_log::{self, Entry};
+use super::auth::{self, Step};
+use super::authz::{self, ANONYMOUS};
 use super::body::ProxyBody;
 use super::headers::{self, Origin, X_REQUEST_ID};
 use super::limits::{self, Sizes};
@@ -27,6 +30,8 @@ use super::request_id;
 use super::router::{Route, RouteTable, host_name};
 use super::upstream::UpstreamClients;
 use super::wire::RequestHead;
+use crate::authz::Action;
+use crate::identity::Identity;
 use crate::oauth::OAuthServer;
 use crate::transport::ConnState;
 
@@ -41,6 +46,10 @@ pub struct DirectPath {
 /// A request the direct path takes.
 pub struct Plan {
     route: Arc<Route>,
+    /// The caller, on routes that need credentials.
+    identity: Option<Arc<Identity>>,
+    /// The policy rule that allowed the request, when the route has a policy.
+    allowed_by: Option<Option<usize>>,
     request_id: HeaderValue,
     /// The id is ours (the client sent none), so it is added upstream.
     generated_id: bool,
@@ -87,9 +96,30 @@ impl DirectPath {
         let host = std::str::from_utf8(host?).ok()?;
         let table = self.table.load();
         let route = table.find_by(&req.method, host_name(host), path, req)?;
-        if route.auth.required() || route.auth.policy.is_some() || !route.pool.plain_http1() {
+        let auth = &route.auth;
+        // Client certificates come on TLS listeners, which hyper reads.
+        if auth.accept_mtls || !route.pool.plain_http1() {
             return None;
         }
+        let identity = if auth.required() {
+            match auth::identify_from(auth, req, req.uri.query(), None) {
+                Ok(Step::Done(identity)) => Some(identity),
+                _ => return None,
+            }
+        } else {
+            None
+        };
+        let allowed_by = match &auth.policy {
+            Some(policy) => {
+                let who = identity.as_deref().unwrap_or(&ANONYMOUS);
+                let decision = policy.evaluate(who, &Action::http(req.method.as_str(), path));
+                if !decision.allowed() {
+                    return None;
+                }
+                Some(decision.rule)
+            }
+            None => None,
+        };
         let sizes = Sizes {
             uri: req.uri.path_and_query().map_or(0, |pq| pq.as_str().len()),
             fields: req.fields.len(),
@@ -105,6 +135,8 @@ impl DirectPath {
         };
         Some(Plan {
             route: route.clone(),
+            identity,
+            allowed_by,
             request_id,
             generated_id,
         })
@@ -121,10 +153,22 @@ impl DirectPath {
         let start = Instant::now();
         let Plan {
             route,
+            identity,
+            allowed_by,
             request_id,
             generated_id,
         } = plan;
         let auth = &route.auth;
+        if let Some(rule) = allowed_by {
+            let who = identity.as_deref().unwrap_or(&ANONYMOUS);
+            tracing::debug!(
+                route = %route.name, subject = %who.subject, via = who.method.as_str(),
+                rule = ?rule, allowed = true, "policy decision"
+            );
+        }
+        if allowed_by.is_some() || identity.is_some() {
+            route.metrics.allowed.inc();
+        }
 
         // The client's fields as they came, less those this hop drops or
         // replaces, then the forwarding fields.
@@ -155,6 +199,16 @@ impl DirectPath {
             version: Version::HTTP_11,
         };
         headers::put_forwarding(&mut fields, &origin, host);
+        if let Some(who) = &identity {
+            for (name, field) in &auth.forward_claims {
+                if let Some(value) = authz::render(who, field) {
+                    fields.put_slice(name.as_str().as_bytes());
+                    fields.put_slice(b": ");
+                    fields.put_slice(value.as_bytes());
+                    fields.put_slice(b"\r\n");
+                }
+            }
+        }
         if generated_id {
             fields.put_slice(b"x-request-id: ");
             fields.put_slice(request_id.as_bytes());
@@ -190,7 +244,7 @@ impl DirectPath {
             },
             resp.status().as_u16(),
             error.as_ref(),
-            "-",
+            identity.as_ref().map_or("-", |who| who.subject.as_str()),
         );
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         Ok(resp)

@@ -36,13 +36,25 @@ pub struct Route {
 /// The header fields a route matches on: a header map, or a head as read
 /// off the wire.
 pub trait FieldLookup {
+    /// The values of the `name` fields, in order.
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]>;
+
+    /// The first `name` field's value.
+    fn first<'a>(&'a self, name: &HeaderName) -> Option<&'a [u8]>;
+
     /// Whether some `name` field has exactly `value`.
-    fn has_value(&self, name: &HeaderName, value: &[u8]) -> bool;
+    fn has_value(&self, name: &HeaderName, value: &[u8]) -> bool {
+        self.values(name).any(|v| v == value)
+    }
 }
 
 impl FieldLookup for HeaderMap {
-    fn has_value(&self, name: &HeaderName, value: &[u8]) -> bool {
-        self.get_all(name).iter().any(|v| v.as_bytes() == value)
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> {
+        self.get_all(name).iter().map(HeaderValue::as_bytes)
+    }
+
+    fn first<'a>(&'a self, name: &HeaderName) -> Option<&'a [u8]> {
+        self.get(name).map(HeaderValue::as_bytes)
     }
 }
 

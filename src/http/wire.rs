@@ -53,10 +53,15 @@ impl RequestHead {
 }
 
 impl FieldLookup for RequestHead {
-    fn has_value(&self, name: &HeaderName, value: &[u8]) -> bool {
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> {
         self.fields
             .iter()
-            .any(|f| f.0 == name && self.value(f) == value)
+            .filter(move |f| f.0 == name)
+            .map(|f| self.value(f))
+    }
+
+    fn first<'a>(&'a self, name: &HeaderName) -> Option<&'a [u8]> {
+        self.get(name)
     }
 }
 
