@@ -1,8 +1,8 @@
 //! tollgate's own HTTP/1.1 server loop for plain-TCP connections, for the
 //! common request: a complete head in the buffer, no body, no upgrade. It
-//! runs the request through the same stack as hyper does and writes the
-//! response from the connection's own task, with no per-connection
-//! dispatcher in between. Anything else (a body, `Expect`, an upgrade,
+//! runs the request on the direct path when it qualifies (`http::direct`),
+//! or through the same stack as hyper does, and writes the response from
+//! the connection's own task, with no per-connection dispatcher in between. Anything else (a body, `Expect`, an upgrade,
 //! HTTP/1.0, a head split over reads, a malformed head) hands the connection
 //! with what it has read over to hyper, which serves it from then on.
 
