@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use http::header::{self, HeaderValue};
 use http::{Response, Version};
 
@@ -29,7 +29,7 @@ use super::proxy::{self, Outgoing};
 use super::request_id;
 use super::router::{Route, RouteTable, host_name};
 use super::upstream::UpstreamClients;
-use super::wire::RequestHead;
+use super::wire::{self, RequestHead};
 use crate::authz::Action;
 use crate::identity::Identity;
 use crate::oauth::OAuthServer;
@@ -186,10 +186,7 @@ impl DirectPath {
             {
                 continue;
             }
-            fields.put_slice(name.as_str().as_bytes());
-            fields.put_slice(b": ");
-            fields.put_slice(value);
-            fields.put_slice(b"\r\n");
+            wire::put_field(&mut fields, name, value);
         }
         let origin = Origin {
             peer: conn.peer.ip(),
@@ -202,17 +199,12 @@ impl DirectPath {
         if let Some(who) = &identity {
             for (name, field) in &auth.forward_claims {
                 if let Some(value) = authz::render(who, field) {
-                    fields.put_slice(name.as_str().as_bytes());
-                    fields.put_slice(b": ");
-                    fields.put_slice(value.as_bytes());
-                    fields.put_slice(b"\r\n");
+                    wire::put_field(&mut fields, name, value.as_bytes());
                 }
             }
         }
         if generated_id {
-            fields.put_slice(b"x-request-id: ");
-            fields.put_slice(request_id.as_bytes());
-            fields.put_slice(b"\r\n");
+            wire::put_field(&mut fields, &X_REQUEST_ID, request_id.as_bytes());
         }
 
         let path = route.upstream_path(&req.uri);

@@ -3,9 +3,11 @@
 
 use std::net::IpAddr;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
+
+use super::wire;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -193,12 +195,7 @@ pub fn replaced_by_forwarding(name: &HeaderName) -> bool {
 /// `X-Forwarded-For` or `Forwarded` (see [`needs_stack`]), as wire lines:
 /// what [`add_forwarding`] sets, for the direct path.
 pub fn put_forwarding(out: &mut BytesMut, origin: &Origin<'_>, host: Option<&str>) {
-    let mut line = |name: &HeaderName, value: &[u8]| {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value);
-        out.put_slice(b"\r\n");
-    };
+    let mut line = |name: &HeaderName, value: &[u8]| wire::put_field(out, name, value);
     line(&X_FORWARDED_FOR, origin.peer_text.as_bytes());
     line(&FORWARDED, forwarded_element(origin, host).as_bytes());
     line(&X_FORWARDED_PROTO, origin.proto.as_bytes());

@@ -96,11 +96,16 @@ pub fn header_map(head: &Bytes, fields: Vec<Field>, spare: usize) -> Option<Head
 /// Writes header fields as HTTP/1.1 lines (`name: value\r\n`).
 pub fn put_fields(out: &mut BytesMut, headers: &HeaderMap) {
     for (name, value) in headers {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        put_field(out, name, value.as_bytes());
     }
+}
+
+/// Writes one header field as an HTTP/1.1 line.
+pub fn put_field(out: &mut BytesMut, name: &HeaderName, value: &[u8]) {
+    out.put_slice(name.as_str().as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
 }
 
 /// Writes `name: n\r\n` with `n` in decimal, without allocating.
