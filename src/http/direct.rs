@@ -10,6 +10,7 @@
 //! the stack, where the full rules live.
 
 use std::convert::Infallible;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -53,6 +54,8 @@ pub struct Plan {
     request_id: HeaderValue,
     /// The id is ours (the client sent none), so it is added upstream.
     generated_id: bool,
+    /// The client's Host, as text.
+    host: Range<usize>,
 }
 
 impl DirectPath {
@@ -72,7 +75,7 @@ impl DirectPath {
             let value = req.value(field);
             field_bytes += field.0.as_str().len() + value.len() + 4;
             match field.0 {
-                header::HOST if host.is_none() => host = Some(value),
+                header::HOST if host.is_none() => host = Some(field.1.clone()),
                 header::HOST => return None,
                 header::CONNECTION => {
                     let only_persistence = value.split(|b| *b == b',').all(|t| {
@@ -87,15 +90,16 @@ impl DirectPath {
                     if client_id.is_some() || !request_id::acceptable(value) {
                         return None;
                     }
-                    client_id = Some(value);
+                    client_id = Some(field.1.clone());
                 }
                 ref name if headers::needs_stack(name) => return None,
                 _ => {}
             }
         }
-        let host = std::str::from_utf8(host?).ok()?;
+        let host = host?;
+        let host_text = std::str::from_utf8(&req.head[host.clone()]).ok()?;
         let table = self.table.load();
-        let route = table.find_by(&req.method, host_name(host), path, req)?;
+        let route = table.find_by(&req.method, host_name(host_text), path, req)?;
         let auth = &route.auth;
         // Client certificates come on TLS listeners, which hyper reads.
         if auth.accept_mtls || !route.pool.plain_http1() {
@@ -130,7 +134,11 @@ impl DirectPath {
         };
         limits::check_sizes(&conn.listener.limits, &sizes).ok()?;
         let (request_id, generated_id) = match client_id {
-            Some(id) => (HeaderValue::from_bytes(id).ok()?, false),
+            // Shares the head's bytes (`acceptable` checked them).
+            Some(id) => (
+                HeaderValue::from_maybe_shared(req.head.slice(id)).ok()?,
+                false,
+            ),
             None => (request_id::generate(), true),
         };
         Some(Plan {
@@ -139,6 +147,7 @@ impl DirectPath {
             allowed_by,
             request_id,
             generated_id,
+            host,
         })
     }
 
@@ -157,7 +166,10 @@ impl DirectPath {
             allowed_by,
             request_id,
             generated_id,
+            host,
         } = plan;
+        // Checked to be text by `plan`.
+        let host = std::str::from_utf8(&req.head[host]).unwrap_or_default();
         let auth = &route.auth;
         if let Some(rule) = allowed_by {
             let who = identity.as_deref().unwrap_or(&ANONYMOUS);
@@ -173,13 +185,9 @@ impl DirectPath {
         // The client's fields as they came, less those this hop drops or
         // replaces, then the forwarding fields.
         let mut fields = BytesMut::with_capacity(req.head.len() + 256);
-        let mut host = None;
         for field in &req.fields {
             let value = req.value(field);
             let name = &field.0;
-            if *name == header::HOST {
-                host = std::str::from_utf8(value).ok();
-            }
             if headers::replaced_by_forwarding(name)
                 || auth.identity_headers.contains(name)
                 || (!auth.forward_token && *name == header::AUTHORIZATION)
@@ -211,7 +219,7 @@ impl DirectPath {
         let outgoing = Outgoing::Encoded {
             method: &req.method,
             path: path.as_str(),
-            host: host.filter(|_| route.preserve_host).map(str::as_bytes),
+            host: route.preserve_host.then_some(host.as_bytes()),
             fields: &fields,
         };
         // Boxed: the forward future is large, and this one stays small to

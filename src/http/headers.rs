@@ -191,17 +191,15 @@ pub fn replaced_by_forwarding(name: &HeaderName) -> bool {
         || *name == X_FORWARDED_HOST
 }
 
-/// The forwarding fields of an HTTP/1.1 request that carried no
+/// The forwarding fields of an HTTP/1.1 request with this Host that carried no
 /// `X-Forwarded-For` or `Forwarded` (see [`needs_stack`]), as wire lines:
 /// what [`add_forwarding`] sets, for the direct path.
-pub fn put_forwarding(out: &mut BytesMut, origin: &Origin<'_>, host: Option<&str>) {
+pub fn put_forwarding(out: &mut BytesMut, origin: &Origin<'_>, host: &str) {
     let mut line = |name: &HeaderName, value: &[u8]| wire::put_field(out, name, value);
     line(&X_FORWARDED_FOR, origin.peer_text.as_bytes());
-    line(&FORWARDED, forwarded_element(origin, host).as_bytes());
+    line(&FORWARDED, forwarded_element(origin, Some(host)).as_bytes());
     line(&X_FORWARDED_PROTO, origin.proto.as_bytes());
-    if let Some(host) = host {
-        line(&X_FORWARDED_HOST, host.as_bytes());
-    }
+    line(&X_FORWARDED_HOST, host.as_bytes());
     line(&header::VIA, via(origin.version).as_bytes());
 }
 

@@ -136,16 +136,10 @@ impl Outgoing<'_> {
                 ..
             } => {
                 // HTTP/1.1 needs a Host: the target's unless the client's is kept.
-                match kept_host {
-                    Some(host) => {
-                        parts.headers.insert(header::HOST, host.clone());
-                    }
-                    _ => {
-                        parts
-                            .headers
-                            .insert(header::HOST, target.host_header.clone());
-                    }
-                }
+                let host = kept_host
+                    .clone()
+                    .unwrap_or_else(|| target.host_header.clone());
+                parts.headers.insert(header::HOST, host);
                 let mut uri = UriParts::default();
                 if let Some(scheme) = sender.scheme() {
                     uri.scheme = Some(scheme);

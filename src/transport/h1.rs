@@ -2,9 +2,10 @@
 //! common request: a complete head in the buffer, no body, no upgrade. It
 //! runs the request on the direct path when it qualifies (`http::direct`),
 //! or through the same stack as hyper does, and writes the response from
-//! the connection's own task, with no per-connection dispatcher in between. Anything else (a body, `Expect`, an upgrade,
-//! HTTP/1.0, a head split over reads, a malformed head) hands the connection
-//! with what it has read over to hyper, which serves it from then on.
+//! the connection's own task, with no per-connection dispatcher in between.
+//! Anything else (a body, `Expect`, an upgrade, HTTP/1.0, a head split over
+//! reads, a malformed head) hands the connection with what it has read over
+//! to hyper, which serves it from then on.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -132,6 +133,7 @@ const MAX_READ_AHEAD: usize = 64 * 1024;
 /// bytes that arrive meanwhile (pipelined requests) are kept in `buf`; the
 /// end of the stream means the client is gone, and `None` drops (cancels)
 /// the request.
+///
 /// The request comes pinned where it was made: moving it in by value would
 /// copy it, and keep a second slot for it in this future.
 async fn run(
