@@ -2,7 +2,8 @@
 //! timeout, bounded retries, passive health reports, upgrade pass-through.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::future::poll_fn;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -14,6 +15,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 use tower::Service;
 
 use super::RequestCtx;
@@ -21,7 +23,9 @@ use super::body::{ClientBody, ProxyBody, RequestBody, RequestBodyError};
 use super::error::GatewayError;
 use super::headers::{self, Origin};
 use super::router::Route;
-use super::upstream::{InflightGuard, SendError, Sender, Target, UpstreamBody, UpstreamClients};
+use super::upstream::{
+    H1Error, InflightGuard, SendError, Sender, Target, UpstreamBody, UpstreamClients, send_head,
+};
 use crate::config::UpstreamProtocol;
 use crate::transport::ConnState;
 
@@ -174,7 +178,17 @@ impl Outgoing<'_> {
                 head.put_slice(b"\r\n");
                 head.put_slice(fields);
                 head.put_slice(b"\r\n");
-                Ok(sender.send_head(target.addr, head.freeze(), method).await)
+                let Some(proxy) = sender.direct() else {
+                    return Ok(Err(SendError::Direct(H1Error::Invalid(
+                        "an encoded head goes to plain HTTP/1.1 targets only",
+                    ))));
+                };
+                // Awaited where it is made: a binding would hold a second
+                // copy of the future in this one.
+                Ok(send_head(target.addr, head.freeze(), method, proxy)
+                    .await
+                    .map(|r| r.map(UpstreamBody::H1))
+                    .map_err(SendError::from))
             }
         }
     }
@@ -242,6 +256,9 @@ pub(super) async fn forward(
 
     let mut attempt: u32 = 0;
     let mut previous: Option<Arc<Target>> = None;
+    // One timer for the request, re-armed for each attempt: a `timeout`
+    // wrapper would move the attempt's (large) future in and out of itself.
+    let mut deadline = pin!(tokio::time::sleep(route.timeout));
     loop {
         let target = pool
             .pick(previous.as_ref())
@@ -249,11 +266,17 @@ pub(super) async fn forward(
         let may_retry = replayable && attempt < route.retries;
         let sender = clients.sender(&target, pool.config.protocol, upgrade);
         let inflight = InflightGuard::new(target.clone());
-        let sent = tokio::time::timeout(
-            route.timeout,
-            outgoing.send(sender, &target, replayable, body_limit),
-        )
-        .await;
+        if attempt > 0 {
+            deadline.as_mut().reset(Instant::now() + route.timeout);
+        }
+        let sent = {
+            let mut send = pin!(outgoing.send(sender, &target, replayable, body_limit));
+            poll_fn(|cx| match send.as_mut().poll(cx) {
+                Poll::Ready(sent) => Poll::Ready(Ok(sent)),
+                Poll::Pending => deadline.as_mut().poll(cx).map(Err),
+            })
+            .await
+        };
         let failure = match sent {
             Ok(Err(e)) => return Err(e),
             Ok(Ok(Ok(resp))) => {

@@ -13,12 +13,11 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::HeaderValue;
 use http::request::Parts;
 use http::uri::Authority;
 use http::uri::Scheme;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::Client;
@@ -27,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::ServerName;
 
 pub use budget::RetryBudget;
-pub use h1::{H1Body, H1Error, start_worker_pool};
+pub use h1::{H1Body, H1Error, send_head, start_worker_pool};
 
 use super::body::{BoxError, RequestBody};
 use crate::config::{
@@ -104,7 +103,7 @@ impl SendError {
     }
 }
 
-impl Sender<'_> {
+impl<'a> Sender<'a> {
     /// Sends to `addr`. A `Direct` response body returns its connection to
     /// the pool once read to the end.
     /// `parts` are borrowed: our own client writes them out as they are, so
@@ -132,21 +131,12 @@ impl Sender<'_> {
         })
     }
 
-    /// Sends a body-less request whose HTTP/1.1 head is encoded already:
-    /// only our own client (`Direct`) takes one.
-    pub async fn send_head(
-        &self,
-        addr: SocketAddr,
-        head: Bytes,
-        method: &Method,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    /// Our own client's settings, when it carries the request: only it
+    /// takes a head encoded already (`h1::send_head`).
+    pub fn direct(&self) -> Option<&'a ProxyConfig> {
         match self {
-            Sender::Direct(proxy) => Ok(h1::send_head(addr, head, method, proxy)
-                .await?
-                .map(UpstreamBody::H1)),
-            Sender::Pooled(_) | Sender::Tls(_) => Err(SendError::Direct(H1Error::Invalid(
-                "an encoded head goes to plain HTTP/1.1 targets only",
-            ))),
+            Sender::Direct(proxy) => Some(proxy),
+            Sender::Pooled(_) | Sender::Tls(_) => None,
         }
     }
 

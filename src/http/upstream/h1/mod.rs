@@ -85,28 +85,30 @@ pub enum H1Error {
 /// An idempotent request without body that finds its pooled connection
 /// closed before any response came is sent again on a new connection: the
 /// target closed an idle connection just as it was reused.
-pub async fn send(
+pub fn send<'a>(
     addr: SocketAddr,
-    parts: &Parts,
+    parts: &'a Parts,
     body: RequestBody,
-    proxy: &ProxyConfig,
-) -> Result<Response<H1Body>, H1Error> {
+    proxy: &'a ProxyConfig,
+) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
     let mut head = BytesMut::with_capacity(256 + parts.headers.len() * 32);
     let chunked = request::encode_head(parts, &body, &mut head);
     let resendable = body.is_end_stream() && is_idempotent(&parts.method);
     let writer = RequestWriter::new(head.freeze(), body, chunked);
-    send_with(addr, writer, resendable, &parts.method, proxy).await
+    send_with(addr, writer, resendable, &parts.method, proxy)
 }
 
 /// Sends a request without body whose head is encoded already.
-pub async fn send_head(
+// These two are plain functions returning `send_with`'s future: an async
+// wrapper would add a layer that copies the future into itself.
+pub fn send_head<'a>(
     addr: SocketAddr,
     head: Bytes,
-    method: &Method,
-    proxy: &ProxyConfig,
-) -> Result<Response<H1Body>, H1Error> {
+    method: &'a Method,
+    proxy: &'a ProxyConfig,
+) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
     let writer = RequestWriter::new(head, RequestBody::empty(), false);
-    send_with(addr, writer, is_idempotent(method), method, proxy).await
+    send_with(addr, writer, is_idempotent(method), method, proxy)
 }
 
 async fn send_with(
@@ -118,9 +120,16 @@ async fn send_with(
 ) -> Result<Response<H1Body>, H1Error> {
     let head = writer.head().clone();
     let mut writer = Some(writer);
-    while let Some(conn) = checkout(addr) {
+    loop {
+        // One call site for `exchange` (each would have its own slot in
+        // this future); a new connection is boxed: it is the exception, and
+        // inline it would make this future larger for every request.
+        let (conn, pooled) = match checkout(addr) {
+            Some(conn) => (conn, true),
+            None => (Box::pin(connect(addr, proxy)).await?, false),
+        };
         match exchange(conn, &mut writer, method).await {
-            Err(Attempt { error, reply_began }) if !reply_began && resendable => {
+            Err(Attempt { error, reply_began }) if pooled && !reply_began && resendable => {
                 tracing::debug!(target = %addr, %error, "pooled connection closed; sending on a new one");
                 writer = Some(RequestWriter::new(
                     head.clone(),
@@ -131,10 +140,6 @@ async fn send_with(
             done => return done.map_err(|a| a.error),
         }
     }
-    let conn = connect(addr, proxy).await?;
-    exchange(conn, &mut writer, method)
-        .await
-        .map_err(|a| a.error)
 }
 
 /// A failed exchange, and whether any of the reply had arrived.
