@@ -30,7 +30,8 @@ use request::RequestWriter;
 pub use response::H1Body;
 
 /// An open connection to a target, with what has been read from it and not
-/// yet used.
+/// yet used. Always boxed: it moves with every request, from the
+/// pool into the exchange, the response body and back.
 pub struct H1Conn {
     io: TcpStream,
     buf: BytesMut,
@@ -40,7 +41,7 @@ pub struct H1Conn {
 impl H1Conn {
     /// Hands the connection back for the next request to this target, after
     /// its response has been read to the end.
-    fn release(self) {
+    fn release(self: Box<Self>) {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let list = idle.entry(self.addr).or_default();
@@ -152,7 +153,7 @@ struct Attempt {
 /// before it has read the whole body); what is left of the body goes on
 /// with the response body.
 async fn exchange(
-    mut conn: H1Conn,
+    mut conn: Box<H1Conn>,
     writer: &mut Option<RequestWriter>,
     method: &Method,
 ) -> Result<Response<H1Body>, Attempt> {
@@ -229,7 +230,7 @@ fn poll_head(
 }
 
 /// The most recently used idle connection to `addr` that is still open.
-fn checkout(addr: SocketAddr) -> Option<H1Conn> {
+fn checkout(addr: SocketAddr) -> Option<Box<H1Conn>> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
@@ -242,7 +243,7 @@ fn checkout(addr: SocketAddr) -> Option<H1Conn> {
     })
 }
 
-async fn connect(addr: SocketAddr, proxy: &ProxyConfig) -> Result<H1Conn, H1Error> {
+async fn connect(addr: SocketAddr, proxy: &ProxyConfig) -> Result<Box<H1Conn>, H1Error> {
     let io = tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| {
@@ -257,15 +258,15 @@ async fn connect(addr: SocketAddr, proxy: &ProxyConfig) -> Result<H1Conn, H1Erro
     socket2::SockRef::from(&io)
         .set_tcp_keepalive(&keepalive)
         .map_err(H1Error::Connect)?;
-    Ok(H1Conn {
+    Ok(Box::new(H1Conn {
         io,
         buf: BytesMut::new(),
         addr,
-    })
+    }))
 }
 
 struct Idle {
-    conn: H1Conn,
+    conn: Box<H1Conn>,
     /// The sweep tick at which it went idle.
     tick: u32,
 }

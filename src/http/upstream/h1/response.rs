@@ -191,7 +191,7 @@ fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
 /// connection goes back to the worker's pool when it can carry another
 /// request; dropped before its end, the connection is closed.
 pub struct H1Body {
-    conn: Option<H1Conn>,
+    conn: Option<Box<H1Conn>>,
     framing: Framing,
     keep_alive: bool,
     /// The rest of the request body, still going out while the response
@@ -202,7 +202,7 @@ pub struct H1Body {
 impl H1Body {
     /// `reusable`: the request went out without a write error.
     pub(super) fn new(
-        conn: H1Conn,
+        conn: Box<H1Conn>,
         head: &Head,
         writer: Option<RequestWriter>,
         reusable: bool,
@@ -353,7 +353,7 @@ impl http_body::Body for H1Body {
 /// How long the rest of a request body may take once its response is done.
 const FINISH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn finish_request(mut conn: H1Conn, mut writer: Box<RequestWriter>) {
+async fn finish_request(mut conn: Box<H1Conn>, mut writer: Box<RequestWriter>) {
     let sent = tokio::time::timeout(
         FINISH_REQUEST_TIMEOUT,
         poll_fn(|cx| writer.poll_write(&mut conn.io, cx)),
