@@ -216,7 +216,7 @@ impl DirectPath {
         }
 
         let path = route.upstream_path(&req.uri);
-        let outgoing = Outgoing::Encoded {
+        let mut outgoing = Outgoing::Encoded {
             method: &req.method,
             path: path.as_str(),
             host: route.preserve_host.then_some(host.as_bytes()),
@@ -224,7 +224,7 @@ impl DirectPath {
         };
         // Not boxed: the allocation and the copy into it cost more than
         // this future's one move into the connection's (measured).
-        let result = proxy::forward(&self.clients, conn, &route, outgoing, false).await;
+        let result = proxy::forward(&self.clients, conn, &route, &mut outgoing, false).await;
         let (mut resp, error) = match result {
             Ok(resp) => (resp, None),
             Err(e) => (e.to_response(&request_id), Some(e)),

@@ -227,14 +227,14 @@ async fn forward_http(
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
     };
-    let outgoing = Outgoing::Http {
+    let mut outgoing = Outgoing::Http {
         parts,
         body: Some(body),
         client_upgrade,
         kept_host: original_host.filter(|_| route.preserve_host),
         path,
     };
-    forward(clients, conn, route, outgoing, upgrade).await
+    forward(clients, conn, route, &mut outgoing, upgrade).await
 }
 
 /// Sends to the route's pool: a target per attempt, each within the
@@ -243,7 +243,8 @@ pub(super) async fn forward(
     clients: &UpstreamClients,
     conn: &Arc<ConnState>,
     route: &Arc<Route>,
-    mut outgoing: Outgoing<'_>,
+    // Borrowed: taken by value, it would sit in this future twice.
+    outgoing: &mut Outgoing<'_>,
     upgrade: bool,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let pool = &route.pool;
@@ -290,7 +291,7 @@ pub(super) async fn forward(
                 pool.report(&target, !gateway_error);
                 let retry_status = route.retry_on_status.contains(&status);
                 if !(retry_status && idempotent && may_retry) {
-                    let client_upgrade = match &mut outgoing {
+                    let client_upgrade = match outgoing {
                         Outgoing::Http { client_upgrade, .. } => client_upgrade.take(),
                         Outgoing::Encoded { .. } => None,
                     };

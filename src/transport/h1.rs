@@ -105,15 +105,17 @@ pub(super) async fn serve(
         // As for requests to targets (`upstream::h1`): responses go out in
         // one burst per event-loop turn, waking clients less often.
         tokio::task::yield_now().await;
+        let (parts, mut body) = response.into_parts();
         let written = tokio::select! {
             biased;
-            written = write_response(&mut io, &mut out, response, head, close, &state) => written,
+            written = write_response(&mut io, &mut out, &parts, &mut body, head, close, &state) => written,
             // A client that stops reading is closed like an idle one.
             _ = &mut idle => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the client took nothing for the idle timeout",
             )),
         };
+        drop((parts, body));
         if let Err(e) = written {
             tracing::debug!(listener = %state.listener.name, peer = %state.peer, error = %e,
                 "response not written whole; closing the connection");
@@ -244,15 +246,17 @@ fn give_back(buf: &mut BytesMut, head: &[u8]) {
 
 /// Writes the head and streams the body: with its length when it is known,
 /// chunked otherwise.
+// The response is borrowed: taken by value, it would sit in this future
+// twice (as argument and as its parts).
 async fn write_response(
     io: &mut TcpStream,
     out: &mut BytesMut,
-    response: Response<ProxyBody>,
+    parts: &http::response::Parts,
+    body: &mut ProxyBody,
     head_request: bool,
     close: bool,
     state: &ConnState,
 ) -> std::io::Result<()> {
-    let (parts, mut body) = response.into_parts();
     let status = parts.status;
     let bodiless = head_request
         || status.is_informational()
