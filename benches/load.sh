@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Load comparison in one run: the same small upstream reached directly, through
-# nginx (proxy_pass with upstream keepalive) and through tollgate. Each proxy is
+# nginx (proxy_pass with upstream keepalive) and through tollgate. nginx runs
+# twice: as commonly configured (it adds X-Forwarded-For only), and as
+# `nginx-headers`, doing the header work tollgate does on every request
+# (X-Forwarded-*, Forwarded, Via both ways, a generated x-request-id both
+# ways). Each proxy is
 # pinned to the same core; the load generator and the upstream share the other.
 # The targets take turns for ROUNDS rounds, and each figure is the median of
 # its rounds: on a shared VM one run can be 20% off the next.
@@ -17,7 +21,7 @@ CONNS=${CONNS:-64}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 IDLE_CONNS=${IDLE_CONNS:-10000}
-UP_PORT=18080 NGINX_PORT=18081 TG_PORT=18082 TG_ADMIN=19090
+UP_PORT=18080 NGINX_PORT=18081 NGINX_FULL_PORT=18083 TG_PORT=18082 TG_ADMIN=19090
 
 source benches/common.sh
 require nginx wrk python3 taskset curl
@@ -28,7 +32,17 @@ start_upstream "$LOAD_CPU" $UP_PORT
 nginx_conf proxy "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
   server { listen 127.0.0.1:$NGINX_PORT;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }"
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }
+  server { listen 127.0.0.1:$NGINX_FULL_PORT;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header Forwarded \"for=\$remote_addr;proto=\$scheme;host=\$host\";
+      proxy_set_header Via \"1.1 nginx\";
+      proxy_set_header X-Request-ID \$request_id;
+      add_header X-Request-ID \$request_id;
+      add_header Via \"1.1 nginx\"; } }"
 taskset -c "$PROXY_CPU" nginx -q -p "$work" -c "$work/proxy.conf"
 
 cat > "$work/gateway.yaml" <<CONF
@@ -74,6 +88,7 @@ pids+=("$tg_pid")
 wait_http() { for _ in $(seq 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not up: $1"; exit 1; }
 wait_http "http://127.0.0.1:$UP_PORT/"
 wait_http "http://127.0.0.1:$NGINX_PORT/"
+wait_http "http://127.0.0.1:$NGINX_FULL_PORT/"
 wait_http "http://127.0.0.1:$TG_PORT/"
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -98,24 +113,25 @@ curl -fs -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$TG_PORT/jwt/" >/de
 for round in $(seq "$ROUNDS"); do
   run direct $UP_PORT
   run nginx $NGINX_PORT
+  run nginx-headers $NGINX_FULL_PORT
   run tollgate $TG_PORT
   run tollgate-jwt $TG_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
-  echo "round $round requests/s: direct ${RPS[direct]##* }, nginx ${RPS[nginx]##* }, tollgate ${RPS[tollgate]##* }, tollgate-jwt ${RPS[tollgate-jwt]##* }"
+  echo "round $round requests/s: direct ${RPS[direct]##* }, nginx ${RPS[nginx]##* }, nginx-headers ${RPS[nginx-headers]##* }, tollgate ${RPS[tollgate]##* }, tollgate-jwt ${RPS[tollgate-jwt]##* }"
 done
-for t in direct nginx tollgate tollgate-jwt; do
+for t in direct nginx nginx-headers tollgate tollgate-jwt; do
   RPS[$t]=$(median "${RPS[$t]}") P50[$t]=$(median "${P50[$t]}") P99[$t]=$(median "${P99[$t]}")
 done
 
-printf '\nmedians of %d rounds\n%-12s %12s %10s %10s\n' "$ROUNDS" target "requests/s" "p50 us" "p99 us"
-for t in direct nginx tollgate tollgate-jwt; do
-  printf '%-12s %12.0f %10.0f %10.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}"
+printf '\nmedians of %d rounds\n%-14s %12s %10s %10s\n' "$ROUNDS" target "requests/s" "p50 us" "p99 us"
+for t in direct nginx nginx-headers tollgate tollgate-jwt; do
+  printf '%-14s %12.0f %10.0f %10.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}"
 done
-awk -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" -v t99="${P99[tollgate]}" -v n99="${P99[nginx]}" -v d99="${P99[direct]}" 'BEGIN {
-  printf "\nthroughput tollgate/nginx: %.2f\n", tr / nr
-  printf "added p99 (us): tollgate %.0f, nginx %.0f\n", t99 - d99, n99 - d99
+awk -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" -v hr="${RPS[nginx-headers]}" -v t99="${P99[tollgate]}" -v n99="${P99[nginx]}" -v h99="${P99[nginx-headers]}" -v d99="${P99[direct]}" 'BEGIN {
+  printf "\nthroughput tollgate/nginx: %.2f; tollgate/nginx-headers: %.2f\n", tr / nr, tr / hr
+  printf "added p99 (us): tollgate %.0f, nginx %.0f, nginx-headers %.0f\n", t99 - d99, n99 - d99, h99 - d99
 }'
-awk -v j="${RPS[tollgate-jwt]}" -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" 'BEGIN {
-  printf "JWT-validated throughput: %.2f of tollgate without auth, %.2f of nginx (no auth)\n", j / tr, j / nr
+awk -v j="${RPS[tollgate-jwt]}" -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" -v hr="${RPS[nginx-headers]}" 'BEGIN {
+  printf "JWT-validated throughput: %.2f of tollgate without auth, %.2f of nginx, %.2f of nginx-headers (no auth)\n", j / tr, j / nr, j / hr
 }'
 
 # Memory with many idle keep-alive connections.
