@@ -224,7 +224,7 @@ impl DirectPath {
         };
         // Not boxed: the allocation and the copy into it cost more than
         // this future's one move into the connection's (measured).
-        let result = proxy::forward(&self.clients, conn, &route, &mut outgoing, false).await;
+        let result = proxy::forward(&self.clients, conn, &route, &mut outgoing, false, start).await;
         let (mut resp, error) = match result {
             Ok(resp) => (resp, None),
             Err(e) => (e.to_response(&request_id), Some(e)),

@@ -6,6 +6,7 @@ use std::future::poll_fn;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderValue};
@@ -15,7 +16,6 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::time::Instant;
 use tower::Service;
 
 use super::RequestCtx;
@@ -234,7 +234,7 @@ async fn forward_http(
         kept_host: original_host.filter(|_| route.preserve_host),
         path,
     };
-    forward(clients, conn, route, &mut outgoing, upgrade).await
+    forward(clients, conn, route, &mut outgoing, upgrade, Instant::now()).await
 }
 
 /// Sends to the route's pool: a target per attempt, each within the
@@ -246,6 +246,7 @@ pub(super) async fn forward(
     // Borrowed: taken by value, it would sit in this future twice.
     outgoing: &mut Outgoing<'_>,
     upgrade: bool,
+    start: Instant,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let pool = &route.pool;
     pool.budget.deposit();
@@ -259,17 +260,20 @@ pub(super) async fn forward(
     let mut previous: Option<Arc<Target>> = None;
     // One timer for the request, re-armed for each attempt: a `timeout`
     // wrapper would move the attempt's (large) future in and out of itself.
-    let mut deadline = pin!(tokio::time::sleep(route.timeout));
+    // The first attempt goes by the caller's clock reading.
+    let mut deadline = pin!(tokio::time::sleep_until((start + route.timeout).into()));
+    let mut now = start;
     loop {
+        if attempt > 0 {
+            now = Instant::now();
+            deadline.as_mut().reset((now + route.timeout).into());
+        }
         let target = pool
-            .pick(previous.as_ref())
+            .pick(previous.as_ref(), now)
             .ok_or(GatewayError::NoHealthyTarget)?;
         let may_retry = replayable && attempt < route.retries;
         let sender = clients.sender(&target, pool.config.protocol, upgrade);
         let inflight = InflightGuard::new(target.clone());
-        if attempt > 0 {
-            deadline.as_mut().reset(Instant::now() + route.timeout);
-        }
         let sent = {
             let mut send = pin!(outgoing.send(sender, &target, replayable, body_limit));
             poll_fn(|cx| match send.as_mut().poll(cx) {

@@ -422,13 +422,19 @@ impl UpstreamPool {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.ms_since_epoch(Instant::now())
     }
 
-    /// Chooses a target, avoiding `avoid` (the previous attempt's) when another is usable.
-    pub fn pick(&self, avoid: Option<&Arc<Target>>) -> Option<Arc<Target>> {
+    fn ms_since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Chooses a target, avoiding `avoid` (the previous attempt's) when
+    /// another is usable; ejections are judged as of `now` (the caller's
+    /// clock reading, so a request reads the clock once).
+    pub fn pick(&self, avoid: Option<&Arc<Target>>, now: Instant) -> Option<Arc<Target>> {
         let targets = self.targets.load();
-        let now = self.now_ms();
+        let now = self.ms_since_epoch(now);
         self.pick_from(&targets, now, avoid)
             .or_else(|| avoid.and_then(|_| self.pick_from(&targets, now, None)))
     }
