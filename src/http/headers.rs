@@ -14,7 +14,7 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Hop-by-hop headers that never cross the proxy, besides those the
@@ -176,10 +176,15 @@ fn forwarded_element(origin: &Origin<'_>, host: Option<&str>) -> String {
 /// than `Connection` (whose tokens the caller checks), or a forwarding
 /// list this hop would have to extend.
 pub fn needs_stack(name: &HeaderName) -> bool {
-    *name != header::CONNECTION && HOP_BY_HOP.contains(&name)
-        || *name == header::TE
+    *name != header::CONNECTION && is_hop_by_hop(name)
         || *name == X_FORWARDED_FOR
         || *name == FORWARDED
+}
+
+/// Whether a field is one [`strip_hop_by_hop`] may remove by its name
+/// alone (`TE` included), besides those `Connection` names.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name) || *name == header::TE
 }
 
 /// Whether a client's field is one this hop replaces or drops (besides

@@ -427,7 +427,9 @@ fn respond(
         return Ok(Response::from_parts(parts, ProxyBody::empty()));
     }
     let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    if !body.hop_by_hop_removed() {
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+    }
     parts
         .headers
         .append(header::VIA, headers::via(parts.version));

@@ -40,7 +40,8 @@ impl RequestHead {
     /// As an `http` request, the form the tower stack takes; `Err` gives
     /// the head back if `http` refuses one of its values.
     pub fn into_request(self) -> Result<Request<ClientBody>, Bytes> {
-        let Some(headers) = header_map(&self.head, self.fields, 8) else {
+        let capacity = self.fields.len() + 8;
+        let Some(headers) = header_map(&self.head, self.fields, capacity) else {
             return Err(self.head);
         };
         let mut request = Request::new(ClientBody::Empty);
@@ -79,11 +80,15 @@ pub fn fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Option<Vec<Field>
     Some(fields)
 }
 
-/// The header map of a head split off its buffer, with room for `spare`
-/// more fields; the values share the head's bytes. `None` if `http`
+/// The header map of a head split off its buffer, with room for
+/// `capacity` fields; the values share the head's bytes. `None` if `http`
 /// refuses a value.
-pub fn header_map(head: &Bytes, fields: Vec<Field>, spare: usize) -> Option<HeaderMap> {
-    let mut map = HeaderMap::with_capacity(fields.len() + spare);
+pub fn header_map(
+    head: &Bytes,
+    fields: impl IntoIterator<Item = Field>,
+    capacity: usize,
+) -> Option<HeaderMap> {
+    let mut map = HeaderMap::with_capacity(capacity);
     for (name, range) in fields {
         map.append(
             name,
@@ -182,7 +187,8 @@ mod tests {
         let mut req = httparse::Request::new(&mut slots);
         assert!(req.parse(&raw).unwrap().is_complete());
         let found = fields(&raw, req.headers).unwrap();
-        let map = header_map(&raw, found, 0).unwrap();
+        let capacity = found.len();
+        let map = header_map(&raw, found, capacity).unwrap();
         assert_eq!(map["x-a"], "1");
         assert_eq!(map["x-b"], "");
     }

@@ -55,6 +55,17 @@ pub enum UpstreamBody {
     Hyper(Incoming),
 }
 
+impl UpstreamBody {
+    /// Whether the response's hop-by-hop fields are out of its header map
+    /// already (our own client's ordinary responses).
+    pub fn hop_by_hop_removed(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.hop_by_hop_removed(),
+            UpstreamBody::Hyper(_) => false,
+        }
+    }
+}
+
 impl http_body::Body for UpstreamBody {
     type Data = bytes::Bytes;
     type Error = BoxError;

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use super::request::RequestWriter;
 use super::{H1Conn, H1Error};
-use crate::http::wire;
+use crate::http::{headers, wire};
 
 /// A response head may not be larger than this (status line and headers).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -62,6 +62,8 @@ pub(super) struct Head {
     pub response: Response<()>,
     framing: Framing,
     keep_alive: bool,
+    /// Its hop-by-hop fields were left out of the map already.
+    hop_by_hop_removed: bool,
 }
 
 /// Parses a complete response head at the front of `buf`, consuming it.
@@ -100,11 +102,43 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
     let fields =
         wire::fields(buf, parsed.headers).ok_or(H1Error::Invalid("malformed header name"))?;
     let head = buf.split_to(len).freeze();
-    let mut headers =
-        wire::header_map(&head, fields, 2).ok_or(H1Error::Invalid("malformed header value"))?;
+
+    // An ordinary response's only hop-by-hop fields are Connection (whose
+    // tokens decide reuse) and Keep-Alive: they are left out of the map
+    // here, so the proxy has nothing to strip. Any other hop-by-hop field,
+    // or a Connection naming fields, leaves the map whole for the proxy's
+    // full rules (`headers::strip_hop_by_hop`).
+    let (mut close, mut keep_alive_token, mut ordinary) = (false, false, true);
+    for (name, range) in &fields {
+        if *name == header::CONNECTION {
+            for token in head[range.clone()].split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive_token = true;
+                } else if !token.is_empty() {
+                    ordinary = false;
+                }
+            }
+        } else if *name != headers::KEEP_ALIVE && headers::is_hop_by_hop(name) {
+            ordinary = false;
+        }
+    }
+    let capacity = fields.len() + 2;
+    let kept = fields.into_iter().filter(|(name, _)| {
+        !(ordinary && (*name == header::CONNECTION || *name == headers::KEEP_ALIVE))
+    });
+    let mut headers = wire::header_map(&head, kept, capacity)
+        .ok_or(H1Error::Invalid("malformed header value"))?;
 
     let framing = framing(status, method, &mut headers)?;
-    let keep_alive = keep_alive(version, &headers) && framing != Framing::Close;
+    let persistent = if version == Version::HTTP_10 {
+        keep_alive_token
+    } else {
+        !close
+    };
+    let keep_alive = persistent && framing != Framing::Close;
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
@@ -113,6 +147,7 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         response,
         framing,
         keep_alive,
+        hop_by_hop_removed: ordinary,
     }))
 }
 
@@ -173,20 +208,6 @@ fn framing(
     })
 }
 
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    if version == Version::HTTP_10 {
-        has("keep-alive")
-    } else {
-        !has("close")
-    }
-}
-
 /// A response body read from its target connection. At its end the
 /// connection goes back to the worker's pool when it can carry another
 /// request; dropped before its end, the connection is closed.
@@ -194,6 +215,7 @@ pub struct H1Body {
     conn: Option<Box<H1Conn>>,
     framing: Framing,
     keep_alive: bool,
+    hop_by_hop_removed: bool,
     /// The rest of the request body, still going out while the response
     /// comes in (boxed: seldom there).
     writer: Option<Box<RequestWriter>>,
@@ -211,12 +233,19 @@ impl H1Body {
             conn: Some(conn),
             framing: head.framing,
             keep_alive: head.keep_alive && reusable,
+            hop_by_hop_removed: head.hop_by_hop_removed,
             writer: writer.map(Box::new),
         };
         if body.framing == Framing::Done {
             body.finish();
         }
         body
+    }
+
+    /// Whether the response's hop-by-hop fields were left out of its
+    /// header map already (see `parse_head`).
+    pub fn hop_by_hop_removed(&self) -> bool {
+        self.hop_by_hop_removed
     }
 
     /// The body has ended: the connection is reusable when the target allows
@@ -494,6 +523,48 @@ mod tests {
         .unwrap();
         assert_eq!(h.framing, Framing::Length(3));
         assert_eq!(h.response.headers()[header::CONTENT_LENGTH], "3");
+    }
+
+    #[test]
+    fn ordinary_hop_by_hop_fields_are_left_out_of_the_map() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.hop_by_hop_removed && h.keep_alive);
+        let names: Vec<_> = h.response.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-a", "content-length"]);
+
+        // Connection naming a field, or another hop-by-hop field: the map
+        // stays whole for the proxy's full rules.
+        for extra in ["Connection: x-private\r\nx-private: 1", "Trailer: x-sum"] {
+            let h = head(
+                &format!("HTTP/1.1 200 OK\r\n{extra}\r\ncontent-length: 0\r\n\r\n"),
+                Method::GET,
+            )
+            .unwrap()
+            .unwrap();
+            assert!(!h.hop_by_hop_removed, "{extra}");
+            assert!(h.response.headers().len() >= 2, "{extra}");
+        }
+
+        // Tokens decide reuse whatever their case or spacing.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nconnection: Keep-Alive , CLOSE\r\ncontent-length: 0\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.hop_by_hop_removed && !h.keep_alive);
+        let h = head(
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.keep_alive && h.response.headers().get(header::CONNECTION).is_none());
     }
 
     #[test]
