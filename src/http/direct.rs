@@ -78,8 +78,7 @@ impl DirectPath {
                 header::HOST if host.is_none() => host = Some(field.1.clone()),
                 header::HOST => return None,
                 header::CONNECTION => {
-                    let only_persistence = value.split(|b| *b == b',').all(|t| {
-                        let t = t.trim_ascii();
+                    let only_persistence = wire::list_elements(value).all(|t| {
                         t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
                     });
                     if !only_persistence {

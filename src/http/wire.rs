@@ -80,6 +80,15 @@ pub fn fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Option<Vec<Field>
     Some(fields)
 }
 
+/// The elements of a comma-separated field value (RFC 9110 §5.6.1),
+/// trimmed; empty elements, which a recipient must accept, are skipped.
+pub fn list_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
 /// The header map of a head split off its buffer, with room for
 /// `capacity` fields; the values share the head's bytes. `None` if `http`
 /// refuses a value.
@@ -149,6 +158,13 @@ pub fn chunk_size_line(mut len: usize, buf: &mut [u8; 18]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_elements_are_trimmed_and_empty_ones_skipped() {
+        let found: Vec<&[u8]> = list_elements(b" keep-alive ,, Close,\t").collect();
+        assert_eq!(found, [&b"keep-alive"[..], b"Close"]);
+        assert_eq!(list_elements(b" , ").count(), 0);
+    }
 
     #[test]
     fn fields_render_as_http1_lines() {

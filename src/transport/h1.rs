@@ -201,8 +201,7 @@ fn parse_request(buf: &mut BytesMut) -> Option<Parsed> {
             header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => return None,
             header::CONTENT_LENGTH if value != b"0" => return None,
             header::CONNECTION => {
-                for token in value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
+                for token in wire::list_elements(value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
                     } else if token.eq_ignore_ascii_case(b"upgrade") {

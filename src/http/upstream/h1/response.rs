@@ -111,13 +111,12 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
     let (mut close, mut keep_alive_token, mut ordinary) = (false, false, true);
     for (name, range) in &fields {
         if *name == header::CONNECTION {
-            for token in head[range.clone()].split(|b| *b == b',') {
-                let token = token.trim_ascii();
+            for token in wire::list_elements(&head[range.clone()]) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive_token = true;
-                } else if !token.is_empty() {
+                } else {
                     ordinary = false;
                 }
             }
