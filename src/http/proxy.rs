@@ -427,7 +427,7 @@ fn respond(
         return Ok(Response::from_parts(parts, ProxyBody::empty()));
     }
     let (mut parts, body) = resp.into_parts();
-    if !body.hop_by_hop_removed() {
+    if let UpstreamBody::Hyper(_) = body {
         headers::strip_hop_by_hop(&mut parts.headers, false);
     }
     parts

@@ -51,19 +51,10 @@ pub enum Sender<'a> {
 
 /// A target's response body, from whichever client carried the request.
 pub enum UpstreamBody {
+    /// Its head's hop-by-hop fields are gone already (`h1` removes them as
+    /// it reads the head).
     H1(H1Body),
     Hyper(Incoming),
-}
-
-impl UpstreamBody {
-    /// Whether the response's hop-by-hop fields are out of its header map
-    /// already (our own client's ordinary responses).
-    pub fn hop_by_hop_removed(&self) -> bool {
-        match self {
-            UpstreamBody::H1(b) => b.hop_by_hop_removed(),
-            UpstreamBody::Hyper(_) => false,
-        }
-    }
 }
 
 impl http_body::Body for UpstreamBody {

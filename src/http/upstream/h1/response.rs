@@ -62,8 +62,6 @@ pub(super) struct Head {
     pub response: Response<()>,
     framing: Framing,
     keep_alive: bool,
-    /// Its hop-by-hop fields were left out of the map already.
-    hop_by_hop_removed: bool,
 }
 
 /// Parses a complete response head at the front of `buf`, consuming it.
@@ -103,11 +101,11 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         wire::fields(buf, parsed.headers).ok_or(H1Error::Invalid("malformed header name"))?;
     let head = buf.split_to(len).freeze();
 
-    // An ordinary response's only hop-by-hop fields are Connection (whose
-    // tokens decide reuse) and Keep-Alive: they are left out of the map
-    // here, so the proxy has nothing to strip. Any other hop-by-hop field,
-    // or a Connection naming fields, leaves the map whole for the proxy's
-    // full rules (`headers::strip_hop_by_hop`).
+    // The map comes out without hop-by-hop fields. An ordinary response's
+    // only ones are Connection (whose tokens decide reuse) and Keep-Alive:
+    // they are left out as the map is built. Any other (Transfer-Encoding
+    // after framing has read it), or a Connection naming fields, is
+    // removed by the full rules (`headers::strip_hop_by_hop`).
     let (mut close, mut keep_alive_token, mut ordinary) = (false, false, true);
     for (name, range) in &fields {
         if *name == header::CONNECTION {
@@ -132,6 +130,9 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         .ok_or(H1Error::Invalid("malformed header value"))?;
 
     let framing = framing(status, method, &mut headers)?;
+    if !ordinary {
+        headers::strip_hop_by_hop(&mut headers, false);
+    }
     let persistent = if version == Version::HTTP_10 {
         keep_alive_token
     } else {
@@ -146,7 +147,6 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         response,
         framing,
         keep_alive,
-        hop_by_hop_removed: ordinary,
     }))
 }
 
@@ -214,7 +214,6 @@ pub struct H1Body {
     conn: Option<Box<H1Conn>>,
     framing: Framing,
     keep_alive: bool,
-    hop_by_hop_removed: bool,
     /// The rest of the request body, still going out while the response
     /// comes in (boxed: seldom there).
     writer: Option<Box<RequestWriter>>,
@@ -232,19 +231,12 @@ impl H1Body {
             conn: Some(conn),
             framing: head.framing,
             keep_alive: head.keep_alive && reusable,
-            hop_by_hop_removed: head.hop_by_hop_removed,
             writer: writer.map(Box::new),
         };
         if body.framing == Framing::Done {
             body.finish();
         }
         body
-    }
-
-    /// Whether the response's hop-by-hop fields were left out of its
-    /// header map already (see `parse_head`).
-    pub fn hop_by_hop_removed(&self) -> bool {
-        self.hop_by_hop_removed
     }
 
     /// The body has ended: the connection is reusable when the target allows
@@ -525,28 +517,35 @@ mod tests {
     }
 
     #[test]
-    fn ordinary_hop_by_hop_fields_are_left_out_of_the_map() {
+    fn response_heads_come_without_hop_by_hop_fields() {
         let h = head(
             "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n",
             Method::GET,
         )
         .unwrap()
         .unwrap();
-        assert!(h.hop_by_hop_removed && h.keep_alive);
+        assert!(h.keep_alive);
         let names: Vec<_> = h.response.headers().keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-a", "content-length"]);
 
-        // Connection naming a field, or another hop-by-hop field: the map
-        // stays whole for the proxy's full rules.
-        for extra in ["Connection: x-private\r\nx-private: 1", "Trailer: x-sum"] {
+        // Connection naming a field, or another hop-by-hop field: the full
+        // rules remove them too, and end-to-end fields stay.
+        for extra in [
+            "Connection: x-private\r\nx-private: 1",
+            "Trailer: x-sum",
+            "Transfer-Encoding: chunked",
+        ] {
             let h = head(
-                &format!("HTTP/1.1 200 OK\r\n{extra}\r\ncontent-length: 0\r\n\r\n"),
+                &format!("HTTP/1.1 200 OK\r\n{extra}\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n"),
                 Method::GET,
             )
             .unwrap()
             .unwrap();
-            assert!(!h.hop_by_hop_removed, "{extra}");
-            assert!(h.response.headers().len() >= 2, "{extra}");
+            let headers = h.response.headers();
+            for gone in ["connection", "x-private", "trailer", "transfer-encoding"] {
+                assert!(headers.get(gone).is_none(), "{extra}: {gone} left");
+            }
+            assert_eq!(headers["x-a"], "1", "{extra}");
         }
 
         // Tokens decide reuse whatever their case or spacing.
@@ -556,7 +555,8 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert!(h.hop_by_hop_removed && !h.keep_alive);
+        assert!(!h.keep_alive);
+        assert!(h.response.headers().get(header::CONNECTION).is_none());
         let h = head(
             "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
             Method::GET,
