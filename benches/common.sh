@@ -42,6 +42,9 @@ start_upstream() {
   taskset -c "$1" nginx -q -p "$work" -c "$work/upstream.conf"
 }
 
+# wait_http URL: until it answers (20 s at most: valgrind starts slowly).
+wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not up: $1"; exit 1; }
+
 # median "v1 v2 ..." -> the middle value (the upper middle for an even count).
 # The load scripts alternate their targets over $ROUNDS rounds and report
 # medians: on a shared VM one run can be 20-30% off the next.

@@ -30,7 +30,7 @@ CONF
 TOLLGATE_LOG=warn taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
   "$bin" -c "$work/gateway.yaml" >/dev/null 2>"$work/valgrind.log" &
 pids+=($!)
-for _ in $(seq 150); do curl -fs "http://127.0.0.1:$TG_PORT/" >/dev/null 2>&1 && break; sleep 0.2; done
+wait_http "http://127.0.0.1:$TG_PORT/"
 taskset -c 0 wrk -t1 -c32 -d3s "http://127.0.0.1:$TG_PORT/" >/dev/null # warm-up
 callgrind_control -z >/dev/null 2>&1
 out=$(taskset -c 0 wrk -t1 -c32 -d10s "http://127.0.0.1:$TG_PORT/")

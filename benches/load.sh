@@ -85,7 +85,6 @@ TOLLGATE_LOG=warn taskset -c "$PROXY_CPU" target/release/tollgate -c "$work/gate
 tg_pid=$!
 pids+=("$tg_pid")
 
-wait_http() { for _ in $(seq 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not up: $1"; exit 1; }
 wait_http "http://127.0.0.1:$UP_PORT/"
 wait_http "http://127.0.0.1:$NGINX_PORT/"
 wait_http "http://127.0.0.1:$NGINX_FULL_PORT/"
