@@ -187,6 +187,14 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name) || *name == header::TE
 }
 
+/// [`is_hop_by_hop`] for a name as it came off the wire, in any case.
+pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+        || name.eq_ignore_ascii_case(b"te")
+}
+
 /// Whether a client's field is one this hop replaces or drops (besides
 /// hop-by-hop ones) when it writes the forwarding fields itself.
 pub fn replaced_by_forwarding(name: &HeaderName) -> bool {

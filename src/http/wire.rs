@@ -107,6 +107,52 @@ pub fn header_map(
     Some(map)
 }
 
+/// A target's response fields as they came (less hop-by-hop fields and
+/// those tollgate sets itself), for the direct path: written to the client
+/// from the target's bytes, with no header map built. A response carries
+/// these in its extensions; its map then holds only the fields tollgate
+/// adds (`Via`, `x-request-id`).
+#[derive(Clone)]
+pub struct ResponseLines {
+    head: Bytes,
+    /// Runs of kept lines (CRLF included) in `head`.
+    runs: [(u32, u32); MAX_RUNS],
+    count: u8,
+    /// The one `Content-Length` among them, parsed.
+    pub content_length: Option<u64>,
+    pub has_date: bool,
+}
+
+/// Heads with more gaps than this among their kept lines take the map.
+pub const MAX_RUNS: usize = 4;
+
+impl ResponseLines {
+    /// `runs` lie in `head`; at most [`MAX_RUNS`] of them.
+    pub fn new(
+        head: Bytes,
+        runs: &[(u32, u32)],
+        content_length: Option<u64>,
+        has_date: bool,
+    ) -> ResponseLines {
+        let mut lines = ResponseLines {
+            head,
+            runs: [(0, 0); MAX_RUNS],
+            count: runs.len() as u8,
+            content_length,
+            has_date,
+        };
+        lines.runs[..runs.len()].copy_from_slice(runs);
+        lines
+    }
+
+    /// The kept lines, in order, as runs of bytes.
+    pub fn runs(&self) -> impl Iterator<Item = &[u8]> {
+        self.runs[..usize::from(self.count)]
+            .iter()
+            .map(|&(start, end)| &self.head[start as usize..end as usize])
+    }
+}
+
 /// Writes header fields as HTTP/1.1 lines (`name: value\r\n`).
 pub fn put_fields(out: &mut BytesMut, headers: &HeaderMap) {
     for (name, value) in headers {

@@ -28,7 +28,7 @@ use super::conn::ConnState;
 use super::listener::Shutdown;
 use crate::http::HttpEntry;
 use crate::http::body::ProxyBody;
-use crate::http::wire::{self, RequestHead};
+use crate::http::wire::{self, RequestHead, ResponseLines};
 
 /// Request heads with more headers than this go to hyper (which applies the
 /// listener's limits the same way).
@@ -267,8 +267,14 @@ async fn write_response(
     out.put_u8(b' ');
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
+    // A direct-path response has its target's fields as they came, and in
+    // its map only what tollgate adds.
+    let lines = parts.extensions.get::<ResponseLines>();
+    for run in lines.iter().flat_map(|l| l.runs()) {
+        out.put_slice(run);
+    }
     wire::put_fields(out, &parts.headers);
-    if !parts.headers.contains_key(header::DATE) {
+    if !(lines.is_some_and(|l| l.has_date) || parts.headers.contains_key(header::DATE)) {
         out.put_slice(b"date: ");
         put_date(out);
         out.put_slice(b"\r\n");
@@ -276,10 +282,13 @@ async fn write_response(
     if close {
         out.put_slice(b"connection: close\r\n");
     }
-    let mut declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut declared = match lines {
+        Some(lines) => lines.content_length,
+        None => parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
+    };
     let mut chunked = false;
     if !bodiless && declared.is_none() {
         match body.size_hint().exact() {

@@ -154,6 +154,50 @@ async fn every_response_framing_reaches_the_client() {
     }
 }
 
+/// On the direct path a response's fields go to the client as the target
+/// wrote them, less hop-by-hop fields and the target's `x-request-id`
+/// (tollgate's own replaces it), with this hop's `Via` after the target's.
+#[tokio::test]
+async fn response_fields_reach_the_client_as_the_target_wrote_them() {
+    let addr = scripted(
+        b"HTTP/1.1 200 OK\r\nServer: scripted\r\nConnection: keep-alive\r\n\
+          X-Request-Id: the-target-s\r\nVia: 1.0 inner\r\nKeep-Alive: timeout=5\r\n\
+          Content-Length: 2\r\nX-Custom: A b\r\n\r\nok",
+        false,
+    )
+    .await;
+    let gw = TestGateway::start(&gateway_to(addr)).await;
+    let text = exchange_raw(
+        &gw,
+        b"GET / HTTP/1.1\r\nhost: x\r\nx-request-id: mine\r\n\r\n\
+          HEAD / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let (get, head) = text.split_at(text.find("\r\n\r\nok").expect("the body") + 6);
+    for response in [get, head] {
+        let expected = [
+            "HTTP/1.1 200 OK",
+            "Server: scripted",
+            "Via: 1.0 inner",
+            "Content-Length: 2",
+            "X-Custom: A b",
+            "via: 1.1 tollgate",
+        ];
+        let lines: Vec<&str> = response.lines().collect();
+        assert_eq!(lines[..expected.len()], expected, "{response}");
+        let lower = response.to_ascii_lowercase();
+        assert_eq!(lower.matches("x-request-id:").count(), 1, "{response}");
+        assert!(
+            !lower.contains("the-target-s") && !lower.contains("keep-alive"),
+            "{response}"
+        );
+        assert_eq!(lower.matches("date:").count(), 1, "{response}");
+    }
+    assert!(get.contains("x-request-id: mine\r\n"), "{get}");
+    assert!(head.ends_with("\r\n\r\n"), "HEAD has no body: {head:?}");
+    assert!(head.contains("connection: close\r\n"), "{head}");
+}
+
 #[tokio::test]
 async fn broken_upstream_responses_are_502() {
     let huge: &'static [u8] = Box::leak(

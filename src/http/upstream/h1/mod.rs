@@ -96,10 +96,11 @@ pub fn send<'a>(
     let chunked = request::encode_head(parts, &body, &mut head);
     let resendable = body.is_end_stream() && is_idempotent(&parts.method);
     let writer = RequestWriter::new(head.freeze(), body, chunked);
-    send_with(addr, writer, resendable, &parts.method, proxy)
+    send_with(addr, writer, resendable, &parts.method, proxy, false)
 }
 
-/// Sends a request without body whose head is encoded already.
+/// Sends a request without body whose head is encoded already; an ordinary
+/// response keeps its fields as they came (`wire::ResponseLines`).
 // These two are plain functions returning `send_with`'s future: an async
 // wrapper would add a layer that copies the future into itself.
 pub fn send_head<'a>(
@@ -109,7 +110,7 @@ pub fn send_head<'a>(
     proxy: &'a ProxyConfig,
 ) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
     let writer = RequestWriter::new(head, RequestBody::empty(), false);
-    send_with(addr, writer, is_idempotent(method), method, proxy)
+    send_with(addr, writer, is_idempotent(method), method, proxy, true)
 }
 
 async fn send_with(
@@ -118,6 +119,7 @@ async fn send_with(
     resendable: bool,
     method: &Method,
     proxy: &ProxyConfig,
+    wire: bool,
 ) -> Result<Response<H1Body>, H1Error> {
     let head = writer.head().clone();
     let mut writer = Some(writer);
@@ -129,7 +131,7 @@ async fn send_with(
             Some(conn) => (conn, true),
             None => (Box::pin(connect(addr, proxy)).await?, false),
         };
-        match exchange(conn, &mut writer, method).await {
+        match exchange(conn, &mut writer, method, wire).await {
             Err(Attempt { error, reply_began }) if pooled && !reply_began && resendable => {
                 tracing::debug!(target = %addr, %error, "pooled connection closed; sending on a new one");
                 writer = Some(RequestWriter::new(
@@ -156,6 +158,7 @@ async fn exchange(
     mut conn: Box<H1Conn>,
     writer: &mut Option<RequestWriter>,
     method: &Method,
+    wire: bool,
 ) -> Result<Response<H1Body>, Attempt> {
     // Write after the event loop's other ready tasks have had their turn:
     // targets then get this turn's requests in one burst instead of being
@@ -181,7 +184,7 @@ async fn exchange(
                 Poll::Pending => {}
             }
         }
-        match poll_head(&mut conn, method, cx) {
+        match poll_head(&mut conn, method, wire, cx) {
             Poll::Ready(Err(attempt)) if !attempt.reply_began => {
                 Poll::Ready(Err(match write_failed.take() {
                     Some(error) => Attempt {
@@ -203,12 +206,13 @@ async fn exchange(
 fn poll_head(
     conn: &mut H1Conn,
     method: &Method,
+    wire: bool,
     cx: &mut Context<'_>,
 ) -> Poll<Result<response::Head, Attempt>> {
     let mut reply_began = !conn.buf.is_empty();
     loop {
         let failed = |error| Attempt { error, reply_began };
-        match response::parse_head(&mut conn.buf, method) {
+        match response::parse_head(&mut conn.buf, method, wire) {
             // Upgrades never come this way (they go through hyper's client).
             Ok(Some(head)) if head.response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
                 return Poll::Ready(Err(failed(H1Error::Invalid(

@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 
 use super::request::RequestWriter;
 use super::{H1Conn, H1Error};
-use crate::http::{headers, wire};
+use crate::http::headers::{self, X_REQUEST_ID};
+use crate::http::wire;
 
 /// A response head may not be larger than this (status line and headers).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -66,7 +67,13 @@ pub(super) struct Head {
 
 /// Parses a complete response head at the front of `buf`, consuming it.
 /// `Ok(None)`: more bytes are needed.
-pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Error> {
+/// With `wire`, an ordinary response keeps its fields as they came
+/// ([`wire::ResponseLines`]); any other builds its header map.
+pub(super) fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    wire: bool,
+) -> Result<Option<Head>, H1Error> {
     if buf.is_empty() {
         return Ok(None);
     }
@@ -97,6 +104,30 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
     } else {
         Version::HTTP_11
     };
+    if let Some(scan) = wire.then(|| scan_lines(buf, len, parsed.headers)).flatten() {
+        let head = buf.split_to(len).freeze();
+        let framing = match scan.content_length {
+            _ if bodiless(status, method) => Framing::Done,
+            Some(0) => Framing::Done,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        };
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        let keep_alive = persistent(version, scan.close, scan.keep_alive_token, framing);
+        response.extensions_mut().insert(wire::ResponseLines::new(
+            head,
+            &scan.runs[..scan.count],
+            scan.content_length,
+            scan.has_date,
+        ));
+        return Ok(Some(Head {
+            response,
+            framing,
+            keep_alive,
+        }));
+    }
     let fields =
         wire::fields(buf, parsed.headers).ok_or(H1Error::Invalid("malformed header name"))?;
     let head = buf.split_to(len).freeze();
@@ -133,12 +164,7 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
     if !ordinary {
         headers::strip_hop_by_hop(&mut headers, false);
     }
-    let persistent = if version == Version::HTTP_10 {
-        keep_alive_token
-    } else {
-        !close
-    };
-    let keep_alive = persistent && framing != Framing::Close;
+    let keep_alive = persistent(version, close, keep_alive_token, framing);
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
@@ -150,17 +176,115 @@ pub(super) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
     }))
 }
 
+/// Whether the connection carries another request after this response.
+fn persistent(version: Version, close: bool, keep_alive_token: bool, framing: Framing) -> bool {
+    let persistent = if version == Version::HTTP_10 {
+        keep_alive_token
+    } else {
+        !close
+    };
+    persistent && framing != Framing::Close
+}
+
+/// What a scan of a response's field lines found.
+struct LineScan {
+    runs: [(u32, u32); wire::MAX_RUNS],
+    count: usize,
+    content_length: Option<u64>,
+    has_date: bool,
+    close: bool,
+    keep_alive_token: bool,
+}
+
+/// The lines of an ordinary response head (`len` bytes at the front of
+/// `buf`) that travel on: all but Connection, Keep-Alive and
+/// `x-request-id` (tollgate sets its own). `None` for any other head: one
+/// with another hop-by-hop field, a Connection naming fields, more than one
+/// Content-Length or a malformed one, a line not ended by CRLF, or too
+/// many gaps; the header map and its full rules take those.
+fn scan_lines(buf: &[u8], len: usize, fields: &[httparse::Header<'_>]) -> Option<LineScan> {
+    let base = buf.as_ptr() as usize;
+    let mut scan = LineScan {
+        runs: [(0, 0); wire::MAX_RUNS],
+        count: 0,
+        content_length: None,
+        has_date: false,
+        close: false,
+        keep_alive_token: false,
+    };
+    for (i, field) in fields.iter().enumerate() {
+        let start = field.name.as_ptr() as usize - base;
+        // A line ends where the next begins, the last before the empty line.
+        let end = fields
+            .get(i + 1)
+            .map_or(len - 2, |next| next.name.as_ptr() as usize - base);
+        if end < start + 2 || &buf[end - 2..end] != b"\r\n" {
+            return None;
+        }
+        let name = field.name.as_bytes();
+        let keep = if name.eq_ignore_ascii_case(b"connection") {
+            for token in wire::list_elements(field.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    scan.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    scan.keep_alive_token = true;
+                } else {
+                    return None;
+                }
+            }
+            false
+        } else if name.eq_ignore_ascii_case(b"keep-alive")
+            || name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes())
+        {
+            false
+        } else if headers::is_hop_by_hop_name(name) {
+            return None;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let digits = field.value.trim_ascii();
+            if scan.content_length.is_some()
+                || digits.is_empty()
+                || !digits.iter().all(u8::is_ascii_digit)
+            {
+                return None;
+            }
+            scan.content_length = Some(std::str::from_utf8(digits).ok()?.parse().ok()?);
+            true
+        } else {
+            scan.has_date |= name.eq_ignore_ascii_case(b"date");
+            true
+        };
+        if !keep {
+            continue;
+        }
+        // Heads are at most MAX_HEAD_BYTES long: offsets fit.
+        let (start, end) = (start as u32, end as u32);
+        match scan.count {
+            n if n > 0 && scan.runs[n - 1].1 == start => scan.runs[n - 1].1 = end,
+            wire::MAX_RUNS => return None,
+            n => {
+                scan.runs[n] = (start, end);
+                scan.count += 1;
+            }
+        }
+    }
+    Some(scan)
+}
+
+/// Responses that have no body, whatever their fields say.
+fn bodiless(status: StatusCode, method: &Method) -> bool {
+    *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
 /// RFC 9112 §6.3, for a response to `method`.
 fn framing(
     status: StatusCode,
     method: &Method,
     headers: &mut HeaderMap,
 ) -> Result<Framing, H1Error> {
-    if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    if bodiless(status, method) {
         return Ok(Framing::Done);
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
@@ -454,8 +578,65 @@ fn trailers_end(buf: &mut BytesMut) -> Result<bool, H1Error> {
 mod tests {
     use super::*;
 
+    /// Parsed both ways; framing, reuse and errors must not depend on it.
     fn head(raw: &str, method: Method) -> Result<Option<Head>, H1Error> {
-        parse_head(&mut BytesMut::from(raw), &method)
+        let wire = parse_head(&mut BytesMut::from(raw), &method, true);
+        let map = parse_head(&mut BytesMut::from(raw), &method, false);
+        match (&wire, &map) {
+            (Ok(Some(w)), Ok(Some(m))) => {
+                assert_eq!(
+                    (w.framing, w.keep_alive),
+                    (m.framing, m.keep_alive),
+                    "{raw:?}"
+                );
+            }
+            (Err(_), Err(_)) | (Ok(None), Ok(None)) => {}
+            _ => panic!("{raw:?}: the wire form and the map disagree"),
+        }
+        map
+    }
+
+    /// The wire form's lines as text, or `None` if the head took the map.
+    fn lines(raw: &str, method: Method) -> Option<(String, Option<u64>, bool)> {
+        let h = parse_head(&mut BytesMut::from(raw), &method, true)
+            .unwrap()
+            .unwrap();
+        let lines = h.response.extensions().get::<wire::ResponseLines>()?;
+        assert!(h.response.headers().is_empty(), "fields are in one place");
+        let text = lines.runs().map(|r| String::from_utf8_lossy(r)).collect();
+        Some((text, lines.content_length, lines.has_date))
+    }
+
+    #[test]
+    fn ordinary_heads_keep_their_lines_as_they_came() {
+        let (text, length, date) = lines(
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Fri, 04 Dec 2026 18:00:00 GMT\r\n\
+             Connection: keep-alive\r\nX-Request-Id: theirs\r\nVia: 1.0 inner\r\n\
+             Keep-Alive: timeout=5\r\nContent-Length:  12 \r\nx-a: 1\r\n\r\n",
+            Method::GET,
+        )
+        .expect("an ordinary head");
+        assert_eq!(
+            text,
+            "Server: up\r\nDate: Fri, 04 Dec 2026 18:00:00 GMT\r\nVia: 1.0 inner\r\n\
+             Content-Length:  12 \r\nx-a: 1\r\n"
+        );
+        assert_eq!((length, date), (Some(12), true));
+        let (text, length, date) = lines("HTTP/1.1 204 No Content\r\n\r\n", Method::GET).unwrap();
+        assert_eq!((text.as_str(), length, date), ("", None, false));
+
+        // Anything else takes the map and its full rules.
+        for raw in [
+            "HTTP/1.1 200 OK\r\nConnection: x-private\r\nx-private: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTE: trailers\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n",
+            "HTTP/1.1 200 OK\nx-a: 1\ncontent-length: 0\n\n",
+            "HTTP/1.1 200 OK\r\na: 1\r\nkeep-alive: 1\r\nb: 1\r\nkeep-alive: 1\r\nc: 1\r\n\
+             keep-alive: 1\r\nd: 1\r\nkeep-alive: 1\r\ne: 1\r\n\r\n",
+        ] {
+            assert!(lines(raw, Method::GET).is_none(), "{raw:?}");
+        }
     }
 
     fn decode_all(mut raw: BytesMut) -> Result<Vec<u8>, H1Error> {
@@ -589,7 +770,7 @@ mod tests {
     #[test]
     fn the_head_is_consumed_and_the_body_left() {
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok");
-        let h = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        let h = parse_head(&mut buf, &Method::GET, false).unwrap().unwrap();
         assert_eq!(&buf[..], b"ok");
         assert_eq!(h.response.headers()["x-a"], "1");
     }
