@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 
@@ -128,10 +128,16 @@ pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
         headers.insert(X_FORWARDED_FOR.clone(), origin.peer_text.clone());
     }
 
-    let fwd = forwarded_element(origin, origin.host.and_then(|h| h.to_str().ok()));
+    let mut fwd = BytesMut::new();
+    put_forwarded_element(&mut fwd, origin, origin.host.and_then(|h| h.to_str().ok()));
     if headers.contains_key(&FORWARDED) {
-        append_list(headers, &FORWARDED, &fwd);
-    } else if let Ok(v) = HeaderValue::from_str(&fwd) {
+        // Text: the peer's address, a scheme and a token.
+        append_list(
+            headers,
+            &FORWARDED,
+            std::str::from_utf8(&fwd).unwrap_or_default(),
+        );
+    } else if let Ok(v) = HeaderValue::from_maybe_shared(fwd.freeze()) {
         headers.insert(FORWARDED.clone(), v);
     }
 
@@ -145,30 +151,29 @@ pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
     headers.append(header::VIA, via(origin.version));
 }
 
-/// This hop's `Forwarded` element (RFC 7239): the peer, the scheme and
-/// the client's Host when it is a token.
-fn forwarded_element(origin: &Origin<'_>, host: Option<&str>) -> String {
-    let peer = origin.peer_text.to_str().unwrap_or_default();
+/// Writes this hop's `Forwarded` element (RFC 7239): the peer, the scheme
+/// and the client's Host when it is a token.
+fn put_forwarded_element(out: &mut BytesMut, origin: &Origin<'_>, host: Option<&str>) {
+    let peer = origin.peer_text.as_bytes();
     let host = host.filter(|h| is_forwarded_token(h));
-    let mut fwd = String::with_capacity(32 + peer.len() + host.map_or(0, str::len));
+    out.reserve(32 + peer.len() + host.map_or(0, str::len));
     match origin.peer {
         IpAddr::V4(_) => {
-            fwd.push_str("for=");
-            fwd.push_str(peer);
+            out.put_slice(b"for=");
+            out.put_slice(peer);
         }
         IpAddr::V6(_) => {
-            fwd.push_str("for=\"[");
-            fwd.push_str(peer);
-            fwd.push_str("]\"");
+            out.put_slice(b"for=\"[");
+            out.put_slice(peer);
+            out.put_slice(b"]\"");
         }
     }
-    fwd.push_str(";proto=");
-    fwd.push_str(origin.proto);
+    out.put_slice(b";proto=");
+    out.put_slice(origin.proto.as_bytes());
     if let Some(host) = host {
-        fwd.push_str(";host=");
-        fwd.push_str(host);
+        out.put_slice(b";host=");
+        out.put_slice(host.as_bytes());
     }
-    fwd
 }
 
 /// Whether the direct path (which writes a request's fields as they came)
@@ -208,12 +213,13 @@ pub fn replaced_by_forwarding(name: &HeaderName) -> bool {
 /// `X-Forwarded-For` or `Forwarded` (see [`needs_stack`]), as wire lines:
 /// what [`add_forwarding`] sets, for the direct path.
 pub fn put_forwarding(out: &mut BytesMut, origin: &Origin<'_>, host: &str) {
-    let mut line = |name: &HeaderName, value: &[u8]| wire::put_field(out, name, value);
-    line(&X_FORWARDED_FOR, origin.peer_text.as_bytes());
-    line(&FORWARDED, forwarded_element(origin, Some(host)).as_bytes());
-    line(&X_FORWARDED_PROTO, origin.proto.as_bytes());
-    line(&X_FORWARDED_HOST, host.as_bytes());
-    line(&header::VIA, via(origin.version).as_bytes());
+    wire::put_field(out, &X_FORWARDED_FOR, origin.peer_text.as_bytes());
+    out.put_slice(b"forwarded: ");
+    put_forwarded_element(out, origin, Some(host));
+    out.put_slice(b"\r\n");
+    wire::put_field(out, &X_FORWARDED_PROTO, origin.proto.as_bytes());
+    wire::put_field(out, &X_FORWARDED_HOST, host.as_bytes());
+    wire::put_field(out, &header::VIA, via(origin.version).as_bytes());
 }
 
 /// `Via` value for this hop.
@@ -228,9 +234,13 @@ pub fn via(version: Version) -> HeaderValue {
 /// RFC 7239 values may be tokens; anything else would need quoting, so such
 /// hosts are left out rather than risk a malformed header.
 fn is_forwarded_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b))
+    // tchar (RFC 9110 §5.6.2), and `:` for a port.
+    let tchar = |b: u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(b, b'!' | b'#'..=b'\'' | b'*' | b'+' | b'-' | b'.' | b'^'..=b'`')
+            || matches!(b, b'|' | b'~' | b':')
+    };
+    !s.is_empty() && s.bytes().all(tchar)
 }
 
 /// Appends `value` to a comma-separated list header, joining existing lines
@@ -321,5 +331,34 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "api.local:8082");
         assert_eq!(h[header::VIA], "1.1 tollgate");
+    }
+
+    #[test]
+    fn direct_path_forwarding_lines() {
+        let origin = Origin {
+            peer: "10.1.2.3".parse().unwrap(),
+            peer_text: &HeaderValue::from_static("10.1.2.3"),
+            proto: "https",
+            host: None,
+            version: Version::HTTP_11,
+        };
+        let mut out = BytesMut::new();
+        put_forwarding(&mut out, &origin, "api.local:8082");
+        assert_eq!(
+            &out[..],
+            b"x-forwarded-for: 10.1.2.3\r\nforwarded: for=10.1.2.3;proto=https;host=api.local:8082\r\n\
+              x-forwarded-proto: https\r\nx-forwarded-host: api.local:8082\r\nvia: 1.1 tollgate\r\n"
+        );
+        // A host that is not a token would need quoting: it is left out.
+        for host in ["a b", "a\"b", "a,b", "(x)", ""] {
+            let mut out = BytesMut::new();
+            put_forwarding(&mut out, &origin, host);
+            assert!(
+                out.starts_with(
+                    b"x-forwarded-for: 10.1.2.3\r\nforwarded: for=10.1.2.3;proto=https\r\n"
+                ),
+                "{host:?}"
+            );
+        }
     }
 }

@@ -444,12 +444,18 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str>
 }
 
 /// The host of an authority (`user@host:port`), without its port.
+// Byte searches: `str`'s char searchers cost several times more here, on
+// every request.
 pub fn host_name(raw: &str) -> Option<&str> {
-    let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
-    let host = match raw.rfind(':') {
-        Some(i) if !raw[i..].contains(']') => &raw[..i],
-        _ => raw,
+    let bytes = raw.as_bytes();
+    let from = bytes.iter().rposition(|&b| b == b'@').map_or(0, |i| i + 1);
+    // A port follows the last colon, unless that is inside `[v6]`.
+    let end = match bytes[from..].iter().rposition(|&b| b == b':') {
+        Some(i) if !bytes[from + i..].contains(&b']') => from + i,
+        _ => bytes.len(),
     };
+    // Both ends sit next to ASCII bytes: char boundaries.
+    let host = &raw[from..end];
     (!host.is_empty()).then_some(host)
 }
 
@@ -479,5 +485,17 @@ mod tests {
             request_host(&"/x".parse().unwrap(), &h),
             Some("svc.internal")
         );
+        for (raw, host) in [
+            ("user:pw@h.example:80", Some("h.example")),
+            ("[::1]", Some("[::1]")),
+            ("[::1]:9", Some("[::1]")),
+            ("@h", Some("h")),
+            ("h:", Some("h")),
+            (":80", None),
+            ("u@", None),
+            ("é.example:1", Some("é.example")),
+        ] {
+            assert_eq!(host_name(raw), host, "{raw}");
+        }
     }
 }
