@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::upstream::{InflightGuard, UpstreamBody};
+use super::wire::ResponseLines;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -59,6 +60,17 @@ impl ProxyBody {
                     armed: false,
                 },
             },
+        }
+    }
+}
+
+impl ProxyBody {
+    /// The response's fields as its target wrote them, on the direct path
+    /// (see `wire::ResponseLines`).
+    pub fn response_lines(&self) -> Option<&ResponseLines> {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.lines(),
+            Kind::Full(_) => None,
         }
     }
 }

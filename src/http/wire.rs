@@ -109,9 +109,10 @@ pub fn header_map(
 
 /// A target's response fields as they came (less hop-by-hop fields and
 /// those tollgate sets itself), for the direct path: written to the client
-/// from the target's bytes, with no header map built. A response carries
-/// these in its extensions; its map then holds only the fields tollgate
-/// adds (`Via`, `x-request-id`).
+/// from the target's bytes, with no header map built. The response's body
+/// carries them (`ProxyBody::response_lines`), having read them; the
+/// response's map then holds only the fields tollgate adds (`Via`,
+/// `x-request-id`).
 #[derive(Clone)]
 pub struct ResponseLines {
     head: Bytes,

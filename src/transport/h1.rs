@@ -28,7 +28,7 @@ use super::conn::ConnState;
 use super::listener::Shutdown;
 use crate::http::HttpEntry;
 use crate::http::body::ProxyBody;
-use crate::http::wire::{self, RequestHead, ResponseLines};
+use crate::http::wire::{self, RequestHead};
 
 /// Request heads with more headers than this go to hyper (which applies the
 /// listener's limits the same way).
@@ -269,7 +269,7 @@ async fn write_response(
     out.put_slice(b"\r\n");
     // A direct-path response has its target's fields as they came, and in
     // its map only what tollgate adds.
-    let lines = parts.extensions.get::<ResponseLines>();
+    let lines = body.response_lines();
     for run in lines.iter().flat_map(|l| l.runs()) {
         out.put_slice(run);
     }

@@ -57,6 +57,16 @@ pub enum UpstreamBody {
     Hyper(Incoming),
 }
 
+impl UpstreamBody {
+    /// The target's fields as they came, when our client kept them.
+    pub fn lines(&self) -> Option<&crate::http::wire::ResponseLines> {
+        match self {
+            UpstreamBody::H1(body) => body.lines(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
+}
+
 impl http_body::Body for UpstreamBody {
     type Data = bytes::Bytes;
     type Error = BoxError;

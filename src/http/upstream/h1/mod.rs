@@ -198,7 +198,8 @@ async fn exchange(
         }
     })
     .await?;
-    let body = H1Body::new(conn, &parsed, writer.take(), write_failed.is_none());
+    let mut parsed = parsed;
+    let body = H1Body::new(conn, &mut parsed, writer.take(), write_failed.is_none());
     Ok(parsed.response.map(|()| body))
 }
 

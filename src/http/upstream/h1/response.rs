@@ -61,6 +61,8 @@ pub(super) fn poll_read_more(
 /// A parsed response head; `framing` and `keep_alive` come from its headers.
 pub(super) struct Head {
     pub response: Response<()>,
+    /// An ordinary head's fields as they came; the map is empty then.
+    lines: Option<Box<wire::ResponseLines>>,
     framing: Framing,
     keep_alive: bool,
 }
@@ -116,14 +118,15 @@ pub(super) fn parse_head(
         *response.status_mut() = status;
         *response.version_mut() = version;
         let keep_alive = persistent(version, scan.close, scan.keep_alive_token, framing);
-        response.extensions_mut().insert(wire::ResponseLines::new(
+        let lines = wire::ResponseLines::new(
             head,
             &scan.runs[..scan.count],
             scan.content_length,
             scan.has_date,
-        ));
+        );
         return Ok(Some(Head {
             response,
+            lines: Some(Box::new(lines)),
             framing,
             keep_alive,
         }));
@@ -171,6 +174,7 @@ pub(super) fn parse_head(
     *response.headers_mut() = headers;
     Ok(Some(Head {
         response,
+        lines: None,
         framing,
         keep_alive,
     }))
@@ -336,6 +340,9 @@ fn framing(
 /// request; dropped before its end, the connection is closed.
 pub struct H1Body {
     conn: Option<Box<H1Conn>>,
+    /// The head's fields as they came, for an ordinary head on the direct
+    /// path (`wire::ResponseLines`).
+    lines: Option<Box<wire::ResponseLines>>,
     framing: Framing,
     keep_alive: bool,
     /// The rest of the request body, still going out while the response
@@ -347,12 +354,13 @@ impl H1Body {
     /// `reusable`: the request went out without a write error.
     pub(super) fn new(
         conn: Box<H1Conn>,
-        head: &Head,
+        head: &mut Head,
         writer: Option<RequestWriter>,
         reusable: bool,
     ) -> H1Body {
         let mut body = H1Body {
             conn: Some(conn),
+            lines: head.lines.take(),
             framing: head.framing,
             keep_alive: head.keep_alive && reusable,
             writer: writer.map(Box::new),
@@ -381,6 +389,11 @@ impl H1Body {
                 tokio::spawn(finish_request(conn, writer));
             }
         }
+    }
+
+    /// The target's fields as they came, when its response head kept them.
+    pub fn lines(&self) -> Option<&wire::ResponseLines> {
+        self.lines.as_deref()
     }
 
     fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
@@ -601,7 +614,7 @@ mod tests {
         let h = parse_head(&mut BytesMut::from(raw), &method, true)
             .unwrap()
             .unwrap();
-        let lines = h.response.extensions().get::<wire::ResponseLines>()?;
+        let lines = h.lines?;
         assert!(h.response.headers().is_empty(), "fields are in one place");
         let text = lines.runs().map(|r| String::from_utf8_lossy(r)).collect();
         Some((text, lines.content_length, lines.has_date))
