@@ -152,11 +152,11 @@ pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
 }
 
 /// Writes this hop's `Forwarded` element (RFC 7239): the peer, the scheme
-/// and the client's Host when it is a token.
+/// and the client's Host (see [`forwarded_host`]).
 fn put_forwarded_element(out: &mut BytesMut, origin: &Origin<'_>, host: Option<&str>) {
     let peer = origin.peer_text.as_bytes();
-    let host = host.filter(|h| is_forwarded_token(h));
-    out.reserve(32 + peer.len() + host.map_or(0, str::len));
+    let host = host.and_then(|h| Some((h, forwarded_host(h)?)));
+    out.reserve(32 + peer.len() + host.map_or(0, |(h, _)| h.len()));
     match origin.peer {
         IpAddr::V4(_) => {
             out.put_slice(b"for=");
@@ -170,9 +170,17 @@ fn put_forwarded_element(out: &mut BytesMut, origin: &Origin<'_>, host: Option<&
     }
     out.put_slice(b";proto=");
     out.put_slice(origin.proto.as_bytes());
-    if let Some(host) = host {
-        out.put_slice(b";host=");
-        out.put_slice(host.as_bytes());
+    match host {
+        Some((host, HostForm::Token)) => {
+            out.put_slice(b";host=");
+            out.put_slice(host.as_bytes());
+        }
+        Some((host, HostForm::Quoted)) => {
+            out.put_slice(b";host=\"");
+            out.put_slice(host.as_bytes());
+            out.put_slice(b"\"");
+        }
+        None => {}
     }
 }
 
@@ -231,16 +239,36 @@ pub fn via(version: Version) -> HeaderValue {
     })
 }
 
-/// RFC 7239 values may be tokens; anything else would need quoting, so such
-/// hosts are left out rather than risk a malformed header.
-fn is_forwarded_token(s: &str) -> bool {
-    // tchar (RFC 9110 §5.6.2), and `:` for a port.
+/// How a Host goes into a `Forwarded` element.
+#[derive(Clone, Copy)]
+enum HostForm {
+    Token,
+    Quoted,
+}
+
+/// RFC 7239 values are tokens or quoted strings: a host name is a token, a
+/// host with a port or an IPv6 literal is quoted (`:`, `[`, `]` are not
+/// token characters), and anything else is left out rather than risk a
+/// malformed field.
+fn forwarded_host(s: &str) -> Option<HostForm> {
+    // tchar, RFC 9110 §5.6.2.
     let tchar = |b: u8| {
         b.is_ascii_alphanumeric()
             || matches!(b, b'!' | b'#'..=b'\'' | b'*' | b'+' | b'-' | b'.' | b'^'..=b'`')
-            || matches!(b, b'|' | b'~' | b':')
+            || matches!(b, b'|' | b'~')
     };
-    !s.is_empty() && s.bytes().all(tchar)
+    if s.is_empty() {
+        None
+    } else if s.bytes().all(tchar) {
+        Some(HostForm::Token)
+    } else if s
+        .bytes()
+        .all(|b| tchar(b) || matches!(b, b':' | b'[' | b']'))
+    {
+        Some(HostForm::Quoted)
+    } else {
+        None
+    }
 }
 
 /// Appends `value` to a comma-separated list header, joining existing lines
@@ -326,7 +354,7 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, ::1");
         assert_eq!(
             h[&FORWARDED],
-            "for=\"[::1]\";proto=http;host=api.local:8082"
+            "for=\"[::1]\";proto=http;host=\"api.local:8082\""
         );
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "api.local:8082");
@@ -346,11 +374,24 @@ mod tests {
         put_forwarding(&mut out, &origin, "api.local:8082");
         assert_eq!(
             &out[..],
-            b"x-forwarded-for: 10.1.2.3\r\nforwarded: for=10.1.2.3;proto=https;host=api.local:8082\r\n\
+            b"x-forwarded-for: 10.1.2.3\r\nforwarded: for=10.1.2.3;proto=https;host=\"api.local:8082\"\r\n\
               x-forwarded-proto: https\r\nx-forwarded-host: api.local:8082\r\nvia: 1.1 tollgate\r\n"
         );
-        // A host that is not a token would need quoting: it is left out.
-        for host in ["a b", "a\"b", "a,b", "(x)", ""] {
+        for (host, element) in [
+            ("api.local", "host=api.local"),
+            ("[::1]:80", "host=\"[::1]:80\""),
+            ("[::1]", "host=\"[::1]\""),
+        ] {
+            let mut out = BytesMut::new();
+            put_forwarding(&mut out, &origin, host);
+            let text = String::from_utf8(out.to_vec()).unwrap();
+            assert!(
+                text.contains(&format!("proto=https;{element}\r\n")),
+                "{text}"
+            );
+        }
+        // Anything else would need escapes: it is left out.
+        for host in ["a b", "a\"b", "a,b", "(x)", "a\\b", ""] {
             let mut out = BytesMut::new();
             put_forwarding(&mut out, &origin, host);
             assert!(

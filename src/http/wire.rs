@@ -124,7 +124,7 @@ pub struct ResponseLines {
     pub has_date: bool,
 }
 
-/// Heads with more gaps than this among their kept lines take the map.
+/// Heads whose kept lines fall into more runs than this take the map.
 pub const MAX_RUNS: usize = 4;
 
 impl ResponseLines {

@@ -54,7 +54,7 @@ async fn header_hygiene_and_forwarding_headers() {
     assert_eq!(h["x-forwarded-host"], "api.example:8082");
     assert_eq!(
         h["forwarded"],
-        "for=127.0.0.1;proto=http;host=api.example:8082"
+        "for=127.0.0.1;proto=http;host=\"api.example:8082\""
     );
     assert_eq!(h["via"], "1.1 tollgate");
     assert_eq!(

@@ -82,6 +82,9 @@ pub(super) fn parse_head(
     // Uninitialised slots: zeroing them all costs more than the parse.
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
+    // The defaults refuse folded lines and invalid header lines instead of
+    // skipping them: `scan_lines` forwards the bytes between parsed names
+    // as they are, so it relies on that.
     let config = httparse::ParserConfig::default();
     let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
@@ -638,8 +641,22 @@ mod tests {
         let (text, length, date) = lines("HTTP/1.1 204 No Content\r\n\r\n", Method::GET).unwrap();
         assert_eq!((text.as_str(), length, date), ("", None, false));
 
+        // Four runs of kept lines are kept.
+        let (text, ..) = lines(
+            "HTTP/1.1 200 OK\r\na: 1\r\nkeep-alive: 1\r\nb: 1\r\nkeep-alive: 1\r\nc: 1\r\n\
+             keep-alive: 1\r\nd: 1\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap();
+        assert_eq!(text, "a: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\n");
+
         // Anything else takes the map and its full rules.
         for raw in [
+            "HTTP/1.1 200 OK\r\nUpgrade: h2c\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTrailer: x-sum\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nProxy-Connection: close\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nx: 1\r\ny: 2\n\r\n",
+            "HTTP/1.1 200 OK\r\nx: 1\r\n\n",
             "HTTP/1.1 200 OK\r\nConnection: x-private\r\nx-private: 1\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTE: trailers\r\ncontent-length: 0\r\n\r\n",
@@ -765,6 +782,9 @@ mod tests {
         for raw in [
             "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length:\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\n folded\r\ncontent-length: 0\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: 1e3\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
             "SSH-2.0-OpenSSH\r\n\r\n",
