@@ -152,11 +152,13 @@ impl DirectPath {
 
     /// Forwards a planned request; every failure is answered here, as the
     /// stack answers it.
+    // The request and plan are borrowed from the connection's loop: taken
+    // by value, each would sit in this future twice (argument and local).
     pub async fn forward(
         &self,
         conn: &Arc<ConnState>,
-        req: RequestHead,
-        plan: Plan,
+        req: &RequestHead,
+        plan: &Plan,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let Plan {
@@ -168,9 +170,9 @@ impl DirectPath {
             host,
         } = plan;
         // Checked to be text by `plan`.
-        let host = std::str::from_utf8(&req.head[host]).unwrap_or_default();
+        let host = std::str::from_utf8(&req.head[host.clone()]).unwrap_or_default();
         let auth = &route.auth;
-        if let Some(rule) = allowed_by {
+        if let Some(rule) = *allowed_by {
             let who = identity.as_deref().unwrap_or(&ANONYMOUS);
             tracing::debug!(
                 route = %route.name, subject = %who.subject, via = who.method.as_str(),
@@ -210,7 +212,7 @@ impl DirectPath {
                 }
             }
         }
-        if generated_id {
+        if *generated_id {
             wire::put_field(&mut fields, &X_REQUEST_ID, request_id.as_bytes());
         }
 
@@ -223,10 +225,10 @@ impl DirectPath {
         };
         // Not boxed: the allocation and the copy into it cost more than
         // this future's one move into the connection's (measured).
-        let result = proxy::forward(&self.clients, conn, &route, &mut outgoing, false, start).await;
+        let result = proxy::forward(&self.clients, conn, route, &mut outgoing, false, start).await;
         let (mut resp, error) = match result {
             Ok(resp) => (resp, None),
-            Err(e) => (e.to_response(&request_id), Some(e)),
+            Err(e) => (e.to_response(request_id), Some(e)),
         };
         access_log::record(
             &Entry {
@@ -234,7 +236,7 @@ impl DirectPath {
                 conn: Some(conn),
                 route: &route.name,
                 metrics: &route.metrics,
-                request_id: &request_id,
+                request_id,
                 method: &req.method,
                 path: self
                     .access_log
@@ -245,7 +247,8 @@ impl DirectPath {
             error.as_ref(),
             identity.as_ref().map_or("-", |who| who.subject.as_str()),
         );
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
         Ok(resp)
     }
 }

@@ -111,11 +111,11 @@ impl HttpEntry {
 
     /// Runs a planned request on the direct path, counted as in flight on
     /// its connection.
-    pub fn direct(
-        &self,
-        req: RequestHead,
-        plan: Plan,
-    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> {
+    pub fn direct<'a>(
+        &'a self,
+        req: &'a RequestHead,
+        plan: &'a Plan,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + 'a {
         let guard = self.conn.begin_request();
         async move {
             let _guard = guard;

@@ -88,7 +88,7 @@ pub(super) async fn serve(
         // The direct path when the request qualifies, the stack otherwise.
         let request = parsed.request;
         let response = match entry.plan(&request) {
-            Some(plan) => run(pin!(entry.direct(request, plan)), &io, &mut buf).await,
+            Some(plan) => run(pin!(entry.direct(&request, &plan)), &io, &mut buf).await,
             None => match request.into_request() {
                 Ok(request) => run(pin!(entry.dispatch(request)), &io, &mut buf).await,
                 Err(head) => {
