@@ -113,42 +113,41 @@ pub fn header_map(
 /// carries them (`ProxyBody::response_lines`), having read them; the
 /// response's map then holds only the fields tollgate adds (`Via`,
 /// `x-request-id`).
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct ResponseLines {
-    head: Bytes,
+    /// The response head the lines lie in.
+    pub head: Bytes,
     /// Runs of kept lines (CRLF included) in `head`.
     runs: [(u32, u32); MAX_RUNS],
-    count: u8,
+    count: usize,
     /// The one `Content-Length` among them, parsed.
     pub content_length: Option<u64>,
     pub has_date: bool,
 }
 
 /// Heads whose kept lines fall into more runs than this take the map.
-pub const MAX_RUNS: usize = 4;
+const MAX_RUNS: usize = 4;
 
 impl ResponseLines {
-    /// `runs` lie in `head`; at most [`MAX_RUNS`] of them.
-    pub fn new(
-        head: Bytes,
-        runs: &[(u32, u32)],
-        content_length: Option<u64>,
-        has_date: bool,
-    ) -> ResponseLines {
-        let mut lines = ResponseLines {
-            head,
-            runs: [(0, 0); MAX_RUNS],
-            count: runs.len() as u8,
-            content_length,
-            has_date,
-        };
-        lines.runs[..runs.len()].copy_from_slice(runs);
-        lines
+    /// Keeps the line at `start..end` of the head (lines come in order);
+    /// `false` when that would make more than [`MAX_RUNS`] runs.
+    pub fn keep(&mut self, start: usize, end: usize) -> bool {
+        // Response heads are at most 64 KiB: offsets fit.
+        let (start, end) = (start as u32, end as u32);
+        match self.count {
+            n if n > 0 && self.runs[n - 1].1 == start => self.runs[n - 1].1 = end,
+            MAX_RUNS => return false,
+            n => {
+                self.runs[n] = (start, end);
+                self.count += 1;
+            }
+        }
+        true
     }
 
     /// The kept lines, in order, as runs of bytes.
     pub fn runs(&self) -> impl Iterator<Item = &[u8]> {
-        self.runs[..usize::from(self.count)]
+        self.runs[..self.count]
             .iter()
             .map(|&(start, end)| &self.head[start as usize..end as usize])
     }

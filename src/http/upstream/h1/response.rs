@@ -109,29 +109,23 @@ pub(super) fn parse_head(
     } else {
         Version::HTTP_11
     };
-    if let Some(scan) = wire.then(|| scan_lines(buf, len, parsed.headers)).flatten() {
-        let head = buf.split_to(len).freeze();
-        let framing = match scan.content_length {
-            _ if bodiless(status, method) => Framing::Done,
-            Some(0) => Framing::Done,
-            Some(n) => Framing::Length(n),
-            None => Framing::Close,
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    if let Some((mut lines, persistence)) =
+        wire.then(|| scan_lines(buf, len, parsed.headers)).flatten()
+    {
+        lines.head = buf.split_to(len).freeze();
+        let framing = if bodiless(status, method) {
+            Framing::Done
+        } else {
+            length_framing(lines.content_length)
         };
-        let mut response = Response::new(());
-        *response.status_mut() = status;
-        *response.version_mut() = version;
-        let keep_alive = persistent(version, scan.close, scan.keep_alive_token, framing);
-        let lines = wire::ResponseLines::new(
-            head,
-            &scan.runs[..scan.count],
-            scan.content_length,
-            scan.has_date,
-        );
         return Ok(Some(Head {
             response,
             lines: Some(Box::new(lines)),
             framing,
-            keep_alive,
+            keep_alive: persistence.keeps(version, framing),
         }));
     }
     let fields =
@@ -143,20 +137,13 @@ pub(super) fn parse_head(
     // they are left out as the map is built. Any other (Transfer-Encoding
     // after framing has read it), or a Connection naming fields, is
     // removed by the full rules (`headers::strip_hop_by_hop`).
-    let (mut close, mut keep_alive_token, mut ordinary) = (false, false, true);
+    let mut persistence = Persistence::default();
+    let mut ordinary = true;
     for (name, range) in &fields {
-        if *name == header::CONNECTION {
-            for token in wire::list_elements(&head[range.clone()]) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive_token = true;
-                } else {
-                    ordinary = false;
-                }
-            }
-        } else if *name != headers::KEEP_ALIVE && headers::is_hop_by_hop(name) {
-            ordinary = false;
+        match hop(name.as_str().as_bytes()) {
+            Hop::Connection => ordinary &= persistence.read(&head[range.clone()]),
+            Hop::Other => ordinary = false,
+            Hop::KeepAlive | Hop::No => {}
         }
     }
     let capacity = fields.len() + 2;
@@ -170,55 +157,88 @@ pub(super) fn parse_head(
     if !ordinary {
         headers::strip_hop_by_hop(&mut headers, false);
     }
-    let keep_alive = persistent(version, close, keep_alive_token, framing);
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    *response.version_mut() = version;
     *response.headers_mut() = headers;
     Ok(Some(Head {
         response,
         lines: None,
         framing,
-        keep_alive,
+        keep_alive: persistence.keeps(version, framing),
     }))
 }
 
-/// Whether the connection carries another request after this response.
-fn persistent(version: Version, close: bool, keep_alive_token: bool, framing: Framing) -> bool {
-    let persistent = if version == Version::HTTP_10 {
-        keep_alive_token
-    } else {
-        !close
-    };
-    persistent && framing != Framing::Close
+/// What a response's Connection fields say about reuse.
+#[derive(Default)]
+struct Persistence {
+    close: bool,
+    keep_alive: bool,
 }
 
-/// What a scan of a response's field lines found.
-struct LineScan {
-    runs: [(u32, u32); wire::MAX_RUNS],
-    count: usize,
-    content_length: Option<u64>,
-    has_date: bool,
-    close: bool,
-    keep_alive_token: bool,
+impl Persistence {
+    /// Reads one Connection value; `false` if it names anything besides
+    /// `close` and `keep-alive` (fields that are hop-by-hop too).
+    fn read(&mut self, value: &[u8]) -> bool {
+        let mut only_persistence = true;
+        for token in wire::list_elements(value) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else {
+                only_persistence = false;
+            }
+        }
+        only_persistence
+    }
+
+    /// Whether the connection carries another request after this response.
+    fn keeps(&self, version: Version, framing: Framing) -> bool {
+        let persistent = if version == Version::HTTP_10 {
+            self.keep_alive
+        } else {
+            !self.close
+        };
+        persistent && framing != Framing::Close
+    }
+}
+
+/// A field name's part in hop-by-hop handling, in any case.
+enum Hop {
+    /// Its tokens decide reuse, and may name more hop-by-hop fields.
+    Connection,
+    KeepAlive,
+    /// Any other hop-by-hop field: the full rules remove it.
+    Other,
+    No,
+}
+
+fn hop(name: &[u8]) -> Hop {
+    if name.eq_ignore_ascii_case(b"connection") {
+        Hop::Connection
+    } else if name.eq_ignore_ascii_case(b"keep-alive") {
+        Hop::KeepAlive
+    } else if headers::is_hop_by_hop_name(name) {
+        Hop::Other
+    } else {
+        Hop::No
+    }
 }
 
 /// The lines of an ordinary response head (`len` bytes at the front of
 /// `buf`) that travel on: all but Connection, Keep-Alive and
-/// `x-request-id` (tollgate sets its own). `None` for any other head: one
-/// with another hop-by-hop field, a Connection naming fields, more than one
-/// Content-Length or a malformed one, a line not ended by CRLF, or too
-/// many gaps; the header map and its full rules take those.
-fn scan_lines(buf: &[u8], len: usize, fields: &[httparse::Header<'_>]) -> Option<LineScan> {
+/// `x-request-id` (tollgate sets its own), with what Connection says. The
+/// lines' head is left for the caller to set once split off. `None` for
+/// any other head: one with another hop-by-hop field, a Connection naming
+/// fields, more than one Content-Length or a malformed one, a line not
+/// ended by CRLF, or too many gaps; the header map and its full rules take
+/// those.
+fn scan_lines(
+    buf: &[u8],
+    len: usize,
+    fields: &[httparse::Header<'_>],
+) -> Option<(wire::ResponseLines, Persistence)> {
     let base = buf.as_ptr() as usize;
-    let mut scan = LineScan {
-        runs: [(0, 0); wire::MAX_RUNS],
-        count: 0,
-        content_length: None,
-        has_date: false,
-        close: false,
-        keep_alive_token: false,
-    };
+    let mut lines = wire::ResponseLines::default();
+    let mut persistence = Persistence::default();
     for (i, field) in fields.iter().enumerate() {
         let start = field.name.as_ptr() as usize - base;
         // A line ends where the next begins, the last before the empty line.
@@ -229,52 +249,52 @@ fn scan_lines(buf: &[u8], len: usize, fields: &[httparse::Header<'_>]) -> Option
             return None;
         }
         let name = field.name.as_bytes();
-        let keep = if name.eq_ignore_ascii_case(b"connection") {
-            for token in wire::list_elements(field.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    scan.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    scan.keep_alive_token = true;
-                } else {
+        let keep = match hop(name) {
+            Hop::Connection => {
+                if !persistence.read(field.value) {
                     return None;
                 }
+                false
             }
-            false
-        } else if name.eq_ignore_ascii_case(b"keep-alive")
-            || name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes())
-        {
-            false
-        } else if headers::is_hop_by_hop_name(name) {
-            return None;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let digits = field.value.trim_ascii();
-            if scan.content_length.is_some()
-                || digits.is_empty()
-                || !digits.iter().all(u8::is_ascii_digit)
-            {
-                return None;
+            Hop::KeepAlive => false,
+            Hop::Other => return None,
+            Hop::No if name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes()) => false,
+            Hop::No if name.eq_ignore_ascii_case(b"content-length") => {
+                if lines.content_length.is_some() {
+                    return None;
+                }
+                lines.content_length = Some(length_value(field.value)?);
+                true
             }
-            scan.content_length = Some(std::str::from_utf8(digits).ok()?.parse().ok()?);
-            true
-        } else {
-            scan.has_date |= name.eq_ignore_ascii_case(b"date");
-            true
+            Hop::No => {
+                lines.has_date |= name.eq_ignore_ascii_case(b"date");
+                true
+            }
         };
-        if !keep {
-            continue;
-        }
-        // Heads are at most MAX_HEAD_BYTES long: offsets fit.
-        let (start, end) = (start as u32, end as u32);
-        match scan.count {
-            n if n > 0 && scan.runs[n - 1].1 == start => scan.runs[n - 1].1 = end,
-            wire::MAX_RUNS => return None,
-            n => {
-                scan.runs[n] = (start, end);
-                scan.count += 1;
-            }
+        if keep && !lines.keep(start, end) {
+            return None;
         }
     }
-    Some(scan)
+    Some((lines, persistence))
+}
+
+/// One Content-Length value: decimal digits, optionally padded.
+fn length_value(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// How a body of this declared length (none: until the connection closes)
+/// ends.
+fn length_framing(length: Option<u64>) -> Framing {
+    match length {
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    }
 }
 
 /// Responses that have no body, whatever their fields say.
@@ -315,12 +335,7 @@ fn framing(
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|b| *b == b',') {
             values += 1;
-            let n = std::str::from_utf8(part)
-                .ok()
-                .map(str::trim)
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or(H1Error::Invalid("malformed content-length"))?;
+            let n = length_value(part).ok_or(H1Error::Invalid("malformed content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(H1Error::Invalid("conflicting content-length values"));
             }
@@ -331,11 +346,7 @@ fn framing(
         // Repeats of one length travel on as that one length.
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
-    Ok(match length {
-        Some(0) => Framing::Done,
-        Some(n) => Framing::Length(n),
-        None => Framing::Close,
-    })
+    Ok(length_framing(length))
 }
 
 /// A response body read from its target connection. At its end the
