@@ -43,6 +43,15 @@ impl ProxyBody {
         }
     }
 
+    /// The response's fields as its target wrote them, on the direct path
+    /// (see `wire::ResponseLines`).
+    pub fn response_lines(&self) -> Option<&ResponseLines> {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.lines(),
+            Kind::Full(_) => None,
+        }
+    }
+
     /// A target's body, cut off with an error when the target sends
     /// nothing for `read_timeout` while we wait for it.
     pub fn upstream(
@@ -60,17 +69,6 @@ impl ProxyBody {
                     armed: false,
                 },
             },
-        }
-    }
-}
-
-impl ProxyBody {
-    /// The response's fields as its target wrote them, on the direct path
-    /// (see `wire::ResponseLines`).
-    pub fn response_lines(&self) -> Option<&ResponseLines> {
-        match &self.kind {
-            Kind::Upstream { body, .. } => body.lines(),
-            Kind::Full(_) => None,
         }
     }
 }
