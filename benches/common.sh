@@ -50,3 +50,18 @@ wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0;
 # medians: on a shared VM one run can be 20-30% off the next.
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int(NR / 2) + 1] }'; }
 ROUNDS=${ROUNDS:-3}
+
+# bench_token: makes $work/ed.pem and $work/ed.pub.pem and prints an EdDSA
+# token for issuer https://idp.bench, audience bench, scope bench.read, valid
+# for an hour; signed with openssl (a raw Ed25519 signature, as JWS wants).
+bench_token() {
+  openssl genpkey -algorithm ed25519 -out "$work/ed.pem" 2>/dev/null
+  openssl pkey -in "$work/ed.pem" -pubout -out "$work/ed.pub.pem"
+  local header claims sig
+  header=$(printf '{"alg":"EdDSA","typ":"JWT"}' | b64url)
+  claims=$(printf '{"iss":"https://idp.bench","aud":"bench","sub":"bench-user","scope":"bench.read","exp":%d}' $(( $(date +%s) + 3600 )) | b64url)
+  printf '%s.%s' "$header" "$claims" > "$work/signing-input"
+  sig=$(openssl pkeyutl -sign -rawin -inkey "$work/ed.pem" -in "$work/signing-input" | b64url)
+  printf '%s.%s.%s' "$header" "$claims" "$sig"
+}
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }

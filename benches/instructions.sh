@@ -4,6 +4,8 @@
 # moves well under 1%, so it shows what a change to the hot path did.
 #
 #   benches/instructions.sh [BINARY]   # needs: valgrind, nginx (nginx-light), wrk, curl
+#   ROUTE=jwt benches/instructions.sh  # the same through a JWT-validated route
+#   KEEP=cg.out benches/instructions.sh  # keeps the profile for callgrind_annotate
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UP_PORT=18080 TG_PORT=18082 TG_ADMIN=19090
@@ -17,6 +19,7 @@ for port in $UP_PORT $TG_PORT; do
 done
 [ $# -gt 0 ] || cargo build --release --quiet
 start_upstream 0 $UP_PORT
+TOKEN=$(bench_token)
 cat > "$work/gateway.yaml" <<CONF
 listeners: [{ name: sidecar, bind: "127.0.0.1:$TG_PORT" }]
 admin: { bind: "127.0.0.1:$TG_ADMIN" }
@@ -26,17 +29,34 @@ routes:
   - name: up
     match: { path_prefix: / }
     upstream: { targets: ["http://127.0.0.1:$UP_PORT"] }
+  - name: jwt
+    match: { path_prefix: /jwt }
+    upstream: { targets: ["http://127.0.0.1:$UP_PORT"] }
+    auth: jwt
+    forward_claims: { x-user: sub }
+    policy:
+      - allow: { scopes: [bench.read] }
+auth:
+  providers:
+    - { name: bench, issuer: "https://idp.bench", audiences: [bench], public_keys: ["$work/ed.pub.pem"] }
 CONF
+case ${ROUTE:-plain} in
+  plain) target=(http://127.0.0.1:$TG_PORT/) ;;
+  jwt) target=(-H "Authorization: Bearer $TOKEN" http://127.0.0.1:$TG_PORT/jwt/) ;;
+  *) echo "ROUTE is plain or jwt"; exit 1 ;;
+esac
 TOLLGATE_LOG=warn taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
   "$bin" -c "$work/gateway.yaml" >/dev/null 2>"$work/valgrind.log" &
 pids+=($!)
 wait_http "http://127.0.0.1:$TG_PORT/"
-taskset -c 0 wrk -t1 -c32 -d3s "http://127.0.0.1:$TG_PORT/" >/dev/null # warm-up
+taskset -c 0 wrk -t1 -c32 -d3s "${target[@]}" >/dev/null # warm-up
 callgrind_control -z >/dev/null 2>&1
-out=$(taskset -c 0 wrk -t1 -c32 -d10s "http://127.0.0.1:$TG_PORT/")
+out=$(taskset -c 0 wrk -t1 -c32 -d10s "${target[@]}")
+grep -q "Non-2xx" <<<"$out" && { echo "errors during the run"; echo "$out"; exit 1; }
 callgrind_control -d >/dev/null 2>&1
 for _ in $(seq 50); do compgen -G "$work/cg.out.*" >/dev/null && break; sleep 0.2; done
 sleep 1 # the dump is written while callgrind_control returns
+[ -z "${KEEP:-}" ] || cat "$work"/cg.out.* > "$KEEP"
 requests=$(awk '/requests in/ {print $1}' <<<"$out")
 instructions=$(cat "$work"/cg.out.* | awk '/^summary:/ {s += $2} END {print s}')
 awk -v i="$instructions" -v r="$requests" 'BEGIN { printf "%d requests, %.0f instructions per request\n", r, i / r }'

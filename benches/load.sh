@@ -71,15 +71,7 @@ routes:
     policy:
       - allow: { scopes: [bench.read] }
 CONF
-# An EdDSA token signed with openssl (raw Ed25519 signature, as JWS wants).
-openssl genpkey -algorithm ed25519 -out "$work/ed.pem" 2>/dev/null
-openssl pkey -in "$work/ed.pem" -pubout -out "$work/ed.pub.pem"
-b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
-jwt_header=$(printf '{"alg":"EdDSA","typ":"JWT"}' | b64url)
-jwt_claims=$(printf '{"iss":"https://idp.bench","aud":"bench","sub":"bench-user","scope":"bench.read","exp":%d}' $(( $(date +%s) + 3600 )) | b64url)
-printf '%s.%s' "$jwt_header" "$jwt_claims" > "$work/signing-input"
-jwt_sig=$(openssl pkeyutl -sign -rawin -inkey "$work/ed.pem" -in "$work/signing-input" | b64url)
-TOKEN="$jwt_header.$jwt_claims.$jwt_sig"
+TOKEN=$(bench_token)
 
 TOLLGATE_LOG=warn taskset -c "$PROXY_CPU" target/release/tollgate -c "$work/gateway.yaml" &
 tg_pid=$!

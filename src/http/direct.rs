@@ -21,7 +21,7 @@ use http::header::{self, HeaderValue};
 use http::{Response, Version};
 
 use super::access_log::{self, Entry};
-use super::auth::{self, Step};
+use super::auth::{self, Step, TokenMemo};
 use super::authz::{self, ANONYMOUS};
 use super::body::ProxyBody;
 use super::headers::{self, Origin, X_REQUEST_ID};
@@ -60,8 +60,14 @@ pub struct Plan {
 
 impl DirectPath {
     /// Whether the direct path takes `req`, and how; `None` leaves it to
-    /// the stack. Decides without side effects.
-    pub fn plan(&self, conn: &ConnState, req: &RequestHead) -> Option<Plan> {
+    /// the stack. Decides without side effects but on `tokens`, the
+    /// connection's last token.
+    pub fn plan(
+        &self,
+        conn: &ConnState,
+        req: &RequestHead,
+        tokens: &mut TokenMemo,
+    ) -> Option<Plan> {
         let path = req.uri.path();
         if let Some(server) = &*self.oauth.load()
             && server.endpoint(&conn.listener.name, path).is_some()
@@ -105,7 +111,7 @@ impl DirectPath {
             return None;
         }
         let identity = if auth.required() {
-            match auth::identify_from(auth, req, req.uri.query(), None) {
+            match auth::identify_from(auth, req, req.uri.query(), None, Some(tokens)) {
                 Ok(Step::Done(identity)) => Some(identity),
                 _ => return None,
             }

@@ -16,7 +16,7 @@ use tower::ServiceBuilder;
 
 use super::RequestCtx;
 use super::access_log::{AccessLog, AccessLogLayer};
-use super::auth::{AuthLayer, Authenticate};
+use super::auth::{AuthLayer, Authenticate, TokenMemo};
 use super::authz::{Authorize, AuthzLayer};
 use super::body::{ClientBody, ProxyBody};
 use super::direct::{DirectPath, Plan};
@@ -105,8 +105,8 @@ impl HttpEntry {
     }
 
     /// Whether a request read by our own HTTP/1 loop takes the direct path.
-    pub fn plan(&self, req: &RequestHead) -> Option<Plan> {
-        self.direct.plan(&self.conn, req)
+    pub fn plan(&self, req: &RequestHead, tokens: &mut TokenMemo) -> Option<Plan> {
+        self.direct.plan(&self.conn, req, tokens)
     }
 
     /// Runs a planned request on the direct path, counted as in flight on

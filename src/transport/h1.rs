@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use super::conn::ConnState;
 use super::listener::Shutdown;
 use crate::http::HttpEntry;
+use crate::http::auth::TokenMemo;
 use crate::http::body::ProxyBody;
 use crate::http::wire::{self, RequestHead};
 
@@ -57,6 +58,7 @@ pub(super) async fn serve(
     // the whole idle timeout.
     let mut first_head = pin!(tokio::time::sleep(limits.header_read_timeout));
     let mut served = false;
+    let mut tokens = TokenMemo::default();
     loop {
         if buf.is_empty() {
             buf.reserve(4096);
@@ -87,7 +89,7 @@ pub(super) async fn serve(
         let close = parsed.close || shutdown.drain.started();
         // The direct path when the request qualifies, the stack otherwise.
         let request = parsed.request;
-        let response = match entry.plan(&request) {
+        let response = match entry.plan(&request, &mut tokens) {
             Some(plan) => run(pin!(entry.direct(&request, &plan)), &io, &mut buf).await,
             None => match request.into_request() {
                 Ok(request) => run(pin!(entry.dispatch(request)), &io, &mut buf).await,

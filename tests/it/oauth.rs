@@ -417,6 +417,59 @@ async fn introspection_and_revocation() {
     );
 }
 
+/// A keep-alive connection that sends the same token again is answered
+/// from what the connection remembers of it, which still sees a
+/// revocation; another token on the same connection is checked on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_repeated_token_is_still_checked() {
+    let up = Upstream::echo("bar").await;
+    let secret = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let clients = format!(
+        "  clients:\n    - {{ id: foo, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
+        sha256_hex(secret)
+    );
+    let gw = TestGateway::start(&oauth_config(&up, "ES256", &clients)).await;
+    let mut conn = connection(gw.addr()).await;
+    let bearer = |token: &str| {
+        Request::get(gw.url("/bar/x"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(full(""))
+            .unwrap()
+    };
+    let t = token(&gw, "foo", secret, "").await;
+    // Validated, then from the provider's cache, then from the connection.
+    for _ in 0..4 {
+        let r = send_on(&mut conn, bearer(&t)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["headers"]["x-client"], "foo");
+    }
+    // The same length, another signature.
+    let at = t.len() - 10;
+    let swapped = if &t[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &t[..at], &t[at + 1..]);
+    let r = send_on(&mut conn, bearer(&forged)).await;
+    assert_eq!(
+        r.status, 401,
+        "a forged token on a connection that sent a good one"
+    );
+    let r = send_on(&mut conn, bearer(&t)).await;
+    assert_eq!(r.status, 200);
+
+    let r = token_call(&gw, "/oauth2/revoke", &t, ("foo", secret)).await;
+    assert_eq!(r.status, 200);
+    for _ in 0..2 {
+        let r = send_on(&mut conn, bearer(&t)).await;
+        assert_eq!(r.status, 401, "revoked: {}", r.text());
+    }
+    let fresh = token(&gw, "foo", secret, "").await;
+    for _ in 0..3 {
+        let r = send_on(&mut conn, bearer(&fresh)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = send_on(&mut conn, bearer(&t)).await;
+    assert_eq!(r.status, 401, "the revoked token, after another");
+}
+
 /// Rotation keeps the old key published (its tokens still pass) and signs
 /// with the new one; a restart keeps clients, keys and revocations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

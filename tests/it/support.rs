@@ -16,6 +16,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -280,6 +281,41 @@ pub async fn send_with(
         .await
         .expect("response within 20s")
         .expect("request succeeds at the HTTP level");
+    collect(resp).await
+}
+
+/// One HTTP/1.1 connection to `addr`, kept alive across its requests.
+pub async fn connection(addr: SocketAddr) -> SendRequest<TestBody> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// `req` on `conn`, which must still be open. As a client does, an
+/// absolute URI goes as a path with a Host field.
+pub async fn send_on(conn: &mut SendRequest<TestBody>, mut req: Request<TestBody>) -> TestResponse {
+    if let Some(authority) = req.uri().authority().cloned() {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        *req.uri_mut() = path.parse().expect("path");
+        req.headers_mut().insert(
+            http::header::HOST,
+            authority.as_str().parse().expect("host"),
+        );
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(20), async {
+        conn.ready().await?;
+        conn.send_request(req).await
+    })
+    .await
+    .expect("response within 20s")
+    .expect("request succeeds at the HTTP level");
+    collect(resp).await
+}
+
+async fn collect(resp: Response<Incoming>) -> TestResponse {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
     TestResponse {

@@ -197,13 +197,18 @@ impl JwtProvider {
     /// The validated-token cache: `Some` on a hit (still checked against the
     /// revocation list and `exp`), `None` when the token must be validated.
     pub fn cached(&self, digest: &TokenDigest) -> Option<Result<Arc<Identity>, TokenError>> {
-        let id = self.cache.get(&digest.0)?;
+        self.cache.get(&digest.0).map(|id| self.recheck(id))
+    }
+
+    /// An identity this provider validated before, checked again against
+    /// the revocation list and `exp`, and counted as a cache hit.
+    pub fn recheck(&self, id: Arc<Identity>) -> Result<Arc<Identity>, TokenError> {
         let result = self.still_valid(&id).map(|()| id);
         match &result {
             Ok(_) => self.metrics.cached.inc(),
             Err(e) => self.metrics.count(e),
         }
-        Some(result)
+        result
     }
 
     fn still_valid(&self, id: &Identity) -> Result<(), TokenError> {
