@@ -194,6 +194,10 @@ pub enum RequestBodyError {
     TooLarge { limit: usize },
     #[error("client body: {0}")]
     Client(#[from] hyper::Error),
+    /// The body did not match the length its head declares; sent on, the
+    /// rest of the connection would be read out of step (smuggling).
+    #[error("request body {0} than its content-length")]
+    Length(&'static str),
 }
 
 /// What tollgate sends upstream: the client's body, counted against the

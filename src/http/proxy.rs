@@ -362,6 +362,7 @@ fn classify(e: &SendError, target: &Target, repeatable: bool) -> Result<Failure,
                     GatewayError::BodyTooLarge { limit: *limit }
                 }
                 RequestBodyError::Client(e) => GatewayError::ClientBody(e.to_string()),
+                RequestBodyError::Length(_) => GatewayError::ClientBody(body_err.to_string()),
             });
         }
         source = s.source();

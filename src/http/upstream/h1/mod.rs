@@ -26,7 +26,7 @@ use super::TCP_KEEPALIVE;
 use crate::config::ProxyConfig;
 use crate::http::body::{RequestBody, RequestBodyError};
 use crate::http::proxy::is_idempotent;
-use request::RequestWriter;
+use request::{Framing, RequestWriter};
 pub use response::H1Body;
 
 /// An open connection to a target, with what has been read from it and not
@@ -93,9 +93,9 @@ pub fn send<'a>(
     proxy: &'a ProxyConfig,
 ) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
     let mut head = BytesMut::with_capacity(256 + parts.headers.len() * 32);
-    let chunked = request::encode_head(parts, &body, &mut head);
+    let framing = request::encode_head(parts, &body, &mut head);
     let resendable = body.is_end_stream() && is_idempotent(&parts.method);
-    let writer = RequestWriter::new(head.freeze(), body, chunked);
+    let writer = RequestWriter::new(head.freeze(), body, framing);
     send_with(addr, writer, resendable, &parts.method, proxy, false)
 }
 
@@ -109,7 +109,7 @@ pub fn send_head<'a>(
     method: &'a Method,
     proxy: &'a ProxyConfig,
 ) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
-    let writer = RequestWriter::new(head, RequestBody::empty(), false);
+    let writer = RequestWriter::new(head, RequestBody::empty(), Framing::Length(0));
     send_with(addr, writer, is_idempotent(method), method, proxy, true)
 }
 
@@ -132,12 +132,14 @@ async fn send_with(
             None => (Box::pin(connect(addr, proxy)).await?, false),
         };
         match exchange(conn, &mut writer, method, wire).await {
-            Err(Attempt { error, reply_began }) if pooled && !reply_began && resendable => {
+            Err(Attempt { error, reply_began })
+                if pooled && !reply_began && resendable && !matches!(error, H1Error::Body(_)) =>
+            {
                 tracing::debug!(target = %addr, %error, "pooled connection closed; sending on a new one");
                 writer = Some(RequestWriter::new(
                     head.clone(),
                     RequestBody::empty(),
-                    false,
+                    Framing::Length(0),
                 ));
             }
             done => return done.map_err(|a| a.error),

@@ -14,30 +14,48 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::H1Error;
-use crate::http::body::RequestBody;
+use crate::http::body::{RequestBody, RequestBodyError};
 use crate::http::wire;
 
-/// Encodes the request line and headers. Returns whether the body must be
-/// sent chunked (it has content but no declared length).
-pub(super) fn encode_head(parts: &Parts, body: &RequestBody, out: &mut BytesMut) -> bool {
+/// How a request's body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Framing {
+    Chunked,
+    /// The length the head declares (none declared: no body).
+    Length(u64),
+}
+
+/// Encodes the request line and headers, and says how the body goes:
+/// chunked when it has content but no declared length.
+pub(super) fn encode_head(parts: &Parts, body: &RequestBody, out: &mut BytesMut) -> Framing {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.put_slice(parts.method.as_str().as_bytes());
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
     wire::put_fields(out, &parts.headers);
-    let mut chunked = false;
-    if !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH) {
-        match body.size_hint().exact() {
-            Some(n) => wire::put_length_field(out, "content-length", n),
+    // One well-formed length, as the client's reader (hyper) let through;
+    // anything else would have been refused before it came here.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let framing = match declared {
+        Some(n) => Framing::Length(n),
+        None if body.is_end_stream() => Framing::Length(0),
+        None => match body.size_hint().exact() {
+            Some(n) => {
+                wire::put_length_field(out, "content-length", n);
+                Framing::Length(n)
+            }
             None => {
                 out.put_slice(b"transfer-encoding: chunked\r\n");
-                chunked = true;
+                Framing::Chunked
             }
-        }
-    }
+        },
+    };
     out.put_slice(b"\r\n");
-    chunked
+    framing
 }
 
 /// Writes a request to the target: the head, then the body as it streams
@@ -47,7 +65,9 @@ pub(crate) struct RequestWriter {
     head: Bytes,
     /// `None` once the body has ended.
     body: Option<RequestBody>,
-    chunked: bool,
+    /// `None`: chunked; otherwise the body bytes the head still promises,
+    /// which the body must match exactly.
+    remaining: Option<u64>,
     /// Body data encoded and not yet written, in order (stays unallocated
     /// for a request without body).
     pending: VecDeque<Bytes>,
@@ -60,11 +80,14 @@ const GATHER_BYTES: usize = 64 * 1024;
 const WRITE_SLICES: usize = 8;
 
 impl RequestWriter {
-    pub(super) fn new(head: Bytes, body: RequestBody, chunked: bool) -> RequestWriter {
+    pub(super) fn new(head: Bytes, body: RequestBody, framing: Framing) -> RequestWriter {
         RequestWriter {
             head,
             body: (!body.is_end_stream()).then_some(body),
-            chunked,
+            remaining: match framing {
+                Framing::Chunked => None,
+                Framing::Length(n) => Some(n),
+            },
             pending: VecDeque::new(),
             pending_bytes: 0,
         }
@@ -90,22 +113,26 @@ impl RequestWriter {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(None) => {
                     self.body = None;
-                    if self.chunked {
+                    if self.remaining.is_none() {
                         self.push(Bytes::from_static(b"0\r\n\r\n"));
                     }
                 }
                 // Trailers are not forwarded.
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if !data.is_empty() => {
-                        if self.chunked {
+                    Ok(data) if !data.is_empty() => match &mut self.remaining {
+                        None => {
                             let line = wire::chunk_size_line(data.len(), &mut [0; 18]).to_vec();
                             self.push(Bytes::from(line));
                             self.push(data);
                             self.push(Bytes::from_static(b"\r\n"));
-                        } else {
+                        }
+                        Some(remaining) => {
+                            *remaining = remaining
+                                .checked_sub(data.len() as u64)
+                                .ok_or(H1Error::Body(RequestBodyError::Length("longer")))?;
                             self.push(data);
                         }
-                    }
+                    },
                     _ => {}
                 },
                 Poll::Ready(Some(Err(e))) => return Err(H1Error::Body(e)),
@@ -123,10 +150,12 @@ impl RequestWriter {
         loop {
             self.gather(cx)?;
             if self.head.is_empty() && self.pending.is_empty() {
-                return if self.body.is_none() {
-                    Poll::Ready(Ok(()))
-                } else {
-                    Poll::Pending
+                return match (&self.body, self.remaining) {
+                    (Some(_), _) => Poll::Pending,
+                    (None, Some(1..)) => {
+                        Poll::Ready(Err(H1Error::Body(RequestBodyError::Length("shorter"))))
+                    }
+                    (None, _) => Poll::Ready(Ok(())),
                 };
             }
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
@@ -165,7 +194,133 @@ impl RequestWriter {
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
+    use hyper::body::Incoming;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
     use super::*;
+    use crate::http::body::ClientBody;
+
+    /// A body of `data` as our server side reads it: a real hyper `Incoming`
+    /// from a POST over loopback.
+    async fn incoming(data: &'static [u8]) -> Incoming {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (io, _) = listener.accept().await.unwrap();
+            let tx = std::sync::Mutex::new(Some(tx));
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                if let Some(tx) = tx.lock().unwrap().take() {
+                    let _ = tx.send(req.into_body());
+                }
+                std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>()
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                .await;
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST / HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n",
+            data.len()
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        client.write_all(data).await.unwrap();
+        // The client side stays open while the body is read.
+        tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = client.read_to_end(&mut sink).await;
+        });
+        rx.await.unwrap()
+    }
+
+    /// Writes `body` after a head declaring `framing` to a loopback peer;
+    /// what the peer got, or the writer's error.
+    async fn write(body: RequestBody, framing: Framing) -> Result<Vec<u8>, H1Error> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let mut writer = RequestWriter::new(Bytes::from_static(b"HEAD\r\n\r\n"), body, framing);
+        poll_fn(|cx| writer.poll_write(&mut io, cx)).await?;
+        drop(io);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        Ok(got)
+    }
+
+    fn streaming(body: Incoming) -> RequestBody {
+        RequestBody::streaming(ClientBody::Hyper(body), 1 << 20)
+    }
+
+    #[tokio::test]
+    async fn a_body_is_held_to_its_declared_length() {
+        let got = write(
+            streaming(incoming(b"hello world").await),
+            Framing::Length(11),
+        )
+        .await;
+        assert_eq!(got.unwrap(), b"HEAD\r\n\r\nhello world");
+        let got = write(streaming(incoming(b"hello world").await), Framing::Chunked).await;
+        assert_eq!(got.unwrap(), b"HEAD\r\n\r\nb\r\nhello world\r\n0\r\n\r\n");
+
+        let longer = write(
+            streaming(incoming(b"hello world").await),
+            Framing::Length(5),
+        )
+        .await;
+        assert!(
+            matches!(
+                longer,
+                Err(H1Error::Body(RequestBodyError::Length("longer")))
+            ),
+            "{longer:?}"
+        );
+        let shorter = write(
+            streaming(incoming(b"hello world").await),
+            Framing::Length(20),
+        )
+        .await;
+        assert!(
+            matches!(
+                shorter,
+                Err(H1Error::Body(RequestBodyError::Length("shorter")))
+            ),
+            "{shorter:?}"
+        );
+        let none = write(RequestBody::empty(), Framing::Length(3)).await;
+        assert!(
+            matches!(
+                none,
+                Err(H1Error::Body(RequestBodyError::Length("shorter")))
+            ),
+            "{none:?}"
+        );
+        assert_eq!(
+            write(RequestBody::empty(), Framing::Length(0))
+                .await
+                .unwrap(),
+            b"HEAD\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_declared_length_frames_the_body() {
+        let (parts, ()) = http::Request::post("/")
+            .header("content-length", "7")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut out = BytesMut::new();
+        assert_eq!(
+            encode_head(&parts, &RequestBody::empty(), &mut out),
+            Framing::Length(7)
+        );
+    }
 
     #[test]
     fn the_head_is_origin_form_with_every_header() {
@@ -177,7 +332,10 @@ mod tests {
             .unwrap()
             .into_parts();
         let mut out = BytesMut::new();
-        assert!(!encode_head(&parts, &RequestBody::empty(), &mut out));
+        assert_eq!(
+            encode_head(&parts, &RequestBody::empty(), &mut out),
+            Framing::Length(0)
+        );
         assert_eq!(
             &out[..],
             b"PUT /a?b=1 HTTP/1.1\r\nhost: up\r\nx-two: 1\r\nx-two: 2\r\n\r\n"
