@@ -774,8 +774,8 @@ impl Gateway {
         Ok(Reloaded::Applied)
     }
 
-    /// Revoked token ids are dropped once their tokens would have expired,
-    /// in memory and in the store.
+    /// Revoked token ids are dropped once their tokens would have expired
+    /// (leeway included), in memory and in the store.
     fn purge_revocations(&self) {
         let gateway = self.clone();
         let stop = self.inner.shutdown.graceful.clone();
@@ -786,13 +786,20 @@ impl Gateway {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let now = crate::identity::jwt::unix_now();
-                let revocations = gateway.inner.providers.load().revocations.clone();
-                let purged = revocations.purge(now);
+                let (revocations, leeway) = {
+                    let providers = gateway.inner.providers.load();
+                    (providers.revocations.clone(), providers.max_leeway())
+                };
+                let expired_by = crate::identity::jwt::unix_now().saturating_sub(leeway.as_secs());
+                let purged = revocations.purge(expired_by);
                 if purged > 0 {
                     tracing::debug!(purged, "expired revocations purged");
                     // The store holds the same list (it is loaded from there).
-                    gateway.inner.oauth.purge_stored_revocations(now).await;
+                    gateway
+                        .inner
+                        .oauth
+                        .purge_stored_revocations(expired_by)
+                        .await;
                 }
             }
         });

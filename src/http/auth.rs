@@ -8,7 +8,7 @@
 //! token's hash and the shared cache.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use aws_lc_rs::constant_time::verify_slices_are_equal;
@@ -209,13 +209,17 @@ fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError>
 /// it and the identity it gave. A keep-alive client sends the same token
 /// with every request; this spares each repeat its SHA-256 and the lookup
 /// in the provider's shared cache. Every use still checks revocation and
-/// `exp`; a reload makes new providers, which the memo does not match.
+/// `exp`, and only on routes that accept that provider; a provider a
+/// reload replaced matches no route.
 #[derive(Default)]
 pub struct TokenMemo(Option<Remembered>);
 
 struct Remembered {
     token: Box<str>,
-    provider: Arc<JwtProvider>,
+    /// Weak: a replaced provider (and its key set refresher) must not live
+    /// on in idle connections. It keeps the allocation, so the address is
+    /// not reused while this compares against it.
+    provider: Weak<JwtProvider>,
     identity: Arc<Identity>,
 }
 
@@ -231,14 +235,16 @@ impl TokenMemo {
         // aws-lc's constant-time compare: the token is a credential. (It
         // takes a tenth of subtle's byte-at-a-time `ct_eq` here.)
         let same = verify_slices_are_equal(r.token.as_bytes(), token.as_bytes()).is_ok();
-        let provider = providers.iter().find(|p| Arc::ptr_eq(p, &r.provider))?;
+        let provider = providers
+            .iter()
+            .find(|p| std::ptr::eq(Arc::as_ptr(p), r.provider.as_ptr()))?;
         same.then(|| (&**provider, r.identity.clone()))
     }
 
     fn remember(&mut self, token: &str, provider: &Arc<JwtProvider>, identity: &Arc<Identity>) {
         self.0 = Some(Remembered {
             token: token.into(),
-            provider: provider.clone(),
+            provider: Arc::downgrade(provider),
             identity: identity.clone(),
         });
     }

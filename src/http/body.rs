@@ -196,7 +196,7 @@ pub enum RequestBodyError {
     Client(#[from] hyper::Error),
     /// The body did not match the length its head declares; sent on, the
     /// rest of the connection would be read out of step (smuggling).
-    #[error("request body {0} than its content-length")]
+    #[error("request body {0}")]
     Length(&'static str),
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 
@@ -43,6 +44,16 @@ const HMAC: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS51
 const MIN_SECRET_BYTES: usize = 32;
 
 impl Providers {
+    /// The longest `leeway` of any provider: a token is accepted until its
+    /// `exp` plus its provider's leeway, so a revocation must outlive that.
+    pub fn max_leeway(&self) -> Duration {
+        self.by_name
+            .values()
+            .map(|b| b.provider.settings.leeway)
+            .max()
+            .unwrap_or_default()
+    }
+
     pub fn empty() -> Providers {
         Providers {
             by_name: HashMap::new(),

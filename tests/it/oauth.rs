@@ -468,6 +468,22 @@ async fn a_connections_repeated_token_is_still_checked() {
     }
     let r = send_on(&mut conn, bearer(&t)).await;
     assert_eq!(r.status, 401, "the revoked token, after another");
+
+    // A reload that replaces the provider: the connection's token is checked
+    // by the new one, which wants another audience.
+    for _ in 0..2 {
+        assert_eq!(send_on(&mut conn, bearer(&fresh)).await.status, 200);
+    }
+    let config = oauth_config(&up, "ES256", &clients);
+    let replaced = config.replace(
+        "audiences: [bar]\n      keys: self",
+        "audiences: [other]\n      keys: self",
+    );
+    assert_ne!(config, replaced);
+    gw.write_config(&replaced);
+    gw.gw.reload().await.expect("the reload applies");
+    let r = send_on(&mut conn, bearer(&fresh)).await;
+    assert_eq!(r.status, 401, "the replaced provider's token: {}", r.text());
 }
 
 /// Rotation keeps the old key published (its tokens still pass) and signs

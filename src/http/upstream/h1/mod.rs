@@ -16,6 +16,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use http::request::Parts;
 use http::{Method, Response};
 use http_body::Body as _;
@@ -26,7 +27,7 @@ use super::TCP_KEEPALIVE;
 use crate::config::ProxyConfig;
 use crate::http::body::{RequestBody, RequestBodyError};
 use crate::http::proxy::is_idempotent;
-use request::{Framing, RequestWriter};
+use request::{RequestFraming, RequestWriter};
 pub use response::H1Body;
 
 /// An open connection to a target, with what has been read from it and not
@@ -93,10 +94,20 @@ pub fn send<'a>(
     proxy: &'a ProxyConfig,
 ) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
     let mut head = BytesMut::with_capacity(256 + parts.headers.len() * 32);
-    let framing = request::encode_head(parts, &body, &mut head);
+    let framing = match request::encode_head(parts, &body, &mut head) {
+        Ok(framing) => framing,
+        Err(e) => return Either::Left(std::future::ready(Err(e))),
+    };
     let resendable = body.is_end_stream() && is_idempotent(&parts.method);
     let writer = RequestWriter::new(head.freeze(), body, framing);
-    send_with(addr, writer, resendable, &parts.method, proxy, false)
+    Either::Right(send_with(
+        addr,
+        writer,
+        resendable,
+        &parts.method,
+        proxy,
+        false,
+    ))
 }
 
 /// Sends a request without body whose head is encoded already; an ordinary
@@ -109,7 +120,7 @@ pub fn send_head<'a>(
     method: &'a Method,
     proxy: &'a ProxyConfig,
 ) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
-    let writer = RequestWriter::new(head, RequestBody::empty(), Framing::Length(0));
+    let writer = RequestWriter::new(head, RequestBody::empty(), RequestFraming::Length(0));
     send_with(addr, writer, is_idempotent(method), method, proxy, true)
 }
 
@@ -139,7 +150,7 @@ async fn send_with(
                 writer = Some(RequestWriter::new(
                     head.clone(),
                     RequestBody::empty(),
-                    Framing::Length(0),
+                    RequestFraming::Length(0),
                 ));
             }
             done => return done.map_err(|a| a.error),

@@ -14,48 +14,63 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::H1Error;
+use super::response::length_value;
 use crate::http::body::{RequestBody, RequestBodyError};
 use crate::http::wire;
 
 /// How a request's body is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Framing {
+pub(super) enum RequestFraming {
     Chunked,
     /// The length the head declares (none declared: no body).
     Length(u64),
 }
 
+const LONGER: &str = "longer than its content-length";
+const SHORTER: &str = "shorter than its content-length";
+
 /// Encodes the request line and headers, and says how the body goes:
-/// chunked when it has content but no declared length.
-pub(super) fn encode_head(parts: &Parts, body: &RequestBody, out: &mut BytesMut) -> Framing {
+/// chunked when it has content but no declared length. A declared length
+/// that is not one number (which the client readers never let through) is
+/// refused rather than sent on beside a framing of our own.
+pub(super) fn encode_head(
+    parts: &Parts,
+    body: &RequestBody,
+    out: &mut BytesMut,
+) -> Result<RequestFraming, H1Error> {
+    let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();
+    let declared = match lengths.next() {
+        None => None,
+        Some(first) => Some(
+            length_value(first.as_bytes())
+                .filter(|_| lengths.all(|v| v == first))
+                .ok_or(H1Error::Body(RequestBodyError::Length(
+                    "declared by a content-length that is no single number",
+                )))?,
+        ),
+    };
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.put_slice(parts.method.as_str().as_bytes());
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
     wire::put_fields(out, &parts.headers);
-    // One well-formed length, as the client's reader (hyper) let through;
-    // anything else would have been refused before it came here.
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let framing = match declared {
-        Some(n) => Framing::Length(n),
-        None if body.is_end_stream() => Framing::Length(0),
+        Some(n) => RequestFraming::Length(n),
+        None if body.is_end_stream() => RequestFraming::Length(0),
         None => match body.size_hint().exact() {
             Some(n) => {
                 wire::put_length_field(out, "content-length", n);
-                Framing::Length(n)
+                RequestFraming::Length(n)
             }
             None => {
                 out.put_slice(b"transfer-encoding: chunked\r\n");
-                Framing::Chunked
+                RequestFraming::Chunked
             }
         },
     };
     out.put_slice(b"\r\n");
-    framing
+    Ok(framing)
 }
 
 /// Writes a request to the target: the head, then the body as it streams
@@ -80,13 +95,13 @@ const GATHER_BYTES: usize = 64 * 1024;
 const WRITE_SLICES: usize = 8;
 
 impl RequestWriter {
-    pub(super) fn new(head: Bytes, body: RequestBody, framing: Framing) -> RequestWriter {
+    pub(super) fn new(head: Bytes, body: RequestBody, framing: RequestFraming) -> RequestWriter {
         RequestWriter {
             head,
             body: (!body.is_end_stream()).then_some(body),
             remaining: match framing {
-                Framing::Chunked => None,
-                Framing::Length(n) => Some(n),
+                RequestFraming::Chunked => None,
+                RequestFraming::Length(n) => Some(n),
             },
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -129,7 +144,7 @@ impl RequestWriter {
                         Some(remaining) => {
                             *remaining = remaining
                                 .checked_sub(data.len() as u64)
-                                .ok_or(H1Error::Body(RequestBodyError::Length("longer")))?;
+                                .ok_or(H1Error::Body(RequestBodyError::Length(LONGER)))?;
                             self.push(data);
                         }
                     },
@@ -153,7 +168,7 @@ impl RequestWriter {
                 return match (&self.body, self.remaining) {
                     (Some(_), _) => Poll::Pending,
                     (None, Some(1..)) => {
-                        Poll::Ready(Err(H1Error::Body(RequestBodyError::Length("shorter"))))
+                        Poll::Ready(Err(H1Error::Body(RequestBodyError::Length(SHORTER))))
                     }
                     (None, _) => Poll::Ready(Ok(())),
                 };
@@ -239,7 +254,7 @@ mod tests {
 
     /// Writes `body` after a head declaring `framing` to a loopback peer;
     /// what the peer got, or the writer's error.
-    async fn write(body: RequestBody, framing: Framing) -> Result<Vec<u8>, H1Error> {
+    async fn write(body: RequestBody, framing: RequestFraming) -> Result<Vec<u8>, H1Error> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut io = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -261,47 +276,45 @@ mod tests {
     async fn a_body_is_held_to_its_declared_length() {
         let got = write(
             streaming(incoming(b"hello world").await),
-            Framing::Length(11),
+            RequestFraming::Length(11),
         )
         .await;
         assert_eq!(got.unwrap(), b"HEAD\r\n\r\nhello world");
-        let got = write(streaming(incoming(b"hello world").await), Framing::Chunked).await;
+        let got = write(
+            streaming(incoming(b"hello world").await),
+            RequestFraming::Chunked,
+        )
+        .await;
         assert_eq!(got.unwrap(), b"HEAD\r\n\r\nb\r\nhello world\r\n0\r\n\r\n");
 
         let longer = write(
             streaming(incoming(b"hello world").await),
-            Framing::Length(5),
+            RequestFraming::Length(5),
         )
         .await;
         assert!(
-            matches!(
-                longer,
-                Err(H1Error::Body(RequestBodyError::Length("longer")))
-            ),
+            matches!(longer, Err(H1Error::Body(RequestBodyError::Length(LONGER)))),
             "{longer:?}"
         );
         let shorter = write(
             streaming(incoming(b"hello world").await),
-            Framing::Length(20),
+            RequestFraming::Length(20),
         )
         .await;
         assert!(
             matches!(
                 shorter,
-                Err(H1Error::Body(RequestBodyError::Length("shorter")))
+                Err(H1Error::Body(RequestBodyError::Length(SHORTER)))
             ),
             "{shorter:?}"
         );
-        let none = write(RequestBody::empty(), Framing::Length(3)).await;
+        let none = write(RequestBody::empty(), RequestFraming::Length(3)).await;
         assert!(
-            matches!(
-                none,
-                Err(H1Error::Body(RequestBodyError::Length("shorter")))
-            ),
+            matches!(none, Err(H1Error::Body(RequestBodyError::Length(SHORTER)))),
             "{none:?}"
         );
         assert_eq!(
-            write(RequestBody::empty(), Framing::Length(0))
+            write(RequestBody::empty(), RequestFraming::Length(0))
                 .await
                 .unwrap(),
             b"HEAD\r\n\r\n"
@@ -310,16 +323,25 @@ mod tests {
 
     #[test]
     fn a_declared_length_frames_the_body() {
-        let (parts, ()) = http::Request::post("/")
-            .header("content-length", "7")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let mut out = BytesMut::new();
-        assert_eq!(
-            encode_head(&parts, &RequestBody::empty(), &mut out),
-            Framing::Length(7)
-        );
+        let framing = |lengths: &[&str]| {
+            let mut req = http::Request::post("/");
+            for l in lengths {
+                req = req.header("content-length", *l);
+            }
+            let (parts, ()) = req.body(()).unwrap().into_parts();
+            encode_head(&parts, &RequestBody::empty(), &mut BytesMut::new())
+        };
+        assert_eq!(framing(&["7"]).unwrap(), RequestFraming::Length(7));
+        assert_eq!(framing(&["7", "7"]).unwrap(), RequestFraming::Length(7));
+        for bad in [&["7", "8"][..], &["abc"], &["7, 8"], &["-1"], &[""]] {
+            assert!(
+                matches!(
+                    framing(bad),
+                    Err(H1Error::Body(RequestBodyError::Length(_)))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
@@ -333,8 +355,8 @@ mod tests {
             .into_parts();
         let mut out = BytesMut::new();
         assert_eq!(
-            encode_head(&parts, &RequestBody::empty(), &mut out),
-            Framing::Length(0)
+            encode_head(&parts, &RequestBody::empty(), &mut out).unwrap(),
+            RequestFraming::Length(0)
         );
         assert_eq!(
             &out[..],

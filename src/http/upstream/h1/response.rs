@@ -279,7 +279,7 @@ fn scan_lines(
 }
 
 /// One Content-Length value: decimal digits, optionally padded.
-fn length_value(value: &[u8]) -> Option<u64> {
+pub(super) fn length_value(value: &[u8]) -> Option<u64> {
     let digits = value.trim_ascii();
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
