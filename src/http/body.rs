@@ -52,6 +52,13 @@ impl ProxyBody {
         }
     }
 
+    pub fn response_lines_mut(&mut self) -> Option<&mut ResponseLines> {
+        match &mut self.kind {
+            Kind::Upstream { body, .. } => body.lines_mut(),
+            Kind::Full(_) => None,
+        }
+    }
+
     /// A target's body, cut off with an error when the target sends
     /// nothing for `read_timeout` while we wait for it.
     pub fn upstream(

@@ -253,8 +253,13 @@ impl DirectPath {
             error.as_ref(),
             identity.as_ref().map_or("-", |who| who.subject.as_str()),
         );
-        resp.headers_mut()
-            .insert(X_REQUEST_ID.clone(), request_id.clone());
+        match resp.body_mut().response_lines_mut() {
+            Some(lines) => lines.request_id = Some(request_id.clone()),
+            None => {
+                resp.headers_mut()
+                    .insert(X_REQUEST_ID.clone(), request_id.clone());
+            }
+        }
         Ok(resp)
     }
 }

@@ -431,9 +431,12 @@ fn respond(
     if let UpstreamBody::Hyper(_) = body {
         headers::strip_hop_by_hop(&mut parts.headers, false);
     }
-    parts
-        .headers
-        .append(header::VIA, headers::via(parts.version));
+    // The writer adds Via after a response's lines as they came.
+    if body.lines().is_none() {
+        parts
+            .headers
+            .append(header::VIA, headers::via(parts.version));
+    }
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,

@@ -109,12 +109,14 @@ pub fn header_map(
 
 /// A target's response fields as they came (less hop-by-hop fields and
 /// those tollgate sets itself), for the direct path: written to the client
-/// from the target's bytes, with no header map built. The response's body
-/// carries them (`ProxyBody::response_lines`), having read them; the
-/// response's map then holds only the fields tollgate adds (`Via`,
-/// `x-request-id`).
+/// from the target's bytes, then `Via` and the request id, with no header
+/// map built. The response's body carries them
+/// (`ProxyBody::response_lines`), having read them; the response's map
+/// stays empty.
 #[derive(Clone, Default)]
 pub struct ResponseLines {
+    /// The `x-request-id` tollgate answers with, set by the direct path.
+    pub request_id: Option<HeaderValue>,
     /// The response head the lines lie in.
     pub head: Bytes,
     /// Runs of kept lines (CRLF included) in `head`.

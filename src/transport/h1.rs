@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header;
-use http::{Method, Response, StatusCode, Uri};
+use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -29,6 +29,7 @@ use super::listener::Shutdown;
 use crate::http::HttpEntry;
 use crate::http::auth::TokenMemo;
 use crate::http::body::ProxyBody;
+use crate::http::headers::{self, X_REQUEST_ID};
 use crate::http::wire::{self, RequestHead};
 
 /// Request heads with more headers than this go to hyper (which applies the
@@ -269,11 +270,17 @@ async fn write_response(
     out.put_u8(b' ');
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
-    // A direct-path response has its target's fields as they came, and in
-    // its map only what tollgate adds.
+    // A direct-path response has its target's fields as they came, then
+    // what tollgate adds; any other has all its fields in its map.
     let lines = body.response_lines();
-    for run in lines.iter().flat_map(|l| l.runs()) {
-        out.put_slice(run);
+    if let Some(lines) = lines {
+        for run in lines.runs() {
+            out.put_slice(run);
+        }
+        wire::put_field(out, &header::VIA, headers::via(Version::HTTP_11).as_bytes());
+        if let Some(id) = &lines.request_id {
+            wire::put_field(out, &X_REQUEST_ID, id.as_bytes());
+        }
     }
     wire::put_fields(out, &parts.headers);
     if !(lines.is_some_and(|l| l.has_date) || parts.headers.contains_key(header::DATE)) {

@@ -65,6 +65,13 @@ impl UpstreamBody {
             UpstreamBody::Hyper(_) => None,
         }
     }
+
+    pub fn lines_mut(&mut self) -> Option<&mut crate::http::wire::ResponseLines> {
+        match self {
+            UpstreamBody::H1(body) => body.lines_mut(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
 }
 
 impl http_body::Body for UpstreamBody {

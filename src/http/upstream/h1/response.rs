@@ -410,6 +410,10 @@ impl H1Body {
         self.lines.as_deref()
     }
 
+    pub fn lines_mut(&mut self) -> Option<&mut wire::ResponseLines> {
+        self.lines.as_deref_mut()
+    }
+
     fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         self.conn = None;
         self.framing = Framing::Done;
