@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -19,6 +20,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::BytesMut;
 use http::header::{self, HeaderValue};
 use http::{Response, Version};
+use tokio::time::Sleep;
 
 use super::access_log::{self, Entry};
 use super::auth::{self, Step, TokenMemo};
@@ -165,6 +167,7 @@ impl DirectPath {
         conn: &Arc<ConnState>,
         req: &RequestHead,
         plan: &Plan,
+        deadline: Pin<&mut Sleep>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let Plan {
@@ -231,7 +234,16 @@ impl DirectPath {
         };
         // Not boxed: the allocation and the copy into it cost more than
         // this future's one move into the connection's (measured).
-        let result = proxy::forward(&self.clients, conn, route, &mut outgoing, false, start).await;
+        let result = proxy::forward(
+            &self.clients,
+            conn,
+            route,
+            &mut outgoing,
+            false,
+            start,
+            deadline,
+        )
+        .await;
         let (mut resp, error) = match result {
             Ok(resp) => (resp, None),
             Err(e) => (e.to_response(request_id), Some(e)),

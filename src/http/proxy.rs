@@ -16,6 +16,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::time::Sleep;
 use tower::Service;
 
 use super::RequestCtx;
@@ -234,11 +235,26 @@ async fn forward_http(
         kept_host: original_host.filter(|_| route.preserve_host),
         path,
     };
-    forward(clients, conn, route, &mut outgoing, upgrade, Instant::now()).await
+    let start = Instant::now();
+    let deadline = pin!(tokio::time::sleep_until(start.into()));
+    forward(
+        clients,
+        conn,
+        route,
+        &mut outgoing,
+        upgrade,
+        start,
+        deadline,
+    )
+    .await
 }
 
 /// Sends to the route's pool: a target per attempt, each within the
 /// route's timeout, retried within the route's limits and budget.
+/// `deadline` is the timer the attempts are timed with, re-armed here:
+/// a connection that keeps one for its requests moves it along to each
+/// request's deadline (a cheap update while it is armed) instead of
+/// registering and removing a timer per request.
 pub(super) async fn forward(
     clients: &UpstreamClients,
     conn: &Arc<ConnState>,
@@ -247,6 +263,7 @@ pub(super) async fn forward(
     outgoing: &mut Outgoing<'_>,
     upgrade: bool,
     start: Instant,
+    mut deadline: Pin<&mut Sleep>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let pool = &route.pool;
     pool.budget.deposit();
@@ -261,13 +278,12 @@ pub(super) async fn forward(
     // One timer for the request, re-armed for each attempt: a `timeout`
     // wrapper would move the attempt's (large) future in and out of itself.
     // The first attempt goes by the caller's clock reading.
-    let mut deadline = pin!(tokio::time::sleep_until((start + route.timeout).into()));
     let mut now = start;
     loop {
         if attempt > 0 {
             now = Instant::now();
-            deadline.as_mut().reset((now + route.timeout).into());
         }
+        deadline.as_mut().reset((now + route.timeout).into());
         let target = pool
             .pick(previous.as_ref(), now)
             .ok_or(GatewayError::NoHealthyTarget)?;

@@ -11,6 +11,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use tokio::time::Sleep;
 use tower::Service;
 use tower::ServiceBuilder;
 
@@ -110,16 +111,17 @@ impl HttpEntry {
     }
 
     /// Runs a planned request on the direct path, counted as in flight on
-    /// its connection.
+    /// its connection; `deadline` is the connection's request timer.
     pub fn direct<'a>(
         &'a self,
         req: &'a RequestHead,
         plan: &'a Plan,
+        deadline: Pin<&'a mut Sleep>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + 'a {
         let guard = self.conn.begin_request();
         async move {
             let _guard = guard;
-            self.direct.forward(&self.conn, req, plan).await
+            self.direct.forward(&self.conn, req, plan, deadline).await
         }
     }
 }

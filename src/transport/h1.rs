@@ -60,6 +60,9 @@ pub(super) async fn serve(
     let mut first_head = pin!(tokio::time::sleep(limits.header_read_timeout));
     let mut served = false;
     let mut tokens = TokenMemo::default();
+    // The direct path's request timer, moved along from request to request
+    // (see `proxy::forward`); armed by the first request.
+    let mut deadline = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
     loop {
         if buf.is_empty() {
             buf.reserve(4096);
@@ -91,7 +94,14 @@ pub(super) async fn serve(
         // The direct path when the request qualifies, the stack otherwise.
         let request = parsed.request;
         let response = match entry.plan(&request, &mut tokens) {
-            Some(plan) => run(pin!(entry.direct(&request, &plan)), &io, &mut buf).await,
+            Some(plan) => {
+                run(
+                    pin!(entry.direct(&request, &plan, deadline.as_mut())),
+                    &io,
+                    &mut buf,
+                )
+                .await
+            }
             None => match request.into_request() {
                 Ok(request) => run(pin!(entry.dispatch(request)), &io, &mut buf).await,
                 Err(head) => {

@@ -314,6 +314,36 @@ async fn slow_upstream_is_504() {
     );
 }
 
+/// One keep-alive connection whose requests go to routes with long and
+/// short timeouts in turn: each request is timed by its own route (the
+/// connection's one request timer is moved along, and back, between them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_connection_keeps_its_routes_timeout() {
+    let up = Upstream::start(|req| async move {
+        if req.uri().path().ends_with("/slow") {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        status_response(200)
+    })
+    .await;
+    let routes = route("long", "/long", &[&up], "      timeout: 10s\n      retries: 0\n")
+        + &route("short", "/short", &[&up], "      timeout: 300ms\n      retries: 0\n");
+    let gw = TestGateway::start(&config_with_routes(&routes)).await;
+    let mut conn = connection(gw.addr()).await;
+    let get = |path: &str| Request::get(gw.url(path)).body(full("")).unwrap();
+    for (path, status) in [
+        ("/long/fast", 200),
+        ("/short/slow", 504),
+        ("/long/slow", 200),
+        ("/short/fast", 200),
+        ("/short/slow", 504),
+        ("/long/slow", 200),
+    ] {
+        let r = send_on(&mut conn, get(path)).await;
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_from_client_to_upstream() {
     let up = Upstream::echo("h2").await;
