@@ -148,7 +148,7 @@ pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
     if let Some(host) = origin.host {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
-    headers.append(header::VIA, via(origin.version));
+    headers.append(header::VIA, HeaderValue::from_static(via(origin.version)));
 }
 
 /// Writes this hop's `Forwarded` element (RFC 7239): the peer, the scheme
@@ -230,13 +230,14 @@ pub fn put_forwarding(out: &mut BytesMut, origin: &Origin<'_>, host: &str) {
     wire::put_field(out, &header::VIA, via(origin.version).as_bytes());
 }
 
-/// `Via` value for this hop.
-pub fn via(version: Version) -> HeaderValue {
-    HeaderValue::from_static(match version {
+/// `Via` value for this hop, as text: the wire paths write it as it is (a
+/// `HeaderValue` made from it checks its bytes on every call).
+pub fn via(version: Version) -> &'static str {
+    match version {
         Version::HTTP_2 => "2 tollgate",
         Version::HTTP_10 => "1.0 tollgate",
         _ => "1.1 tollgate",
-    })
+    }
 }
 
 /// How a Host goes into a `Forwarded` element.

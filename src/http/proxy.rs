@@ -449,9 +449,10 @@ fn respond(
     }
     // The writer adds Via after a response's lines as they came.
     if body.lines().is_none() {
-        parts
-            .headers
-            .append(header::VIA, headers::via(parts.version));
+        parts.headers.append(
+            header::VIA,
+            HeaderValue::from_static(headers::via(parts.version)),
+        );
     }
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(

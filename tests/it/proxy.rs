@@ -326,8 +326,17 @@ async fn each_request_on_a_connection_keeps_its_routes_timeout() {
         status_response(200)
     })
     .await;
-    let routes = route("long", "/long", &[&up], "      timeout: 10s\n      retries: 0\n")
-        + &route("short", "/short", &[&up], "      timeout: 300ms\n      retries: 0\n");
+    let routes = route(
+        "long",
+        "/long",
+        &[&up],
+        "      timeout: 10s\n      retries: 0\n",
+    ) + &route(
+        "short",
+        "/short",
+        &[&up],
+        "      timeout: 300ms\n      retries: 0\n",
+    );
     let gw = TestGateway::start(&config_with_routes(&routes)).await;
     let mut conn = connection(gw.addr()).await;
     let get = |path: &str| Request::get(gw.url(path)).body(full("")).unwrap();
