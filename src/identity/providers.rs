@@ -411,3 +411,30 @@ fn algorithms(
     }
     ok.then_some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocations_outlive_the_longest_leeway() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), [7u8; 32]).unwrap();
+        let path = dir.path().join("gateway.yaml");
+        let provider = |name: &str, leeway: &str| {
+            format!(
+                "    - {{ name: {name}, issuer: https://{name}, audiences: [a], leeway: {leeway}, secret: {{ file: secret }} }}\n"
+            )
+        };
+        let providers = provider("short", "30s") + &provider("long", "2m");
+        std::fs::write(
+            &path,
+            format!("auth:\n  providers:\n{providers}routes: []\n"),
+        )
+        .unwrap();
+        let cfg = crate::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let built =
+            Providers::build(&cfg, None, &Metrics::new(), None).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(built.max_leeway(), Duration::from_secs(120));
+    }
+}
