@@ -288,13 +288,7 @@ pub(super) fn identify_from(
         .as_deref()
         .and_then(|m| m.recall(&token, &auth.providers));
     if let Some((p, id)) = recalled {
-        return match p
-            .recheck(id)
-            .and_then(|id| bound(id, cert.as_ref(), attach_cert))
-        {
-            Ok(id) => Ok(Step::Done(id)),
-            Err(e) => Err(invalid_token(auth, p, e)),
-        };
+        return known(auth, p, p.recheck(id), cert.as_ref(), attach_cert);
     }
     let digest = TokenDigest::of(&token);
     for p in &auth.providers {
@@ -302,10 +296,7 @@ pub(super) fn identify_from(
             if let (Some(memo), Ok(id)) = (memo.as_deref_mut(), &hit) {
                 memo.remember(&token, p, id);
             }
-            return match hit.and_then(|id| bound(id, cert.as_ref(), attach_cert)) {
-                Ok(id) => Ok(Step::Done(id)),
-                Err(e) => Err(invalid_token(auth, p, e)),
-            };
+            return known(auth, p, hit, cert.as_ref(), attach_cert);
         }
     }
     let provider = match auth.providers.as_slice() {
@@ -334,6 +325,21 @@ pub(super) fn identify_from(
         cert,
         attach_cert,
     })
+}
+
+/// The answer for a token validated before (remembered or cached), as
+/// `provider` checked it again now.
+fn known(
+    auth: &RouteAuth,
+    provider: &JwtProvider,
+    checked: Result<Arc<Identity>, TokenError>,
+    cert: Option<&Arc<CertIdentity>>,
+    attach_cert: bool,
+) -> Result<Step, GatewayError> {
+    match checked.and_then(|id| bound(id, cert, attach_cert)) {
+        Ok(id) => Ok(Step::Done(id)),
+        Err(e) => Err(invalid_token(auth, provider, e)),
+    }
 }
 
 /// A token's identity checked against the connection's certificate (RFC
