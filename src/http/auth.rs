@@ -251,7 +251,9 @@ impl TokenMemo {
 }
 
 /// `identify` over a request's fields and query, and the connection's
-/// certificate; `memo` is the connection's last token, when it keeps one.
+/// certificate. `memo`, the connection's last token, comes only from the
+/// direct path, which probes: a refusal there goes to the stack, which
+/// answers it, so only the stack counts refusals.
 pub(super) fn identify_from(
     auth: &RouteAuth,
     fields: &impl FieldLookup,
@@ -287,8 +289,9 @@ pub(super) fn identify_from(
     let recalled = memo
         .as_deref()
         .and_then(|m| m.recall(&token, &auth.providers));
+    let probing = memo.is_some();
     if let Some((p, id)) = recalled {
-        return known(auth, p, p.recheck(id), cert.as_ref(), attach_cert);
+        return known(auth, p, p.recheck(id), cert.as_ref(), attach_cert, probing);
     }
     let digest = TokenDigest::of(&token);
     for p in &auth.providers {
@@ -296,7 +299,7 @@ pub(super) fn identify_from(
             if let (Some(memo), Ok(id)) = (memo.as_deref_mut(), &hit) {
                 memo.remember(&token, p, id);
             }
-            return known(auth, p, hit, cert.as_ref(), attach_cert);
+            return known(auth, p, hit, cert.as_ref(), attach_cert, probing);
         }
     }
     let provider = match auth.providers.as_slice() {
@@ -328,15 +331,24 @@ pub(super) fn identify_from(
 }
 
 /// The answer for a token validated before (remembered or cached), as
-/// `provider` checked it again now.
+/// `provider` checked it again now; counted unless a probe refuses it.
 fn known(
     auth: &RouteAuth,
     provider: &JwtProvider,
     checked: Result<Arc<Identity>, TokenError>,
     cert: Option<&Arc<CertIdentity>>,
     attach_cert: bool,
+    probing: bool,
 ) -> Result<Step, GatewayError> {
-    match checked.and_then(|id| bound(id, cert, attach_cert)) {
+    if !probing {
+        provider.count_known(&checked);
+    }
+    let answer = checked.and_then(|id| bound(id, cert, attach_cert));
+    // A probe's refusal goes to the stack, which counts it as it answers.
+    if probing && answer.is_ok() {
+        provider.count_known(&answer);
+    }
+    match answer {
         Ok(id) => Ok(Step::Done(id)),
         Err(e) => Err(invalid_token(auth, provider, e)),
     }

@@ -461,6 +461,16 @@ async fn a_connections_repeated_token_is_still_checked() {
         let r = send_on(&mut conn, bearer(&t)).await;
         assert_eq!(r.status, 401, "revoked: {}", r.text());
     }
+    // Each refusal counted once, whichever way the request went.
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_auth_tokens_total{outcome=\"revoked\",provider=\"local\"}"
+        ),
+        2.0,
+        "{m}"
+    );
     let fresh = token(&gw, "foo", secret, "").await;
     for _ in 0..3 {
         let r = send_on(&mut conn, bearer(&fresh)).await;

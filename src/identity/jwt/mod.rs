@@ -196,19 +196,24 @@ impl JwtProvider {
 
     /// The validated-token cache: `Some` on a hit (still checked against the
     /// revocation list and `exp`), `None` when the token must be validated.
+    /// Not counted: the caller that answers counts ([`Self::count_known`]).
     pub fn cached(&self, digest: &TokenDigest) -> Option<Result<Arc<Identity>, TokenError>> {
         self.cache.get(&digest.0).map(|id| self.recheck(id))
     }
 
     /// An identity this provider validated before, checked again against
-    /// the revocation list and `exp`, and counted as a cache hit.
+    /// the revocation list and `exp`.
     pub fn recheck(&self, id: Arc<Identity>) -> Result<Arc<Identity>, TokenError> {
-        let result = self.still_valid(&id).map(|()| id);
-        match &result {
+        self.still_valid(&id).map(|()| id)
+    }
+
+    /// Counts the answer for a token validated before: a cache hit, or why
+    /// it is refused now.
+    pub fn count_known(&self, result: &Result<Arc<Identity>, TokenError>) {
+        match result {
             Ok(_) => self.metrics.cached.inc(),
             Err(e) => self.metrics.count(e),
         }
-        result
     }
 
     fn still_valid(&self, id: &Identity) -> Result<(), TokenError> {
@@ -232,7 +237,10 @@ impl JwtProvider {
     pub async fn authenticate(&self, token: &str) -> Result<Arc<Identity>, TokenError> {
         let digest = TokenDigest::of(token);
         match self.cached(&digest) {
-            Some(hit) => hit,
+            Some(hit) => {
+                self.count_known(&hit);
+                hit
+            }
             None => self.validate(token, &digest).await,
         }
     }
