@@ -155,6 +155,15 @@ impl ResponseLines {
     }
 }
 
+/// One Content-Length value: decimal digits, optionally padded.
+pub fn length_value(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 /// Writes header fields as HTTP/1.1 lines (`name: value\r\n`).
 pub fn put_fields(out: &mut BytesMut, headers: &HeaderMap) {
     for (name, value) in headers {

@@ -306,7 +306,7 @@ async fn write_response(
         None => parts
             .headers
             .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
+            .and_then(|v| wire::length_value(v.as_bytes())),
     };
     let mut chunked = false;
     if !bodiless && declared.is_none() {

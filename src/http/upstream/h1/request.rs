@@ -14,7 +14,6 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::H1Error;
-use super::response::length_value;
 use crate::http::body::{RequestBody, RequestBodyError};
 use crate::http::wire;
 
@@ -42,7 +41,7 @@ pub(super) fn encode_head(
     let declared = match lengths.next() {
         None => None,
         Some(first) => Some(
-            length_value(first.as_bytes())
+            wire::length_value(first.as_bytes())
                 .filter(|_| lengths.all(|v| v == first))
                 .ok_or(H1Error::Body(RequestBodyError::Length(
                     "declared by a content-length that is no single number",

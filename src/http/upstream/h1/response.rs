@@ -263,7 +263,7 @@ fn scan_lines(
                 if lines.content_length.is_some() {
                     return None;
                 }
-                lines.content_length = Some(length_value(field.value)?);
+                lines.content_length = Some(wire::length_value(field.value)?);
                 true
             }
             Hop::No => {
@@ -276,15 +276,6 @@ fn scan_lines(
         }
     }
     Some((lines, persistence))
-}
-
-/// One Content-Length value: decimal digits, optionally padded.
-pub(super) fn length_value(value: &[u8]) -> Option<u64> {
-    let digits = value.trim_ascii();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// How a body of this declared length (none: until the connection closes)
@@ -335,7 +326,7 @@ fn framing(
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|b| *b == b',') {
             values += 1;
-            let n = length_value(part).ok_or(H1Error::Invalid("malformed content-length"))?;
+            let n = wire::length_value(part).ok_or(H1Error::Invalid("malformed content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(H1Error::Invalid("conflicting content-length values"));
             }
