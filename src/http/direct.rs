@@ -62,8 +62,9 @@ pub struct Plan {
 
 impl DirectPath {
     /// Whether the direct path takes `req`, and how; `None` leaves it to
-    /// the stack. Decides without side effects but on `tokens`, the
-    /// connection's last token.
+    /// the stack, which answers (and counts) what the direct path refuses.
+    /// Its only side effects are on `tokens`, the connection's last token,
+    /// and the count of a known token it takes.
     pub fn plan(
         &self,
         conn: &ConnState,
