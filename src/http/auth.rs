@@ -205,17 +205,19 @@ fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError>
     identify_from(auth, req.headers(), req.uri().query(), cert, None)
 }
 
-/// The token a connection presented last, with the provider that validated
-/// it and the identity it gave. A keep-alive client sends the same token
-/// with every request; this spares each repeat its SHA-256 and the lookup
-/// in the provider's shared cache. Every use still checks revocation and
-/// `exp`, and only on routes that accept that provider; a provider a
-/// reload replaced matches no route.
+/// The `Authorization` field a connection sent last, with the provider
+/// that validated its bearer token and the identity it gave. A keep-alive
+/// client sends the same field with every request; this spares each repeat
+/// the field's parsing, the token's SHA-256 and the lookup in the provider's
+/// shared cache. Every use still checks revocation and `exp`, and only on
+/// routes that read tokens from `Authorization` alone and accept that
+/// provider; a provider a reload replaced matches no route.
 #[derive(Default)]
 pub struct TokenMemo(Option<Remembered>);
 
 struct Remembered {
-    token: Box<str>,
+    /// The whole field value, `Bearer <token>`.
+    authorization: Box<[u8]>,
     /// Weak: a replaced provider (and its key set refresher) must not live
     /// on in idle connections. It keeps the allocation, so the address is
     /// not reused while this compares against it.
@@ -224,34 +226,51 @@ struct Remembered {
 }
 
 impl TokenMemo {
-    /// The remembered provider and identity, if `token` is the remembered
-    /// token (compared in constant time) and `providers` has its provider.
+    /// The remembered provider and identity, if `authorization` is the
+    /// remembered field (compared in constant time) and `providers` has
+    /// its provider.
     fn recall<'a>(
         &self,
-        token: &str,
+        authorization: &[u8],
         providers: &'a [Arc<JwtProvider>],
     ) -> Option<(&'a JwtProvider, Arc<Identity>)> {
         let r = self.0.as_ref()?;
-        // aws-lc's constant-time compare: the token is a credential. (It
+        // aws-lc's constant-time compare: the field is a credential. (It
         // takes a tenth of subtle's byte-at-a-time `ct_eq` here.)
-        let same = verify_slices_are_equal(r.token.as_bytes(), token.as_bytes()).is_ok();
+        let same = verify_slices_are_equal(&r.authorization, authorization).is_ok();
         let provider = providers
             .iter()
             .find(|p| std::ptr::eq(Arc::as_ptr(p), r.provider.as_ptr()))?;
         same.then(|| (&**provider, r.identity.clone()))
     }
 
-    fn remember(&mut self, token: &str, provider: &Arc<JwtProvider>, identity: &Arc<Identity>) {
+    fn remember(
+        &mut self,
+        authorization: &[u8],
+        provider: &Arc<JwtProvider>,
+        identity: &Arc<Identity>,
+    ) {
         self.0 = Some(Remembered {
-            token: token.into(),
+            authorization: authorization.into(),
             provider: Arc::downgrade(provider),
             identity: identity.clone(),
         });
     }
 }
 
+/// The request's one `Authorization` value, on routes that read tokens
+/// from nowhere else: the key of the connection's [`TokenMemo`].
+fn memo_key<'a>(auth: &RouteAuth, fields: &'a impl FieldLookup) -> Option<&'a [u8]> {
+    if auth.sources != [TokenSource::Authorization] {
+        return None;
+    }
+    let mut values = fields.values(&AUTHORIZATION);
+    let first = values.next()?;
+    values.next().is_none().then_some(first)
+}
+
 /// `identify` over a request's fields and query, and the connection's
-/// certificate. `memo`, the connection's last token, comes only from the
+/// certificate. `memo`, the connection's last Authorization field, comes only from the
 /// direct path, which probes: a refusal there goes to the stack, which
 /// answers it, so only the stack counts refusals.
 pub(super) fn identify_from(
@@ -261,6 +280,17 @@ pub(super) fn identify_from(
     cert: Option<Arc<CertIdentity>>,
     mut memo: Option<&mut TokenMemo>,
 ) -> Result<Step, GatewayError> {
+    // Only `all_of` attaches the certificate to the token's identity.
+    let attach_cert = auth.require_both;
+    let probing = memo.is_some();
+    // The field the connection sent last: no parsing, no hash, no allocation.
+    let memo_key = memo.as_ref().and_then(|_| memo_key(auth, fields));
+    if let (Some(m), Some(key)) = (memo.as_deref(), memo_key)
+        && !(auth.require_both && cert.is_none())
+        && let Some((p, id)) = m.recall(key, &auth.providers)
+    {
+        return known(auth, p, p.recheck(id), cert.as_ref(), attach_cert, probing);
+    }
     let token = if auth.accept_jwt {
         find_token(&auth.sources, fields, query).map_err(|reason| {
             GatewayError::InvalidAuthRequest {
@@ -283,21 +313,12 @@ pub(super) fn identify_from(
             _ => Err(auth.unauthenticated("a client certificate is required")),
         };
     };
-    // Only `all_of` attaches the certificate to the token's identity.
-    let attach_cert = auth.require_both;
     // A validated token: no signature check, no allocation.
-    let recalled = memo
-        .as_deref()
-        .and_then(|m| m.recall(&token, &auth.providers));
-    let probing = memo.is_some();
-    if let Some((p, id)) = recalled {
-        return known(auth, p, p.recheck(id), cert.as_ref(), attach_cert, probing);
-    }
     let digest = TokenDigest::of(&token);
     for p in &auth.providers {
         if let Some(hit) = p.cached(&digest) {
-            if let (Some(memo), Ok(id)) = (memo.as_deref_mut(), &hit) {
-                memo.remember(&token, p, id);
+            if let (Some(memo), Some(key), Ok(id)) = (memo.as_deref_mut(), memo_key, &hit) {
+                memo.remember(key, p, id);
             }
             return known(auth, p, hit, cert.as_ref(), attach_cert, probing);
         }

@@ -4,6 +4,7 @@
 //! the identity rides back on the response's extensions so the log can name
 //! the caller (that costs the response an extensions map, so only then).
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,7 +105,11 @@ where
         if let Some(who) = &identity {
             let headers = req.headers_mut();
             for (name, field) in &auth.forward_claims {
-                if let Some(v) = render(who, field) {
+                let value = render(who, field).and_then(|v| match v {
+                    Cow::Borrowed(v) => HeaderValue::from_str(v).ok(),
+                    Cow::Owned(v) => HeaderValue::try_from(v).ok(),
+                });
+                if let Some(v) = value {
                     headers.insert(name.clone(), v);
                 }
             }
@@ -120,27 +125,32 @@ where
     }
 }
 
-/// An identity field as a header value: strings as they are, numbers and
-/// booleans as text, arrays of strings joined with `,`, objects as JSON.
-pub(super) fn render(who: &Identity, field: &str) -> Option<HeaderValue> {
-    if let Some(s) = who.field(field) {
-        return HeaderValue::from_str(s).ok();
-    }
-    let text = match field {
-        "scope" | "scopes" if !who.scopes.is_empty() => who.scopes.join(" "),
-        "roles" if !who.roles.is_empty() => who.roles.join(","),
-        _ => match who.claim(field)? {
-            Value::String(s) => s.clone(),
-            Value::Array(items) => items
-                .iter()
-                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
-                .collect::<Vec<_>>()
-                .join(","),
-            Value::Null => return None,
-            other => other.to_string(),
-        },
+/// An identity field as a header value's text: strings as they are,
+/// numbers and booleans as text, arrays of strings joined with `,`, objects
+/// as JSON. `None` if absent, or if it is no header value (control
+/// characters: a claim must not add fields of its own).
+pub(super) fn render<'a>(who: &'a Identity, field: &str) -> Option<Cow<'a, str>> {
+    let text = match who.field(field) {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(match field {
+            "scope" | "scopes" if !who.scopes.is_empty() => who.scopes.join(" "),
+            "roles" if !who.roles.is_empty() => who.roles.join(","),
+            _ => match who.claim(field)? {
+                Value::String(s) => s.clone(),
+                Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                Value::Null => return None,
+                other => other.to_string(),
+            },
+        }),
     };
-    HeaderValue::from_str(&text).ok()
+    // What `HeaderValue` accepts: no control characters but tab.
+    text.bytes()
+        .all(|b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+        .then_some(text)
 }
 
 pin_project! {

@@ -436,6 +436,7 @@ async fn policy_claim_headers_and_cache() {
             .remove("x-request-id");
     }
     assert_eq!(again, first);
+
     let m = gw.metrics().await;
     assert_eq!(
         metric(
@@ -453,6 +454,26 @@ async fn policy_claim_headers_and_cache() {
         1.0
     );
 
+    // A claim that is no header value (CR LF, as if to add a field of its
+    // own) is not forwarded, by the stack (first) nor the direct path.
+    let crlf = s.sign(&with(
+        claims(),
+        json!({"org": "acme\r\nx-evil: 1", "sub": "bob\t1"}),
+    ));
+    for _ in 0..2 {
+        let r = send(
+            Request::get(gw.url("/bar/items"))
+                .header("authorization", format!("Bearer {crlf}"))
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let h = &r.json()["headers"];
+        assert!(h.get("x-org").is_none(), "{h}");
+        assert!(h.get("x-evil").is_none(), "{h}");
+        assert_eq!(h["x-user"], "bob\t1");
+    }
     // Policy: POST needs bar.write; admin paths are denied to everyone.
     let r = send(
         Request::post(gw.url("/bar/items"))
@@ -510,7 +531,7 @@ async fn policy_claim_headers_and_cache() {
             &m,
             "tollgate_authz_decisions_total{outcome=\"allow\",route=\"bar\"}"
         ),
-        3.0
+        5.0
     );
 }
 

@@ -454,6 +454,21 @@ async fn a_connections_repeated_token_is_still_checked() {
     );
     let r = send_on(&mut conn, bearer(&t)).await;
     assert_eq!(r.status, 200);
+    // The remembered field twice is malformed, not remembered (RFC 6750 2).
+    let mut twice = bearer(&t);
+    let field = twice.headers()["authorization"].clone();
+    twice.headers_mut().append("authorization", field);
+    let r = send_on(&mut conn, twice).await;
+    assert_eq!(r.status, 400, "two Authorization fields: {}", r.text());
+    // Another spelling of the same credentials is the same token, and the
+    // connection goes on with the first spelling.
+    for field in [format!("bearer  {t} "), format!("Bearer {t}")] {
+        let mut req = bearer(&t);
+        req.headers_mut()
+            .insert("authorization", field.parse().unwrap());
+        let r = send_on(&mut conn, req).await;
+        assert_eq!(r.status, 200, "{field}: {}", r.text());
+    }
 
     let r = token_call(&gw, "/oauth2/revoke", &t, ("foo", secret)).await;
     assert_eq!(r.status, 200);
