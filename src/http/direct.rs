@@ -60,17 +60,43 @@ pub struct Plan {
     host: Range<usize>,
 }
 
+/// What a connection's direct path keeps from one request to the next.
+#[derive(Default)]
+pub struct ConnMemo {
+    /// The last `Authorization` field and whom it named.
+    tokens: TokenMemo,
+    /// The forwarding fields of the last Host: they differ between requests
+    /// on a connection only in the Host, which is almost always the same.
+    forwarding: BytesMut,
+    forwarding_host: Vec<u8>,
+}
+
+impl ConnMemo {
+    /// The forwarding lines for requests to `host` on `conn`.
+    fn forwarding(&mut self, conn: &ConnState, host: &str) -> &[u8] {
+        if self.forwarding.is_empty() || self.forwarding_host != host.as_bytes() {
+            let origin = Origin {
+                peer: conn.peer.ip(),
+                peer_text: &conn.peer_ip,
+                proto: conn.listener.scheme,
+                host: None,
+                version: Version::HTTP_11,
+            };
+            self.forwarding.clear();
+            headers::put_forwarding(&mut self.forwarding, &origin, host);
+            self.forwarding_host.clear();
+            self.forwarding_host.extend_from_slice(host.as_bytes());
+        }
+        &self.forwarding
+    }
+}
+
 impl DirectPath {
     /// Whether the direct path takes `req`, and how; `None` leaves it to
     /// the stack, which answers (and counts) what the direct path refuses.
-    /// Its only side effects are on `tokens`, the connection's last token,
-    /// and the count of a known token it takes.
-    pub fn plan(
-        &self,
-        conn: &ConnState,
-        req: &RequestHead,
-        tokens: &mut TokenMemo,
-    ) -> Option<Plan> {
+    /// Its only side effects are on `memo`, what the connection keeps, and
+    /// the count of a known token it takes.
+    pub fn plan(&self, conn: &ConnState, req: &RequestHead, memo: &mut ConnMemo) -> Option<Plan> {
         let path = req.uri.path();
         if let Some(server) = &*self.oauth.load()
             && server.endpoint(&conn.listener.name, path).is_some()
@@ -114,7 +140,7 @@ impl DirectPath {
             return None;
         }
         let identity = if auth.required() {
-            match auth::identify_from(auth, req, req.uri.query(), None, Some(tokens)) {
+            match auth::identify_from(auth, req, req.uri.query(), None, Some(&mut memo.tokens)) {
                 Ok(Step::Done(identity)) => Some(identity),
                 _ => return None,
             }
@@ -141,6 +167,8 @@ impl DirectPath {
             path,
         };
         limits::check_sizes(&conn.listener.limits, &sizes).ok()?;
+        // Computed now for `forward`, which reads the memo.
+        memo.forwarding(conn, host_text);
         let (request_id, generated_id) = match client_id {
             // Shares the head's bytes (`acceptable` checked them).
             Some(id) => (
@@ -168,6 +196,7 @@ impl DirectPath {
         conn: &Arc<ConnState>,
         req: &RequestHead,
         plan: &Plan,
+        memo: &ConnMemo,
         deadline: Pin<&mut Sleep>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
@@ -207,14 +236,8 @@ impl DirectPath {
             }
             wire::put_field(&mut fields, name, value);
         }
-        let origin = Origin {
-            peer: conn.peer.ip(),
-            peer_text: &conn.peer_ip,
-            proto: conn.listener.scheme,
-            host: None,
-            version: Version::HTTP_11,
-        };
-        headers::put_forwarding(&mut fields, &origin, host);
+        // `plan` put this request's Host's lines there.
+        fields.extend_from_slice(&memo.forwarding);
         if let Some(who) = &identity {
             for (name, field) in &auth.forward_claims {
                 if let Some(value) = authz::render(who, field) {

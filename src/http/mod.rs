@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
+pub use direct::ConnMemo;
 pub(crate) use proxy::error_chain;
 pub use stack::{HttpEntry, Pipeline, Stack, StackConfig};
 

@@ -17,10 +17,10 @@ use tower::ServiceBuilder;
 
 use super::RequestCtx;
 use super::access_log::{AccessLog, AccessLogLayer};
-use super::auth::{AuthLayer, Authenticate, TokenMemo};
+use super::auth::{AuthLayer, Authenticate};
 use super::authz::{Authorize, AuthzLayer};
 use super::body::{ClientBody, ProxyBody};
-use super::direct::{DirectPath, Plan};
+use super::direct::{ConnMemo, DirectPath, Plan};
 use super::limits::{LimitsLayer, RequestLimits};
 use super::proxy::Proxy;
 use super::request_id::{RequestId, RequestIdLayer};
@@ -106,8 +106,8 @@ impl HttpEntry {
     }
 
     /// Whether a request read by our own HTTP/1 loop takes the direct path.
-    pub fn plan(&self, req: &RequestHead, tokens: &mut TokenMemo) -> Option<Plan> {
-        self.direct.plan(&self.conn, req, tokens)
+    pub fn plan(&self, req: &RequestHead, memo: &mut ConnMemo) -> Option<Plan> {
+        self.direct.plan(&self.conn, req, memo)
     }
 
     /// Runs a planned request on the direct path, counted as in flight on
@@ -116,12 +116,15 @@ impl HttpEntry {
         &'a self,
         req: &'a RequestHead,
         plan: &'a Plan,
+        memo: &'a ConnMemo,
         deadline: Pin<&'a mut Sleep>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + 'a {
         let guard = self.conn.begin_request();
         async move {
             let _guard = guard;
-            self.direct.forward(&self.conn, req, plan, deadline).await
+            self.direct
+                .forward(&self.conn, req, plan, memo, deadline)
+                .await
         }
     }
 }

@@ -26,8 +26,8 @@ use tokio::net::TcpStream;
 
 use super::conn::ConnState;
 use super::listener::Shutdown;
+use crate::http::ConnMemo;
 use crate::http::HttpEntry;
-use crate::http::auth::TokenMemo;
 use crate::http::body::ProxyBody;
 use crate::http::headers::{self, X_REQUEST_ID};
 use crate::http::wire::{self, RequestHead};
@@ -59,7 +59,7 @@ pub(super) async fn serve(
     // the whole idle timeout.
     let mut first_head = pin!(tokio::time::sleep(limits.header_read_timeout));
     let mut served = false;
-    let mut tokens = TokenMemo::default();
+    let mut memo = ConnMemo::default();
     // The direct path's request timer, moved along from request to request
     // (see `proxy::forward`); armed by the first request.
     let mut deadline = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
@@ -93,10 +93,10 @@ pub(super) async fn serve(
         let close = parsed.close || shutdown.drain.started();
         // The direct path when the request qualifies, the stack otherwise.
         let request = parsed.request;
-        let response = match entry.plan(&request, &mut tokens) {
+        let response = match entry.plan(&request, &mut memo) {
             Some(plan) => {
                 run(
-                    pin!(entry.direct(&request, &plan, deadline.as_mut())),
+                    pin!(entry.direct(&request, &plan, &memo, deadline.as_mut())),
                     &io,
                     &mut buf,
                 )

@@ -132,6 +132,43 @@ async fn the_direct_path_forwards_what_the_stack_does() {
     assert_eq!(direct["path"], "/eq?q=1");
 }
 
+/// A connection keeps its forwarding fields from request to request; a
+/// request to another Host on it gets that Host's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_connection_forwards_its_own_host() {
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let mut conn = connection(gw.addr()).await;
+    for host in [
+        "a.example",
+        "a.example",
+        "b.example:8082",
+        "a.example",
+        "[::1]:1",
+    ] {
+        let req = Request::get("/h")
+            .header("host", host)
+            .body(full(""))
+            .unwrap();
+        let r = send_on(&mut conn, req).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let h = &r.json()["headers"];
+        assert_eq!(h["x-forwarded-host"], host);
+        let element = if host.contains(':') {
+            format!("host=\"{host}\"")
+        } else {
+            format!("host={host}")
+        };
+        assert_eq!(
+            h["forwarded"],
+            format!("for=127.0.0.1;proto=http;{element}"),
+            "{h}"
+        );
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["via"], "1.1 tollgate");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preserve_host_forwards_the_client_host() {
     let up = Upstream::echo("up").await;
