@@ -208,8 +208,7 @@ impl DirectPath {
             generated_id,
             host,
         } = plan;
-        // Checked to be text by `plan`.
-        let host = std::str::from_utf8(&req.head[host.clone()]).unwrap_or_default();
+        let host = &req.head[host.clone()];
         let auth = &route.auth;
         if let Some(rule) = *allowed_by {
             let who = identity.as_deref().unwrap_or(&ANONYMOUS);
@@ -253,7 +252,7 @@ impl DirectPath {
         let mut outgoing = Outgoing::Encoded {
             method: &req.method,
             path: path.as_str(),
-            host: route.preserve_host.then_some(host.as_bytes()),
+            host: route.preserve_host.then_some(host),
             fields: &fields,
         };
         // Not boxed: the allocation and the copy into it cost more than

@@ -138,19 +138,21 @@ pub(super) fn check_sizes(limits: &Limits, sizes: &Sizes<'_>) -> Result<(), Gate
 /// `.` and `..` segments (also percent-encoded) could walk a rewritten path
 /// out of its prefix on the upstream, so they are refused outright.
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        let seg = seg.as_bytes();
-        let is_dot = |s: &[u8]| s == b"." || s.eq_ignore_ascii_case(b"%2e");
-        match seg.len() {
-            1 | 3 => is_dot(seg),
-            2 => seg == b"..",
-            4 | 6 => {
-                let (a, b) = seg.split_at(if seg[0] == b'.' { 1 } else { 3 });
-                is_dot(a) && is_dot(b)
+    // Most paths have neither `.` nor `%`: one pass says so.
+    path.bytes().any(|b| b == b'.' || b == b'%')
+        && path.split('/').any(|seg| {
+            let seg = seg.as_bytes();
+            let is_dot = |s: &[u8]| s == b"." || s.eq_ignore_ascii_case(b"%2e");
+            match seg.len() {
+                1 | 3 => is_dot(seg),
+                2 => seg == b"..",
+                4 | 6 => {
+                    let (a, b) = seg.split_at(if seg[0] == b'.' { 1 } else { 3 });
+                    is_dot(a) && is_dot(b)
+                }
+                _ => false,
             }
-            _ => false,
-        }
-    })
+        })
 }
 
 #[cfg(test)]

@@ -448,12 +448,26 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str>
 // every request.
 pub fn host_name(raw: &str) -> Option<&str> {
     let bytes = raw.as_bytes();
-    let from = bytes.iter().rposition(|&b| b == b'@').map_or(0, |i| i + 1);
-    // A port follows the last colon, unless that is inside `[v6]`.
-    let end = match bytes[from..].iter().rposition(|&b| b == b':') {
-        Some(i) if !bytes[from + i..].contains(&b']') => from + i,
-        _ => bytes.len(),
-    };
+    // One pass from the end: a port follows the last colon unless a `]`
+    // (of `[v6]`) comes after it; userinfo ends at the last `@`.
+    let (mut from, mut end) = (0, bytes.len());
+    let (mut colon_seen, mut bracket_seen) = (false, false);
+    for (i, &b) in bytes.iter().enumerate().rev() {
+        match b {
+            b'@' => {
+                from = i + 1;
+                break;
+            }
+            b']' => bracket_seen = true,
+            b':' if !colon_seen => {
+                colon_seen = true;
+                if !bracket_seen {
+                    end = i;
+                }
+            }
+            _ => {}
+        }
+    }
     // Both ends sit next to ASCII bytes: char boundaries.
     let host = &raw[from..end];
     (!host.is_empty()).then_some(host)
@@ -494,6 +508,11 @@ mod tests {
             (":80", None),
             ("u@", None),
             ("é.example:1", Some("é.example")),
+            ("a@b@c:1", Some("c")),
+            ("u:p@[::1]:", Some("[::1]")),
+            ("h:1:2", Some("h:1")),
+            ("[a:b]x", Some("[a:b]x")),
+            ("", None),
         ] {
             assert_eq!(host_name(raw), host, "{raw}");
         }
