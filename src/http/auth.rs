@@ -3,9 +3,9 @@
 //! client certificate) and records the caller's [`Identity`] in the request
 //! context. A token already validated is answered from the provider's cache
 //! without leaving the synchronous path; only a cache miss allocates a future.
-//! Our HTTP/1 loop also remembers the last token of each connection
-//! ([`TokenMemo`]), which spares a keep-alive client's repeat requests the
-//! token's hash and the shared cache.
+//! Our HTTP/1 loop also remembers the last `Authorization` field of each
+//! connection ([`TokenMemo`]), which spares a keep-alive client's repeat
+//! requests the field's parsing, the token's hash and the shared cache.
 
 use std::borrow::Cow;
 use std::sync::{Arc, Weak};
@@ -270,9 +270,9 @@ fn memo_key<'a>(auth: &RouteAuth, fields: &'a impl FieldLookup) -> Option<&'a [u
 }
 
 /// `identify` over a request's fields and query, and the connection's
-/// certificate. `memo`, the connection's last Authorization field, comes only from the
-/// direct path, which probes: a refusal there goes to the stack, which
-/// answers it, so only the stack counts refusals.
+/// certificate. `memo`, the connection's last `Authorization` field, comes
+/// only from the direct path, which probes: a refusal there goes to the
+/// stack, which answers it, so only the stack counts refusals.
 pub(super) fn identify_from(
     auth: &RouteAuth,
     fields: &impl FieldLookup,
