@@ -11,6 +11,7 @@ use tower::{Layer, Service};
 
 use super::RequestCtx;
 use super::error::GatewayError;
+use super::wire;
 use crate::config::Limits;
 use crate::metrics::Metrics;
 
@@ -91,8 +92,7 @@ fn check<B>(limits: &Limits, req: &Request<B>) -> Result<(), GatewayError> {
                 .sum(),
             declared_body: headers
                 .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok()),
+                .and_then(|v| wire::length_value(v.as_bytes())),
             path: req.uri().path(),
         },
     )
