@@ -72,8 +72,8 @@ pub struct ConnMemo {
 }
 
 impl ConnMemo {
-    /// The forwarding lines for requests to `host` on `conn`.
-    fn forwarding(&mut self, conn: &ConnState, host: &str) -> &[u8] {
+    /// Makes `forwarding` the lines for a request to `host` on `conn`.
+    fn forward_to(&mut self, conn: &ConnState, host: &str) {
         if self.forwarding.is_empty() || self.forwarding_host != host.as_bytes() {
             let origin = Origin {
                 peer: conn.peer.ip(),
@@ -87,7 +87,6 @@ impl ConnMemo {
             self.forwarding_host.clear();
             self.forwarding_host.extend_from_slice(host.as_bytes());
         }
-        &self.forwarding
     }
 }
 
@@ -167,8 +166,8 @@ impl DirectPath {
             path,
         };
         limits::check_sizes(&conn.listener.limits, &sizes).ok()?;
-        // Computed now for `forward`, which reads the memo.
-        memo.forwarding(conn, host_text);
+        // Written now for `forward`, which reads the memo.
+        memo.forward_to(conn, host_text);
         let (request_id, generated_id) = match client_id {
             // Shares the head's bytes (`acceptable` checked them).
             Some(id) => (
