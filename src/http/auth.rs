@@ -284,8 +284,8 @@ pub(super) fn identify_from(
     let attach_cert = auth.require_both;
     let probing = memo.is_some();
     // The field the connection sent last: no parsing, no hash, no allocation.
-    let memo_key = memo.as_ref().and_then(|_| memo_key(auth, fields));
-    if let (Some(m), Some(key)) = (memo.as_deref(), memo_key)
+    let key = memo.as_ref().and_then(|_| memo_key(auth, fields));
+    if let (Some(m), Some(key)) = (memo.as_deref(), key)
         && !(auth.require_both && cert.is_none())
         && let Some((p, id)) = m.recall(key, &auth.providers)
     {
@@ -317,7 +317,7 @@ pub(super) fn identify_from(
     let digest = TokenDigest::of(&token);
     for p in &auth.providers {
         if let Some(hit) = p.cached(&digest) {
-            if let (Some(memo), Some(key), Ok(id)) = (memo.as_deref_mut(), memo_key, &hit) {
+            if let (Some(memo), Some(key), Ok(id)) = (memo.as_deref_mut(), key, &hit) {
                 memo.remember(key, p, id);
             }
             return known(auth, p, hit, cert.as_ref(), attach_cert, probing);
@@ -404,7 +404,8 @@ fn with_cert(id: Arc<Identity>, cert: Option<Arc<CertIdentity>>) -> Arc<Identity
 /// ASCII, spaces and tabs).
 fn text(v: &[u8]) -> Option<&str> {
     // In blocks without an early exit, which the compiler vectorizes: a
-    // token is some hundreds of bytes, and this runs on every request.
+    // token is some hundreds of bytes, and this runs on every request but a
+    // connection's repeats of its remembered field.
     let visible = |block: &[u8]| {
         block.iter().fold(true, |ok, &b| {
             ok & ((b == b'\t') | (0x20..0x7f).contains(&b))

@@ -105,11 +105,9 @@ where
         if let Some(who) = &identity {
             let headers = req.headers_mut();
             for (name, field) in &auth.forward_claims {
-                let value = render(who, field).and_then(|v| match v {
-                    Cow::Borrowed(v) => HeaderValue::from_str(v).ok(),
-                    Cow::Owned(v) => HeaderValue::try_from(v).ok(),
-                });
-                if let Some(v) = value {
+                // `render` checked the text: this only takes it over.
+                let value = render(who, field).map(|v| HeaderValue::try_from(v.into_owned()));
+                if let Some(Ok(v)) = value {
                     headers.insert(name.clone(), v);
                 }
             }
