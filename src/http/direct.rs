@@ -194,7 +194,7 @@ impl DirectPath {
         &self,
         conn: &Arc<ConnState>,
         req: &RequestHead,
-        plan: &Plan,
+        plan: &mut Plan,
         memo: &ConnMemo,
         deadline: Pin<&mut Sleep>,
     ) -> Result<Response<ProxyBody>, Infallible> {
@@ -287,11 +287,13 @@ impl DirectPath {
             error.as_ref(),
             identity.as_ref().map_or("-", |who| who.subject.as_str()),
         );
+        // Moved, not cloned: a generated id is not shared yet, and its
+        // first clone would allocate to share it.
+        let request_id = std::mem::replace(request_id, HeaderValue::from_static(""));
         match resp.body_mut().response_lines_mut() {
-            Some(lines) => lines.request_id = Some(request_id.clone()),
+            Some(lines) => lines.request_id = Some(request_id),
             None => {
-                resp.headers_mut()
-                    .insert(X_REQUEST_ID.clone(), request_id.clone());
+                resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             }
         }
         Ok(resp)

@@ -284,14 +284,15 @@ pub(super) async fn forward(
             now = Instant::now();
         }
         deadline.as_mut().reset((now + route.timeout).into());
-        let target = pool
-            .pick(previous.as_ref(), now)
-            .ok_or(GatewayError::NoHealthyTarget)?;
+        let inflight = InflightGuard::new(
+            pool.pick(previous.as_ref(), now)
+                .ok_or(GatewayError::NoHealthyTarget)?,
+        );
+        let target = inflight.counted();
         let may_retry = replayable && attempt < route.retries;
-        let sender = clients.sender(&target, pool.config.protocol, upgrade);
-        let inflight = InflightGuard::new(target.clone());
+        let sender = clients.sender(target, pool.config.protocol, upgrade);
         let sent = {
-            let mut send = pin!(outgoing.send(sender, &target, replayable, body_limit));
+            let mut send = pin!(outgoing.send(sender, target, replayable, body_limit));
             poll_fn(|cx| match send.as_mut().poll(cx) {
                 Poll::Ready(sent) => Poll::Ready(Ok(sent)),
                 Poll::Pending => deadline.as_mut().poll(cx).map(Err),
@@ -308,14 +309,14 @@ pub(super) async fn forward(
                         | StatusCode::SERVICE_UNAVAILABLE
                         | StatusCode::GATEWAY_TIMEOUT
                 );
-                pool.report(&target, !gateway_error);
+                pool.report(target, !gateway_error);
                 let retry_status = route.retry_on_status.contains(&status);
                 if !(retry_status && idempotent && may_retry) {
                     let client_upgrade = match outgoing {
                         Outgoing::Http { client_upgrade, .. } => client_upgrade.take(),
                         Outgoing::Encoded { .. } => None,
                     };
-                    return respond(resp, inflight, client_upgrade, conn, route, &target);
+                    return respond(resp, inflight, client_upgrade, conn, route);
                 }
                 route.metrics.upstream_status.inc();
                 Failure {
@@ -327,8 +328,8 @@ pub(super) async fn forward(
                 }
             }
             Ok(Ok(Err(e))) => {
-                let failure = classify(&e, &target, idempotent && replayable)?;
-                pool.report(&target, false);
+                let failure = classify(&e, target, idempotent && replayable)?;
+                pool.report(target, false);
                 if matches!(failure.error, GatewayError::UpstreamConnect { .. }) {
                     route.metrics.upstream_connect.inc();
                 } else {
@@ -340,7 +341,7 @@ pub(super) async fn forward(
                 }
             }
             Err(_) => {
-                pool.report(&target, false);
+                pool.report(target, false);
                 route.metrics.upstream_timeout.inc();
                 Failure {
                     error: GatewayError::UpstreamTimeout {
@@ -351,7 +352,6 @@ pub(super) async fn forward(
                 }
             }
         };
-        drop(inflight);
         if !(failure.retryable && may_retry) {
             return Err(failure.error);
         }
@@ -363,7 +363,9 @@ pub(super) async fn forward(
         route.metrics.retried.inc();
         tracing::debug!(route = %route.name, attempt, error = %failure.error, "retrying on another target");
         attempt += 1;
-        previous = Some(target);
+        previous = Some(target.clone());
+        // Out of flight before the next pick weighs the targets.
+        drop(inflight);
     }
 }
 
@@ -420,13 +422,12 @@ fn respond(
     client_upgrade: Option<OnUpgrade>,
     conn: &Arc<ConnState>,
     route: &Route,
-    target: &Target,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         let Some(client_upgrade) = client_upgrade else {
             return Err(GatewayError::UpstreamProtocol {
-                target: target.addr.to_string(),
+                target: inflight.target().to_string(),
                 detail: "101 Switching Protocols without an upgrade request".into(),
             });
         };

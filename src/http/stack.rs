@@ -110,22 +110,17 @@ impl HttpEntry {
         self.direct.plan(&self.conn, req, memo)
     }
 
-    /// Runs a planned request on the direct path, counted as in flight on
-    /// its connection; `deadline` is the connection's request timer.
+    /// Runs a planned request on the direct path; `deadline` is the
+    /// connection's request timer. Not counted as in flight: the loop that
+    /// runs it does not watch for idleness meanwhile.
     pub fn direct<'a>(
         &'a self,
         req: &'a RequestHead,
-        plan: &'a Plan,
+        plan: &'a mut Plan,
         memo: &'a ConnMemo,
         deadline: Pin<&'a mut Sleep>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + 'a {
-        let guard = self.conn.begin_request();
-        async move {
-            let _guard = guard;
-            self.direct
-                .forward(&self.conn, req, plan, memo, deadline)
-                .await
-        }
+        self.direct.forward(&self.conn, req, plan, memo, deadline)
     }
 }
 

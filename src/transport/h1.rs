@@ -94,9 +94,9 @@ pub(super) async fn serve(
         // The direct path when the request qualifies, the stack otherwise.
         let request = parsed.request;
         let response = match entry.plan(&request, &mut memo) {
-            Some(plan) => {
+            Some(mut plan) => {
                 run(
-                    pin!(entry.direct(&request, &plan, &memo, deadline.as_mut())),
+                    pin!(entry.direct(&request, &mut plan, &memo, deadline.as_mut())),
                     &io,
                     &mut buf,
                 )
@@ -164,7 +164,10 @@ async fn run(
                 Err(never) => match never {},
             }),
             // Readiness only: no read is tried until the socket has news.
-            ready = io.readable(), if buf.len() < MAX_READ_AHEAD => {
+            // The socket's own reader slot is watched (`readable()` would
+            // add and remove a waiter under a lock each time), and it is
+            // the slot the next request's read waits in.
+            ready = std::future::poll_fn(|cx| io.poll_read_ready(cx)), if buf.len() < MAX_READ_AHEAD => {
                 ready.ok()?;
                 buf.reserve(4096);
                 match io.try_read_buf(buf) {

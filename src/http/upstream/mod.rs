@@ -328,6 +328,10 @@ impl InflightGuard {
     pub fn target(&self) -> SocketAddr {
         self.0.addr
     }
+
+    pub fn counted(&self) -> &Arc<Target> {
+        &self.0
+    }
 }
 
 impl Drop for InflightGuard {
@@ -475,9 +479,9 @@ impl UpstreamPool {
         };
         match (n, self.config.lb) {
             (0, _) => None,
-            (_, LoadBalancing::RoundRobin) | (1, _) => {
-                scan_from(self.rr.fetch_add(1, Ordering::Relaxed))
-            }
+            // One target: no turn to take (and no shared counter to bump).
+            (1, _) => scan_from(0),
+            (_, LoadBalancing::RoundRobin) => scan_from(self.rr.fetch_add(1, Ordering::Relaxed)),
             (_, LoadBalancing::LeastRequest) => {
                 // Power of two choices: two distinct random targets, fewer in flight wins.
                 let a = fastrand::usize(..n);
