@@ -117,7 +117,7 @@ pub(super) async fn serve(
         };
         // As for requests to targets (`upstream::h1`): responses go out in
         // one burst per event-loop turn, waking clients less often.
-        tokio::task::yield_now().await;
+        crate::transport::after_ready_tasks().await;
         let (parts, mut body) = response.into_parts();
         let written = tokio::select! {
             biased;

@@ -377,3 +377,70 @@ async fn idle_connections_the_target_closed_leave_the_pool_before_they_expire() 
     .await;
     assert_eq!(get(&gw.url("/")).await.text(), "ok");
 }
+
+/// A target that answers each connection's first request and drops the
+/// second unanswered: the gateway, which found the connection open in its
+/// pool, sends the request again, whole, on a new connection.
+#[tokio::test]
+async fn a_request_a_pooled_connection_drops_unanswered_is_sent_again_whole() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen_heads = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let heads = seen_heads.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut answered = 0;
+                loop {
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = seen.drain(..end + 4).collect();
+                        heads
+                            .lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        if answered == 1 {
+                            return; // dropped unanswered
+                        }
+                        answered += 1;
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    // One worker: both requests meet the same pool. No retries: the
+    // connection's own resend is what is tested.
+    let yaml = config_with_routes(&format!(
+        "  - name: r\n    match:\n      path_prefix: /\n    upstream:\n      targets: [http://{addr}]\n      retries: 0\n"
+    ))
+    .replace(
+        "proxy:\n  access_log: false\n",
+        "proxy:\n  access_log: false\nruntime:\n  workers: 1\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    assert_eq!(get(&gw.url("/first")).await.text(), "ok");
+    let second = get(&gw.url("/second?x=1")).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.text(), "ok");
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(
+        heads.len(),
+        3,
+        "first, second dropped, second again: {heads:?}"
+    );
+    assert!(
+        heads[1].starts_with("GET /second?x=1 HTTP/1.1\r\n"),
+        "{heads:?}"
+    );
+    assert_eq!(heads[1], heads[2], "the resent head is the head first sent");
+}

@@ -75,8 +75,9 @@ pub(super) fn encode_head(
 /// Writes a request to the target: the head, then the body as it streams
 /// in. Body data that is ready goes out in the same write as the head.
 pub(crate) struct RequestWriter {
-    /// What is left of the head to write.
+    /// The head, kept whole for a resend; `head_sent` of it is written.
     head: Bytes,
+    head_sent: usize,
     /// `None` once the body has ended.
     body: Option<RequestBody>,
     /// `None`: chunked; otherwise the body bytes the head still promises,
@@ -97,6 +98,7 @@ impl RequestWriter {
     pub(super) fn new(head: Bytes, body: RequestBody, framing: RequestFraming) -> RequestWriter {
         RequestWriter {
             head,
+            head_sent: 0,
             body: (!body.is_end_stream()).then_some(body),
             remaining: match framing {
                 RequestFraming::Chunked => None,
@@ -107,9 +109,9 @@ impl RequestWriter {
         }
     }
 
-    /// The head, as long as none of it has been written.
-    pub(super) fn head(&self) -> &Bytes {
-        &self.head
+    /// The whole head, written or not: what a resend starts from.
+    pub(super) fn into_head(self) -> Bytes {
+        self.head
     }
 
     fn push(&mut self, bytes: Bytes) {
@@ -163,7 +165,8 @@ impl RequestWriter {
     ) -> Poll<Result<(), H1Error>> {
         loop {
             self.gather(cx)?;
-            if self.head.is_empty() && self.pending.is_empty() {
+            let head = &self.head[self.head_sent..];
+            if head.is_empty() && self.pending.is_empty() {
                 return match (&self.body, self.remaining) {
                     (Some(_), _) => Poll::Pending,
                     (None, Some(1..)) => {
@@ -173,9 +176,9 @@ impl RequestWriter {
                 };
             }
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
-            let queued = std::iter::once(&self.head)
+            let queued = std::iter::once(head)
                 .filter(|h| !h.is_empty())
-                .chain(&self.pending);
+                .chain(self.pending.iter().map(|b| &b[..]));
             let mut count = 0;
             for (slice, bytes) in slices.iter_mut().zip(queued) {
                 *slice = IoSlice::new(bytes);
@@ -186,8 +189,8 @@ impl RequestWriter {
             if written == 0 {
                 return Poll::Ready(Err(H1Error::Io(std::io::ErrorKind::WriteZero.into())));
             }
-            let from_head = written.min(self.head.len());
-            self.head.advance(from_head);
+            let from_head = written.min(head.len());
+            self.head_sent += from_head;
             written -= from_head;
             self.pending_bytes -= written;
             while written > 0 {
