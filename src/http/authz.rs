@@ -105,7 +105,9 @@ where
         if let Some(who) = &identity {
             let headers = req.headers_mut();
             for (name, field) in &auth.forward_claims {
-                // `render` checked the text: this only takes it over.
+                // `render` refused control characters; `try_from` takes the
+                // String's buffer without copying it (and checks it again:
+                // `http` has no safe constructor that does not).
                 let value = render(who, field).map(|v| HeaderValue::try_from(v.into_owned()));
                 if let Some(Ok(v)) = value {
                     headers.insert(name.clone(), v);

@@ -255,9 +255,9 @@ const TIMER_SLACK: Duration = Duration::from_millis(10);
 
 /// Sends to the route's pool: a target per attempt, each within the
 /// route's timeout, retried within the route's limits and budget.
-/// `deadline` is the timer the attempts are timed with, re-armed here:
-/// a connection that keeps one for its requests moves it along to each
-/// request's deadline (a cheap update while it is armed) instead of
+/// `deadline` is the timer the attempts are timed with, re-armed here
+/// when it is more than `TIMER_SLACK` off an attempt's deadline: a
+/// connection that keeps one for its requests moves it along instead of
 /// registering and removing a timer per request.
 pub(super) async fn forward(
     clients: &UpstreamClients,
@@ -287,9 +287,8 @@ pub(super) async fn forward(
         if attempt > 0 {
             now = Instant::now();
         }
-        // A timer armed up to `TIMER_SLACK` past this attempt's deadline is
-        // left as it is: its reset costs three locked instructions, and a
-        // busy connection's requests come well under a millisecond apart.
+        // A reset costs three locked instructions, and a busy connection's
+        // requests come well under a millisecond apart.
         let due = tokio::time::Instant::from(now + route.timeout);
         let armed = deadline.deadline();
         if armed < due || armed > due + TIMER_SLACK {
