@@ -11,10 +11,15 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 work=$(mktemp -d)
 pids=()
+cgroups=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for c in upstream proxy; do
     [ -f "$work/$c.pid" ] && kill "$(cat "$work/$c.pid")" 2>/dev/null || true
+  done
+  # A cgroup can go once its processes have exited.
+  for g in "${cgroups[@]}"; do
+    for _ in $(seq 20); do rmdir "$g" 2>/dev/null && break; sleep 0.1; done
   done
   rm -rf "$work"
 }
@@ -42,6 +47,30 @@ start_upstream() {
   taskset -c "$1" nginx -q -p "$work" -c "$work/upstream.conf"
 }
 
+# cpu_limit NAME PERCENT PID...: caps the processes at PERCENT of one core
+# with a CFS quota over a 100 ms period, as `docker run --cpus` or a
+# Kubernetes CPU limit does. cgroup v1 or v2; fails when neither lets us
+# (not root, or no cpu controller delegated to us).
+cpu_limit() {
+  local name=$1 percent=$2 dir
+  shift 2
+  if [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+    dir=/sys/fs/cgroup/cpu/tollgate-bench-$name-$$
+    mkdir "$dir" 2>/dev/null || return 1
+    cgroups+=("$dir")
+    echo 100000 >"$dir/cpu.cfs_period_us" && echo $((percent * 1000)) >"$dir/cpu.cfs_quota_us" || return 1
+  elif grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    dir=/sys/fs/cgroup/tollgate-bench-$name-$$
+    mkdir "$dir" 2>/dev/null || return 1
+    cgroups+=("$dir")
+    echo "$((percent * 1000)) 100000" >"$dir/cpu.max" || return 1
+  else
+    return 1
+  fi
+  for p in "$@"; do echo "$p" >"$dir/cgroup.procs" || return 1; done
+}
+
 # wait_http URL: until it answers (20 s at most: valgrind starts slowly).
 wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not up: $1"; exit 1; }
 
@@ -50,6 +79,16 @@ wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0;
 # medians: on a shared VM one run can be 20-30% off the next.
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { print v[int(NR / 2) + 1] }'; }
 ROUNDS=${ROUNDS:-3}
+
+# per_round A B: A's figure over B's within each round (the lists that
+# `median` takes, in round order) -> "median (lowest-highest)". Targets that
+# ran side by side share the VM's mood of the moment: these ratios move less
+# than the ratio of two medians.
+per_round() {
+  local r
+  r=$(paste -d' ' <(tr ' ' '\n' <<<"$1" | grep .) <(tr ' ' '\n' <<<"$2" | grep .) | awk '{ printf "%.4f\n", $1 / $2 }' | sort -n)
+  printf '%.2f (%.2f-%.2f)' "$(median "$(tr '\n' ' ' <<<"$r")")" "$(head -1 <<<"$r")" "$(tail -1 <<<"$r")"
+}
 
 # bench_token: makes $work/ed.pem and $work/ed.pub.pem and prints an EdDSA
 # token for issuer https://idp.bench, audience bench, scope bench.read, valid

@@ -10,7 +10,10 @@
 # The targets take turns for ROUNDS rounds, and each figure is the median of
 # its rounds: on a shared VM one run can be 20% off the next.
 # Prints requests/s and p50/p99 latency for each, the ratios, and tollgate's
-# RSS idle and with 10k idle keep-alive connections.
+# RSS idle and with 10k idle keep-alive connections. Then the proxies run
+# again capped at CAP% of a core (default 50, 0 skips; needs root for the
+# cgroup): a sidecar's usual lot, and a measure of what a request costs the
+# proxy itself.
 #
 #   benches/load.sh                 # needs: nginx (nginx-light), wrk, python3
 #   DURATION=30s CONNS=128 ROUNDS=5 benches/load.sh
@@ -102,31 +105,45 @@ run() { # name port [path [wrk args...]]: one round, appended to the target's fi
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$name: errors during the run:"; grep "Non-2xx\|Socket errors" <<<"$out"; fi
 }
 curl -fs -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$TG_PORT/jwt/" >/dev/null || { echo "the bench token is refused"; exit 1; }
-for round in $(seq "$ROUNDS"); do
-  run direct $UP_PORT
-  run nginx $NGINX_PORT
-  run nginx-headers $NGINX_FULL_PORT
-  run tollgate $TG_PORT
-  run tollgate-jwt $TG_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
-  run nginx-token $NGINX_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
-  echo "round $round requests/s: direct ${RPS[direct]##* }, nginx ${RPS[nginx]##* }, nginx-headers ${RPS[nginx-headers]##* }, tollgate ${RPS[tollgate]##* }, tollgate-jwt ${RPS[tollgate-jwt]##* }, nginx-token ${RPS[nginx-token]##* }"
-done
-for t in direct nginx nginx-headers tollgate tollgate-jwt nginx-token; do
-  RPS[$t]=$(median "${RPS[$t]}") P50[$t]=$(median "${P50[$t]}") P99[$t]=$(median "${P99[$t]}")
-done
 
-printf '\nmedians of %d rounds\n%-14s %12s %10s %10s\n' "$ROUNDS" target "requests/s" "p50 us" "p99 us"
-for t in direct nginx nginx-headers tollgate tollgate-jwt nginx-token; do
-  printf '%-14s %12.0f %10.0f %10.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}"
+PROXIES="nginx nginx-headers tollgate tollgate-jwt nginx-token"
+round() { # suffix of the target names: one turn of each proxy
+  local s=$1
+  run "nginx$s" $NGINX_PORT
+  run "nginx-headers$s" $NGINX_FULL_PORT
+  run "tollgate$s" $TG_PORT
+  run "tollgate-jwt$s" $TG_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
+  run "nginx-token$s" $NGINX_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
+  printf 'round %d requests/s:' "$r"
+  [ -z "$s" ] && printf ' direct %s,' "${RPS[direct]##* }"
+  for t in $PROXIES; do printf ' %s %s,' "$t" "${RPS[$t$s]##* }"; done
+  echo
+}
+report() { # suffix, as for round
+  local s=$1 t
+  printf '\nmedians of %d rounds\n%-20s %12s %10s %10s\n' "$ROUNDS" target "requests/s" "p50 us" "p99 us"
+  for t in ${2:-} $PROXIES; do
+    printf '%-20s %12.0f %10.0f %10.0f\n' "$t$s" "$(median "${RPS[$t$s]}")" "$(median "${P50[$t$s]}")" "$(median "${P99[$t$s]}")"
+  done
+  ratio() { awk -v a="$(median "${RPS[$1$s]}")" -v b="$(median "${RPS[$2$s]}")" 'BEGIN { printf "%.2f", a / b }'; }
+  echo
+  echo "throughput (ratio of medians; in brackets the ratio within each round: median (lowest-highest))"
+  echo "  tollgate/nginx:         $(ratio tollgate nginx)   [$(per_round "${RPS[tollgate$s]}" "${RPS[nginx$s]}")]"
+  echo "  tollgate/nginx-headers: $(ratio tollgate nginx-headers)   [$(per_round "${RPS[tollgate$s]}" "${RPS[nginx-headers$s]}")]"
+  echo "  JWT-validated: of tollgate without auth $(ratio tollgate-jwt tollgate) [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[tollgate$s]}")]," \
+    "of nginx $(ratio tollgate-jwt nginx) [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx$s]}")]," \
+    "of nginx-token $(ratio tollgate-jwt nginx-token) [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx-token$s]}")]"
+  echo "  (nginx-token: nginx sent the same requests, token and all, which it passes on unchecked)"
+}
+p99() { median "${P99[$1]}"; }
+
+for r in $(seq "$ROUNDS"); do
+  run direct $UP_PORT
+  round ""
 done
-awk -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" -v hr="${RPS[nginx-headers]}" -v t99="${P99[tollgate]}" -v n99="${P99[nginx]}" -v h99="${P99[nginx-headers]}" -v d99="${P99[direct]}" 'BEGIN {
-  printf "\nthroughput tollgate/nginx: %.2f; tollgate/nginx-headers: %.2f\n", tr / nr, tr / hr
-  printf "added p99 (us): tollgate %.0f, nginx %.0f, nginx-headers %.0f\n", t99 - d99, n99 - d99, h99 - d99
-}'
-awk -v j="${RPS[tollgate-jwt]}" -v tr="${RPS[tollgate]}" -v nr="${RPS[nginx]}" -v hr="${RPS[nginx-headers]}" -v kr="${RPS[nginx-token]}" 'BEGIN {
-  printf "JWT-validated throughput: %.2f of tollgate without auth, %.2f of nginx, %.2f of nginx-headers (no auth)\n", j / tr, j / nr, j / hr
-  printf "  and %.2f of nginx-token (nginx sent the same requests, token and all, which it passes on unchecked)\n", j / kr
-}'
+report "" direct
+awk -v t="$(p99 tollgate)" -v n="$(p99 nginx)" -v h="$(p99 nginx-headers)" -v d="$(p99 direct)" \
+  'BEGIN { printf "added p99 (us): tollgate %.0f, nginx %.0f, nginx-headers %.0f\n", t - d, n - d, h - d }'
 
 # Memory with many idle keep-alive connections.
 python3 - "$TG_PORT" "$IDLE_CONNS" "$work/ready" <<'PY' &
@@ -157,3 +174,19 @@ kill "$py_pid" 2>/dev/null || true
 
 printf '\ntollgate RSS: idle %d KiB; with %s idle keep-alive connections (gateway counts %s open) %d KiB (%.1f KiB per connection)\n' \
   "$idle_rss" "$(cat "$work/ready")" "$active" "$busy_rss" "$(awk -v a="$busy_rss" -v b="$idle_rss" -v n="$(cat "$work/ready")" 'BEGIN { print (a - b) / n }')"
+
+# The same proxies under a CPU limit of CAP% of a core, as sidecars are
+# usually run: the proxy is then what limits throughput, not the core that
+# load generator and upstream share, and requests/s measure what a request
+# costs the proxy.
+CAP=${CAP:-50}
+[ "$CAP" = 0 ] && exit 0
+nginx_master=$(cat "$work/proxy.pid")
+# shellcheck disable=SC2046 # one pid per word
+if ! cpu_limit nginx "$CAP" "$nginx_master" $(pgrep -P "$nginx_master") || ! cpu_limit tollgate "$CAP" "$tg_pid"; then
+  echo "no runs under a CPU limit: no cgroup with a CPU quota could be made (needs root and the cpu controller); CAP=0 skips them"
+  exit 0
+fi
+printf '\nunder a CPU limit of %d%% of a core (CFS quota, 100 ms period)\n' "$CAP"
+for r in $(seq "$ROUNDS"); do round "@$CAP%"; done
+report "@$CAP%"
