@@ -92,13 +92,23 @@ idle_rss=$(rss_kib "$tg_pid")
 # to_us "1.23ms" -> microseconds
 to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'; }
 
-declare -A RPS P50 P99
+declare -A RPS P50 P99 CPU
+# The process whose CPU time a port's runs are charged with: the proxy's
+# user and system time per request, what the request cost the proxy itself.
+nginx_worker=$(pgrep -P "$(cat "$work/proxy.pid")" | head -1)
+declare -A PROXY_PID=([$NGINX_PORT]=$nginx_worker [$NGINX_FULL_PORT]=$nginx_worker [$TG_PORT]=$tg_pid)
+clock_ticks=$(getconf CLK_TCK)
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # user + system, all threads
 run() { # name port [path [wrk args...]]: one round, appended to the target's figures
   local name=$1 port=$2 path=${3:-/}
   shift 3 2>/dev/null || shift $#
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "$@" "http://127.0.0.1:$port$path" >/dev/null # warm-up
-  local out
+  local out pid=${PROXY_PID[$port]:-} before=0
+  [ -n "$pid" ] && before=$(cpu_ticks "$pid")
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" "http://127.0.0.1:$port$path")
+  if [ -n "$pid" ]; then
+    CPU[$name]+=" $(awk -v b="$before" -v a="$(cpu_ticks "$pid")" -v hz="$clock_ticks" '/requests in/ { printf "%.3f", (a - b) * 1e6 / hz / $1 }' <<<"$out")"
+  fi
   RPS[$name]+=" $(awk '/Requests\/sec/ {print $2}' <<<"$out")"
   P50[$name]+=" $(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")"
   P99[$name]+=" $(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")"
@@ -121,9 +131,9 @@ round() { # suffix of the target names: one turn of each proxy
 }
 report() { # suffix, as for round
   local s=$1 t
-  printf '\nmedians of %d rounds\n%-20s %12s %10s %10s\n' "$ROUNDS" target "requests/s" "p50 us" "p99 us"
+  printf '\nmedians of %d rounds\n%-20s %12s %10s %10s %18s\n' "$ROUNDS" target "requests/s" "p50 us" "p99 us" "proxy CPU us/req"
   for t in ${2:-} $PROXIES; do
-    printf '%-20s %12.0f %10.0f %10.0f\n' "$t$s" "$(median "${RPS[$t$s]}")" "$(median "${P50[$t$s]}")" "$(median "${P99[$t$s]}")"
+    printf '%-20s %12.0f %10.0f %10.0f %18s\n' "$t$s" "$(median "${RPS[$t$s]}")" "$(median "${P50[$t$s]}")" "$(median "${P99[$t$s]}")" "$(median "${CPU[$t$s]:-}")"
   done
   ratio() { awk -v a="$(median "${RPS[$1$s]}")" -v b="$(median "${RPS[$2$s]}")" 'BEGIN { printf "%.2f", a / b }'; }
   echo
@@ -134,6 +144,8 @@ report() { # suffix, as for round
     "of nginx $(ratio tollgate-jwt nginx) [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx$s]}")]," \
     "of nginx-token $(ratio tollgate-jwt nginx-token) [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx-token$s]}")]"
   echo "  (nginx-token: nginx sent the same requests, token and all, which it passes on unchecked)"
+  echo "proxy CPU per request (user + system), within each round: tollgate/nginx $(per_round "${CPU[tollgate$s]}" "${CPU[nginx$s]}")," \
+    "tollgate-jwt/nginx $(per_round "${CPU[tollgate-jwt$s]}" "${CPU[nginx$s]}"), tollgate-jwt/nginx-token $(per_round "${CPU[tollgate-jwt$s]}" "${CPU[nginx-token$s]}")"
 }
 p99() { median "${P99[$1]}"; }
 
