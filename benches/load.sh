@@ -13,7 +13,7 @@
 # RSS idle and with 10k idle keep-alive connections. Then the proxies run
 # again capped at CAP% of a core (default 50, 0 skips; needs root for the
 # cgroup): a sidecar's usual lot, and a measure of what a request costs the
-# proxy itself.
+# proxy itself (ONLY_CAPPED=1 runs that pass alone).
 #
 #   benches/load.sh                 # needs: nginx (nginx-light), wrk, python3
 #   DURATION=30s CONNS=128 ROUNDS=5 benches/load.sh
@@ -149,6 +149,7 @@ report() { # suffix, as for round
 }
 p99() { median "${P99[$1]}"; }
 
+if [ -z "${ONLY_CAPPED:-}" ]; then # ONLY_CAPPED=1: only the CPU-limited pass
 for r in $(seq "$ROUNDS"); do
   run direct $UP_PORT
   round ""
@@ -186,6 +187,7 @@ kill "$py_pid" 2>/dev/null || true
 
 printf '\ntollgate RSS: idle %d KiB; with %s idle keep-alive connections (gateway counts %s open) %d KiB (%.1f KiB per connection)\n' \
   "$idle_rss" "$(cat "$work/ready")" "$active" "$busy_rss" "$(awk -v a="$busy_rss" -v b="$idle_rss" -v n="$(cat "$work/ready")" 'BEGIN { print (a - b) / n }')"
+fi # ONLY_CAPPED
 
 # The same proxies under a CPU limit of CAP% of a core, as sidecars are
 # usually run: the proxy is then what limits throughput, not the core that
