@@ -52,21 +52,23 @@ start_upstream() {
 # Kubernetes CPU limit does. cgroup v1 or v2; fails when neither lets us
 # (not root, or no cpu controller delegated to us).
 cpu_limit() {
-  local name=$1 percent=$2 dir
+  local name=$1 percent=$2 root dir
   shift 2
   if [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
-    dir=/sys/fs/cgroup/cpu/tollgate-bench-$name-$$
-    mkdir "$dir" 2>/dev/null || return 1
-    cgroups+=("$dir")
-    echo 100000 >"$dir/cpu.cfs_period_us" && echo $((percent * 1000)) >"$dir/cpu.cfs_quota_us" || return 1
+    root=/sys/fs/cgroup/cpu
   elif grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
-    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
-    dir=/sys/fs/cgroup/tollgate-bench-$name-$$
-    mkdir "$dir" 2>/dev/null || return 1
-    cgroups+=("$dir")
-    echo "$((percent * 1000)) 100000" >"$dir/cpu.max" || return 1
+    root=/sys/fs/cgroup
+    echo +cpu >"$root/cgroup.subtree_control" 2>/dev/null || true
   else
     return 1
+  fi
+  dir=$root/tollgate-bench-$name-$$
+  mkdir "$dir" 2>/dev/null || return 1
+  cgroups+=("$dir")
+  if [ -f "$dir/cpu.max" ]; then
+    echo "$((percent * 1000)) 100000" >"$dir/cpu.max" || return 1
+  else
+    echo 100000 >"$dir/cpu.cfs_period_us" && echo $((percent * 1000)) >"$dir/cpu.cfs_quota_us" || return 1
   fi
   for p in "$@"; do echo "$p" >"$dir/cgroup.procs" || return 1; done
 }

@@ -25,6 +25,8 @@ CONNS=${CONNS:-64}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 IDLE_CONNS=${IDLE_CONNS:-10000}
+CAP=${CAP:-50}
+[[ $CAP =~ ^[0-9]+$ ]] && [ "$CAP" -le 100 ] || { echo "CAP is a share of one core in percent, 0 to 100 (0 skips the limited pass), not '$CAP'"; exit 1; }
 UP_PORT=18080 NGINX_PORT=18081 NGINX_FULL_PORT=18083 TG_PORT=18082 TG_ADMIN=19090
 
 source benches/common.sh
@@ -117,17 +119,20 @@ run() { # name port [path [wrk args...]]: one round, appended to the target's fi
 curl -fs -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$TG_PORT/jwt/" >/dev/null || { echo "the bench token is refused"; exit 1; }
 
 PROXIES="nginx nginx-headers tollgate tollgate-jwt nginx-token"
-round() { # suffix of the target names: one turn of each proxy
-  local s=$1
+round() { # number, suffix of the target names: one turn of each proxy
+  local n=$1 s=$2
   run "nginx$s" $NGINX_PORT
   run "nginx-headers$s" $NGINX_FULL_PORT
   run "tollgate$s" $TG_PORT
   run "tollgate-jwt$s" $TG_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
   run "nginx-token$s" $NGINX_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
-  printf 'round %d requests/s:' "$r"
+  printf 'round %d requests/s:' "$n"
   [ -z "$s" ] && printf ' direct %s,' "${RPS[direct]##* }"
   for t in $PROXIES; do printf ' %s %s,' "$t" "${RPS[$t$s]##* }"; done
   echo
+}
+ratio() { # A B suffix: A's median over B's
+  awk -v a="$(median "${RPS[$1$3]}")" -v b="$(median "${RPS[$2$3]}")" 'BEGIN { printf "%.2f", a / b }'
 }
 report() { # suffix, as for round
   local s=$1 t
@@ -135,14 +140,13 @@ report() { # suffix, as for round
   for t in ${2:-} $PROXIES; do
     printf '%-20s %12.0f %10.0f %10.0f %18s\n' "$t$s" "$(median "${RPS[$t$s]}")" "$(median "${P50[$t$s]}")" "$(median "${P99[$t$s]}")" "$(median "${CPU[$t$s]:-}")"
   done
-  ratio() { awk -v a="$(median "${RPS[$1$s]}")" -v b="$(median "${RPS[$2$s]}")" 'BEGIN { printf "%.2f", a / b }'; }
   echo
   echo "throughput (ratio of medians; in brackets the ratio within each round: median (lowest-highest))"
-  echo "  tollgate/nginx:         $(ratio tollgate nginx)   [$(per_round "${RPS[tollgate$s]}" "${RPS[nginx$s]}")]"
-  echo "  tollgate/nginx-headers: $(ratio tollgate nginx-headers)   [$(per_round "${RPS[tollgate$s]}" "${RPS[nginx-headers$s]}")]"
-  echo "  JWT-validated: of tollgate without auth $(ratio tollgate-jwt tollgate) [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[tollgate$s]}")]," \
-    "of nginx $(ratio tollgate-jwt nginx) [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx$s]}")]," \
-    "of nginx-token $(ratio tollgate-jwt nginx-token) [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx-token$s]}")]"
+  echo "  tollgate/nginx:         $(ratio tollgate nginx "$s")   [$(per_round "${RPS[tollgate$s]}" "${RPS[nginx$s]}")]"
+  echo "  tollgate/nginx-headers: $(ratio tollgate nginx-headers "$s")   [$(per_round "${RPS[tollgate$s]}" "${RPS[nginx-headers$s]}")]"
+  echo "  JWT-validated: of tollgate without auth $(ratio tollgate-jwt tollgate "$s") [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[tollgate$s]}")]," \
+    "of nginx $(ratio tollgate-jwt nginx "$s") [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx$s]}")]," \
+    "of nginx-token $(ratio tollgate-jwt nginx-token "$s") [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx-token$s]}")]"
   echo "  (nginx-token: nginx sent the same requests, token and all, which it passes on unchecked)"
   echo "proxy CPU per request (user + system), within each round: tollgate/nginx $(per_round "${CPU[tollgate$s]}" "${CPU[nginx$s]}")," \
     "tollgate-jwt/nginx $(per_round "${CPU[tollgate-jwt$s]}" "${CPU[nginx$s]}"), tollgate-jwt/nginx-token $(per_round "${CPU[tollgate-jwt$s]}" "${CPU[nginx-token$s]}")"
@@ -152,7 +156,7 @@ p99() { median "${P99[$1]}"; }
 if [ -z "${ONLY_CAPPED:-}" ]; then # ONLY_CAPPED=1: only the CPU-limited pass
 for r in $(seq "$ROUNDS"); do
   run direct $UP_PORT
-  round ""
+  round "$r" ""
 done
 report "" direct
 awk -v t="$(p99 tollgate)" -v n="$(p99 nginx)" -v h="$(p99 nginx-headers)" -v d="$(p99 direct)" \
@@ -193,7 +197,6 @@ fi # ONLY_CAPPED
 # usually run: the proxy is then what limits throughput, not the core that
 # load generator and upstream share, and requests/s measure what a request
 # costs the proxy.
-CAP=${CAP:-50}
 [ "$CAP" = 0 ] && exit 0
 nginx_master=$(cat "$work/proxy.pid")
 # shellcheck disable=SC2046 # one pid per word
@@ -202,5 +205,5 @@ if ! cpu_limit nginx "$CAP" "$nginx_master" $(pgrep -P "$nginx_master") || ! cpu
   exit 0
 fi
 printf '\nunder a CPU limit of %d%% of a core (CFS quota, 100 ms period)\n' "$CAP"
-for r in $(seq "$ROUNDS"); do round "@$CAP%"; done
+for r in $(seq "$ROUNDS"); do round "$r" "@$CAP%"; done
 report "@$CAP%"
