@@ -17,7 +17,7 @@ use crate::admin::{AdminService, Readiness};
 use crate::config::{self, Config, ConfigError, ConfigErrors, Limits};
 use crate::http::router::RouteTable;
 use crate::http::upstream::{self, UpstreamClients};
-use crate::http::{HttpEntry, StackConfig};
+use crate::http::{HttpEntry, PipelineConfig};
 use crate::identity::Providers;
 use crate::identity::jwt::SelfKeys;
 use crate::metrics::Metrics;
@@ -75,7 +75,7 @@ struct Inner {
 
 /// One worker thread: its event loop serves its share of every listener.
 struct Worker {
-    stack: Arc<StackConfig>,
+    pipeline: Arc<PipelineConfig>,
     proxy: crate::config::ProxyConfig,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
@@ -92,7 +92,7 @@ impl Worker {
         let shutdown = self.shutdown.clone();
         runtime.block_on(async move {
             upstream::start_worker_pool(&self.proxy);
-            let stack = self.stack.build(UpstreamClients::new(&self.proxy));
+            let pipeline = self.pipeline.build(UpstreamClients::new(&self.proxy));
             for (info, socket) in sockets {
                 let listener = match TcpListener::from_std(socket) {
                     Ok(l) => l,
@@ -101,11 +101,11 @@ impl Worker {
                         continue;
                     }
                 };
-                let stack = stack.clone();
+                let pipeline = pipeline.clone();
                 shutdown.tracker.spawn(transport::serve(
                     listener,
                     info,
-                    move |conn| HttpEntry::new(stack.clone(), conn),
+                    move |conn| HttpEntry::new(pipeline.clone(), conn),
                     shutdown.for_worker(),
                     self.metrics.clone(),
                 ));
@@ -357,7 +357,7 @@ impl Gateway {
                 Arc::new(ListenerInfo::new(&l.name, index, l.limits.clone(), tls))
             })
             .collect();
-        let stack = Arc::new(StackConfig {
+        let pipeline = Arc::new(PipelineConfig {
             table: table.clone(),
             oauth: oauth.server.clone(),
             metrics: metrics.clone(),
@@ -383,7 +383,7 @@ impl Gateway {
                 .zip(sockets.iter_mut().map(|per_worker| per_worker.remove(0)))
                 .collect();
             let worker = Worker {
-                stack: stack.clone(),
+                pipeline: pipeline.clone(),
                 proxy: config.proxy.clone(),
                 shutdown: shutdown.clone(),
                 metrics: metrics.clone(),

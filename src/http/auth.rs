@@ -1,23 +1,18 @@
-//! Authentication stage: removes client-supplied identity headers, reads the
-//! credentials the route asks for (a bearer token, the connection's verified
-//! client certificate) and records the caller's [`Identity`] in the request
-//! context. A token already validated is answered from the provider's cache
-//! without leaving the synchronous path; only a cache miss allocates a future.
-//! Our HTTP/1 loop also remembers the last `Authorization` field of each
-//! connection ([`TokenMemo`]), which spares a keep-alive client's repeat
-//! requests the field's parsing, the token's hash and the shared cache.
+//! Authentication: reads the credentials the route asks for (a bearer
+//! token, the connection's verified client certificate) and tells who the
+//! caller is, as an [`Identity`]. A token already validated is answered from
+//! the provider's cache without waiting; only a cache miss checks a
+//! signature. Each connection also remembers its last `Authorization` field
+//! ([`TokenMemo`]), which spares a keep-alive client's repeat requests the
+//! field's parsing, the token's hash and the shared cache.
 
 use std::borrow::Cow;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 
 use aws_lc_rs::constant_time::verify_slices_are_equal;
-use futures_util::future::{BoxFuture, Either, Ready, ready};
+use http::HeaderName;
 use http::header::{AUTHORIZATION, COOKIE};
-use http::{HeaderName, Request};
-use tower::{Layer, Service};
 
-use super::RequestCtx;
 use super::error::GatewayError;
 use super::router::FieldLookup;
 use super::xfcc::XfccFields;
@@ -76,29 +71,6 @@ impl RouteAuth {
     }
 }
 
-#[derive(Clone, Default)]
-pub struct AuthLayer;
-
-impl<S> Layer<S> for AuthLayer {
-    type Service = Authenticate<S>;
-    fn layer(&self, inner: S) -> Authenticate<S> {
-        Authenticate { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Authenticate<S> {
-    inner: S,
-}
-
-type Fut<S, B> = Either<
-    Either<
-        Ready<Result<<S as Service<Request<B>>>::Response, GatewayError>>,
-        <S as Service<Request<B>>>::Future,
-    >,
-    BoxFuture<'static, Result<<S as Service<Request<B>>>::Response, GatewayError>>,
->;
-
 /// What the synchronous path decided.
 pub(super) enum Step {
     Done(Arc<Identity>),
@@ -113,96 +85,16 @@ pub(super) enum Step {
     },
 }
 
-impl<S, B> Service<Request<B>> for Authenticate<S>
-where
-    S: Service<Request<B>, Error = GatewayError> + Clone + Send + 'static,
-    S::Future: Send,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = GatewayError;
-    type Future = Fut<S, B>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let Some(route) = req
-            .extensions()
-            .get::<RequestCtx>()
-            .and_then(|c| c.route.clone())
-        else {
-            return Either::Left(Either::Right(self.inner.call(req)));
-        };
-        let auth = &route.auth;
-        for name in auth.identity_headers.iter() {
-            req.headers_mut().remove(name);
-        }
-        if !auth.required() {
-            return Either::Left(Either::Right(self.inner.call(req)));
-        }
-        let step = match identify(auth, &req) {
-            Ok(step) => step,
-            Err(e) => {
-                route.metrics.unauthenticated.inc();
-                return Either::Left(Either::Left(ready(Err(e))));
-            }
-        };
-        match step {
-            Step::Done(identity) => {
-                set_identity(&mut req, identity);
-                Either::Left(Either::Right(self.inner.call(req)))
-            }
-            Step::Validate {
-                provider,
-                token,
-                digest,
-                cert,
-                attach_cert,
-            } => {
-                let mut inner = self.inner.clone();
-                Either::Right(Box::pin(async move {
-                    let checked = provider
-                        .validate(&token, &digest)
-                        .await
-                        .and_then(|id| bound(id, cert.as_ref(), attach_cert));
-                    match checked {
-                        Ok(id) => set_identity(&mut req, id),
-                        Err(e) => {
-                            route.metrics.unauthenticated.inc();
-                            return Err(invalid_token(&route.auth, &provider, e));
-                        }
-                    }
-                    inner.call(req).await
-                }))
-            }
-        }
-    }
-}
-
-fn set_identity<B>(req: &mut Request<B>, identity: Arc<Identity>) {
-    if let Some(ctx) = req.extensions_mut().get_mut::<RequestCtx>() {
-        ctx.identity = Some(identity);
-    }
-}
-
-fn invalid_token(auth: &RouteAuth, provider: &JwtProvider, error: TokenError) -> GatewayError {
+pub(super) fn invalid_token(
+    auth: &RouteAuth,
+    provider: &JwtProvider,
+    error: TokenError,
+) -> GatewayError {
     GatewayError::InvalidToken {
         realm: auth.realm.clone(),
         provider: provider.name.clone(),
         error,
     }
-}
-
-/// Decides without waiting when it can: no token needed, a cached token, a
-/// certificate; otherwise names the provider that must validate the token.
-fn identify<B>(auth: &RouteAuth, req: &Request<B>) -> Result<Step, GatewayError> {
-    let cert = req
-        .extensions()
-        .get::<RequestCtx>()
-        .and_then(|c| c.conn.peer_cert.clone());
-    identify_from(auth, req.headers(), req.uri().query(), cert, None)
 }
 
 /// The `Authorization` field a connection sent last, with the provider
@@ -269,27 +161,27 @@ fn memo_key<'a>(auth: &RouteAuth, fields: &'a impl FieldLookup) -> Option<&'a [u
     values.next().is_none().then_some(first)
 }
 
-/// `identify` over a request's fields and query, and the connection's
-/// certificate. `memo`, the connection's last `Authorization` field, comes
-/// only from the direct path, which probes: a refusal there goes to the
-/// stack, which answers it, so only the stack counts refusals.
-pub(super) fn identify_from(
+/// Decides without waiting when it can (no token needed, a token
+/// validated before, a certificate); otherwise names the provider that
+/// must validate the token. Reads the request's fields and query, the
+/// connection's certificate and `memo`, the connection's last
+/// `Authorization` field.
+pub(super) fn identify(
     auth: &RouteAuth,
     fields: &impl FieldLookup,
     query: Option<&str>,
     cert: Option<Arc<CertIdentity>>,
-    mut memo: Option<&mut TokenMemo>,
+    memo: &mut TokenMemo,
 ) -> Result<Step, GatewayError> {
     // Only `all_of` attaches the certificate to the token's identity.
     let attach_cert = auth.require_both;
-    let probing = memo.is_some();
     // The field the connection sent last: no parsing, no hash, no allocation.
-    let key = memo.as_ref().and_then(|_| memo_key(auth, fields));
-    if let (Some(m), Some(key)) = (memo.as_deref(), key)
+    let key = memo_key(auth, fields);
+    if let Some(key) = key
         && !(auth.require_both && cert.is_none())
-        && let Some((p, id)) = m.recall(key, &auth.providers)
+        && let Some((p, id)) = memo.recall(key, &auth.providers)
     {
-        return known(auth, p, p.recheck(id), cert.as_ref(), attach_cert, probing);
+        return known(auth, p, p.recheck(id), cert.as_ref(), attach_cert);
     }
     let token = if auth.accept_jwt {
         find_token(&auth.sources, fields, query).map_err(|reason| {
@@ -317,10 +209,10 @@ pub(super) fn identify_from(
     let digest = TokenDigest::of(&token);
     for p in &auth.providers {
         if let Some(hit) = p.cached(&digest) {
-            if let (Some(memo), Some(key), Ok(id)) = (memo.as_deref_mut(), key, &hit) {
+            if let (Some(key), Ok(id)) = (key, &hit) {
                 memo.remember(key, p, id);
             }
-            return known(auth, p, hit, cert.as_ref(), attach_cert, probing);
+            return known(auth, p, hit, cert.as_ref(), attach_cert);
         }
     }
     let provider = match auth.providers.as_slice() {
@@ -352,24 +244,16 @@ pub(super) fn identify_from(
 }
 
 /// The answer for a token validated before (remembered or cached), as
-/// `provider` checked it again now; counted unless a probe refuses it.
+/// `provider` checked it again now, counted.
 fn known(
     auth: &RouteAuth,
     provider: &JwtProvider,
     checked: Result<Arc<Identity>, TokenError>,
     cert: Option<&Arc<CertIdentity>>,
     attach_cert: bool,
-    probing: bool,
 ) -> Result<Step, GatewayError> {
-    if !probing {
-        provider.count_known(&checked);
-    }
-    let answer = checked.and_then(|id| bound(id, cert, attach_cert));
-    // A probe's refusal goes to the stack, which counts it as it answers.
-    if probing && answer.is_ok() {
-        provider.count_known(&answer);
-    }
-    match answer {
+    provider.count_known(&checked);
+    match checked.and_then(|id| bound(id, cert, attach_cert)) {
         Ok(id) => Ok(Step::Done(id)),
         Err(e) => Err(invalid_token(auth, provider, e)),
     }
@@ -377,7 +261,7 @@ fn known(
 
 /// A token's identity checked against the connection's certificate (RFC
 /// 8705 binding), with the certificate attached when the route wants both.
-fn bound(
+pub(super) fn bound(
     id: Arc<Identity>,
     cert: Option<&Arc<CertIdentity>>,
     attach: bool,

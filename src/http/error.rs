@@ -42,6 +42,10 @@ pub enum GatewayError {
     BodyTooLarge { limit: usize },
     #[error("request path contains `.` or `..` segments")]
     BadPath,
+    #[error("bad Host: {0}")]
+    BadHost(&'static str),
+    #[error("bad header field: {0}")]
+    BadHeader(&'static str),
     #[error("reading the request body failed: {0}")]
     ClientBody(String),
     #[error("no healthy upstream target")]
@@ -89,6 +93,8 @@ impl GatewayError {
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BadPath
+            | GatewayError::BadHost(_)
+            | GatewayError::BadHeader(_)
             | GatewayError::ClientBody(_)
             | GatewayError::InvalidAuthRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Unauthenticated { .. } | GatewayError::InvalidToken { .. } => {
@@ -111,6 +117,8 @@ impl GatewayError {
             GatewayError::HeadersTooLarge { .. } => "headers_too_large",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::BadPath => "bad_path",
+            GatewayError::BadHost(_) => "bad_host",
+            GatewayError::BadHeader(_) => "bad_header",
             GatewayError::ClientBody(_) => "bad_request_body",
             GatewayError::NoHealthyTarget => "no_healthy_upstream",
             GatewayError::UpstreamConnect { .. } => "upstream_unavailable",
@@ -131,6 +139,8 @@ impl GatewayError {
             | GatewayError::HeadersTooLarge { .. }
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::BadPath
+            | GatewayError::BadHost(_)
+            | GatewayError::BadHeader(_)
             | GatewayError::ClientBody(_)
             | GatewayError::Unauthenticated { .. }
             | GatewayError::InvalidToken { .. }

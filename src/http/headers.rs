@@ -13,7 +13,7 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -106,49 +106,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// The forwarding chain a client sent (`X-Forwarded-For`, `Forwarded`),
+/// which this hop extends.
+#[derive(Default)]
+pub struct Chain {
+    pub forwarded_for: Vec<u8>,
+    pub forwarded: Vec<u8>,
+}
+
 /// What the gateway knows about the request's origin.
 pub struct Origin<'a> {
     pub peer: IpAddr,
     /// The peer address as header text, rendered once per connection.
     pub peer_text: &'a HeaderValue,
     pub proto: &'static str,
-    pub host: Option<&'a HeaderValue>,
     pub version: Version,
-}
-
-/// Appends the peer to `X-Forwarded-For` and `Forwarded`, sets
-/// `X-Forwarded-Proto`/`-Host` and appends this hop to `Via`.
-pub fn add_forwarding(headers: &mut HeaderMap, origin: &Origin<'_>) {
-    // Up to five more fields: grow once, not per insert.
-    headers.reserve(5);
-    let peer = origin.peer_text.to_str().unwrap_or_default();
-    if headers.contains_key(&X_FORWARDED_FOR) {
-        append_list(headers, &X_FORWARDED_FOR, peer);
-    } else {
-        headers.insert(X_FORWARDED_FOR.clone(), origin.peer_text.clone());
-    }
-
-    let mut fwd = BytesMut::new();
-    put_forwarded_element(&mut fwd, origin, origin.host.and_then(|h| h.to_str().ok()));
-    if headers.contains_key(&FORWARDED) {
-        // Text: the peer's address, a scheme and a token.
-        append_list(
-            headers,
-            &FORWARDED,
-            std::str::from_utf8(&fwd).unwrap_or_default(),
-        );
-    } else if let Ok(v) = HeaderValue::from_maybe_shared(fwd.freeze()) {
-        headers.insert(FORWARDED.clone(), v);
-    }
-
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(origin.proto),
-    );
-    if let Some(host) = origin.host {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-    }
-    headers.append(header::VIA, HeaderValue::from_static(via(origin.version)));
 }
 
 /// Writes this hop's `Forwarded` element (RFC 7239): the peer, the scheme
@@ -184,16 +156,6 @@ fn put_forwarded_element(out: &mut BytesMut, origin: &Origin<'_>, host: Option<&
     }
 }
 
-/// Whether the direct path (which writes a request's fields as they came)
-/// must leave this field to the stack's rules: a hop-by-hop field other
-/// than `Connection` (whose tokens the caller checks), or a forwarding
-/// list this hop would have to extend.
-pub fn needs_stack(name: &HeaderName) -> bool {
-    *name != header::CONNECTION && is_hop_by_hop(name)
-        || *name == X_FORWARDED_FOR
-        || *name == FORWARDED
-}
-
 /// Whether a field is one [`strip_hop_by_hop`] may remove by its name
 /// alone (`TE` included), besides those `Connection` names.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -217,16 +179,28 @@ pub fn replaced_by_forwarding(name: &HeaderName) -> bool {
         || *name == X_FORWARDED_HOST
 }
 
-/// The forwarding fields of an HTTP/1.1 request with this Host that carried no
-/// `X-Forwarded-For` or `Forwarded` (see [`needs_stack`]), as wire lines:
-/// what [`add_forwarding`] sets, for the direct path.
-pub fn put_forwarding(out: &mut BytesMut, origin: &Origin<'_>, host: &str) {
-    wire::put_field(out, &X_FORWARDED_FOR, origin.peer_text.as_bytes());
-    out.put_slice(b"forwarded: ");
-    put_forwarded_element(out, origin, Some(host));
+/// The forwarding fields of a request to `host`, as wire lines: the
+/// client's `chain` extended by the peer in `X-Forwarded-For` and
+/// `Forwarded` (RFC 7239), `X-Forwarded-Proto`, `X-Forwarded-Host` and this
+/// hop's `Via`.
+pub fn put_forwarding(out: &mut BytesMut, origin: &Origin<'_>, host: Option<&str>, chain: &Chain) {
+    out.put_slice(b"x-forwarded-for: ");
+    if !chain.forwarded_for.is_empty() {
+        out.put_slice(&chain.forwarded_for);
+        out.put_slice(b", ");
+    }
+    out.put_slice(origin.peer_text.as_bytes());
+    out.put_slice(b"\r\nforwarded: ");
+    if !chain.forwarded.is_empty() {
+        out.put_slice(&chain.forwarded);
+        out.put_slice(b", ");
+    }
+    put_forwarded_element(out, origin, host);
     out.put_slice(b"\r\n");
     wire::put_field(out, &X_FORWARDED_PROTO, origin.proto.as_bytes());
-    wire::put_field(out, &X_FORWARDED_HOST, host.as_bytes());
+    if let Some(host) = host {
+        wire::put_field(out, &X_FORWARDED_HOST, host.as_bytes());
+    }
     wire::put_field(out, &header::VIA, via(origin.version).as_bytes());
 }
 
@@ -269,22 +243,6 @@ fn forwarded_host(s: &str) -> Option<HostForm> {
         Some(HostForm::Quoted)
     } else {
         None
-    }
-}
-
-/// Appends `value` to a comma-separated list header, joining existing lines
-/// into one so upstreams that read only the first line see the whole chain.
-fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    let mut joined = String::new();
-    for existing in headers.get_all(name) {
-        if let Ok(s) = existing.to_str() {
-            joined.push_str(s);
-            joined.push_str(", ");
-        }
-    }
-    joined.push_str(value);
-    if let Ok(v) = HeaderValue::from_str(&joined) {
-        headers.insert(name.clone(), v);
     }
 }
 
@@ -337,42 +295,15 @@ mod tests {
     }
 
     #[test]
-    fn appends_forwarding_chain() {
-        let mut h = HeaderMap::new();
-        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
-        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
-        let host = HeaderValue::from_static("api.local:8082");
-        add_forwarding(
-            &mut h,
-            &Origin {
-                peer: "::1".parse().unwrap(),
-                peer_text: &HeaderValue::from_static("::1"),
-                proto: "http",
-                host: Some(&host),
-                version: Version::HTTP_11,
-            },
-        );
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, ::1");
-        assert_eq!(
-            h[&FORWARDED],
-            "for=\"[::1]\";proto=http;host=\"api.local:8082\""
-        );
-        assert_eq!(h[&X_FORWARDED_PROTO], "http");
-        assert_eq!(h[&X_FORWARDED_HOST], "api.local:8082");
-        assert_eq!(h[header::VIA], "1.1 tollgate");
-    }
-
-    #[test]
-    fn direct_path_forwarding_lines() {
+    fn forwarding_lines() {
         let origin = Origin {
             peer: "10.1.2.3".parse().unwrap(),
             peer_text: &HeaderValue::from_static("10.1.2.3"),
             proto: "https",
-            host: None,
             version: Version::HTTP_11,
         };
         let mut out = BytesMut::new();
-        put_forwarding(&mut out, &origin, "api.local:8082");
+        put_forwarding(&mut out, &origin, Some("api.local:8082"), &Chain::default());
         assert_eq!(
             &out[..],
             b"x-forwarded-for: 10.1.2.3\r\nforwarded: for=10.1.2.3;proto=https;host=\"api.local:8082\"\r\n\
@@ -384,7 +315,7 @@ mod tests {
             ("[::1]", "host=\"[::1]\""),
         ] {
             let mut out = BytesMut::new();
-            put_forwarding(&mut out, &origin, host);
+            put_forwarding(&mut out, &origin, Some(host), &Chain::default());
             let text = String::from_utf8(out.to_vec()).unwrap();
             assert!(
                 text.contains(&format!("proto=https;{element}\r\n")),
@@ -394,7 +325,7 @@ mod tests {
         // Anything else would need escapes: it is left out.
         for host in ["a b", "a\"b", "a,b", "(x)", "a\\b", ""] {
             let mut out = BytesMut::new();
-            put_forwarding(&mut out, &origin, host);
+            put_forwarding(&mut out, &origin, Some(host), &Chain::default());
             assert!(
                 out.starts_with(
                     b"x-forwarded-for: 10.1.2.3\r\nforwarded: for=10.1.2.3;proto=https\r\n"

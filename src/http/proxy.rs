@@ -1,80 +1,59 @@
-//! Forwarding to the route's upstream pool: header hygiene, target choice,
-//! timeout, bounded retries, passive health reports, upgrade pass-through.
+//! Forwarding to the route's upstream pool: target choice, timeout, bounded
+//! retries, passive health reports, upgrade pass-through.
 
 use std::future::Future;
 use std::future::poll_fn;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderValue};
-use http::request::Parts;
 use http::uri::{Parts as UriParts, PathAndQuery};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::Body as _;
+use http::{Method, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Sleep;
-use tower::Service;
 
-use super::RequestCtx;
 use super::body::{ClientBody, ProxyBody, RequestBody, RequestBodyError};
 use super::error::GatewayError;
-use super::headers::{self, Origin};
+use super::headers;
 use super::router::Route;
 use super::upstream::{
-    H1Error, InflightGuard, SendError, Sender, Target, UpstreamBody, UpstreamClients, send_head,
+    InflightGuard, RequestFraming, SendError, Sender, Target, UpstreamBody, UpstreamClients,
+    send_encoded,
 };
+use super::wire;
 use crate::config::UpstreamProtocol;
 use crate::transport::ConnState;
-
-/// The last stage: forwards with this worker's upstream clients.
-#[derive(Clone)]
-pub struct Proxy {
-    clients: Arc<UpstreamClients>,
-}
-
-impl Proxy {
-    pub fn new(clients: Arc<UpstreamClients>) -> Proxy {
-        Proxy { clients }
-    }
-}
-
-type ProxyFuture =
-    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, GatewayError>> + Send + 'static>>;
-
-impl Service<Request<ClientBody>> for Proxy {
-    type Response = Response<ProxyBody>;
-    type Error = GatewayError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<ClientBody>) -> ProxyFuture {
-        let ctx = req.extensions_mut().remove::<RequestCtx>();
-        let clients = self.clients.clone();
-        Box::pin(async move {
-            let mut ctx = ctx.ok_or(GatewayError::NoRoute)?;
-            if let Some((server, ep)) = ctx.endpoint.take() {
-                return Ok(server
-                    .handle(ep, req, ctx.conn.peer.ip(), ctx.conn.peer_cert.as_deref())
-                    .await);
-            }
-            let route = ctx.route.clone().ok_or(GatewayError::NoRoute)?;
-            forward_http(&clients, &ctx.conn, &route, req).await
-        })
-    }
-}
 
 pub(super) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
+}
+
+/// How the request body is framed for the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Framing {
+    /// As the client's `Content-Length` (kept in the fields) says; 0 when
+    /// there is no body.
+    Length(u64),
+    /// A length the client did not declare (HTTP/2), added by this hop.
+    Declare(u64),
+    /// Chunked, added by this hop.
+    Chunked,
+}
+
+impl From<Framing> for RequestFraming {
+    fn from(f: Framing) -> RequestFraming {
+        match f {
+            Framing::Length(n) | Framing::Declare(n) => RequestFraming::Length(n),
+            Framing::Chunked => RequestFraming::Chunked,
+        }
+    }
 }
 
 /// How an attempt ended when it did not produce a usable response.
@@ -84,44 +63,27 @@ struct Failure {
     retryable: bool,
 }
 
-/// What goes to the target, attempt after attempt.
-// One per request, made in place and never moved about: the size of its
-// larger variant costs nothing.
-#[allow(clippy::large_enum_variant)]
-pub(super) enum Outgoing<'a> {
-    /// An `http` request, readied by [`forward`].
-    Http {
-        parts: Parts,
-        body: Option<ClientBody>,
-        client_upgrade: Option<OnUpgrade>,
-        /// The client's Host, when the route keeps it.
-        kept_host: Option<HeaderValue>,
-        path: PathAndQuery,
-    },
-    /// A body-less request from the direct path, its head written but for
-    /// the request line and Host (which depend on the target).
-    Encoded {
-        method: &'a Method,
-        path: &'a str,
-        /// The client's Host, when the route keeps it.
-        host: Option<&'a [u8]>,
-        fields: &'a [u8],
-    },
+/// What goes to the target, attempt after attempt: the head written but
+/// for the request line and Host (which depend on the target).
+pub(super) struct Outgoing<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    /// The client's authority, when the route keeps it as the Host.
+    pub host: Option<&'a [u8]>,
+    /// Header field lines, CRLF-terminated, framing included.
+    pub fields: &'a [u8],
+    /// `None` when the request has no body.
+    pub body: Option<ClientBody>,
+    pub framing: Framing,
+    /// The client's side of an upgrade the route allows.
+    pub client_upgrade: Option<OnUpgrade>,
+    /// The response may keep its target's field lines as they came.
+    pub wire_response: bool,
 }
 
 impl Outgoing<'_> {
-    fn method(&self) -> &Method {
-        match self {
-            Outgoing::Http { parts, .. } => &parts.method,
-            Outgoing::Encoded { method, .. } => method,
-        }
-    }
-
     fn replayable(&self) -> bool {
-        match self {
-            Outgoing::Http { body, .. } => body.as_ref().is_none_or(|b| b.is_end_stream()),
-            Outgoing::Encoded { .. } => true,
-        }
+        self.body.is_none()
     }
 
     /// Sends one attempt to `target`.
@@ -129,124 +91,64 @@ impl Outgoing<'_> {
         &mut self,
         sender: Sender<'_>,
         target: &Target,
-        replayable: bool,
+        protocol: UpstreamProtocol,
         body_limit: usize,
-    ) -> Result<Result<Response<UpstreamBody>, SendError>, GatewayError> {
-        match self {
-            Outgoing::Http {
-                parts,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let host = self.host.unwrap_or(target.host_header.as_bytes());
+        let body = match self.body.take() {
+            Some(b) => RequestBody::streaming(b, body_limit),
+            None => RequestBody::empty(),
+        };
+        if let Some(proxy) = sender.direct() {
+            let mut head = BytesMut::with_capacity(
+                self.method.as_str().len() + self.path.len() + host.len() + self.fields.len() + 32,
+            );
+            head.put_slice(self.method.as_str().as_bytes());
+            head.put_u8(b' ');
+            head.put_slice(self.path.as_bytes());
+            head.put_slice(b" HTTP/1.1\r\nhost: ");
+            head.put_slice(host);
+            head.put_slice(b"\r\n");
+            head.put_slice(self.fields);
+            head.put_slice(b"\r\n");
+            // Awaited where it is made: a binding would hold a second
+            // copy of the future in this one.
+            return send_encoded(
+                target.addr,
+                head.freeze(),
                 body,
-                kept_host,
-                path,
-                ..
-            } => {
-                // HTTP/1.1 needs a Host: the target's unless the client's is kept.
-                let host = kept_host
-                    .clone()
-                    .unwrap_or_else(|| target.host_header.clone());
-                parts.headers.insert(header::HOST, host);
-                let mut uri = UriParts::default();
-                if let Some(scheme) = sender.scheme() {
-                    uri.scheme = Some(scheme);
-                    uri.authority = Some(target.uri_authority.clone());
-                }
-                uri.path_and_query = Some(path.clone());
-                parts.uri = Uri::from_parts(uri).map_err(|e| GatewayError::UpstreamProtocol {
-                    target: target.addr.to_string(),
-                    detail: format!("cannot build the upstream URI: {e}"),
-                })?;
-                let upstream_body = match body.take() {
-                    Some(b) if !replayable => RequestBody::streaming(b, body_limit),
-                    _ => RequestBody::empty(),
-                };
-                Ok(sender.send(target.addr, parts, upstream_body).await)
-            }
-            Outgoing::Encoded {
-                method,
-                path,
-                host,
-                fields,
-            } => {
-                let host = host.unwrap_or(target.host_header.as_bytes());
-                let mut head = BytesMut::with_capacity(
-                    method.as_str().len() + path.len() + host.len() + fields.len() + 32,
-                );
-                head.put_slice(method.as_str().as_bytes());
-                head.put_u8(b' ');
-                head.put_slice(path.as_bytes());
-                head.put_slice(b" HTTP/1.1\r\nhost: ");
-                head.put_slice(host);
-                head.put_slice(b"\r\n");
-                head.put_slice(fields);
-                head.put_slice(b"\r\n");
-                let Some(proxy) = sender.direct() else {
-                    return Ok(Err(SendError::Direct(H1Error::Invalid(
-                        "an encoded head goes to plain HTTP/1.1 targets only",
-                    ))));
-                };
-                // Awaited where it is made: a binding would hold a second
-                // copy of the future in this one.
-                Ok(send_head(target.addr, head.freeze(), method, proxy)
-                    .await
-                    .map(|r| r.map(UpstreamBody::H1))
-                    .map_err(SendError::from))
-            }
+                self.framing.into(),
+                self.method,
+                proxy,
+                self.wire_response,
+            )
+            .await
+            .map(|r| r.map(UpstreamBody::H1))
+            .map_err(SendError::from);
         }
+        // hyper's clients (TLS, HTTP/2, upgrades) take a header map.
+        let mut request = http::Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.version_mut() = match protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
+        };
+        let mut map = wire::parse_lines(self.fields);
+        if let Ok(host) = HeaderValue::from_bytes(host) {
+            map.insert(header::HOST, host);
+        }
+        *request.headers_mut() = map;
+        let mut uri = UriParts::default();
+        uri.scheme = Some(sender.scheme().unwrap_or(http::uri::Scheme::HTTP));
+        uri.authority = Some(target.uri_authority.clone());
+        uri.path_and_query = Some(
+            PathAndQuery::try_from(self.path).unwrap_or_else(|_| PathAndQuery::from_static("/")),
+        );
+        if let Ok(uri) = Uri::from_parts(uri) {
+            *request.uri_mut() = uri;
+        }
+        sender.send(request).await
     }
-}
-
-/// Readies an `http` request for its target (hop-by-hop headers out,
-/// forwarding headers in) and forwards it.
-async fn forward_http(
-    clients: &UpstreamClients,
-    conn: &Arc<ConnState>,
-    route: &Arc<Route>,
-    mut req: Request<ClientBody>,
-) -> Result<Response<ProxyBody>, GatewayError> {
-    let upgrade = headers::is_upgrade_request(req.method(), req.version(), req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    let path = route.upstream_path(&parts.uri);
-    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    headers::add_forwarding(
-        &mut parts.headers,
-        &Origin {
-            peer: conn.peer.ip(),
-            peer_text: &conn.peer_ip,
-            proto: conn.listener.scheme,
-            host: original_host.as_ref(),
-            version: parts.version,
-        },
-    );
-    parts.version = match route.pool.config.protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
-    };
-    let mut outgoing = Outgoing::Http {
-        parts,
-        body: Some(body),
-        client_upgrade,
-        kept_host: original_host.filter(|_| route.preserve_host),
-        path,
-    };
-    let start = Instant::now();
-    let deadline = pin!(tokio::time::sleep_until(start.into()));
-    forward(
-        clients,
-        conn,
-        route,
-        &mut outgoing,
-        upgrade,
-        start,
-        deadline,
-    )
-    .await
 }
 
 /// How far past its deadline an attempt may be timed out (timeouts are
@@ -265,7 +167,6 @@ pub(super) async fn forward(
     route: &Arc<Route>,
     // Borrowed: taken by value, it would sit in this future twice.
     outgoing: &mut Outgoing<'_>,
-    upgrade: bool,
     start: Instant,
     mut deadline: Pin<&mut Sleep>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
@@ -275,7 +176,8 @@ pub(super) async fn forward(
     // once the first attempt has taken it.
     let replayable = outgoing.replayable();
     let body_limit = conn.listener.limits.max_body_bytes.as_usize();
-    let idempotent = is_idempotent(outgoing.method());
+    let idempotent = is_idempotent(outgoing.method);
+    let upgrade = outgoing.client_upgrade.is_some();
 
     let mut attempt: u32 = 0;
     let mut previous: Option<Arc<Target>> = None;
@@ -302,7 +204,7 @@ pub(super) async fn forward(
         let may_retry = replayable && attempt < route.retries;
         let sender = clients.sender(target, pool.config.protocol, upgrade);
         let sent = {
-            let mut send = pin!(outgoing.send(sender, target, replayable, body_limit));
+            let mut send = pin!(outgoing.send(sender, target, pool.config.protocol, body_limit));
             poll_fn(|cx| match send.as_mut().poll(cx) {
                 Poll::Ready(sent) => Poll::Ready(Ok(sent)),
                 Poll::Pending => deadline.as_mut().poll(cx).map(Err),
@@ -310,8 +212,7 @@ pub(super) async fn forward(
             .await
         };
         let failure = match sent {
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(Ok(resp))) => {
+            Ok(Ok(resp)) => {
                 let status = resp.status();
                 let gateway_error = matches!(
                     status,
@@ -322,10 +223,7 @@ pub(super) async fn forward(
                 pool.report(target, !gateway_error);
                 let retry_status = route.retry_on_status.contains(&status);
                 if !(retry_status && idempotent && may_retry) {
-                    let client_upgrade = match outgoing {
-                        Outgoing::Http { client_upgrade, .. } => client_upgrade.take(),
-                        Outgoing::Encoded { .. } => None,
-                    };
+                    let client_upgrade = outgoing.client_upgrade.take();
                     return respond(resp, inflight, client_upgrade, conn, route);
                 }
                 route.metrics.upstream_status.inc();
@@ -337,7 +235,7 @@ pub(super) async fn forward(
                     retryable: true,
                 }
             }
-            Ok(Ok(Err(e))) => {
+            Ok(Err(e)) => {
                 let failure = classify(&e, target, idempotent && replayable)?;
                 pool.report(target, false);
                 if matches!(failure.error, GatewayError::UpstreamConnect { .. }) {

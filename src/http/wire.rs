@@ -8,19 +8,21 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
-use super::body::ClientBody;
 use super::router::FieldLookup;
 
 /// A parsed header: its name, and where its value lies in the parsed buffer.
 pub type Field = (HeaderName, Range<usize>);
 
-/// A body-less HTTP/1.1 request head as read off the wire: its bytes, and
-/// where its fields lie in them.
+/// A request head in wire form: its bytes, and where its fields' values
+/// lie in them. tollgate's HTTP/1 loop keeps the head as read; a request
+/// hyper read is written into this form ([`RequestHead::from_parts`]).
 pub struct RequestHead {
     pub head: Bytes,
     pub method: Method,
-    /// Origin-form; shares `head`.
+    /// As the client sent it (origin-form, absolute-form, or the URI of an
+    /// HTTP/2 request); shares `head` when read by the loop.
     pub uri: Uri,
+    pub version: Version,
     pub fields: Vec<Field>,
 }
 
@@ -37,19 +39,35 @@ impl RequestHead {
             .map(|f| self.value(f))
     }
 
-    /// As an `http` request, the form the tower stack takes; `Err` gives
-    /// the head back if `http` refuses one of its values.
-    pub fn into_request(self) -> Result<Request<ClientBody>, Bytes> {
-        let capacity = self.fields.len() + 8;
-        let Some(headers) = header_map(&self.head, self.fields, capacity) else {
-            return Err(self.head);
-        };
-        let mut request = Request::new(ClientBody::Empty);
-        *request.method_mut() = self.method;
-        *request.uri_mut() = self.uri;
-        *request.version_mut() = Version::HTTP_11;
+    /// A request hyper read, in wire form: its field values laid end to end.
+    pub fn from_parts(parts: http::request::Parts) -> RequestHead {
+        let size = parts.headers.iter().map(|(_, v)| v.len()).sum();
+        let mut values = BytesMut::with_capacity(size);
+        let mut fields = Vec::with_capacity(parts.headers.len());
+        for (name, value) in &parts.headers {
+            let start = values.len();
+            values.put_slice(value.as_bytes());
+            fields.push((name.clone(), start..values.len()));
+        }
+        RequestHead {
+            head: values.freeze(),
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            fields,
+        }
+    }
+
+    /// As an `http` request with `body`, for a service served on the
+    /// listener (the token server); `None` if `http` refuses a value.
+    pub fn to_request<B>(&self, body: B) -> Option<Request<B>> {
+        let headers = header_map(&self.head, self.fields.iter().cloned(), self.fields.len())?;
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
         *request.headers_mut() = headers;
-        Ok(request)
+        Some(request)
     }
 }
 
@@ -153,6 +171,26 @@ impl ResponseLines {
             .iter()
             .map(|&(start, end)| &self.head[start as usize..end as usize])
     }
+}
+
+/// The header map of field lines this hop wrote (`name: value\r\n`
+/// each), for the clients that take a map; a line `http` refuses is left
+/// out (none is: every value was checked where it was written or read).
+pub fn parse_lines(lines: &[u8]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(16);
+    for line in lines.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
+            map.append(name, value);
+        }
+    }
+    map
 }
 
 /// One Content-Length value: decimal digits, optionally padded.

@@ -1,14 +1,13 @@
 //! tollgate's own HTTP/1.1 server loop for plain-TCP connections, for the
 //! common request: a complete head in the buffer, no body, no upgrade. It
-//! runs the request on the direct path when it qualifies (`http::direct`),
-//! or through the same stack as hyper does, and writes the response from
-//! the connection's own task, with no per-connection dispatcher in between.
+//! runs the request through the gateway's one pipeline and writes the
+//! response from the connection's own task, with no per-connection
+//! dispatcher in between.
 //! Anything else (a body, `Expect`, an upgrade, HTTP/1.0, a head split over
 //! reads, a malformed head) hands the connection with what it has read over
 //! to hyper, which serves it from then on.
 
 use std::cell::Cell;
-use std::convert::Infallible;
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
@@ -46,7 +45,7 @@ pub(super) enum Ended {
 pub(super) async fn serve(
     mut io: TcpStream,
     state: Arc<ConnState>,
-    mut entry: HttpEntry,
+    entry: HttpEntry,
     shutdown: &Shutdown,
 ) -> Ended {
     let limits = &state.listener.limits;
@@ -91,25 +90,13 @@ pub(super) async fn serve(
         served = true;
         let head = parsed.request.method == Method::HEAD;
         let close = parsed.close || shutdown.drain.started();
-        // The direct path when the request qualifies, the stack otherwise.
         let request = parsed.request;
-        let response = match entry.plan(&request, &mut memo) {
-            Some(mut plan) => {
-                run(
-                    pin!(entry.direct(&request, &mut plan, &memo, deadline.as_mut())),
-                    &io,
-                    &mut buf,
-                )
-                .await
-            }
-            None => match request.into_request() {
-                Ok(request) => run(pin!(entry.dispatch(request)), &io, &mut buf).await,
-                Err(head) => {
-                    give_back(&mut buf, &head);
-                    return Ended::HandOff(io, buf.freeze());
-                }
-            },
-        };
+        let response = run(
+            pin!(entry.serve(&request, &mut memo, deadline.as_mut())),
+            &io,
+            &mut buf,
+        )
+        .await;
         let Some(response) = response else {
             tracing::debug!(listener = %state.listener.name, peer = %state.peer,
                 "client closed the connection; request cancelled");
@@ -152,17 +139,14 @@ const MAX_READ_AHEAD: usize = 64 * 1024;
 /// The request comes pinned where it was made: moving it in by value would
 /// copy it, and keep a second slot for it in this future.
 async fn run(
-    mut request: Pin<&mut impl Future<Output = Result<Response<ProxyBody>, Infallible>>>,
+    mut request: Pin<&mut impl Future<Output = Response<ProxyBody>>>,
     io: &TcpStream,
     buf: &mut BytesMut,
 ) -> Option<Response<ProxyBody>> {
     loop {
         tokio::select! {
             biased;
-            response = &mut request => return Some(match response {
-                Ok(r) => r,
-                Err(never) => match never {},
-            }),
+            response = &mut request => return Some(response),
             // Readiness only: no read is tried until the socket has news.
             // The socket's own reader slot is watched (`readable()` would
             // add and remove a waiter under a lock each time), and it is
@@ -238,6 +222,7 @@ fn parse_request(buf: &mut BytesMut) -> Option<Parsed> {
                 head,
                 method,
                 uri,
+                version: Version::HTTP_11,
                 fields,
             },
             close,

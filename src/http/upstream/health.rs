@@ -84,8 +84,7 @@ async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> 
     else {
         return false;
     };
-    let (parts, body) = req.into_parts();
-    match tokio::time::timeout(hc.timeout, sender.send(target.addr, &parts, body)).await {
+    match tokio::time::timeout(hc.timeout, sender.send(req)).await {
         Ok(Ok(resp)) => {
             let status = resp.status();
             status.is_success() || status.is_redirection()

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
-use http::request::Parts;
 use http::uri::Authority;
 use http::uri::Scheme;
 use http::{Request, Response};
@@ -26,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::ServerName;
 
 pub use budget::RetryBudget;
-pub use h1::{H1Body, H1Error, send_head, start_worker_pool};
+pub use h1::{H1Body, H1Error, RequestFraming, send_encoded, start_worker_pool};
 
 use super::body::{BoxError, RequestBody};
 use crate::config::{
@@ -123,35 +122,25 @@ impl SendError {
 }
 
 impl<'a> Sender<'a> {
-    /// Sends to `addr`. A `Direct` response body returns its connection to
-    /// the pool once read to the end.
-    /// `parts` are borrowed: our own client writes them out as they are, so
-    /// a request that may be retried needs no copy of its headers.
+    /// Sends to `addr` with hyper's client; `Direct` requests go by
+    /// [`send_encoded`] instead.
     pub async fn send(
         &self,
-        addr: SocketAddr,
-        parts: &Parts,
-        body: RequestBody,
+        request: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let owned = |body| {
-            let mut req = Request::new(body);
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = parts.uri.clone();
-            *req.version_mut() = parts.version;
-            *req.headers_mut() = parts.headers.clone();
-            req
-        };
         Ok(match self {
-            Sender::Direct(proxy) => h1::send(addr, parts, body, proxy)
-                .await?
-                .map(UpstreamBody::H1),
-            Sender::Pooled(c) => c.request(owned(body)).await?.map(UpstreamBody::Hyper),
-            Sender::Tls(c) => c.request(owned(body)).await?.map(UpstreamBody::Hyper),
+            Sender::Direct(_) => {
+                return Err(SendError::Direct(H1Error::Invalid(
+                    "our own client takes encoded heads only",
+                )));
+            }
+            Sender::Pooled(c) => c.request(request).await?.map(UpstreamBody::Hyper),
+            Sender::Tls(c) => c.request(request).await?.map(UpstreamBody::Hyper),
         })
     }
 
     /// Our own client's settings, when it carries the request: only it
-    /// takes a head encoded already (`h1::send_head`).
+    /// takes a head encoded already (`h1::send_encoded`).
     pub fn direct(&self) -> Option<&'a ProxyConfig> {
         match self {
             Sender::Direct(proxy) => Some(proxy),

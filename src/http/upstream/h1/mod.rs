@@ -16,8 +16,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::Either;
-use http::request::Parts;
 use http::{Method, Response};
 use http_body::Body as _;
 use rustc_hash::FxHashMap;
@@ -27,7 +25,8 @@ use super::TCP_KEEPALIVE;
 use crate::config::ProxyConfig;
 use crate::http::body::{RequestBody, RequestBodyError};
 use crate::http::proxy::is_idempotent;
-use request::{RequestFraming, RequestWriter};
+pub use request::RequestFraming;
+use request::RequestWriter;
 pub use response::H1Body;
 
 /// An open connection to a target, with what has been read from it and not
@@ -83,45 +82,27 @@ pub enum H1Error {
     Body(#[source] RequestBodyError),
 }
 
-/// Sends `req` to `addr` on an idle connection of this thread, or a new one.
-/// An idempotent request without body that finds its pooled connection
-/// closed before any response came is sent again on a new connection: the
-/// target closed an idle connection just as it was reused.
-pub fn send<'a>(
-    addr: SocketAddr,
-    parts: &'a Parts,
-    body: RequestBody,
-    proxy: &'a ProxyConfig,
-) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
-    let mut head = BytesMut::with_capacity(256 + parts.headers.len() * 32);
-    let framing = match request::encode_head(parts, &body, &mut head) {
-        Ok(framing) => framing,
-        Err(e) => return Either::Left(std::future::ready(Err(e))),
-    };
-    let resendable = body.is_end_stream() && is_idempotent(&parts.method);
-    let writer = RequestWriter::new(head.freeze(), body, framing);
-    Either::Right(send_with(
-        addr,
-        writer,
-        resendable,
-        &parts.method,
-        proxy,
-        false,
-    ))
-}
-
-/// Sends a request without body whose head is encoded already; an ordinary
-/// response keeps its fields as they came (`wire::ResponseLines`).
-// These two are plain functions returning `send_with`'s future: an async
-// wrapper would add a layer that copies the future into itself.
-pub fn send_head<'a>(
+/// Sends a request whose head is encoded already (framed as `framing`
+/// says) to `addr`, on an idle connection of this thread or a new one.
+/// With `wire`, an ordinary response keeps its fields as they came
+/// (`wire::ResponseLines`). An idempotent request without body that finds
+/// its pooled connection closed before any response came is sent again on
+/// a new connection: the target closed an idle connection just as it was
+/// reused.
+// A plain function returning `send_with`'s future: an async wrapper would
+// add a layer that copies the future into itself.
+pub fn send_encoded<'a>(
     addr: SocketAddr,
     head: Bytes,
+    body: RequestBody,
+    framing: RequestFraming,
     method: &'a Method,
     proxy: &'a ProxyConfig,
+    wire: bool,
 ) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
-    let writer = RequestWriter::new(head, RequestBody::empty(), RequestFraming::Length(0));
-    send_with(addr, writer, is_idempotent(method), method, proxy, true)
+    let resendable = body.is_end_stream() && is_idempotent(method);
+    let writer = RequestWriter::new(head, body, framing);
+    send_with(addr, writer, resendable, method, proxy, wire)
 }
 
 async fn send_with(

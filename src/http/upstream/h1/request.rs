@@ -6,9 +6,7 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header;
-use http::request::Parts;
+use bytes::{Buf, Bytes};
 use http_body::Body;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
@@ -19,7 +17,7 @@ use crate::http::wire;
 
 /// How a request's body is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum RequestFraming {
+pub enum RequestFraming {
     Chunked,
     /// The length the head declares (none declared: no body).
     Length(u64),
@@ -27,50 +25,6 @@ pub(super) enum RequestFraming {
 
 const LONGER: &str = "longer than its content-length";
 const SHORTER: &str = "shorter than its content-length";
-
-/// Encodes the request line and headers, and says how the body goes:
-/// chunked when it has content but no declared length. A declared length
-/// that is not one number (which the client readers never let through) is
-/// refused rather than sent on beside a framing of our own.
-pub(super) fn encode_head(
-    parts: &Parts,
-    body: &RequestBody,
-    out: &mut BytesMut,
-) -> Result<RequestFraming, H1Error> {
-    let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();
-    let declared = match lengths.next() {
-        None => None,
-        Some(first) => Some(
-            wire::length_value(first.as_bytes())
-                .filter(|_| lengths.all(|v| v == first))
-                .ok_or(H1Error::Body(RequestBodyError::Length(
-                    "declared by a content-length that is no single number",
-                )))?,
-        ),
-    };
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    out.put_slice(parts.method.as_str().as_bytes());
-    out.put_u8(b' ');
-    out.put_slice(target.as_bytes());
-    out.put_slice(b" HTTP/1.1\r\n");
-    wire::put_fields(out, &parts.headers);
-    let framing = match declared {
-        Some(n) => RequestFraming::Length(n),
-        None if body.is_end_stream() => RequestFraming::Length(0),
-        None => match body.size_hint().exact() {
-            Some(n) => {
-                wire::put_length_field(out, "content-length", n);
-                RequestFraming::Length(n)
-            }
-            None => {
-                out.put_slice(b"transfer-encoding: chunked\r\n");
-                RequestFraming::Chunked
-            }
-        },
-    };
-    out.put_slice(b"\r\n");
-    Ok(framing)
-}
 
 /// Writes a request to the target: the head, then the body as it streams
 /// in. Body data that is ready goes out in the same write as the head.
@@ -320,49 +274,6 @@ mod tests {
                 .await
                 .unwrap(),
             b"HEAD\r\n\r\n"
-        );
-    }
-
-    #[test]
-    fn a_declared_length_frames_the_body() {
-        let framing = |lengths: &[&str]| {
-            let mut req = http::Request::post("/");
-            for l in lengths {
-                req = req.header("content-length", *l);
-            }
-            let (parts, ()) = req.body(()).unwrap().into_parts();
-            encode_head(&parts, &RequestBody::empty(), &mut BytesMut::new())
-        };
-        assert_eq!(framing(&["7"]).unwrap(), RequestFraming::Length(7));
-        assert_eq!(framing(&["7", "7"]).unwrap(), RequestFraming::Length(7));
-        for bad in [&["7", "8"][..], &["abc"], &["7, 8"], &["-1"], &[""]] {
-            assert!(
-                matches!(
-                    framing(bad),
-                    Err(H1Error::Body(RequestBodyError::Length(_)))
-                ),
-                "{bad:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn the_head_is_origin_form_with_every_header() {
-        let (parts, ()) = http::Request::put("/a?b=1")
-            .header("host", "up")
-            .header("x-two", "1")
-            .header("x-two", "2")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let mut out = BytesMut::new();
-        assert_eq!(
-            encode_head(&parts, &RequestBody::empty(), &mut out).unwrap(),
-            RequestFraming::Length(0)
-        );
-        assert_eq!(
-            &out[..],
-            b"PUT /a?b=1 HTTP/1.1\r\nhost: up\r\nx-two: 1\r\nx-two: 2\r\n\r\n"
         );
     }
 }

@@ -1,0 +1,623 @@
+//! The one way through the gateway. Every request, whichever listener,
+//! HTTP version or codec read it, passes these steps, each written once and
+//! in this order:
+//!
+//! 1. read: a codec hands over the head in wire form ([`RequestHead`]) and
+//!    the body (tollgate's HTTP/1 loop, or hyper for HTTP/2);
+//! 2. canonicalise and check the listener's limits;
+//! 3. route (or a token server endpoint, served locally);
+//! 4. authenticate, per the route;
+//! 5. authorise by the route's policy, deny by default;
+//! 6. rewrite the header fields for the target;
+//! 7. forward to the route's pool;
+//! 8. log and count, and answer a failure with its JSON error.
+//!
+//! The head stays in wire form throughout: routing, credentials and the
+//! outgoing field block read the bytes the client sent, with no header map
+//! built (a map per request costs more than the rest of the proxying).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Response, Version};
+use hyper::upgrade::OnUpgrade;
+use tokio::time::Sleep;
+
+use super::access_log::{self, Entry};
+use super::auth::{self, Step, TokenMemo};
+use super::authz::{self, ANONYMOUS};
+use super::body::{ClientBody, ProxyBody};
+use super::error::GatewayError;
+use super::headers::{self, Chain, Origin, X_REQUEST_ID};
+use super::limits::{self, Sizes};
+use super::proxy::{self, Framing, Outgoing};
+use super::request_id;
+use super::router::{Route, RouteTable, host_name};
+use super::upstream::UpstreamClients;
+use super::wire::{self, RequestHead};
+use super::xfcc::{self, XFCC};
+use crate::authz::{Action, Effect};
+use crate::identity::Identity;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::oauth::OAuthServer;
+use crate::transport::ConnState;
+use std::pin::Pin;
+
+/// What every worker's pipeline shares.
+pub struct PipelineConfig {
+    pub table: Arc<ArcSwap<RouteTable>>,
+    /// The token server, on the listeners that serve it.
+    pub oauth: Arc<ArcSwapOption<OAuthServer>>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Arc<AtomicBool>,
+    /// Request metrics for requests that match no route.
+    pub unmatched: RouteMetrics,
+}
+
+impl PipelineConfig {
+    /// A worker's pipeline; `clients` are that worker's upstream connections.
+    pub fn build(&self, clients: UpstreamClients) -> Arc<Pipeline> {
+        Arc::new(Pipeline {
+            table: self.table.clone(),
+            oauth: self.oauth.clone(),
+            metrics: self.metrics.clone(),
+            access_log: self.access_log.clone(),
+            unmatched: self.unmatched.clone(),
+            clients,
+        })
+    }
+}
+
+/// One worker's way through the gateway.
+pub struct Pipeline {
+    table: Arc<ArcSwap<RouteTable>>,
+    oauth: Arc<ArcSwapOption<OAuthServer>>,
+    metrics: Arc<Metrics>,
+    access_log: Arc<AtomicBool>,
+    unmatched: RouteMetrics,
+    clients: UpstreamClients,
+}
+
+/// What a connection keeps from one request to the next.
+#[derive(Default)]
+pub struct ConnMemo {
+    /// The last `Authorization` field and whom it named.
+    tokens: TokenMemo,
+    /// The forwarding fields of the last Host: they differ between requests
+    /// on a connection only in the Host, which is almost always the same.
+    forwarding: BytesMut,
+    forwarding_host: Vec<u8>,
+}
+
+impl ConnMemo {
+    /// The forwarding lines for a request to `host` on `conn`, which sent
+    /// no forwarding chain of its own.
+    fn forwarding(&mut self, conn: &ConnState, version: Version, host: Option<&str>) -> &[u8] {
+        let key = host.unwrap_or_default().as_bytes();
+        if self.forwarding.is_empty() || self.forwarding_host != key {
+            self.forwarding.clear();
+            headers::put_forwarding(
+                &mut self.forwarding,
+                &origin(conn, version),
+                host,
+                &Chain::default(),
+            );
+            self.forwarding_host.clear();
+            self.forwarding_host.extend_from_slice(key);
+        }
+        &self.forwarding
+    }
+}
+
+fn origin(conn: &ConnState, version: Version) -> Origin<'_> {
+    Origin {
+        peer: conn.peer.ip(),
+        peer_text: &conn.peer_ip,
+        proto: conn.listener.scheme,
+        version,
+    }
+}
+
+/// What one pass over a head's fields found.
+struct Scan {
+    /// The Host fields' values (a range into the head); more than one is
+    /// refused.
+    host: Option<std::ops::Range<usize>>,
+    hosts: usize,
+    /// The client's one acceptable `x-request-id`.
+    request_id: Option<std::ops::Range<usize>>,
+    /// The one `Content-Length`, parsed.
+    content_length: Option<u64>,
+    transfer_encoding: bool,
+    /// Names the client's `Connection` fields list (besides `close`,
+    /// `keep-alive` and `upgrade`): hop-by-hop for this request.
+    connection_named: Vec<Bytes>,
+    /// Whether `Connection` has the `upgrade` token.
+    connection_upgrade: bool,
+    /// Name and value bytes of the fields, as the limits count them.
+    field_bytes: usize,
+}
+
+impl Scan {
+    fn of(req: &RequestHead) -> Scan {
+        let mut scan = Scan {
+            host: None,
+            hosts: 0,
+            request_id: None,
+            content_length: None,
+            transfer_encoding: false,
+            connection_named: Vec::new(),
+            connection_upgrade: false,
+            field_bytes: 0,
+        };
+        let mut ids = 0;
+        for field in &req.fields {
+            let value = req.value(field);
+            scan.field_bytes += field.0.as_str().len() + value.len() + 4;
+            match field.0 {
+                header::HOST => {
+                    scan.hosts += 1;
+                    scan.host.get_or_insert(field.1.clone());
+                }
+                header::CONTENT_LENGTH => scan.content_length = wire::length_value(value),
+                header::TRANSFER_ENCODING => scan.transfer_encoding = true,
+                header::CONNECTION => {
+                    for token in wire::list_elements(value) {
+                        if token.eq_ignore_ascii_case(b"upgrade") {
+                            scan.connection_upgrade = true;
+                        } else if !(token.eq_ignore_ascii_case(b"keep-alive")
+                            || token.eq_ignore_ascii_case(b"close"))
+                        {
+                            scan.connection_named.push(req.head.slice_ref(token));
+                        }
+                    }
+                }
+                ref name if *name == X_REQUEST_ID => {
+                    ids += 1;
+                    scan.request_id = Some(field.1.clone());
+                }
+                _ => {}
+            }
+        }
+        if ids != 1
+            || scan
+                .request_id
+                .as_ref()
+                .is_some_and(|r| !request_id::acceptable(&req.head[r.clone()]))
+        {
+            scan.request_id = None;
+        }
+        scan
+    }
+
+    /// Whether the client's `Connection` names this field.
+    fn named_by_connection(&self, name: &str) -> bool {
+        self.connection_named
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
+/// Who and what a request's log line and metrics name.
+#[derive(Default)]
+struct Outcome {
+    route: Option<Arc<Route>>,
+    endpoint: Option<Arc<OAuthServer>>,
+    identity: Option<Arc<Identity>>,
+}
+
+/// A request as a codec hands it over.
+pub struct Request<'a> {
+    pub head: &'a RequestHead,
+    pub body: ClientBody,
+    /// The client's side of a protocol switch, when hyper read the request.
+    pub upgrade: Option<OnUpgrade>,
+    /// The response may carry its target's field lines as they came
+    /// (tollgate's own HTTP/1 writer sends it); hyper needs a header map.
+    pub wire_response: bool,
+}
+
+impl Pipeline {
+    /// Runs one request through every step; failures are answered here.
+    /// `deadline` is the timer the request's attempts are timed with (a
+    /// connection that keeps one moves it along from request to request).
+    pub async fn serve(
+        &self,
+        conn: &Arc<ConnState>,
+        req: Request<'_>,
+        memo: &mut ConnMemo,
+        deadline: Pin<&mut Sleep>,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let head = req.head;
+        let scan = Scan::of(head);
+        let request_id = match &scan.request_id {
+            // Shares the head's bytes (`acceptable` checked them).
+            Some(id) => HeaderValue::from_maybe_shared(head.head.slice(id.clone()))
+                .unwrap_or_else(|_| request_id::generate()),
+            None => request_id::generate(),
+        };
+        let mut outcome = Outcome::default();
+        let result = self
+            .steps(
+                conn,
+                req,
+                &scan,
+                &request_id,
+                memo,
+                deadline,
+                start,
+                &mut outcome,
+            )
+            .await;
+        let (mut resp, error) = match result {
+            Ok(resp) => (resp, None),
+            Err(e) => (e.to_response(&request_id), Some(e)),
+        };
+        let (route, metrics) = match (&outcome.route, &outcome.endpoint) {
+            (Some(r), _) => (&*r.name, &r.metrics),
+            (None, Some(server)) => ("oauth", &server.metrics),
+            (None, None) => ("-", &self.unmatched),
+        };
+        access_log::record(
+            &Entry {
+                start,
+                conn: Some(conn),
+                route,
+                metrics,
+                request_id: &request_id,
+                method: &head.method,
+                path: self
+                    .access_log
+                    .load(Ordering::Relaxed)
+                    .then(|| head.uri.path()),
+            },
+            resp.status().as_u16(),
+            error.as_ref(),
+            outcome
+                .identity
+                .as_ref()
+                .map_or("-", |who| who.subject.as_str()),
+        );
+        match resp.body_mut().response_lines_mut() {
+            Some(lines) => lines.request_id = Some(request_id),
+            None => {
+                resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+            }
+        }
+        resp
+    }
+
+    // The steps borrow what `serve` keeps for the log: taken by value,
+    // each would sit in this future twice.
+    #[allow(clippy::too_many_arguments)]
+    async fn steps(
+        &self,
+        conn: &Arc<ConnState>,
+        req: Request<'_>,
+        scan: &Scan,
+        request_id: &HeaderValue,
+        memo: &mut ConnMemo,
+        deadline: Pin<&mut Sleep>,
+        start: Instant,
+        outcome: &mut Outcome,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        let head = req.head;
+        // 2. Canonical form and limits.
+        if scan.hosts > 1 {
+            return Err(GatewayError::BadHost("more than one Host field"));
+        }
+        let host_field = scan
+            .host
+            .as_ref()
+            .and_then(|r| std::str::from_utf8(&head.head[r.clone()]).ok());
+        let authority = head.uri.authority().map(|a| a.as_str()).or(host_field);
+        let path = head.uri.path();
+
+        // 3. Route, or a token server endpoint.
+        let endpoint = self.oauth.load().as_ref().and_then(|server| {
+            let ep = server.endpoint(&conn.listener.name, path)?;
+            Some((server.clone(), ep))
+        });
+        if endpoint.is_none() {
+            let table = self.table.load();
+            outcome.route = table
+                .find_by(&head.method, authority.and_then(host_name), path, head)
+                .cloned();
+        }
+        self.check_limits(conn, head, scan)?;
+        if let Some((server, ep)) = endpoint {
+            outcome.endpoint = Some(server.clone());
+            let request = head
+                .to_request(req.body)
+                .ok_or(GatewayError::BadHeader("a field value is not valid"))?;
+            // Boxed: the token server's future is large, and seldom here.
+            return Ok(Box::pin(server.handle(
+                ep,
+                request,
+                conn.peer.ip(),
+                conn.peer_cert.as_deref(),
+            ))
+            .await);
+        }
+        let route = outcome.route.as_ref().ok_or(GatewayError::NoRoute)?;
+
+        // 4. Who is calling.
+        let identity = authenticate(route, conn, head, &mut memo.tokens)
+            .await
+            .inspect_err(|_| route.metrics.unauthenticated.inc())?;
+        outcome.identity = identity;
+        let identity = &outcome.identity;
+
+        // 5. Whether the route's policy allows it.
+        let auth = &route.auth;
+        if let Some(policy) = &auth.policy {
+            let who = identity.as_deref().unwrap_or(&ANONYMOUS);
+            let decision = policy.evaluate(who, &Action::http(head.method.as_str(), path));
+            tracing::debug!(
+                route = %route.name, subject = %who.subject, via = who.method.as_str(),
+                rule = ?decision.rule, allowed = decision.allowed(), "policy decision"
+            );
+            if decision.effect == Effect::Deny {
+                route.metrics.denied.inc();
+                return Err(GatewayError::Forbidden {
+                    realm: auth.realm.clone(),
+                    bearer: auth.accept_jwt,
+                    scope: policy.scope_hint().to_owned(),
+                    rule: decision.rule,
+                    subject: who.subject.clone(),
+                });
+            }
+            route.metrics.allowed.inc();
+        } else if identity.is_some() {
+            route.metrics.allowed.inc();
+        }
+
+        // 6. The fields the target gets.
+        let upgrade = req.upgrade.is_some() && scan.connection_upgrade;
+        let body_follows = !http_body::Body::is_end_stream(&req.body);
+        let framing = match scan.content_length {
+            Some(n) if !scan.transfer_encoding => Framing::Length(n),
+            _ if !body_follows => Framing::Length(0),
+            _ => match http_body::Body::size_hint(&req.body).exact() {
+                Some(n) => Framing::Declare(n),
+                None => Framing::Chunked,
+            },
+        };
+        let fields = self.outgoing_fields(
+            conn,
+            head,
+            scan,
+            route,
+            identity.as_deref(),
+            memo,
+            request_id,
+            authority,
+            upgrade,
+            framing,
+        );
+
+        // 7. Forward.
+        let target_path = route.upstream_path(&head.uri);
+        let mut outgoing = Outgoing {
+            method: &head.method,
+            path: target_path.as_str(),
+            host: authority.filter(|_| route.preserve_host).map(str::as_bytes),
+            fields: &fields,
+            body: body_follows.then_some(req.body),
+            framing,
+            client_upgrade: req.upgrade.filter(|_| upgrade),
+            wire_response: req.wire_response,
+        };
+        // Not boxed: the allocation and the copy into it cost more than
+        // this future's one move into the connection's (measured).
+        proxy::forward(&self.clients, conn, route, &mut outgoing, start, deadline).await
+    }
+
+    fn check_limits(
+        &self,
+        conn: &ConnState,
+        head: &RequestHead,
+        scan: &Scan,
+    ) -> Result<(), GatewayError> {
+        let sizes = Sizes {
+            uri: head.uri.path_and_query().map_or(0, |pq| pq.as_str().len()),
+            fields: head.fields.len(),
+            field_bytes: scan.field_bytes,
+            declared_body: scan.content_length,
+            path: head.uri.path(),
+        };
+        limits::check_sizes(&conn.listener.limits, &sizes).inspect_err(|e| {
+            let limit = match e {
+                GatewayError::UriTooLong { .. } => "uri",
+                GatewayError::HeadersTooLarge { .. } => "headers",
+                GatewayError::BodyTooLarge { .. } => "body",
+                _ => "path",
+            };
+            self.metrics
+                .http_limit_exceeded
+                .with_label_values(&[&conn.listener.name, limit])
+                .inc();
+        })
+    }
+
+    /// The client's fields less those that do not travel on, then the
+    /// fields this hop sets. Hop-by-hop fields, and those the client's
+    /// `Connection` names, are dropped from what the client sent before
+    /// anything is added, so no client can remove what the gateway sets.
+    #[allow(clippy::too_many_arguments)]
+    fn outgoing_fields(
+        &self,
+        conn: &ConnState,
+        head: &RequestHead,
+        scan: &Scan,
+        route: &Route,
+        identity: Option<&Identity>,
+        memo: &mut ConnMemo,
+        request_id: &HeaderValue,
+        authority: Option<&str>,
+        upgrade: bool,
+        framing: Framing,
+    ) -> BytesMut {
+        let auth = &route.auth;
+        let mut out = BytesMut::with_capacity(head.head.len() + 256);
+        let mut chain = Chain::default();
+        for field in &head.fields {
+            let value = head.value(field);
+            let name = &field.0;
+            if *name == headers::X_FORWARDED_FOR {
+                join(&mut chain.forwarded_for, value);
+                continue;
+            }
+            if *name == headers::FORWARDED {
+                join(&mut chain.forwarded, value);
+                continue;
+            }
+            let keep = !(headers::replaced_by_forwarding(name)
+                || *name == X_REQUEST_ID
+                || auth.identity_headers.contains(name)
+                || (!auth.forward_token && *name == header::AUTHORIZATION)
+                || (*name == header::CONTENT_LENGTH && scan.transfer_encoding)
+                || (headers::is_hop_by_hop(name)
+                    && !(upgrade && *name == header::UPGRADE)
+                    && !(*name == header::TE && value.eq_ignore_ascii_case(b"trailers")))
+                || scan.named_by_connection(name.as_str()));
+            if keep {
+                wire::put_field(&mut out, name, value);
+            }
+        }
+        if chain.forwarded_for.is_empty() && chain.forwarded.is_empty() {
+            out.extend_from_slice(memo.forwarding(conn, head.version, authority));
+        } else {
+            headers::put_forwarding(&mut out, &origin(conn, head.version), authority, &chain);
+        }
+        if upgrade {
+            out.extend_from_slice(b"connection: upgrade\r\n");
+        }
+        match framing {
+            Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Framing::Declare(n) => wire::put_length_field(&mut out, "content-length", n),
+            Framing::Length(_) => {}
+        }
+        if let Some(who) = identity {
+            for (name, field) in &auth.forward_claims {
+                if let Some(value) = authz::render(who, field) {
+                    wire::put_field(&mut out, name, value.as_bytes());
+                }
+            }
+        }
+        if let Some(xfcc) = xfcc::for_connection(conn, auth.forward_client_cert) {
+            wire::put_field(&mut out, &XFCC, xfcc.as_bytes());
+        }
+        wire::put_field(&mut out, &X_REQUEST_ID, request_id.as_bytes());
+        out
+    }
+}
+
+/// Appends a list field's value to the values gathered so far.
+fn join(list: &mut Vec<u8>, value: &[u8]) {
+    if !list.is_empty() {
+        list.extend_from_slice(b", ");
+    }
+    list.extend_from_slice(value);
+}
+
+/// The caller, on routes that need credentials. A token validated before
+/// is answered without waiting; only a cache miss checks a signature.
+async fn authenticate(
+    route: &Route,
+    conn: &ConnState,
+    head: &RequestHead,
+    memo: &mut TokenMemo,
+) -> Result<Option<Arc<Identity>>, GatewayError> {
+    let auth = &route.auth;
+    if !auth.required() {
+        return Ok(None);
+    }
+    match auth::identify(auth, head, head.uri.query(), conn.peer_cert.clone(), memo)? {
+        Step::Done(identity) => Ok(Some(identity)),
+        Step::Validate {
+            provider,
+            token,
+            digest,
+            cert,
+            attach_cert,
+        } => {
+            // Boxed: a cache miss is rare, and its future large.
+            Box::pin(provider.validate(&token, &digest))
+                .await
+                .and_then(|id| auth::bound(id, cert.as_ref(), attach_cert))
+                .map(Some)
+                .map_err(|e| auth::invalid_token(auth, &provider, e))
+        }
+    }
+}
+
+/// The per-connection handle a listener serves with: the worker's
+/// pipeline and the connection's state. hyper calls it for the requests
+/// it reads (HTTP/2, and HTTP/1 the own loop hands over).
+#[derive(Clone)]
+pub struct HttpEntry {
+    pipeline: Arc<Pipeline>,
+    conn: Arc<ConnState>,
+}
+
+impl HttpEntry {
+    pub fn new(pipeline: Arc<Pipeline>, conn: Arc<ConnState>) -> Self {
+        HttpEntry { pipeline, conn }
+    }
+
+    /// Serves a request read by tollgate's own HTTP/1 loop; `deadline` is
+    /// the connection's request timer. Not counted as in flight: the loop
+    /// that runs it does not watch for idleness meanwhile.
+    pub fn serve<'a>(
+        &'a self,
+        head: &'a RequestHead,
+        memo: &'a mut ConnMemo,
+        deadline: Pin<&'a mut Sleep>,
+    ) -> impl Future<Output = Response<ProxyBody>> + 'a {
+        let req = Request {
+            head,
+            body: ClientBody::Empty,
+            upgrade: None,
+            wire_response: true,
+        };
+        self.pipeline.serve(&self.conn, req, memo, deadline)
+    }
+}
+
+type EntryFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send>>;
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for HttpEntry {
+    type Response = Response<ProxyBody>;
+    type Error = std::convert::Infallible;
+    type Future = EntryFuture;
+
+    fn call(&self, mut req: http::Request<hyper::body::Incoming>) -> EntryFuture {
+        let guard = self.conn.begin_request();
+        let upgrade = headers::is_upgrade_request(req.method(), req.version(), req.headers())
+            .then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let head = RequestHead::from_parts(parts);
+        let entry = self.clone();
+        Box::pin(async move {
+            let _guard = guard;
+            let req = Request {
+                head: &head,
+                body: ClientBody::Hyper(body),
+                upgrade,
+                wire_response: false,
+            };
+            let deadline = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
+            Ok(entry
+                .pipeline
+                .serve(&entry.conn, req, &mut ConnMemo::default(), deadline)
+                .await)
+        })
+    }
+}
