@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, Uri, Version};
 use tollgate::config::{self, Config};
+use tollgate::http::canonical;
 use tollgate::http::headers::{self, Chain, Origin};
 use tollgate::http::router::RouteTable;
 use tollgate::http::upstream::UpstreamClients;
@@ -44,29 +45,40 @@ fn table(routes: usize) -> RouteTable {
     })
 }
 
+/// A request's canonical form, then the most specific route for it: what
+/// the pipeline does to route.
+fn lookup(table: &RouteTable, headers: &HeaderMap, uri: &Uri) -> bool {
+    let host = headers
+        .get("host")
+        .and_then(|h| canonical::authority(h.to_str().ok()?).ok());
+    let Ok(path) = canonical::path(uri.path()) else {
+        return false;
+    };
+    table
+        .find_by(
+            &Method::GET,
+            host.as_ref().map(|h| &*h.host),
+            &path.path,
+            headers,
+        )
+        .is_some()
+}
+
 fn route_lookup(c: &mut Criterion) {
     let table = table(100);
     let mut headers = HeaderMap::new();
     headers.insert("host", HeaderValue::from_static("localhost:8082"));
     let hit: Uri = "/svc73/api/users/42?x=1".parse().expect("uri");
     let miss: Uri = "/nothing/here".parse().expect("uri");
+    let spelled: Uri = "/svc73//api/./users/%34%32?x=1".parse().expect("uri");
     c.bench_function("route_lookup/100_routes/hit", |b| {
-        b.iter(|| {
-            black_box(
-                table
-                    .find(&Method::GET, black_box(&hit), &headers)
-                    .is_some(),
-            )
-        })
+        b.iter(|| black_box(lookup(&table, &headers, black_box(&hit))))
     });
     c.bench_function("route_lookup/100_routes/miss", |b| {
-        b.iter(|| {
-            black_box(
-                table
-                    .find(&Method::GET, black_box(&miss), &headers)
-                    .is_some(),
-            )
-        })
+        b.iter(|| black_box(lookup(&table, &headers, black_box(&miss))))
+    });
+    c.bench_function("route_lookup/100_routes/hit_needing_canonical_form", |b| {
+        b.iter(|| black_box(lookup(&table, &headers, black_box(&spelled))))
     });
 }
 

@@ -436,6 +436,11 @@ pub struct RouteConfig {
     /// Forward the client's Host header instead of the target's host.
     #[serde(default)]
     pub preserve_host: bool,
+    /// A path holding an escaped `/` or `\` (`%2F`, `%5C`): `reject` (400,
+    /// the default) or `keep` (forwarded escaped; it never separates
+    /// segments, so it cannot select another route).
+    #[serde(default)]
+    pub encoded_slashes: EncodedSlashes,
     pub upstream: UpstreamConfig,
     /// What a caller must present: `none` (default), `jwt`, `mtls`, `any`
     /// (a JWT or a client certificate), `{any_of: [...]}`, `{all_of: [...]}`.
@@ -460,6 +465,14 @@ pub struct RouteConfig {
     /// A client-supplied copy of the header is always removed.
     #[serde(default)]
     pub forward_client_cert: ForwardClientCert,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodedSlashes {
+    #[default]
+    Reject,
+    Keep,
 }
 
 fn default_true() -> bool {

@@ -40,8 +40,8 @@ pub enum GatewayError {
     HeadersTooLarge { limit: usize, what: &'static str },
     #[error("request body exceeds {limit} bytes")]
     BodyTooLarge { limit: usize },
-    #[error("request path contains `.` or `..` segments")]
-    BadPath,
+    #[error("bad request path: {0}")]
+    BadPath(&'static str),
     #[error("bad Host: {0}")]
     BadHost(&'static str),
     #[error("bad header field: {0}")]
@@ -92,7 +92,7 @@ impl GatewayError {
             GatewayError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::BadPath
+            GatewayError::BadPath(_)
             | GatewayError::BadHost(_)
             | GatewayError::BadHeader(_)
             | GatewayError::ClientBody(_)
@@ -116,7 +116,7 @@ impl GatewayError {
             GatewayError::UriTooLong { .. } => "uri_too_long",
             GatewayError::HeadersTooLarge { .. } => "headers_too_large",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
-            GatewayError::BadPath => "bad_path",
+            GatewayError::BadPath(_) => "bad_path",
             GatewayError::BadHost(_) => "bad_host",
             GatewayError::BadHeader(_) => "bad_header",
             GatewayError::ClientBody(_) => "bad_request_body",
@@ -138,7 +138,7 @@ impl GatewayError {
             | GatewayError::UriTooLong { .. }
             | GatewayError::HeadersTooLarge { .. }
             | GatewayError::BodyTooLarge { .. }
-            | GatewayError::BadPath
+            | GatewayError::BadPath(_)
             | GatewayError::BadHost(_)
             | GatewayError::BadHeader(_)
             | GatewayError::ClientBody(_)

@@ -5,6 +5,7 @@ mod access_log;
 pub mod auth;
 pub mod authz;
 pub mod body;
+pub mod canonical;
 pub mod error;
 pub mod headers;
 mod limits;

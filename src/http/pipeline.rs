@@ -16,6 +16,7 @@
 //! outgoing field block read the bytes the client sent, with no header map
 //! built (a map per request costs more than the rest of the proxying).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -31,12 +32,13 @@ use super::access_log::{self, Entry};
 use super::auth::{self, Step, TokenMemo};
 use super::authz::{self, ANONYMOUS};
 use super::body::{ClientBody, ProxyBody};
+use super::canonical;
 use super::error::GatewayError;
 use super::headers::{self, Chain, Origin, X_REQUEST_ID};
 use super::limits::{self, Sizes};
 use super::proxy::{self, Framing, Outgoing};
 use super::request_id;
-use super::router::{Route, RouteTable, host_name};
+use super::router::{Route, RouteTable};
 use super::upstream::UpstreamClients;
 use super::wire::{self, RequestHead};
 use super::xfcc::{self, XFCC};
@@ -307,16 +309,12 @@ impl Pipeline {
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let head = req.head;
-        // 2. Canonical form and limits.
-        if scan.hosts > 1 {
-            return Err(GatewayError::BadHost("more than one Host field"));
-        }
-        let host_field = scan
-            .host
-            .as_ref()
-            .and_then(|r| std::str::from_utf8(&head.head[r.clone()]).ok());
-        let authority = head.uri.authority().map(|a| a.as_str()).or(host_field);
-        let path = head.uri.path();
+        // 2. The canonical form, which every later step reads.
+        let authority = request_authority(head, scan)?;
+        let host = authority.as_ref().map(|a| a.render());
+        let host = host.as_deref();
+        let canonical = canonical::path(head.uri.path()).map_err(GatewayError::BadPath)?;
+        let path = &*canonical.path;
 
         // 3. Route, or a token server endpoint.
         let endpoint = self.oauth.load().as_ref().and_then(|server| {
@@ -326,7 +324,12 @@ impl Pipeline {
         if endpoint.is_none() {
             let table = self.table.load();
             outcome.route = table
-                .find_by(&head.method, authority.and_then(host_name), path, head)
+                .find_by(
+                    &head.method,
+                    authority.as_ref().map(|a| &*a.host),
+                    path,
+                    head,
+                )
                 .cloned();
         }
         self.check_limits(conn, head, scan)?;
@@ -345,6 +348,11 @@ impl Pipeline {
             .await);
         }
         let route = outcome.route.as_ref().ok_or(GatewayError::NoRoute)?;
+        if canonical.encoded_slash && !route.keep_encoded_slashes {
+            return Err(GatewayError::BadPath(
+                "an escaped `/` or `\\` (`%2F`, `%5C`)",
+            ));
+        }
 
         // 4. Who is calling.
         let identity = authenticate(route, conn, head, &mut memo.tokens)
@@ -396,17 +404,28 @@ impl Pipeline {
             identity.as_deref(),
             memo,
             request_id,
-            authority,
+            host,
             upgrade,
             framing,
         );
 
-        // 7. Forward.
-        let target_path = route.upstream_path(&head.uri);
+        // 7. Forward: the canonical path (rewritten as the route says).
+        let query = head.uri.query();
+        let target = match (route.rewrite(path, query), &canonical.path) {
+            (Some(rewritten), _) => Cow::Owned(rewritten),
+            // As the client sent it, canonical already.
+            (None, Cow::Borrowed(_)) => {
+                Cow::Borrowed(head.uri.path_and_query().map_or("/", |pq| pq.as_str()))
+            }
+            (None, Cow::Owned(path)) => match query {
+                Some(q) => Cow::Owned(format!("{path}?{q}")),
+                None => Cow::Borrowed(path.as_str()),
+            },
+        };
         let mut outgoing = Outgoing {
             method: &head.method,
-            path: target_path.as_str(),
-            host: authority.filter(|_| route.preserve_host).map(str::as_bytes),
+            path: &target,
+            host: host.filter(|_| route.preserve_host).map(str::as_bytes),
             fields: &fields,
             body: body_follows.then_some(req.body),
             framing,
@@ -429,7 +448,6 @@ impl Pipeline {
             fields: head.fields.len(),
             field_bytes: scan.field_bytes,
             declared_body: scan.content_length,
-            path: head.uri.path(),
         };
         limits::check_sizes(&conn.listener.limits, &sizes).inspect_err(|e| {
             let limit = match e {
@@ -459,7 +477,7 @@ impl Pipeline {
         identity: Option<&Identity>,
         memo: &mut ConnMemo,
         request_id: &HeaderValue,
-        authority: Option<&str>,
+        host: Option<&str>,
         upgrade: bool,
         framing: Framing,
     ) -> BytesMut {
@@ -491,9 +509,9 @@ impl Pipeline {
             }
         }
         if chain.forwarded_for.is_empty() && chain.forwarded.is_empty() {
-            out.extend_from_slice(memo.forwarding(conn, head.version, authority));
+            out.extend_from_slice(memo.forwarding(conn, head.version, host));
         } else {
-            headers::put_forwarding(&mut out, &origin(conn, head.version), authority, &chain);
+            headers::put_forwarding(&mut out, &origin(conn, head.version), host, &chain);
         }
         if upgrade {
             out.extend_from_slice(b"connection: upgrade\r\n");
@@ -516,6 +534,45 @@ impl Pipeline {
         wire::put_field(&mut out, &X_REQUEST_ID, request_id.as_bytes());
         out
     }
+}
+
+/// The request's authority, canonical: the absolute-form target's or
+/// HTTP/2's `:authority` when there is one, the Host field's otherwise.
+/// HTTP/1.1 needs exactly one valid Host field even when the target names
+/// the authority (RFC 9112 §3.2); an HTTP/2 `host` field must name the
+/// same authority as `:authority` (RFC 9113 §8.3.1).
+fn request_authority<'a>(
+    head: &'a RequestHead,
+    scan: &Scan,
+) -> Result<Option<canonical::Authority<'a>>, GatewayError> {
+    if scan.hosts > 1 {
+        return Err(GatewayError::BadHost("more than one Host field"));
+    }
+    let field = match &scan.host {
+        Some(range) => Some(
+            std::str::from_utf8(&head.head[range.clone()])
+                .map_err(|_| GatewayError::BadHost("the Host field is not text"))
+                .and_then(|h| canonical::authority(h).map_err(GatewayError::BadHost))?,
+        ),
+        None if head.version == Version::HTTP_11 => {
+            return Err(GatewayError::BadHost(
+                "an HTTP/1.1 request needs a Host field",
+            ));
+        }
+        None => None,
+    };
+    let Some(target) = head.uri.authority() else {
+        return Ok(field);
+    };
+    let target = canonical::authority(target.as_str()).map_err(GatewayError::BadHost)?;
+    if head.version == Version::HTTP_2
+        && field
+            .as_ref()
+            .is_some_and(|f| f.render() != target.render())
+    {
+        return Err(GatewayError::BadHost("`:authority` and `host` differ"));
+    }
+    Ok(Some(target))
 }
 
 /// Appends a list field's value to the values gathered so far.

@@ -2,14 +2,15 @@
 //! is the most specific one: exact host before wildcard host before any host,
 //! then the longest path prefix, then routes with more method/header conditions.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::auth::RouteAuth;
+use super::canonical;
 use super::upstream::{UpstreamClients, UpstreamPool};
 use super::xfcc::XfccFields;
 use crate::authz::{Policy, Resource};
@@ -25,6 +26,8 @@ pub struct Route {
     /// Replacement for the matched prefix: `Some("")` strips it.
     rewrite: Option<String>,
     pub preserve_host: bool,
+    /// The route takes paths with an escaped `/` or `\`.
+    pub keep_encoded_slashes: bool,
     pub pool: Arc<UpstreamPool>,
     pub timeout: Duration,
     pub retries: u32,
@@ -86,7 +89,7 @@ impl Matcher {
     }
 
     fn new(cfg: &config::RouteMatch, host: Option<&str>, prefix: &str) -> Matcher {
-        let host = match host.map(str::to_ascii_lowercase) {
+        let host = match host.map(|h| h.trim_end_matches('.').to_ascii_lowercase()) {
             None => HostMatch::Any,
             Some(h) => match h.strip_prefix('*') {
                 Some(suffix) => HostMatch::Suffix(suffix.to_owned()),
@@ -95,7 +98,7 @@ impl Matcher {
         };
         Matcher {
             host,
-            prefix: config::normalize_prefix(prefix).to_owned(),
+            prefix: canonical_prefix(prefix),
             methods: cfg.methods.as_ref().map(|ms| {
                 ms.iter()
                     .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
@@ -155,6 +158,13 @@ impl Matcher {
     }
 }
 
+/// A configured prefix in the form requests are matched in (see
+/// `canonical`), without its trailing `/`.
+fn canonical_prefix(prefix: &str) -> String {
+    let canonical = canonical::path(prefix).map_or(Cow::Borrowed(prefix), |p| p.path);
+    config::normalize_prefix(&canonical).to_owned()
+}
+
 /// Segment-aware: `/bar` matches `/bar` and `/bar/x`, never `/barn`.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/"
@@ -163,17 +173,11 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 impl Route {
-    /// The path and query to send upstream, after strip/rewrite of the prefix.
-    pub fn upstream_path(&self, uri: &Uri) -> PathAndQuery {
-        let original = || {
-            uri.path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"))
-        };
-        let Some(replacement) = &self.rewrite else {
-            return original();
-        };
-        let path = uri.path();
+    /// The target to send upstream for a request to the canonical `path`,
+    /// when the route strips or rewrites its prefix; `None` sends the
+    /// request's own.
+    pub fn rewrite(&self, path: &str, query: Option<&str>) -> Option<String> {
+        let replacement = self.rewrite.as_ref()?;
         // The longest of the route's prefixes that this path is under.
         let prefix = self
             .prefixes
@@ -186,7 +190,6 @@ impl Route {
         } else {
             path.get(prefix.len()..).unwrap_or("")
         };
-        let query = uri.query();
         let mut s = String::with_capacity(
             replacement.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
         );
@@ -199,7 +202,7 @@ impl Route {
             s.push('?');
             s.push_str(q);
         }
-        PathAndQuery::try_from(s).unwrap_or_else(|_| original())
+        Some(s)
     }
 }
 
@@ -280,11 +283,8 @@ impl RouteTable {
         }
     }
 
-    pub fn find(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<&Arc<Route>> {
-        self.find_by(method, request_host(uri, headers), uri.path(), headers)
-    }
-
-    /// `find` over a request's parts: `host` without its port.
+    /// The most specific route for a request's canonical host (without
+    /// its port) and path.
     pub fn find_by(
         &self,
         method: &Method,
@@ -343,10 +343,11 @@ impl Route {
                 .path_prefix
                 .values()
                 .iter()
-                .map(|p| config::normalize_prefix(p).to_owned())
+                .map(|p| canonical_prefix(p))
                 .collect(),
             rewrite,
             preserve_host: rc.preserve_host,
+            keep_encoded_slashes: rc.encoded_slashes == config::EncodedSlashes::Keep,
             timeout: rc.upstream.timeout,
             retries: rc.upstream.retries,
             retry_on_status: rc
@@ -434,45 +435,6 @@ fn compile_auth(
     auth
 }
 
-/// The request's host without port: the URI authority (HTTP/2, absolute-form)
-/// or the Host header.
-pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
-    host_name(match uri.authority() {
-        Some(a) => a.as_str(),
-        None => headers.get(header::HOST)?.to_str().ok()?,
-    })
-}
-
-/// The host of an authority (`user@host:port`), without its port.
-// Byte searches: `str`'s char searchers cost several times more here, on
-// every request.
-pub fn host_name(raw: &str) -> Option<&str> {
-    let bytes = raw.as_bytes();
-    // One pass from the end: a port follows the last colon unless a `]`
-    // (of `[v6]`) comes after it; userinfo ends at the last `@`.
-    let (mut from, mut end) = (0, bytes.len());
-    let (mut colon_seen, mut bracket_seen) = (false, false);
-    for (i, &b) in bytes.iter().enumerate().rev() {
-        match b {
-            b'@' => {
-                from = i + 1;
-                break;
-            }
-            b']' => bracket_seen = true,
-            b':' if !colon_seen => {
-                colon_seen = true;
-                if !bracket_seen {
-                    end = i;
-                }
-            }
-            _ => {}
-        }
-    }
-    // Both ends sit next to ASCII bytes: char boundaries.
-    let host = &raw[from..end];
-    (!host.is_empty()).then_some(host)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,37 +446,5 @@ mod tests {
         assert!(prefix_matches("/bar", "/bar/x"));
         assert!(!prefix_matches("/bar", "/barn"));
         assert!(!prefix_matches("/bar", "/ba"));
-    }
-
-    #[test]
-    fn host_without_port() {
-        let h = HeaderMap::new();
-        let uri: Uri = "http://Api.Example:8082/x".parse().unwrap();
-        assert_eq!(request_host(&uri, &h), Some("Api.Example"));
-        let uri: Uri = "http://[::1]:8082/x".parse().unwrap();
-        assert_eq!(request_host(&uri, &h), Some("[::1]"));
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("svc.internal"));
-        assert_eq!(
-            request_host(&"/x".parse().unwrap(), &h),
-            Some("svc.internal")
-        );
-        for (raw, host) in [
-            ("user:pw@h.example:80", Some("h.example")),
-            ("[::1]", Some("[::1]")),
-            ("[::1]:9", Some("[::1]")),
-            ("@h", Some("h")),
-            ("h:", Some("h")),
-            (":80", None),
-            ("u@", None),
-            ("é.example:1", Some("é.example")),
-            ("a@b@c:1", Some("c")),
-            ("u:p@[::1]:", Some("[::1]")),
-            ("h:1:2", Some("h:1")),
-            ("[a:b]x", Some("[a:b]x")),
-            ("", None),
-        ] {
-            assert_eq!(host_name(raw), host, "{raw}");
-        }
     }
 }

@@ -10,18 +10,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 
-/// Sends `raw` on one connection and reads until the gateway closes it.
-async fn exchange_raw(gw: &TestGateway, raw: &[u8]) -> String {
-    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("the gateway closes the connection")
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// An upstream that answers every request head with `reply` and then, with
 /// `close`, closes the connection.
 async fn scripted(reply: &'static [u8], close: bool) -> SocketAddr {
@@ -64,7 +52,7 @@ async fn pipelined_requests_are_answered_in_order() {
     let up = Upstream::echo("up").await;
     let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
     let text = exchange_raw(
-        &gw,
+        gw.addr(),
         b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n\
           HEAD /b HTTP/1.1\r\nhost: x\r\n\r\n\
           GET /c HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
@@ -88,7 +76,7 @@ async fn a_connection_with_a_body_moves_to_hyper_and_keeps_serving() {
     let up = Upstream::echo("up").await;
     let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
     let text = exchange_raw(
-        &gw,
+        gw.addr(),
         b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n\
           POST /second HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello\
           GET /third HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
@@ -107,10 +95,10 @@ async fn a_connection_with_a_body_moves_to_hyper_and_keeps_serving() {
 async fn malformed_and_partial_requests_get_hypers_answers() {
     let up = Upstream::echo("up").await;
     let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
-    let text = exchange_raw(&gw, b"GET / HTTP/1.1\r\nbad header line\r\n\r\n").await;
+    let text = exchange_raw(gw.addr(), b"GET / HTTP/1.1\r\nbad header line\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     // A target httparse takes and `http` refuses is answered, not dropped.
-    let text = exchange_raw(&gw, b"GET /a<b> HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let text = exchange_raw(gw.addr(), b"GET /a<b> HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     // A head split over two writes is read whole.
     let mut s = TcpStream::connect(gw.addr()).await.unwrap();
@@ -168,7 +156,7 @@ async fn response_fields_reach_the_client_as_the_target_wrote_them() {
     .await;
     let gw = TestGateway::start(&gateway_to(addr)).await;
     let text = exchange_raw(
-        &gw,
+        gw.addr(),
         b"GET / HTTP/1.1\r\nhost: x\r\nx-request-id: mine\r\n\r\n\
           HEAD / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
     )
@@ -241,7 +229,7 @@ async fn a_malformed_chunked_body_is_cut_short_not_passed_on() {
     )
     .await;
     let gw = TestGateway::start(&gateway_to(addr)).await;
-    let text = exchange_raw(&gw, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let text = exchange_raw(gw.addr(), b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(text.contains("transfer-encoding: chunked\r\n"));
     assert!(
@@ -258,7 +246,7 @@ async fn an_upstream_closing_mid_body_ends_the_response_not_the_gateway() {
     )
     .await;
     let gw = TestGateway::start(&gateway_to(addr)).await;
-    let text = exchange_raw(&gw, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let text = exchange_raw(gw.addr(), b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(text.contains("content-length: 100\r\n"));
     assert!(
@@ -283,7 +271,7 @@ async fn an_upstream_going_quiet_mid_body_is_cut_off_at_the_read_timeout() {
     )))
     .await;
     // exchange_raw waits for the gateway to close the connection.
-    let text = exchange_raw(&gw, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let text = exchange_raw(gw.addr(), b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(
         text.ends_with("only ten b"),
@@ -291,7 +279,7 @@ async fn an_upstream_going_quiet_mid_body_is_cut_off_at_the_read_timeout() {
     );
     // The same through hyper's server (a request with a body goes there).
     let text = exchange_raw(
-        &gw,
+        gw.addr(),
         b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi",
     )
     .await;

@@ -137,7 +137,10 @@ async fn unmatched_request_gets_json_404_and_bad_paths_400() {
     );
     assert_eq!(r.headers["content-type"], "application/json");
 
+    // Dot segments are resolved: this one walks out of the route.
     let r = get(&gw.url("/only/%2e%2e/secret")).await;
+    assert_eq!(r.status, 404);
+    let r = get(&gw.url("/only/../../secret")).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"], "bad_path");
     assert_eq!(up.hits(), 0, "refused requests never reach the upstream");
@@ -148,7 +151,7 @@ async fn unmatched_request_gets_json_404_and_bad_paths_400() {
             &m,
             "tollgate_http_requests_total{class=\"4xx\",listener=\"sidecar\",route=\"none\"}"
         ),
-        1.0
+        3.0
     );
 }
 

@@ -407,3 +407,53 @@ fn listen_addr(child: &mut Child) -> (SocketAddr, std::thread::JoinHandle<Vec<St
         .expect("gateway logs its address");
     (addr, reader)
 }
+
+/// Sends `raw` on one connection and reads until the gateway closes it.
+pub async fn exchange_raw(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, raw)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut out),
+    )
+    .await
+    .expect("the gateway closes the connection")
+    .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A raw response's status and body (the text after its head).
+pub fn status_and_body(response: &str) -> (u16, &str) {
+    let status = response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {response:?}"));
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body)
+}
+
+/// One HTTP/2 (h2c) connection to `addr`: requests go with the fields they
+/// are given, `:authority` from their URI.
+pub async fn h2_connection(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+pub async fn h2_send(
+    conn: &mut hyper::client::conn::http2::SendRequest<TestBody>,
+    req: Request<TestBody>,
+) -> TestResponse {
+    let resp = tokio::time::timeout(Duration::from_secs(20), conn.send_request(req))
+        .await
+        .expect("response within 20s")
+        .expect("request succeeds at the HTTP level");
+    collect(resp).await
+}
