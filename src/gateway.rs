@@ -354,7 +354,7 @@ impl Gateway {
                     tls_listeners.push(tls.clone());
                     tls
                 });
-                Arc::new(ListenerInfo::new(&l.name, index, l.limits.clone(), tls))
+                Arc::new(ListenerInfo::new(&l.name, index, l.limits.clone(), tls).with_headers(l))
             })
             .collect();
         let pipeline = Arc::new(PipelineConfig {

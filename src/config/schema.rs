@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::units::{self, ByteSize};
+use super::units::{self, ByteSize, Cidr};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +81,8 @@ fn default_listeners() -> Vec<ListenerConfig> {
         protocol: Protocol::Http,
         tls: None,
         limits: Limits::default(),
+        underscores_in_headers: false,
+        trusted_proxies: Vec::new(),
     }]
 }
 
@@ -96,6 +98,16 @@ pub struct ListenerConfig {
     pub tls: Option<ServerTls>,
     #[serde(default)]
     pub limits: Limits,
+    /// Keep request header fields whose names hold `_`. Off by default (as
+    /// nginx): CGI, WSGI, PHP and Rack backends read `X_User` as `X-User`.
+    /// Kept or not, no `_` spelling of a field the gateway sets travels.
+    #[serde(default)]
+    pub underscores_in_headers: bool,
+    /// Peers (address blocks) whose forwarding fields (`X-Forwarded-For`,
+    /// `Forwarded`, `Via`) are kept and extended, such as a load balancer in
+    /// front; from any other peer they are replaced by this hop's own.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// Listener protocols. `http` serves HTTP/1.1 and HTTP/2 with prior knowledge
@@ -441,6 +453,10 @@ pub struct RouteConfig {
     /// segments, so it cannot select another route).
     #[serde(default)]
     pub encoded_slashes: EncodedSlashes,
+    /// Protocols a client may switch to on this route (`Upgrade`), passed
+    /// on to the target; any other upgrade request goes as a plain request.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
     pub upstream: UpstreamConfig,
     /// What a caller must present: `none` (default), `jwt`, `mtls`, `any`
     /// (a JWT or a client certificate), `{any_of: [...]}`, `{all_of: [...]}`.
@@ -473,6 +489,10 @@ pub enum EncodedSlashes {
     #[default]
     Reject,
     Keep,
+}
+
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".to_owned()]
 }
 
 fn default_true() -> bool {

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 
@@ -170,13 +170,92 @@ pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
         || name.eq_ignore_ascii_case(b"te")
 }
 
-/// Whether a client's field is one this hop replaces or drops (besides
-/// hop-by-hop ones) when it writes the forwarding fields itself.
-pub fn replaced_by_forwarding(name: &HeaderName) -> bool {
-    *name == header::HOST
-        || *name == header::CONNECTION
-        || *name == X_FORWARDED_PROTO
-        || *name == X_FORWARDED_HOST
+/// What decides whether a client's request field travels on.
+pub struct FieldRules<'a> {
+    /// Every identity field some route sets (claims, XFCC).
+    pub identity_headers: &'a [HeaderName],
+    pub forward_token: bool,
+    /// The listener keeps names with `_`.
+    pub underscores: bool,
+    /// The peer is a trusted proxy: its forwarding chain is extended.
+    pub trusted: bool,
+    /// The request switches protocols, as its route allows.
+    pub upgrade: bool,
+    /// The request came chunked: its `Content-Length` was not used.
+    pub transfer_encoding: bool,
+    /// What the client's `Connection` fields name.
+    pub connection_named: &'a [Bytes],
+}
+
+/// What becomes of a client's request field at this hop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Travel {
+    Keep,
+    Drop,
+    /// A forwarding chain this hop extends (`X-Forwarded-For`).
+    ForwardedFor,
+    /// `Forwarded`, likewise.
+    Forwarded,
+}
+
+/// The one rule for each field a client sends. A field travels unless it
+/// is hop-by-hop (by name, or named by the client's `Connection`), or
+/// this hop owns it: the Host (written per target), the request id, the
+/// identity fields, `X-Forwarded-*`, `Forwarded` and `Via` (extended only
+/// for a trusted peer), `Proxy-*`. Names with `_` are dropped unless the
+/// listener keeps them, and even then never a look-alike of an owned or
+/// hop-by-hop name. The fields this hop adds come after, so a client can
+/// neither remove nor forge them.
+pub fn request_field(name: &HeaderName, value: &[u8], rules: &FieldRules<'_>) -> Travel {
+    let text = name.as_str();
+    let named = || {
+        rules
+            .connection_named
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(text.as_bytes()))
+    };
+    if text.as_bytes().contains(&b'_') {
+        if !rules.underscores || named() {
+            return Travel::Drop;
+        }
+        let folded = text.replace('_', "-");
+        return match HeaderName::from_bytes(folded.as_bytes()) {
+            Ok(folded) if request_field(&folded, value, rules) == Travel::Keep => Travel::Keep,
+            _ => Travel::Drop,
+        };
+    }
+    let keep = |yes: bool| if yes { Travel::Keep } else { Travel::Drop };
+    match *name {
+        header::HOST => return Travel::Drop,
+        // The gateway forwards the caller's credential by the route's
+        // setting: a `Connection` token does not remove it.
+        header::AUTHORIZATION => return keep(rules.forward_token),
+        header::UPGRADE if rules.upgrade => return Travel::Keep,
+        header::TE if value.eq_ignore_ascii_case(b"trailers") => return Travel::Keep,
+        header::CONTENT_LENGTH if rules.transfer_encoding => return Travel::Drop,
+        header::VIA => return keep(rules.trusted),
+        _ if is_hop_by_hop(name) => return Travel::Drop,
+        _ => {}
+    }
+    if *name == X_FORWARDED_FOR {
+        return if rules.trusted {
+            Travel::ForwardedFor
+        } else {
+            Travel::Drop
+        };
+    }
+    if *name == FORWARDED {
+        return if rules.trusted {
+            Travel::Forwarded
+        } else {
+            Travel::Drop
+        };
+    }
+    let owned = *name == X_REQUEST_ID
+        || text.starts_with("x-forwarded-")
+        || text.starts_with("proxy-")
+        || rules.identity_headers.contains(name);
+    keep(!owned && !named())
 }
 
 /// The forwarding fields of a request to `host`, as wire lines: the

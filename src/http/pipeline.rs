@@ -34,7 +34,7 @@ use super::authz::{self, ANONYMOUS};
 use super::body::{ClientBody, ProxyBody};
 use super::canonical;
 use super::error::GatewayError;
-use super::headers::{self, Chain, Origin, X_REQUEST_ID};
+use super::headers::{self, Chain, FieldRules, Origin, Travel, X_REQUEST_ID};
 use super::limits::{self, Sizes};
 use super::proxy::{self, Framing, Outgoing};
 use super::request_id;
@@ -194,13 +194,6 @@ impl Scan {
             scan.request_id = None;
         }
         scan
-    }
-
-    /// Whether the client's `Connection` names this field.
-    fn named_by_connection(&self, name: &str) -> bool {
-        self.connection_named
-            .iter()
-            .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
     }
 }
 
@@ -386,7 +379,12 @@ impl Pipeline {
         }
 
         // 6. The fields the target gets.
-        let upgrade = req.upgrade.is_some() && scan.connection_upgrade;
+        // A switch the route does not allow goes as a plain request.
+        let upgrade = req.upgrade.is_some()
+            && scan.connection_upgrade
+            && head
+                .get(&header::UPGRADE)
+                .is_some_and(|p| route.allows_upgrade(p));
         let body_follows = !http_body::Body::is_end_stream(&req.body);
         let framing = match scan.content_length {
             Some(n) if !scan.transfer_encoding => Framing::Length(n),
@@ -484,28 +482,22 @@ impl Pipeline {
         let auth = &route.auth;
         let mut out = BytesMut::with_capacity(head.head.len() + 256);
         let mut chain = Chain::default();
+        let rules = FieldRules {
+            identity_headers: &auth.identity_headers,
+            forward_token: auth.forward_token,
+            underscores: conn.listener.underscores_in_headers,
+            trusted: conn.forwarded_trusted,
+            upgrade,
+            transfer_encoding: scan.transfer_encoding,
+            connection_named: &scan.connection_named,
+        };
         for field in &head.fields {
             let value = head.value(field);
-            let name = &field.0;
-            if *name == headers::X_FORWARDED_FOR {
-                join(&mut chain.forwarded_for, value);
-                continue;
-            }
-            if *name == headers::FORWARDED {
-                join(&mut chain.forwarded, value);
-                continue;
-            }
-            let keep = !(headers::replaced_by_forwarding(name)
-                || *name == X_REQUEST_ID
-                || auth.identity_headers.contains(name)
-                || (!auth.forward_token && *name == header::AUTHORIZATION)
-                || (*name == header::CONTENT_LENGTH && scan.transfer_encoding)
-                || (headers::is_hop_by_hop(name)
-                    && !(upgrade && *name == header::UPGRADE)
-                    && !(*name == header::TE && value.eq_ignore_ascii_case(b"trailers")))
-                || scan.named_by_connection(name.as_str()));
-            if keep {
-                wire::put_field(&mut out, name, value);
+            match headers::request_field(&field.0, value, &rules) {
+                Travel::Keep => wire::put_field(&mut out, &field.0, value),
+                Travel::Drop => {}
+                Travel::ForwardedFor => join(&mut chain.forwarded_for, value),
+                Travel::Forwarded => join(&mut chain.forwarded, value),
             }
         }
         if chain.forwarded_for.is_empty() && chain.forwarded.is_empty() {

@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use super::auth::RouteAuth;
 use super::canonical;
 use super::upstream::{UpstreamClients, UpstreamPool};
+use super::wire;
 use super::xfcc::XfccFields;
 use crate::authz::{Policy, Resource};
 use crate::config::{self, AuthRequirement, Config, Credential, RouteConfig};
@@ -28,6 +29,8 @@ pub struct Route {
     pub preserve_host: bool,
     /// The route takes paths with an escaped `/` or `\`.
     pub keep_encoded_slashes: bool,
+    /// Protocols a client may switch to (lower-case).
+    pub upgrades: Vec<String>,
     pub pool: Arc<UpstreamPool>,
     pub timeout: Duration,
     pub retries: u32,
@@ -163,6 +166,18 @@ impl Matcher {
 fn canonical_prefix(prefix: &str) -> String {
     let canonical = canonical::path(prefix).map_or(Cow::Borrowed(prefix), |p| p.path);
     config::normalize_prefix(&canonical).to_owned()
+}
+
+impl Route {
+    /// Whether the route lets a client switch to the protocol its
+    /// `Upgrade` field names first (`websocket`, `h2c/...`).
+    pub fn allows_upgrade(&self, upgrade: &[u8]) -> bool {
+        let first = wire::list_elements(upgrade).next().unwrap_or_default();
+        let name = first.split(|b| *b == b'/').next().unwrap_or_default();
+        self.upgrades
+            .iter()
+            .any(|p| p.as_bytes().eq_ignore_ascii_case(name))
+    }
 }
 
 /// Segment-aware: `/bar` matches `/bar` and `/bar/x`, never `/barn`.
@@ -348,6 +363,7 @@ impl Route {
             rewrite,
             preserve_host: rc.preserve_host,
             keep_encoded_slashes: rc.encoded_slashes == config::EncodedSlashes::Keep,
+            upgrades: rc.upgrades.iter().map(|p| p.to_ascii_lowercase()).collect(),
             timeout: rc.upstream.timeout,
             retries: rc.upstream.retries,
             retry_on_status: rc

@@ -27,6 +27,8 @@ pub struct ConnState {
     pub peer_ip: HeaderValue,
     /// The verified client certificate, on TLS listeners that asked for one.
     pub peer_cert: Option<Arc<CertIdentity>>,
+    /// The peer is a trusted proxy: its forwarding fields are extended.
+    pub forwarded_trusted: bool,
     /// URI SAN of the certificate this connection was served with (XFCC `By`).
     pub server_uri: Option<Arc<str>>,
     /// The client certificate's XFCC header, rendered once per connection for
@@ -50,7 +52,12 @@ impl ConnState {
         server_uri: Option<Arc<str>>,
     ) -> ConnState {
         active.inc();
+        let forwarded_trusted = listener
+            .trusted_proxies
+            .iter()
+            .any(|block| block.contains(peer.ip()));
         ConnState {
+            forwarded_trusted,
             listener,
             peer,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())

@@ -25,7 +25,8 @@ use super::conn::{ActivityIo, ConnState};
 use super::h1;
 use super::tls::{TlsListener, certificate_problem};
 use crate::admin::AdminService;
-use crate::config::Limits;
+use crate::config::units::Cidr;
+use crate::config::{Limits, ListenerConfig};
 use crate::http::HttpEntry;
 use crate::http::body::ProxyBody;
 use crate::identity::CertIdentity;
@@ -43,6 +44,10 @@ pub struct ListenerInfo {
     pub slots: Arc<Semaphore>,
     /// TLS listeners: the current certificates and client verifier.
     pub tls: Option<Arc<TlsListener>>,
+    /// Request fields with `_` in their names travel on.
+    pub underscores_in_headers: bool,
+    /// Peers whose forwarding fields are kept and extended.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl ListenerInfo {
@@ -59,7 +64,16 @@ impl ListenerInfo {
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
             tls,
+            underscores_in_headers: false,
+            trusted_proxies: Vec::new(),
         }
+    }
+
+    /// With the header settings of `config`.
+    pub fn with_headers(mut self, config: &ListenerConfig) -> ListenerInfo {
+        self.underscores_in_headers = config.underscores_in_headers;
+        self.trusted_proxies = config.trusted_proxies.clone();
+        self
     }
 }
 

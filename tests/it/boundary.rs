@@ -262,3 +262,100 @@ async fn hosts_that_are_missing_repeated_or_malformed_are_refused() {
     let text = exchange_raw(gw.addr(), b"GET /x HTTP/1.0\r\n\r\n").await;
     assert_eq!(status_and_body(&text).0, 200, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_underscores_travel_only_where_the_listener_keeps_them() {
+    let up = Upstream::echo("up").await;
+    let routes = route("r", "/", &[&up], "")
+        + &route(
+            "claims",
+            "/claims",
+            &[&up],
+            "    forward_claims: { x-user: sub }\n",
+        );
+    let request = b"GET /x HTTP/1.1\r\nhost: gw.test\r\nx_custom: 1\r\nX_User: mallory\r\n\
+        x_forwarded_host: evil\r\nx_request_id: forged\r\nx-plain: 2\r\n\
+        transfer_encoding: chunked\r\nconnection: close\r\n\r\n";
+    for (keep, custom) in [(false, None), (true, Some("1"))] {
+        let yaml = config_with_routes(&routes).replace(
+            "bind: 127.0.0.1:0\nadmin",
+            &format!("bind: 127.0.0.1:0\n    underscores_in_headers: {keep}\nadmin"),
+        );
+        let gw = TestGateway::start(&yaml).await;
+        let text = exchange_raw(gw.addr(), request).await;
+        let (status, body) = status_and_body(&text);
+        assert_eq!(status, 200, "{text}");
+        let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+        let h = seen["headers"].as_object().unwrap();
+        assert_eq!(h.get("x_custom").and_then(|v| v.as_str()), custom, "{h:?}");
+        assert_eq!(h["x-plain"], "2");
+        for gone in [
+            "x_user",
+            "x_forwarded_host",
+            "x_request_id",
+            "transfer_encoding",
+        ] {
+            assert!(!h.contains_key(gone), "keep {keep}: {gone} in {h:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_chains_are_extended_only_for_trusted_proxies() {
+    let up = Upstream::echo("up").await;
+    let request = b"GET /x HTTP/1.1\r\nhost: gw.test\r\nx-forwarded-for: 203.0.113.9\r\n\
+        x-forwarded-for: 198.51.100.2\r\nforwarded: for=203.0.113.9\r\nvia: 1.1 lb\r\n\
+        x-forwarded-proto: https\r\nconnection: close\r\n\r\n";
+    for (trusted, xff, forwarded, via) in [
+        (
+            "[]",
+            "127.0.0.1",
+            "for=127.0.0.1;proto=http;host=gw.test",
+            "1.1 tollgate",
+        ),
+        (
+            "[127.0.0.0/8]",
+            "203.0.113.9, 198.51.100.2, 127.0.0.1",
+            "for=203.0.113.9, for=127.0.0.1;proto=http;host=gw.test",
+            "1.1 lb, 1.1 tollgate",
+        ),
+        (
+            "[10.0.0.0/8, \"::1\"]",
+            "127.0.0.1",
+            "for=127.0.0.1;proto=http;host=gw.test",
+            "1.1 tollgate",
+        ),
+    ] {
+        let yaml = config_with_routes(&route("r", "/", &[&up], "")).replace(
+            "bind: 127.0.0.1:0\nadmin",
+            &format!("bind: 127.0.0.1:0\n    trusted_proxies: {trusted}\nadmin"),
+        );
+        let gw = TestGateway::start(&yaml).await;
+        let text = exchange_raw(gw.addr(), request).await;
+        let (status, body) = status_and_body(&text);
+        assert_eq!(status, 200, "{text}");
+        let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+        let h = &seen["headers"];
+        assert_eq!(h["x-forwarded-for"], xff, "{trusted}");
+        assert_eq!(h["forwarded"], forwarded, "{trusted}");
+        assert_eq!(h["via"], via, "{trusted}");
+        assert_eq!(
+            h["x-forwarded-proto"], "http",
+            "{trusted}: this hop's scheme"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_trusted_proxy_is_a_config_error_naming_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &path,
+        "listeners:\n  - name: s\n    bind: 127.0.0.1:0\n    trusted_proxies: [10.0.0.0/33]\n",
+    )
+    .unwrap();
+    let err = tollgate::config::load(&path).unwrap_err().to_string();
+    assert!(err.contains("trusted_proxies"), "{err}");
+    assert!(err.contains("prefix length"), "{err}");
+}

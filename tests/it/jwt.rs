@@ -921,3 +921,75 @@ async fn reload_rereads_key_files() {
         401
     );
 }
+
+/// A client can neither strip nor forge what the gateway sets: the
+/// `Connection` field naming gateway-set fields removes only the client's
+/// own copies, and look-alikes (case, `_` for `-`) never travel. Raw
+/// bytes, as a hostile client sends them; checked on what the target got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_look_alikes_cannot_strip_or_forge_identity_fields() {
+    let up = Upstream::echo("up").await;
+    let dir = TempDir::new().unwrap();
+    let s = Signer::new(Algorithm::ES256);
+    let providers = [pem_provider(&dir, "p", &s, "").0];
+    let routes = route(
+        "bar",
+        "/bar",
+        &[&up],
+        "    auth: jwt\n    forward_claims: { x-user: sub, x-scopes: scope }\n",
+    );
+    let gw = TestGateway::start(&gateway_yaml(&providers, &routes)).await;
+    let token = s.sign(&claims());
+    for connection in [
+        "x-user",
+        "X-User, x-request-id",
+        "keep-alive, authorization, x-scopes",
+        "x-forwarded-for, forwarded, via, x-forwarded-proto, x-forwarded-host",
+        "x-user,x-scopes,x-request-id,authorization,x-forwarded-for,via",
+    ] {
+        // Twice on one connection: the second request is answered from
+        // what the connection remembers of the token.
+        let one = format!(
+            "GET /bar/items HTTP/1.1\r\nhost: gw.test\r\nauthorization: Bearer {token}\r\n\
+             connection: {connection}\r\nX_User: mallory\r\nx_user: mallory\r\nx-USER: mallory\r\n\
+             x_scopes: admin\r\nx_request_id: forged\r\nx_forwarded_for: 6.6.6.6\r\n\
+             x-forwarded-prefix: /evil\r\nx_forwarded_client_cert: By=spoofed\r\n\
+             proxy-anything: 1\r\nx-kept: yes\r\n\r\n"
+        );
+        let raw = format!(
+            "{one}{}",
+            one.replace("x-kept: yes\r\n", "x-kept: yes\r\nconnection: close\r\n")
+        );
+        let text = exchange_raw(gw.addr(), raw.as_bytes()).await;
+        let answers: Vec<&str> = text.split("HTTP/1.1 ").skip(1).collect();
+        assert_eq!(answers.len(), 2, "{connection}: {text}");
+        for answer in answers {
+            let answer = format!("HTTP/1.1 {answer}");
+            let (status, body) = status_and_body(&answer);
+            assert_eq!(status, 200, "{connection}: {answer}");
+            let seen: Value = serde_json::from_str(body).unwrap();
+            let h = seen["headers"].as_object().unwrap();
+            assert_eq!(h["x-user"], "alice", "{connection}: {h:?}");
+            assert_eq!(h["x-scopes"], "bar.read", "{connection}: {h:?}");
+            assert_eq!(h["authorization"], format!("Bearer {token}").as_str());
+            assert_eq!(h["x-request-id"].as_str().unwrap().len(), 32, "{h:?}");
+            assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{h:?}");
+            assert_eq!(h["via"], "1.1 tollgate", "{h:?}");
+            assert_eq!(h["x-forwarded-host"], "gw.test", "{h:?}");
+            assert_eq!(h["x-kept"], "yes", "{h:?}");
+            for gone in [
+                "x_user",
+                "x_scopes",
+                "x_request_id",
+                "x_forwarded_for",
+                "x-forwarded-prefix",
+                "x_forwarded_client_cert",
+                "x-forwarded-client-cert",
+                "proxy-anything",
+                "connection",
+            ] {
+                assert!(!h.contains_key(gone), "{connection}: {gone} in {h:?}");
+            }
+        }
+    }
+}
