@@ -377,6 +377,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// HTTP/2 streams a client may have open at once.
     pub max_concurrent_streams: u32,
+    /// Requests of one HTTP/2 connection forwarded at once (each may hold
+    /// an upstream connection); further streams wait their turn.
+    pub max_forwarded_per_connection: usize,
 }
 
 impl Default for Limits {
@@ -390,6 +393,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_concurrent_streams: 256,
+            max_forwarded_per_connection: 32,
         }
     }
 }
@@ -984,6 +988,16 @@ pub struct PassiveHealthConfig {
     pub consecutive_failures: u32,
     #[serde(deserialize_with = "units::duration")]
     pub ejection_time: Duration,
+    /// An ejected target gets one trial request this often; a success lets
+    /// it back at once.
+    #[serde(deserialize_with = "units::duration")]
+    pub trial_interval: Duration,
+    /// Ejection never takes out more than this share (percent) of a
+    /// route's targets: its last healthy ones stay in service.
+    pub max_ejected_percent: u8,
+    /// Target statuses that count as its failures (besides connect errors,
+    /// timeouts and broken responses).
+    pub failure_statuses: Vec<u16>,
 }
 
 impl Default for PassiveHealthConfig {
@@ -991,6 +1005,9 @@ impl Default for PassiveHealthConfig {
         PassiveHealthConfig {
             consecutive_failures: 5,
             ejection_time: Duration::from_secs(30),
+            trial_interval: Duration::from_secs(1),
+            max_ejected_percent: 50,
+            failure_statuses: vec![502, 503, 504],
         }
     }
 }

@@ -331,6 +331,27 @@ fn upstream(path: &str, u: &UpstreamConfig, errs: &mut Errors) {
             format!("{path}.passive_health.ejection_time"),
             u.passive_health.ejection_time,
         );
+        errs.nonzero(
+            format!("{path}.passive_health.trial_interval"),
+            u.passive_health.trial_interval,
+        );
+    }
+    if u.passive_health.max_ejected_percent > 100 {
+        errs.add(
+            format!("{path}.passive_health.max_ejected_percent"),
+            format!(
+                "{} is not a percentage; expected 0 to 100",
+                u.passive_health.max_ejected_percent
+            ),
+        );
+    }
+    for (i, status) in u.passive_health.failure_statuses.iter().enumerate() {
+        if !(100..=599).contains(status) {
+            errs.add(
+                format!("{path}.passive_health.failure_statuses[{i}]"),
+                format!("{status} is not an HTTP status; expected 100 to 599"),
+            );
+        }
     }
 }
 

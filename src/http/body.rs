@@ -2,6 +2,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::upstream::{InflightGuard, UpstreamBody};
+use super::upstream::{H1Error, InflightGuard, UpstreamBody};
 use super::wire::ResponseLines;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -66,6 +68,9 @@ impl ProxyBody {
         inflight: InflightGuard,
         read_timeout: Duration,
     ) -> ProxyBody {
+        if body.is_end_stream() {
+            inflight.counted().succeeded();
+        }
         ProxyBody {
             kind: Kind::Upstream {
                 body,
@@ -128,11 +133,26 @@ impl Body for ProxyBody {
                 stall,
             } => match Pin::new(body).poll_frame(cx) {
                 Poll::Pending if stall.expired(cx) => {
-                    tracing::warn!(target = %inflight.target(), read_timeout = ?stall.limit,
-                        "target went quiet mid-body; response cut off");
-                    Poll::Ready(Some(Err(BodyStalled(stall.limit).into())))
+                    let error = BodyStalled(stall.limit);
+                    inflight.counted().body_failed(&error);
+                    Poll::Ready(Some(Err(error.into())))
                 }
                 Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Err(error))) => {
+                    // The client's own body failing (still going out while
+                    // the answer streams) is not the target's fault.
+                    if !error
+                        .downcast_ref::<H1Error>()
+                        .is_some_and(|e| matches!(e, H1Error::Body(_)))
+                    {
+                        inflight.counted().body_failed(&*error);
+                    }
+                    Poll::Ready(Some(Err(error)))
+                }
+                Poll::Ready(None) => {
+                    inflight.counted().succeeded();
+                    Poll::Ready(None)
+                }
                 ready => {
                     stall.armed = false;
                     ready
@@ -213,14 +233,18 @@ pub struct RequestBody {
     inner: Option<ClientBody>,
     remaining: usize,
     limit: usize,
+    /// Set while the body waits for the client's next bytes: a request
+    /// timing out then is the client's doing, not the target's.
+    waiting: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
-    pub fn streaming(body: ClientBody, limit: usize) -> RequestBody {
+    pub fn streaming(body: ClientBody, limit: usize, waiting: Arc<AtomicBool>) -> RequestBody {
         RequestBody {
             inner: Some(body),
             remaining: limit,
             limit,
+            waiting: Some(waiting),
         }
     }
 
@@ -229,6 +253,7 @@ impl RequestBody {
             inner: None,
             remaining: 0,
             limit: 0,
+            waiting: None,
         }
     }
 }
@@ -245,7 +270,11 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Some(waiting) = &this.waiting {
+            waiting.store(polled.is_pending(), Ordering::Relaxed);
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     if data.len() > this.remaining {

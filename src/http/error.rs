@@ -48,6 +48,8 @@ pub enum GatewayError {
     BadHeader(&'static str),
     #[error("reading the request body failed: {0}")]
     ClientBody(String),
+    #[error("the client's body stalled for the route's timeout ({timeout_ms} ms)")]
+    ClientTimeout { timeout_ms: u128 },
     #[error("no healthy upstream target")]
     NoHealthyTarget,
     #[error("connecting to upstream {target} failed: {detail}")]
@@ -92,6 +94,7 @@ impl GatewayError {
             GatewayError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             GatewayError::BadPath(_)
             | GatewayError::BadHost(_)
             | GatewayError::BadHeader(_)
@@ -120,6 +123,7 @@ impl GatewayError {
             GatewayError::BadHost(_) => "bad_host",
             GatewayError::BadHeader(_) => "bad_header",
             GatewayError::ClientBody(_) => "bad_request_body",
+            GatewayError::ClientTimeout { .. } => "client_timeout",
             GatewayError::NoHealthyTarget => "no_healthy_upstream",
             GatewayError::UpstreamConnect { .. } => "upstream_unavailable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
@@ -142,6 +146,7 @@ impl GatewayError {
             | GatewayError::BadHost(_)
             | GatewayError::BadHeader(_)
             | GatewayError::ClientBody(_)
+            | GatewayError::ClientTimeout { .. }
             | GatewayError::Unauthenticated { .. }
             | GatewayError::InvalidToken { .. }
             | GatewayError::InvalidAuthRequest { .. }

@@ -429,6 +429,7 @@ impl Pipeline {
             framing,
             client_upgrade: req.upgrade.filter(|_| upgrade),
             wire_response: req.wire_response,
+            client_waiting: body_follows.then(Default::default),
         };
         // Not boxed: the allocation and the copy into it cost more than
         // this future's one move into the connection's (measured).
@@ -656,6 +657,10 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for HttpEntry
         let entry = self.clone();
         Box::pin(async move {
             let _guard = guard;
+            // An HTTP/2 connection's streams share a bounded number of
+            // forwarding slots: one client cannot hold an upstream
+            // connection per stream.
+            let _slot = entry.conn.forwarding_slots.acquire().await;
             let req = Request {
                 head: &head,
                 body: ClientBody::Hyper(body),

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::future::poll_fn;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,9 @@ pub(super) struct Outgoing<'a> {
     pub client_upgrade: Option<OnUpgrade>,
     /// The response may keep its target's field lines as they came.
     pub wire_response: bool,
+    /// Set while the request body waits for the client (requests with a
+    /// body only).
+    pub client_waiting: Option<Arc<AtomicBool>>,
 }
 
 impl Outgoing<'_> {
@@ -95,9 +99,9 @@ impl Outgoing<'_> {
         body_limit: usize,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let host = self.host.unwrap_or(target.host_header.as_bytes());
-        let body = match self.body.take() {
-            Some(b) => RequestBody::streaming(b, body_limit),
-            None => RequestBody::empty(),
+        let body = match (self.body.take(), &self.client_waiting) {
+            (Some(b), Some(waiting)) => RequestBody::streaming(b, body_limit, waiting.clone()),
+            _ => RequestBody::empty(),
         };
         if let Some(proxy) = sender.direct() {
             let mut head = BytesMut::with_capacity(
@@ -180,7 +184,12 @@ pub(super) async fn forward(
     let upgrade = outgoing.client_upgrade.is_some();
 
     let mut attempt: u32 = 0;
-    let mut previous: Option<Arc<Target>> = None;
+    // Targets that failed this request (each counted against its health
+    // once, whatever the retries), and those that timed out (never tried
+    // again: with one target a request would wait its timeout again).
+    let mut failed: Vec<Arc<Target>> = Vec::new();
+    let mut timed_out: Vec<Arc<Target>> = Vec::new();
+    let mut last_error: Option<GatewayError> = None;
     // One timer for the request, re-armed for each attempt: a `timeout`
     // wrapper would move the attempt's (large) future in and out of itself.
     // The first attempt goes by the caller's clock reading.
@@ -196,10 +205,10 @@ pub(super) async fn forward(
         if armed < due || armed > due + TIMER_SLACK {
             deadline.as_mut().reset(due + TIMER_SLACK);
         }
-        let inflight = InflightGuard::new(
-            pool.pick(previous.as_ref(), now)
-                .ok_or(GatewayError::NoHealthyTarget)?,
-        );
+        let Some(picked) = pool.pick(&failed, &timed_out, now) else {
+            return Err(last_error.unwrap_or(GatewayError::NoHealthyTarget));
+        };
+        let inflight = InflightGuard::new(picked);
         let target = inflight.counted();
         let may_retry = replayable && attempt < route.retries;
         let sender = clients.sender(target, pool.config.protocol, upgrade);
@@ -211,16 +220,20 @@ pub(super) async fn forward(
             })
             .await
         };
+        // A target's fault, counted once per request.
+        let mut target_failed = |target: &Arc<Target>| {
+            if !failed.iter().any(|t| Arc::ptr_eq(t, target)) {
+                pool.report_failure(target);
+                failed.push(target.clone());
+            }
+        };
         let failure = match sent {
             Ok(Ok(resp)) => {
                 let status = resp.status();
-                let gateway_error = matches!(
-                    status,
-                    StatusCode::BAD_GATEWAY
-                        | StatusCode::SERVICE_UNAVAILABLE
-                        | StatusCode::GATEWAY_TIMEOUT
-                );
-                pool.report(target, !gateway_error);
+                // A success is told when the body has come whole.
+                if pool.failure_status(status) {
+                    target_failed(target);
+                }
                 let retry_status = route.retry_on_status.contains(&status);
                 if !(retry_status && idempotent && may_retry) {
                     let client_upgrade = outgoing.client_upgrade.take();
@@ -236,8 +249,9 @@ pub(super) async fn forward(
                 }
             }
             Ok(Err(e)) => {
+                // The client's faults return here, counted against no target.
                 let failure = classify(&e, target, idempotent && replayable)?;
-                pool.report(target, false);
+                target_failed(target);
                 if matches!(failure.error, GatewayError::UpstreamConnect { .. }) {
                     route.metrics.upstream_connect.inc();
                 } else {
@@ -248,8 +262,21 @@ pub(super) async fn forward(
                     ..failure
                 }
             }
+            // The time ran out while the body waited for the client: the
+            // client's doing.
+            Err(_)
+                if outgoing
+                    .client_waiting
+                    .as_ref()
+                    .is_some_and(|w| w.load(Ordering::Relaxed)) =>
+            {
+                return Err(GatewayError::ClientTimeout {
+                    timeout_ms: route.timeout.as_millis(),
+                });
+            }
             Err(_) => {
-                pool.report(target, false);
+                target_failed(target);
+                timed_out.push(target.clone());
                 route.metrics.upstream_timeout.inc();
                 Failure {
                     error: GatewayError::UpstreamTimeout {
@@ -271,7 +298,7 @@ pub(super) async fn forward(
         route.metrics.retried.inc();
         tracing::debug!(route = %route.name, attempt, error = %failure.error, "retrying on another target");
         attempt += 1;
-        previous = Some(target.clone());
+        last_error = Some(failure.error);
         // Out of flight before the next pick weighs the targets.
         drop(inflight);
     }
@@ -333,6 +360,7 @@ fn respond(
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
+        inflight.counted().succeeded();
         let Some(client_upgrade) = client_upgrade else {
             return Err(GatewayError::UpstreamProtocol {
                 target: inflight.target().to_string(),

@@ -13,7 +13,7 @@ use http::HeaderValue;
 
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ListenerInfo;
 use crate::identity::CertIdentity;
@@ -29,6 +29,8 @@ pub struct ConnState {
     pub peer_cert: Option<Arc<CertIdentity>>,
     /// The peer is a trusted proxy: its forwarding fields are extended.
     pub forwarded_trusted: bool,
+    /// Requests of this connection forwarded at once (HTTP/2 streams).
+    pub forwarding_slots: Semaphore,
     /// URI SAN of the certificate this connection was served with (XFCC `By`).
     pub server_uri: Option<Arc<str>>,
     /// The client certificate's XFCC header, rendered once per connection for
@@ -58,6 +60,7 @@ impl ConnState {
             .any(|block| block.contains(peer.ip()));
         ConnState {
             forwarded_trusted,
+            forwarding_slots: Semaphore::new(listener.limits.max_forwarded_per_connection.max(1)),
             listener,
             peer,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())

@@ -2,6 +2,7 @@
 //! real HTTP/1.1, h2c and WebSocket clients.
 
 mod admin;
+mod blame;
 mod boundary;
 mod cli;
 mod h1;

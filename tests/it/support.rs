@@ -208,7 +208,7 @@ impl Upstream {
     }
 }
 
-pub fn echo_response(name: &str, req: Request<Incoming>) -> Response<TestBody> {
+pub fn echo_response<B>(name: &str, req: Request<B>) -> Response<TestBody> {
     let mut headers = serde_json::Map::new();
     for key in req.headers().keys() {
         let values: Vec<&str> = req

@@ -136,7 +136,7 @@ async fn passive_ejection_and_recovery() {
     drop(reserved);
     let steady = Upstream::echo("steady").await;
     let routes = format!(
-        "  - name: pe\n    match: {{ path_prefix: / }}\n    upstream:\n      targets: [http://{down_addr}, http://{}]\n      retries: 0\n      passive_health: {{ consecutive_failures: 2, ejection_time: 1s }}\n",
+        "  - name: pe\n    match: {{ path_prefix: / }}\n    upstream:\n      targets: [http://{down_addr}, http://{}]\n      retries: 0\n      passive_health: {{ consecutive_failures: 2, ejection_time: 1s, trial_interval: 1m }}\n",
         steady.addr
     );
     let gw = TestGateway::start(&config_with_routes(&routes)).await;
@@ -253,8 +253,9 @@ async fn dns_names_resolve_to_targets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_healthy_target_is_503() {
     let dead = closed_port().await;
+    // A route's last target is ejected only where the operator allows it.
     let routes = format!(
-        "  - name: gone\n    match: {{ path_prefix: / }}\n    upstream:\n      targets: [http://{dead}]\n      retries: 0\n      passive_health: {{ consecutive_failures: 1, ejection_time: 1m }}\n"
+        "  - name: gone\n    match: {{ path_prefix: / }}\n    upstream:\n      targets: [http://{dead}]\n      retries: 0\n      passive_health: {{ consecutive_failures: 1, ejection_time: 1m, max_ejected_percent: 100 }}\n"
     );
     let gw = TestGateway::start(&config_with_routes(&routes)).await;
     assert_eq!(

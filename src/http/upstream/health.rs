@@ -54,6 +54,7 @@ fn update(
 ) {
     let healthy = target.healthy.load(Ordering::Relaxed);
     if passed {
+        pool.readmit(target, "a health check passed");
         s.failures = 0;
         s.passes = s.passes.saturating_add(1);
         if !healthy && s.passes >= hc.healthy_threshold {

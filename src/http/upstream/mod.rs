@@ -265,17 +265,26 @@ pub struct Target {
     pub host_header: HeaderValue,
     /// `https://` targets: the client of their URL (shared by its addresses).
     tls: Option<HttpsClient>,
+    pool: Weak<UpstreamPool>,
     inflight: AtomicU32,
     /// Active health-check verdict.
     healthy: AtomicBool,
     /// Passive ejection: milliseconds since the pool's epoch; 0 when not ejected.
     ejected_until_ms: AtomicU64,
+    /// While ejected: when the next trial request may go (same clock).
+    trial_at_ms: AtomicU64,
     consecutive_failures: AtomicU32,
 }
 
 impl Target {
-    fn new(addr: SocketAddr, host_header: HeaderValue, tls: Option<HttpsClient>) -> Option<Target> {
+    fn new(
+        addr: SocketAddr,
+        host_header: HeaderValue,
+        tls: Option<HttpsClient>,
+        pool: Weak<UpstreamPool>,
+    ) -> Option<Target> {
         Some(Target {
+            pool,
             addr,
             uri_authority: Authority::try_from(addr.to_string()).ok()?,
             host_header,
@@ -283,17 +292,66 @@ impl Target {
             inflight: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
+            trial_at_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
         })
     }
 
-    fn available(&self, now_ms: u64) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    fn ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// Whether a request may go to this target now. An ejected target
+    /// takes one trial request per `trial_every`: the caller that claims
+    /// it sends the trial.
+    fn available(&self, now_ms: u64, trial_every: u64) -> bool {
+        if !self.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        if !self.ejected(now_ms) {
+            return true;
+        }
+        let trial_at = self.trial_at_ms.load(Ordering::Relaxed);
+        trial_at <= now_ms
+            && self
+                .trial_at_ms
+                .compare_exchange(
+                    trial_at,
+                    now_ms + trial_every,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// A response came whole (or the connection switched protocols): a
+    /// success of the target's, which ends its run of failures and lets it
+    /// back at once if it was ejected (a trial request's success).
+    pub fn succeeded(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejected_until_ms.load(Ordering::Relaxed) != 0
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.readmit(self, "a request succeeded");
+        }
+    }
+
+    /// A response body from this target broke off (reset, short, stalled):
+    /// the target's fault, logged and counted as such.
+    pub fn body_failed(&self, error: &dyn std::error::Error) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        pool.metrics.upstream_protocol.inc();
+        tracing::warn!(route = %pool.route, target = %self.addr, error = %crate::http::error_chain(error),
+            "upstream response body broke off; the client got a truncated response");
+        pool.report_failure(self);
     }
 
     /// Its TLS client, or the given plain one.
@@ -330,6 +388,8 @@ impl Drop for InflightGuard {
 }
 
 pub struct UpstreamPool {
+    /// Its targets' way back to it (a response body reports to it).
+    me: Weak<UpstreamPool>,
     route: Arc<str>,
     pub config: UpstreamConfig,
     urls: Vec<TargetUrl>,
@@ -380,7 +440,8 @@ impl UpstreamPool {
                 Some(clients.https(material, name, config.protocol))
             })
             .collect();
-        let pool = Arc::new(UpstreamPool {
+        let pool = Arc::new_cyclic(|me| UpstreamPool {
+            me: me.clone(),
             tls_clients,
             tls,
             budget: RetryBudget::new(&config.retry_budget),
@@ -441,25 +502,38 @@ impl UpstreamPool {
         u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Chooses a target, avoiding `avoid` (the previous attempt's) when
-    /// another is usable; ejections are judged as of `now` (the caller's
+    /// Chooses a target for an attempt. `avoid` are targets that failed
+    /// this request already: another is taken when one is usable, else one
+    /// of them again; `never` (targets that timed out on this request) are
+    /// never taken again. Ejections are judged as of `now` (the caller's
     /// clock reading, so a request reads the clock once).
-    pub fn pick(&self, avoid: Option<&Arc<Target>>, now: Instant) -> Option<Arc<Target>> {
+    pub fn pick(
+        &self,
+        avoid: &[Arc<Target>],
+        never: &[Arc<Target>],
+        now: Instant,
+    ) -> Option<Arc<Target>> {
         let targets = self.targets.load();
         let now = self.ms_since_epoch(now);
-        self.pick_from(&targets, now, avoid)
-            .or_else(|| avoid.and_then(|_| self.pick_from(&targets, now, None)))
+        let listed = |list: &[Arc<Target>], t: &Arc<Target>| list.iter().any(|a| Arc::ptr_eq(a, t));
+        self.pick_from(&targets, now, |t| !listed(avoid, t) && !listed(never, t))
+            .or_else(|| {
+                if avoid.is_empty() {
+                    return None;
+                }
+                self.pick_from(&targets, now, |t| !listed(never, t))
+            })
     }
 
     fn pick_from(
         &self,
         targets: &[Arc<Target>],
         now: u64,
-        avoid: Option<&Arc<Target>>,
+        allowed: impl Fn(&Arc<Target>) -> bool,
     ) -> Option<Arc<Target>> {
         let n = targets.len();
-        let usable =
-            |t: &Arc<Target>| t.available(now) && !avoid.is_some_and(|a| Arc::ptr_eq(a, t));
+        let trial_every = self.config.passive_health.trial_interval.as_millis() as u64;
+        let usable = |t: &Arc<Target>| allowed(t) && t.available(now, trial_every);
         let scan_from = |start: usize| {
             (0..n)
                 .map(|i| &targets[(start + i) % n])
@@ -489,21 +563,49 @@ impl UpstreamPool {
         }
     }
 
-    /// Passive health: a gateway error (connect failure, timeout, 502/503/504)
-    /// counts against the target; enough in a row eject it for `ejection_time`.
-    pub fn report(&self, target: &Target, ok: bool) {
-        if ok {
-            if target.consecutive_failures.load(Ordering::Relaxed) != 0 {
-                target.consecutive_failures.store(0, Ordering::Relaxed);
-            }
-            return;
-        }
+    /// Whether a target's status counts as its failure.
+    pub fn failure_status(&self, status: http::StatusCode) -> bool {
+        self.config
+            .passive_health
+            .failure_statuses
+            .contains(&status.as_u16())
+    }
+
+    /// Passive health, told a target's faults only (the caller's never
+    /// count): enough in a row eject it for `ejection_time`, unless that
+    /// would take out more than `max_ejected_percent` of the targets.
+    /// Successes are told to the target ([`Target::succeeded`]).
+    pub fn report_failure(&self, target: &Target) {
         let passive = &self.config.passive_health;
         let failures = target.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if passive.consecutive_failures > 0 && failures >= passive.consecutive_failures {
-            let until = self.now_ms() + passive.ejection_time.as_millis() as u64;
-            target.ejected_until_ms.store(until, Ordering::Relaxed);
-            target.consecutive_failures.store(0, Ordering::Relaxed);
+        if passive.consecutive_failures == 0 || failures < passive.consecutive_failures {
+            return;
+        }
+        let now = self.now_ms();
+        let targets = self.targets.load();
+        let out = targets
+            .iter()
+            .filter(|t| {
+                !std::ptr::eq(&***t, target)
+                    && (t.ejected(now) || !t.healthy.load(Ordering::Relaxed))
+            })
+            .count();
+        if (out + 1) * 100 > usize::from(passive.max_ejected_percent) * targets.len() {
+            tracing::debug!(route = %self.route, target = %target.addr, failures,
+                "target failing, but ejecting it would leave too few in service");
+            return;
+        }
+        let was_ejected = target.ejected(now);
+        target.ejected_until_ms.store(
+            now + passive.ejection_time.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        target.trial_at_ms.store(
+            now + passive.trial_interval.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        target.consecutive_failures.store(0, Ordering::Relaxed);
+        if !was_ejected {
             self.metrics.ejections.inc();
             tracing::warn!(
                 route = %self.route,
@@ -512,6 +614,13 @@ impl UpstreamPool {
                 ejection_ms = passive.ejection_time.as_millis() as u64,
                 "upstream target ejected after consecutive failures"
             );
+        }
+    }
+
+    /// Ends a target's ejection.
+    pub(super) fn readmit(&self, target: &Target, why: &str) {
+        if target.ejected_until_ms.swap(0, Ordering::Relaxed) > self.now_ms() {
+            tracing::info!(route = %self.route, target = %target.addr, why, "ejected upstream target back in service");
         }
     }
 
@@ -549,8 +658,10 @@ impl UpstreamPool {
                     .find(|t| t.addr == addr && t.host_header == host_header);
                 match known {
                     Some(t) => next.push(t.clone()),
-                    None => next
-                        .extend(Target::new(addr, host_header.clone(), tls.clone()).map(Arc::new)),
+                    None => next.extend(
+                        Target::new(addr, host_header.clone(), tls.clone(), self.me.clone())
+                            .map(Arc::new),
+                    ),
                 }
             }
         }

@@ -225,7 +225,7 @@ mod tests {
     }
 
     fn streaming(body: Incoming) -> RequestBody {
-        RequestBody::streaming(ClientBody::Hyper(body), 1 << 20)
+        RequestBody::streaming(ClientBody::Hyper(body), 1 << 20, Default::default())
     }
 
     #[tokio::test]
