@@ -2,8 +2,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::proxy::Tunnel;
 use super::upstream::{H1Error, InflightGuard, UpstreamBody};
 use super::wire::ResponseLines;
 
@@ -30,6 +31,8 @@ enum Kind {
         stall: StallWatch,
     },
     Full(Option<Bytes>),
+    /// A `101` response: no body, the target's side of the new protocol.
+    Switching(Option<Tunnel>),
 }
 
 impl ProxyBody {
@@ -45,19 +48,35 @@ impl ProxyBody {
         }
     }
 
+    /// The body of a `101` response, carrying the target's side.
+    pub fn switching(tunnel: Tunnel) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Switching(Some(tunnel)),
+        }
+    }
+
+    /// The target's side of a protocol switch, to relay once the `101` is
+    /// written.
+    pub fn take_tunnel(&mut self) -> Option<Tunnel> {
+        match &mut self.kind {
+            Kind::Switching(tunnel) => tunnel.take(),
+            _ => None,
+        }
+    }
+
     /// The response's fields as its target wrote them, on the direct path
     /// (see `wire::ResponseLines`).
     pub fn response_lines(&self) -> Option<&ResponseLines> {
         match &self.kind {
             Kind::Upstream { body, .. } => body.lines(),
-            Kind::Full(_) => None,
+            Kind::Full(_) | Kind::Switching(_) => None,
         }
     }
 
     pub fn response_lines_mut(&mut self) -> Option<&mut ResponseLines> {
         match &mut self.kind {
             Kind::Upstream { body, .. } => body.lines_mut(),
-            Kind::Full(_) => None,
+            Kind::Full(_) | Kind::Switching(_) => None,
         }
     }
 
@@ -159,6 +178,7 @@ impl Body for ProxyBody {
                 }
             },
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Switching(_) => Poll::Ready(None),
         }
     }
 
@@ -166,6 +186,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Upstream { body, .. } => body.is_end_stream(),
             Kind::Full(bytes) => bytes.is_none(),
+            Kind::Switching(_) => true,
         }
     }
 
@@ -173,35 +194,38 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Upstream { body, .. } => body.size_hint(),
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Full(None) | Kind::Switching(_) => SizeHint::with_exact(0),
         }
     }
 }
 
-/// A client's request body as the stack sees it: hyper's, or none (requests
-/// read by tollgate's own HTTP/1 reader carry no body).
+/// A client's request body: none, one tollgate's HTTP/1 loop reads off
+/// the wire ([`FedBody`]), or hyper's (HTTP/2).
 pub enum ClientBody {
     Empty,
+    Fed(FedBody),
     Hyper(Incoming),
 }
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ClientBody::Empty => Poll::Ready(None),
-            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Fed(body) => body.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
+            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Empty => true,
+            ClientBody::Fed(body) => body.is_end_stream(),
             ClientBody::Hyper(body) => body.is_end_stream(),
         }
     }
@@ -209,8 +233,154 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Fed(body) => body.size_hint(),
             ClientBody::Hyper(body) => body.size_hint(),
         }
+    }
+}
+
+/// Body bytes the HTTP/1 loop may read ahead of the forwarder, at most.
+const FED_AHEAD: usize = 64 * 1024;
+
+/// A request body read off the wire by the connection's HTTP/1 loop (which
+/// owns the socket) and taken by whoever forwards the request, through a
+/// bounded queue: the loop reads no further than [`FED_AHEAD`] ahead of
+/// the forwarder, so a slow target slows the client instead of filling
+/// memory. Both ends run on the connection's worker thread, so its lock is
+/// never contended.
+pub struct FedBody {
+    pipe: Arc<Mutex<Pipe>>,
+    /// The length the head declares, for the size hint.
+    declared: Option<u64>,
+}
+
+/// The loop's end of a [`FedBody`].
+pub struct BodyFeed {
+    pipe: Arc<Mutex<Pipe>>,
+}
+
+#[derive(Default)]
+struct Pipe {
+    chunks: std::collections::VecDeque<Bytes>,
+    queued: usize,
+    taken: u64,
+    /// `Some(Ok)` once the body ended whole, `Some(Err)` if it broke off.
+    end: Option<Result<(), &'static str>>,
+    reader: Option<std::task::Waker>,
+    feeder: Option<std::task::Waker>,
+    /// The forwarder asked for the body (time for `100 Continue`).
+    wanted: bool,
+    reader_gone: bool,
+}
+
+/// A body and its feed, for a request whose head declares `declared`
+/// bytes (`None`: chunked).
+pub fn fed_body(declared: Option<u64>) -> (BodyFeed, FedBody) {
+    let pipe = Arc::new(Mutex::new(Pipe::default()));
+    (BodyFeed { pipe: pipe.clone() }, FedBody { pipe, declared })
+}
+
+fn lock(pipe: &Mutex<Pipe>) -> std::sync::MutexGuard<'_, Pipe> {
+    pipe.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl FedBody {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        let mut pipe = lock(&self.pipe);
+        if let Some(chunk) = pipe.chunks.pop_front() {
+            pipe.queued -= chunk.len();
+            pipe.taken += chunk.len() as u64;
+            if let Some(feeder) = pipe.feeder.take() {
+                feeder.wake();
+            }
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        match pipe.end {
+            Some(Ok(())) => Poll::Ready(None),
+            Some(Err(why)) => Poll::Ready(Some(Err(why.into()))),
+            None => {
+                if !pipe.wanted {
+                    pipe.wanted = true;
+                    if let Some(feeder) = pipe.feeder.take() {
+                        feeder.wake();
+                    }
+                }
+                pipe.reader = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let pipe = lock(&self.pipe);
+        pipe.chunks.is_empty() && matches!(pipe.end, Some(Ok(())))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.declared {
+            Some(n) => SizeHint::with_exact(n.saturating_sub(lock(&self.pipe).taken)),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for FedBody {
+    fn drop(&mut self) {
+        let mut pipe = lock(&self.pipe);
+        pipe.reader_gone = true;
+        if let Some(feeder) = pipe.feeder.take() {
+            feeder.wake();
+        }
+    }
+}
+
+impl BodyFeed {
+    /// Ready when the body may take more bytes; `false` once no one will
+    /// read them.
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut pipe = lock(&self.pipe);
+        if pipe.reader_gone {
+            return Poll::Ready(false);
+        }
+        if pipe.queued < FED_AHEAD {
+            return Poll::Ready(true);
+        }
+        pipe.feeder = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Whether the forwarder has asked for the body (once asked, always).
+    pub fn wanted(&self, cx: &mut Context<'_>) -> bool {
+        let mut pipe = lock(&self.pipe);
+        if !pipe.wanted {
+            pipe.feeder = Some(cx.waker().clone());
+        }
+        pipe.wanted
+    }
+
+    pub fn push(&self, data: Bytes) {
+        let mut pipe = lock(&self.pipe);
+        pipe.queued += data.len();
+        pipe.chunks.push_back(data);
+        if let Some(reader) = pipe.reader.take() {
+            reader.wake();
+        }
+    }
+
+    /// The body ended: whole, or broken off for `why`.
+    pub fn end(&self, end: Result<(), &'static str>) {
+        let mut pipe = lock(&self.pipe);
+        pipe.end.get_or_insert(end);
+        if let Some(reader) = pipe.reader.take() {
+            reader.wake();
+        }
+    }
+}
+
+impl Drop for BodyFeed {
+    fn drop(&mut self) {
+        self.end(Err("the client connection ended before its body"));
     }
 }
 
@@ -220,7 +390,7 @@ pub enum RequestBodyError {
     #[error("request body exceeds {limit} bytes")]
     TooLarge { limit: usize },
     #[error("client body: {0}")]
-    Client(#[from] hyper::Error),
+    Client(BoxError),
     /// The body did not match the length its head declares; sent on, the
     /// rest of the connection would be read out of step (smuggling).
     #[error("request body {0}")]
@@ -287,7 +457,7 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

@@ -44,6 +44,10 @@ pub enum GatewayError {
     BadPath(&'static str),
     #[error("bad Host: {0}")]
     BadHost(&'static str),
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("an expectation other than 100-continue")]
+    ExpectationFailed,
     #[error("bad header field: {0}")]
     BadHeader(&'static str),
     #[error("reading the request body failed: {0}")]
@@ -98,8 +102,10 @@ impl GatewayError {
             GatewayError::BadPath(_)
             | GatewayError::BadHost(_)
             | GatewayError::BadHeader(_)
+            | GatewayError::BadRequest(_)
             | GatewayError::ClientBody(_)
             | GatewayError::InvalidAuthRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::ExpectationFailed => StatusCode::EXPECTATION_FAILED,
             GatewayError::Unauthenticated { .. } | GatewayError::InvalidToken { .. } => {
                 StatusCode::UNAUTHORIZED
             }
@@ -122,6 +128,8 @@ impl GatewayError {
             GatewayError::BadPath(_) => "bad_path",
             GatewayError::BadHost(_) => "bad_host",
             GatewayError::BadHeader(_) => "bad_header",
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::ExpectationFailed => "expectation_failed",
             GatewayError::ClientBody(_) => "bad_request_body",
             GatewayError::ClientTimeout { .. } => "client_timeout",
             GatewayError::NoHealthyTarget => "no_healthy_upstream",
@@ -145,6 +153,8 @@ impl GatewayError {
             | GatewayError::BadPath(_)
             | GatewayError::BadHost(_)
             | GatewayError::BadHeader(_)
+            | GatewayError::BadRequest(_)
+            | GatewayError::ExpectationFailed
             | GatewayError::ClientBody(_)
             | GatewayError::ClientTimeout { .. }
             | GatewayError::Unauthenticated { .. }

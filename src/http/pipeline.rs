@@ -25,7 +25,6 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Response, Version};
-use hyper::upgrade::OnUpgrade;
 use tokio::time::Sleep;
 
 use super::access_log::{self, Entry};
@@ -209,8 +208,8 @@ struct Outcome {
 pub struct Request<'a> {
     pub head: &'a RequestHead,
     pub body: ClientBody,
-    /// The client's side of a protocol switch, when hyper read the request.
-    pub upgrade: Option<OnUpgrade>,
+    /// The client asks to switch protocols (HTTP/1.1 `Upgrade`).
+    pub upgrade: bool,
     /// The response may carry its target's field lines as they came
     /// (tollgate's own HTTP/1 writer sends it); hyper needs a header map.
     pub wire_response: bool,
@@ -284,6 +283,28 @@ impl Pipeline {
                 resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             }
         }
+        resp
+    }
+
+    /// Answers, logs and counts a request refused before its head was whole.
+    pub fn refuse(&self, conn: &ConnState, error: GatewayError) -> Response<ProxyBody> {
+        let request_id = request_id::generate();
+        let mut resp = error.to_response(&request_id);
+        access_log::record(
+            &Entry {
+                start: Instant::now(),
+                conn: Some(conn),
+                route: "-",
+                metrics: &self.unmatched,
+                request_id: &request_id,
+                method: &http::Method::GET,
+                path: self.access_log.load(Ordering::Relaxed).then_some("-"),
+            },
+            resp.status().as_u16(),
+            Some(&error),
+            "-",
+        );
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         resp
     }
 
@@ -380,7 +401,7 @@ impl Pipeline {
 
         // 6. The fields the target gets.
         // A switch the route does not allow goes as a plain request.
-        let upgrade = req.upgrade.is_some()
+        let upgrade = req.upgrade
             && scan.connection_upgrade
             && head
                 .get(&header::UPGRADE)
@@ -427,7 +448,7 @@ impl Pipeline {
             fields: &fields,
             body: body_follows.then_some(req.body),
             framing,
-            client_upgrade: req.upgrade.filter(|_| upgrade),
+            upgrade,
             wire_response: req.wire_response,
             client_waiting: body_follows.then(Default::default),
         };
@@ -608,8 +629,8 @@ async fn authenticate(
 }
 
 /// The per-connection handle a listener serves with: the worker's
-/// pipeline and the connection's state. hyper calls it for the requests
-/// it reads (HTTP/2, and HTTP/1 the own loop hands over).
+/// pipeline and the connection's state. tollgate's HTTP/1 loop calls it
+/// for every HTTP/1 request; hyper for every HTTP/2 request.
 #[derive(Clone)]
 pub struct HttpEntry {
     pipeline: Arc<Pipeline>,
@@ -627,16 +648,24 @@ impl HttpEntry {
     pub fn serve<'a>(
         &'a self,
         head: &'a RequestHead,
+        body: ClientBody,
+        upgrade: bool,
         memo: &'a mut ConnMemo,
         deadline: Pin<&'a mut Sleep>,
     ) -> impl Future<Output = Response<ProxyBody>> + 'a {
         let req = Request {
             head,
-            body: ClientBody::Empty,
-            upgrade: None,
+            body,
+            upgrade,
             wire_response: true,
         };
         self.pipeline.serve(&self.conn, req, memo, deadline)
+    }
+
+    /// The answer to a request the codec refused before it had a whole
+    /// head (malformed, too large), logged and counted as any other.
+    pub fn refuse(&self, error: GatewayError) -> Response<ProxyBody> {
+        self.pipeline.refuse(&self.conn, error)
     }
 }
 
@@ -648,10 +677,8 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for HttpEntry
     type Error = std::convert::Infallible;
     type Future = EntryFuture;
 
-    fn call(&self, mut req: http::Request<hyper::body::Incoming>) -> EntryFuture {
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> EntryFuture {
         let guard = self.conn.begin_request();
-        let upgrade = headers::is_upgrade_request(req.method(), req.version(), req.headers())
-            .then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let head = RequestHead::from_parts(parts);
         let entry = self.clone();
@@ -664,7 +691,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for HttpEntry
             let req = Request {
                 head: &head,
                 body: ClientBody::Hyper(body),
-                upgrade,
+                upgrade: false,
                 wire_response: false,
             };
             let deadline = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::now()));

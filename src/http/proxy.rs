@@ -76,8 +76,8 @@ pub(super) struct Outgoing<'a> {
     /// `None` when the request has no body.
     pub body: Option<ClientBody>,
     pub framing: Framing,
-    /// The client's side of an upgrade the route allows.
-    pub client_upgrade: Option<OnUpgrade>,
+    /// The client asks to switch protocols, as the route allows.
+    pub upgrade: bool,
     /// The response may keep its target's field lines as they came.
     pub wire_response: bool,
     /// Set while the request body waits for the client (requests with a
@@ -181,7 +181,7 @@ pub(super) async fn forward(
     let replayable = outgoing.replayable();
     let body_limit = conn.listener.limits.max_body_bytes.as_usize();
     let idempotent = is_idempotent(outgoing.method);
-    let upgrade = outgoing.client_upgrade.is_some();
+    let upgrade = outgoing.upgrade;
 
     let mut attempt: u32 = 0;
     // Targets that failed this request (each counted against its health
@@ -236,8 +236,7 @@ pub(super) async fn forward(
                 }
                 let retry_status = route.retry_on_status.contains(&status);
                 if !(retry_status && idempotent && may_retry) {
-                    let client_upgrade = outgoing.client_upgrade.take();
-                    return respond(resp, inflight, client_upgrade, conn, route);
+                    return respond(resp, inflight, upgrade, route);
                 }
                 route.metrics.upstream_status.inc();
                 Failure {
@@ -354,31 +353,27 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 fn respond(
     mut resp: Response<UpstreamBody>,
     inflight: InflightGuard,
-    client_upgrade: Option<OnUpgrade>,
-    conn: &Arc<ConnState>,
+    upgrade: bool,
     route: &Route,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         inflight.counted().succeeded();
-        let Some(client_upgrade) = client_upgrade else {
+        if !upgrade {
             return Err(GatewayError::UpstreamProtocol {
                 target: inflight.target().to_string(),
                 detail: "101 Switching Protocols without an upgrade request".into(),
             });
+        }
+        let tunnel = Tunnel {
+            upstream: hyper::upgrade::on(&mut resp),
+            _inflight: inflight,
+            route: route.name.clone(),
         };
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(tunnel(
-            client_upgrade,
-            upstream_upgrade,
-            inflight,
-            conn.clone(),
-            route.name.clone(),
-        ));
         let (mut parts, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
         parts.version = Version::HTTP_11;
-        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+        return Ok(Response::from_parts(parts, ProxyBody::switching(tunnel)));
     }
     let (mut parts, body) = resp.into_parts();
     if let UpstreamBody::Hyper(_) = body {
@@ -398,41 +393,47 @@ fn respond(
     ))
 }
 
-/// Relays an upgraded connection (WebSocket) byte for byte. The client's
-/// connection state (and so its connection-limit slot) lives as long as the
-/// tunnel does.
-async fn tunnel(
-    client: OnUpgrade,
+/// The target's side of a connection that switched protocols (WebSocket),
+/// carried by the `101` response to the client's connection, which relays
+/// it once the `101` is written.
+pub struct Tunnel {
     upstream: OnUpgrade,
+    /// The target counts it in flight while it lasts.
     _inflight: InflightGuard,
-    conn: Arc<ConnState>,
     route: Arc<str>,
-) {
-    let (client, upstream) = tokio::join!(client, upstream);
-    match (client, upstream) {
-        (Ok(client), Ok(upstream)) => {
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
-            // Bytes moving either way count as activity on the client
-            // connection; a tunnel quiet for the listener's idle timeout ends.
-            let idle = conn.listener.limits.idle_timeout;
-            tokio::select! {
-                copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
-                    Ok((up, down)) => tracing::debug!(
-                        route = %route, peer = %conn.peer, bytes_up = up, bytes_down = down,
-                        "upgraded connection closed"
-                    ),
-                    Err(e) => tracing::debug!(
-                        route = %route, peer = %conn.peer, error = %e, "upgraded connection ended with an error"
-                    ),
-                },
-                _ = conn.idle_for(idle) => tracing::debug!(
-                    route = %route, peer = %conn.peer, "upgraded connection idle; closed"
-                ),
+}
+
+impl Tunnel {
+    /// Relays bytes both ways until either side closes, or nothing moves
+    /// for the listener's idle timeout. `client` counts activity on `conn`.
+    pub async fn relay(
+        self,
+        mut client: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        conn: &ConnState,
+    ) {
+        let route = &self.route;
+        let upstream = match self.upstream.await {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                tracing::warn!(route = %route, peer = %conn.peer, error = %e, "protocol upgrade failed");
+                return;
             }
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(route = %route, peer = %conn.peer, error = %e, "protocol upgrade failed");
+        };
+        let mut upstream = TokioIo::new(upstream);
+        let idle = conn.listener.limits.idle_timeout;
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+                Ok((up, down)) => tracing::debug!(
+                    route = %route, peer = %conn.peer, bytes_up = up, bytes_down = down,
+                    "upgraded connection closed"
+                ),
+                Err(e) => tracing::debug!(
+                    route = %route, peer = %conn.peer, error = %e, "upgraded connection ended with an error"
+                ),
+            },
+            _ = conn.idle_for(idle) => tracing::debug!(
+                route = %route, peer = %conn.peer, "upgraded connection idle; closed"
+            ),
         }
     }
 }

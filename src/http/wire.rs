@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
@@ -250,6 +250,83 @@ pub fn chunk_size_line(mut len: usize, buf: &mut [u8; 18]) -> &[u8] {
     }
 }
 
+/// A chunk-size line or the trailer section may not be longer than this.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Where a chunked body's decoder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// Decodes what it can of a chunked body at the front of `buf`: the next
+/// state and any data. `Chunk::Trailers` is left for `trailers_end`.
+pub fn decode_chunk(
+    buf: &mut BytesMut,
+    state: Chunk,
+) -> Result<(Chunk, Option<Bytes>), &'static str> {
+    match state {
+        Chunk::Size => match httparse::parse_chunk_size(buf) {
+            Ok(httparse::Status::Complete((used, size))) => {
+                buf.advance(used);
+                Ok((
+                    if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    },
+                    None,
+                ))
+            }
+            Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                Err("chunk-size line too long")
+            }
+            Ok(httparse::Status::Partial) => Ok((Chunk::Size, None)),
+            Err(_) => Err("malformed chunk size"),
+        },
+        Chunk::Data(left) if !buf.is_empty() => {
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            let data = buf.split_to(n).freeze();
+            let next = if left == n as u64 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left - n as u64)
+            };
+            Ok((next, Some(data)))
+        }
+        Chunk::DataEnd if buf.len() >= 2 => {
+            if &buf[..2] != b"\r\n" {
+                return Err("chunk data not followed by CRLF");
+            }
+            buf.advance(2);
+            Ok((Chunk::Size, None))
+        }
+        other => Ok((other, None)),
+    }
+}
+
+/// Skips the trailer section (trailers are not forwarded). True once its
+/// closing empty line has been consumed.
+pub fn trailers_end(buf: &mut BytesMut) -> Result<bool, &'static str> {
+    loop {
+        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+            if buf.len() > MAX_TRAILERS {
+                return Err("trailer section too large");
+            }
+            return Ok(false);
+        };
+        buf.advance(eol + 2);
+        if eol == 0 {
+            return Ok(true);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,5 +379,67 @@ mod tests {
         let map = header_map(&raw, found, capacity).unwrap();
         assert_eq!(map["x-a"], "1");
         assert_eq!(map["x-b"], "");
+    }
+
+    fn decode_all(mut raw: BytesMut) -> Result<Vec<u8>, &'static str> {
+        let mut state = Chunk::Size;
+        let mut out = Vec::new();
+        loop {
+            let (next, data) = decode_chunk(&mut raw, state)?;
+            if next == Chunk::Trailers {
+                assert!(trailers_end(&mut raw)?, "trailers complete");
+                assert!(raw.is_empty());
+                return Ok(out);
+            }
+            match data {
+                Some(d) => out.extend_from_slice(&d),
+                None if next == state => return Err("incomplete"),
+                None => {}
+            }
+            state = next;
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_split_reads() {
+        let raw = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\ntrailer: x\r\n\r\n";
+        assert_eq!(
+            decode_all(BytesMut::from(&raw[..])).unwrap(),
+            b"hello world"
+        );
+        // Fed a byte at a time, the decoder waits instead of failing.
+        let mut buf = BytesMut::new();
+        let mut state = Chunk::Size;
+        let mut out = Vec::new();
+        let mut done = false;
+        for b in raw {
+            buf.extend_from_slice(&[*b]);
+            loop {
+                let (next, data) = decode_chunk(&mut buf, state).unwrap();
+                let moved = next != state || data.is_some();
+                if let Some(d) = data {
+                    out.extend_from_slice(&d);
+                }
+                state = next;
+                if state == Chunk::Trailers {
+                    done = trailers_end(&mut buf).unwrap();
+                    break;
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        assert!(done);
+        assert_eq!(out, b"hello world");
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for raw in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloXX0\r\n\r\n"] {
+            assert!(decode_all(BytesMut::from(raw)).is_err(), "{raw:?}");
+        }
+        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
+        assert!(decode_chunk(&mut BytesMut::from(&long[..]), Chunk::Size).is_err());
     }
 }

@@ -1,114 +1,233 @@
-//! tollgate's own HTTP/1.1 server loop for plain-TCP connections, for the
-//! common request: a complete head in the buffer, no body, no upgrade. It
-//! runs the request through the gateway's one pipeline and writes the
-//! response from the connection's own task, with no per-connection
-//! dispatcher in between.
-//! Anything else (a body, `Expect`, an upgrade, HTTP/1.0, a head split over
-//! reads, a malformed head) hands the connection with what it has read over
-//! to hyper, which serves it from then on.
+//! tollgate's HTTP/1 server codec: the one reader of HTTP/1 requests on the
+//! gateway's listeners, plain and TLS. It reads every head itself (whole,
+//! split over reads, pipelined, malformed or too large), feeds request
+//! bodies (`Content-Length` or chunked, with `100 Continue`) to whoever
+//! forwards them, writes responses from the connection's own task with no
+//! dispatcher in between, and relays a connection that switched protocols.
+//! Every request goes through the gateway's one pipeline; a head that
+//! cannot be read is answered with the same JSON errors, then the
+//! connection closes. A connection that opens with the HTTP/2 preface is
+//! handed to hyper's HTTP/2 server before any HTTP/1 is read.
 
 use std::cell::Cell;
+use std::future::poll_fn;
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header;
 use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::conn::ConnState;
+use super::conn::{ActivityIo, ConnState};
 use super::listener::Shutdown;
 use crate::http::ConnMemo;
 use crate::http::HttpEntry;
-use crate::http::body::ProxyBody;
+use crate::http::body::{BodyFeed, ClientBody, ProxyBody, fed_body};
+use crate::http::error::GatewayError;
 use crate::http::headers::{self, X_REQUEST_ID};
-use crate::http::wire::{self, RequestHead};
+use crate::http::wire::{self, Chunk, RequestHead};
 
-/// Request heads with more headers than this go to hyper (which applies the
-/// listener's limits the same way).
-const MAX_HEADERS: usize = 64;
+/// Header slots for one head; a head with more fields is refused (431).
+const MAX_HEADERS: usize = 256;
 
-/// How the loop ended.
-pub(super) enum Ended {
-    Closed,
-    /// Serve the rest with hyper, starting with these bytes.
-    HandOff(TcpStream, Bytes),
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A connection stream the loop reads and writes.
+pub(super) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Reads what has arrived into `buf`; `Ok(0)` is the end of the stream.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<std::io::Result<usize>>;
 }
 
-pub(super) async fn serve(
-    mut io: TcpStream,
+impl Stream for TcpStream {
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<std::io::Result<usize>> {
+        // Readiness first: no read is tried until the socket has news. The
+        // socket's own reader slot is watched (`readable()` would add and
+        // remove a waiter under a lock each time).
+        loop {
+            ready!(self.poll_read_ready(cx))?;
+            buf.reserve(4096);
+            match self.try_read_buf(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+}
+
+impl Stream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<std::io::Result<usize>> {
+        buf.reserve(4096);
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+    }
+}
+
+/// How the loop ended.
+pub(super) enum Ended<S> {
+    Closed,
+    /// The client speaks HTTP/2: serve it with that, starting with these bytes.
+    Http2(S, Bytes),
+}
+
+/// A request head read whole, and what its framing says.
+struct Parsed {
+    request: RequestHead,
+    /// The client asked to close after this response (or is HTTP/1.0
+    /// without keep-alive).
+    close: bool,
+    body: BodyFraming,
+    expect_continue: bool,
+    upgrade: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// What the front of the read buffer holds.
+enum Read {
+    Request(Box<Parsed>),
+    /// More bytes are needed.
+    Partial,
+    Http2,
+    Refused(GatewayError),
+}
+
+pub(super) async fn serve<S: Stream>(
+    mut io: S,
     state: Arc<ConnState>,
     entry: HttpEntry,
     shutdown: &Shutdown,
-) -> Ended {
+) -> Ended<S> {
     let limits = &state.listener.limits;
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(1024);
     let mut idle = pin!(state.idle_for(limits.idle_timeout));
     let mut graceful = pin!(shutdown.drain.wait());
-    // A new connection sends its first head within the header-read timeout
-    // (as hyper has it), so silent connections do not hold their slots for
-    // the whole idle timeout.
-    let mut first_head = pin!(tokio::time::sleep(limits.header_read_timeout));
-    let mut served = false;
+    // A head must arrive whole within the header-read timeout of its first
+    // byte (a new connection's, of the connection's start): silent or slow
+    // clients do not hold their slots.
+    let mut head_timer = pin!(tokio::time::sleep(limits.header_read_timeout));
+    let mut head_started = true;
     let mut memo = ConnMemo::default();
-    // The direct path's request timer, moved along from request to request
-    // (see `proxy::forward`); armed by the first request.
+    // The request timer, moved along from request to request (see
+    // `proxy::forward`); armed by the first request.
     let mut deadline = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
     loop {
-        if buf.is_empty() {
-            buf.reserve(4096);
-            let read = tokio::select! {
-                biased;
-                read = io.read_buf(&mut buf) => read,
-                _ = &mut graceful => return Ended::Closed,
-                _ = &mut first_head, if !served => {
-                    tracing::debug!(listener = %state.listener.name, peer = %state.peer,
-                        "no request within the header-read timeout; closing");
-                    return Ended::Closed;
-                }
-                _ = &mut idle => {
-                    tracing::debug!(listener = %state.listener.name, peer = %state.peer, "closing idle connection");
-                    return Ended::Closed;
-                }
-            };
-            match read {
-                Ok(0) | Err(_) => return Ended::Closed,
-                Ok(_) => state.touch(),
+        let parsed = match read(&mut buf, limits) {
+            Read::Request(parsed) => parsed,
+            Read::Http2 => return Ended::Http2(io, buf.freeze()),
+            Read::Refused(error) => {
+                let response = entry.refuse(error);
+                let _ = write_refusal(&mut io, &mut out, response, &state).await;
+                return Ended::Closed;
             }
-        }
-        let Some(parsed) = parse_request(&mut buf) else {
-            return Ended::HandOff(io, buf.freeze());
+            Read::Partial => {
+                if !buf.is_empty() && !head_started {
+                    head_started = true;
+                    head_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + limits.header_read_timeout);
+                }
+                let read = tokio::select! {
+                    biased;
+                    read = poll_fn(|cx| io.poll_fill(cx, &mut buf)) => read,
+                    _ = &mut graceful, if buf.is_empty() => return Ended::Closed,
+                    _ = &mut head_timer, if head_started => {
+                        tracing::debug!(listener = %state.listener.name, peer = %state.peer,
+                            "no whole request head within the header-read timeout; closing");
+                        return Ended::Closed;
+                    }
+                    _ = &mut idle, if !head_started => {
+                        tracing::debug!(listener = %state.listener.name, peer = %state.peer, "closing idle connection");
+                        return Ended::Closed;
+                    }
+                };
+                match read {
+                    Ok(0) | Err(_) => return Ended::Closed,
+                    Ok(_) => state.touch(),
+                }
+                continue;
+            }
         };
-        served = true;
-        let head = parsed.request.method == Method::HEAD;
-        let close = parsed.close || shutdown.drain.started();
-        let request = parsed.request;
+        head_started = false;
+        let Parsed {
+            request,
+            close,
+            body,
+            expect_continue,
+            upgrade,
+        } = *parsed;
+        let head_only = request.method == Method::HEAD;
+        let http10 = request.version == Version::HTTP_10;
+        let mut close = close || shutdown.drain.started();
+        let (mut feed, client_body) = match body {
+            BodyFraming::None | BodyFraming::Length(0) => (None, ClientBody::Empty),
+            BodyFraming::Length(n) => {
+                let (feed, body) = fed_body(Some(n));
+                let reader = BodyReader::new(feed, Chunk::Data(n), expect_continue);
+                (Some(reader), ClientBody::Fed(body))
+            }
+            BodyFraming::Chunked => {
+                let (feed, body) = fed_body(None);
+                let reader = BodyReader::new(feed, Chunk::Size, expect_continue);
+                (Some(reader), ClientBody::Fed(body))
+            }
+        };
         let response = run(
-            pin!(entry.serve(&request, &mut memo, deadline.as_mut())),
-            &io,
+            pin!(entry.serve(&request, client_body, upgrade, &mut memo, deadline.as_mut())),
+            &mut io,
             &mut buf,
+            feed.as_mut(),
         )
         .await;
-        let Some(response) = response else {
+        let Some(mut response) = response else {
             tracing::debug!(listener = %state.listener.name, peer = %state.peer,
                 "client closed the connection; request cancelled");
             return Ended::Closed;
         };
+        // A body not read to its end leaves the connection out of step:
+        // it closes after this response.
+        if feed.as_ref().is_some_and(|f| f.state != BodyState::Whole) {
+            close = true;
+        }
+        drop(feed);
+        let tunnel = response.body_mut().take_tunnel();
         // As for requests to targets (`upstream::h1`): responses go out in
         // one burst per event-loop turn, waking clients less often.
         crate::transport::after_ready_tasks().await;
         let (parts, mut body) = response.into_parts();
+        let framing = ResponseFraming {
+            head_request: head_only,
+            close: close && tunnel.is_none(),
+            http10,
+        };
         let written = tokio::select! {
             biased;
-            written = write_response(&mut io, &mut out, &parts, &mut body, head, close, &state) => written,
+            written = write_response(&mut io, &mut out, &parts, &mut body, framing, &state) => written,
             // A client that stops reading is closed like an idle one.
             _ = &mut idle => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -116,14 +235,31 @@ pub(super) async fn serve(
             )),
         };
         drop((parts, body));
-        if let Err(e) = written {
-            tracing::debug!(listener = %state.listener.name, peer = %state.peer, error = %e,
-                "response not written whole; closing the connection");
+        let keep_alive = match written {
+            Ok(keep_alive) => keep_alive,
+            Err(e) => {
+                tracing::debug!(listener = %state.listener.name, peer = %state.peer, error = %e,
+                    "response not written whole; closing the connection");
+                return Ended::Closed;
+            }
+        };
+        if let Some(tunnel) = tunnel {
+            // What the client sent after its upgrade request belongs to the
+            // new protocol.
+            let client = ActivityIo::new(Rewind::new(io, buf.freeze()), state.clone());
+            tunnel.relay(client, &state).await;
             return Ended::Closed;
         }
-        if close {
+        if close || !keep_alive {
             let _ = io.shutdown().await;
             return Ended::Closed;
+        }
+        if !buf.is_empty() {
+            // A pipelined head is under way already.
+            head_started = true;
+            head_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limits.header_read_timeout);
         }
     }
 }
@@ -131,134 +267,401 @@ pub(super) async fn serve(
 /// Pipelined bytes read while a request runs are kept up to this much.
 const MAX_READ_AHEAD: usize = 64 * 1024;
 
-/// Runs the request through the stack while watching the connection:
-/// bytes that arrive meanwhile (pipelined requests) are kept in `buf`; the
-/// end of the stream means the client is gone, and `None` drops (cancels)
-/// the request.
-///
-/// The request comes pinned where it was made: moving it in by value would
-/// copy it, and keep a second slot for it in this future.
-async fn run(
-    mut request: Pin<&mut impl Future<Output = Response<ProxyBody>>>,
-    io: &TcpStream,
-    buf: &mut BytesMut,
-) -> Option<Response<ProxyBody>> {
-    loop {
-        tokio::select! {
-            biased;
-            response = &mut request => return Some(response),
-            // Readiness only: no read is tried until the socket has news.
-            // The socket's own reader slot is watched (`readable()` would
-            // add and remove a waiter under a lock each time), and it is
-            // the slot the next request's read waits in.
-            ready = std::future::poll_fn(|cx| io.poll_read_ready(cx)), if buf.len() < MAX_READ_AHEAD => {
-                ready.ok()?;
-                buf.reserve(4096);
-                match io.try_read_buf(buf) {
-                    Ok(0) => return None,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return None,
+/// A request body on its way from the socket to the forwarder.
+struct BodyReader {
+    feed: BodyFeed,
+    chunk: Chunk,
+    /// `Content-Length` framing (`chunk` counts down `Data`), or chunked.
+    chunked: bool,
+    state: BodyState,
+    /// `100 Continue` is owed once the forwarder asks for the body.
+    continue_owed: bool,
+    /// Bytes of the `100 Continue` line still to write.
+    continue_left: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    Reading,
+    /// Read to its end: the connection is in step for the next request.
+    Whole,
+    /// No longer read (broken off, or no one takes it): the connection
+    /// closes after the response.
+    Abandoned,
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl BodyReader {
+    fn new(feed: BodyFeed, chunk: Chunk, expect_continue: bool) -> BodyReader {
+        BodyReader {
+            chunked: chunk == Chunk::Size,
+            feed,
+            chunk,
+            state: BodyState::Reading,
+            continue_owed: expect_continue,
+            continue_left: 0,
+        }
+    }
+
+    /// Moves what `buf` holds of the body into the feed; `Err` for a
+    /// malformed chunked body.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<(), &'static str> {
+        while self.state == BodyState::Reading && !buf.is_empty() {
+            if !self.chunked {
+                let Chunk::Data(left) = self.chunk else {
+                    return Err("a length-framed body lost count");
+                };
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                self.feed.push(buf.split_to(n).freeze());
+                self.chunk = Chunk::Data(left - n as u64);
+                if left == n as u64 {
+                    self.whole();
                 }
+                continue;
+            }
+            if self.chunk == Chunk::Trailers {
+                if wire::trailers_end(buf)? {
+                    self.whole();
+                }
+                return Ok(());
+            }
+            let (next, data) = wire::decode_chunk(buf, self.chunk)?;
+            let moved = next != self.chunk || data.is_some();
+            if let Some(data) = data {
+                self.feed.push(data);
+            }
+            self.chunk = next;
+            if !moved {
+                return Ok(()); // more bytes needed
             }
         }
+        Ok(())
+    }
+
+    fn whole(&mut self) {
+        self.state = BodyState::Whole;
+        self.feed.end(Ok(()));
+    }
+
+    fn abandon(&mut self, why: &'static str) {
+        self.state = BodyState::Abandoned;
+        self.feed.end(Err(why));
     }
 }
 
-struct Parsed {
-    request: RequestHead,
-    /// The client asked to close after this response.
-    close: bool,
+/// Runs the request through the pipeline while serving the connection:
+/// the request's body is read and fed as the forwarder takes it (with
+/// `100 Continue` first when the client asked); once it is whole, bytes
+/// that arrive (pipelined requests) are kept in `buf`, and the end of the
+/// stream means the client is gone: `None` drops (cancels) the request.
+///
+/// The request comes pinned where it was made: moving it in by value would
+/// copy it, and keep a second slot for it in this future.
+async fn run<S: Stream>(
+    mut request: Pin<&mut impl Future<Output = Response<ProxyBody>>>,
+    io: &mut S,
+    buf: &mut BytesMut,
+    mut body: Option<&mut BodyReader>,
+) -> Option<Response<ProxyBody>> {
+    poll_fn(|cx| {
+        if let Poll::Ready(response) = request.as_mut().poll(cx) {
+            return Poll::Ready(Some(response));
+        }
+        loop {
+            let reader = match body.as_deref_mut() {
+                Some(reader) if reader.state == BodyState::Reading => reader,
+                Some(reader) if reader.state == BodyState::Abandoned => return Poll::Pending,
+                // No body, or a whole one: read ahead (pipelined requests),
+                // and notice the client leaving.
+                _ => {
+                    if buf.len() >= MAX_READ_AHEAD {
+                        return Poll::Pending;
+                    }
+                    match io.poll_fill(cx, buf) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                        Poll::Ready(Ok(_)) => continue,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            };
+            if reader.continue_owed && reader.feed.wanted(cx) {
+                reader.continue_owed = false;
+                reader.continue_left = CONTINUE.len();
+            }
+            while reader.continue_left > 0 {
+                let from = CONTINUE.len() - reader.continue_left;
+                match Pin::new(&mut *io).poll_write(cx, &CONTINUE[from..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => reader.continue_left -= n,
+                    Poll::Ready(_) => {
+                        reader.continue_left = 0;
+                        reader.abandon("the client connection failed");
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if reader.state != BodyState::Reading {
+                continue;
+            }
+            if let Err(why) = reader.decode(buf) {
+                reader.abandon(why);
+                continue;
+            }
+            if reader.state != BodyState::Reading {
+                continue;
+            }
+            // Read more once the forwarder has taken what it was given.
+            match reader.feed.poll_room(cx) {
+                Poll::Ready(true) => {}
+                Poll::Ready(false) => {
+                    reader.abandon("the body is no longer read");
+                    continue;
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+            match io.poll_fill(cx, buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    reader.abandon("the client closed the connection before the end of its body");
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await
 }
 
-/// A complete, body-less HTTP/1.1 request at the front of `buf`, consumed;
-/// `None` (and `buf` untouched) for anything hyper should read instead.
-fn parse_request(buf: &mut BytesMut) -> Option<Parsed> {
+/// Reads a request head at the front of `buf`, consuming it once whole.
+fn read(buf: &mut BytesMut, limits: &crate::config::Limits) -> Read {
+    if buf.is_empty() {
+        return Read::Partial;
+    }
+    let preface = buf.len().min(H2_PREFACE.len());
+    if buf[..preface] == H2_PREFACE[..preface] {
+        return if preface == H2_PREFACE.len() {
+            Read::Http2
+        } else {
+            Read::Partial
+        };
+    }
     // Uninitialised slots: zeroing them all costs more than the parse.
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
     let config = httparse::ParserConfig::default();
+    let uri_limit = limits.max_uri_bytes.as_usize();
+    let head_limit = uri_limit + limits.max_header_bytes.as_usize() + 4096;
     let len = match config.parse_request_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
-        _ => return None,
+        Ok(httparse::Status::Partial) => {
+            // A head may not grow past the limits while it comes in.
+            let line_end = buf.windows(2).position(|w| w == b"\r\n");
+            if line_end.map_or(buf.len(), |end| end) > uri_limit + 32 {
+                return Read::Refused(GatewayError::UriTooLong { limit: uri_limit });
+            }
+            if buf.len() > head_limit {
+                return Read::Refused(GatewayError::HeadersTooLarge {
+                    limit: limits.max_header_bytes.as_usize(),
+                    what: "bytes",
+                });
+            }
+            return Read::Partial;
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Read::Refused(GatewayError::HeadersTooLarge {
+                limit: limits.max_headers,
+                what: "headers",
+            });
+        }
+        Err(e) => {
+            // A target too long to parse is still too long.
+            if buf
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .unwrap_or(buf.len())
+                > uri_limit + 32
+            {
+                return Read::Refused(GatewayError::UriTooLong { limit: uri_limit });
+            }
+            return Read::Refused(GatewayError::BadRequest(head_error(e)));
+        }
     };
-    if parsed.version != Some(1) {
-        return None;
+    let facts = match parse_head(buf, &parsed) {
+        Ok(facts) => facts,
+        Err(error) => return Read::Refused(error),
+    };
+    let head = buf.split_to(len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(facts.path)) else {
+        return Read::Refused(GatewayError::BadRequest("a malformed request target"));
+    };
+    Read::Request(Box::new(Parsed {
+        request: RequestHead {
+            head,
+            method: facts.method,
+            uri,
+            version: facts.version,
+            fields: facts.fields,
+        },
+        close: facts.close,
+        body: facts.body,
+        expect_continue: facts.expect_continue,
+        upgrade: facts.upgrade,
+    }))
+}
+
+/// What a whole head says, with its parts as ranges of the buffer.
+struct HeadFacts {
+    method: Method,
+    version: Version,
+    path: std::ops::Range<usize>,
+    fields: Vec<wire::Field>,
+    close: bool,
+    body: BodyFraming,
+    expect_continue: bool,
+    upgrade: bool,
+}
+
+fn head_error(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "a malformed header field name",
+        httparse::Error::HeaderValue => "a malformed header field value (folded lines are refused)",
+        httparse::Error::NewLine => "a malformed line ending",
+        httparse::Error::Version => "an unknown HTTP version",
+        httparse::Error::Token | httparse::Error::Status => "a malformed request line",
+        httparse::Error::TooManyHeaders => "too many header fields",
     }
-    let path = parsed.path?;
-    if !path.starts_with('/') {
-        return None;
-    }
-    let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
-    if method == Method::CONNECT {
-        return None;
-    }
-    let fields = wire::fields(buf, parsed.headers)?;
-    let mut close = false;
+}
+
+/// The request and its framing from a head httparse read whole from `buf`.
+fn parse_head(buf: &[u8], parsed: &httparse::Request<'_, '_>) -> Result<HeadFacts, GatewayError> {
+    let bad = GatewayError::BadRequest;
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Err(bad("an unknown HTTP version")),
+    };
+    let method = parsed
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or(bad("a malformed method"))?;
+    let path = parsed.path.ok_or(bad("no request target"))?;
+    let fields = wire::fields(buf, parsed.headers).ok_or(bad("a malformed header field name"))?;
+    let (mut close_token, mut keep_alive_token) = (false, false);
+    let (mut length, mut chunked, mut transfer_encoding) = (None, false, false);
+    let (mut expect_continue, mut connection_upgrade, mut has_upgrade) = (false, false, false);
     for (name, range) in &fields {
         let value = &buf[range.clone()];
         match *name {
-            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => return None,
-            header::CONTENT_LENGTH if value != b"0" => return None,
+            header::CONTENT_LENGTH => {
+                let n = wire::length_value(value).ok_or(bad("a malformed Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(bad("conflicting Content-Length fields"));
+                }
+                length = Some(n);
+            }
+            header::TRANSFER_ENCODING => {
+                transfer_encoding = true;
+                // Only chunked, last, frames a request (RFC 9112 §6.3).
+                chunked = wire::list_elements(value)
+                    .last()
+                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+            }
             header::CONNECTION => {
                 for token in wire::list_elements(value) {
                     if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
+                        close_token = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive_token = true;
                     } else if token.eq_ignore_ascii_case(b"upgrade") {
-                        return None;
+                        connection_upgrade = true;
                     }
                 }
             }
+            header::EXPECT => {
+                if value.eq_ignore_ascii_case(b"100-continue") {
+                    expect_continue = true;
+                } else {
+                    return Err(GatewayError::ExpectationFailed);
+                }
+            }
+            header::UPGRADE => has_upgrade = true,
             _ => {}
         }
     }
-    let path_start = path.as_ptr() as usize - buf.as_ptr() as usize;
-    let path_range = path_start..path_start + path.len();
-
-    let head = buf.split_to(len).freeze();
-    match Uri::from_maybe_shared(head.slice(path_range)) {
-        Ok(uri) => Some(Parsed {
-            request: RequestHead {
-                head,
-                method,
-                uri,
-                version: Version::HTTP_11,
-                fields,
-            },
-            close,
-        }),
-        // httparse takes targets that `http` refuses (`/a<b>`): hyper gets
-        // the head back, with what follows, and answers it.
-        Err(_) => {
-            give_back(buf, &head);
-            None
+    // HTTP/1.0 keeps the connection only when asked to.
+    let close = close_token || (version == Version::HTTP_10 && !keep_alive_token);
+    let body = match (transfer_encoding, length) {
+        // Both would let two readers frame it two ways (smuggling).
+        (true, Some(_)) => return Err(bad("both Transfer-Encoding and Content-Length")),
+        (true, None) if version == Version::HTTP_10 => {
+            return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
         }
-    }
+        (true, None) if !chunked => {
+            return Err(bad("a Transfer-Encoding other than chunked, last"));
+        }
+        (true, None) => BodyFraming::Chunked,
+        (false, Some(n)) => BodyFraming::Length(n),
+        (false, None) => BodyFraming::None,
+    };
+    let upgrade = connection_upgrade
+        && has_upgrade
+        && method == Method::GET
+        && version == Version::HTTP_11
+        && body == BodyFraming::None;
+    let path_start = path.as_ptr() as usize - buf.as_ptr() as usize;
+    Ok(HeadFacts {
+        method,
+        version,
+        path: path_start..path_start + path.len(),
+        fields,
+        close,
+        body,
+        expect_continue,
+        upgrade,
+    })
 }
 
-/// Puts a head split off `buf` back in front of it.
-fn give_back(buf: &mut BytesMut, head: &[u8]) {
-    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
-    whole.extend_from_slice(head);
-    whole.extend_from_slice(buf);
-    *buf = whole;
+/// How a response goes out.
+#[derive(Clone, Copy)]
+struct ResponseFraming {
+    head_request: bool,
+    /// Close after this response.
+    close: bool,
+    /// The client speaks HTTP/1.0: no chunked framing.
+    http10: bool,
+}
+
+/// Writes a refusal (a whole small body) and closes.
+async fn write_refusal<S: Stream>(
+    io: &mut S,
+    out: &mut BytesMut,
+    response: Response<ProxyBody>,
+    state: &ConnState,
+) -> std::io::Result<()> {
+    let (parts, mut body) = response.into_parts();
+    let framing = ResponseFraming {
+        head_request: false,
+        close: true,
+        http10: false,
+    };
+    write_response(io, out, &parts, &mut body, framing, state).await?;
+    io.shutdown().await
 }
 
 /// Writes the head and streams the body: with its length when it is known,
-/// chunked otherwise.
+/// chunked otherwise (close-delimited to an HTTP/1.0 client). `Ok(false)`
+/// when the connection cannot carry another request.
 // The response is borrowed: taken by value, it would sit in this future
 // twice (as argument and as its parts).
-async fn write_response(
-    io: &mut TcpStream,
+async fn write_response<S: Stream>(
+    io: &mut S,
     out: &mut BytesMut,
     parts: &http::response::Parts,
     body: &mut ProxyBody,
-    head_request: bool,
-    close: bool,
+    framing: ResponseFraming,
     state: &ConnState,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     let status = parts.status;
-    let bodiless = head_request
+    let bodiless = framing.head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
@@ -268,8 +671,8 @@ async fn write_response(
     out.put_u8(b' ');
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
-    // A direct-path response has its target's fields as they came, then
-    // what tollgate adds; any other has all its fields in its map.
+    // A response of our own client has its target's fields as they came,
+    // then what tollgate adds; any other has all its fields in its map.
     let lines = body.response_lines();
     if let Some(lines) = lines {
         for run in lines.runs() {
@@ -286,9 +689,6 @@ async fn write_response(
         put_date(out);
         out.put_slice(b"\r\n");
     }
-    if close {
-        out.put_slice(b"connection: close\r\n");
-    }
     let mut declared = match lines {
         Some(lines) => lines.content_length,
         None => parts
@@ -297,17 +697,25 @@ async fn write_response(
             .and_then(|v| wire::length_value(v.as_bytes())),
     };
     let mut chunked = false;
+    let mut close = framing.close;
     if !bodiless && declared.is_none() {
         match body.size_hint().exact() {
             Some(n) => {
                 wire::put_length_field(out, "content-length", n);
                 declared = Some(n);
             }
+            // HTTP/1.0 knows no chunks: the end of the connection ends it.
+            None if framing.http10 => close = true,
             None => {
                 out.put_slice(b"transfer-encoding: chunked\r\n");
                 chunked = true;
             }
         }
+    }
+    if close {
+        out.put_slice(b"connection: close\r\n");
+    } else if framing.http10 {
+        out.put_slice(b"connection: keep-alive\r\n");
     }
     out.put_slice(b"\r\n");
     if bodiless || body.is_end_stream() {
@@ -316,7 +724,8 @@ async fn write_response(
         }
         io.write_all(out).await?;
         state.touch();
-        return check_length(declared, 0, bodiless);
+        check_length(declared, 0, bodiless)?;
+        return Ok(!close);
     }
 
     let mut sent: u64 = 0;
@@ -351,7 +760,8 @@ async fn write_response(
         write_all_vectored(io, &mut [head, end]).await?;
         state.touch();
     }
-    check_length(declared, sent, false)
+    check_length(declared, sent, false)?;
+    Ok(!close)
 }
 
 /// A body shorter than its declared length leaves the client waiting: the
@@ -365,7 +775,7 @@ fn check_length(declared: Option<u64>, sent: u64, bodiless: bool) -> std::io::Re
     }
 }
 
-async fn write_all_vectored(io: &mut TcpStream, parts: &mut [&[u8]]) -> std::io::Result<()> {
+async fn write_all_vectored<S: Stream>(io: &mut S, parts: &mut [&[u8]]) -> std::io::Result<()> {
     let mut first = 0;
     loop {
         while first < parts.len() && parts[first].is_empty() {
@@ -411,19 +821,19 @@ fn put_date(out: &mut BytesMut) {
     out.put_slice(&text);
 }
 
-/// A connection handed over to hyper: what was read already comes first.
-pub(super) struct Rewind {
+/// A connection whose first bytes were read already: they come first.
+pub(super) struct Rewind<S> {
     read: Bytes,
-    io: TcpStream,
+    io: S,
 }
 
-impl Rewind {
-    pub(super) fn new(io: TcpStream, read: Bytes) -> Rewind {
+impl<S> Rewind<S> {
+    pub(super) fn new(io: S, read: Bytes) -> Rewind<S> {
         Rewind { read, io }
     }
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -434,12 +844,13 @@ impl AsyncRead for Rewind {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
         let n = this.read.len().min(buf.remaining());
-        buf.put_slice(&this.read.split_to(n));
+        buf.put_slice(&this.read[..n]);
+        this.read.advance(n);
         Poll::Ready(Ok(()))
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -472,15 +883,34 @@ impl AsyncWrite for Rewind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Limits;
 
-    fn parse(raw: &str) -> Option<Parsed> {
-        parse_request(&mut BytesMut::from(raw))
+    fn read_one(raw: &str) -> Read {
+        read(&mut BytesMut::from(raw), &Limits::default())
+    }
+
+    fn parsed(raw: &str) -> Parsed {
+        match read_one(raw) {
+            Read::Request(p) => *p,
+            Read::Partial => panic!("{raw:?}: partial"),
+            Read::Http2 => panic!("{raw:?}: http2"),
+            Read::Refused(e) => panic!("{raw:?}: refused: {e}"),
+        }
+    }
+
+    fn refused(raw: &str) -> GatewayError {
+        match read_one(raw) {
+            Read::Refused(e) => e,
+            _ => panic!("{raw:?}: not refused"),
+        }
     }
 
     #[test]
-    fn plain_requests_are_read_here() {
+    fn heads_are_read_whole_and_leave_what_follows() {
         let mut buf = BytesMut::from("GET /a?b HTTP/1.1\r\nhost: x\r\nx-y: 1\r\n\r\nGET /next");
-        let p = parse_request(&mut buf).unwrap();
+        let Read::Request(p) = read(&mut buf, &Limits::default()) else {
+            panic!("a request");
+        };
         assert_eq!(p.request.uri, "/a?b");
         assert_eq!(
             p.request.get(&http::HeaderName::from_static("x-y")),
@@ -488,36 +918,105 @@ mod tests {
         );
         assert!(!p.close);
         assert_eq!(&buf[..], b"GET /next", "the next request stays buffered");
-        assert!(
-            parse("DELETE / HTTP/1.1\r\nconnection: keep-alive, close\r\n\r\n")
-                .unwrap()
-                .close
-        );
-        assert!(parse("POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n").is_some());
+        assert!(matches!(read(&mut buf, &Limits::default()), Read::Partial));
+        assert!(parsed("DELETE / HTTP/1.1\r\nconnection: keep-alive, close\r\n\r\n").close);
     }
 
     #[test]
-    fn everything_else_is_left_to_hyper() {
+    fn framing_follows_the_head() {
+        assert_eq!(
+            parsed("POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\n").body,
+            BodyFraming::Length(5)
+        );
+        assert_eq!(
+            parsed("POST / HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n").body,
+            BodyFraming::Length(5)
+        );
+        assert_eq!(
+            parsed("POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n").body,
+            BodyFraming::Chunked
+        );
+        assert_eq!(parsed("GET / HTTP/1.1\r\n\r\n").body, BodyFraming::None);
+        assert!(
+            parsed("PUT / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n")
+                .expect_continue
+        );
+        let up = parsed("GET / HTTP/1.1\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n");
+        assert!(up.upgrade);
+        // HTTP/1.0 closes unless asked to keep the connection.
+        assert!(parsed("GET / HTTP/1.0\r\n\r\n").close);
+        assert!(!parsed("GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n").close);
+        assert_eq!(
+            parsed("GET / HTTP/1.0\r\n\r\n").request.version,
+            Version::HTTP_10
+        );
+        // Absolute-form targets are read here too.
+        assert_eq!(
+            parsed("GET http://a/x HTTP/1.1\r\nhost: b\r\n\r\n")
+                .request
+                .uri,
+            "http://a/x"
+        );
+    }
+
+    #[test]
+    fn smuggling_shapes_and_malformed_heads_are_refused() {
         for raw in [
-            "GET / HTTP/1.1\r\nhost: x\r\n",
-            "GET / HTTP/1.0\r\n\r\n",
-            "POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello",
-            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
-            "PUT / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 0\r\n\r\n",
-            "GET / HTTP/1.1\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
-            "GET http://x/ HTTP/1.1\r\n\r\n",
-            "CONNECT x:443 HTTP/1.1\r\n\r\n",
-            "GET / HTTP/1.1\r\nbad header\r\n\r\n",
-            "GET /a<b> HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 0x10\r\n\r\n",
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\ntransfer-encoding: identity\r\n\r\n",
+            "POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nbad header line\r\n\r\n",
+            "GET / HTTP/1.1\r\nx-a: 1\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\r\nx a: 1\r\n\r\n",
+            "GET /a<b> HTTP/1.1\r\nhost: x\r\n\r\n",
+            "GET / HTTP/2.0\r\n\r\n",
             "GARBAGE\r\n\r\n",
         ] {
-            let mut buf = BytesMut::from(raw);
-            assert!(parse_request(&mut buf).is_none(), "{raw:?}");
-            assert_eq!(&buf[..], raw.as_bytes(), "left as read");
+            let e = refused(raw);
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{raw:?}: {e}");
         }
+        assert_eq!(
+            refused("PUT / HTTP/1.1\r\nexpect: tea\r\n\r\n").status(),
+            StatusCode::EXPECTATION_FAILED
+        );
+    }
+
+    #[test]
+    fn heads_past_the_limits_are_refused_before_they_are_whole() {
+        let long_target = format!("GET /{} HTTP/1.1\r\n", "a".repeat(9000));
+        assert_eq!(refused(&long_target).status(), StatusCode::URI_TOO_LONG);
+        let long_line = format!("GET /{}", "a".repeat(1 << 20));
+        assert_eq!(refused(&long_line).status(), StatusCode::URI_TOO_LONG);
+        let many_bytes = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(40 * 1024));
+        assert_eq!(
+            refused(&many_bytes).status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
         let many: String = (0..MAX_HEADERS + 1)
             .map(|i| format!("x-{i}: v\r\n"))
             .collect();
-        assert!(parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).is_none());
+        assert_eq!(
+            refused(&format!("GET / HTTP/1.1\r\n{many}\r\n")).status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+    }
+
+    #[test]
+    fn the_http2_preface_is_told_apart() {
+        assert!(matches!(
+            read_one("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Read::Http2
+        ));
+        assert!(matches!(read_one("PRI * HTTP/2"), Read::Partial));
+        // Not the preface: an HTTP/1 request (which the pipeline refuses).
+        assert!(matches!(
+            read_one("PRI * HTTP/1.1\r\n\r\n"),
+            Read::Request(_)
+        ));
     }
 }

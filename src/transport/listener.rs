@@ -181,6 +181,20 @@ impl Future for DrainWait<'_> {
     }
 }
 
+/// hyper's servers of a listener: for HTTP/2 connections of the gateway
+/// (and any connection of the admin listener), and HTTP/2 alone.
+#[derive(Clone)]
+struct Builders {
+    any: Arc<auto::Builder<TokioExecutor>>,
+    http2: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl Builders {
+    fn http2(self) -> Arc<auto::Builder<TokioExecutor>> {
+        self.http2
+    }
+}
+
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let header_bytes = limits.max_header_bytes.as_usize();
     let uri_bytes = limits.max_uri_bytes.as_usize();
@@ -249,7 +263,10 @@ pub async fn serve<F, S>(
     F: Fn(Arc<ConnState>) -> S + Send + Sync + 'static,
     S: ServeHttp,
 {
-    let builder = Arc::new(builder(&info.limits));
+    let builder = Builders {
+        any: Arc::new(builder(&info.limits)),
+        http2: Arc::new(builder(&info.limits).http2_only()),
+    };
     let make_service = Arc::new(make_service);
     let served = metrics
         .transport_connections
@@ -327,7 +344,7 @@ struct Accepted {
 impl Accepted {
     async fn serve<S: ServeHttp>(
         self,
-        builder: Arc<auto::Builder<TokioExecutor>>,
+        builder: Builders,
         make_service: impl FnOnce(Arc<ConnState>) -> S,
         shutdown: Shutdown,
     ) {
@@ -349,17 +366,9 @@ impl Accepted {
             ));
             let service = make_service(state.clone());
             let Some(entry) = service.gateway_entry().cloned() else {
-                return serve_connection(builder, stream, state, service, shutdown).await;
+                return serve_connection(builder.any, stream, state, service, shutdown).await;
             };
-            // No watch on `shutdown.force` here: gateway connections run on
-            // a worker's event loop, which is dropped with them at the drain
-            // deadline (and a watch would be polled on every wake-up).
-            let ended = h1::serve(stream, state.clone(), entry, &shutdown).await;
-            if let h1::Ended::HandOff(stream, read) = ended {
-                let stream = h1::Rewind::new(stream, read);
-                serve_connection(builder, stream, state, service, shutdown).await;
-            }
-            return;
+            return serve_gateway(builder, stream, state, entry, service, shutdown).await;
         };
         // The handshake counts against the header-read timeout: a client that
         // opens a connection and sends nothing is closed in the same time.
@@ -424,7 +433,34 @@ impl Accepted {
             server_uri,
         ));
         let service = make_service(state.clone());
-        serve_connection(builder, stream, state, service, shutdown).await;
+        let Some(entry) = service.gateway_entry().cloned() else {
+            return serve_connection(builder.any, stream, state, service, shutdown).await;
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            return serve_connection(builder.http2(), stream, state, service, shutdown).await;
+        }
+        serve_gateway(builder, stream, state, entry, service, shutdown).await;
+    }
+}
+
+/// A gateway connection: tollgate's HTTP/1 codec reads it, unless it opens
+/// with the HTTP/2 preface (prior knowledge), which hyper's HTTP/2 server
+/// reads from the first byte.
+async fn serve_gateway<I: h1::Stream, S: ServeHttp>(
+    builder: Builders,
+    stream: I,
+    state: Arc<ConnState>,
+    entry: HttpEntry,
+    service: S,
+    shutdown: Shutdown,
+) {
+    // No watch on `shutdown.force` here: gateway connections run on a
+    // worker's event loop, which is dropped with them at the drain deadline
+    // (and a watch would be polled on every wake-up).
+    if let h1::Ended::Http2(stream, read) = h1::serve(stream, state.clone(), entry, &shutdown).await
+    {
+        let stream = h1::Rewind::new(stream, read);
+        serve_connection(builder.http2(), stream, state, service, shutdown).await;
     }
 }
 

@@ -1,6 +1,7 @@
-//! tollgate's own HTTP/1.1 reader and upstream client, seen from outside:
-//! pipelining, the hand-over to hyper within one connection, every response
-//! framing, and what a broken upstream response becomes.
+//! tollgate's own HTTP/1 codec and upstream client, seen from outside:
+//! pipelining, request bodies (length, chunked, `100 Continue`), HTTP/1.0,
+//! JSON answers to heads that cannot be read, every response framing, and
+//! what a broken upstream response becomes.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -72,18 +73,20 @@ async fn pipelined_requests_are_answered_in_order() {
 }
 
 #[tokio::test]
-async fn a_connection_with_a_body_moves_to_hyper_and_keeps_serving() {
+async fn requests_with_bodies_keep_a_connection_in_step() {
     let up = Upstream::echo("up").await;
     let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
     let text = exchange_raw(
         gw.addr(),
         b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n\
           POST /second HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello\
+          POST /chunked HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n\
+          3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\ntrailer: t\r\n\r\n\
           GET /third HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
     )
     .await;
-    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
-    let order: Vec<usize> = ["/first", "/second", "/third"]
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 4, "{text}");
+    let order: Vec<usize> = ["/first", "/second", "/chunked", "/third"]
         .iter()
         .map(|p| text.find(&format!("\"path\":\"{p}\"")).expect(p))
         .collect();
@@ -92,7 +95,7 @@ async fn a_connection_with_a_body_moves_to_hyper_and_keeps_serving() {
 }
 
 #[tokio::test]
-async fn malformed_and_partial_requests_get_hypers_answers() {
+async fn malformed_and_partial_requests_are_answered() {
     let up = Upstream::echo("up").await;
     let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
     let text = exchange_raw(gw.addr(), b"GET / HTTP/1.1\r\nbad header line\r\n\r\n").await;
@@ -431,4 +434,179 @@ async fn a_request_a_pooled_connection_drops_unanswered_is_sent_again_whole() {
         "{heads:?}"
     );
     assert_eq!(heads[1], heads[2], "the resent head is the head first sent");
+}
+
+/// Every head that cannot be read is answered with the gateway's JSON
+/// error and its request id, with the status its fault calls for, and the
+/// connection closes.
+#[tokio::test]
+async fn every_error_reading_a_head_is_json() {
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let many: String = (0..300).map(|i| format!("x-{i}: v\r\n")).collect();
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            b"GET / HTTP/1.1\r\nhost: x\r\nx-a: 1\r\n folded\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nbad header line\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            b"GET / HTTP/3.0\r\nhost: x\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(1 << 20)).into_bytes(),
+            414,
+            "uri_too_long",
+        ),
+        (
+            format!(
+                "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+                "a".repeat(64 << 10)
+            )
+            .into_bytes(),
+            431,
+            "headers_too_large",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nhost: x\r\n{many}\r\n").into_bytes(),
+            431,
+            "headers_too_large",
+        ),
+        (
+            b"PUT / HTTP/1.1\r\nhost: x\r\nexpect: something\r\n\r\n".to_vec(),
+            417,
+            "expectation_failed",
+        ),
+    ];
+    for (raw, status, code) in cases {
+        let text = exchange_raw(gw.addr(), &raw).await;
+        let (got, body) = status_and_body(&text);
+        let shown = String::from_utf8_lossy(&raw[..raw.len().min(60)]).into_owned();
+        assert_eq!(got, status, "{shown:?}: {text}");
+        let json: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|_| panic!("{shown:?}: {text}"));
+        assert_eq!(json["error"], code, "{shown:?}");
+        let id = json["request_id"].as_str().unwrap();
+        assert!(text.contains(&format!("x-request-id: {id}\r\n")), "{text}");
+        assert!(text.contains("connection: close\r\n"), "{text}");
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+/// `Expect: 100-continue`: the interim answer goes out once the request is
+/// forwarded, and only then does the client send its body.
+#[tokio::test]
+async fn a_client_expecting_100_continue_is_told_to_go_on() {
+    let up = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        http::Response::new(full(body))
+    })
+    .await;
+    let gw = TestGateway::start(&config_with_routes(
+        &(route("r", "/", &[&up], "") + &route("locked", "/locked", &[&up], "    policy: []\n")),
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"PUT /x HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 5\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut interim))
+        .await
+        .expect("100 Continue")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"hello").await.unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).await.unwrap();
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+    assert!(rest.ends_with("hello"), "{rest}");
+
+    // A request refused before its body is wanted gets no 100: the final
+    // answer, and the connection closes (the body was never read).
+    let text = exchange_raw(
+        gw.addr(),
+        b"PUT /locked HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 5\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+}
+
+/// HTTP/1.0 clients: served, closed after each response unless they ask
+/// to keep the connection, and never sent chunked bodies.
+#[tokio::test]
+async fn http10_clients_are_served_in_their_terms() {
+    let chunked = scripted(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        false,
+    )
+    .await;
+    let gw = TestGateway::start(&gateway_to(chunked)).await;
+    let text = exchange_raw(gw.addr(), b"GET /a HTTP/1.0\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.contains("transfer-encoding"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nhello"), "{text}");
+
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let text = exchange_raw(
+        gw.addr(),
+        b"GET /a HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(text.contains("connection: keep-alive\r\n"), "{text}");
+    assert_eq!(up.hits(), 2);
+}
+
+/// A request body is passed on as it arrives, and only as fast as the
+/// target takes it: the gateway reads no further ahead than a bounded
+/// buffer.
+#[tokio::test]
+async fn a_large_body_streams_through_with_bounded_read_ahead() {
+    let up = Upstream::start(|req: http::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        http::Response::new(full(format!("{}", body.len())))
+    })
+    .await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let size = 5 << 20;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /big HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let chunk = vec![b'z'; 64 << 10];
+    for _ in 0..size / chunk.len() {
+        s.write_all(&chunk).await.unwrap();
+    }
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with(&size.to_string()), "{out}");
 }

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
@@ -17,14 +17,11 @@ use tokio::net::TcpStream;
 use super::request::RequestWriter;
 use super::{H1Conn, H1Error};
 use crate::http::headers::{self, X_REQUEST_ID};
-use crate::http::wire;
+use crate::http::wire::{self, Chunk, decode_chunk, trailers_end};
 
 /// A response head may not be larger than this (status line and headers).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
-/// A chunk-size line or the trailer section may not be longer than this.
-const MAX_CHUNK_LINE: usize = 4096;
-const MAX_TRAILERS: usize = 16 * 1024;
 /// How much is read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -36,16 +33,6 @@ enum Framing {
     /// Until the target closes the connection (HTTP/1.0 style).
     Close,
     Done,
-}
-
-/// Where a chunked body's decoder stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    Size,
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    Trailers,
 }
 
 /// Reads into `buf` from `io`; `Ok(0)` is the end of the stream.
@@ -464,7 +451,8 @@ impl http_body::Body for H1Body {
                     let data = buf.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Framing::Chunked(state) => match decode_chunk(buf, state) {
+                Framing::Chunked(state) => match decode_chunk(buf, state).map_err(H1Error::Invalid)
+                {
                     Err(e) => return this.fail(e),
                     Ok((next, data)) => {
                         this.framing = Framing::Chunked(next);
@@ -472,7 +460,7 @@ impl http_body::Body for H1Body {
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                         if next == Chunk::Trailers {
-                            match trailers_end(buf) {
+                            match trailers_end(buf).map_err(H1Error::Invalid) {
                                 Ok(true) => {
                                     this.finish();
                                     return Poll::Ready(None);
@@ -532,66 +520,6 @@ async fn finish_request(mut conn: Box<H1Conn>, mut writer: Box<RequestWriter>) {
         }
         Err(_) => {
             tracing::debug!(target = %conn.addr, "request body still not sent after its response; closing");
-        }
-    }
-}
-
-/// Decodes what it can of a chunked body at the front of `buf`: the next
-/// state and any data. `Chunk::Trailers` is left for `trailers_end`.
-fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<(Chunk, Option<Bytes>), H1Error> {
-    match state {
-        Chunk::Size => match httparse::parse_chunk_size(buf) {
-            Ok(httparse::Status::Complete((used, size))) => {
-                buf.advance(used);
-                Ok((
-                    if size == 0 {
-                        Chunk::Trailers
-                    } else {
-                        Chunk::Data(size)
-                    },
-                    None,
-                ))
-            }
-            Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
-                Err(H1Error::Invalid("chunk-size line too long"))
-            }
-            Ok(httparse::Status::Partial) => Ok((Chunk::Size, None)),
-            Err(_) => Err(H1Error::Invalid("malformed chunk size")),
-        },
-        Chunk::Data(left) if !buf.is_empty() => {
-            let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-            let data = buf.split_to(n).freeze();
-            let next = if left == n as u64 {
-                Chunk::DataEnd
-            } else {
-                Chunk::Data(left - n as u64)
-            };
-            Ok((next, Some(data)))
-        }
-        Chunk::DataEnd if buf.len() >= 2 => {
-            if &buf[..2] != b"\r\n" {
-                return Err(H1Error::Invalid("chunk data not followed by CRLF"));
-            }
-            buf.advance(2);
-            Ok((Chunk::Size, None))
-        }
-        other => Ok((other, None)),
-    }
-}
-
-/// Skips the trailer section (trailers are not forwarded). True once its
-/// closing empty line has been consumed.
-fn trailers_end(buf: &mut BytesMut) -> Result<bool, H1Error> {
-    loop {
-        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
-            if buf.len() > MAX_TRAILERS {
-                return Err(H1Error::Invalid("trailer section too large"));
-            }
-            return Ok(false);
-        };
-        buf.advance(eol + 2);
-        if eol == 0 {
-            return Ok(true);
         }
     }
 }
@@ -672,25 +600,6 @@ mod tests {
              keep-alive: 1\r\nd: 1\r\nkeep-alive: 1\r\ne: 1\r\n\r\n",
         ] {
             assert!(lines(raw, Method::GET).is_none(), "{raw:?}");
-        }
-    }
-
-    fn decode_all(mut raw: BytesMut) -> Result<Vec<u8>, H1Error> {
-        let mut state = Chunk::Size;
-        let mut out = Vec::new();
-        loop {
-            let (next, data) = decode_chunk(&mut raw, state)?;
-            if next == Chunk::Trailers {
-                assert!(trailers_end(&mut raw)?, "trailers complete");
-                assert!(raw.is_empty());
-                return Ok(out);
-            }
-            match data {
-                Some(d) => out.extend_from_slice(&d),
-                None if next == state => return Err(H1Error::Invalid("incomplete")),
-                None => {}
-            }
-            state = next;
         }
     }
 
@@ -812,48 +721,5 @@ mod tests {
         let h = parse_head(&mut buf, &Method::GET, false).unwrap().unwrap();
         assert_eq!(&buf[..], b"ok");
         assert_eq!(h.response.headers()["x-a"], "1");
-    }
-
-    #[test]
-    fn chunked_bodies_decode_across_split_reads() {
-        let raw = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\ntrailer: x\r\n\r\n";
-        assert_eq!(
-            decode_all(BytesMut::from(&raw[..])).unwrap(),
-            b"hello world"
-        );
-        // Fed a byte at a time, the decoder waits instead of failing.
-        let mut buf = BytesMut::new();
-        let mut state = Chunk::Size;
-        let mut out = Vec::new();
-        let mut done = false;
-        for b in raw {
-            buf.extend_from_slice(&[*b]);
-            loop {
-                let (next, data) = decode_chunk(&mut buf, state).unwrap();
-                let moved = next != state || data.is_some();
-                if let Some(d) = data {
-                    out.extend_from_slice(&d);
-                }
-                state = next;
-                if state == Chunk::Trailers {
-                    done = trailers_end(&mut buf).unwrap();
-                    break;
-                }
-                if !moved {
-                    break;
-                }
-            }
-        }
-        assert!(done);
-        assert_eq!(out, b"hello world");
-    }
-
-    #[test]
-    fn malformed_chunks_are_errors() {
-        for raw in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloXX0\r\n\r\n"] {
-            assert!(decode_all(BytesMut::from(raw)).is_err(), "{raw:?}");
-        }
-        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
-        assert!(decode_chunk(&mut BytesMut::from(&long[..]), Chunk::Size).is_err());
     }
 }
