@@ -17,6 +17,7 @@
 #
 #   benches/load.sh                 # needs: nginx (nginx-light), wrk, python3
 #   DURATION=30s CONNS=128 ROUNDS=5 benches/load.sh
+#   BASELINE=/path/to/old/tollgate benches/load.sh   # also an earlier build, as `baseline`, in the same rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,7 @@ IDLE_CONNS=${IDLE_CONNS:-10000}
 CAP=${CAP:-50}
 [[ $CAP =~ ^[0-9]+$ ]] && [ "$CAP" -le 100 ] || { echo "CAP is a share of one core in percent, 0 to 100 (0 skips the limited pass), not '$CAP'"; exit 1; }
 UP_PORT=18080 NGINX_PORT=18081 NGINX_FULL_PORT=18083 TG_PORT=18082 TG_ADMIN=19090
+BASE_PORT=18084 BASE_ADMIN=19091
 
 source benches/common.sh
 require nginx wrk python3 taskset curl
@@ -83,6 +85,15 @@ TOLLGATE_LOG=warn taskset -c "$PROXY_CPU" target/release/tollgate -c "$work/gate
 tg_pid=$!
 pids+=("$tg_pid")
 
+if [ -n "${BASELINE:-}" ]; then
+  sed -e "s/127.0.0.1:$TG_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$TG_ADMIN/127.0.0.1:$BASE_ADMIN/" \
+    "$work/gateway.yaml" >"$work/baseline.yaml"
+  TOLLGATE_LOG=warn taskset -c "$PROXY_CPU" "$BASELINE" -c "$work/baseline.yaml" &
+  base_pid=$!
+  pids+=("$base_pid")
+  wait_http "http://127.0.0.1:$BASE_PORT/"
+fi
+
 wait_http "http://127.0.0.1:$UP_PORT/"
 wait_http "http://127.0.0.1:$NGINX_PORT/"
 wait_http "http://127.0.0.1:$NGINX_FULL_PORT/"
@@ -99,6 +110,7 @@ declare -A RPS P50 P99 CPU
 # user and system time per request, what the request cost the proxy itself.
 nginx_worker=$(pgrep -P "$(cat "$work/proxy.pid")" | head -1)
 declare -A PROXY_PID=([$NGINX_PORT]=$nginx_worker [$NGINX_FULL_PORT]=$nginx_worker [$TG_PORT]=$tg_pid)
+[ -n "${BASELINE:-}" ] && PROXY_PID[$BASE_PORT]=$base_pid
 clock_ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # user + system, all threads
 run() { # name port [path [wrk args...]]: one round, appended to the target's figures
@@ -119,6 +131,7 @@ run() { # name port [path [wrk args...]]: one round, appended to the target's fi
 curl -fs -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$TG_PORT/jwt/" >/dev/null || { echo "the bench token is refused"; exit 1; }
 
 PROXIES="nginx nginx-headers tollgate tollgate-jwt nginx-token"
+[ -n "${BASELINE:-}" ] && PROXIES+=" baseline baseline-jwt"
 round() { # number, suffix of the target names: one turn of each proxy
   local n=$1 s=$2
   run "nginx$s" $NGINX_PORT
@@ -126,6 +139,10 @@ round() { # number, suffix of the target names: one turn of each proxy
   run "tollgate$s" $TG_PORT
   run "tollgate-jwt$s" $TG_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
   run "nginx-token$s" $NGINX_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
+  if [ -n "${BASELINE:-}" ]; then
+    run "baseline$s" $BASE_PORT
+    run "baseline-jwt$s" $BASE_PORT /jwt/ -H "Authorization: Bearer $TOKEN"
+  fi
   printf 'round %d requests/s:' "$n"
   [ -z "$s" ] && printf ' direct %s,' "${RPS[direct]##* }"
   for t in $PROXIES; do printf ' %s %s,' "$t" "${RPS[$t$s]##* }"; done
@@ -148,6 +165,9 @@ report() { # suffix, as for round
     "of nginx $(ratio tollgate-jwt nginx "$s") [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx$s]}")]," \
     "of nginx-token $(ratio tollgate-jwt nginx-token "$s") [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[nginx-token$s]}")]"
   echo "  (nginx-token: nginx sent the same requests, token and all, which it passes on unchecked)"
+  if [ -n "${BASELINE:-}" ]; then
+    echo "  tollgate/baseline: $(ratio tollgate baseline "$s") [$(per_round "${RPS[tollgate$s]}" "${RPS[baseline$s]}")], JWT route $(ratio tollgate-jwt baseline-jwt "$s") [$(per_round "${RPS[tollgate-jwt$s]}" "${RPS[baseline-jwt$s]}")]; CPU per request $(per_round "${CPU[tollgate$s]}" "${CPU[baseline$s]}"), JWT route $(per_round "${CPU[tollgate-jwt$s]}" "${CPU[baseline-jwt$s]}")"
+  fi
   echo "proxy CPU per request (user + system), within each round: tollgate/nginx $(per_round "${CPU[tollgate$s]}" "${CPU[nginx$s]}")," \
     "tollgate-jwt/nginx $(per_round "${CPU[tollgate-jwt$s]}" "${CPU[nginx$s]}"), tollgate-jwt/nginx-token $(per_round "${CPU[tollgate-jwt$s]}" "${CPU[nginx-token$s]}")"
 }
@@ -200,7 +220,8 @@ fi # ONLY_CAPPED
 [ "$CAP" = 0 ] && exit 0
 nginx_master=$(cat "$work/proxy.pid")
 # shellcheck disable=SC2046 # one pid per word
-if ! cpu_limit nginx "$CAP" "$nginx_master" $(pgrep -P "$nginx_master") || ! cpu_limit tollgate "$CAP" "$tg_pid"; then
+if ! cpu_limit nginx "$CAP" "$nginx_master" $(pgrep -P "$nginx_master") || ! cpu_limit tollgate "$CAP" "$tg_pid" ||
+  { [ -n "${BASELINE:-}" ] && ! cpu_limit baseline "$CAP" "$base_pid"; }; then
   echo "no runs under a CPU limit: no cgroup with a CPU quota could be made (needs root and the cpu controller); CAP=0 skips them"
   exit 0
 fi

@@ -92,6 +92,7 @@ impl Worker {
         let shutdown = self.shutdown.clone();
         runtime.block_on(async move {
             upstream::start_worker_pool(&self.proxy);
+            crate::telemetry::spawn_access_flusher();
             let pipeline = self.pipeline.build(UpstreamClients::new(&self.proxy));
             for (info, socket) in sockets {
                 let listener = match TcpListener::from_std(socket) {
@@ -118,6 +119,8 @@ impl Worker {
                 _ = shutdown.force.cancelled() => {}
             }
         });
+        // The lines of the requests this worker served, before it ends.
+        crate::telemetry::flush_access_lines();
         // Dropping the runtime closes whatever the drain deadline cut short.
     }
 }
@@ -300,7 +303,8 @@ impl Gateway {
         let table =
             RouteTable::build(&config, &clients, &metrics, &providers, &upstream_tls, None).await;
         let table = Arc::new(ArcSwap::from_pointee(table));
-        let access_log = Arc::new(AtomicBool::new(config.proxy.access_log));
+        crate::telemetry::count_dropped_lines(metrics.access_log_dropped.clone());
+        let access_log = Arc::new(AtomicBool::new(access_log_on(&config)));
         let readiness = Arc::new(Readiness::default());
         let shutdown = Shutdown::default();
         let workers = config.runtime.worker_count();
@@ -761,7 +765,7 @@ impl Gateway {
         inner.table.store(Arc::new(table));
         inner
             .access_log
-            .store(new.proxy.access_log, Ordering::Relaxed);
+            .store(access_log_on(&new), Ordering::Relaxed);
         inner.config.store(new);
         inner.file_config.store(Arc::new(file));
         inner.skipped_routes.store(Arc::new(merged.skipped));
@@ -876,4 +880,10 @@ impl Gateway {
         tracing::info!(drained = done, "shutdown complete");
         done
     }
+}
+
+/// Whether access log lines are written: the config asks for them and the
+/// log filter lets `tollgate::access` through at info.
+fn access_log_on(config: &Config) -> bool {
+    config.proxy.access_log && tracing::enabled!(target: "tollgate::access", tracing::Level::INFO)
 }

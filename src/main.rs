@@ -536,6 +536,7 @@ fn run(path: PathBuf) -> ExitCode {
         };
         signals.run(&gateway).await;
         gateway.drained().await;
+        tollgate::telemetry::finish_access_log();
         ExitCode::SUCCESS
     })
 }

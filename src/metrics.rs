@@ -15,6 +15,8 @@ pub struct Metrics {
     pub http_upstream_errors: IntCounterVec,
     pub http_retries: IntCounterVec,
     pub http_limit_exceeded: IntCounterVec,
+    /// Access log lines dropped because the log's writer fell behind.
+    pub access_log_dropped: IntCounter,
     pub transport_active_connections: IntGaugeVec,
     pub transport_connections: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -55,7 +57,16 @@ impl Metrics {
                 IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
+        let access_log_dropped = reg(
+            &registry,
+            IntCounter::new(
+                "tollgate_access_log_dropped_total",
+                "Access log lines dropped because the log's writer fell behind",
+            )
+            .expect("valid metric"),
+        );
         Metrics {
+            access_log_dropped,
             http_requests: counter(
                 "tollgate_http_requests_total",
                 "HTTP requests by listener, route and status class",

@@ -1,5 +1,7 @@
-//! One access log event and the request metrics per request, every
-//! failure logged with its source.
+//! One access log line and the request metrics per request, every failure
+//! logged with its source. Lines go through the access log's own writer
+//! (`telemetry::access_line`): rendered into the worker's buffer, written
+//! off the request path.
 
 use std::time::Instant;
 
@@ -7,6 +9,7 @@ use http::{HeaderValue, Method};
 
 use super::error::{ErrorSource, GatewayError};
 use crate::metrics::RouteMetrics;
+use crate::telemetry;
 use crate::transport::ConnState;
 
 /// A request's entry in the access log and the request metrics.
@@ -30,31 +33,28 @@ pub(super) fn record(p: &Entry<'_>, status: u16, error: Option<&GatewayError>, s
     p.metrics.duration.observe(elapsed.as_secs_f64());
 
     let Some(path) = p.path else { return };
-    let route = p.route;
-    let listener = p.conn.map_or("-", |c| &c.listener.name);
-    let peer = p
-        .conn
-        .map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
-    let request_id = p.request_id.to_str().unwrap_or("-");
-    let latency_ms = elapsed.as_secs_f64() * 1000.0;
-    match error {
-        None => tracing::info!(
-            target: "tollgate::access",
-            listener, route, method = %p.method, path = %path, status, latency_ms,
-            request_id, peer = %peer, subject,
-            "request"
-        ),
-        Some(e) if e.source() == ErrorSource::Client => tracing::info!(
-            target: "tollgate::access",
-            listener, route, method = %p.method, path = %path, status, latency_ms,
-            request_id, peer = %peer, error = e.code(), source = e.source().as_str(), detail = %e,
-            "request refused"
-        ),
-        Some(e) => tracing::warn!(
-            target: "tollgate::access",
-            listener, route, method = %p.method, path = %path, status, latency_ms,
-            request_id, peer = %peer, error = e.code(), source = e.source().as_str(), detail = %e,
-            "request failed"
-        ),
-    }
+    let (warn, message) = match error {
+        None => (false, "request"),
+        Some(e) if e.source() == ErrorSource::Client => (false, "request refused"),
+        Some(_) => (true, "request failed"),
+    };
+    // Rendered into the worker's buffer, written by the log's own thread.
+    telemetry::access_line(warn, message, |line| {
+        line.text("listener", p.conn.map_or("-", |c| &c.listener.name));
+        line.text("route", p.route);
+        line.text("method", p.method.as_str());
+        line.text("path", path);
+        line.number("status", u64::from(status));
+        line.millis("latency_ms", elapsed.as_micros() as u64);
+        line.text("request_id", p.request_id.to_str().unwrap_or("-"));
+        line.text("peer", p.conn.map_or("-", |c| &c.peer_text));
+        match error {
+            None => line.text("subject", subject),
+            Some(e) => {
+                line.text("error", e.code());
+                line.text("source", e.source().as_str());
+                line.display("detail", e);
+            }
+        }
+    });
 }

@@ -205,64 +205,107 @@ impl Authority<'_> {
 /// The canonical form of an authority (a Host field's value, the
 /// absolute-form target's, or HTTP/2's `:authority`).
 pub fn authority(raw: &str) -> Result<Authority<'_>, Refusal> {
-    let (host, port) = if raw.starts_with('[') {
-        let end = raw.find(']').ok_or("an IP literal without `]`")?;
-        let literal = &raw[1..end];
-        if literal.is_empty()
-            || !literal
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        {
-            return Err("a malformed IP literal");
-        }
-        match &raw[end + 1..] {
-            "" => (&raw[..=end], None),
-            rest => (
-                &raw[..=end],
-                Some(rest.strip_prefix(':').ok_or("junk after the IP literal")?),
-            ),
-        }
-    } else {
-        match raw.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (raw, None),
-        }
-    };
-    let port = match port {
-        Some("") | None => None,
-        Some(p)
-            if p.len() <= 5
-                && p.bytes().all(|b| b.is_ascii_digit())
-                && p.parse::<u32>().is_ok_and(|n| n <= 65535) =>
-        {
-            Some(p)
-        }
-        Some(_) => return Err("the port is not a number"),
-    };
-    if host.starts_with('[') {
-        return Ok(Authority {
-            raw,
-            host: lower(host),
-            port,
-        });
+    if raw.starts_with('[') {
+        return ip_literal(raw);
     }
-    let name = host.strip_suffix('.').unwrap_or(host);
+    // One pass over a table (this runs on every request): the host's
+    // bytes checked, upper case and repeated dots noted, the port found.
+    let bytes = raw.as_bytes();
+    let (mut seen, mut dots, mut colon) = (0u8, false, None);
+    let mut prev = DOT;
+    for (i, &b) in bytes.iter().enumerate() {
+        let class = HOST_BYTE[usize::from(b)];
+        if class == COLON {
+            colon = Some(i);
+            break;
+        }
+        seen |= class;
+        dots |= (class & prev) == DOT;
+        prev = class;
+    }
+    if seen & INVALID != 0 || dots {
+        return Err("the host is not a host name");
+    }
+    let upper = seen & UPPER != 0;
+    let host_end = colon.unwrap_or(bytes.len());
+    let port = match colon {
+        None => None,
+        Some(c) => port(&raw[c + 1..])?,
+    };
+    // A trailing dot names the same host.
+    let name = &raw[..host_end];
+    let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() {
         return Err("the host is empty");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-        || name.starts_with('.')
-        || name.contains("..")
-    {
-        return Err("the host is not a host name");
-    }
     Ok(Authority {
         raw,
-        host: lower(name),
+        host: if upper {
+            Cow::Owned(name.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(name)
+        },
         port,
     })
+}
+
+// Classes of a host name's bytes, as bits (see `HOST_BYTE`).
+const NAME: u8 = 1;
+const UPPER: u8 = 2;
+const DOT: u8 = 4;
+const COLON: u8 = 8;
+const INVALID: u8 = 16;
+
+/// What each byte is in a host name: letters, digits, `-` and `_`, dots,
+/// the port's colon; anything else is invalid.
+static HOST_BYTE: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = match c {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => NAME,
+            b'A'..=b'Z' => UPPER,
+            b'.' => DOT,
+            b':' => COLON,
+            _ => INVALID,
+        };
+        b += 1;
+    }
+    table
+};
+
+fn ip_literal(raw: &str) -> Result<Authority<'_>, Refusal> {
+    let end = raw.find(']').ok_or("an IP literal without `]`")?;
+    let literal = &raw[1..end];
+    if literal.is_empty()
+        || !literal
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+    {
+        return Err("a malformed IP literal");
+    }
+    let port = match &raw[end + 1..] {
+        "" => None,
+        rest => port(rest.strip_prefix(':').ok_or("junk after the IP literal")?)?,
+    };
+    Ok(Authority {
+        raw,
+        host: lower(&raw[..=end]),
+        port,
+    })
+}
+
+/// A port: digits, at most 65535; empty is none.
+fn port(p: &str) -> Result<Option<&str>, Refusal> {
+    if p.is_empty() {
+        return Ok(None);
+    }
+    let digits = p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+    match p.parse::<u32>() {
+        Ok(n) if digits && n <= 65535 => Ok(Some(p)),
+        _ => Err("the port is not a number"),
+    }
 }
 
 fn lower(s: &str) -> Cow<'_, str> {
@@ -391,6 +434,49 @@ mod tests {
             "[]",
         ] {
             assert!(authority(raw).is_err(), "{raw:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The canonical form is its own canonical form, with no repeated
+        /// `/`, no dot segment, no escape of a byte that may stand as it
+        /// is, and hex in upper case.
+        #[test]
+        fn the_canonical_form_is_a_fixed_point(raw in "/[a-zA-Z0-9%./\\\\_~:@!$&'()*+,;= #-]{0,40}") {
+            if let Ok(p) = path(&raw) {
+                let again = path(&p.path).expect("a canonical path has a canonical form");
+                proptest::prop_assert_eq!(&again.path, &p.path);
+                proptest::prop_assert!(!p.path.contains("//") || p.path == "//", "{}", p.path);
+                proptest::prop_assert!(!p.path.split('/').any(|s| s == "." || s == ".."), "{}", p.path);
+                let bytes = p.path.as_bytes();
+                for (i, _) in bytes.iter().enumerate().filter(|(_, b)| **b == b'%') {
+                    let hex = &bytes[i + 1..i + 3];
+                    proptest::prop_assert!(hex.iter().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b)), "{}", p.path);
+                    let value = u8::from_str_radix(std::str::from_utf8(hex).unwrap(), 16).unwrap();
+                    proptest::prop_assert!(!is_unreserved(value), "{}", p.path);
+                }
+            }
+        }
+
+        /// A host name in any case, with or without its trailing dot and
+        /// port, names the same host.
+        #[test]
+        fn hosts_differing_in_case_or_a_dot_are_one(host in "[a-z][a-z0-9-]{0,10}(\\.[a-z0-9-]{1,8}){0,3}", upper in proptest::prelude::any::<u32>(), dot in proptest::prelude::any::<bool>(), port in proptest::option::of(1u16..)) {
+            let spelled: String = host
+                .chars()
+                .enumerate()
+                .map(|(i, c)| if upper >> (i % 32) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+                .collect();
+            let mut raw = spelled.clone();
+            if dot {
+                raw.push('.');
+            }
+            if let Some(port) = port {
+                raw.push_str(&format!(":{port}"));
+            }
+            let a = authority(&raw).unwrap();
+            proptest::prop_assert_eq!(&*a.host, host.as_str());
+            proptest::prop_assert_eq!(a.port.map(|p| p.parse::<u16>().unwrap()), port);
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct ConnState {
     pub peer: SocketAddr,
     /// The peer's IP as header text (X-Forwarded-For), rendered once.
     pub peer_ip: HeaderValue,
+    /// `ip:port`, for the access log, rendered once.
+    pub peer_text: Box<str>,
     /// The verified client certificate, on TLS listeners that asked for one.
     pub peer_cert: Option<Arc<CertIdentity>>,
     /// The peer is a trusted proxy: its forwarding fields are extended.
@@ -63,6 +65,7 @@ impl ConnState {
             forwarding_slots: Semaphore::new(listener.limits.max_forwarded_per_connection.max(1)),
             listener,
             peer,
+            peer_text: peer.to_string().into_boxed_str(),
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             peer_cert,

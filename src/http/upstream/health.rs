@@ -5,9 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use http::{Request, header};
+use bytes::Bytes;
+use http::{Method, Request, header};
 
-use super::{Target, UpstreamPool};
+use super::{RequestFraming, SendError, Target, UpstreamPool, send_encoded};
 use crate::config::HealthCheckConfig;
 use crate::http::body::RequestBody;
 
@@ -74,24 +75,50 @@ fn update(
     }
 }
 
+/// One check of `target`, sent the way its requests go.
 async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> bool {
-    let sender = target.pooled_sender(&pool.health_client);
-    let scheme = sender.scheme().unwrap_or(http::uri::Scheme::HTTP);
-    let uri = format!("{scheme}://{}{}", target.uri_authority, hc.path);
-    let Ok(req) = Request::get(uri)
-        .header(header::HOST, target.host_header.clone())
-        .header(header::USER_AGENT, "tollgate-health-check")
-        .body(RequestBody::empty())
-    else {
-        return false;
-    };
-    match tokio::time::timeout(hc.timeout, sender.send(req)).await {
-        Ok(Ok(resp)) => {
-            let status = resp.status();
-            status.is_success() || status.is_redirection()
+    let sender = pool
+        .health_clients
+        .sender(target, pool.config.protocol, false);
+    let status = match sender.direct() {
+        Some(proxy) => {
+            let head = format!(
+                "GET {} HTTP/1.1\r\nhost: {}\r\nuser-agent: tollgate-health-check\r\n\r\n",
+                hc.path,
+                target.host_header.to_str().unwrap_or_default()
+            );
+            let sent = send_encoded(
+                target.addr,
+                Bytes::from(head),
+                RequestBody::empty(),
+                RequestFraming::Length(0),
+                &Method::GET,
+                proxy,
+                false,
+            );
+            tokio::time::timeout(hc.timeout, sent)
+                .await
+                .map(|r| r.map(|resp| resp.status()).map_err(SendError::from))
         }
+        None => {
+            let scheme = sender.scheme().unwrap_or(http::uri::Scheme::HTTP);
+            let uri = format!("{scheme}://{}{}", target.uri_authority, hc.path);
+            let Ok(req) = Request::get(uri)
+                .header(header::HOST, target.host_header.clone())
+                .header(header::USER_AGENT, "tollgate-health-check")
+                .body(RequestBody::empty())
+            else {
+                return false;
+            };
+            tokio::time::timeout(hc.timeout, sender.send(req))
+                .await
+                .map(|r| r.map(|resp| resp.status()))
+        }
+    };
+    match status {
+        Ok(Ok(status)) => status.is_success() || status.is_redirection(),
         Ok(Err(e)) => {
-            tracing::debug!(route = %pool.route, target = %target.addr, error = %e, "health check failed");
+            tracing::debug!(route = %pool.route, target = %target.addr, error = %crate::http::error_chain(&e), "health check failed");
             false
         }
         Err(_) => {

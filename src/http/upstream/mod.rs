@@ -400,8 +400,9 @@ pub struct UpstreamPool {
     targets: ArcSwap<Vec<Arc<Target>>>,
     rr: AtomicUsize,
     epoch: Instant,
-    /// Used by health checks; requests use their worker's client.
-    health_client: HttpClient,
+    /// Health checks go the way requests go: our own HTTP/1.1 client to
+    /// plain targets (with these settings), hyper's to the others.
+    health_clients: UpstreamClients,
     pub budget: RetryBudget,
     metrics: RouteMetrics,
 }
@@ -445,7 +446,7 @@ impl UpstreamPool {
             tls_clients,
             tls,
             budget: RetryBudget::new(&config.retry_budget),
-            health_client: clients.get(config.protocol).clone(),
+            health_clients: clients.clone(),
             route,
             urls,
             targets: ArcSwap::from_pointee(Vec::new()),
