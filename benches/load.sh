@@ -18,6 +18,7 @@
 #   benches/load.sh                 # needs: nginx (nginx-light), wrk, python3
 #   DURATION=30s CONNS=128 ROUNDS=5 benches/load.sh
 #   BASELINE=/path/to/old/tollgate benches/load.sh   # also an earlier build, as `baseline`, in the same rounds
+#   ACCESS_LOG=1 benches/load.sh    # every proxy writes its access log (to a file), as by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,14 +35,22 @@ BASE_PORT=18084 BASE_ADMIN=19091
 source benches/common.sh
 require nginx wrk python3 taskset curl
 
+# Access logs: off in every proxy, or (ACCESS_LOG=1) on in every proxy,
+# each to a file: nginx's default (a write per request), tollgate's own.
+if [ -n "${ACCESS_LOG:-}" ]; then
+  nginx_log="access_log $work/nginx-access.log;" tg_access=true tg_log=info
+else
+  nginx_log="" tg_access=false tg_log=warn
+fi
+
 cargo build --release --quiet
 
 start_upstream "$LOAD_CPU" $UP_PORT
 nginx_conf proxy "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
-  server { listen 127.0.0.1:$NGINX_PORT;
+  server { listen 127.0.0.1:$NGINX_PORT; $nginx_log
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }
-  server { listen 127.0.0.1:$NGINX_FULL_PORT;
+  server { listen 127.0.0.1:$NGINX_FULL_PORT; $nginx_log
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto \$scheme;
@@ -59,7 +68,7 @@ listeners:
     bind: 127.0.0.1:$TG_PORT
     limits: { max_connections: 30000 }
 admin: { bind: 127.0.0.1:$TG_ADMIN }
-proxy: { access_log: false }
+proxy: { access_log: $tg_access }
 reload: { watch: false }
 auth:
   providers:
@@ -81,14 +90,14 @@ routes:
 CONF
 TOKEN=$(bench_token)
 
-TOLLGATE_LOG=warn taskset -c "$PROXY_CPU" target/release/tollgate -c "$work/gateway.yaml" &
+TOLLGATE_LOG=$tg_log taskset -c "$PROXY_CPU" target/release/tollgate -c "$work/gateway.yaml" 2>"$work/tollgate.log" &
 tg_pid=$!
 pids+=("$tg_pid")
 
 if [ -n "${BASELINE:-}" ]; then
   sed -e "s/127.0.0.1:$TG_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$TG_ADMIN/127.0.0.1:$BASE_ADMIN/" \
     "$work/gateway.yaml" >"$work/baseline.yaml"
-  TOLLGATE_LOG=warn taskset -c "$PROXY_CPU" "$BASELINE" -c "$work/baseline.yaml" &
+  TOLLGATE_LOG=$tg_log taskset -c "$PROXY_CPU" "$BASELINE" -c "$work/baseline.yaml" 2>"$work/baseline.log" &
   base_pid=$!
   pids+=("$base_pid")
   wait_http "http://127.0.0.1:$BASE_PORT/"

@@ -43,8 +43,21 @@ impl RequestHead {
     pub fn from_parts(parts: http::request::Parts) -> RequestHead {
         let size = parts.headers.iter().map(|(_, v)| v.len()).sum();
         let mut values = BytesMut::with_capacity(size);
-        let mut fields = Vec::with_capacity(parts.headers.len());
+        let mut fields: Vec<Field> = Vec::with_capacity(parts.headers.len());
+        let mut cookies: Option<usize> = None;
         for (name, value) in &parts.headers {
+            // HTTP/2 splits `cookie` into a field per pair; HTTP/1.1 wants
+            // them joined into one (RFC 9113 §8.2.3).
+            if name == http::header::COOKIE {
+                // A map yields a name's values one after another.
+                if let Some(at) = cookies.filter(|at| at + 1 == fields.len()) {
+                    values.put_slice(b"; ");
+                    values.put_slice(value.as_bytes());
+                    fields[at].1.end = values.len();
+                    continue;
+                }
+                cookies = Some(fields.len());
+            }
             let start = values.len();
             values.put_slice(value.as_bytes());
             fields.push((name.clone(), start..values.len()));

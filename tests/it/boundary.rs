@@ -359,3 +359,32 @@ async fn a_bad_trusted_proxy_is_a_config_error_naming_its_key() {
     assert!(err.contains("trusted_proxies"), "{err}");
     assert!(err.contains("prefix length"), "{err}");
 }
+
+/// HTTP/2 sends each cookie pair as a field of its own; an HTTP/1.1 target
+/// gets them joined into one `cookie` field (RFC 9113 §8.2.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookies_reach_an_http1_target_as_one_field() {
+    let up = Upstream::start(|req| async move {
+        let cookies: Vec<String> = req
+            .headers()
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        http::Response::new(full(serde_json::json!(cookies).to_string()))
+    })
+    .await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let mut h2 = h2_connection(gw.addr()).await;
+    let r = h2_send(
+        &mut h2,
+        Request::get("http://gw.test/x")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), serde_json::json!(["a=1; b=2"]));
+}
