@@ -270,18 +270,21 @@ fn put_json_text(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-fn put_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
+fn put_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(decimal(n, &mut [0; 20]));
+}
+
+/// `n` in decimal, written into `digits` without allocating.
+pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;
         digits[i] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
-            break;
+            return &digits[i..];
         }
     }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// RFC 3339 UTC time with microseconds, as `tracing`'s formatter writes it;

@@ -1,11 +1,13 @@
-//! Header hygiene between client and upstream: hop-by-hop removal (RFC 9110
-//! §7.6.1), forwarding headers (X-Forwarded-*, RFC 7239 Forwarded), Via.
+//! Header hygiene between client and upstream: the one rule for each field
+//! a client sends ([`request_field`]: hop-by-hop removal, RFC 9110 §7.6.1,
+//! and the fields the gateway owns), hop-by-hop removal from responses,
+//! forwarding fields (X-Forwarded-*, RFC 7239 Forwarded) and Via.
 
 use std::net::IpAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Version};
 
 use super::wire;
 
@@ -30,23 +32,6 @@ const HOP_BY_HOP: [&HeaderName; 8] = [
     &header::UPGRADE,
     &header::TRANSFER_ENCODING,
 ];
-
-/// Whether the request asks to switch protocols (WebSocket and friends).
-pub fn is_upgrade_request(method: &Method, version: Version, headers: &HeaderMap) -> bool {
-    version == Version::HTTP_11
-        && method == Method::GET
-        && headers.contains_key(header::UPGRADE)
-        && connection_has(headers, "upgrade")
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
 
 /// Removes hop-by-hop headers. With `upgrade`, the `Upgrade` header and
 /// `Connection: upgrade` are kept so the protocol switch reaches the peer.

@@ -231,20 +231,10 @@ pub fn put_field(out: &mut BytesMut, name: &HeaderName, value: &[u8]) {
 }
 
 /// Writes `name: n\r\n` with `n` in decimal, without allocating.
-pub fn put_length_field(out: &mut BytesMut, name: &str, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
+pub fn put_length_field(out: &mut BytesMut, name: &str, n: u64) {
     out.put_slice(name.as_bytes());
     out.put_slice(b": ");
-    out.put_slice(&digits[i..]);
+    out.put_slice(crate::telemetry::decimal(n, &mut [0; 20]));
     out.put_slice(b"\r\n");
 }
 
