@@ -189,7 +189,24 @@ pub struct Authority<'a> {
     pub port: Option<&'a str>,
 }
 
-impl Authority<'_> {
+impl<'a> Authority<'a> {
+    /// Whether `raw` is canonical as it is (so [`Authority::again`] may
+    /// stand for [`authority`] on the same text).
+    pub fn as_sent(&self) -> bool {
+        matches!(self.host, Cow::Borrowed(_))
+            && self.raw.len() == self.host.len() + self.port.map_or(0, |p| p.len() + 1)
+    }
+
+    /// The form of `raw`, known to be canonical as sent with its host
+    /// ending at `host_len` (a connection's repeat of its last Host).
+    pub fn again(raw: &'a str, host_len: usize) -> Authority<'a> {
+        Authority {
+            raw,
+            host: Cow::Borrowed(&raw[..host_len]),
+            port: raw.get(host_len + 1..).filter(|p| !p.is_empty()),
+        }
+    }
+
     /// `host[:port]`: what the target's Host and `X-Forwarded-Host` say.
     pub fn render(&self) -> Cow<'_, str> {
         let whole = self.host.len() + self.port.map_or(0, |p| p.len() + 1);
@@ -405,6 +422,15 @@ mod tests {
         }
         assert_eq!(authority("A.b.:81").unwrap().render(), "a.b:81");
         assert_eq!(authority("a.b:").unwrap().render(), "a.b");
+        // What a connection remembers stands for the whole reading.
+        for raw in ["a.b:81", "a.b", "[::1]:9", "tasks.x_y"] {
+            let a = authority(raw).unwrap();
+            assert!(a.as_sent(), "{raw}");
+            assert_eq!(Authority::again(raw, a.host.len()), a, "{raw}");
+        }
+        for raw in ["A.b", "a.b.", "a.b:", "a.b.:80"] {
+            assert!(!authority(raw).unwrap().as_sent(), "{raw}");
+        }
         assert!(matches!(
             authority("a.b:81").unwrap().render(),
             Cow::Borrowed("a.b:81")

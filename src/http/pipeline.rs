@@ -92,6 +92,10 @@ pub struct ConnMemo {
     /// on a connection only in the Host, which is almost always the same.
     forwarding: BytesMut,
     forwarding_host: Vec<u8>,
+    /// The last Host field that was canonical as sent, and its host's
+    /// length: a repeat needs no second reading.
+    host: Vec<u8>,
+    host_len: usize,
 }
 
 impl ConnMemo {
@@ -324,7 +328,7 @@ impl Pipeline {
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let head = req.head;
         // 2. The canonical form, which every later step reads.
-        let authority = request_authority(head, scan)?;
+        let authority = request_authority(head, scan, memo)?;
         let host = authority.as_ref().map(|a| a.render());
         let host = host.as_deref();
         let canonical = canonical::path(head.uri.path()).map_err(GatewayError::BadPath)?;
@@ -558,16 +562,28 @@ impl Pipeline {
 fn request_authority<'a>(
     head: &'a RequestHead,
     scan: &Scan,
+    memo: &mut ConnMemo,
 ) -> Result<Option<canonical::Authority<'a>>, GatewayError> {
     if scan.hosts > 1 {
         return Err(GatewayError::BadHost("more than one Host field"));
     }
     let field = match &scan.host {
-        Some(range) => Some(
-            std::str::from_utf8(&head.head[range.clone()])
-                .map_err(|_| GatewayError::BadHost("the Host field is not text"))
-                .and_then(|h| canonical::authority(h).map_err(GatewayError::BadHost))?,
-        ),
+        Some(range) => {
+            let raw = std::str::from_utf8(&head.head[range.clone()])
+                .map_err(|_| GatewayError::BadHost("the Host field is not text"))?;
+            // A keep-alive client sends the same Host every time.
+            if !memo.host.is_empty() && memo.host == raw.as_bytes() {
+                Some(canonical::Authority::again(raw, memo.host_len))
+            } else {
+                let authority = canonical::authority(raw).map_err(GatewayError::BadHost)?;
+                if authority.as_sent() {
+                    memo.host.clear();
+                    memo.host.extend_from_slice(raw.as_bytes());
+                    memo.host_len = authority.host.len();
+                }
+                Some(authority)
+            }
+        }
         None if head.version == Version::HTTP_11 => {
             return Err(GatewayError::BadHost(
                 "an HTTP/1.1 request needs a Host field",
