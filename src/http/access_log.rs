@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use http::{HeaderValue, Method};
+use http::HeaderValue;
 
 use super::error::{ErrorSource, GatewayError};
 use crate::metrics::RouteMetrics;
@@ -20,7 +20,8 @@ pub(super) struct Entry<'a> {
     pub route: &'a str,
     pub metrics: &'a RouteMetrics,
     pub request_id: &'a HeaderValue,
-    pub method: &'a Method,
+    /// `-` for a request whose head could not be read.
+    pub method: &'a str,
     /// Path only: query strings may carry tokens and are never logged.
     /// `None` while the log is off.
     pub path: Option<&'a str>,
@@ -42,7 +43,7 @@ pub(super) fn record(p: &Entry<'_>, status: u16, error: Option<&GatewayError>, s
     telemetry::access_line(warn, message, |line| {
         line.text("listener", p.conn.map_or("-", |c| &c.listener.name));
         line.text("route", p.route);
-        line.text("method", p.method.as_str());
+        line.text("method", p.method);
         line.text("path", path);
         line.number("status", u64::from(status));
         line.millis("latency_ms", elapsed.as_micros() as u64);

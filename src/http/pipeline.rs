@@ -141,8 +141,6 @@ struct Scan {
     /// Names the client's `Connection` fields list (besides `close`,
     /// `keep-alive` and `upgrade`): hop-by-hop for this request.
     connection_named: Vec<Bytes>,
-    /// Whether `Connection` has the `upgrade` token.
-    connection_upgrade: bool,
     /// Name and value bytes of the fields, as the limits count them.
     field_bytes: usize,
 }
@@ -156,7 +154,6 @@ impl Scan {
             content_length: None,
             transfer_encoding: false,
             connection_named: Vec::new(),
-            connection_upgrade: false,
             field_bytes: 0,
         };
         let mut ids = 0;
@@ -172,10 +169,9 @@ impl Scan {
                 header::TRANSFER_ENCODING => scan.transfer_encoding = true,
                 header::CONNECTION => {
                     for token in wire::list_elements(value) {
-                        if token.eq_ignore_ascii_case(b"upgrade") {
-                            scan.connection_upgrade = true;
-                        } else if !(token.eq_ignore_ascii_case(b"keep-alive")
-                            || token.eq_ignore_ascii_case(b"close"))
+                        if !(token.eq_ignore_ascii_case(b"keep-alive")
+                            || token.eq_ignore_ascii_case(b"close")
+                            || token.eq_ignore_ascii_case(b"upgrade"))
                         {
                             scan.connection_named.push(req.head.slice_ref(token));
                         }
@@ -268,7 +264,7 @@ impl Pipeline {
                 route,
                 metrics,
                 request_id: &request_id,
-                method: &head.method,
+                method: head.method.as_str(),
                 path: self
                     .access_log
                     .load(Ordering::Relaxed)
@@ -301,7 +297,7 @@ impl Pipeline {
                 route: "-",
                 metrics: &self.unmatched,
                 request_id: &request_id,
-                method: &http::Method::GET,
+                method: "-",
                 path: self.access_log.load(Ordering::Relaxed).then_some("-"),
             },
             resp.status().as_u16(),
@@ -404,9 +400,10 @@ impl Pipeline {
         }
 
         // 6. The fields the target gets.
-        // A switch the route does not allow goes as a plain request.
+        // The codec decided the request asks to switch (`Connection:
+        // upgrade` with `Upgrade` on a body-less HTTP/1.1 GET); one the
+        // route does not allow goes as a plain request.
         let upgrade = req.upgrade
-            && scan.connection_upgrade
             && head
                 .get(&header::UPGRADE)
                 .is_some_and(|p| route.allows_upgrade(p));

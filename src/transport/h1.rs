@@ -184,6 +184,7 @@ pub(super) async fn serve<S: Stream>(
             &mut io,
             &mut buf,
             feed.as_mut(),
+            &state,
         )
         .await;
         let Some(mut response) = response else {
@@ -345,6 +346,7 @@ async fn run<S: Stream>(
     io: &mut S,
     buf: &mut BytesMut,
     mut body: Option<&mut BodyReader>,
+    state: &ConnState,
 ) -> Option<Response<ProxyBody>> {
     poll_fn(|cx| {
         if let Poll::Ready(response) = request.as_mut().poll(cx) {
@@ -405,7 +407,8 @@ async fn run<S: Stream>(
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     reader.abandon("the client closed the connection before the end of its body");
                 }
-                Poll::Ready(Ok(_)) => {}
+                // Body bytes are activity: a long upload is not idle.
+                Poll::Ready(Ok(_)) => state.touch(),
                 Poll::Pending => return Poll::Pending,
             }
         }

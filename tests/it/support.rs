@@ -277,7 +277,14 @@ pub async fn send_with(
     client: &Client<HttpConnector, TestBody>,
     req: Request<TestBody>,
 ) -> TestResponse {
-    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+    answer(client.request(req)).await
+}
+
+/// A response within 20 s, collected whole.
+async fn answer<E: std::fmt::Debug>(
+    response: impl Future<Output = Result<Response<Incoming>, E>>,
+) -> TestResponse {
+    let resp = tokio::time::timeout(Duration::from_secs(20), response)
         .await
         .expect("response within 20s")
         .expect("request succeeds at the HTTP level");
@@ -451,9 +458,5 @@ pub async fn h2_send(
     conn: &mut hyper::client::conn::http2::SendRequest<TestBody>,
     req: Request<TestBody>,
 ) -> TestResponse {
-    let resp = tokio::time::timeout(Duration::from_secs(20), conn.send_request(req))
-        .await
-        .expect("response within 20s")
-        .expect("request succeeds at the HTTP level");
-    collect(resp).await
+    answer(conn.send_request(req)).await
 }
