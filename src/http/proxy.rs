@@ -13,8 +13,6 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderValue};
 use http::uri::{Parts as UriParts, PathAndQuery};
 use http::{Method, Response, StatusCode, Uri, Version};
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::time::Sleep;
 
 use super::body::{ClientBody, ProxyBody, RequestBody, RequestBodyError};
@@ -22,11 +20,10 @@ use super::error::GatewayError;
 use super::headers;
 use super::router::Route;
 use super::upstream::{
-    InflightGuard, RequestFraming, SendError, Sender, Target, UpstreamBody, UpstreamClients,
-    send_encoded,
+    Exchange, InflightGuard, RequestFraming, SendError, Sender, Target, UpgradedConn, UpstreamBody,
+    UpstreamClients, send_encoded,
 };
 use super::wire;
-use crate::config::UpstreamProtocol;
 use crate::transport::ConnState;
 
 pub(super) fn is_idempotent(m: &Method) -> bool {
@@ -95,7 +92,6 @@ impl Outgoing<'_> {
         &mut self,
         sender: Sender<'_>,
         target: &Target,
-        protocol: UpstreamProtocol,
         body_limit: usize,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let host = self.host.unwrap_or(target.host_header.as_bytes());
@@ -103,7 +99,7 @@ impl Outgoing<'_> {
             (Some(b), Some(waiting)) => RequestBody::streaming(b, body_limit, waiting.clone()),
             _ => RequestBody::empty(),
         };
-        if let Some(proxy) = sender.direct() {
+        if let Sender::H1 { proxy, tls } = sender {
             let mut head = BytesMut::with_capacity(
                 self.method.as_str().len() + self.path.len() + host.len() + self.fields.len() + 32,
             );
@@ -115,35 +111,35 @@ impl Outgoing<'_> {
             head.put_slice(b"\r\n");
             head.put_slice(self.fields);
             head.put_slice(b"\r\n");
+            let to = Exchange {
+                addr: target.addr,
+                tls,
+                method: self.method,
+                proxy,
+                wire: self.wire_response,
+                upgrade: self.upgrade,
+            };
             // Awaited where it is made: a binding would hold a second
             // copy of the future in this one.
-            return send_encoded(
-                target.addr,
-                head.freeze(),
-                body,
-                self.framing.into(),
-                self.method,
-                proxy,
-                self.wire_response,
-            )
-            .await
-            .map(|r| r.map(UpstreamBody::H1))
-            .map_err(SendError::from);
+            return send_encoded(to, head.freeze(), body, self.framing.into())
+                .await
+                .map(|r| r.map(UpstreamBody::H1))
+                .map_err(SendError::from);
         }
-        // hyper's clients (TLS, HTTP/2, upgrades) take a header map.
+        // hyper's HTTP/2 clients take a header map.
         let mut request = http::Request::new(body);
         *request.method_mut() = self.method.clone();
-        *request.version_mut() = match protocol {
-            UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
-        };
+        *request.version_mut() = Version::HTTP_2;
         let mut map = wire::parse_lines(self.fields);
         if let Ok(host) = HeaderValue::from_bytes(host) {
             map.insert(header::HOST, host);
         }
         *request.headers_mut() = map;
         let mut uri = UriParts::default();
-        uri.scheme = Some(sender.scheme().unwrap_or(http::uri::Scheme::HTTP));
+        uri.scheme = Some(match sender {
+            Sender::H2(_) => http::uri::Scheme::HTTPS,
+            _ => http::uri::Scheme::HTTP,
+        });
         uri.authority = Some(target.uri_authority.clone());
         uri.path_and_query = Some(
             PathAndQuery::try_from(self.path).unwrap_or_else(|_| PathAndQuery::from_static("/")),
@@ -211,9 +207,9 @@ pub(super) async fn forward(
         let inflight = InflightGuard::new(picked);
         let target = inflight.counted();
         let may_retry = replayable && attempt < route.retries;
-        let sender = clients.sender(target, pool.config.protocol, upgrade);
+        let sender = clients.sender(target, pool.config.protocol);
         let sent = {
-            let mut send = pin!(outgoing.send(sender, target, pool.config.protocol, body_limit));
+            let mut send = pin!(outgoing.send(sender, target, body_limit));
             poll_fn(|cx| match send.as_mut().poll(cx) {
                 Poll::Ready(sent) => Poll::Ready(Ok(sent)),
                 Poll::Pending => deadline.as_mut().poll(cx).map(Err),
@@ -351,31 +347,34 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn respond(
-    mut resp: Response<UpstreamBody>,
+    resp: Response<UpstreamBody>,
     inflight: InflightGuard,
     upgrade: bool,
     route: &Route,
 ) -> Result<Response<ProxyBody>, GatewayError> {
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if switching {
-        inflight.counted().succeeded();
-        if !upgrade {
+    let (mut parts, body) = resp.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        // Only our HTTP/1.1 client reads a 101, and only to an upgrade request.
+        let upstream = match body {
+            UpstreamBody::H1(body) if upgrade => body.upgraded(),
+            _ => None,
+        };
+        let Some(upstream) = upstream else {
             return Err(GatewayError::UpstreamProtocol {
                 target: inflight.target().to_string(),
                 detail: "101 Switching Protocols without an upgrade request".into(),
             });
-        }
+        };
+        inflight.counted().succeeded();
         let tunnel = Tunnel {
-            upstream: hyper::upgrade::on(&mut resp),
+            upstream,
             _inflight: inflight,
             route: route.name.clone(),
         };
-        let (mut parts, _) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
         parts.version = Version::HTTP_11;
         return Ok(Response::from_parts(parts, ProxyBody::switching(tunnel)));
     }
-    let (mut parts, body) = resp.into_parts();
     if let UpstreamBody::Hyper(_) = body {
         headers::strip_hop_by_hop(&mut parts.headers, false);
     }
@@ -397,7 +396,7 @@ fn respond(
 /// carried by the `101` response to the client's connection, which relays
 /// it once the `101` is written.
 pub struct Tunnel {
-    upstream: OnUpgrade,
+    upstream: UpgradedConn,
     /// The target counts it in flight while it lasts.
     _inflight: InflightGuard,
     route: Arc<str>,
@@ -412,14 +411,7 @@ impl Tunnel {
         conn: &ConnState,
     ) {
         let route = &self.route;
-        let upstream = match self.upstream.await {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                tracing::warn!(route = %route, peer = %conn.peer, error = %e, "protocol upgrade failed");
-                return;
-            }
-        };
-        let mut upstream = TokioIo::new(upstream);
+        let mut upstream = self.upstream;
         let idle = conn.listener.limits.idle_timeout;
         tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {

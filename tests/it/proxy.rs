@@ -485,6 +485,67 @@ async fn websocket_upgrade_passes_through() {
     ws.close(None).await.unwrap();
 }
 
+/// What a target sends right behind its `101`, in the same packet, reaches
+/// the client first, before anything relayed later; and the client's bytes
+/// reach the target.
+#[tokio::test]
+async fn bytes_behind_a_101_are_relayed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut io, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            io.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        io.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nfirst",
+        )
+        .await
+        .unwrap();
+        let mut ping = [0u8; 4];
+        io.read_exact(&mut ping).await.unwrap();
+        assert_eq!(&ping, b"ping");
+        io.write_all(b"pong").await.unwrap();
+    });
+    let routes = format!(
+        "  - name: ws\n    match: {{ path_prefix: / }}\n    upstream: {{ targets: [http://{target}] }}\n"
+    );
+    let gw = TestGateway::start(&config_with_routes(&routes)).await;
+    let mut client = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    client
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nhost: gw.test\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = Duration::from_secs(5);
+    tokio::time::timeout(deadline, async {
+        while !seen.ends_with(b"first") {
+            let mut buf = [0u8; 1024];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the 101 and the bytes behind it");
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.ends_with("\r\n\r\nfirst"), "{text}");
+    client.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    tokio::time::timeout(deadline, client.read_exact(&mut pong))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&pong, b"pong");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_websocket_tunnel_is_closed() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -722,6 +722,164 @@ async fn https_upstreams() {
     assert_eq!(r.json()["version"], "HTTP/2.0");
 }
 
+/// HTTP/1.1 to an https target goes by the gateway's own client: one kept
+/// connection carries a client connection's requests, request bodies go out
+/// whole (TLS flushed while the body streams), long chunked responses come
+/// back whole, and a WebSocket upgrade relays over the TLS connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_target_keeps_connections_carries_bodies_and_upgrades() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let ca = TestCa::new("Upstream");
+    let server = ca.server("upstream", "bar.internal");
+    let acceptor = tls_acceptor(&ca, &server, false);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(
+                    |mut req: Request<hyper::body::Incoming>| async move {
+                        if req.headers().contains_key(http::header::UPGRADE) {
+                            let (resp, socket) = ws_accept(&mut req);
+                            tokio::spawn(async move {
+                                let Ok(upgraded) = socket.await else { return };
+                                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                                    TokioIo::new(upgraded),
+                                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                                    None,
+                                )
+                                .await;
+                                while let Some(Ok(msg)) = ws.next().await {
+                                    if (msg.is_text() || msg.is_binary())
+                                        && ws.send(msg).await.is_err()
+                                    {
+                                        return;
+                                    }
+                                }
+                            });
+                            return Ok::<_, std::convert::Infallible>(resp);
+                        }
+                        if req.uri().path() == "/big" {
+                            let chunks = (0..256).map(|i| {
+                                Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                                    bytes::Bytes::from(vec![i as u8; 4096]),
+                                ))
+                            });
+                            let body =
+                                http_body_util::StreamBody::new(futures_util::stream::iter(chunks))
+                                    .map_err(|e| match e {});
+                            return Ok(http::Response::new(TestBody::new(body)));
+                        }
+                        if req.uri().path() == "/slow" {
+                            // The gateway's writes block on a full socket meanwhile.
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        Ok(http::Response::new(full(body)))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    let routes = format!(
+        "  - name: tls\n    match: {{ path_prefix: / }}\n    upstream:\n      targets: [https://{addr}]\n      tls: {{ ca_file: {} }}\n",
+        ca.pem().display()
+    );
+    let gw = TestGateway::start(&config_with_routes(&routes)).await;
+
+    let mut conn = connection(gw.addr()).await;
+    for i in 0..20 {
+        let body = format!("request {i}").repeat(i * 1000 + 1);
+        let r = send_on(
+            &mut conn,
+            Request::post(gw.url("/echo"))
+                .body(full(body.clone()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), body, "request {i}: the body went out whole");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "one client connection's requests share one kept TLS connection"
+    );
+    let big: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
+    let r = send_on(
+        &mut conn,
+        Request::post(gw.url("/slow"))
+            .body(full(big.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.body == big,
+        "a body larger than the socket buffers went out whole"
+    );
+    let r = send_on(
+        &mut conn,
+        Request::get(gw.url("/big")).body(full("")).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 256 * 4096);
+    assert!(
+        r.body
+            .chunks(4096)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|b| *b == i as u8))
+    );
+
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr()))
+        .await
+        .expect("websocket handshake through the gateway to an https target");
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, Message::text(format!("hello {i}")));
+    }
+    ws.close(None).await.unwrap();
+    task.abort();
+}
+
+/// A WebSocket handshake's `101` to `req`, and its upgraded connection.
+fn ws_accept(
+    req: &mut Request<hyper::body::Incoming>,
+) -> (http::Response<TestBody>, hyper::upgrade::OnUpgrade) {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let key = req.headers()["sec-websocket-key"].as_bytes().to_vec();
+    let resp = http::Response::builder()
+        .status(101)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-accept", derive_accept_key(&key))
+        .body(full(""))
+        .unwrap();
+    (resp, hyper::upgrade::on(req))
+}
+
 /// A TLS server answering with the request's path, version and the CN of the
 /// client certificate (when `require_client` asks for one).
 struct TlsUpstream {
@@ -729,31 +887,34 @@ struct TlsUpstream {
     _task: tokio::task::JoinHandle<()>,
 }
 
-impl TlsUpstream {
-    async fn start(ca: &TestCa, id: &Identity, require_client: bool) -> TlsUpstream {
-        let read = |p: &Path| std::fs::read(p).unwrap();
-        let chain = tollgate::transport::tls::certificates(&read(&id.cert)).unwrap();
-        let key = tollgate::transport::tls::private_key(&read(&id.key)).unwrap();
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap();
-        let builder = if require_client {
-            let roots = tollgate::transport::tls::ca_roots(&read(&ca.pem())).unwrap();
-            builder.with_client_cert_verifier(
-                rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider,
-                )
+/// A TLS acceptor for `id` offering h2 and http/1.1, asking for a client
+/// certificate from `ca` when `require_client`.
+fn tls_acceptor(ca: &TestCa, id: &Identity, require_client: bool) -> tokio_rustls::TlsAcceptor {
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let chain = tollgate::transport::tls::certificates(&read(&id.cert)).unwrap();
+    let key = tollgate::transport::tls::private_key(&read(&id.key)).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = if require_client {
+        let roots = tollgate::transport::tls::ca_roots(&read(&ca.pem())).unwrap();
+        builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .unwrap(),
-            )
-        } else {
-            builder.with_no_client_auth()
-        };
-        let mut cfg = builder.with_single_cert(chain, key).unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        )
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut cfg = builder.with_single_cert(chain, key).unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
+impl TlsUpstream {
+    async fn start(ca: &TestCa, id: &Identity, require_client: bool) -> TlsUpstream {
+        let acceptor = tls_acceptor(ca, id, require_client);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use http::{Method, Request, header};
 
-use super::{RequestFraming, SendError, Target, UpstreamPool, send_encoded};
+use super::{Exchange, RequestFraming, SendError, Sender, Target, UpstreamPool, send_encoded};
 use crate::config::HealthCheckConfig;
 use crate::http::body::RequestBody;
 
@@ -77,33 +77,40 @@ fn update(
 
 /// One check of `target`, sent the way its requests go.
 async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> bool {
-    let sender = pool
-        .health_clients
-        .sender(target, pool.config.protocol, false);
-    let status = match sender.direct() {
-        Some(proxy) => {
+    let sender = pool.health_clients.sender(target, pool.config.protocol);
+    let status = match sender {
+        Sender::H1 { proxy, tls } => {
             let head = format!(
                 "GET {} HTTP/1.1\r\nhost: {}\r\nuser-agent: tollgate-health-check\r\n\r\n",
                 hc.path,
                 target.host_header.to_str().unwrap_or_default()
             );
+            let to = Exchange {
+                addr: target.addr,
+                tls,
+                method: &Method::GET,
+                proxy,
+                wire: false,
+                upgrade: false,
+            };
             let sent = send_encoded(
-                target.addr,
+                to,
                 Bytes::from(head),
                 RequestBody::empty(),
                 RequestFraming::Length(0),
-                &Method::GET,
-                proxy,
-                false,
             );
             tokio::time::timeout(hc.timeout, sent)
                 .await
                 .map(|r| r.map(|resp| resp.status()).map_err(SendError::from))
         }
-        None => {
-            let scheme = sender.scheme().unwrap_or(http::uri::Scheme::HTTP);
+        Sender::H2c(_) | Sender::H2(_) => {
+            let scheme = match sender {
+                Sender::H2(_) => "https",
+                _ => "http",
+            };
             let uri = format!("{scheme}://{}{}", target.uri_authority, hc.path);
             let Ok(req) = Request::get(uri)
+                .version(http::Version::HTTP_2)
                 .header(header::HOST, target.host_header.clone())
                 .header(header::USER_AGENT, "tollgate-health-check")
                 .body(RequestBody::empty())

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use http::uri::Authority;
-use http::uri::Scheme;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
@@ -25,7 +24,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::ServerName;
 
 pub use budget::RetryBudget;
-pub use h1::{H1Body, H1Error, RequestFraming, send_encoded, start_worker_pool};
+pub use h1::{
+    Exchange, H1Body, H1Error, RequestFraming, TlsOrigin, Upgraded as UpgradedConn, send_encoded,
+    start_worker_pool,
+};
 
 use super::body::{BoxError, RequestBody};
 use crate::config::{
@@ -37,15 +39,25 @@ use crate::transport::tls::UpstreamTlsMaterial;
 pub type HttpClient = Client<HttpConnector, RequestBody>;
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
-/// How a request reaches a target.
+/// How a request reaches a target. HTTP/1.1 has one client, ours; HTTP/2
+/// targets are hyper's.
 pub enum Sender<'a> {
-    /// Plain HTTP/1.1 on the worker's own connection pool (`h1`).
-    Direct(&'a ProxyConfig),
-    /// hyper-util's pooled client: h2c, upgrades (which hand the connection
-    /// over to a tunnel) and health checks.
-    Pooled(&'a HttpClient),
-    /// The TLS client of the target's URL.
-    Tls(&'a HttpsClient),
+    /// HTTP/1.1, plain or TLS, on the worker's own connection pool (`h1`).
+    H1 {
+        proxy: &'a ProxyConfig,
+        tls: Option<&'a TlsOrigin>,
+    },
+    /// HTTP/2 with prior knowledge (`h2c`).
+    H2c(&'a HttpClient),
+    /// HTTP/2 over TLS, the client of the target's URL.
+    H2(&'a HttpsClient),
+}
+
+/// How an `https://` target URL is reached.
+#[derive(Clone)]
+enum TargetTls {
+    H1(Arc<TlsOrigin>),
+    H2(Box<HttpsClient>),
 }
 
 /// A target's response body, from whichever client carried the request.
@@ -106,7 +118,7 @@ impl http_body::Body for UpstreamBody {
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error(transparent)]
-    Direct(#[from] H1Error),
+    H1(#[from] H1Error),
     #[error(transparent)]
     Client(#[from] hyper_util::client::legacy::Error),
 }
@@ -115,55 +127,36 @@ impl SendError {
     /// No connection was made: nothing was sent.
     pub fn is_connect(&self) -> bool {
         match self {
-            SendError::Direct(e) => matches!(e, H1Error::Connect(_)),
+            SendError::H1(e) => matches!(e, H1Error::Connect(_) | H1Error::Tls(_)),
             SendError::Client(e) => e.is_connect(),
         }
     }
 }
 
-impl<'a> Sender<'a> {
-    /// Sends to `addr` with hyper's client; `Direct` requests go by
+impl Sender<'_> {
+    /// Sends an HTTP/2 request with hyper's client; HTTP/1.1 requests go by
     /// [`send_encoded`] instead.
     pub async fn send(
         &self,
         request: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         Ok(match self {
-            Sender::Direct(_) => {
-                return Err(SendError::Direct(H1Error::Invalid(
+            Sender::H1 { .. } => {
+                return Err(SendError::H1(H1Error::Invalid(
                     "our own client takes encoded heads only",
                 )));
             }
-            Sender::Pooled(c) => c.request(request).await?.map(UpstreamBody::Hyper),
-            Sender::Tls(c) => c.request(request).await?.map(UpstreamBody::Hyper),
+            Sender::H2c(c) => c.request(request).await?.map(UpstreamBody::Hyper),
+            Sender::H2(c) => c.request(request).await?.map(UpstreamBody::Hyper),
         })
-    }
-
-    /// Our own client's settings, when it carries the request: only it
-    /// takes a head encoded already (`h1::send_encoded`).
-    pub fn direct(&self) -> Option<&'a ProxyConfig> {
-        match self {
-            Sender::Direct(proxy) => Some(proxy),
-            Sender::Pooled(_) | Sender::Tls(_) => None,
-        }
-    }
-
-    /// The request URI's scheme, or none for origin-form (`Direct`).
-    pub fn scheme(&self) -> Option<Scheme> {
-        match self {
-            Sender::Direct(_) => None,
-            Sender::Pooled(_) => Some(Scheme::HTTP),
-            Sender::Tls(_) => Some(Scheme::HTTPS),
-        }
     }
 }
 
-/// Keep-alive clients, one set per worker thread (connections stay on the
-/// thread that uses them) plus one for health checks; shared by every route
-/// and kept across reloads, so a reload does not drop warm connections.
+/// The HTTP/2 client for plain targets, shared by every route and kept
+/// across reloads, so a reload does not drop warm connections (HTTP/1.1
+/// connections wait in each worker's own pool).
 #[derive(Clone)]
 pub struct UpstreamClients {
-    http1: HttpClient,
     h2c: HttpClient,
     proxy: ProxyConfig,
 }
@@ -171,7 +164,6 @@ pub struct UpstreamClients {
 impl UpstreamClients {
     pub fn new(cfg: &ProxyConfig) -> UpstreamClients {
         UpstreamClients {
-            http1: client_builder(cfg).build(connector(cfg, false)),
             h2c: client_builder(cfg)
                 .http2_only(true)
                 .http2_keep_alive_interval(Duration::from_secs(30))
@@ -180,56 +172,46 @@ impl UpstreamClients {
         }
     }
 
-    pub fn get(&self, protocol: UpstreamProtocol) -> &HttpClient {
-        match protocol {
-            UpstreamProtocol::H2c => &self.h2c,
-            // TLS targets use their pool's own clients.
-            UpstreamProtocol::Http1 | UpstreamProtocol::H2 => &self.http1,
-        }
-    }
-
     /// How to reach `target` for a request of the route's `protocol`.
-    pub fn sender<'a>(
-        &'a self,
-        target: &'a Target,
-        protocol: UpstreamProtocol,
-        upgrade: bool,
-    ) -> Sender<'a> {
-        if target.tls.is_none() && protocol == UpstreamProtocol::Http1 && !upgrade {
-            return Sender::Direct(&self.proxy);
+    pub fn sender<'a>(&'a self, target: &'a Target, protocol: UpstreamProtocol) -> Sender<'a> {
+        match (&target.tls, protocol) {
+            (Some(TargetTls::H2(client)), _) => Sender::H2(client),
+            (Some(TargetTls::H1(origin)), _) => Sender::H1 {
+                proxy: &self.proxy,
+                tls: Some(origin),
+            },
+            (None, UpstreamProtocol::H2c) => Sender::H2c(&self.h2c),
+            // `h2` targets are always `https://` (config validation).
+            (None, UpstreamProtocol::Http1 | UpstreamProtocol::H2) => Sender::H1 {
+                proxy: &self.proxy,
+                tls: None,
+            },
         }
-        target.pooled_sender(self.get(protocol))
     }
 
-    /// A TLS client for one target URL: SNI and certificate verification use
-    /// `server_name`; ALPN offers the one protocol the route speaks.
-    fn https(
+    /// How one `https://` target URL is reached: SNI and certificate
+    /// verification use `server_name`; ALPN offers the one protocol the
+    /// route speaks.
+    fn tls(
         &self,
         tls: &UpstreamTlsMaterial,
         server_name: ServerName<'static>,
         protocol: UpstreamProtocol,
-    ) -> HttpsClient {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+    ) -> TargetTls {
+        if protocol != UpstreamProtocol::H2 {
+            return TargetTls::H1(TlsOrigin::new(&tls.config, server_name));
+        }
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.config.clone())
             .https_only()
-            .with_server_name_resolver(FixedServerNameResolver::new(server_name));
+            .with_server_name_resolver(FixedServerNameResolver::new(server_name))
+            .enable_http2()
+            .wrap_connector(connector(&self.proxy, true));
         let mut client = client_builder(&self.proxy);
-        if protocol == UpstreamProtocol::H2 {
-            client
-                .http2_only(true)
-                .http2_keep_alive_interval(Duration::from_secs(30));
-            client.build(
-                builder
-                    .enable_http2()
-                    .wrap_connector(connector(&self.proxy, true)),
-            )
-        } else {
-            client.build(
-                builder
-                    .enable_http1()
-                    .wrap_connector(connector(&self.proxy, true)),
-            )
-        }
+        client
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        TargetTls::H2(Box::new(client.build(https)))
     }
 }
 
@@ -263,8 +245,8 @@ pub struct Target {
     pub uri_authority: Authority,
     /// What the upstream expects as Host (`tasks.bar:8080`).
     pub host_header: HeaderValue,
-    /// `https://` targets: the client of their URL (shared by its addresses).
-    tls: Option<HttpsClient>,
+    /// `https://` targets: how their URL is reached (shared by its addresses).
+    tls: Option<TargetTls>,
     pool: Weak<UpstreamPool>,
     inflight: AtomicU32,
     /// Active health-check verdict.
@@ -280,7 +262,7 @@ impl Target {
     fn new(
         addr: SocketAddr,
         host_header: HeaderValue,
-        tls: Option<HttpsClient>,
+        tls: Option<TargetTls>,
         pool: Weak<UpstreamPool>,
     ) -> Option<Target> {
         Some(Target {
@@ -353,14 +335,6 @@ impl Target {
             "upstream response body broke off; the client got a truncated response");
         pool.report_failure(self);
     }
-
-    /// Its TLS client, or the given plain one.
-    pub fn pooled_sender<'a>(&'a self, plain: &'a HttpClient) -> Sender<'a> {
-        match &self.tls {
-            Some(c) => Sender::Tls(c),
-            None => Sender::Pooled(plain),
-        }
-    }
 }
 
 /// Counts a request against its target until dropped (after the response body).
@@ -393,28 +367,21 @@ pub struct UpstreamPool {
     route: Arc<str>,
     pub config: UpstreamConfig,
     urls: Vec<TargetUrl>,
-    /// Per URL: its TLS client when it is `https://`.
-    tls_clients: Vec<Option<HttpsClient>>,
+    /// Per URL: how it is reached when it is `https://`.
+    tls_clients: Vec<Option<TargetTls>>,
     /// The TLS material the clients were built from.
     pub tls: Option<Arc<UpstreamTlsMaterial>>,
     targets: ArcSwap<Vec<Arc<Target>>>,
     rr: AtomicUsize,
     epoch: Instant,
-    /// Health checks go the way requests go: our own HTTP/1.1 client to
-    /// plain targets (with these settings), hyper's to the others.
+    /// Health checks go the way requests go: our own client to HTTP/1.1
+    /// targets (with these settings), hyper's to HTTP/2 ones.
     health_clients: UpstreamClients,
     pub budget: RetryBudget,
     metrics: RouteMetrics,
 }
 
 impl UpstreamPool {
-    /// Whether every target is reached over plain HTTP/1.1 by our own
-    /// client (so a request may go with an encoded head).
-    pub fn plain_http1(&self) -> bool {
-        self.config.protocol == UpstreamProtocol::Http1
-            && self.tls_clients.iter().all(Option::is_none)
-    }
-
     /// Builds the pool, resolving DNS names once, and starts its background
     /// tasks; they end by themselves once the pool is dropped.
     pub async fn start(
@@ -438,7 +405,7 @@ impl UpstreamPool {
                     .clone()
                     .unwrap_or_else(|| u.server_name().to_owned());
                 let name = ServerName::try_from(name).ok()?;
-                Some(clients.https(material, name, config.protocol))
+                Some(clients.tls(material, name, config.protocol))
             })
             .collect();
         let pool = Arc::new_cyclic(|me| UpstreamPool {

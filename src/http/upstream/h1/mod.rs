@@ -1,4 +1,5 @@
-//! Plain HTTP/1.1 to targets: our own client on a per-thread connection pool.
+//! HTTP/1.1 to targets, plain or TLS: our own client (the only HTTP/1 codec
+//! towards targets) on a per-thread connection pool.
 //! Each worker is one thread with its own event loop, so idle connections
 //! wait in a per-thread list: checkout and return take no lock. A request is
 //! written and its response read by the request's own task, with no channel
@@ -6,6 +7,7 @@
 //! the body's ready data go out in one write, and the response body streams
 //! from the connection's buffer.
 
+mod io;
 mod request;
 mod response;
 
@@ -25,6 +27,7 @@ use super::TCP_KEEPALIVE;
 use crate::config::ProxyConfig;
 use crate::http::body::{RequestBody, RequestBodyError};
 use crate::http::proxy::is_idempotent;
+pub use io::{TlsOrigin, Upgraded, UpstreamIo};
 pub use request::RequestFraming;
 use request::RequestWriter;
 pub use response::H1Body;
@@ -33,9 +36,41 @@ pub use response::H1Body;
 /// yet used. Always boxed: it moves with every request, from the
 /// pool into the exchange, the response body and back.
 pub struct H1Conn {
-    io: TcpStream,
+    io: UpstreamIo,
     buf: BytesMut,
+    origin: Origin,
+}
+
+/// Which pooled connections may carry a request: same address, and the same
+/// TLS settings and name (`TlsOrigin::id`; 0 is plain TCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Origin {
     addr: SocketAddr,
+    tls: u64,
+}
+
+/// Where a request goes and how its response is read.
+pub struct Exchange<'a> {
+    pub addr: SocketAddr,
+    /// `https://` targets: how their connections are made.
+    pub tls: Option<&'a TlsOrigin>,
+    pub method: &'a Method,
+    pub proxy: &'a ProxyConfig,
+    /// An ordinary response keeps its fields as they came
+    /// (`wire::ResponseLines`).
+    pub wire: bool,
+    /// The request asks to switch protocols: a `101` hands the connection
+    /// over ([`H1Body::upgraded`]).
+    pub upgrade: bool,
+}
+
+impl Exchange<'_> {
+    fn origin(&self) -> Origin {
+        Origin {
+            addr: self.addr,
+            tls: self.tls.map_or(0, |t| t.id),
+        }
+    }
 }
 
 impl H1Conn {
@@ -44,7 +79,7 @@ impl H1Conn {
     fn release(self: Box<Self>) {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let list = idle.entry(self.addr).or_default();
+            let list = idle.entry(self.origin).or_default();
             if list.len() < MAX_IDLE.get() {
                 list.push(Idle {
                     conn: self,
@@ -56,14 +91,11 @@ impl H1Conn {
 
     /// Whether an idle connection is still usable: nothing (not even the
     /// end of the stream) may have arrived on it since its last response.
-    /// The socket is only asked when the event loop has seen it readable.
+    /// The socket is only asked when the event loop has seen it readable;
+    /// TLS records that carry no data (session tickets) do not count.
     fn still_open(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        if self.io.poll_read_ready(&mut cx).is_pending() {
-            return true;
-        }
-        let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        response::poll_read_more(&mut self.io, &mut self.buf, &mut cx).is_pending()
     }
 }
 
@@ -72,6 +104,8 @@ impl H1Conn {
 pub enum H1Error {
     #[error("cannot connect")]
     Connect(#[source] std::io::Error),
+    #[error("TLS handshake failed")]
+    Tls(#[source] std::io::Error),
     #[error("connection error")]
     Io(#[source] std::io::Error),
     #[error("connection closed {0}")]
@@ -83,53 +117,46 @@ pub enum H1Error {
 }
 
 /// Sends a request whose head is encoded already (framed as `framing`
-/// says) to `addr`, on an idle connection of this thread or a new one.
-/// With `wire`, an ordinary response keeps its fields as they came
-/// (`wire::ResponseLines`). An idempotent request without body that finds
-/// its pooled connection closed before any response came is sent again on
-/// a new connection: the target closed an idle connection just as it was
-/// reused.
+/// says) as `to` says, on an idle connection of this thread or a new one.
+/// An idempotent request without body that finds its pooled connection
+/// closed before any response came is sent again on a new connection: the
+/// target closed an idle connection just as it was reused.
 // A plain function returning `send_with`'s future: an async wrapper would
 // add a layer that copies the future into itself.
 pub fn send_encoded<'a>(
-    addr: SocketAddr,
+    to: Exchange<'a>,
     head: Bytes,
     body: RequestBody,
     framing: RequestFraming,
-    method: &'a Method,
-    proxy: &'a ProxyConfig,
-    wire: bool,
 ) -> impl Future<Output = Result<Response<H1Body>, H1Error>> + 'a {
-    let resendable = body.is_end_stream() && is_idempotent(method);
+    let resendable = body.is_end_stream() && is_idempotent(to.method);
     let writer = RequestWriter::new(head, body, framing);
-    send_with(addr, writer, resendable, method, proxy, wire)
+    send_with(to, writer, resendable)
 }
 
 async fn send_with(
-    addr: SocketAddr,
+    to: Exchange<'_>,
     writer: RequestWriter,
     resendable: bool,
-    method: &Method,
-    proxy: &ProxyConfig,
-    wire: bool,
 ) -> Result<Response<H1Body>, H1Error> {
     let mut writer = Some(writer);
+    let origin = to.origin();
     loop {
         // One call site for `exchange` (each would have its own slot in
         // this future); a new connection is boxed: it is the exception, and
         // inline it would make this future larger for every request.
-        let (conn, pooled) = match checkout(addr) {
+        let (conn, pooled) = match checkout(origin) {
             Some(conn) => (conn, true),
-            None => (Box::pin(connect(addr, proxy)).await?, false),
+            None => (Box::pin(connect(&to, origin)).await?, false),
         };
-        match exchange(conn, &mut writer, method, wire).await {
+        match exchange(conn, &mut writer, &to).await {
             Err(Attempt { error, reply_began })
                 if pooled && !reply_began && resendable && !matches!(error, H1Error::Body(_)) =>
             {
                 let Some(sent) = writer.take() else {
                     return Err(error);
                 };
-                tracing::debug!(target = %addr, %error, "pooled connection closed; sending on a new one");
+                tracing::debug!(target = %to.addr, %error, "pooled connection closed; sending on a new one");
                 writer = Some(RequestWriter::new(
                     sent.into_head(),
                     RequestBody::empty(),
@@ -153,8 +180,7 @@ struct Attempt {
 async fn exchange(
     mut conn: Box<H1Conn>,
     writer: &mut Option<RequestWriter>,
-    method: &Method,
-    wire: bool,
+    to: &Exchange<'_>,
 ) -> Result<Response<H1Body>, Attempt> {
     // Write after the worker's other ready tasks have had their turn:
     // targets then get this turn's requests in one burst instead of being
@@ -182,7 +208,7 @@ async fn exchange(
                 Poll::Pending => {}
             }
         }
-        match poll_head(&mut conn, method, wire, cx) {
+        match poll_head(&mut conn, to, cx) {
             Poll::Ready(Err(attempt)) if !attempt.reply_began => {
                 Poll::Ready(Err(match write_failed.take() {
                     Some(error) => Attempt {
@@ -197,6 +223,15 @@ async fn exchange(
     })
     .await?;
     let rest = if writing { writer.take() } else { None };
+    if parsed.response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        if rest.is_some() || write_failed.is_some() {
+            return Err(Attempt {
+                error: H1Error::Invalid("101 Switching Protocols before the request was sent"),
+                reply_began: true,
+            });
+        }
+        return Ok(parsed.response.map(|()| H1Body::switched(conn)));
+    }
     let body = H1Body::new(conn, &mut parsed, rest, write_failed.is_none());
     Ok(parsed.response.map(|()| body))
 }
@@ -204,15 +239,19 @@ async fn exchange(
 /// Reads until a final (non-1xx) response head has arrived.
 fn poll_head(
     conn: &mut H1Conn,
-    method: &Method,
-    wire: bool,
+    to: &Exchange<'_>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<response::Head, Attempt>> {
     let mut reply_began = !conn.buf.is_empty();
     loop {
         let failed = |error| Attempt { error, reply_began };
-        match response::parse_head(&mut conn.buf, method, wire) {
-            // Upgrades never come this way (they go through hyper's client).
+        match response::parse_head(&mut conn.buf, to.method, to.wire) {
+            Ok(Some(head))
+                if head.response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                    && to.upgrade =>
+            {
+                return Poll::Ready(Ok(head));
+            }
             Ok(Some(head)) if head.response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
                 return Poll::Ready(Err(failed(H1Error::Invalid(
                     "101 Switching Protocols without an upgrade request",
@@ -232,11 +271,11 @@ fn poll_head(
     }
 }
 
-/// The most recently used idle connection to `addr` that is still open.
-fn checkout(addr: SocketAddr) -> Option<Box<H1Conn>> {
+/// The most recently used idle connection to `origin` that is still open.
+fn checkout(origin: Origin) -> Option<Box<H1Conn>> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&origin)?;
         while let Some(Idle { mut conn, .. }) = list.pop() {
             if conn.still_open() {
                 return Some(conn);
@@ -246,25 +285,35 @@ fn checkout(addr: SocketAddr) -> Option<Box<H1Conn>> {
     })
 }
 
-async fn connect(addr: SocketAddr, proxy: &ProxyConfig) -> Result<Box<H1Conn>, H1Error> {
-    let io = tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| {
-            H1Error::Connect(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no connection within {:?}", proxy.connect_timeout),
-            ))
-        })?
-        .map_err(H1Error::Connect)?;
-    io.set_nodelay(true).map_err(H1Error::Connect)?;
-    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-    socket2::SockRef::from(&io)
-        .set_tcp_keepalive(&keepalive)
-        .map_err(H1Error::Connect)?;
+/// A new connection: TCP, and the TLS handshake for `https://` targets,
+/// both within `connect_timeout`.
+async fn connect(to: &Exchange<'_>, origin: Origin) -> Result<Box<H1Conn>, H1Error> {
+    let timeout = to.proxy.connect_timeout;
+    let made = tokio::time::timeout(timeout, async {
+        let tcp = TcpStream::connect(to.addr)
+            .await
+            .map_err(H1Error::Connect)?;
+        tcp.set_nodelay(true).map_err(H1Error::Connect)?;
+        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+        socket2::SockRef::from(&tcp)
+            .set_tcp_keepalive(&keepalive)
+            .map_err(H1Error::Connect)?;
+        match to.tls {
+            None => Ok(UpstreamIo::Plain(tcp)),
+            Some(tls) => tls.handshake(tcp).await.map_err(H1Error::Tls),
+        }
+    })
+    .await
+    .map_err(|_| {
+        H1Error::Connect(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {timeout:?}"),
+        ))
+    })??;
     Ok(Box::new(H1Conn {
-        io,
+        io: made,
         buf: BytesMut::new(),
-        addr,
+        origin,
     }))
 }
 
@@ -281,7 +330,7 @@ const IDLE_TICKS: u32 = 4;
 thread_local! {
     /// Keyed by target address with FxHash: the keys are the operator's
     /// targets, not client input, and SipHash cost 1% of a request.
-    static IDLE: RefCell<FxHashMap<SocketAddr, Vec<Idle>>> = RefCell::new(FxHashMap::default());
+    static IDLE: RefCell<FxHashMap<Origin, Vec<Idle>>> = RefCell::new(FxHashMap::default());
     static TICK: Cell<u32> = const { Cell::new(0) };
     /// Per target; 0 (no pooling) on a thread that did not start a pool.
     static MAX_IDLE: Cell<usize> = const { Cell::new(0) };

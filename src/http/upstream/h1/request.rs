@@ -9,7 +9,6 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes};
 use http_body::Body;
 use tokio::io::AsyncWrite;
-use tokio::net::TcpStream;
 
 use super::H1Error;
 use crate::http::body::{RequestBody, RequestBodyError};
@@ -114,13 +113,16 @@ impl RequestWriter {
     /// Ready once the whole request has been written.
     pub(super) fn poll_write(
         &mut self,
-        io: &mut TcpStream,
+        io: &mut (impl AsyncWrite + Unpin),
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), H1Error>> {
         loop {
             self.gather(cx)?;
             let head = &self.head[self.head_sent..];
             if head.is_empty() && self.pending.is_empty() {
+                // TLS keeps what the socket would not take yet; it must
+                // not wait there for more body or the response.
+                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(H1Error::Io)?;
                 return match (&self.body, self.remaining) {
                     (Some(_), _) => Poll::Pending,
                     (None, Some(1..)) => {
@@ -169,7 +171,7 @@ mod tests {
 
     use hyper::body::Incoming;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
     use crate::http::body::ClientBody;

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use tokio::net::TcpStream;
+use tokio::io::AsyncRead;
 
 use super::request::RequestWriter;
 use super::{H1Conn, H1Error};
@@ -37,7 +37,7 @@ enum Framing {
 
 /// Reads into `buf` from `io`; `Ok(0)` is the end of the stream.
 pub(super) fn poll_read_more(
-    io: &mut TcpStream,
+    io: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<usize>> {
@@ -99,8 +99,10 @@ pub(super) fn parse_head(
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
-    if let Some((mut lines, persistence)) =
-        wire.then(|| scan_lines(buf, len, parsed.headers)).flatten()
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    if let Some((mut lines, persistence)) = (wire && !switching)
+        .then(|| scan_lines(buf, len, parsed.headers))
+        .flatten()
     {
         lines.head = buf.split_to(len).freeze();
         let framing = if bodiless(status, method) {
@@ -125,7 +127,9 @@ pub(super) fn parse_head(
     // after framing has read it), or a Connection naming fields, is
     // removed by the full rules (`headers::strip_hop_by_hop`).
     let mut persistence = Persistence::default();
-    let mut ordinary = true;
+    // A 101's Upgrade and Connection go to the client as the upgrade
+    // rules say (`proxy::respond`).
+    let mut ordinary = !switching;
     for (name, range) in &fields {
         match hop(name.as_str().as_bytes()) {
             Hop::Connection => ordinary &= persistence.read(&head[range.clone()]),
@@ -141,7 +145,7 @@ pub(super) fn parse_head(
         .ok_or(H1Error::Invalid("malformed header value"))?;
 
     let framing = framing(status, method, &mut headers)?;
-    if !ordinary {
+    if !ordinary && !switching {
         headers::strip_hop_by_hop(&mut headers, false);
     }
     *response.headers_mut() = headers;
@@ -363,6 +367,23 @@ impl H1Body {
         body
     }
 
+    /// A `101` to an upgrade request: no body; the connection is the
+    /// tunnel's ([`H1Body::upgraded`]), never pooled.
+    pub(super) fn switched(conn: Box<H1Conn>) -> H1Body {
+        H1Body {
+            conn: Some(conn),
+            lines: None,
+            framing: Framing::Done,
+            keep_alive: false,
+            writer: None,
+        }
+    }
+
+    /// The connection of a `101` response, to relay bytes on.
+    pub fn upgraded(mut self) -> Option<super::Upgraded> {
+        self.conn.take().map(super::Upgraded)
+    }
+
     /// The body has ended: the connection is reusable when the target allows
     /// it and nothing more arrived. A request body still going out (the
     /// target answered before reading it all) is finished first, apart from
@@ -408,7 +429,7 @@ impl H1Body {
                 Poll::Ready(Ok(())) => self.writer = None,
                 Poll::Ready(Err(e @ H1Error::Body(_))) => return Err(e),
                 Poll::Ready(Err(e)) => {
-                    tracing::debug!(target = %conn.addr, error = %e, "request body not sent whole");
+                    tracing::debug!(target = %conn.origin.addr, error = %e, "request body not sent whole");
                     self.keep_alive = false;
                     self.writer = None;
                 }
@@ -516,10 +537,10 @@ async fn finish_request(mut conn: Box<H1Conn>, mut writer: Box<RequestWriter>) {
     match sent {
         Ok(Ok(())) => conn.release(),
         Ok(Err(e)) => {
-            tracing::debug!(target = %conn.addr, error = %e, "request body not sent whole after its response");
+            tracing::debug!(target = %conn.origin.addr, error = %e, "request body not sent whole after its response");
         }
         Err(_) => {
-            tracing::debug!(target = %conn.addr, "request body still not sent after its response; closing");
+            tracing::debug!(target = %conn.origin.addr, "request body still not sent after its response; closing");
         }
     }
 }
