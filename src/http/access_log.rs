@@ -3,11 +3,15 @@
 //! (`telemetry::access_line`): rendered into the worker's buffer, written
 //! off the request path.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
-use http::HeaderValue;
+use http::{HeaderValue, Method, Uri};
 
 use super::error::{ErrorSource, GatewayError};
+use super::router::Route;
+use crate::identity::Identity;
 use crate::metrics::RouteMetrics;
 use crate::telemetry;
 use crate::transport::ConnState;
@@ -58,4 +62,70 @@ pub(super) fn record(p: &Entry<'_>, status: u16, error: Option<&GatewayError>, s
             }
         }
     });
+}
+
+/// A request whose response body is still coming from its target when its
+/// head goes to the client: it is logged and counted when the body ends, so
+/// a body that breaks off counts as the target's failure (502), not as the
+/// status the client was sent.
+pub(crate) struct Unfinished {
+    pub start: Instant,
+    pub conn: Arc<ConnState>,
+    pub route: Arc<Route>,
+    pub request_id: HeaderValue,
+    pub method: Method,
+    /// `None` while the log is off.
+    pub uri: Option<Uri>,
+    pub identity: Option<Arc<Identity>>,
+    pub status: u16,
+}
+
+/// How a streamed response body ended.
+pub(crate) enum BodyEnd<'a> {
+    Whole,
+    /// The client went away, or its own request body failed, first.
+    Client,
+    /// The target broke it off (reset, short, stalled).
+    Target {
+        target: SocketAddr,
+        error: &'a dyn std::error::Error,
+    },
+}
+
+impl Unfinished {
+    pub(crate) fn finish(self, end: BodyEnd<'_>) {
+        let failure = match end {
+            BodyEnd::Whole | BodyEnd::Client => None,
+            BodyEnd::Target { target, error } => Some(GatewayError::UpstreamProtocol {
+                target: target.to_string(),
+                detail: format!(
+                    "response body broke off after a {} head: {}",
+                    self.status,
+                    super::proxy::error_chain(error)
+                ),
+            }),
+        };
+        let status = if failure.is_some() { 502 } else { self.status };
+        if let (Some(failure), None) = (&failure, &self.uri) {
+            // The access log is off; a target's failure is still told.
+            tracing::warn!(route = %self.route.name, request_id = self.request_id.to_str().unwrap_or("-"),
+                error = %failure, "request failed");
+        }
+        record(
+            &Entry {
+                start: self.start,
+                conn: Some(&self.conn),
+                route: &self.route.name,
+                metrics: &self.route.metrics,
+                request_id: &self.request_id,
+                method: self.method.as_str(),
+                path: self.uri.as_ref().map(Uri::path),
+            },
+            status,
+            failure.as_ref(),
+            self.identity
+                .as_ref()
+                .map_or("-", |who| who.subject.as_str()),
+        );
+    }
 }

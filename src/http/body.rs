@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::access_log::{BodyEnd, Unfinished};
 use super::proxy::Tunnel;
 use super::upstream::{H1Error, InflightGuard, UpstreamBody};
 use super::wire::ResponseLines;
@@ -29,6 +30,8 @@ enum Kind {
         /// Keeps the target's in-flight count until the body is done or dropped.
         inflight: InflightGuard,
         stall: StallWatch,
+        /// The request's log line and count, made when the body ends.
+        unfinished: Option<Box<Unfinished>>,
     },
     Full(Option<Bytes>),
     /// A `101` response: no body, the target's side of the new protocol.
@@ -99,7 +102,41 @@ impl ProxyBody {
                     timer: None,
                     armed: false,
                 },
+                unfinished: None,
             },
+        }
+    }
+
+    /// Whether this is a target's body still streaming.
+    pub(crate) fn streams_from_target(&self) -> bool {
+        matches!(&self.kind, Kind::Upstream { body, .. } if !body.is_end_stream())
+    }
+
+    /// Has the request logged and counted when this target's body ends.
+    pub(crate) fn finish_at_end(&mut self, request: Box<Unfinished>) {
+        if let Kind::Upstream { unfinished, .. } = &mut self.kind {
+            *unfinished = Some(request);
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Kind::Upstream {
+            body,
+            inflight,
+            unfinished: unfinished @ Some(_),
+            ..
+        } = &mut self.kind
+        {
+            let request = unfinished.take().expect("matched Some");
+            // A server may stop polling once the body says it has ended.
+            if body.is_end_stream() {
+                inflight.counted().succeeded();
+                request.finish(BodyEnd::Whole);
+            } else {
+                request.finish(BodyEnd::Client);
+            }
         }
     }
 }
@@ -132,6 +169,22 @@ impl StallWatch {
     }
 }
 
+/// A target's body broke off: its failure, counted against it, and the
+/// request logged and counted as failed.
+fn target_failed(
+    inflight: &InflightGuard,
+    unfinished: &mut Option<Box<Unfinished>>,
+    error: &(dyn std::error::Error + 'static),
+) {
+    inflight.counted().body_failed();
+    if let Some(request) = unfinished.take() {
+        request.finish(BodyEnd::Target {
+            target: inflight.target(),
+            error,
+        });
+    }
+}
+
 /// A target that went quiet mid-body.
 #[derive(Debug, thiserror::Error)]
 #[error("the target sent nothing for {}s within the response body", .0.as_secs_f64())]
@@ -150,26 +203,34 @@ impl Body for ProxyBody {
                 body,
                 inflight,
                 stall,
+                unfinished,
             } => match Pin::new(body).poll_frame(cx) {
                 Poll::Pending if stall.expired(cx) => {
                     let error = BodyStalled(stall.limit);
-                    inflight.counted().body_failed(&error);
+                    target_failed(inflight, unfinished, &error);
                     Poll::Ready(Some(Err(error.into())))
                 }
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Some(Err(error))) => {
                     // The client's own body failing (still going out while
                     // the answer streams) is not the target's fault.
-                    if !error
+                    if error
                         .downcast_ref::<H1Error>()
                         .is_some_and(|e| matches!(e, H1Error::Body(_)))
                     {
-                        inflight.counted().body_failed(&*error);
+                        if let Some(request) = unfinished.take() {
+                            request.finish(BodyEnd::Client);
+                        }
+                    } else {
+                        target_failed(inflight, unfinished, &*error);
                     }
                     Poll::Ready(Some(Err(error)))
                 }
                 Poll::Ready(None) => {
                     inflight.counted().succeeded();
+                    if let Some(request) = unfinished.take() {
+                        request.finish(BodyEnd::Whole);
+                    }
                     Poll::Ready(None)
                 }
                 ready => {

@@ -27,7 +27,7 @@ use http::header::{self, HeaderValue};
 use http::{Response, Version};
 use tokio::time::Sleep;
 
-use super::access_log::{self, Entry};
+use super::access_log::{self, Entry, Unfinished};
 use super::auth::{self, Step, TokenMemo};
 use super::authz::{self, ANONYMOUS};
 use super::body::{ClientBody, ProxyBody};
@@ -252,31 +252,47 @@ impl Pipeline {
             Ok(resp) => (resp, None),
             Err(e) => (e.to_response(&request_id), Some(e)),
         };
-        let (route, metrics) = match (&outcome.route, &outcome.endpoint) {
-            (Some(r), _) => (&*r.name, &r.metrics),
-            (None, Some(server)) => ("oauth", &server.metrics),
-            (None, None) => ("-", &self.unmatched),
-        };
-        access_log::record(
-            &Entry {
+        // A target's body still streaming: logged and counted at its end.
+        let resp_status = resp.status().as_u16();
+        let log_on = self.access_log.load(Ordering::Relaxed);
+        let deferred =
+            error.is_none() && outcome.route.is_some() && resp.body().streams_from_target();
+        if deferred && let Some(route) = outcome.route.take() {
+            resp.body_mut().finish_at_end(Box::new(Unfinished {
                 start,
-                conn: Some(conn),
+                conn: conn.clone(),
                 route,
-                metrics,
-                request_id: &request_id,
-                method: head.method.as_str(),
-                path: self
-                    .access_log
-                    .load(Ordering::Relaxed)
-                    .then(|| head.uri.path()),
-            },
-            resp.status().as_u16(),
-            error.as_ref(),
-            outcome
-                .identity
-                .as_ref()
-                .map_or("-", |who| who.subject.as_str()),
-        );
+                request_id: request_id.clone(),
+                method: head.method.clone(),
+                uri: log_on.then(|| head.uri.clone()),
+                identity: outcome.identity.take(),
+                status: resp_status,
+            }));
+        }
+        if !deferred {
+            let (route, metrics) = match (&outcome.route, &outcome.endpoint) {
+                (Some(r), _) => (&*r.name, &r.metrics),
+                (None, Some(server)) => ("oauth", &server.metrics),
+                (None, None) => ("-", &self.unmatched),
+            };
+            access_log::record(
+                &Entry {
+                    start,
+                    conn: Some(conn),
+                    route,
+                    metrics,
+                    request_id: &request_id,
+                    method: head.method.as_str(),
+                    path: log_on.then(|| head.uri.path()),
+                },
+                resp_status,
+                error.as_ref(),
+                outcome
+                    .identity
+                    .as_ref()
+                    .map_or("-", |who| who.subject.as_str()),
+            );
+        }
         match resp.body_mut().response_lines_mut() {
             Some(lines) => lines.request_id = Some(request_id),
             None => {

@@ -335,4 +335,89 @@ async fn a_body_cut_short_by_the_target_counts_against_it() {
         1.0,
         "{m}"
     );
+    for (class, count) in [("2xx", 0.0), ("5xx", 2.0)] {
+        let name = format!(
+            "tollgate_http_requests_total{{class=\"{class}\",listener=\"sidecar\",route=\"r\"}}"
+        );
+        assert_eq!(metric(&m, &name), count, "{class}: {m}");
+    }
+}
+
+/// The access line of a request whose body streams from its target is
+/// written when the body ends: 502 with the reason when the target cut it
+/// short, the status sent when it came whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_is_logged_when_it_ends() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+                    .await
+                    .unwrap_or(0);
+                let whole = buf[..n].starts_with(b"GET /whole");
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")
+                    .await;
+                if whole {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = s.write_all(b"world").await;
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    let yaml = upstream_yaml(&[addr], "      retries: 0\n")
+        .replace("access_log: false", "access_log: true")
+        + "reload: { watch: false }\n";
+    std::fs::write(&file, yaml).unwrap();
+    let (mut child, gw, logs) = run_binary(&file);
+    let mut ids = Vec::new();
+    for path in ["/whole", "/short"] {
+        let raw = format!("GET {path} HTTP/1.1\r\nhost: gw.test\r\nconnection: close\r\n\r\n");
+        let text = exchange_raw(gw, raw.as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let id = text
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .expect("a request id")
+            .to_owned();
+        ids.push(id);
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let logs = logs.join().unwrap();
+    let line = |id: &str| -> serde_json::Value {
+        let found: Vec<_> = logs
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["request_id"] == id)
+            .collect();
+        assert_eq!(found.len(), 1, "one line for {id}: {logs:#?}");
+        found.into_iter().next().unwrap()
+    };
+    let whole = line(&ids[0]);
+    assert_eq!(whole["status"], 200, "{whole}");
+    assert!(
+        whole["latency_ms"].as_f64().unwrap() >= 50.0,
+        "timed to the body's end: {whole}"
+    );
+    let short = line(&ids[1]);
+    assert_eq!(short["status"], 502, "{short}");
+    assert_eq!(short["error"], "upstream_error", "{short}");
+    assert!(
+        short["detail"]
+            .as_str()
+            .unwrap()
+            .contains("broke off after a 200 head"),
+        "{short}"
+    );
 }

@@ -325,14 +325,12 @@ impl Target {
     }
 
     /// A response body from this target broke off (reset, short, stalled):
-    /// the target's fault, logged and counted as such.
-    pub fn body_failed(&self, error: &dyn std::error::Error) {
+    /// the target's fault, counted as such (the request's log line says why).
+    pub fn body_failed(&self) {
         let Some(pool) = self.pool.upgrade() else {
             return;
         };
         pool.metrics.upstream_protocol.inc();
-        tracing::warn!(route = %pool.route, target = %self.addr, error = %crate::http::error_chain(error),
-            "upstream response body broke off; the client got a truncated response");
         pool.report_failure(self);
     }
 }
