@@ -107,9 +107,9 @@ impl ProxyBody {
         }
     }
 
-    /// Whether this is a target's body still streaming.
+    /// Whether this is a target's body still coming (not all in hand).
     pub(crate) fn streams_from_target(&self) -> bool {
-        matches!(&self.kind, Kind::Upstream { body, .. } if !body.is_end_stream())
+        matches!(&self.kind, Kind::Upstream { body, .. } if !body.arrived())
     }
 
     /// Has the request logged and counted when this target's body ends.

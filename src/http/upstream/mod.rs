@@ -69,6 +69,14 @@ pub enum UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// Whether the whole body is in hand: it can no longer break off.
+    pub fn arrived(&self) -> bool {
+        match self {
+            UpstreamBody::H1(body) => body.arrived(),
+            UpstreamBody::Hyper(body) => http_body::Body::is_end_stream(body),
+        }
+    }
+
     /// The target's fields as they came, when our client kept them.
     pub fn lines(&self) -> Option<&crate::http::wire::ResponseLines> {
         match self {

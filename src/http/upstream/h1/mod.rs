@@ -95,7 +95,18 @@ impl H1Conn {
     /// TLS records that carry no data (session tickets) do not count.
     fn still_open(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        response::poll_read_more(&mut self.io, &mut self.buf, &mut cx).is_pending()
+        match &mut self.io {
+            UpstreamIo::Plain(tcp) => {
+                if tcp.poll_read_ready(&mut cx).is_pending() {
+                    return true;
+                }
+                let mut probe = [0u8; 1];
+                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            UpstreamIo::Tls(_) => {
+                response::poll_read_more(&mut self.io, &mut self.buf, &mut cx).is_pending()
+            }
+        }
     }
 }
 

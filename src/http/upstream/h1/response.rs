@@ -404,6 +404,16 @@ impl H1Body {
         }
     }
 
+    /// Whether the rest of the body has arrived already (so it can no
+    /// longer break off).
+    pub fn arrived(&self) -> bool {
+        match (self.framing, &self.conn) {
+            (Framing::Done, _) => true,
+            (Framing::Length(left), Some(conn)) => conn.buf.len() as u64 >= left,
+            _ => false,
+        }
+    }
+
     /// The target's fields as they came, when its response head kept them.
     pub fn lines(&self) -> Option<&wire::ResponseLines> {
         self.lines.as_deref()
