@@ -14,6 +14,32 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 
+/// A target of raw bytes: `answer` gets each connection after its first
+/// read, with what that read brought.
+async fn raw_target<F, Fut>(answer: F) -> std::net::SocketAddr
+where
+    F: Fn(TcpStream, Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+                    .await
+                    .unwrap_or(0);
+                buf.truncate(n);
+                answer(s, buf).await;
+            });
+        }
+    });
+    addr
+}
+
 fn upstream_yaml(targets: &[std::net::SocketAddr], extra: &str) -> String {
     let targets: Vec<String> = targets.iter().map(|a| format!("http://{a}")).collect();
     config_with_routes(&format!(
@@ -291,22 +317,12 @@ async fn one_http2_connection_holds_a_bounded_number_of_upstream_requests() {
 /// towards its ejection, not as a success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_cut_short_by_the_target_counts_against_it() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
-                    .await;
-            });
-        }
-    });
+    let addr = raw_target(|mut s, _| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+            .await;
+    })
+    .await;
     let gw = TestGateway::start(&upstream_yaml(
         &[addr],
         "      retries: 0\n      passive_health: { consecutive_failures: 2, max_ejected_percent: 100 }\n",
@@ -348,29 +364,16 @@ async fn a_body_cut_short_by_the_target_counts_against_it() {
 /// short, the status sent when it came whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_body_is_logged_when_it_ends() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
-                    .await
-                    .unwrap_or(0);
-                let whole = buf[..n].starts_with(b"GET /whole");
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")
-                    .await;
-                if whole {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    let _ = s.write_all(b"world").await;
-                }
-            });
+    let addr = raw_target(|mut s, request| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")
+            .await;
+        if request.starts_with(b"GET /whole") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = s.write_all(b"world").await;
         }
-    });
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gateway.yaml");
     let yaml = upstream_yaml(&[addr], "      retries: 0\n")

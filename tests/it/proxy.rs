@@ -461,19 +461,7 @@ async fn websocket_upgrade_passes_through() {
     for gone in ["upgrade", "http2-settings", "connection"] {
         assert!(seen["headers"].get(gone).is_none(), "{gone}: {seen}");
     }
-    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws/echo", gw.addr()))
-        .await
-        .expect("websocket handshake through the gateway");
-    assert_eq!(resp.status(), 101);
-    for i in 0..5 {
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(reply, Message::text(format!("hello {i}")));
-    }
+    let mut ws = websocket_echoes(&format!("ws://{}/ws/echo", gw.addr()), 5).await;
     let big = vec![7u8; 1 << 20];
     ws.send(Message::binary(big.clone())).await.unwrap();
     let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())

@@ -460,3 +460,27 @@ pub async fn h2_send(
 ) -> TestResponse {
     answer(conn.send_request(req)).await
 }
+
+/// Opens a WebSocket to `url` through the gateway and checks that `count`
+/// text messages come back as sent (the target echoes).
+pub async fn websocket_echoes(
+    url: &str,
+    count: usize,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket handshake through the gateway");
+    assert_eq!(resp.status(), 101);
+    for i in 0..count {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("an echo within 5s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, Message::text(format!("hello {i}")));
+    }
+    ws
+}

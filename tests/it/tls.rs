@@ -847,19 +847,7 @@ async fn https_target_keeps_connections_carries_bodies_and_upgrades() {
             .all(|(i, c)| c.iter().all(|b| *b == i as u8))
     );
 
-    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr()))
-        .await
-        .expect("websocket handshake through the gateway to an https target");
-    assert_eq!(resp.status(), 101);
-    for i in 0..3 {
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(reply, Message::text(format!("hello {i}")));
-    }
+    let mut ws = websocket_echoes(&format!("ws://{}/ws", gw.addr()), 3).await;
     ws.close(None).await.unwrap();
     task.abort();
 }
