@@ -730,7 +730,6 @@ async fn https_upstreams() {
 async fn https_target_keeps_connections_carries_bodies_and_upgrades() {
     use futures_util::{SinkExt, StreamExt};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio_tungstenite::tungstenite::Message;
 
     let ca = TestCa::new("Upstream");
     let server = ca.server("upstream", "bar.internal");
