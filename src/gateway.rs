@@ -546,6 +546,7 @@ impl Gateway {
             "listeners": listeners,
             "routes": { "total": cfg.routes.len(), "from_file": file_routes, "from_api": cfg.routes.len().saturating_sub(file_routes), "not_served": inner.skipped_routes.load().len() },
             "oauth_clients": inner.oauth.server.load().as_ref().map(|s| s.clients.len()),
+            "store": inner.oauth.sync.status(),
         })
     }
 
@@ -625,12 +626,59 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => return self.rejected(e),
         };
+        if let Err(why) = self.keeps_routes(path, &file) {
+            return self.rejected(ConfigErrors::new(path, vec![why]));
+        }
         // Listener certificates follow their files (they are also watched);
         // a reload reads them too. Admin route changes need not.
         for tls in &inner.tls_listeners {
             let _ = tls.reload();
         }
-        self.apply(file, path).await
+        let applied = self.apply(file, path).await?;
+        // An unchanged file applied nothing: the store is read again all
+        // the same (a change the CLI made may not have come through).
+        if applied == Reloaded::Unchanged
+            && let Err(why) = inner.oauth.clone().reapply().await
+        {
+            return self.rejected(ConfigErrors::new(
+                path,
+                vec![crate::config::ConfigError {
+                    path: "store.path".into(),
+                    message: why,
+                }],
+            ));
+        }
+        Ok(applied)
+    }
+
+    /// A reloaded file may not take every route away by accident: an empty
+    /// or comments-only file is refused (it is what a truncating save
+    /// leaves for a moment), and so is one with no routes where the running
+    /// file had some, unless it sets `reload.allow_no_routes`.
+    fn keeps_routes(
+        &self,
+        path: &std::path::Path,
+        file: &Config,
+    ) -> Result<(), crate::config::ConfigError> {
+        let running = self.inner.file_config.load().routes.len();
+        if config::is_empty_document(path) {
+            return Err(crate::config::ConfigError {
+                path: String::new(),
+                message: format!(
+                    "the file is empty (or only comments); it would remove the {running} running route(s). \
+                     To run without routes, write `routes: []` with `reload: {{ allow_no_routes: true }}`"
+                ),
+            });
+        }
+        if file.routes.is_empty() && running > 0 && !file.reload.allow_no_routes {
+            return Err(crate::config::ConfigError {
+                path: "routes".into(),
+                message: format!(
+                    "no routes, where the running file has {running}; set reload.allow_no_routes: true to remove them all"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The routes registered through the admin API changed: the running
@@ -837,10 +885,13 @@ impl Gateway {
                     _ = stop.cancelled() => return,
                     change = watch.changes.recv() => if change.is_none() { return },
                 }
-                // Let a burst of writes (editor save, ConfigMap swap) settle.
+                // Let a burst of writes (editor save, ConfigMap swap) settle,
+                // then wait until the file has stopped changing: a file still
+                // being written is not read.
                 tokio::time::sleep(settings.debounce).await;
+                settled(&path, settings.debounce).await;
                 while watch.changes.try_recv().is_ok() {}
-                tracing::info!(file = %path.display(), "config file changed; reloading");
+                tracing::debug!(file = %path.display(), "config file changed; reloading");
                 let _ = gateway.reload().await;
             }
         });
@@ -879,6 +930,27 @@ impl Gateway {
         let _ = tokio::time::timeout(Duration::from_secs(2), workers.recv()).await;
         tracing::info!(drained = done, "shutdown complete");
         done
+    }
+}
+
+/// Waits until `path`'s size and modification time hold still for a
+/// quarter of `debounce` (at least 25 ms), for at most ten times `debounce`.
+async fn settled(path: &std::path::Path, debounce: Duration) {
+    let look = || {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let step = (debounce / 4).max(Duration::from_millis(25));
+    let give_up = tokio::time::Instant::now() + debounce * 10;
+    let mut seen = look();
+    while tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(step).await;
+        let now = look();
+        if now == seen {
+            return;
+        }
+        seen = now;
     }
 }
 

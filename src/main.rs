@@ -535,9 +535,14 @@ fn run(path: PathBuf) -> ExitCode {
             }
         };
         signals.run(&gateway).await;
-        gateway.drained().await;
+        let drained = gateway.drained().await;
         tollgate::telemetry::finish_access_log();
-        ExitCode::SUCCESS
+        // Connections cut off at the deadline are a failure to report.
+        if drained {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
     })
 }
 
@@ -571,12 +576,15 @@ impl Signals {
         }
         gateway.shutdown();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = self.term.recv() => {}
-                _ = self.int.recv() => {}
-            }
+            // 128 + the signal's number, as a shell reports a process the
+            // signal killed.
+            let code = tokio::select! {
+                _ = self.term.recv() => 128 + 15,
+                _ = self.int.recv() => 128 + 2,
+            };
             tracing::warn!("second shutdown signal: exiting without waiting for the drain");
-            std::process::exit(130);
+            tollgate::telemetry::finish_access_log();
+            std::process::exit(code);
         });
     }
 }

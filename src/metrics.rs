@@ -30,6 +30,10 @@ pub struct Metrics {
     pub oauth_tokens_issued: IntCounterVec,
     pub oauth_client_auth_failures: IntCounterVec,
     pub tls_cert_expiry: IntGaugeVec,
+    /// The store's generation as last read (`stored`) and as served (`applied`).
+    pub store_generation: IntGaugeVec,
+    /// 1 while what the gateway serves is what the store holds.
+    pub store_in_sync: IntGauge,
 }
 
 /// Latency buckets from 0.5 ms to 30 s.
@@ -77,7 +81,7 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "tollgate_http_request_duration_seconds",
-                        "Time from request head to response head, by route",
+                        "Time from request head to the response's end (its head when the whole body came with it), by route",
                     )
                     .buckets(LATENCY_BUCKETS.to_vec()),
                     &["route"],
@@ -163,6 +167,19 @@ impl Metrics {
                 "tollgate_tls_cert_expiry_seconds",
                 "Seconds until a served certificate or trusted client CA expires (negative once expired)",
                 &["listener", "cert", "subject"],
+            ),
+            store_generation: gauge(
+                "tollgate_store_generation",
+                "Write transactions the store has committed: as last read (stored) and as the gateway serves (applied)",
+                &["state"],
+            ),
+            store_in_sync: reg(
+                &registry,
+                IntGauge::new(
+                    "tollgate_store_in_sync",
+                    "1 while the gateway serves what the store holds; 0 while a change waits to be applied",
+                )
+                .expect("valid metric"),
             ),
             registry,
         }

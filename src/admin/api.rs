@@ -73,11 +73,20 @@ fn not_found() -> Response<ProxyBody> {
     error(StatusCode::NOT_FOUND, "Not found")
 }
 
-fn internal(e: impl std::fmt::Display) -> Response<ProxyBody> {
-    tracing::error!(error = %e, "admin API request failed");
-    error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal error; see the gateway's log",
+/// The store could not be read or written (or what was written could not
+/// be applied): nothing was acknowledged, so the caller may retry. 507 when
+/// the disk is full, 503 otherwise, with the reason.
+fn store_failed(e: impl std::fmt::Display) -> Response<ProxyBody> {
+    let reason = e.to_string();
+    tracing::error!(error = %reason, "admin API request failed on the store");
+    let status = if reason.contains("the disk is full") {
+        StatusCode::INSUFFICIENT_STORAGE
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(
+        status,
+        &json!({ "message": format!("the store cannot be used: {reason}"), "name": "store unavailable" }),
     )
 }
 
@@ -302,12 +311,12 @@ async fn write_routes(
     })
     .await;
     match result {
-        Err(e) => internal(e),
+        Err(e) => store_failed(e),
         Ok(Err(resp)) => resp,
         Ok(Ok((resp, None))) => resp,
         Ok(Ok((resp, Some((name, before))))) => {
             if let Err(e) = gw.routes_changed().await {
-                return internal(e);
+                return store_failed(e);
             }
             // Files the route names (an upstream CA, a client key) are only
             // read when it is applied: a route left out is taken back.
@@ -325,7 +334,7 @@ async fn write_routes(
             })
             .await;
             if let Err(e) = undone.and(gw.routes_changed().await) {
-                return internal(e);
+                return store_failed(e);
             }
             json_response(
                 StatusCode::BAD_REQUEST,
@@ -528,11 +537,11 @@ async fn delete_route(gw: &Gateway, name: &str, origin: Option<Origin>) -> Respo
     .await;
     drop(_one);
     match removed {
-        Err(e) => internal(e),
+        Err(e) => store_failed(e),
         Ok(false) => not_found(),
         Ok(true) => match gw.routes_changed().await {
             Ok(()) => no_content(),
-            Err(e) => internal(e),
+            Err(e) => store_failed(e),
         },
     }
 }
@@ -544,7 +553,7 @@ async fn stored_routes(gw: &Gateway) -> Result<Vec<ApiRoute>, Response<ProxyBody
         Some(store) => dynamic::api_routes(&store),
     })
     .await
-    .map_err(internal)
+    .map_err(store_failed)
 }
 
 async fn list_kong(gw: &Gateway, origin: Origin) -> Response<ProxyBody> {
@@ -635,7 +644,7 @@ async fn services(gw: &Gateway) -> Result<Vec<KongService>, Response<ProxyBody>>
         Some(store) => dynamic::kong_services(&store),
     })
     .await
-    .map_err(internal)
+    .map_err(store_failed)
 }
 
 async fn list_services(gw: &Gateway) -> Response<ProxyBody> {
@@ -735,11 +744,11 @@ async fn put_service(gw: &Gateway, name: Option<&str>, doc: Value) -> Response<P
     .await;
     drop(_one);
     match result {
-        Err(e) => internal(e),
+        Err(e) => store_failed(e),
         Ok(Err(resp)) => resp,
         Ok(Ok((resp, routes_moved))) => {
             if routes_moved && let Err(e) = gw.routes_changed().await {
-                return internal(e);
+                return store_failed(e);
             }
             resp
         }
@@ -774,7 +783,7 @@ async fn delete_service(gw: &Gateway, name: &str) -> Response<ProxyBody> {
     })
     .await;
     match result {
-        Err(e) => internal(e),
+        Err(e) => store_failed(e),
         Ok(Err(r)) => r,
         Ok(Ok(())) => no_content(),
     }

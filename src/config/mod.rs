@@ -83,6 +83,21 @@ pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
     Ok(config)
 }
 
+/// Whether a config file holds no settings at all: empty, only comments,
+/// or an empty mapping (what an editor's truncating save leaves for a
+/// moment). Unreadable or malformed files are not empty: loading them
+/// says what is wrong.
+pub fn is_empty_document(file: &Path) -> bool {
+    match Figment::new()
+        .merge(Yaml::file_exact(file))
+        .extract::<serde_json::Value>()
+    {
+        Ok(serde_json::Value::Null) => true,
+        Ok(serde_json::Value::Object(m)) => m.is_empty(),
+        _ => false,
+    }
+}
+
 /// The semantic problems of a parsed config (what [`load`] rejects).
 pub fn problems(config: &Config) -> Vec<ConfigError> {
     validate::validate(config)

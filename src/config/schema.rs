@@ -1061,6 +1061,10 @@ pub struct ReloadConfig {
     /// Changes closer together than this are applied as one reload.
     #[serde(deserialize_with = "units::duration")]
     pub debounce: Duration,
+    /// A reload may leave the gateway with no routes from the file where the
+    /// running one had some. Off: such a file (a truncated save, a `>`
+    /// redirect) is refused and the running routes stay.
+    pub allow_no_routes: bool,
 }
 
 impl Default for ReloadConfig {
@@ -1068,6 +1072,7 @@ impl Default for ReloadConfig {
         ReloadConfig {
             watch: true,
             debounce: Duration::from_millis(200),
+            allow_no_routes: false,
         }
     }
 }

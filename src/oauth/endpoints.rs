@@ -541,6 +541,7 @@ impl OAuthServer {
             if let (Some(owner), Some(jti), Some(exp)) = (owner, jti, exp)
                 && owner == client.id
             {
+                // Refused on this node at once, whatever the store says.
                 self.revocations.revoke(jti, exp);
                 if let Some(store) = self.store.clone() {
                     // An fsync, and possibly a wait for the CLI's lock: not
@@ -548,9 +549,24 @@ impl OAuthServer {
                     let jti_owned = jti.to_owned();
                     let saved =
                         tokio::task::spawn_blocking(move || store.revoke(&jti_owned, exp)).await;
-                    if let Ok(Err(e)) = saved {
-                        // Revoked in memory on this node; say that it is not durable.
-                        tracing::error!(error = %e, "revocation not saved to the store");
+                    let failed = match saved {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    // A 200 means durable: without it the caller retries
+                    // (the revocation would not survive a restart).
+                    if let Some(why) = failed {
+                        tracing::error!(client = %client.id, jti, error = %why,
+                            "revocation not saved to the store; answered 503 so the caller retries");
+                        return Err(OAuthError {
+                            retry_after: Some(1),
+                            ..error(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "temporarily_unavailable",
+                                "the revocation could not be saved; try again",
+                            )
+                        });
                     }
                 }
                 tracing::info!(client = %client.id, jti, "token revoked");

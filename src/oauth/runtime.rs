@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use prometheus::IntCounterVec;
@@ -42,7 +43,113 @@ pub struct OAuthRuntime {
     apply_lock: Mutex<()>,
     /// Clients' JWK Set fetchers by (client, URL), kept across rebuilds.
     remote_keys: Mutex<HashMap<(String, String), Arc<RemoteJwks>>>,
+    pub sync: StoreSync,
 }
+
+/// Whether the token server serves what the store holds: the store's
+/// generation as last read and as loaded, and why a change waits.
+pub struct StoreSync {
+    applied: AtomicU64,
+    stored: AtomicU64,
+    /// Since when a store change waits to be applied, and why.
+    waiting: Mutex<Option<(SystemTime, String)>>,
+    metrics: Arc<Metrics>,
+}
+
+impl StoreSync {
+    fn new(metrics: Arc<Metrics>) -> StoreSync {
+        metrics.store_in_sync.set(1);
+        StoreSync {
+            applied: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            waiting: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    fn read(&self, stored: u64) {
+        self.stored.store(stored, Ordering::Relaxed);
+        self.metrics
+            .store_generation
+            .with_label_values(&["stored"])
+            .set(stored as i64);
+        self.publish();
+    }
+
+    /// The store was loaded whole as of `generation`.
+    fn loaded(&self, generation: u64) {
+        self.applied.store(generation, Ordering::Relaxed);
+        self.metrics
+            .store_generation
+            .with_label_values(&["applied"])
+            .set(generation as i64);
+        let waited = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((since, _)) = waited {
+            let waited_ms = since.elapsed().map_or(0, |d| d.as_millis() as u64);
+            tracing::info!(
+                generation,
+                waited_ms,
+                "store changes applied; the token server serves what the store holds"
+            );
+        }
+        self.read(generation.max(self.stored.load(Ordering::Relaxed)));
+    }
+
+    /// A re-read failed: the change waits (and is retried).
+    fn failed(&self, why: &str) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        match waiting.as_mut() {
+            Some((_, reason)) => *reason = why.to_owned(),
+            None => *waiting = Some((SystemTime::now(), why.to_owned())),
+        }
+        drop(waiting);
+        self.publish();
+    }
+
+    fn in_sync(&self) -> bool {
+        self.applied.load(Ordering::Relaxed) >= self.stored.load(Ordering::Relaxed)
+            && self
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+    }
+
+    fn publish(&self) {
+        self.metrics.store_in_sync.set(i64::from(self.in_sync()));
+    }
+
+    /// For `/admin/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        serde_json::json!({
+            "generation": {
+                "applied": self.applied.load(Ordering::Relaxed),
+                "stored": self.stored.load(Ordering::Relaxed),
+            },
+            "in_sync": self.in_sync(),
+            "waiting": waiting.map(|(since, error)| serde_json::json!({
+                "since": httpdate::fmt_http_date(since),
+                "error": error,
+            })),
+        })
+    }
+}
+
+/// Backoff between attempts to apply a store change that failed to load.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MOST: Duration = Duration::from_secs(30);
+/// How often the store's generation is compared with what is served, in
+/// case a change notification was missed.
+const GENERATION_CHECK: Duration = Duration::from_secs(30);
 
 /// Keys retired by rotation stay published this long past the longest token
 /// lifetime, for clock skew and caches.
@@ -59,6 +166,7 @@ impl OAuthRuntime {
             reapplied: tokio::sync::Notify::new(),
             remote_keys: Mutex::new(HashMap::new()),
             apply_lock: Mutex::new(()),
+            sync: StoreSync::new(metrics.clone()),
             issued: metrics.oauth_tokens_issued.clone(),
             auth_failures: metrics.oauth_client_auth_failures.clone(),
             metrics,
@@ -97,6 +205,10 @@ impl OAuthRuntime {
             }]
         };
         let store = self.open_store(cfg).map_err(|e| fail("store.path", e))?;
+        // Read first: what follows is at least this new.
+        let generation = store
+            .generation()
+            .map_err(|e| fail("store.path", e.to_string()))?;
         let stored: Vec<ClientRecord> = store
             .clients()
             .map_err(|e| fail("store.path", e.to_string()))?;
@@ -150,13 +262,25 @@ impl OAuthRuntime {
         let route_listeners: Vec<String> = cfg.listeners.iter().map(|l| l.name.clone()).collect();
         let ring = Arc::new(ring);
         self.self_keys.store(ring.verify.clone());
-        tracing::info!(
-            clients = clients.len(),
-            signing_kid = %ring.signing.kid,
-            published_keys = ring.published.len(),
-            listeners = ?listeners,
-            "token server ready"
-        );
+        // Told when what it serves changed; a re-read that found the same
+        // is not news.
+        let same = self.server.load().as_ref().is_some_and(|s| {
+            s.clients.len() == clients.len()
+                && s.keys.signing.kid == ring.signing.kid
+                && s.keys.published.len() == ring.published.len()
+                && s.listeners == listeners
+        });
+        if same {
+            tracing::debug!(clients = clients.len(), "token server re-read; unchanged");
+        } else {
+            tracing::info!(
+                clients = clients.len(),
+                signing_kid = %ring.signing.kid,
+                published_keys = ring.published.len(),
+                listeners = ?listeners,
+                "token server ready"
+            );
+        }
         self.server.store(Some(Arc::new(OAuthServer {
             issuer: oauth.issuer.clone(),
             clients,
@@ -172,6 +296,7 @@ impl OAuthRuntime {
             limiter: self.limiter(&oauth.client_auth_limit),
             replays: self.replays.clone(),
         })));
+        self.sync.loaded(generation);
         let previous = self
             .applied
             .lock()
@@ -231,6 +356,9 @@ impl OAuthRuntime {
         tokio::spawn(async move {
             let mut watched: Option<(PathBuf, ConfigWatch)> = None;
             let mut next_check = tokio::time::Instant::now();
+            let mut next_generation_check = tokio::time::Instant::now() + GENERATION_CHECK;
+            // A change that failed to load: when to try again, and the wait after.
+            let mut retry: Option<(tokio::time::Instant, Duration)> = None;
             loop {
                 let current = runtime.current();
                 let marker = current
@@ -248,7 +376,7 @@ impl OAuthRuntime {
                         Ok(w) => Some((m, w)),
                         Err(e) => {
                             tracing::warn!(store = %m.display(), error = %e,
-                                "cannot watch the store; clients and keys changed by the CLI apply on reload (SIGHUP)");
+                                "cannot watch the store; its changes apply within a minute, or on reload (SIGHUP)");
                             None
                         }
                     });
@@ -259,13 +387,20 @@ impl OAuthRuntime {
                         None => std::future::pending().await,
                     }
                 };
-                tokio::select! {
+                let retry_at = retry.map(|(at, _)| at);
+                let load = tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = runtime.reapplied.notified() => continue,
                     _ = tokio::time::sleep_until(next_check) => {
                         next_check = tokio::time::Instant::now() + every;
                         runtime.clone().keys_due().await;
+                        false
                     }
+                    _ = tokio::time::sleep_until(next_generation_check) => {
+                        next_generation_check = tokio::time::Instant::now() + GENERATION_CHECK;
+                        retry.is_none() && runtime.clone().store_moved_on().await
+                    }
+                    _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => true,
                     change = changed => {
                         if change.is_none() {
                             watched = None;
@@ -276,11 +411,50 @@ impl OAuthRuntime {
                             while w.changes.try_recv().is_ok() {}
                         }
                         tracing::debug!("store changed; reloading clients and keys");
-                        runtime.clone().reapply().await;
+                        true
                     }
+                };
+                if load {
+                    retry = match (runtime.clone().reapply().await, retry) {
+                        (Ok(()), _) => None,
+                        (Err(_), None) => {
+                            Some((tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST))
+                        }
+                        (Err(_), Some((_, wait))) => {
+                            let wait = (wait * 2).min(RETRY_MOST);
+                            Some((tokio::time::Instant::now() + wait, wait))
+                        }
+                    };
                 }
             }
         });
+    }
+
+    /// Whether the store holds changes the token server does not serve (its
+    /// generation is past what was loaded).
+    async fn store_moved_on(self: Arc<Self>) -> bool {
+        let Some((cfg, _)) = self.current() else {
+            return false;
+        };
+        let runtime = self.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            runtime
+                .open_store(&cfg)?
+                .generation()
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match read {
+            Ok(Ok(generation)) => {
+                self.sync.read(generation);
+                generation > self.sync.applied.load(Ordering::Relaxed)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot read the store's generation");
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     fn current(&self) -> Option<(Arc<Config>, Arc<Revocations>)> {
@@ -290,25 +464,35 @@ impl OAuthRuntime {
             .clone()
     }
 
-    /// Applies the current config again (reading the store afresh).
-    async fn reapply(self: Arc<Self>) {
+    /// Applies the current config again (reading the store afresh). A
+    /// failure leaves the running server as it was, is logged and counted
+    /// as a change waiting; the caller tries again.
+    pub async fn reapply(self: Arc<Self>) -> Result<(), String> {
         // Store access blocks (file lock, fsync): off the event loop. The
         // config is read under the lock, so a reload cannot be undone by an
         // older snapshot.
+        let runtime = self.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let _one = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-            match self.current() {
-                Some((cfg, revocations)) => self.apply_locked(&cfg, &revocations),
+            let _one = runtime.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+            match runtime.current() {
+                Some((cfg, revocations)) => runtime.apply_locked(&cfg, &revocations),
                 None => Ok(()),
             }
         })
         .await;
-        if let Ok(Err(errors)) = result {
-            for e in errors {
-                tracing::error!(key = %e.path, error = %e.message,
-                    "store changed but cannot be loaded; the token server keeps its clients and keys");
-            }
-        }
+        let why = match result {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(errors)) => errors
+                .iter()
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(error = %why,
+            "store changed but cannot be loaded; the token server keeps its clients and keys until it can (retrying)");
+        self.sync.failed(&why);
+        Err(why)
     }
 
     /// Rotates a signing key that is due, or drops published keys whose
@@ -348,7 +532,7 @@ impl OAuthRuntime {
             .iter()
             .any(|k| k.retire_at.is_some_and(|t| t <= now))
         {
-            self.reapply().await;
+            let _ = self.reapply().await;
         }
     }
 }

@@ -5,7 +5,9 @@
 //! The file is opened per operation, not held: redb locks it while open, and
 //! `tollgate clients add` must be able to write while the gateway runs. The
 //! gateway keeps what it serves from in memory and re-reads when the file
-//! changes. Every write transaction is durable (fsync) when it returns.
+//! changes. Every write transaction is durable (fsync) when it returns, and
+//! counts one more generation (`generation`), so a running gateway can tell
+//! whether what it serves is what the store holds.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,11 +24,16 @@ const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked_tokens
 pub const API_ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("api_routes");
 /// Kong >= 1.0 services registered through the admin API.
 pub const KONG_SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("kong_services");
+/// `generation`: how many write transactions the store has committed.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const GENERATION: &str = "generation";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {message}")]
     Io { path: PathBuf, message: String },
+    #[error("store {path}: the disk is full: {message}")]
+    Full { path: PathBuf, message: String },
     #[error("store {path}: a record of `{table}` cannot be read: {message}")]
     Corrupt {
         path: PathBuf,
@@ -53,6 +60,7 @@ pub struct Store {
 
 struct Open {
     db: Database,
+    opened: Instant,
     last_used: Instant,
 }
 
@@ -60,6 +68,12 @@ struct Open {
 /// closing a redb file costs two commits; a burst of admin API writes
 /// shares one open.
 const LINGER: Duration = Duration::from_millis(250);
+
+/// How long the file stays open at a stretch, however busy: then it is
+/// closed for [`YIELD`], so the CLI gets its turn while admin writes keep
+/// coming.
+const MAX_HOLD: Duration = Duration::from_secs(1);
+const YIELD: Duration = Duration::from_millis(100);
 
 /// How long an operation waits for the file while another process has it open.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -98,17 +112,36 @@ impl Store {
             path: path.to_owned(),
             open: Arc::new(Mutex::new(None)),
         };
-        store.write(|txn| {
+        // The tables, made once; not a change of what the store holds, so
+        // not a generation.
+        store.with_db(|db| {
             // The store holds signing keys and secret hashes: owner-only.
             restrict_permissions(path);
-            txn.open_table(CLIENTS)?;
-            txn.open_table(SIGNING_KEYS)?;
-            txn.open_table(REVOKED)?;
-            txn.open_table(API_ROUTES)?;
-            txn.open_table(KONG_SERVICES)?;
-            Ok(())
+            let made = || -> Result<(), DbError> {
+                let txn = db.begin_write()?;
+                txn.open_table(CLIENTS)?;
+                txn.open_table(SIGNING_KEYS)?;
+                txn.open_table(REVOKED)?;
+                txn.open_table(API_ROUTES)?;
+                txn.open_table(KONG_SERVICES)?;
+                txn.open_table(META)?;
+                txn.commit()?;
+                Ok(())
+            };
+            made().map_err(|e| store.io(e.0))
         })?;
         Ok(store)
+    }
+
+    /// How many write transactions the store has committed (0 for a store
+    /// written before generations were counted).
+    pub fn generation(&self) -> Result<u64, StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| self.io(e))?;
+            let t = txn.open_table(META).map_err(|e| self.io(e))?;
+            let generation = t.get(GENERATION).map_err(|e| self.io(e))?;
+            Ok(generation.map_or(0, |g| g.value()))
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -134,9 +167,18 @@ impl Store {
     }
 
     fn io(&self, e: impl std::fmt::Display) -> StoreError {
+        let message = e.to_string();
+        // ENOSPC, as the OS words it (redb keeps the io::Error only as text
+        // by the time it gets here).
+        if message.contains("(os error 28)") {
+            return StoreError::Full {
+                path: self.path.clone(),
+                message,
+            };
+        }
         StoreError::Io {
             path: self.path.clone(),
-            message: e.to_string(),
+            message,
         }
     }
 
@@ -145,6 +187,14 @@ impl Store {
         f: impl FnOnce(&Database) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open
+            .as_ref()
+            .is_some_and(|o| o.opened.elapsed() >= MAX_HOLD)
+        {
+            // Held long enough: let another process (the CLI) have it.
+            *open = None;
+            std::thread::sleep(YIELD);
+        }
         if open.is_none() {
             let deadline = Instant::now() + LOCK_WAIT;
             let db = loop {
@@ -159,9 +209,11 @@ impl Store {
                     Err(e) => return Err(self.io(e)),
                 }
             };
+            let now = Instant::now();
             *open = Some(Open {
                 db,
-                last_used: Instant::now(),
+                opened: now,
+                last_used: now,
             });
             self.close_when_quiet();
         }
@@ -170,6 +222,11 @@ impl Store {
         };
         let out = f(&o.db);
         o.last_used = Instant::now();
+        if out.is_err() {
+            // A failed commit can leave the open database refusing every
+            // later operation: the next one opens the file afresh.
+            *open = None;
+        }
         out
     }
 
@@ -205,6 +262,7 @@ impl Store {
         self.with_db(|db| {
             let txn = db.begin_write().map_err(|e| self.io(e))?;
             let out = f(&txn).map_err(|e| self.io(e.0))?;
+            next_generation(&txn).map_err(|e| self.io(e.0))?;
             txn.commit().map_err(|e| self.io(e))?;
             Ok(out)
         })
@@ -346,6 +404,7 @@ impl Store {
                                 .map_err(|e| self.io(e))?;
                         }
                     }
+                    next_generation(&txn).map_err(|e| self.io(e.0))?;
                     txn.commit().map_err(|e| self.io(e))?;
                     changed = true;
                 } else {
@@ -397,6 +456,14 @@ impl Store {
     }
 }
 
+/// Counts a write transaction, inside it.
+fn next_generation(txn: &redb::WriteTransaction) -> Result<(), DbError> {
+    let mut meta = txn.open_table(META)?;
+    let next = meta.get(GENERATION)?.map_or(0, |g| g.value()) + 1;
+    meta.insert(GENERATION, next)?;
+    Ok(())
+}
+
 fn restrict_permissions(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
@@ -435,6 +502,8 @@ mod tests {
         drop(store);
 
         let store = Store::open(&path).unwrap();
+        // 2 clients, 2 removes, 2 revokes, a purge, keys; opening is none.
+        assert_eq!(store.generation().unwrap(), 8);
         let clients: Vec<serde_json::Value> = store.clients().unwrap();
         assert_eq!(clients, [serde_json::json!({"id": "a"})]);
         assert_eq!(store.revoked().unwrap(), [("j2".to_string(), 100)]);
