@@ -481,6 +481,14 @@ impl OAuthServer {
     /// The claims of a token this server issued, if its signature, issuer and
     /// expiry hold and it is not revoked.
     fn active_claims(&self, token: &str) -> Option<Map<String, Value>> {
+        let claims = self.issued_claims(token)?;
+        let jti = claims.get("jti").and_then(Value::as_str)?;
+        (!self.revocations.is_revoked(jti)).then_some(claims)
+    }
+
+    /// The claims of a token this server issued that has not expired,
+    /// revoked or not.
+    fn issued_claims(&self, token: &str) -> Option<Map<String, Value>> {
         let header = jsonwebtoken::decode_header(token).ok()?;
         let keys = &self.keys.verify;
         for key in keys.candidates(header.alg, header.kid.as_deref()) {
@@ -490,12 +498,7 @@ impl OAuthServer {
             v.leeway = 0;
             v.set_required_spec_claims(&["exp", "iss", "jti"]);
             if let Ok(data) = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &v) {
-                let claims = data.claims;
-                let jti = claims.get("jti").and_then(Value::as_str)?;
-                if self.revocations.is_revoked(jti) {
-                    return None;
-                }
-                return Some(claims);
+                return Some(data.claims);
             }
         }
         None
@@ -534,7 +537,9 @@ impl OAuthServer {
         let token = form
             .get("token")
             .ok_or_else(|| invalid_request("token is missing"))?;
-        if let Some(claims) = self.active_claims(token) {
+        // Revoked already (on this node, perhaps with a 503 because the store
+        // failed): saved again, so a retry makes it durable.
+        if let Some(claims) = self.issued_claims(token) {
             let owner = claims.get("client_id").and_then(Value::as_str);
             let jti = claims.get("jti").and_then(Value::as_str);
             let exp = claims.get("exp").and_then(Value::as_u64);

@@ -12,6 +12,7 @@ mod limits;
 mod oauth;
 mod proxy;
 mod routing;
+mod state;
 mod support;
 mod tls;
 mod upstreams;

@@ -14,7 +14,7 @@ use crate::support::*;
 
 const ISSUER: &str = "http://localhost:8082";
 
-fn oauth_config(up: &Upstream, alg: &str, extra_oauth: &str) -> String {
+pub(crate) fn oauth_config(up: &Upstream, alg: &str, extra_oauth: &str) -> String {
     config_with_routes(&format!(
         "{}    auth: jwt\n    providers: [local]\n    forward_claims: {{ x-client: client_id }}\n    policy:\n      - allow: {{ scopes: [bar.read] }}\n",
         route("bar", "/bar", &[up], "")
@@ -24,7 +24,7 @@ fn oauth_config(up: &Upstream, alg: &str, extra_oauth: &str) -> String {
 }
 
 /// Runs `tollgate <args> -c <config>` and returns stdout; panics on failure.
-fn cli(config: &Path, args: &[&str]) -> String {
+pub(crate) fn cli(config: &Path, args: &[&str]) -> String {
     let out = Command::new(BIN)
         .args(args)
         .arg("-c")
@@ -40,7 +40,7 @@ fn cli(config: &Path, args: &[&str]) -> String {
 }
 
 /// `clients add` and the secret it printed.
-fn add_client(config: &Path, id: &str, extra: &[&str]) -> String {
+pub(crate) fn add_client(config: &Path, id: &str, extra: &[&str]) -> String {
     let mut args = vec!["clients", "add", id];
     args.extend_from_slice(extra);
     let out = cli(config, &args);
@@ -50,7 +50,7 @@ fn add_client(config: &Path, id: &str, extra: &[&str]) -> String {
         .to_owned()
 }
 
-async fn post_form(
+pub(crate) async fn post_form(
     gw: &TestGateway,
     path: &str,
     body: &str,
@@ -67,7 +67,7 @@ async fn post_form(
 
 /// `clients add` while the gateway runs, then waits until it knows the
 /// client; returns the secret.
-async fn known_client(gw: &TestGateway, id: &str, extra: &[&str]) -> String {
+pub(crate) async fn known_client(gw: &TestGateway, id: &str, extra: &[&str]) -> String {
     let secret = add_client(&gw.path, id, extra);
     wait_until(
         std::time::Duration::from_secs(10),
@@ -78,7 +78,7 @@ async fn known_client(gw: &TestGateway, id: &str, extra: &[&str]) -> String {
     secret
 }
 
-fn sha256_hex(s: &str) -> String {
+pub(crate) fn sha256_hex(s: &str) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -102,7 +102,7 @@ async fn with_assertion(
 }
 
 /// Introspection or revocation of `token`, authenticated as `who`.
-async fn token_call(
+pub(crate) async fn token_call(
     gw: &TestGateway,
     endpoint: &str,
     token: &str,
@@ -112,7 +112,7 @@ async fn token_call(
 }
 
 /// Whether the token endpoint accepts the client (it is known and enabled).
-async fn authenticates(gw: &TestGateway, id: &str, secret: &str) -> bool {
+pub(crate) async fn authenticates(gw: &TestGateway, id: &str, secret: &str) -> bool {
     post_form(
         gw,
         "/oauth2/token",
@@ -124,7 +124,7 @@ async fn authenticates(gw: &TestGateway, id: &str, secret: &str) -> bool {
         == 200
 }
 
-async fn token(gw: &TestGateway, id: &str, secret: &str, extra: &str) -> String {
+pub(crate) async fn token(gw: &TestGateway, id: &str, secret: &str, extra: &str) -> String {
     let r = post_form(
         gw,
         "/oauth2/token",
@@ -136,7 +136,7 @@ async fn token(gw: &TestGateway, id: &str, secret: &str, extra: &str) -> String 
     r.json()["access_token"].as_str().unwrap().to_owned()
 }
 
-async fn call_bar(gw: &TestGateway, token: &str) -> TestResponse {
+pub(crate) async fn call_bar(gw: &TestGateway, token: &str) -> TestResponse {
     send(
         Request::get(gw.url("/bar/x"))
             .header("authorization", format!("Bearer {token}"))
