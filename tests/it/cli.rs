@@ -201,3 +201,110 @@ async fn sighup_reloads_and_sigterm_drains() {
         "one access log event per request: {logs:#?}"
     );
 }
+
+/// A request still in flight when the drain deadline passes: cut off, and
+/// the exit status says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_drain_deadline_exits_non_zero() {
+    let (code, _) =
+        stop_during_a_slow_request("shutdown: { drain_timeout: 300ms }\n", &["-TERM"]).await;
+    assert_eq!(code, Some(1), "the drain missed its deadline");
+}
+
+/// A second SIGTERM exits at once with 128 + 15, as a shell reports a
+/// process SIGTERM killed (130 would say SIGINT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_with_its_number() {
+    let (code, _) =
+        stop_during_a_slow_request("shutdown: { drain_timeout: 20s }\n", &["-TERM", "-TERM"]).await;
+    assert_eq!(code, Some(143));
+}
+
+/// Runs the binary with a route to a target that answers after 3s, sends
+/// `signals` while a request waits for it; returns the exit code and logs.
+async fn stop_during_a_slow_request(extra: &str, signals: &[&str]) -> (Option<i32>, Vec<String>) {
+    let slow = Upstream::start(|req| async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        echo_response("slow", req)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &file,
+        config_with_routes(&route("r", "/", &[&slow], "")) + extra,
+    )
+    .unwrap();
+    let (child, addr, logs) = run_binary(&file);
+    let in_flight = tokio::spawn(async move { get(&format!("http://{addr}/")).await });
+    wait_until(
+        Duration::from_secs(5),
+        "the request reached the target",
+        || async { slow.hits() > 0 },
+    )
+    .await;
+    for signal in signals {
+        assert!(
+            Command::new("kill")
+                .args([*signal, &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.wait()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    in_flight.abort();
+    (status.code(), logs.join().unwrap())
+}
+
+/// Text logs to a pipe carry no colour codes; a changed file is one
+/// reload and one line saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_are_plain_and_a_reload_is_one_line() {
+    let up = Upstream::echo("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    let yaml = |name: &str| {
+        config_with_routes(&route(name, "/", &[&up], "")) + "reload: { debounce: 100ms }\n"
+    };
+    std::fs::write(&file, yaml("first")).unwrap();
+    let (child, addr, logs) = run_binary_with(&file, "text");
+    assert_eq!(get(&format!("http://{addr}/")).await.status, 200);
+    std::fs::write(&file, yaml("second")).unwrap();
+    // Time for the reload, and for any second one a duplicate file event
+    // would bring.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.wait()
+    })
+    .await;
+    let logs = logs.join().unwrap();
+    assert!(
+        logs.iter().all(|l| !l.contains('\u{1b}')),
+        "no escape codes: {logs:#?}"
+    );
+    let reloads = logs
+        .iter()
+        .filter(|l| l.contains("config reloaded"))
+        .count();
+    assert_eq!(reloads, 1, "one line per reload: {logs:#?}");
+    assert!(
+        !logs.iter().any(|l| l.contains("config file changed")),
+        "{logs:#?}"
+    );
+}

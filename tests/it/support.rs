@@ -377,13 +377,21 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 pub fn run_binary(
     file: &std::path::Path,
 ) -> (Child, SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+    run_binary_with(file, "json")
+}
+
+/// [`run_binary`] with logs in `format` (`text` or `json`).
+pub fn run_binary_with(
+    file: &std::path::Path,
+    format: &str,
+) -> (Child, SocketAddr, std::thread::JoinHandle<Vec<String>>) {
     let mut child = std::process::Command::new(BIN)
         .args([
             "run",
             "-c",
             file.to_str().expect("utf-8 path"),
             "--log-format",
-            "json",
+            format,
         ])
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
@@ -404,6 +412,15 @@ fn listen_addr(child: &mut Child) -> (SocketAddr, std::thread::JoinHandle<Vec<St
                 && v["message"] == "listening"
             {
                 let _ = tx.send(v["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap());
+            } else if line.contains("listening") {
+                // Text: `... listening name=sidecar addr=127.0.0.1:1234 ...`
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .and_then(|a| a.trim_matches('"').parse::<SocketAddr>().ok());
+                if let Some(addr) = addr {
+                    let _ = tx.send(addr);
+                }
             }
             lines.push(line);
         }
