@@ -191,6 +191,15 @@ fn listener_tls(cfg: &Config) -> Result<Vec<Option<ServerMaterial>>, Vec<ConfigE
     }
 }
 
+/// Config errors in one line.
+fn describe(errors: &[crate::config::ConfigError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {}", e.path, e.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// gateway.yaml merged with the routes registered through the admin API
 /// (read from the store when it exists; never creates it).
 fn effective(file: &Config) -> Result<(Config, dynamic::Merged), String> {
@@ -264,15 +273,15 @@ impl Gateway {
         config_path: Option<PathBuf>,
     ) -> Result<Gateway, StartError> {
         let file_config = config.clone();
-        let (mut config, mut merged) = effective(&file_config).map_err(|e| {
-            StartError::Config(ConfigErrors::new(
-                config_path.as_deref().unwrap_or(std::path::Path::new("")),
-                vec![crate::config::ConfigError {
-                    path: "store.path".into(),
-                    message: e,
-                }],
-            ))
-        })?;
+        // A store that cannot be used (a full or read-only disk, a file held
+        // by another process) does not keep the gateway down: it starts with
+        // the file's routes, without the token server, and takes the store's
+        // part in once it can (`recover_store`).
+        let mut store_down: Option<String> = None;
+        let (mut config, mut merged) = effective(&file_config).unwrap_or_else(|why| {
+            store_down = Some(why);
+            dynamic::merge(&file_config, &[])
+        });
         let metrics = Arc::new(Metrics::new());
         let oauth = Arc::new(OAuthRuntime::new(metrics.clone()));
         let config_error = |errors| {
@@ -295,9 +304,20 @@ impl Gateway {
         .map_err(config_error)?;
         let tls_material = listener_tls(&config).map_err(config_error)?;
         let config = Arc::new(config);
-        oauth
-            .apply(&config, &providers.revocations)
-            .map_err(config_error)?;
+        match oauth.apply(&config, &providers.revocations) {
+            Ok(()) => {}
+            Err(errors) if errors.iter().all(|e| e.path == "store.path") => {
+                let why = describe(&errors);
+                oauth.start_without_store(&config, &providers.revocations, &why);
+                store_down.get_or_insert(why);
+            }
+            Err(errors) => return Err(config_error(errors)),
+        }
+        if let Some(why) = &store_down {
+            tracing::error!(error = %why,
+                "the store cannot be used: serving the file's routes; the token server and admin API routes wait for it (retrying)");
+            oauth.sync.failed(why);
+        }
         providers.start();
         let clients = UpstreamClients::new(&config.proxy);
         let table =
@@ -476,6 +496,9 @@ impl Gateway {
             gateway.inner.shutdown.graceful.clone(),
         );
         gateway.purge_revocations();
+        if store_down.is_some() {
+            tokio::spawn(gateway.clone().recover_store());
+        }
         gateway.inner.readiness.set_ready();
         Ok(gateway)
     }
@@ -499,6 +522,11 @@ impl Gateway {
 
     pub fn readiness(&self) -> &Readiness {
         &self.inner.readiness
+    }
+
+    /// Why store changes wait to be applied, if they do (`/readyz`).
+    pub fn store_waiting(&self) -> Option<String> {
+        self.inner.oauth.sync.waiting()
     }
 
     pub fn admin_auth(&self) -> Arc<AdminAuth> {
@@ -634,11 +662,20 @@ impl Gateway {
         for tls in &inner.tls_listeners {
             let _ = tls.reload();
         }
+        self.apply_with_store(file, path).await
+    }
+
+    /// [`apply`](Self::apply), and when it found nothing changed, the
+    /// store read again all the same (a change the CLI made may not have
+    /// come through).
+    async fn apply_with_store(
+        &self,
+        file: Config,
+        path: &std::path::Path,
+    ) -> Result<Reloaded, ConfigErrors> {
         let applied = self.apply(file, path).await?;
-        // An unchanged file applied nothing: the store is read again all
-        // the same (a change the CLI made may not have come through).
         if applied == Reloaded::Unchanged
-            && let Err(why) = inner.oauth.clone().reapply().await
+            && let Err(why) = self.inner.oauth.clone().reapply().await
         {
             return self.rejected(ConfigErrors::new(
                 path,
@@ -649,6 +686,34 @@ impl Gateway {
             ));
         }
         Ok(applied)
+    }
+
+    /// After a start without the store: tries it again, with backoff, until
+    /// the running file applies with it (admin API routes merged, the token
+    /// server loaded).
+    async fn recover_store(self) {
+        let stop = self.inner.shutdown.graceful.clone();
+        let mut wait = Duration::from_millis(250);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let recovered = {
+                let _serial = self.inner.reload_lock.lock().await;
+                let file = Config::clone(&self.inner.file_config.load());
+                let path = self.inner.config_path.clone().unwrap_or_default();
+                self.apply_with_store(file, &path).await
+            };
+            if recovered.is_ok() {
+                self.inner.oauth.sync.usable_again();
+                tracing::info!(
+                    "the store is usable again: the token server and admin API routes are served"
+                );
+                return;
+            }
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
     }
 
     /// A reloaded file may not take every route away by accident: an empty

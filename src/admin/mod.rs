@@ -65,7 +65,20 @@ impl AdminService {
         }
         Some(match path {
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" if self.gateway.readiness().is_ready() => text(StatusCode::OK, "ready\n"),
+            // Ready while the store waits (the routes that need no store
+            // serve), and the detail says so.
+            "/readyz" if self.gateway.readiness().is_ready() => {
+                match self.gateway.store_waiting() {
+                    None => text(StatusCode::OK, "ready\n"),
+                    Some(why) => {
+                        let mut resp = text(StatusCode::OK, "");
+                        *resp.body_mut() = ProxyBody::full(Bytes::from(format!(
+                            "ready; degraded: store changes wait: {why}\n"
+                        )));
+                        resp
+                    }
+                }
+            }
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             _ => {
                 let body = Bytes::from(self.gateway.metrics().render());

@@ -100,7 +100,7 @@ impl StoreSync {
     }
 
     /// A re-read failed: the change waits (and is retried).
-    fn failed(&self, why: &str) {
+    pub fn failed(&self, why: &str) {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         match waiting.as_mut() {
             Some((_, reason)) => *reason = why.to_owned(),
@@ -108,6 +108,25 @@ impl StoreSync {
         }
         drop(waiting);
         self.publish();
+    }
+
+    /// The store is in use again (a gateway without a token server reads
+    /// it for admin API routes only).
+    pub fn usable_again(&self) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.publish();
+    }
+
+    /// Why store changes wait, if they do.
+    pub fn waiting(&self) -> Option<String> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(_, why)| why.clone())
     }
 
     fn in_sync(&self) -> bool {
@@ -306,6 +325,21 @@ impl OAuthRuntime {
             self.reapplied.notify_one();
         }
         Ok(())
+    }
+
+    /// The store cannot be used at start: no token server until it can
+    /// (the gateway retries); `keys: self` routes have no keys meanwhile.
+    pub fn start_without_store(
+        &self,
+        cfg: &Arc<Config>,
+        revocations: &Arc<Revocations>,
+        why: &str,
+    ) {
+        self.server.store(None);
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((cfg.clone(), revocations.clone()));
+        self.sync.failed(why);
+        self.reapplied.notify_one();
     }
 
     fn limiter(&self, settings: &ClientAuthLimit) -> Arc<AuthLimiter> {

@@ -372,3 +372,69 @@ async fn admin_api_store_failures_say_why_and_recover() {
         "never acknowledged"
     );
 }
+
+/// A store that cannot be opened at start (here its directory cannot be
+/// made): the gateway starts, serves the file's routes, says why in
+/// /readyz, answers admin writes 503; once the store can be made, the token
+/// server and admin writes work without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_starts_without_its_store_and_recovers() {
+    let up = Upstream::echo("bar").await;
+    let secret = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let clients = format!(
+        "  clients:\n    - {{ id: foo, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
+        sha256_hex(secret)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let blocked = dir.path().join("blocked");
+    std::fs::write(&blocked, "a file where the store's directory should be").unwrap();
+    let yaml = oauth_config(&up, "ES256", &clients)
+        + &format!("store: {{ path: {}/tollgate.redb }}\n", blocked.display());
+    let gw = TestGateway::start(&yaml).await;
+
+    assert_eq!(
+        get(&gw.url("/bar/x")).await.status,
+        401,
+        "the route serves (it wants a token)"
+    );
+    let ready = get(&format!("http://{}/readyz", gw.gw.admin_addr())).await;
+    assert_eq!(ready.status, 200);
+    assert!(ready.text().contains("degraded"), "{}", ready.text());
+    assert!(
+        ready.text().contains("cannot create its directory"),
+        "{}",
+        ready.text()
+    );
+    assert_eq!(metric(&gw.metrics().await, "tollgate_store_in_sync"), 0.0);
+    let doc = json!({"name": "api", "match": {"path_prefix": "/api"}, "upstream": {"targets": [format!("http://{}", up.addr)]}});
+    let post = || {
+        send(
+            Request::post(format!("http://{}/admin/routes", gw.gw.admin_addr()))
+                .header("content-type", "application/json")
+                .body(full(doc.to_string()))
+                .unwrap(),
+        )
+    };
+    let r = post().await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        r.text().contains("cannot create its directory"),
+        "{}",
+        r.text()
+    );
+
+    std::fs::remove_file(&blocked).unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "the token server is back",
+        || async { authenticates(&gw, "foo", secret).await },
+    )
+    .await;
+    let t = token(&gw, "foo", secret, "").await;
+    assert_eq!(call_bar(&gw, &t).await.status, 200);
+    let ready = get(&format!("http://{}/readyz", gw.gw.admin_addr())).await;
+    assert_eq!(ready.text(), "ready\n");
+    assert!(post().await.status.is_success());
+    assert_eq!(get(&gw.url("/api")).await.status, 200);
+    assert_eq!(metric(&gw.metrics().await, "tollgate_store_in_sync"), 1.0);
+}
