@@ -243,7 +243,15 @@ async fn reload(gw: &Gateway) -> Response<ProxyBody> {
     match gw.reload().await {
         Ok(r) => json_response(
             StatusCode::OK,
-            &json!({ "reloaded": format!("{r:?}").to_lowercase() }),
+            &json!({ "reloaded": format!("{r:?}").to_lowercase(), "store": gw.status()["store"] }),
+        ),
+        // The file is fine; the store could not be read (it is retried).
+        Err(e) if e.errors.iter().all(|e| e.path == "store.path") => store_failed(
+            e.errors
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
         ),
         Err(e) => json_response(
             StatusCode::BAD_REQUEST,

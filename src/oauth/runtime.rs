@@ -395,6 +395,11 @@ impl OAuthRuntime {
             let mut retry: Option<(tokio::time::Instant, Duration)> = None;
             loop {
                 let current = runtime.current();
+                // A load that failed elsewhere (a reload, the start) is
+                // retried here too.
+                if retry.is_none() && current.is_some() && runtime.sync.waiting().is_some() {
+                    retry = Some((tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST));
+                }
                 let marker = current
                     .as_ref()
                     .map(|(cfg, _)| Store::change_marker(&Self::store_path(cfg)));
