@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use regex::Regex;
 use serde_json::Value;
 
-pub use pattern::Pattern;
+pub use pattern::{Pattern, Want};
 
 use crate::config::{CertMatch, ClaimMatch, Conditions, RuleConfig, ScalarValue, SetMatch};
 use crate::identity::{AuthMethod, CertIdentity, Identity};
@@ -27,6 +27,8 @@ pub enum Resource {
     Topic,
     /// WAMP URIs: `.`-separated.
     Uri,
+    /// A name taken whole (a tunnel's id).
+    Name,
 }
 
 impl Resource {
@@ -35,37 +37,62 @@ impl Resource {
             Resource::HttpPath => pattern.split('/').filter(|s| !s.is_empty()).collect(),
             Resource::Topic => pattern.split('/').collect(),
             Resource::Uri => pattern.split('.').collect(),
+            Resource::Name => vec![pattern],
         }
     }
 
-    /// The segments of a resource, split (and decoded) as they are read:
-    /// nothing is allocated unless a path segment holds a `%` escape.
-    pub fn segments(self, resource: &str) -> Segments<'_> {
-        let separator = if self == Resource::Uri { '.' } else { '/' };
-        Segments {
-            parts: resource.split(separator),
-            kind: self,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Segments<'a> {
-    parts: std::str::Split<'a, char>,
-    kind: Resource,
-}
-
-impl<'a> Iterator for Segments<'a> {
-    type Item = Cow<'a, str>;
-
-    fn next(&mut self) -> Option<Cow<'a, str>> {
-        loop {
-            let part = self.parts.next()?;
-            match self.kind {
-                Resource::HttpPath if part.is_empty() => continue,
-                Resource::HttpPath => return Some(percent_decode(part)),
-                Resource::Topic | Resource::Uri => return Some(Cow::Borrowed(part)),
+    /// Whether a caller's value can stand for one level: not empty, and
+    /// free of this kind's separator and wildcards (a user named `+`, `#`
+    /// or `a/b` must not widen a pattern).
+    pub(crate) fn is_level(self, value: &str) -> bool {
+        !value.is_empty()
+            && match self {
+                Resource::HttpPath => !value.contains('/'),
+                Resource::Topic => !value.contains(['/', '+', '#', '\0']),
+                Resource::Uri => !value.contains(['.', '#', ' ']),
+                Resource::Name => true,
             }
+    }
+}
+
+/// How an action's resource is read into levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Percent-decoded, empty segments skipped.
+    Path,
+    /// Each level as written.
+    Exact,
+    /// MQTT filter: `+` and `#` levels are wildcards.
+    Filter,
+    /// WAMP wildcard subscription: an empty component is a wildcard.
+    Wildcard,
+}
+
+/// The levels an action asks for ([`Want`]s), read as they are needed:
+/// nothing is allocated unless a path segment holds a `%` escape.
+#[derive(Clone)]
+pub struct Wanted<'a> {
+    parts: std::str::Split<'a, char>,
+    reading: Reading,
+    /// A WAMP prefix subscription's last component, given last.
+    prefix: Option<&'a str>,
+}
+
+impl<'a> Iterator for Wanted<'a> {
+    type Item = Want<'a>;
+
+    fn next(&mut self) -> Option<Want<'a>> {
+        loop {
+            let Some(part) = self.parts.next() else {
+                return self.prefix.take().map(|p| Want::Prefix(Cow::Borrowed(p)));
+            };
+            return Some(match (self.reading, part) {
+                (Reading::Path, "") => continue,
+                (Reading::Path, p) => Want::Exact(percent_decode(p)),
+                (Reading::Filter, "+") | (Reading::Wildcard, "") => Want::One,
+                (Reading::Filter, "#") => Want::Rest,
+                (_, p) => Want::Exact(Cow::Borrowed(p)),
+            });
         }
     }
 }
@@ -100,21 +127,161 @@ fn percent_decode(segment: &str) -> Cow<'_, str> {
     String::from_utf8(out).map_or(Cow::Borrowed(segment), Cow::Owned)
 }
 
-/// What the caller wants to do: a verb (HTTP method; MQTT `publish` /
-/// `subscribe`; WAMP `call`, `register`, `publish`, `subscribe`) on a resource.
+/// A WAMP action's verb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WampVerb {
+    Call,
+    Register,
+    Publish,
+    Subscribe,
+}
+
+/// How a WAMP subscription or registration matches URIs (WAMP §11.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchPolicy {
+    Exact,
+    /// Every URI that starts with the given text.
+    Prefix,
+    /// Empty components match any one component.
+    Wildcard,
+}
+
+/// What the caller wants to do, in its front-end's terms.
 #[derive(Debug, Clone, Copy)]
-pub struct Action<'a> {
-    pub verb: &'a str,
-    pub resource: &'a str,
-    pub kind: Resource,
+pub enum Action<'a> {
+    /// An HTTP request: its method and canonical path.
+    Http { method: &'a str, path: &'a str },
+    /// MQTT PUBLISH to a topic name.
+    Publish {
+        topic: &'a str,
+        qos: u8,
+        retain: bool,
+    },
+    /// MQTT SUBSCRIBE with a topic filter (`+`, `#`, `$share/group/...`):
+    /// allowed only when every topic it can match is.
+    Subscribe { filter: &'a str, qos: u8 },
+    /// A WAMP action in a realm; a subscription or registration with a
+    /// prefix or wildcard policy is allowed only when every URI it can
+    /// match is.
+    Wamp {
+        verb: WampVerb,
+        realm: &'a str,
+        uri: &'a str,
+        policy: MatchPolicy,
+    },
+    /// Joining a WebSocket tunnel by its id.
+    TunnelJoin { id: &'a str },
 }
 
 impl<'a> Action<'a> {
     pub fn http(method: &'a str, path: &'a str) -> Action<'a> {
-        Action {
-            verb: method,
-            resource: path,
-            kind: Resource::HttpPath,
+        Action::Http { method, path }
+    }
+
+    /// The front-end kind of resource it names.
+    pub fn kind(&self) -> Resource {
+        match self {
+            Action::Http { .. } => Resource::HttpPath,
+            Action::Publish { .. } | Action::Subscribe { .. } => Resource::Topic,
+            Action::Wamp { .. } => Resource::Uri,
+            Action::TunnelJoin { .. } => Resource::Name,
+        }
+    }
+
+    /// The verb rules name (`methods` / `actions`), upper-case for all but
+    /// HTTP methods (which are compared without case).
+    pub fn verb(&self) -> &'a str {
+        match self {
+            Action::Http { method, .. } => method,
+            Action::Publish { .. }
+            | Action::Wamp {
+                verb: WampVerb::Publish,
+                ..
+            } => "PUBLISH",
+            Action::Subscribe { .. }
+            | Action::Wamp {
+                verb: WampVerb::Subscribe,
+                ..
+            } => "SUBSCRIBE",
+            Action::Wamp {
+                verb: WampVerb::Call,
+                ..
+            } => "CALL",
+            Action::Wamp {
+                verb: WampVerb::Register,
+                ..
+            } => "REGISTER",
+            Action::TunnelJoin { .. } => "JOIN",
+        }
+    }
+
+    /// The levels it asks for, or why its resource is not a valid one.
+    pub fn wanted(&self) -> Result<Wanted<'a>, &'static str> {
+        let read = |text: &'a str, sep: char, reading| Wanted {
+            parts: text.split(sep),
+            reading,
+            prefix: None,
+        };
+        match *self {
+            Action::Http { path, .. } => Ok(read(path, '/', Reading::Path)),
+            Action::Publish { topic, .. } => {
+                if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+                    return Err("not a topic name (empty, or with a wildcard or NUL)");
+                }
+                Ok(read(topic, '/', Reading::Exact))
+            }
+            Action::Subscribe { filter, .. } => {
+                // A shared subscription is judged by its filter.
+                let filter = match filter.strip_prefix("$share/") {
+                    Some(rest) => match rest.split_once('/') {
+                        Some((group, f)) if !group.is_empty() && !group.contains(['+', '#']) => f,
+                        _ => return Err("a shared subscription needs `$share/GROUP/FILTER`"),
+                    },
+                    None => filter,
+                };
+                let levels: Vec<&str> = filter.split('/').collect();
+                let valid = !filter.is_empty()
+                    && !filter.contains('\0')
+                    && levels.iter().enumerate().all(|(i, l)| match *l {
+                        "+" => true,
+                        "#" => i + 1 == levels.len(),
+                        l => !l.contains(['+', '#']),
+                    });
+                if !valid {
+                    return Err("not a topic filter (`+` and `#` are whole levels, `#` last)");
+                }
+                Ok(read(filter, '/', Reading::Filter))
+            }
+            Action::Wamp { uri, policy, .. } => {
+                if uri.contains(['#', ' ']) {
+                    return Err("not a WAMP URI");
+                }
+                match policy {
+                    MatchPolicy::Exact if uri.is_empty() || uri.split('.').any(str::is_empty) => {
+                        Err("not a WAMP URI (empty component)")
+                    }
+                    MatchPolicy::Exact => Ok(read(uri, '.', Reading::Exact)),
+                    MatchPolicy::Wildcard => Ok(read(uri, '.', Reading::Wildcard)),
+                    MatchPolicy::Prefix => {
+                        let (head, last) = match uri.rsplit_once('.') {
+                            Some((head, last)) => (Some(head), last),
+                            None => (None, uri),
+                        };
+                        let mut wanted = read(head.unwrap_or(""), '.', Reading::Exact);
+                        if head.is_none() {
+                            // Nothing before the prefix: only the prefix.
+                            wanted.parts.next();
+                        }
+                        wanted.prefix = Some(last);
+                        Ok(wanted)
+                    }
+                }
+            }
+            Action::TunnelJoin { id } if id.is_empty() || id.contains('\0') => {
+                Err("not a tunnel id")
+            }
+            // Split on a character no id holds: the id is one level.
+            Action::TunnelJoin { id } => Ok(read(id, '\0', Reading::Exact)),
         }
     }
 }
@@ -125,22 +292,58 @@ pub enum Effect {
     Deny,
 }
 
-/// The outcome and the rule (index into the policy) that decided it;
-/// `rule: None` is the default denial.
+/// The outcome, the rule (index into the policy) that decided it, and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     pub effect: Effect,
     pub rule: Option<usize>,
+    pub reason: Reason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `rule` matched and decided.
+    Matched,
+    /// No rule matched: denied by default.
+    NoRule,
+    /// The action's resource is malformed (a topic with a wildcard, a
+    /// filter with `#` inside): denied before any rule.
+    Invalid(&'static str),
+    /// The policy is for another front-end's resources.
+    OtherKind,
 }
 
 impl Decision {
     pub fn allowed(&self) -> bool {
         self.effect == Effect::Allow
     }
+
+    fn denied(reason: Reason) -> Decision {
+        Decision {
+            effect: Effect::Deny,
+            rule: None,
+            reason,
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let effect = if self.allowed() { "allowed" } else { "denied" };
+        match (self.reason, self.rule) {
+            (Reason::Matched, Some(i)) => write!(f, "{effect} by rule {i}"),
+            (Reason::Matched | Reason::NoRule, _) => write!(f, "denied: no rule matches"),
+            (Reason::Invalid(why), _) => write!(f, "denied: {why}"),
+            (Reason::OtherKind, _) => {
+                write!(f, "denied: the policy is for another kind of resource")
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct Policy {
+    kind: Resource,
     rules: Vec<Rule>,
     /// The scopes the allow rules name, space-separated: the `scope` of an
     /// `insufficient_scope` challenge.
@@ -221,25 +424,31 @@ impl Policy {
         }
         let scope_hint = named.join(" ");
         Ok(Policy {
+            kind,
             rules: compiled,
             scope_hint,
         })
     }
 
     pub fn evaluate(&self, who: &Identity, action: &Action<'_>) -> Decision {
-        let segments = action.kind.segments(action.resource);
+        if action.kind() != self.kind {
+            return Decision::denied(Reason::OtherKind);
+        }
+        let wanted = match action.wanted() {
+            Ok(w) => w,
+            Err(why) => return Decision::denied(Reason::Invalid(why)),
+        };
+        let verb = action.verb();
         for (i, rule) in self.rules.iter().enumerate() {
-            if rule.matches(who, action, &segments) {
+            if rule.matches(who, verb, &wanted, self.kind) {
                 return Decision {
                     effect: rule.effect,
                     rule: Some(i),
+                    reason: Reason::Matched,
                 };
             }
         }
-        Decision {
-            effect: Effect::Deny,
-            rule: None,
-        }
+        Decision::denied(Reason::NoRule)
     }
 
     /// Scopes named by the allow rules, for an `insufficient_scope` challenge.
@@ -348,12 +557,12 @@ impl Rule {
         }
     }
 
-    fn matches(&self, who: &Identity, action: &Action<'_>, segments: &Segments<'_>) -> bool {
+    fn matches(&self, who: &Identity, verb: &str, wanted: &Wanted<'_>, kind: Resource) -> bool {
         self.via.as_ref().is_none_or(|v| v.contains(&who.method))
             && self
                 .verbs
                 .as_ref()
-                .is_none_or(|vs| vs.iter().any(|v| v.eq_ignore_ascii_case(action.verb)))
+                .is_none_or(|vs| vs.iter().any(|v| v.eq_ignore_ascii_case(verb)))
             && self.scopes.as_ref().is_none_or(|s| s.holds(&who.scopes))
             && self.roles.as_ref().is_none_or(|s| s.holds(&who.roles))
             && self
@@ -367,7 +576,7 @@ impl Rule {
             && self
                 .resources
                 .as_ref()
-                .is_none_or(|ps| ps.iter().any(|p| p.matches(segments.clone(), who)))
+                .is_none_or(|ps| ps.iter().any(|p| p.covers(wanted.clone(), who, kind)))
     }
 }
 

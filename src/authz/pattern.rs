@@ -62,31 +62,55 @@ impl Pattern {
         Ok(Pattern { segments })
     }
 
-    /// `resource`: segments split the same way (see [`Resource::segments`]).
-    pub fn matches<'a>(
+    /// Whether every resource in `wanted` (segments split as the pattern's
+    /// kind splits them) is one this pattern names for `who`. A plain
+    /// resource is all `Want::Exact`; an MQTT filter or a WAMP prefix or
+    /// wildcard subscription names many, and is covered only when each of
+    /// them is. The caller's values stand for themselves: one that is empty
+    /// or holds a separator or wildcard of the kind matches nothing. At the
+    /// first level of an MQTT topic, `+` and `#` never reach a `$` topic.
+    pub fn covers<'a>(
         &self,
-        mut rest: impl Iterator<Item = Cow<'a, str>>,
+        wanted: impl Iterator<Item = Want<'a>>,
         who: &Identity,
+        kind: Resource,
     ) -> bool {
-        for seg in &self.segments {
+        let mut wanted = wanted.peekable();
+        for (level, seg) in self.segments.iter().enumerate() {
+            let system = |w: &str| level == 0 && kind == Resource::Topic && w.starts_with('$');
             match seg {
-                Segment::Rest => return true,
-                Segment::One => {
-                    if rest.next().is_none() {
-                        return false;
-                    }
+                Segment::Rest => {
+                    return !matches!(wanted.peek(), Some(Want::Exact(w)) if system(w));
                 }
-                Segment::Literal(lit) => {
-                    if rest.next().as_deref() != Some(lit.as_str()) {
-                        return false;
-                    }
-                }
-                Segment::Field(name) => match (rest.next(), who.field(name)) {
-                    (Some(got), Some(value)) if got.as_ref() == value => {}
+                Segment::One => match wanted.next() {
+                    Some(Want::Exact(w)) if !system(&w) => {}
+                    Some(Want::One) => {}
+                    _ => return false,
+                },
+                Segment::Literal(lit) => match wanted.next() {
+                    Some(Want::Exact(w)) if w == lit.as_str() => {}
+                    _ => return false,
+                },
+                Segment::Field(name) => match (wanted.next(), who.field(name)) {
+                    (Some(Want::Exact(w)), Some(value)) if kind.is_level(value) && w == value => {}
                     _ => return false,
                 },
             }
         }
-        rest.next().is_none()
+        wanted.next().is_none()
     }
+}
+
+/// One level of what an action asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Want<'a> {
+    /// This level, as written.
+    Exact(Cow<'a, str>),
+    /// Any one level (MQTT `+`, an empty WAMP wildcard component).
+    One,
+    /// Any levels from here on, or none (MQTT `#`).
+    Rest,
+    /// A WAMP prefix subscription's last component: any text after this,
+    /// then any components.
+    Prefix(Cow<'a, str>),
 }

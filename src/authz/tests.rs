@@ -412,33 +412,229 @@ fn microkubes_acl() {
 #[test]
 fn topics_and_uris() {
     let alice = jwt("alice", &[], &[], json!({}));
-    let allows = |policy: &str, kind, verb, resource| {
-        Policy::compile(&rules(policy), kind)
+    let allows = |policy: &str, action: Action<'_>| {
+        Policy::compile(&rules(policy), action.kind())
             .unwrap()
+            .evaluate(&alice, &action)
+            .allowed()
+    };
+    let publish = |topic| Action::Publish {
+        topic,
+        qos: 0,
+        retain: false,
+    };
+    let topics = r#"[{"allow": {"actions": ["publish", "subscribe"], "topics": ["%u/#"]}}]"#;
+    assert!(allows(topics, publish("alice/temp")));
+    assert!(allows(topics, publish("alice")));
+    assert!(!allows(topics, publish("bob/temp")));
+    assert!(!allows(topics, publish("/alice/temp")));
+    let call = |uri| Action::Wamp {
+        verb: WampVerb::Call,
+        realm: "realm1",
+        uri,
+        policy: MatchPolicy::Exact,
+    };
+    let uris = r#"[{"allow": {"actions": ["call"], "uris": ["com.example.{sub}.*"]}}]"#;
+    assert!(allows(uris, call("com.example.alice.add")));
+    assert!(!allows(uris, call("com.example.alice.add.more")));
+    assert!(!allows(uris, call("com.example.bob.add")));
+}
+
+/// MQTT: a filter is allowed only when every topic it can match is; `+`
+/// and `#` at the first level never reach `$` topics; a caller's own values
+/// stand for themselves (a user named `+`, `#` or `a/b` widens nothing);
+/// malformed names and filters are refused before any rule.
+#[test]
+fn mqtt_semantics() {
+    let acl = r##"[
+        {"allow": {"actions": ["publish", "subscribe"], "topics": ["devices/%u/#"]}},
+        {"allow": {"actions": ["subscribe"], "topics": ["news/+/headlines"]}},
+        {"allow": {"actions": ["subscribe"], "topics": ["#"], "roles": ["monitor"]}},
+        {"allow": {"actions": ["subscribe"], "topics": ["$SYS/broker/#"], "roles": ["ops"]}}
+    ]"##;
+    let policy = Policy::compile(&rules(acl), Resource::Topic).unwrap();
+    let user = |name: &str, roles: &[&str]| jwt(name, &[], roles, json!({}));
+    let publish = |who: &Identity, topic| {
+        policy
             .evaluate(
-                &alice,
-                &Action {
-                    verb,
-                    resource,
-                    kind,
+                who,
+                &Action::Publish {
+                    topic,
+                    qos: 1,
+                    retain: false,
                 },
             )
             .allowed()
     };
-    let topics = r#"[{"allow": {"actions": ["publish", "subscribe"], "topics": ["%u/#"]}}]"#;
-    assert!(allows(topics, Resource::Topic, "publish", "alice/temp"));
-    assert!(allows(topics, Resource::Topic, "publish", "alice"));
-    assert!(!allows(topics, Resource::Topic, "publish", "bob/temp"));
-    assert!(!allows(topics, Resource::Topic, "publish", "/alice/temp"));
-    let uris = r#"[{"allow": {"actions": ["call"], "uris": ["com.example.{sub}.*"]}}]"#;
-    assert!(allows(uris, Resource::Uri, "call", "com.example.alice.add"));
-    assert!(!allows(
-        uris,
-        Resource::Uri,
-        "call",
-        "com.example.alice.add.more"
-    ));
-    assert!(!allows(uris, Resource::Uri, "call", "com.example.bob.add"));
+    let subscribe =
+        |who: &Identity, filter| policy.evaluate(who, &Action::Subscribe { filter, qos: 1 });
+    let may = |who: &Identity, filter| subscribe(who, filter).allowed();
+
+    let d1 = user("d1", &[]);
+    let table: &[(&str, bool)] = &[
+        ("devices/d1/temp", true),
+        ("devices/d1", true),
+        ("devices/d1/#", true),
+        ("devices/d1/+/x", true),
+        ("devices/+/temp", false),
+        ("devices/#", false),
+        ("#", false),
+        ("+/d1/temp", false),
+        ("devices/d2/temp", false),
+        ("news/world/headlines", true),
+        ("news/+/headlines", true),
+        ("news/#", false),
+        ("news/+/+", false),
+        ("$share/g1/devices/d1/temp", true),
+        ("$share/g1/devices/+/temp", false),
+    ];
+    for (filter, allowed) in table {
+        assert_eq!(may(&d1, filter), *allowed, "d1 subscribes {filter}");
+    }
+    assert!(publish(&d1, "devices/d1/temp"));
+    assert!(!publish(&d1, "devices/d2/temp"));
+
+    // Names that are wildcards or separators match nothing of theirs.
+    for name in ["+", "#", "d1/x", ""] {
+        let odd = user(name, &[]);
+        for filter in ["devices/#", "devices/+/temp", "devices/+/#", "#"] {
+            assert!(!may(&odd, filter), "user {name:?} subscribes {filter}");
+        }
+        assert!(!publish(&odd, "devices/d1/x/temp"), "user {name:?}");
+    }
+
+    // `#` (a monitor) covers every topic but the `$` ones.
+    let monitor = user("m", &["monitor"]);
+    assert!(may(&monitor, "#"));
+    assert!(may(&monitor, "+/x"));
+    assert!(may(&monitor, "devices/d1/temp"));
+    assert!(!may(&monitor, "$SYS/#"));
+    assert!(!may(&monitor, "$SYS/broker/load"));
+    let ops = user("o", &["ops"]);
+    assert!(may(&ops, "$SYS/broker/load"));
+    assert!(may(&ops, "$SYS/broker/#"));
+    assert!(!may(&ops, "$SYS/#"));
+
+    // Malformed: refused before any rule, with the reason.
+    for bad in [
+        "devices/#/x",
+        "devices/d1#",
+        "devices/d+/x",
+        "",
+        "$share/g1",
+        "$share//x",
+    ] {
+        let d = subscribe(&monitor, bad);
+        assert!(!d.allowed(), "{bad:?}");
+        assert!(matches!(d.reason, Reason::Invalid(_)), "{bad:?}: {d:?}");
+    }
+    for bad in ["devices/d1/+", "devices/d1/#", ""] {
+        assert!(!publish(&d1, bad), "publish {bad:?}");
+    }
+    // A decision names its rule, or says no rule matched.
+    assert_eq!(subscribe(&d1, "news/a/headlines").rule, Some(1));
+    let none = subscribe(&d1, "other");
+    assert_eq!((none.rule, none.reason), (None, Reason::NoRule));
+    assert_eq!(none.to_string(), "denied: no rule matches");
+    assert_eq!(
+        subscribe(&d1, "news/a/headlines").to_string(),
+        "allowed by rule 1"
+    );
+}
+
+/// WAMP: exact, prefix and wildcard subscriptions and registrations; a
+/// pattern must cover every URI a prefix or wildcard can match.
+#[test]
+fn wamp_semantics() {
+    let acl = r#"[
+        {"allow": {"actions": ["call", "subscribe"], "uris": ["com.app.{sub}.**"]}},
+        {"allow": {"actions": ["subscribe"], "uris": ["com.app.public.*.news"]}},
+        {"allow": {"actions": ["register"], "uris": ["com.app.svc.*"]}}
+    ]"#;
+    let policy = Policy::compile(&rules(acl), Resource::Uri).unwrap();
+    let alice = jwt("alice", &[], &[], json!({}));
+    let may = |verb, uri, policy_kind| {
+        policy
+            .evaluate(
+                &alice,
+                &Action::Wamp {
+                    verb,
+                    realm: "realm1",
+                    uri,
+                    policy: policy_kind,
+                },
+            )
+            .allowed()
+    };
+    use MatchPolicy::{Exact, Prefix, Wildcard};
+    use WampVerb::{Call, Publish, Register, Subscribe};
+    let table: &[(WampVerb, &str, MatchPolicy, bool)] = &[
+        (Call, "com.app.alice.add", Exact, true),
+        (Call, "com.app.alice", Exact, true),
+        (Call, "com.app.bob.add", Exact, false),
+        (Call, "com.app..add", Exact, false),
+        (Publish, "com.app.alice.x", Exact, false),
+        (Subscribe, "com.app.alice.", Prefix, true),
+        (Subscribe, "com.app.alice.ev", Prefix, true),
+        (Subscribe, "com.app.ali", Prefix, false),
+        (Subscribe, "com.app.", Prefix, false),
+        (Subscribe, "com.app.alice..x", Wildcard, true),
+        (Subscribe, "com.app..x", Wildcard, false),
+        (Subscribe, "com.app.public.eu.news", Exact, true),
+        (Subscribe, "com.app.public..news", Wildcard, true),
+        (Subscribe, "com.app.public.eu.", Prefix, false),
+        (Register, "com.app.svc.add", Exact, true),
+        (Register, "com.app.svc.", Prefix, false),
+        (Register, "com.app.svc.add.x", Exact, false),
+    ];
+    for (verb, uri, how, allowed) in table {
+        assert_eq!(may(*verb, uri, *how), *allowed, "{verb:?} {uri} {how:?}");
+    }
+    // A caller's value with a `.` is not a component.
+    let dotted = jwt("alice.admin", &[], &[], json!({}));
+    let d = policy.evaluate(
+        &dotted,
+        &Action::Wamp {
+            verb: Call,
+            realm: "realm1",
+            uri: "com.app.alice.admin.x",
+            policy: Exact,
+        },
+    );
+    assert!(!d.allowed());
+}
+
+/// Tunnel ids are names taken whole; a policy for one front-end never
+/// decides another's actions.
+#[test]
+fn tunnels_and_kinds() {
+    let policy = Policy::compile(
+        &rules(r#"[{"allow": {"actions": ["join"], "paths": ["{sub}"]}}]"#),
+        Resource::Name,
+    )
+    .unwrap();
+    let dev = jwt("dev-7", &[], &[], json!({}));
+    assert!(
+        policy
+            .evaluate(&dev, &Action::TunnelJoin { id: "dev-7" })
+            .allowed()
+    );
+    assert!(
+        !policy
+            .evaluate(&dev, &Action::TunnelJoin { id: "dev-8" })
+            .allowed()
+    );
+    let http = Policy::compile(&rules(r#"[{"allow": {}}]"#), Resource::HttpPath).unwrap();
+    let d = http.evaluate(
+        &dev,
+        &Action::Publish {
+            topic: "a",
+            qos: 0,
+            retain: false,
+        },
+    );
+    assert_eq!(d.reason, Reason::OtherKind);
+    assert!(!d.allowed());
 }
 
 #[test]
