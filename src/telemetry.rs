@@ -329,6 +329,18 @@ fn put_time(out: &mut Vec<u8>) {
     out.push(b'Z');
 }
 
+/// An error and its sources, `: `-separated, for a log line or a reply.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

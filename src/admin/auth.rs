@@ -45,7 +45,7 @@ impl AdminAuth {
             token_sha256: admin
                 .token_sha256
                 .as_deref()
-                .and_then(crate::oauth::parse_hash),
+                .and_then(crate::identity::parse_hash),
             providers: names
                 .iter()
                 .filter_map(|n| providers.get(n).cloned())

@@ -40,7 +40,7 @@ pub fn probe(url: &str) -> Result<(), String> {
         match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
             Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
             Ok(Ok(resp)) => Err(format!("{url} answered {}", resp.status())),
-            Ok(Err(e)) => Err(format!("{url}: {}", crate::http::error_chain(&e))),
+            Ok(Err(e)) => Err(format!("{url}: {}", crate::telemetry::error_chain(&e))),
             Err(_) => Err(format!("{url} did not answer within 5s")),
         }
     })
@@ -133,7 +133,7 @@ pub fn run(r: &Registration, deregister: bool) -> Result<String, String> {
                 Ok(Err(e)) => {
                     return Err(format!(
                         "cannot reach the admin API at {base}: {}",
-                        crate::http::error_chain(&e)
+                        crate::telemetry::error_chain(&e)
                     ));
                 }
                 Err(_) if Instant::now() < deadline => {}

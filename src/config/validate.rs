@@ -367,7 +367,7 @@ fn admin(cfg: &Config, errs: &mut Errors) {
         );
     }
     if let Some(h) = &a.token_sha256
-        && crate::oauth::parse_hash(h).is_none()
+        && crate::identity::parse_hash(h).is_none()
     {
         errs.add(
             "admin.token_sha256",
@@ -455,7 +455,7 @@ fn oauth(cfg: &Config, o: &OAuthConfig, errs: &mut Errors) {
             );
         }
         if let Some(h) = &c.secret_sha256
-            && crate::oauth::parse_hash(h).is_none()
+            && crate::identity::parse_hash(h).is_none()
         {
             errs.add(
                 format!("{path}.secret_sha256"),
@@ -478,7 +478,7 @@ fn oauth(cfg: &Config, o: &OAuthConfig, errs: &mut Errors) {
             );
         }
         if let Some(uri) = &c.jwks_uri
-            && let Err(e) = crate::oauth::jwks_url(uri)
+            && let Err(e) = crate::identity::jwt::jwks_url(uri)
         {
             errs.add(format!("{path}.jwks_uri"), e);
         }
@@ -486,7 +486,7 @@ fn oauth(cfg: &Config, o: &OAuthConfig, errs: &mut Errors) {
             errs.nonzero(format!("{path}.token_ttl"), ttl);
         }
         for k in c.claims.keys() {
-            if crate::oauth::RESERVED_CLAIMS.contains(&k.as_str()) {
+            if crate::identity::jwt::RESERVED_CLAIMS.contains(&k.as_str()) {
                 errs.add(
                     format!("{path}.claims.{k}"),
                     "is set by the token server itself",

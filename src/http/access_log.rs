@@ -101,7 +101,7 @@ impl Unfinished {
                 detail: format!(
                     "response body broke off after a {} head: {}",
                     self.status,
-                    super::proxy::error_chain(error)
+                    crate::telemetry::error_chain(error)
                 ),
             }),
         };

@@ -18,4 +18,3 @@ pub mod wire;
 pub mod xfcc;
 
 pub use pipeline::{ConnMemo, HttpEntry, Pipeline, PipelineConfig};
-pub(crate) use proxy::error_chain;

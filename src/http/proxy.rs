@@ -315,7 +315,7 @@ fn classify(e: &SendError, target: &Target, repeatable: bool) -> Result<Failure,
         }
         source = s.source();
     }
-    let detail = error_chain(e);
+    let detail = crate::telemetry::error_chain(e);
     Ok(if e.is_connect() {
         Failure {
             error: GatewayError::UpstreamConnect {
@@ -333,17 +333,6 @@ fn classify(e: &SendError, target: &Target, repeatable: bool) -> Result<Failure,
             retryable: repeatable,
         }
     })
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 fn respond(

@@ -190,3 +190,17 @@ pub fn claim_strings(value: Option<&Value>) -> Vec<String> {
         _ => Vec::new(),
     }
 }
+
+/// A hex SHA-256 (64 digits, either case) as bytes: how secrets are
+/// configured (OAuth clients, admin tokens).
+pub fn parse_hash(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+    }
+    Some(out)
+}

@@ -13,9 +13,9 @@ use subtle::ConstantTimeEq;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, OAuthConfig, TlsClientAuth};
-use crate::identity::CertIdentity;
 use crate::identity::jwt::RemoteJwks;
 use crate::identity::jwt::keys::KeySet;
+use crate::identity::{CertIdentity, parse_hash};
 
 /// A client as the store keeps it (`tollgate clients add`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,18 +283,6 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0; 32];
     out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref());
     out
-}
-
-pub fn parse_hash(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// A new 256-bit secret (base64url) and its hex SHA-256.

@@ -103,20 +103,6 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
     resp
 }
 
-/// Claims the token server sets itself; client claims cannot replace them.
-pub const RESERVED_CLAIMS: &[&str] = &[
-    "iss",
-    "sub",
-    "aud",
-    "exp",
-    "nbf",
-    "iat",
-    "jti",
-    "client_id",
-    "scope",
-    "cnf",
-];
-
 /// No token request needs more parameters than this.
 const MAX_PARAMETERS: usize = 32;
 
@@ -427,7 +413,7 @@ impl OAuthServer {
         let mut claims: Map<String, Value> = client
             .claims
             .iter()
-            .filter(|(k, _)| !RESERVED_CLAIMS.contains(&k.as_str()))
+            .filter(|(k, _)| !crate::identity::jwt::RESERVED_CLAIMS.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         claims.insert("iss".into(), self.issuer.clone().into());

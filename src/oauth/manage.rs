@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::endpoints::RESERVED_CLAIMS;
 use super::keys::{self, StoredKey};
 use super::{ClientRecord, new_secret};
 use crate::config::{Config, TlsClientAuth};
+use crate::identity::jwt::RESERVED_CLAIMS;
 use crate::identity::jwt::unix_now;
 use crate::store::Store;
 
@@ -54,7 +54,7 @@ pub fn add_client(cfg: &Config, new: &NewClient) -> Result<Option<String>, Strin
     }
     let with_secret = !key && new.tls_client_auth.is_none();
     if let Some(uri) = &new.jwks_uri {
-        super::jwks_url(uri).map_err(|e| format!("--jwks-uri: {e}"))?;
+        crate::identity::jwt::jwks_url(uri).map_err(|e| format!("--jwks-uri: {e}"))?;
     }
     if let Some(k) = &new.public_key {
         super::clients::public_keys(k.as_bytes()).map_err(|e| format!("--public-key: {e}"))?;

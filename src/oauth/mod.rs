@@ -16,8 +16,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prometheus::IntCounterVec;
 
-pub use clients::{Client, ClientRecord, Clients, new_secret, parse_hash};
-pub use endpoints::{Endpoint, RESERVED_CLAIMS};
+pub use clients::{Client, ClientRecord, Clients, new_secret};
+pub use endpoints::Endpoint;
 pub use runtime::OAuthRuntime;
 
 use crate::config::OAuthConfig;
@@ -44,30 +44,6 @@ pub struct OAuthServer {
     auth_failures: IntCounterVec,
     limiter: Arc<limit::AuthLimiter>,
     replays: Arc<limit::Replays>,
-}
-
-/// A client's JWK Set URL, checked: https, or http to a loopback address
-/// (anyone on the path of a plain fetch could swap the client's keys).
-pub fn jwks_url(uri: &str) -> Result<http::Uri, String> {
-    let parsed = uri
-        .parse::<http::Uri>()
-        .ok()
-        .filter(|u| u.host().is_some())
-        .ok_or_else(|| format!("`{uri}` is not a URL"))?;
-    let loopback = parsed.host().is_some_and(|h| {
-        h == "localhost"
-            || h.trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
-    match parsed.scheme_str() {
-        Some("https") => Ok(parsed),
-        Some("http") if loopback => Ok(parsed),
-        _ => Err(format!(
-            "`{uri}` must be https (plain http only to a loopback address)"
-        )),
-    }
 }
 
 /// Listeners that serve the token server: as configured, else `sidecar`,

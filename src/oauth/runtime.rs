@@ -263,7 +263,7 @@ impl OAuthRuntime {
                 None => {
                     let r = Arc::new(RemoteJwks::new(
                         &format!("client:{id}"),
-                        super::jwks_url(uri)?,
+                        crate::identity::jwt::jwks_url(uri)?,
                         JwksConfig::default(),
                         crate::transport::tls::system_roots(),
                         fetches.clone(),

@@ -7,6 +7,7 @@ mod boundary;
 mod cli;
 mod h1;
 mod jwt;
+mod layering;
 mod lifecycle;
 mod limits;
 mod oauth;

@@ -125,7 +125,7 @@ async fn check(pool: &UpstreamPool, target: &Target, hc: &HealthCheckConfig) -> 
     match status {
         Ok(Ok(status)) => status.is_success() || status.is_redirection(),
         Ok(Err(e)) => {
-            tracing::debug!(route = %pool.route, target = %target.addr, error = %crate::http::error_chain(&e), "health check failed");
+            tracing::debug!(route = %pool.route, target = %target.addr, error = %crate::telemetry::error_chain(&e), "health check failed");
             false
         }
         Err(_) => {

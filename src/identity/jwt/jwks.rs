@@ -22,7 +22,7 @@ use prometheus::IntCounterVec;
 
 use super::keys::{self, KeySet};
 use crate::config::JwksConfig;
-use crate::http::error_chain;
+use crate::telemetry::error_chain;
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 

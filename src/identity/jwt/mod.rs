@@ -462,3 +462,41 @@ fn map_error(kind: &ErrorKind) -> TokenError {
         _ => TokenError::BadSignature,
     }
 }
+
+/// A client's JWK Set URL, checked: https, or http to a loopback address
+/// (anyone on the path of a plain fetch could swap the client's keys).
+pub fn jwks_url(uri: &str) -> Result<http::Uri, String> {
+    let parsed = uri
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| u.host().is_some())
+        .ok_or_else(|| format!("`{uri}` is not a URL"))?;
+    let loopback = parsed.host().is_some_and(|h| {
+        h == "localhost"
+            || h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    match parsed.scheme_str() {
+        Some("https") => Ok(parsed),
+        Some("http") if loopback => Ok(parsed),
+        _ => Err(format!(
+            "`{uri}` must be https (plain http only to a loopback address)"
+        )),
+    }
+}
+
+/// Claims the token server sets itself; client claims cannot replace them.
+pub const RESERVED_CLAIMS: &[&str] = &[
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "nbf",
+    "iat",
+    "jti",
+    "client_id",
+    "scope",
+    "cnf",
+];
