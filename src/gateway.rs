@@ -13,11 +13,11 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::admin::auth::AdminAuth;
 use crate::admin::dynamic;
-use crate::admin::{AdminService, Readiness};
+use crate::admin::{AdminFrontEnd, Readiness};
 use crate::config::{self, Config, ConfigError, ConfigErrors, Limits};
 use crate::http::router::RouteTable;
 use crate::http::upstream::{self, UpstreamClients};
-use crate::http::{HttpEntry, PipelineConfig};
+use crate::http::{HttpFrontEnd, PipelineConfig};
 use crate::identity::Providers;
 use crate::identity::jwt::SelfKeys;
 use crate::metrics::Metrics;
@@ -102,11 +102,11 @@ impl Worker {
                         continue;
                     }
                 };
-                let pipeline = pipeline.clone();
+                let front_end = Arc::new(HttpFrontEnd::new(pipeline.clone(), &info.limits));
                 shutdown.tracker.spawn(transport::serve(
                     listener,
                     info,
-                    move |conn| HttpEntry::new(pipeline.clone(), conn),
+                    front_end,
                     shutdown.for_worker(),
                     self.metrics.clone(),
                 ));
@@ -474,19 +474,19 @@ impl Gateway {
             });
         tracing::info!(addr = %admin_addr, tls = admin_tls.is_some(),
             authenticated = config.admin.authenticated(), "admin listening");
-        let admin_gateway = gateway.clone();
+        let admin_limits = Limits {
+            max_connections: 256,
+            ..Limits::default()
+        };
         tokio::spawn(transport::serve(
             admin_listener,
             Arc::new(ListenerInfo::new(
                 "admin",
                 0,
-                Limits {
-                    max_connections: 256,
-                    ..Limits::default()
-                },
+                admin_limits.clone(),
                 admin_tls,
             )),
-            move |conn| AdminService::new(admin_gateway.clone(), conn),
+            Arc::new(AdminFrontEnd::new(gateway.clone(), &admin_limits)),
             admin_shutdown,
             gateway.inner.metrics.clone(),
         ));

@@ -42,6 +42,34 @@ impl Readiness {
     }
 }
 
+/// The admin listener's front-end: hyper serves its connections (HTTP/1.1
+/// and HTTP/2) with an [`AdminService`] each.
+pub struct AdminFrontEnd {
+    gateway: Gateway,
+    server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+}
+
+impl AdminFrontEnd {
+    pub fn new(gateway: Gateway, limits: &crate::config::Limits) -> AdminFrontEnd {
+        AdminFrontEnd {
+            gateway,
+            server: crate::transport::hyper_server(limits, false),
+        }
+    }
+}
+
+impl crate::transport::FrontEnd for AdminFrontEnd {
+    async fn serve<S: crate::transport::Stream>(
+        &self,
+        io: S,
+        conn: Arc<ConnState>,
+        shutdown: crate::transport::Shutdown,
+    ) {
+        let service = AdminService::new(self.gateway.clone(), conn.clone());
+        crate::transport::serve_hyper(&self.server, io, conn, service, shutdown).await;
+    }
+}
+
 /// The admin listener's service for one connection.
 #[derive(Clone)]
 pub struct AdminService {

@@ -7,14 +7,17 @@ pub mod authz;
 pub mod body;
 pub mod canonical;
 pub mod error;
+mod h1;
 pub mod headers;
 mod limits;
 mod pipeline;
 mod proxy;
 mod request_id;
 pub mod router;
+mod serve;
 pub mod upstream;
 pub mod wire;
 pub mod xfcc;
 
 pub use pipeline::{ConnMemo, HttpEntry, Pipeline, PipelineConfig};
+pub use serve::HttpFrontEnd;

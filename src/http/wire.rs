@@ -1,5 +1,5 @@
 //! HTTP/1.1 on the wire, shared by tollgate's own server loop
-//! (`transport::h1`) and upstream client (`upstream::h1`): header fields
+//! (`http::h1`) and upstream client (`upstream::h1`): header fields
 //! from httparse into `http` types, and the lines both write.
 
 use std::ops::Range;

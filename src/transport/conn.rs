@@ -81,7 +81,7 @@ impl ConnState {
     /// Not a read-modify-write (a locked instruction, some 7ns, on every
     /// read and write): a connection's bytes move on its worker's one
     /// thread, and the idle check only asks whether the value changed.
-    pub(super) fn touch(&self) {
+    pub fn touch(&self) {
         let now = self.activity.load(Ordering::Relaxed);
         self.activity.store(now.wrapping_add(1), Ordering::Relaxed);
     }
@@ -138,13 +138,13 @@ impl Drop for RequestGuard {
 }
 
 /// A socket that records when bytes last moved.
-pub(super) struct ActivityIo<T> {
+pub struct ActivityIo<T> {
     inner: T,
     state: Arc<ConnState>,
 }
 
 impl<T> ActivityIo<T> {
-    pub(super) fn new(inner: T, state: Arc<ConnState>) -> Self {
+    pub fn new(inner: T, state: Arc<ConnState>) -> Self {
         ActivityIo { inner, state }
     }
 

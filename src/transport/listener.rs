@@ -1,6 +1,8 @@
-//! Accept loop and per-connection serving.
+//! Accept loop: connection limits, TLS with the client's verified
+//! certificate, the connection's facts (`ConnState`); then the listener's
+//! front-end serves the connection (`FrontEnd`): the HTTP gateway, the admin
+//! API, later MQTT and WAMP.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -9,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,13 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::conn::{ActivityIo, ConnState};
-use super::h1;
 use super::tls::{TlsListener, certificate_problem};
-use crate::admin::AdminService;
 use crate::config::units::Cidr;
 use crate::config::{Limits, ListenerConfig};
-use crate::http::HttpEntry;
-use crate::http::body::ProxyBody;
 use crate::identity::CertIdentity;
 use crate::metrics::Metrics;
 use prometheus::{IntCounter, IntGauge};
@@ -181,26 +180,57 @@ impl Future for DrainWait<'_> {
     }
 }
 
-/// hyper's servers of a listener: for HTTP/2 connections of the gateway
-/// (and any connection of the admin listener), and HTTP/2 alone.
-#[derive(Clone)]
-struct Builders {
-    any: Arc<auto::Builder<TokioExecutor>>,
-    http2: Arc<auto::Builder<TokioExecutor>>,
-}
+/// A connection's byte stream as the listener hands it over: plain TCP or
+/// TLS (front-ends are generic over it, so a plain connection is read with
+/// no indirection).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Reads what has arrived into `buf`; `Ok(0)` is the end of the stream.
+    /// A short read clears the socket's readiness (tokio's `poll_read`
+    /// does): the next poll waits for news instead of trying a read that
+    /// would only say "nothing yet" (a system call per request saved).
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<std::io::Result<usize>> {
+        buf.reserve(4096);
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+    }
 
-impl Builders {
-    fn http2(self) -> Arc<auto::Builder<TokioExecutor>> {
-        self.http2
+    /// The protocol the TLS handshake chose by ALPN.
+    fn alpn(&self) -> Option<&[u8]> {
+        None
     }
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+impl Stream for TcpStream {}
+
+impl Stream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn alpn(&self) -> Option<&[u8]> {
+        self.get_ref().1.alpn_protocol()
+    }
+}
+
+/// What serves a listener's connections once accepted (and, on a TLS
+/// listener, once the handshake verified the client): the HTTP front-end,
+/// the admin API, and later MQTT, WAMP and the tunnel. The connection's
+/// slot is held until the returned future ends.
+pub trait FrontEnd: Send + Sync + 'static {
+    fn serve<S: Stream>(
+        &self,
+        io: S,
+        conn: Arc<ConnState>,
+        shutdown: Shutdown,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// A hyper server for a listener's limits; `http2_only` for connections
+/// that chose HTTP/2 already. Its parser limits sit above the listener's
+/// own (which answer with a JSON 431/414); they catch what is far beyond.
+pub fn hyper_server(limits: &Limits, http2_only: bool) -> auto::Builder<TokioExecutor> {
     let header_bytes = limits.max_header_bytes.as_usize();
     let uri_bytes = limits.max_uri_bytes.as_usize();
     let mut b = auto::Builder::new(TokioExecutor::new());
-    // hyper's own parser limits sit above ours, which answer with a JSON 431/414;
-    // they only catch what is far beyond the configured limits.
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -213,34 +243,8 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(u32::try_from(header_bytes * 2 + uri_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    b
+    if http2_only { b.http2_only() } else { b }
 }
-
-/// What a listener serves: a hyper service whose futures and bodies may move
-/// between tasks.
-pub trait ServeHttp:
-    hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<ProxyBody>,
-        Error = Infallible,
-        Future: Send + 'static,
-    > + Send
-    + 'static
-{
-    /// The gateway's stack, which also serves requests read by tollgate's
-    /// own HTTP/1 loop (`h1`); other services are read by hyper only.
-    fn gateway_entry(&self) -> Option<&HttpEntry> {
-        None
-    }
-}
-
-impl ServeHttp for HttpEntry {
-    fn gateway_entry(&self) -> Option<&HttpEntry> {
-        Some(self)
-    }
-}
-
-impl ServeHttp for AdminService {}
 
 /// Per-listener handles the accept loop and its connections count with.
 #[derive(Clone)]
@@ -253,21 +257,13 @@ struct Counters {
 }
 
 /// Serves one listener until `shutdown.graceful` fires.
-pub async fn serve<F, S>(
+pub async fn serve<F: FrontEnd>(
     listener: TcpListener,
     info: Arc<ListenerInfo>,
-    make_service: F,
+    front_end: Arc<F>,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
-) where
-    F: Fn(Arc<ConnState>) -> S + Send + Sync + 'static,
-    S: ServeHttp,
-{
-    let builder = Builders {
-        any: Arc::new(builder(&info.limits)),
-        http2: Arc::new(builder(&info.limits).http2_only()),
-    };
-    let make_service = Arc::new(make_service);
+) {
     let served = metrics
         .transport_connections
         .with_label_values(&[&info.name, "served"]);
@@ -321,12 +317,10 @@ pub async fn serve<F, S>(
             info: info.clone(),
             counters: counters.clone(),
         };
-        let make_service = make_service.clone();
-        let builder = builder.clone();
+        let front_end = front_end.clone();
         let shutdown_conn = shutdown.clone();
         shutdown.tracker.spawn(async move {
-            let make = |state: Arc<ConnState>| make_service(state);
-            conn.serve(builder, make, shutdown_conn).await;
+            conn.serve(&*front_end, shutdown_conn).await;
         });
     }
     tracing::info!(listener = %info.name, "listener stopped accepting");
@@ -342,12 +336,7 @@ struct Accepted {
 }
 
 impl Accepted {
-    async fn serve<S: ServeHttp>(
-        self,
-        builder: Builders,
-        make_service: impl FnOnce(Arc<ConnState>) -> S,
-        shutdown: Shutdown,
-    ) {
+    async fn serve<F: FrontEnd>(self, front_end: &F, shutdown: Shutdown) {
         let Accepted {
             stream,
             peer,
@@ -364,11 +353,7 @@ impl Accepted {
                 None,
                 None,
             ));
-            let service = make_service(state.clone());
-            let Some(entry) = service.gateway_entry().cloned() else {
-                return serve_connection(builder.any, stream, state, service, shutdown).await;
-            };
-            return serve_gateway(builder, stream, state, entry, service, shutdown).await;
+            return front_end.serve(stream, state, shutdown).await;
         };
         // The handshake counts against the header-read timeout: a client that
         // opens a connection and sends nothing is closed in the same time.
@@ -432,47 +417,27 @@ impl Accepted {
             peer_cert,
             server_uri,
         ));
-        let service = make_service(state.clone());
-        let Some(entry) = service.gateway_entry().cloned() else {
-            return serve_connection(builder.any, stream, state, service, shutdown).await;
-        };
-        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-            return serve_connection(builder.http2(), stream, state, service, shutdown).await;
-        }
-        serve_gateway(builder, stream, state, entry, service, shutdown).await;
+        front_end.serve(stream, state, shutdown).await;
     }
 }
 
-/// A gateway connection: tollgate's HTTP/1 codec reads it, unless it opens
-/// with the HTTP/2 preface (prior knowledge), which hyper's HTTP/2 server
-/// reads from the first byte.
-async fn serve_gateway<I: h1::Stream, S: ServeHttp>(
-    builder: Builders,
-    stream: I,
-    state: Arc<ConnState>,
-    entry: HttpEntry,
-    service: S,
-    shutdown: Shutdown,
-) {
-    // No watch on `shutdown.force` here: gateway connections run on a
-    // worker's event loop, which is dropped with them at the drain deadline
-    // (and a watch would be polled on every wake-up).
-    if let h1::Ended::Http2(stream, read) = h1::serve(stream, state.clone(), entry, &shutdown).await
-    {
-        let stream = h1::Rewind::new(stream, read);
-        serve_connection(builder.http2(), stream, state, service, shutdown).await;
-    }
-}
-
-async fn serve_connection<I, S>(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+/// Serves a connection with a hyper server (HTTP/2, or the admin API's
+/// HTTP/1.1 and HTTP/2): closed when idle, gracefully on the drain, at once
+/// at its deadline.
+pub async fn serve_hyper<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
     stream: I,
     state: Arc<ConnState>,
     service: S,
     shutdown: Shutdown,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: ServeHttp,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let peer: SocketAddr = state.peer;
     let idle = state.listener.limits.idle_timeout;

@@ -1,14 +1,16 @@
 //! Listeners: bind, accept under a connection limit, terminate TLS (verifying
-//! client certificates), serve HTTP/1.1 and HTTP/2 on each connection with
-//! header/idle timeouts, and drain on shutdown.
+//! client certificates), hand each connection and its facts to the
+//! listener's front-end (`FrontEnd`), and drain on shutdown. Protocol-free:
+//! no front-end is imported here.
 
 mod conn;
-mod h1;
 mod listener;
 pub mod tls;
 
-pub use conn::{ConnState, RequestGuard};
-pub use listener::{ListenerInfo, Shutdown, bind_shared, serve};
+pub use conn::{ActivityIo, ConnState, RequestGuard};
+pub use listener::{
+    FrontEnd, ListenerInfo, Shutdown, Stream, bind_shared, hyper_server, serve, serve_hyper,
+};
 
 /// Lets the worker's other ready tasks run first: the task goes to the
 /// back of its worker's run queue. `tokio::task::yield_now` would wait for

@@ -42,12 +42,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "oauth",
         "the token endpoints are special-cased in the pipeline",
     ),
-    (
-        "transport",
-        "http",
-        "listeners are wired to the HTTP front-end's codec",
-    ),
-    ("transport", "admin", "listeners know the admin service"),
 ];
 
 fn module_of(src: &Path, file: &Path) -> String {

@@ -24,16 +24,14 @@ use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 
-use super::conn::{ActivityIo, ConnState};
-use super::listener::Shutdown;
-use crate::http::ConnMemo;
-use crate::http::HttpEntry;
-use crate::http::body::{BodyFeed, ClientBody, ProxyBody, fed_body};
-use crate::http::error::GatewayError;
-use crate::http::headers::{self, X_REQUEST_ID};
-use crate::http::wire::{self, Chunk, RequestHead};
+use super::ConnMemo;
+use super::HttpEntry;
+use super::body::{BodyFeed, ClientBody, ProxyBody, fed_body};
+use super::error::GatewayError;
+use super::headers::{self, X_REQUEST_ID};
+use super::wire::{self, Chunk, RequestHead};
+use crate::transport::{ActivityIo, ConnState, Shutdown, Stream};
 
 /// Header slots for one head; a head with more fields is refused (431).
 const MAX_HEADERS: usize = 256;
@@ -41,28 +39,8 @@ const MAX_HEADERS: usize = 256;
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// A connection stream the loop reads and writes: plain TCP or TLS.
-pub(super) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Reads what has arrived into `buf`; `Ok(0)` is the end of the stream.
-    /// A short read clears the socket's readiness (tokio's `poll_read`
-    /// does): the next poll waits for news instead of trying a read that
-    /// would only say "nothing yet" (a system call per request saved).
-    fn poll_fill(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-    ) -> Poll<std::io::Result<usize>> {
-        buf.reserve(4096);
-        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
-    }
-}
-
-impl Stream for TcpStream {}
-
-impl Stream for tokio_rustls::server::TlsStream<TcpStream> {}
-
 /// How the loop ended.
-pub(super) enum Ended<S> {
+pub(crate) enum Ended<S> {
     Closed,
     /// The client speaks HTTP/2: serve it with that, starting with these bytes.
     Http2(S, Bytes),
@@ -98,7 +76,7 @@ enum Read {
     Refused(GatewayError),
 }
 
-pub(super) async fn serve<S: Stream>(
+pub(crate) async fn serve<S: Stream>(
     mut io: S,
     state: Arc<ConnState>,
     entry: HttpEntry,
@@ -807,13 +785,13 @@ fn put_date(out: &mut BytesMut) {
 }
 
 /// A connection whose first bytes were read already: they come first.
-pub(super) struct Rewind<S> {
+pub(crate) struct Rewind<S> {
     read: Bytes,
     io: S,
 }
 
 impl<S> Rewind<S> {
-    pub(super) fn new(io: S, read: Bytes) -> Rewind<S> {
+    pub(crate) fn new(io: S, read: Bytes) -> Rewind<S> {
         Rewind { read, io }
     }
 }
