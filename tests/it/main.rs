@@ -5,6 +5,7 @@ mod admin;
 mod blame;
 mod boundary;
 mod cli;
+mod frontend;
 mod h1;
 mod jwt;
 mod layering;

@@ -152,7 +152,11 @@ pub fn https_listener(name: &str, server: &Identity, extra: &str) -> String {
     )
 }
 
-fn client_config(ca: &Path, me: Option<&Identity>, alpn: &[&[u8]]) -> rustls::ClientConfig {
+pub(crate) fn client_config(
+    ca: &Path,
+    me: Option<&Identity>,
+    alpn: &[&[u8]],
+) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let roots = tollgate::transport::tls::ca_roots(&std::fs::read(ca).unwrap()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(provider)
