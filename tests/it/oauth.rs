@@ -78,6 +78,15 @@ pub(crate) async fn known_client(gw: &TestGateway, id: &str, extra: &[&str]) -> 
     secret
 }
 
+/// An `oauth.clients` entry (YAML) for `id` with `secret`, allowed
+/// `bar.read` for audience `bar`.
+pub(crate) fn static_client(id: &str, secret: &str) -> String {
+    format!(
+        "  clients:\n    - {{ id: {id}, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
+        sha256_hex(secret)
+    )
+}
+
 pub(crate) fn sha256_hex(s: &str) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
@@ -424,10 +433,7 @@ async fn introspection_and_revocation() {
 async fn a_connections_repeated_token_is_still_checked() {
     let up = Upstream::echo("bar").await;
     let secret = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    let clients = format!(
-        "  clients:\n    - {{ id: foo, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
-        sha256_hex(secret)
-    );
+    let clients = static_client("foo", secret);
     let gw = TestGateway::start(&oauth_config(&up, "ES256", &clients)).await;
     let mut conn = connection(gw.addr()).await;
     let bearer = |token: &str| {

@@ -13,7 +13,7 @@ use http::{Method, Request};
 use serde_json::json;
 
 use crate::oauth::{
-    authenticates, call_bar, cli, known_client, oauth_config, sha256_hex, token, token_call,
+    authenticates, call_bar, cli, known_client, oauth_config, static_client, token, token_call,
 };
 use crate::support::*;
 
@@ -43,6 +43,17 @@ async fn hold_store(store: &Path, secs: u32) -> Child {
     })
     .await
     .unwrap()
+}
+
+/// Waits until the process holding the store's lock has ended.
+async fn released(lock: Child) {
+    tokio::task::spawn_blocking(move || {
+        let mut lock = lock;
+        lock.wait()
+    })
+    .await
+    .unwrap()
+    .unwrap();
 }
 
 async fn admin_status(gw: &TestGateway) -> serde_json::Value {
@@ -78,13 +89,7 @@ async fn a_store_change_that_cannot_load_is_applied_once_it_can() {
         .to_owned();
     assert!(why.contains("held open by another process"), "{why}");
     assert_eq!(metric(&gw.metrics().await, "tollgate_store_in_sync"), 0.0);
-    tokio::task::spawn_blocking(move || {
-        let mut lock = lock;
-        lock.wait()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    released(lock).await;
     wait_until(
         Duration::from_secs(15),
         "the disabled client is refused",
@@ -150,10 +155,7 @@ async fn a_reload_reads_the_store_as_well_as_the_file() {
 async fn a_revocation_is_acknowledged_only_once_durable() {
     let up = Upstream::echo("bar").await;
     let secret = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    let clients = format!(
-        "  clients:\n    - {{ id: foo, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
-        sha256_hex(secret)
-    );
+    let clients = static_client("foo", secret);
     let gw = TestGateway::start(&oauth_config(&up, "ES256", &clients)).await;
     let t = token(&gw, "foo", secret, "").await;
     assert_eq!(call_bar(&gw, &t).await.status, 200);
@@ -164,13 +166,7 @@ async fn a_revocation_is_acknowledged_only_once_durable() {
     assert_eq!(r.json()["error"], "temporarily_unavailable");
     assert!(r.headers.contains_key("retry-after"));
     assert_eq!(call_bar(&gw, &t).await.status, 401, "refused here at once");
-    tokio::task::spawn_blocking(move || {
-        let mut lock = lock;
-        lock.wait()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    released(lock).await;
     let r = token_call(&gw, "/oauth2/revoke", &t, ("foo", secret)).await;
     assert_eq!(r.status, 200, "{}", r.text());
 
@@ -355,13 +351,7 @@ async fn admin_api_store_failures_say_why_and_recover() {
         message.contains("held open by another process"),
         "{message}"
     );
-    tokio::task::spawn_blocking(move || {
-        let mut lock = lock;
-        lock.wait()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    released(lock).await;
     let listed = get(&url).await;
     assert_eq!(listed.status, 200, "{}", listed.text());
     assert!(post("third").await.status.is_success());
@@ -381,10 +371,7 @@ async fn admin_api_store_failures_say_why_and_recover() {
 async fn a_gateway_starts_without_its_store_and_recovers() {
     let up = Upstream::echo("bar").await;
     let secret = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    let clients = format!(
-        "  clients:\n    - {{ id: foo, secret_sha256: \"{}\", scopes: [bar.read], audiences: [bar] }}\n",
-        sha256_hex(secret)
-    );
+    let clients = static_client("foo", secret);
     let dir = tempfile::tempdir().unwrap();
     let blocked = dir.path().join("blocked");
     std::fs::write(&blocked, "a file where the store's directory should be").unwrap();
