@@ -2,11 +2,12 @@
 //! provider's token cache is off) and warm (a validated token found in the
 //! cache, with the revocation check).
 
+use std::borrow::Cow;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use tollgate::identity::Providers;
+use tollgate::identity::{Authenticator, Providers};
 use tollgate::metrics::Metrics;
 
 fn keypair(alg: Algorithm) -> (EncodingKey, String) {
@@ -67,12 +68,17 @@ fn bench(c: &mut Criterion) {
             std::fs::write(&cfg_file, yaml).expect("write config");
             let cfg = tollgate::config::load(&cfg_file).expect("config");
             let providers = Providers::build(&cfg, None, &Metrics::new(), None).expect("providers");
-            let provider = providers.get("p").expect("provider").clone();
-            rt.block_on(provider.authenticate(&token))
+            let authn = Authenticator {
+                accept_jwt: true,
+                accept_cert: false,
+                require_both: false,
+                providers: vec![providers.get("p").expect("provider").clone()],
+            };
+            rt.block_on(authn.authenticate(Some(Cow::Borrowed(&token)), None))
                 .expect("token validates");
             group.bench_function(format!("{name}/{mode}"), |b| {
                 b.iter(|| {
-                    rt.block_on(provider.authenticate(black_box(&token)))
+                    rt.block_on(authn.authenticate(Some(Cow::Borrowed(black_box(&token))), None))
                         .is_ok()
                 })
             });

@@ -10,12 +10,13 @@ use subtle::ConstantTimeEq;
 
 use crate::authz::{Action, Effect, Policy, Resource};
 use crate::config::Config;
-use crate::identity::jwt::JwtProvider;
-use crate::identity::{CertIdentity, Identity, Providers};
+use crate::identity::{Authenticator, CertIdentity, Providers};
 
 pub struct AdminAuth {
     token_sha256: Option<[u8; 32]>,
-    providers: Vec<Arc<JwtProvider>>,
+    /// A JWT of the admin providers, or a client certificate: the same
+    /// rules as on routes (issuer, revocation, certificate binding).
+    authn: Authenticator,
     policy: Option<Policy>,
 }
 
@@ -46,10 +47,15 @@ impl AdminAuth {
                 .token_sha256
                 .as_deref()
                 .and_then(crate::identity::parse_hash),
-            providers: names
-                .iter()
-                .filter_map(|n| providers.get(n).cloned())
-                .collect(),
+            authn: Authenticator {
+                accept_jwt: true,
+                accept_cert: true,
+                require_both: false,
+                providers: names
+                    .iter()
+                    .filter_map(|n| providers.get(n).cloned())
+                    .collect(),
+            },
             policy: admin
                 .policy
                 .as_deref()
@@ -85,21 +91,17 @@ impl AdminAuth {
         let Some(policy) = &self.policy else {
             return Err(Denied::Unauthenticated);
         };
-        let identity = match bearer {
-            Some(token) => {
-                let mut found = None;
-                for p in &self.providers {
-                    if let Ok(id) = p.authenticate(token).await {
-                        found = Some(id);
-                        break;
-                    }
-                }
-                found
+        let bearer = bearer.filter(|_| !self.authn.providers.is_empty());
+        let identity = match self
+            .authn
+            .authenticate(bearer.map(std::borrow::Cow::Borrowed), cert.cloned())
+            .await
+        {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                tracing::info!(?refusal, %method, path, "admin API request not authenticated");
+                return Err(Denied::Unauthenticated);
             }
-            None => cert.map(|c| Arc::new(Identity::from_cert(c.clone()))),
-        };
-        let Some(identity) = identity else {
-            return Err(Denied::Unauthenticated);
         };
         let decision = policy.evaluate(&identity, &Action::http(method.as_str(), path));
         if decision.effect == Effect::Allow {

@@ -1,10 +1,10 @@
-//! Authentication: reads the credentials the route asks for (a bearer
-//! token, the connection's verified client certificate) and tells who the
-//! caller is, as an [`Identity`]. A token already validated is answered from
-//! the provider's cache without waiting; only a cache miss checks a
-//! signature. Each connection also remembers its last `Authorization` field
-//! ([`TokenMemo`]), which spares a keep-alive client's repeat requests the
-//! field's parsing, the token's hash and the shared cache.
+//! Authentication on HTTP: reads the credentials the route asks for (a
+//! bearer token from where its providers say, the connection's verified
+//! client certificate) and has the route's [`Authenticator`] tell who the
+//! caller is; its refusals become 400/401 here. Each connection also
+//! remembers its last `Authorization` field ([`TokenMemo`]), which spares a
+//! keep-alive client's repeat requests the field's parsing, the token's
+//! hash and the shared cache.
 
 use std::borrow::Cow;
 use std::sync::{Arc, Weak};
@@ -18,16 +18,13 @@ use super::router::FieldLookup;
 use super::xfcc::XfccFields;
 use crate::authz::Policy;
 use crate::config::TokenSource;
-use crate::identity::jwt::{JwtProvider, TokenDigest, TokenError};
-use crate::identity::{CertIdentity, Identity};
+use crate::identity::jwt::JwtProvider;
+use crate::identity::{Authenticator, CertIdentity, Identity, Refusal, Step};
 
 /// A route's authentication and authorization settings, compiled.
 pub struct RouteAuth {
-    pub accept_jwt: bool,
-    pub accept_mtls: bool,
-    /// Both credentials are needed (`all_of`), not either.
-    pub require_both: bool,
-    pub providers: Vec<Arc<JwtProvider>>,
+    /// Which credentials the route takes, and its JWT providers.
+    pub authn: Authenticator,
     /// Where tokens are read, the union over the route's providers.
     pub sources: Vec<TokenSource>,
     pub policy: Option<Policy>,
@@ -44,10 +41,12 @@ pub struct RouteAuth {
 impl RouteAuth {
     pub fn open(identity_headers: Arc<[HeaderName]>, realm: Arc<str>) -> RouteAuth {
         RouteAuth {
-            accept_jwt: false,
-            accept_mtls: false,
-            require_both: false,
-            providers: Vec::new(),
+            authn: Authenticator {
+                accept_jwt: false,
+                accept_cert: false,
+                require_both: false,
+                providers: Vec::new(),
+            },
             sources: Vec::new(),
             policy: None,
             forward_claims: Vec::new(),
@@ -59,41 +58,25 @@ impl RouteAuth {
     }
 
     pub(super) fn required(&self) -> bool {
-        self.accept_jwt || self.accept_mtls
+        self.authn.accept_jwt || self.authn.accept_cert
     }
 
-    fn unauthenticated(&self, reason: &'static str) -> GatewayError {
-        GatewayError::Unauthenticated {
+    /// The HTTP answer to a refusal: the one place they are mapped.
+    pub(super) fn refused(&self, refusal: Refusal) -> GatewayError {
+        let unauthenticated = |reason| GatewayError::Unauthenticated {
             realm: self.realm.clone(),
-            bearer: self.accept_jwt,
+            bearer: self.authn.accept_jwt,
             reason,
+        };
+        match refusal {
+            Refusal::TokenRequired => unauthenticated("a bearer token is required"),
+            Refusal::CertificateRequired => unauthenticated("a client certificate is required"),
+            Refusal::InvalidToken { provider, error } => GatewayError::InvalidToken {
+                realm: self.realm.clone(),
+                provider,
+                error,
+            },
         }
-    }
-}
-
-/// What the synchronous path decided.
-pub(super) enum Step {
-    Done(Arc<Identity>),
-    Validate {
-        provider: Arc<JwtProvider>,
-        token: String,
-        digest: TokenDigest,
-        /// The connection's certificate: attached with `all_of: [jwt, mtls]`,
-        /// and what a certificate-bound token must match.
-        cert: Option<Arc<CertIdentity>>,
-        attach_cert: bool,
-    },
-}
-
-pub(super) fn invalid_token(
-    auth: &RouteAuth,
-    provider: &JwtProvider,
-    error: TokenError,
-) -> GatewayError {
-    GatewayError::InvalidToken {
-        realm: auth.realm.clone(),
-        provider: provider.name.clone(),
-        error,
     }
 }
 
@@ -161,11 +144,10 @@ fn memo_key<'a>(auth: &RouteAuth, fields: &'a impl FieldLookup) -> Option<&'a [u
     values.next().is_none().then_some(first)
 }
 
-/// Decides without waiting when it can (no token needed, a token
-/// validated before, a certificate); otherwise names the provider that
-/// must validate the token. Reads the request's fields and query, the
-/// connection's certificate and `memo`, the connection's last
-/// `Authorization` field.
+/// Decides without waiting when it can (a token validated before, a
+/// certificate); otherwise names the provider that must validate the
+/// token. Reads the request's fields and query, the connection's
+/// certificate and `memo`, the connection's last `Authorization` field.
 pub(super) fn identify(
     auth: &RouteAuth,
     fields: &impl FieldLookup,
@@ -173,17 +155,19 @@ pub(super) fn identify(
     cert: Option<Arc<CertIdentity>>,
     memo: &mut TokenMemo,
 ) -> Result<Step, GatewayError> {
-    // Only `all_of` attaches the certificate to the token's identity.
-    let attach_cert = auth.require_both;
+    let authn = &auth.authn;
     // The field the connection sent last: no parsing, no hash, no allocation.
     let key = memo_key(auth, fields);
     if let Some(key) = key
-        && !(auth.require_both && cert.is_none())
-        && let Some((p, id)) = memo.recall(key, &auth.providers)
+        && !(authn.require_both && cert.is_none())
+        && let Some((p, id)) = memo.recall(key, &authn.providers)
     {
-        return known(auth, p, p.recheck(id), cert.as_ref(), attach_cert);
+        return authn
+            .recall(p, p.recheck(id), cert.as_ref())
+            .map(|id| Step::Done(id, None))
+            .map_err(|r| auth.refused(r));
     }
-    let token = if auth.accept_jwt {
+    let token = if authn.accept_jwt {
         find_token(&auth.sources, fields, query).map_err(|reason| {
             GatewayError::InvalidAuthRequest {
                 realm: auth.realm.clone(),
@@ -193,95 +177,11 @@ pub(super) fn identify(
     } else {
         None
     };
-    if auth.require_both && cert.is_none() {
-        return Err(auth.unauthenticated("a client certificate is required"));
+    let step = authn.begin(token, cert).map_err(|r| auth.refused(r))?;
+    if let (Step::Done(id, Some(i)), Some(key)) = (&step, key) {
+        memo.remember(key, &authn.providers[*i], id);
     }
-    let Some(token) = token else {
-        return match cert {
-            Some(cert) if auth.accept_mtls && !auth.require_both => {
-                Ok(Step::Done(Arc::new(Identity::from_cert(cert))))
-            }
-            _ if auth.accept_jwt => Err(auth.unauthenticated("a bearer token is required")),
-            _ => Err(auth.unauthenticated("a client certificate is required")),
-        };
-    };
-    // A validated token: no signature check, no allocation.
-    let digest = TokenDigest::of(&token);
-    for p in &auth.providers {
-        if let Some(hit) = p.cached(&digest) {
-            if let (Some(key), Ok(id)) = (key, &hit) {
-                memo.remember(key, p, id);
-            }
-            return known(auth, p, hit, cert.as_ref(), attach_cert);
-        }
-    }
-    let provider = match auth.providers.as_slice() {
-        [only] => only.clone(),
-        several => {
-            let iss = JwtProvider::peek_issuer(&token);
-            match several
-                .iter()
-                .find(|p| iss.as_deref() == Some(p.settings.issuer.as_str()))
-            {
-                Some(p) => p.clone(),
-                None => {
-                    return Err(GatewayError::InvalidToken {
-                        realm: auth.realm.clone(),
-                        provider: Arc::from("-"),
-                        error: TokenError::WrongIssuer,
-                    });
-                }
-            }
-        }
-    };
-    Ok(Step::Validate {
-        provider,
-        token: token.into_owned(),
-        digest,
-        cert,
-        attach_cert,
-    })
-}
-
-/// The answer for a token validated before (remembered or cached), as
-/// `provider` checked it again now, counted.
-fn known(
-    auth: &RouteAuth,
-    provider: &JwtProvider,
-    checked: Result<Arc<Identity>, TokenError>,
-    cert: Option<&Arc<CertIdentity>>,
-    attach_cert: bool,
-) -> Result<Step, GatewayError> {
-    provider.count_known(&checked);
-    match checked.and_then(|id| bound(id, cert, attach_cert)) {
-        Ok(id) => Ok(Step::Done(id)),
-        Err(e) => Err(invalid_token(auth, provider, e)),
-    }
-}
-
-/// A token's identity checked against the connection's certificate (RFC
-/// 8705 binding), with the certificate attached when the route wants both.
-pub(super) fn bound(
-    id: Arc<Identity>,
-    cert: Option<&Arc<CertIdentity>>,
-    attach: bool,
-) -> Result<Arc<Identity>, TokenError> {
-    if !id.bound_to(cert.map(|c| &**c)) {
-        return Err(TokenError::CertificateMismatch);
-    }
-    Ok(with_cert(id, cert.filter(|_| attach).cloned()))
-}
-
-/// With `all_of: [jwt, mtls]` the token's identity carries the certificate.
-fn with_cert(id: Arc<Identity>, cert: Option<Arc<CertIdentity>>) -> Arc<Identity> {
-    match cert {
-        None => id,
-        Some(cert) => {
-            let mut both = Identity::clone(&id);
-            both.cert = Some(cert);
-            Arc::new(both)
-        }
-    }
+    Ok(step)
 }
 
 /// A field value as text, as `HeaderValue::to_str` reads it (visible

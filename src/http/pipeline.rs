@@ -28,7 +28,7 @@ use http::{Response, Version};
 use tokio::time::Sleep;
 
 use super::access_log::{self, Entry, Unfinished};
-use super::auth::{self, Step, TokenMemo};
+use super::auth::{self, TokenMemo};
 use super::authz::{self, ANONYMOUS};
 use super::body::{ClientBody, ProxyBody};
 use super::canonical;
@@ -42,7 +42,7 @@ use super::upstream::UpstreamClients;
 use super::wire::{self, RequestHead};
 use super::xfcc::{self, XFCC};
 use crate::authz::{Action, Effect};
-use crate::identity::Identity;
+use crate::identity::{Identity, Step};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::oauth::OAuthServer;
 use crate::transport::ConnState;
@@ -404,7 +404,7 @@ impl Pipeline {
                 route.metrics.denied.inc();
                 return Err(GatewayError::Forbidden {
                     realm: auth.realm.clone(),
-                    bearer: auth.accept_jwt,
+                    bearer: auth.authn.accept_jwt,
                     scope: policy.scope_hint().to_owned(),
                     rule: decision.rule,
                     subject: who.subject.clone(),
@@ -639,21 +639,12 @@ async fn authenticate(
         return Ok(None);
     }
     match auth::identify(auth, head, head.uri.query(), conn.peer_cert.clone(), memo)? {
-        Step::Done(identity) => Ok(Some(identity)),
-        Step::Validate {
-            provider,
-            token,
-            digest,
-            cert,
-            attach_cert,
-        } => {
-            // Boxed: a cache miss is rare, and its future large.
-            Box::pin(provider.validate(&token, &digest))
-                .await
-                .and_then(|id| auth::bound(id, cert.as_ref(), attach_cert))
-                .map(Some)
-                .map_err(|e| auth::invalid_token(auth, &provider, e))
-        }
+        Step::Done(identity, _) => Ok(Some(identity)),
+        // Boxed: a cache miss is rare, and its future large.
+        Step::Validate(pending) => Box::pin(pending.finish())
+            .await
+            .map(Some)
+            .map_err(|r| auth.refused(r)),
     }
 }
 

@@ -405,7 +405,8 @@ fn compile_auth(
 ) -> RouteAuth {
     let mut auth = RouteAuth::open(identity_headers, realm);
     let has = |list: &[Credential], c| list.contains(&c);
-    (auth.accept_jwt, auth.accept_mtls, auth.require_both) = match &rc.auth {
+    let authn = &mut auth.authn;
+    (authn.accept_jwt, authn.accept_cert, authn.require_both) = match &rc.auth {
         AuthRequirement::None => (false, false, false),
         AuthRequirement::Jwt => (true, false, false),
         AuthRequirement::Mtls => (false, true, false),
@@ -416,8 +417,8 @@ fn compile_auth(
             (j, m, j && m)
         }
     };
-    if auth.accept_jwt {
-        auth.providers = match &rc.providers {
+    if authn.accept_jwt {
+        authn.providers = match &rc.providers {
             Some(names) => names
                 .iter()
                 .filter_map(|n| providers.get(n).cloned())
@@ -428,7 +429,7 @@ fn compile_auth(
                 all
             }
         };
-        for p in &auth.providers {
+        for p in &authn.providers {
             for s in &p.settings.token_from {
                 if !auth.sources.contains(s) {
                     auth.sources.push(s.clone());

@@ -3,6 +3,7 @@
 //! the front-ends that add them). Nothing past authentication looks at raw
 //! tokens, headers or certificates again.
 
+mod authenticator;
 mod cert;
 pub mod jwt;
 mod providers;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+pub use authenticator::{Authenticator, Pending, Refusal, Step};
 pub(crate) use cert::hex;
 pub use providers::Providers;
 pub use revocation::Revocations;

@@ -233,18 +233,6 @@ impl JwtProvider {
         Ok(())
     }
 
-    /// Cache, then full validation.
-    pub async fn authenticate(&self, token: &str) -> Result<Arc<Identity>, TokenError> {
-        let digest = TokenDigest::of(token);
-        match self.cached(&digest) {
-            Some(hit) => {
-                self.count_known(&hit);
-                hit
-            }
-            None => self.validate(token, &digest).await,
-        }
-    }
-
     /// Full validation of a token the cache did not have; a valid one is
     /// cached under `digest`. May wait for a key set refetch when the token
     /// names a `kid` this provider has not seen.
