@@ -13,7 +13,8 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::admin::auth::AdminAuth;
 use crate::admin::dynamic;
-use crate::admin::{AdminFrontEnd, Readiness};
+use crate::admin::{AdminBackend, AdminFrontEnd, Readiness};
+pub use crate::config::Reloaded;
 use crate::config::{self, Config, ConfigError, ConfigErrors, Limits};
 use crate::http::router::RouteTable;
 use crate::http::upstream::{self, UpstreamClients};
@@ -255,13 +256,6 @@ fn load_material(
     }
 }
 
-/// How a reload ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Reloaded {
-    Applied,
-    Unchanged,
-}
-
 impl Gateway {
     /// Binds every listener and starts serving: one worker thread per
     /// `runtime.workers`, each with its own event loop, accept sockets and
@@ -486,7 +480,7 @@ impl Gateway {
                 admin_limits.clone(),
                 admin_tls,
             )),
-            Arc::new(AdminFrontEnd::new(gateway.clone(), &admin_limits)),
+            Arc::new(AdminFrontEnd::new(Arc::new(gateway.clone()), &admin_limits)),
             admin_shutdown,
             gateway.inner.metrics.clone(),
         ));
@@ -1023,4 +1017,47 @@ async fn settled(path: &std::path::Path, debounce: Duration) {
 /// log filter lets `tollgate::access` through at info.
 fn access_log_on(config: &Config) -> bool {
     config.proxy.access_log && tracing::enabled!(target: "tollgate::access", tracing::Level::INFO)
+}
+
+/// The admin API's view of the running gateway.
+impl AdminBackend for Gateway {
+    fn status(&self) -> serde_json::Value {
+        Gateway::status(self)
+    }
+    fn redacted_config(&self) -> serde_json::Value {
+        Gateway::redacted_config(self)
+    }
+    fn routes_status(&self) -> serde_json::Value {
+        Gateway::routes_status(self)
+    }
+    fn oauth_clients(&self) -> Option<Vec<serde_json::Value>> {
+        Gateway::oauth_clients(self)
+    }
+    fn file_config(&self) -> Arc<Config> {
+        Gateway::file_config(self)
+    }
+    fn not_served(&self, name: &str) -> Option<String> {
+        Gateway::not_served(self, name)
+    }
+    fn admin_auth(&self) -> Arc<AdminAuth> {
+        Gateway::admin_auth(self)
+    }
+    fn metrics(&self) -> &Metrics {
+        Gateway::metrics(self)
+    }
+    fn readiness(&self) -> &Readiness {
+        Gateway::readiness(self)
+    }
+    fn store_waiting(&self) -> Option<String> {
+        Gateway::store_waiting(self)
+    }
+    fn reload(&self) -> crate::admin::BoxFuture<'_, Result<Reloaded, ConfigErrors>> {
+        Box::pin(Gateway::reload(self))
+    }
+    fn routes_changed(&self) -> crate::admin::BoxFuture<'_, Result<(), String>> {
+        Box::pin(Gateway::routes_changed(self))
+    }
+    fn admin_write_lock(&self) -> crate::admin::BoxFuture<'_, tokio::sync::MutexGuard<'_, ()>> {
+        Box::pin(Gateway::admin_write_lock(self))
+    }
 }

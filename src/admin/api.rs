@@ -13,9 +13,9 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Map, Value, json};
 
+use super::AdminBackend;
 use super::dynamic::{self, ApiRoute, KongService, Origin};
 use super::kong;
-use crate::gateway::Gateway;
 use crate::http::body::ProxyBody;
 use crate::store::{API_ROUTES, KONG_SERVICES, Store};
 
@@ -130,7 +130,7 @@ fn object(v: &Value) -> Result<&Map<String, Value>, Response<ProxyBody>> {
         .ok_or_else(|| error(StatusCode::BAD_REQUEST, "expected a JSON object"))
 }
 
-pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<ProxyBody>
+pub async fn handle<B>(gw: &dyn AdminBackend, req: Request<B>) -> Response<ProxyBody>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -231,15 +231,15 @@ where
     }
 }
 
-fn status(gw: &Gateway) -> Response<ProxyBody> {
+fn status(gw: &dyn AdminBackend) -> Response<ProxyBody> {
     json_response(StatusCode::OK, &gw.status())
 }
 
-fn config(gw: &Gateway) -> Response<ProxyBody> {
+fn config(gw: &dyn AdminBackend) -> Response<ProxyBody> {
     json_response(StatusCode::OK, &gw.redacted_config())
 }
 
-async fn reload(gw: &Gateway) -> Response<ProxyBody> {
+async fn reload(gw: &dyn AdminBackend) -> Response<ProxyBody> {
     match gw.reload().await {
         Ok(r) => json_response(
             StatusCode::OK,
@@ -260,7 +260,7 @@ async fn reload(gw: &Gateway) -> Response<ProxyBody> {
     }
 }
 
-fn clients(gw: &Gateway) -> Response<ProxyBody> {
+fn clients(gw: &dyn AdminBackend) -> Response<ProxyBody> {
     match gw.oauth_clients() {
         Some(list) => json_response(StatusCode::OK, &json!({ "data": list })),
         None => error(StatusCode::NOT_FOUND, "the token server is not enabled"),
@@ -269,11 +269,11 @@ fn clients(gw: &Gateway) -> Response<ProxyBody> {
 
 /// The routes being served, with their upstream targets' health, and API
 /// routes left out (with why).
-async fn list_routes(gw: &Gateway) -> Response<ProxyBody> {
+async fn list_routes(gw: &dyn AdminBackend) -> Response<ProxyBody> {
     json_response(StatusCode::OK, &gw.routes_status())
 }
 
-async fn get_route(gw: &Gateway, name: &str) -> Response<ProxyBody> {
+async fn get_route(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
     let all = gw.routes_status();
     let found = all["data"]
         .as_array()
@@ -288,7 +288,7 @@ async fn get_route(gw: &Gateway, name: &str) -> Response<ProxyBody> {
 /// Loads the API routes, lets `change` edit them, validates the result
 /// next to gateway.yaml, saves and applies it. `change` answers the caller.
 async fn write_routes(
-    gw: &Gateway,
+    gw: &dyn AdminBackend,
     change: impl FnOnce(
         &Store,
         &[ApiRoute],
@@ -353,7 +353,7 @@ async fn write_routes(
 }
 
 async fn put_admin_route(
-    gw: &Gateway,
+    gw: &dyn AdminBackend,
     name: Option<&str>,
     doc: Value,
     replace: bool,
@@ -407,7 +407,7 @@ async fn put_admin_route(
     .await
 }
 
-async fn patch_admin_route(gw: &Gateway, name: &str, patch: Value) -> Response<ProxyBody> {
+async fn patch_admin_route(gw: &dyn AdminBackend, name: &str, patch: Value) -> Response<ProxyBody> {
     if let Err(r) = object(&patch) {
         return r;
     }
@@ -445,7 +445,7 @@ fn merge_json(target: &mut Value, patch: &Value) {
     }
 }
 
-async fn add_target(gw: &Gateway, name: &str, doc: Value) -> Response<ProxyBody> {
+async fn add_target(gw: &dyn AdminBackend, name: &str, doc: Value) -> Response<ProxyBody> {
     let name = name.to_owned();
     write_routes(gw, move |_, routes| {
         let existing = by_name(routes, &name)?;
@@ -484,7 +484,7 @@ fn by_name<'a>(routes: &'a [ApiRoute], name: &str) -> Result<&'a ApiRoute, Respo
 }
 
 /// `PUT /admin/routes/{name}/targets` with `{"targets": [...]}`.
-async fn replace_targets(gw: &Gateway, name: &str, doc: Value) -> Response<ProxyBody> {
+async fn replace_targets(gw: &dyn AdminBackend, name: &str, doc: Value) -> Response<ProxyBody> {
     let name = name.to_owned();
     write_routes(gw, move |_, routes| {
         let existing = by_name(routes, &name)?;
@@ -506,7 +506,7 @@ async fn replace_targets(gw: &Gateway, name: &str, doc: Value) -> Response<Proxy
     .await
 }
 
-async fn remove_target(gw: &Gateway, name: &str, target: &str) -> Response<ProxyBody> {
+async fn remove_target(gw: &dyn AdminBackend, name: &str, target: &str) -> Response<ProxyBody> {
     let (name, target) = (name.to_owned(), target.to_owned());
     write_routes(gw, move |_, routes| {
         let existing = by_name(routes, &name)?;
@@ -525,7 +525,11 @@ async fn remove_target(gw: &Gateway, name: &str, target: &str) -> Response<Proxy
 }
 
 /// Deletes an API route (of one origin, when given).
-async fn delete_route(gw: &Gateway, name: &str, origin: Option<Origin>) -> Response<ProxyBody> {
+async fn delete_route(
+    gw: &dyn AdminBackend,
+    name: &str,
+    origin: Option<Origin>,
+) -> Response<ProxyBody> {
     let name = name.to_owned();
     let _one = gw.admin_write_lock().await;
     let file = gw.file_config();
@@ -554,7 +558,7 @@ async fn delete_route(gw: &Gateway, name: &str, origin: Option<Origin>) -> Respo
     }
 }
 
-async fn stored_routes(gw: &Gateway) -> Result<Vec<ApiRoute>, Response<ProxyBody>> {
+async fn stored_routes(gw: &dyn AdminBackend) -> Result<Vec<ApiRoute>, Response<ProxyBody>> {
     let file = gw.file_config();
     blocking(move || match dynamic::existing_store(&file)? {
         None => Ok(Vec::new()),
@@ -564,7 +568,7 @@ async fn stored_routes(gw: &Gateway) -> Result<Vec<ApiRoute>, Response<ProxyBody
     .map_err(store_failed)
 }
 
-async fn list_kong(gw: &Gateway, origin: Origin) -> Response<ProxyBody> {
+async fn list_kong(gw: &dyn AdminBackend, origin: Origin) -> Response<ProxyBody> {
     match stored_routes(gw).await {
         Err(r) => r,
         Ok(routes) => {
@@ -581,7 +585,7 @@ async fn list_kong(gw: &Gateway, origin: Origin) -> Response<ProxyBody> {
     }
 }
 
-async fn get_kong_api(gw: &Gateway, name: &str) -> Response<ProxyBody> {
+async fn get_kong_api(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
     match stored_routes(gw).await {
         Err(r) => r,
         Ok(routes) => routes
@@ -596,7 +600,7 @@ async fn get_kong_api(gw: &Gateway, name: &str) -> Response<ProxyBody> {
 /// (`PUT /apis`) and update (`PATCH /apis/{name}`: fields merged into the
 /// stored object).
 async fn put_kong_api(
-    gw: &Gateway,
+    gw: &dyn AdminBackend,
     name: Option<&str>,
     doc: Value,
     replace: bool,
@@ -645,7 +649,7 @@ async fn put_kong_api(
     .await
 }
 
-async fn services(gw: &Gateway) -> Result<Vec<KongService>, Response<ProxyBody>> {
+async fn services(gw: &dyn AdminBackend) -> Result<Vec<KongService>, Response<ProxyBody>> {
     let file = gw.file_config();
     blocking(move || match dynamic::existing_store(&file)? {
         None => Ok(Vec::new()),
@@ -655,7 +659,7 @@ async fn services(gw: &Gateway) -> Result<Vec<KongService>, Response<ProxyBody>>
     .map_err(store_failed)
 }
 
-async fn list_services(gw: &Gateway) -> Response<ProxyBody> {
+async fn list_services(gw: &dyn AdminBackend) -> Response<ProxyBody> {
     match services(gw).await {
         Err(r) => r,
         Ok(list) => {
@@ -665,7 +669,7 @@ async fn list_services(gw: &Gateway) -> Response<ProxyBody> {
     }
 }
 
-async fn get_service(gw: &Gateway, name: &str) -> Response<ProxyBody> {
+async fn get_service(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
     match services(gw).await {
         Err(r) => r,
         Ok(list) => list
@@ -679,7 +683,7 @@ async fn get_service(gw: &Gateway, name: &str) -> Response<ProxyBody> {
 
 /// Kong >= 1.0 `POST /services` (409 when it exists) and `PUT`/`PATCH
 /// /services/{name}` (create or update; its routes follow the new URL).
-async fn put_service(gw: &Gateway, name: Option<&str>, doc: Value) -> Response<ProxyBody> {
+async fn put_service(gw: &dyn AdminBackend, name: Option<&str>, doc: Value) -> Response<ProxyBody> {
     let obj = match object(&doc) {
         Ok(o) => o.clone(),
         Err(r) => return r,
@@ -764,7 +768,7 @@ async fn put_service(gw: &Gateway, name: Option<&str>, doc: Value) -> Response<P
 }
 
 /// Kong refuses to delete a service that still has routes.
-async fn delete_service(gw: &Gateway, name: &str) -> Response<ProxyBody> {
+async fn delete_service(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
     let name = name.to_owned();
     let _one = gw.admin_write_lock().await;
     let file = gw.file_config();
@@ -797,7 +801,7 @@ async fn delete_service(gw: &Gateway, name: &str) -> Response<ProxyBody> {
     }
 }
 
-async fn list_service_routes(gw: &Gateway, name: &str) -> Response<ProxyBody> {
+async fn list_service_routes(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
     match stored_routes(gw).await {
         Err(r) => r,
         Ok(routes) => {
@@ -813,7 +817,11 @@ async fn list_service_routes(gw: &Gateway, name: &str) -> Response<ProxyBody> {
 
 /// Kong >= 1.0 `POST /services/{name}/routes`: the tollgate route is named
 /// `{service}.{route name or id}`.
-async fn add_service_route(gw: &Gateway, service_name: &str, doc: Value) -> Response<ProxyBody> {
+async fn add_service_route(
+    gw: &dyn AdminBackend,
+    service_name: &str,
+    doc: Value,
+) -> Response<ProxyBody> {
     let obj = match object(&doc) {
         Ok(o) => o.clone(),
         Err(r) => return r,
@@ -853,7 +861,7 @@ async fn add_service_route(gw: &Gateway, service_name: &str, doc: Value) -> Resp
     .await
 }
 
-async fn get_kong_route(gw: &Gateway, id: &str) -> Response<ProxyBody> {
+async fn get_kong_route(gw: &dyn AdminBackend, id: &str) -> Response<ProxyBody> {
     match stored_routes(gw).await {
         Err(r) => r,
         Ok(routes) => routes
@@ -867,7 +875,7 @@ async fn get_kong_route(gw: &Gateway, id: &str) -> Response<ProxyBody> {
     }
 }
 
-async fn delete_kong_route(gw: &Gateway, id: &str) -> Response<ProxyBody> {
+async fn delete_kong_route(gw: &dyn AdminBackend, id: &str) -> Response<ProxyBody> {
     let name = match stored_routes(gw).await {
         Err(r) => return r,
         Ok(routes) => routes

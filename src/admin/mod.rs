@@ -19,9 +19,9 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::gateway::Gateway;
 use crate::http::body::ProxyBody;
 use crate::transport::ConnState;
+pub use auth::AdminAuth;
 
 /// Readiness as load balancers and orchestrators see it.
 #[derive(Default)]
@@ -42,15 +42,46 @@ impl Readiness {
     }
 }
 
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the admin API needs from the running gateway; the composition root
+/// implements it.
+pub trait AdminBackend: Send + Sync + 'static {
+    /// `GET /admin/status`.
+    fn status(&self) -> serde_json::Value;
+    /// `GET /admin/config`: secrets redacted.
+    fn redacted_config(&self) -> serde_json::Value;
+    /// `GET /admin/routes`: routes served, their targets' health.
+    fn routes_status(&self) -> serde_json::Value;
+    /// The token server's clients, without secrets; `None` without one.
+    fn oauth_clients(&self) -> Option<Vec<serde_json::Value>>;
+    /// gateway.yaml as running (without API routes).
+    fn file_config(&self) -> Arc<crate::config::Config>;
+    /// Why an API route is not served, if it is not.
+    fn not_served(&self, name: &str) -> Option<String>;
+    fn admin_auth(&self) -> Arc<AdminAuth>;
+    fn metrics(&self) -> &crate::metrics::Metrics;
+    fn readiness(&self) -> &Readiness;
+    /// Why store changes wait to be applied, if they do.
+    fn store_waiting(&self) -> Option<String>;
+    /// Reads gateway.yaml (and the store) again.
+    fn reload(&self)
+    -> BoxFuture<'_, Result<crate::config::Reloaded, crate::config::ConfigErrors>>;
+    /// The API routes in the store changed: apply them.
+    fn routes_changed(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// Held by one admin write at a time.
+    fn admin_write_lock(&self) -> BoxFuture<'_, tokio::sync::MutexGuard<'_, ()>>;
+}
+
 /// The admin listener's front-end: hyper serves its connections (HTTP/1.1
 /// and HTTP/2) with an [`AdminService`] each.
 pub struct AdminFrontEnd {
-    gateway: Gateway,
+    gateway: Arc<dyn AdminBackend>,
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
 
 impl AdminFrontEnd {
-    pub fn new(gateway: Gateway, limits: &crate::config::Limits) -> AdminFrontEnd {
+    pub fn new(gateway: Arc<dyn AdminBackend>, limits: &crate::config::Limits) -> AdminFrontEnd {
         AdminFrontEnd {
             gateway,
             server: crate::transport::hyper_server(limits, false),
@@ -73,12 +104,12 @@ impl crate::transport::FrontEnd for AdminFrontEnd {
 /// The admin listener's service for one connection.
 #[derive(Clone)]
 pub struct AdminService {
-    gateway: Gateway,
+    gateway: Arc<dyn AdminBackend>,
     conn: Arc<ConnState>,
 }
 
 impl AdminService {
-    pub fn new(gateway: Gateway, conn: Arc<ConnState>) -> Self {
+    pub fn new(gateway: Arc<dyn AdminBackend>, conn: Arc<ConnState>) -> Self {
         AdminService { gateway, conn }
     }
 
@@ -169,7 +200,7 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
                 }
                 return Ok(resp);
             }
-            Ok(api::handle(&svc.gateway, req).await)
+            Ok(api::handle(&*svc.gateway, req).await)
         })
     }
 }

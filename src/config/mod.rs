@@ -98,6 +98,13 @@ pub fn is_empty_document(file: &Path) -> bool {
     }
 }
 
+/// How a reload ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reloaded {
+    Applied,
+    Unchanged,
+}
+
 /// The semantic problems of a parsed config (what [`load`] rejects).
 pub fn problems(config: &Config) -> Vec<ConfigError> {
     validate::validate(config)

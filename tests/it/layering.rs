@@ -24,11 +24,6 @@ const ROOT: &[&str] = &["gateway", "main", "lib"];
 const KNOWN: &[(&str, &str, &str)] = &[
     (
         "admin",
-        "gateway",
-        "the admin API is written against the whole Gateway",
-    ),
-    (
-        "admin",
         "http",
         "admin responses are the HTTP front-end's ProxyBody",
     ),
