@@ -16,14 +16,14 @@ use serde_json::{Map, Value, json};
 use super::AdminBackend;
 use super::dynamic::{self, ApiRoute, KongService, Origin};
 use super::kong;
-use crate::http::body::ProxyBody;
 use crate::store::{API_ROUTES, KONG_SERVICES, Store};
+use http_body_util::Full;
 
 /// Largest admin request body.
 const MAX_BODY: usize = 256 * 1024;
 
-pub fn json_response(status: StatusCode, body: &Value) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+pub fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -37,11 +37,11 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response<ProxyBody> {
 }
 
 /// An error in the shape Kong clients read (`message`), with the fields.
-fn error(status: StatusCode, message: impl Into<String>) -> Response<ProxyBody> {
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
     json_response(status, &json!({ "message": message.into() }))
 }
 
-fn field_error((field, message): kong::FieldError) -> Response<ProxyBody> {
+fn field_error((field, message): kong::FieldError) -> Response<Full<Bytes>> {
     json_response(
         StatusCode::BAD_REQUEST,
         &json!({
@@ -52,7 +52,7 @@ fn field_error((field, message): kong::FieldError) -> Response<ProxyBody> {
     )
 }
 
-fn config_errors(errors: &[crate::config::ConfigError]) -> Response<ProxyBody> {
+fn config_errors(errors: &[crate::config::ConfigError]) -> Response<Full<Bytes>> {
     let fields: Map<String, Value> = errors
         .iter()
         .map(|e| (e.path.clone(), Value::String(e.message.clone())))
@@ -63,20 +63,20 @@ fn config_errors(errors: &[crate::config::ConfigError]) -> Response<ProxyBody> {
     )
 }
 
-fn no_content() -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::empty());
+fn no_content() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
     resp
 }
 
-fn not_found() -> Response<ProxyBody> {
+fn not_found() -> Response<Full<Bytes>> {
     error(StatusCode::NOT_FOUND, "Not found")
 }
 
 /// The store could not be read or written (or what was written could not
 /// be applied): nothing was acknowledged, so the caller may retry. 507 when
 /// the disk is full, 503 otherwise, with the reason.
-fn store_failed(e: impl std::fmt::Display) -> Response<ProxyBody> {
+fn store_failed(e: impl std::fmt::Display) -> Response<Full<Bytes>> {
     let reason = e.to_string();
     tracing::error!(error = %reason, "admin API request failed on the store");
     let status = if reason.contains("the disk is full") {
@@ -99,7 +99,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| e.to_string())?
 }
 
-async fn body_json<B>(req: Request<B>) -> Result<Value, Response<ProxyBody>>
+async fn body_json<B>(req: Request<B>) -> Result<Value, Response<Full<Bytes>>>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -125,12 +125,12 @@ where
     })
 }
 
-fn object(v: &Value) -> Result<&Map<String, Value>, Response<ProxyBody>> {
+fn object(v: &Value) -> Result<&Map<String, Value>, Response<Full<Bytes>>> {
     v.as_object()
         .ok_or_else(|| error(StatusCode::BAD_REQUEST, "expected a JSON object"))
 }
 
-pub async fn handle<B>(gw: &dyn AdminBackend, req: Request<B>) -> Response<ProxyBody>
+pub async fn handle<B>(gw: &dyn AdminBackend, req: Request<B>) -> Response<Full<Bytes>>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -231,15 +231,15 @@ where
     }
 }
 
-fn status(gw: &dyn AdminBackend) -> Response<ProxyBody> {
+fn status(gw: &dyn AdminBackend) -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, &gw.status())
 }
 
-fn config(gw: &dyn AdminBackend) -> Response<ProxyBody> {
+fn config(gw: &dyn AdminBackend) -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, &gw.redacted_config())
 }
 
-async fn reload(gw: &dyn AdminBackend) -> Response<ProxyBody> {
+async fn reload(gw: &dyn AdminBackend) -> Response<Full<Bytes>> {
     match gw.reload().await {
         Ok(r) => json_response(
             StatusCode::OK,
@@ -260,7 +260,7 @@ async fn reload(gw: &dyn AdminBackend) -> Response<ProxyBody> {
     }
 }
 
-fn clients(gw: &dyn AdminBackend) -> Response<ProxyBody> {
+fn clients(gw: &dyn AdminBackend) -> Response<Full<Bytes>> {
     match gw.oauth_clients() {
         Some(list) => json_response(StatusCode::OK, &json!({ "data": list })),
         None => error(StatusCode::NOT_FOUND, "the token server is not enabled"),
@@ -269,11 +269,11 @@ fn clients(gw: &dyn AdminBackend) -> Response<ProxyBody> {
 
 /// The routes being served, with their upstream targets' health, and API
 /// routes left out (with why).
-async fn list_routes(gw: &dyn AdminBackend) -> Response<ProxyBody> {
+async fn list_routes(gw: &dyn AdminBackend) -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, &gw.routes_status())
 }
 
-async fn get_route(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
+async fn get_route(gw: &dyn AdminBackend, name: &str) -> Response<Full<Bytes>> {
     let all = gw.routes_status();
     let found = all["data"]
         .as_array()
@@ -292,10 +292,10 @@ async fn write_routes(
     change: impl FnOnce(
         &Store,
         &[ApiRoute],
-    ) -> Result<(Option<ApiRoute>, Response<ProxyBody>), Response<ProxyBody>>
+    ) -> Result<(Option<ApiRoute>, Response<Full<Bytes>>), Response<Full<Bytes>>>
     + Send
     + 'static,
-) -> Response<ProxyBody> {
+) -> Response<Full<Bytes>> {
     let _one = gw.admin_write_lock().await;
     let file = gw.file_config();
     let result = blocking(move || {
@@ -357,7 +357,7 @@ async fn put_admin_route(
     name: Option<&str>,
     doc: Value,
     replace: bool,
-) -> Response<ProxyBody> {
+) -> Response<Full<Bytes>> {
     if let Err(r) = object(&doc) {
         return r;
     }
@@ -407,7 +407,11 @@ async fn put_admin_route(
     .await
 }
 
-async fn patch_admin_route(gw: &dyn AdminBackend, name: &str, patch: Value) -> Response<ProxyBody> {
+async fn patch_admin_route(
+    gw: &dyn AdminBackend,
+    name: &str,
+    patch: Value,
+) -> Response<Full<Bytes>> {
     if let Err(r) = object(&patch) {
         return r;
     }
@@ -445,7 +449,7 @@ fn merge_json(target: &mut Value, patch: &Value) {
     }
 }
 
-async fn add_target(gw: &dyn AdminBackend, name: &str, doc: Value) -> Response<ProxyBody> {
+async fn add_target(gw: &dyn AdminBackend, name: &str, doc: Value) -> Response<Full<Bytes>> {
     let name = name.to_owned();
     write_routes(gw, move |_, routes| {
         let existing = by_name(routes, &name)?;
@@ -476,7 +480,7 @@ async fn add_target(gw: &dyn AdminBackend, name: &str, doc: Value) -> Response<P
     .await
 }
 
-fn by_name<'a>(routes: &'a [ApiRoute], name: &str) -> Result<&'a ApiRoute, Response<ProxyBody>> {
+fn by_name<'a>(routes: &'a [ApiRoute], name: &str) -> Result<&'a ApiRoute, Response<Full<Bytes>>> {
     routes
         .iter()
         .find(|r| r.name() == name)
@@ -484,7 +488,7 @@ fn by_name<'a>(routes: &'a [ApiRoute], name: &str) -> Result<&'a ApiRoute, Respo
 }
 
 /// `PUT /admin/routes/{name}/targets` with `{"targets": [...]}`.
-async fn replace_targets(gw: &dyn AdminBackend, name: &str, doc: Value) -> Response<ProxyBody> {
+async fn replace_targets(gw: &dyn AdminBackend, name: &str, doc: Value) -> Response<Full<Bytes>> {
     let name = name.to_owned();
     write_routes(gw, move |_, routes| {
         let existing = by_name(routes, &name)?;
@@ -506,7 +510,7 @@ async fn replace_targets(gw: &dyn AdminBackend, name: &str, doc: Value) -> Respo
     .await
 }
 
-async fn remove_target(gw: &dyn AdminBackend, name: &str, target: &str) -> Response<ProxyBody> {
+async fn remove_target(gw: &dyn AdminBackend, name: &str, target: &str) -> Response<Full<Bytes>> {
     let (name, target) = (name.to_owned(), target.to_owned());
     write_routes(gw, move |_, routes| {
         let existing = by_name(routes, &name)?;
@@ -529,7 +533,7 @@ async fn delete_route(
     gw: &dyn AdminBackend,
     name: &str,
     origin: Option<Origin>,
-) -> Response<ProxyBody> {
+) -> Response<Full<Bytes>> {
     let name = name.to_owned();
     let _one = gw.admin_write_lock().await;
     let file = gw.file_config();
@@ -558,7 +562,7 @@ async fn delete_route(
     }
 }
 
-async fn stored_routes(gw: &dyn AdminBackend) -> Result<Vec<ApiRoute>, Response<ProxyBody>> {
+async fn stored_routes(gw: &dyn AdminBackend) -> Result<Vec<ApiRoute>, Response<Full<Bytes>>> {
     let file = gw.file_config();
     blocking(move || match dynamic::existing_store(&file)? {
         None => Ok(Vec::new()),
@@ -568,7 +572,7 @@ async fn stored_routes(gw: &dyn AdminBackend) -> Result<Vec<ApiRoute>, Response<
     .map_err(store_failed)
 }
 
-async fn list_kong(gw: &dyn AdminBackend, origin: Origin) -> Response<ProxyBody> {
+async fn list_kong(gw: &dyn AdminBackend, origin: Origin) -> Response<Full<Bytes>> {
     match stored_routes(gw).await {
         Err(r) => r,
         Ok(routes) => {
@@ -585,7 +589,7 @@ async fn list_kong(gw: &dyn AdminBackend, origin: Origin) -> Response<ProxyBody>
     }
 }
 
-async fn get_kong_api(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
+async fn get_kong_api(gw: &dyn AdminBackend, name: &str) -> Response<Full<Bytes>> {
     match stored_routes(gw).await {
         Err(r) => r,
         Ok(routes) => routes
@@ -604,7 +608,7 @@ async fn put_kong_api(
     name: Option<&str>,
     doc: Value,
     replace: bool,
-) -> Response<ProxyBody> {
+) -> Response<Full<Bytes>> {
     let obj = match object(&doc) {
         Ok(o) => o.clone(),
         Err(r) => return r,
@@ -649,7 +653,7 @@ async fn put_kong_api(
     .await
 }
 
-async fn services(gw: &dyn AdminBackend) -> Result<Vec<KongService>, Response<ProxyBody>> {
+async fn services(gw: &dyn AdminBackend) -> Result<Vec<KongService>, Response<Full<Bytes>>> {
     let file = gw.file_config();
     blocking(move || match dynamic::existing_store(&file)? {
         None => Ok(Vec::new()),
@@ -659,7 +663,7 @@ async fn services(gw: &dyn AdminBackend) -> Result<Vec<KongService>, Response<Pr
     .map_err(store_failed)
 }
 
-async fn list_services(gw: &dyn AdminBackend) -> Response<ProxyBody> {
+async fn list_services(gw: &dyn AdminBackend) -> Response<Full<Bytes>> {
     match services(gw).await {
         Err(r) => r,
         Ok(list) => {
@@ -669,7 +673,7 @@ async fn list_services(gw: &dyn AdminBackend) -> Response<ProxyBody> {
     }
 }
 
-async fn get_service(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
+async fn get_service(gw: &dyn AdminBackend, name: &str) -> Response<Full<Bytes>> {
     match services(gw).await {
         Err(r) => r,
         Ok(list) => list
@@ -683,7 +687,11 @@ async fn get_service(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
 
 /// Kong >= 1.0 `POST /services` (409 when it exists) and `PUT`/`PATCH
 /// /services/{name}` (create or update; its routes follow the new URL).
-async fn put_service(gw: &dyn AdminBackend, name: Option<&str>, doc: Value) -> Response<ProxyBody> {
+async fn put_service(
+    gw: &dyn AdminBackend,
+    name: Option<&str>,
+    doc: Value,
+) -> Response<Full<Bytes>> {
     let obj = match object(&doc) {
         Ok(o) => o.clone(),
         Err(r) => return r,
@@ -695,7 +703,7 @@ async fn put_service(gw: &dyn AdminBackend, name: Option<&str>, doc: Value) -> R
         let store = dynamic::store(&file)?;
         let existing_services = dynamic::kong_services(&store)?;
         let routes = dynamic::api_routes(&store)?;
-        let respond = |r: Response<ProxyBody>| Ok::<_, String>(Err(r));
+        let respond = |r: Response<Full<Bytes>>| Ok::<_, String>(Err(r));
         let name = match (&url_name, kong::string(&obj, "name")) {
             (Some(n), _) => n.clone(),
             (None, Ok(Some(n))) => n.to_owned(),
@@ -768,7 +776,7 @@ async fn put_service(gw: &dyn AdminBackend, name: Option<&str>, doc: Value) -> R
 }
 
 /// Kong refuses to delete a service that still has routes.
-async fn delete_service(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
+async fn delete_service(gw: &dyn AdminBackend, name: &str) -> Response<Full<Bytes>> {
     let name = name.to_owned();
     let _one = gw.admin_write_lock().await;
     let file = gw.file_config();
@@ -801,7 +809,7 @@ async fn delete_service(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody
     }
 }
 
-async fn list_service_routes(gw: &dyn AdminBackend, name: &str) -> Response<ProxyBody> {
+async fn list_service_routes(gw: &dyn AdminBackend, name: &str) -> Response<Full<Bytes>> {
     match stored_routes(gw).await {
         Err(r) => r,
         Ok(routes) => {
@@ -821,7 +829,7 @@ async fn add_service_route(
     gw: &dyn AdminBackend,
     service_name: &str,
     doc: Value,
-) -> Response<ProxyBody> {
+) -> Response<Full<Bytes>> {
     let obj = match object(&doc) {
         Ok(o) => o.clone(),
         Err(r) => return r,
@@ -861,7 +869,7 @@ async fn add_service_route(
     .await
 }
 
-async fn get_kong_route(gw: &dyn AdminBackend, id: &str) -> Response<ProxyBody> {
+async fn get_kong_route(gw: &dyn AdminBackend, id: &str) -> Response<Full<Bytes>> {
     match stored_routes(gw).await {
         Err(r) => r,
         Ok(routes) => routes
@@ -875,7 +883,7 @@ async fn get_kong_route(gw: &dyn AdminBackend, id: &str) -> Response<ProxyBody> 
     }
 }
 
-async fn delete_kong_route(gw: &dyn AdminBackend, id: &str) -> Response<ProxyBody> {
+async fn delete_kong_route(gw: &dyn AdminBackend, id: &str) -> Response<Full<Bytes>> {
     let name = match stored_routes(gw).await {
         Err(r) => return r,
         Ok(routes) => routes

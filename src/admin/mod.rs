@@ -19,9 +19,9 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::http::body::ProxyBody;
 use crate::transport::ConnState;
 pub use auth::AdminAuth;
+use http_body_util::Full;
 
 /// Readiness as load balancers and orchestrators see it.
 #[derive(Default)]
@@ -114,7 +114,7 @@ impl AdminService {
     }
 
     /// Health, readiness and metrics: open, GET/HEAD only.
-    fn probe(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    fn probe(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
         let path = req.uri().path();
         if !matches!(path, "/healthz" | "/readyz" | "/metrics") {
             return None;
@@ -131,7 +131,7 @@ impl AdminService {
                     None => text(StatusCode::OK, "ready\n"),
                     Some(why) => {
                         let mut resp = text(StatusCode::OK, "");
-                        *resp.body_mut() = ProxyBody::full(Bytes::from(format!(
+                        *resp.body_mut() = Full::new(Bytes::from(format!(
                             "ready; degraded: store changes wait: {why}\n"
                         )));
                         resp
@@ -141,7 +141,7 @@ impl AdminService {
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             _ => {
                 let body = Bytes::from(self.gateway.metrics().render());
-                let mut resp = Response::new(ProxyBody::full(body));
+                let mut resp = Response::new(Full::new(body));
                 resp.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -152,8 +152,8 @@ impl AdminService {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,
@@ -165,9 +165,9 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
 }
 
 impl hyper::service::Service<Request<Incoming>> for AdminService {
-    type Response = Response<ProxyBody>;
+    type Response = Response<Full<Bytes>>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         if let Some(resp) = self.probe(&req) {

@@ -375,7 +375,8 @@ impl Pipeline {
                 conn.peer.ip(),
                 conn.peer_cert.as_deref(),
             ))
-            .await);
+            .await
+            .map(ProxyBody::full));
         }
         let route = outcome.route.as_ref().ok_or(GatewayError::NoRoute)?;
         if canonical.encoded_slash && !route.keep_encoded_slashes {

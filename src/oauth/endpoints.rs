@@ -13,7 +13,6 @@ use serde_json::{Map, Value, json};
 
 use super::clients::{AssertionKeys, cert_matches};
 use super::{Client, OAuthServer};
-use crate::http::body::ProxyBody;
 use crate::identity::CertIdentity;
 use crate::identity::jwt::keys::KeySet;
 use crate::identity::jwt::unix_now;
@@ -76,7 +75,7 @@ fn invalid_client() -> OAuthError {
 }
 
 impl OAuthError {
-    fn into_response(self) -> Response<ProxyBody> {
+    fn into_response(self) -> Response<Bytes> {
         let body = json!({"error": self.code, "error_description": self.description});
         let mut resp = json_response(self.status, body.to_string().into());
         if let Some(secs) = self.retry_after {
@@ -93,8 +92,8 @@ impl OAuthError {
     }
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(body));
+fn json_response(status: StatusCode, body: Bytes) -> Response<Bytes> {
+    let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -154,7 +153,7 @@ impl OAuthServer {
         req: Request<B>,
         peer: IpAddr,
         cert: Option<&CertIdentity>,
-    ) -> Response<ProxyBody>
+    ) -> Response<Bytes>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -193,7 +192,7 @@ impl OAuthServer {
         req: Request<B>,
         peer: IpAddr,
         cert: Option<&CertIdentity>,
-    ) -> Result<Response<ProxyBody>, OAuthError>
+    ) -> Result<Response<Bytes>, OAuthError>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -380,7 +379,7 @@ impl OAuthServer {
         client: &Client,
         form: &Form,
         cert: Option<&CertIdentity>,
-    ) -> Result<Response<ProxyBody>, OAuthError> {
+    ) -> Result<Response<Bytes>, OAuthError> {
         match form.get("grant_type") {
             None => return Err(invalid_request("grant_type is missing")),
             Some("client_credentials") => {}
@@ -493,7 +492,7 @@ impl OAuthServer {
     /// A client learns about its own tokens; one registered with
     /// `introspect` (a resource server) about any. Others are "inactive"
     /// (RFC 7662 §2.2), which says nothing about them.
-    fn introspect(&self, caller: &Client, form: &Form) -> Result<Response<ProxyBody>, OAuthError> {
+    fn introspect(&self, caller: &Client, form: &Form) -> Result<Response<Bytes>, OAuthError> {
         let token = form
             .get("token")
             .ok_or_else(|| invalid_request("token is missing"))?;
@@ -515,11 +514,7 @@ impl OAuthServer {
     /// Revokes a token of the calling client until it would have expired.
     /// An unknown, expired or foreign token is answered 200 as well (RFC 7009
     /// §2.2): the caller learns nothing about other clients' tokens.
-    async fn revoke(
-        &self,
-        client: &Client,
-        form: &Form,
-    ) -> Result<Response<ProxyBody>, OAuthError> {
+    async fn revoke(&self, client: &Client, form: &Form) -> Result<Response<Bytes>, OAuthError> {
         let token = form
             .get("token")
             .ok_or_else(|| invalid_request("token is missing"))?;
