@@ -10,11 +10,13 @@ use base64::Engine;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
+use http_body_util::BodyExt;
 use http_body_util::Full;
 use tollgate::config::Config;
 use tollgate::identity::Revocations;
 use tollgate::metrics::Metrics;
-use tollgate::oauth::{Endpoint, OAuthRuntime};
+use tollgate::oauth::OAuthRuntime;
+use tollgate::transport::{LocalBody, LocalService};
 
 const SECRET: &str = "bench-client-secret-0123456789abcdef";
 
@@ -64,17 +66,21 @@ fn bench(c: &mut Criterion) {
                 black_box(jsonwebtoken::encode(&header, &claims, &key.encoding).expect("sign"))
             })
         });
+        let listener = &cfg.listeners[0].name;
+        let token_endpoint =
+            LocalService::endpoint(&*server, listener, "/oauth2/token").expect("served");
         group.bench_function("token_endpoint", |b| {
             b.iter(|| {
                 let req = Request::post("/oauth2/token")
                     .header("content-type", "application/x-www-form-urlencoded")
                     .header("authorization", basic.as_str())
-                    .body(Full::new(Bytes::from_static(
-                        b"grant_type=client_credentials",
-                    )))
+                    .body(LocalBody::new(
+                        Full::new(Bytes::from_static(b"grant_type=client_credentials"))
+                            .map_err(|e| match e {}),
+                    ))
                     .expect("request");
-                let resp = rt.block_on(server.clone().handle(
-                    Endpoint::Token,
+                let resp = rt.block_on(server.clone().serve(
+                    token_endpoint,
                     req,
                     "127.0.0.1".parse().expect("ip"),
                     None,

@@ -377,7 +377,7 @@ impl Gateway {
             .collect();
         let pipeline = Arc::new(PipelineConfig {
             table: table.clone(),
-            oauth: oauth.server.clone(),
+            local: Arc::new(TokenServerSlot(oauth.server.clone())),
             metrics: metrics.clone(),
             access_log: access_log.clone(),
             unmatched: metrics.route(
@@ -1059,5 +1059,24 @@ impl AdminBackend for Gateway {
     }
     fn admin_write_lock(&self) -> crate::admin::BoxFuture<'_, tokio::sync::MutexGuard<'_, ()>> {
         Box::pin(Gateway::admin_write_lock(self))
+    }
+}
+
+/// The local services of the gateway's listeners: the token server, as
+/// the current config has it (none without an `oauth` section).
+struct TokenServerSlot(Arc<arc_swap::ArcSwapOption<crate::oauth::OAuthServer>>);
+
+impl crate::transport::LocalServices for TokenServerSlot {
+    fn find(
+        &self,
+        listener: &str,
+        path: &str,
+    ) -> Option<(Arc<dyn crate::transport::LocalService>, u16)> {
+        use crate::transport::LocalService;
+        // Cloned only when it answers the path: most requests go to routes.
+        let current = self.0.load();
+        let server = current.as_ref()?;
+        let endpoint = LocalService::endpoint(&**server, listener, path)?;
+        Some((server.clone(), endpoint))
     }
 }

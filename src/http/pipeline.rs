@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Response, Version};
@@ -44,15 +44,14 @@ use super::xfcc::{self, XFCC};
 use crate::authz::{Action, Effect};
 use crate::identity::{Identity, Step};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::oauth::OAuthServer;
-use crate::transport::ConnState;
+use crate::transport::{ConnState, LocalBody, LocalService, LocalServices};
 use std::pin::Pin;
 
 /// What every worker's pipeline shares.
 pub struct PipelineConfig {
     pub table: Arc<ArcSwap<RouteTable>>,
-    /// The token server, on the listeners that serve it.
-    pub oauth: Arc<ArcSwapOption<OAuthServer>>,
+    /// Endpoints front-ends answer themselves (the token server).
+    pub local: Arc<dyn LocalServices>,
     pub metrics: Arc<Metrics>,
     pub access_log: Arc<AtomicBool>,
     /// Request metrics for requests that match no route.
@@ -64,7 +63,7 @@ impl PipelineConfig {
     pub fn build(&self, clients: UpstreamClients) -> Arc<Pipeline> {
         Arc::new(Pipeline {
             table: self.table.clone(),
-            oauth: self.oauth.clone(),
+            local: self.local.clone(),
             metrics: self.metrics.clone(),
             access_log: self.access_log.clone(),
             unmatched: self.unmatched.clone(),
@@ -76,7 +75,7 @@ impl PipelineConfig {
 /// One worker's way through the gateway.
 pub struct Pipeline {
     table: Arc<ArcSwap<RouteTable>>,
-    oauth: Arc<ArcSwapOption<OAuthServer>>,
+    local: Arc<dyn LocalServices>,
     metrics: Arc<Metrics>,
     access_log: Arc<AtomicBool>,
     unmatched: RouteMetrics,
@@ -200,7 +199,7 @@ impl Scan {
 #[derive(Default)]
 struct Outcome {
     route: Option<Arc<Route>>,
-    endpoint: Option<Arc<OAuthServer>>,
+    endpoint: Option<Arc<dyn LocalService>>,
     identity: Option<Arc<Identity>>,
 }
 
@@ -272,7 +271,7 @@ impl Pipeline {
         if !deferred {
             let (route, metrics) = match (&outcome.route, &outcome.endpoint) {
                 (Some(r), _) => (&*r.name, &r.metrics),
-                (None, Some(server)) => ("oauth", &server.metrics),
+                (None, Some(service)) => (service.name(), service.metrics()),
                 (None, None) => ("-", &self.unmatched),
             };
             access_log::record(
@@ -346,11 +345,8 @@ impl Pipeline {
         let canonical = canonical::path(head.uri.path()).map_err(GatewayError::BadPath)?;
         let path = &*canonical.path;
 
-        // 3. Route, or a token server endpoint.
-        let endpoint = self.oauth.load().as_ref().and_then(|server| {
-            let ep = server.endpoint(&conn.listener.name, path)?;
-            Some((server.clone(), ep))
-        });
+        // 3. Route, or an endpoint a front-end answers itself.
+        let endpoint = self.local.find(&conn.listener.name, path);
         if endpoint.is_none() {
             let table = self.table.load();
             outcome.route = table
@@ -363,20 +359,16 @@ impl Pipeline {
                 .cloned();
         }
         self.check_limits(conn, head, scan)?;
-        if let Some((server, ep)) = endpoint {
-            outcome.endpoint = Some(server.clone());
+        if let Some((service, ep)) = endpoint {
+            outcome.endpoint = Some(service.clone());
             let request = head
                 .to_request(req.body)
-                .ok_or(GatewayError::BadHeader("a field value is not valid"))?;
-            // Boxed: the token server's future is large, and seldom here.
-            return Ok(Box::pin(server.handle(
-                ep,
-                request,
-                conn.peer.ip(),
-                conn.peer_cert.as_deref(),
-            ))
-            .await
-            .map(ProxyBody::full));
+                .ok_or(GatewayError::BadHeader("a field value is not valid"))?
+                .map(LocalBody::new);
+            return Ok(service
+                .serve(ep, request, conn.peer.ip(), conn.peer_cert.as_deref())
+                .await
+                .map(ProxyBody::full));
         }
         let route = outcome.route.as_ref().ok_or(GatewayError::NoRoute)?;
         if canonical.encoded_slash && !route.keep_encoded_slashes {

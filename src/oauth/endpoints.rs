@@ -16,6 +16,8 @@ use super::{Client, OAuthServer};
 use crate::identity::CertIdentity;
 use crate::identity::jwt::keys::KeySet;
 use crate::identity::jwt::unix_now;
+use crate::metrics::RouteMetrics;
+use crate::transport::{LocalBody, LocalFuture, LocalService};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -27,6 +29,23 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    const ALL: [Endpoint; 5] = [
+        Endpoint::Token,
+        Endpoint::Introspect,
+        Endpoint::Revoke,
+        Endpoint::Jwks,
+        Endpoint::Metadata,
+    ];
+
+    /// The number a listener hands back (`LocalService::endpoint`).
+    fn number(self) -> u16 {
+        self as u16
+    }
+
+    fn from_number(n: u16) -> Option<Endpoint> {
+        Endpoint::ALL.into_iter().find(|e| e.number() == n)
+    }
+
     pub fn from_path(path: &str) -> Option<Endpoint> {
         Some(match path {
             "/oauth2/token" | "/token" => Endpoint::Token,
@@ -147,17 +166,13 @@ impl Form {
 }
 
 impl OAuthServer {
-    pub async fn handle<B>(
+    async fn handle(
         self: Arc<Self>,
         ep: Endpoint,
-        req: Request<B>,
+        req: Request<LocalBody>,
         peer: IpAddr,
         cert: Option<&CertIdentity>,
-    ) -> Response<Bytes>
-    where
-        B: http_body::Body<Data = Bytes>,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) -> Response<Bytes> {
         let result = match ep {
             Endpoint::Jwks | Endpoint::Metadata => {
                 if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -186,17 +201,13 @@ impl OAuthServer {
         result.unwrap_or_else(OAuthError::into_response)
     }
 
-    async fn post<B>(
+    async fn post(
         &self,
         ep: Endpoint,
-        req: Request<B>,
+        req: Request<LocalBody>,
         peer: IpAddr,
         cert: Option<&CertIdentity>,
-    ) -> Result<Response<Bytes>, OAuthError>
-    where
-        B: http_body::Body<Data = Bytes>,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) -> Result<Response<Bytes>, OAuthError> {
         if req.method() != Method::POST {
             return Err(error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -219,11 +230,9 @@ impl OAuthServer {
             ));
         }
         let (parts, body) = req.into_parts();
-        let body = http_body_util::Limited::new(body, self.max_body)
-            .collect()
+        let body = read_body(body, self.max_body)
             .await
-            .map_err(|e| invalid_request(format!("cannot read the body: {e}")))?
-            .to_bytes();
+            .map_err(|e| invalid_request(format!("cannot read the body: {e}")))?;
         let form = Form::parse(&body)?;
         let client = self.authenticate(&parts.headers, &form, peer, cert).await?;
         match ep {
@@ -710,6 +719,53 @@ fn truncate(s: &str) -> &str {
     match s.char_indices().nth(64) {
         Some((i, _)) => &s[..i],
         None => s,
+    }
+}
+
+/// A form body, at most `limit` bytes.
+async fn read_body(mut body: LocalBody, limit: usize) -> Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(format!("longer than {limit} bytes"));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// The token server answers its endpoints itself on the listeners that
+/// serve it; the HTTP front-end finds it through `transport::LocalServices`.
+impl LocalService for OAuthServer {
+    fn name(&self) -> &str {
+        "oauth"
+    }
+
+    fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
+    }
+
+    fn endpoint(&self, listener: &str, path: &str) -> Option<u16> {
+        OAuthServer::endpoint(self, listener, path).map(Endpoint::number)
+    }
+
+    fn serve<'a>(
+        self: Arc<Self>,
+        endpoint: u16,
+        request: Request<LocalBody>,
+        peer: IpAddr,
+        cert: Option<&'a CertIdentity>,
+    ) -> LocalFuture<'a> {
+        // Boxed: the token server's future is large, and seldom needed.
+        Box::pin(async move {
+            match Endpoint::from_number(endpoint) {
+                Some(ep) => self.handle(ep, request, peer, cert).await,
+                None => json_response(StatusCode::NOT_FOUND, Bytes::new()),
+            }
+        })
     }
 }
 
