@@ -206,7 +206,7 @@ fn describe(errors: &[crate::config::ConfigError]) -> String {
 fn effective(file: &Config) -> Result<(Config, dynamic::Merged), String> {
     let routes = match dynamic::existing_store(file)? {
         None => Vec::new(),
-        Some(store) => dynamic::api_routes(&store)?,
+        Some(store) => dynamic::api_routes(&*store)?,
     };
     let (cfg, merged) = dynamic::merge(file, &routes);
     for (name, why) in &merged.skipped {

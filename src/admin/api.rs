@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use super::AdminBackend;
 use super::dynamic::{self, ApiRoute, KongService, Origin};
 use super::kong;
-use crate::store::{API_ROUTES, KONG_SERVICES, Store};
+use crate::store::{Store, Table};
 use http_body_util::Full;
 
 /// Largest admin request body.
@@ -290,7 +290,7 @@ async fn get_route(gw: &dyn AdminBackend, name: &str) -> Response<Full<Bytes>> {
 async fn write_routes(
     gw: &dyn AdminBackend,
     change: impl FnOnce(
-        &Store,
+        &dyn Store,
         &[ApiRoute],
     ) -> Result<(Option<ApiRoute>, Response<Full<Bytes>>), Response<Full<Bytes>>>
     + Send
@@ -300,8 +300,8 @@ async fn write_routes(
     let file = gw.file_config();
     let result = blocking(move || {
         let store = dynamic::store(&file).map_err(|e| e.to_string())?;
-        let routes = dynamic::api_routes(&store)?;
-        Ok(match change(&store, &routes) {
+        let routes = dynamic::api_routes(&*store)?;
+        Ok(match change(&*store, &routes) {
             Err(resp) => Err(resp),
             Ok((None, resp)) => Ok((resp, None)),
             Ok((Some(route), resp)) => match dynamic::check_candidate(&file, &routes, &route.route)
@@ -309,7 +309,7 @@ async fn write_routes(
                 Err(errors) => Err(config_errors(&errors)),
                 Ok(()) => {
                     store
-                        .put_record(API_ROUTES, route.name(), &route)
+                        .put_record(Table::ApiRoutes, route.name(), &route)
                         .map_err(|e| e.to_string())?;
                     let before = routes.iter().find(|r| r.name() == route.name()).cloned();
                     Ok((resp, Some((route.name().to_owned(), before))))
@@ -335,8 +335,8 @@ async fn write_routes(
             let undone = blocking(move || {
                 let store = dynamic::store(&file)?;
                 match before {
-                    Some(r) => store.put_record(API_ROUTES, &name, &r),
-                    None => store.remove_record(API_ROUTES, &name).map(|_| ()),
+                    Some(r) => store.put_record(Table::ApiRoutes, &name, &r),
+                    None => store.remove(Table::ApiRoutes, &name).map(|_| ()),
                 }
                 .map_err(|e| e.to_string())
             })
@@ -539,14 +539,14 @@ async fn delete_route(
     let file = gw.file_config();
     let removed = blocking(move || {
         let store = dynamic::store(&file)?;
-        let routes = dynamic::api_routes(&store)?;
+        let routes = dynamic::api_routes(&*store)?;
         let found = routes
             .iter()
             .find(|r| (r.name() == name || r.id == name) && origin.is_none_or(|o| r.origin == o));
         match found {
             None => Ok(false),
             Some(r) => store
-                .remove_record(API_ROUTES, r.name())
+                .remove(Table::ApiRoutes, r.name())
                 .map_err(|e| e.to_string()),
         }
     })
@@ -566,7 +566,7 @@ async fn stored_routes(gw: &dyn AdminBackend) -> Result<Vec<ApiRoute>, Response<
     let file = gw.file_config();
     blocking(move || match dynamic::existing_store(&file)? {
         None => Ok(Vec::new()),
-        Some(store) => dynamic::api_routes(&store),
+        Some(store) => dynamic::api_routes(&*store),
     })
     .await
     .map_err(store_failed)
@@ -657,7 +657,7 @@ async fn services(gw: &dyn AdminBackend) -> Result<Vec<KongService>, Response<Fu
     let file = gw.file_config();
     blocking(move || match dynamic::existing_store(&file)? {
         None => Ok(Vec::new()),
-        Some(store) => dynamic::kong_services(&store),
+        Some(store) => dynamic::kong_services(&*store),
     })
     .await
     .map_err(store_failed)
@@ -701,8 +701,8 @@ async fn put_service(
     let file = gw.file_config();
     let result = blocking(move || {
         let store = dynamic::store(&file)?;
-        let existing_services = dynamic::kong_services(&store)?;
-        let routes = dynamic::api_routes(&store)?;
+        let existing_services = dynamic::kong_services(&*store)?;
+        let routes = dynamic::api_routes(&*store)?;
         let respond = |r: Response<Full<Bytes>>| Ok::<_, String>(Err(r));
         let name = match (&url_name, kong::string(&obj, "name")) {
             (Some(n), _) => n.clone(),
@@ -754,9 +754,9 @@ async fn put_service(
                 return respond(config_errors(&errors));
             }
         }
-        store.put_record(KONG_SERVICES, &name, &service).map_err(|e| e.to_string())?;
+        store.put_record(Table::KongServices, &name, &service).map_err(|e| e.to_string())?;
         for r in &updated {
-            store.put_record(API_ROUTES, r.name(), r).map_err(|e| e.to_string())?;
+            store.put_record(Table::ApiRoutes, r.name(), r).map_err(|e| e.to_string())?;
         }
         let status = if existing.is_some() { StatusCode::OK } else { StatusCode::CREATED };
         Ok(Ok((json_response(status, &kong::service_object(&service)), !updated.is_empty())))
@@ -782,11 +782,11 @@ async fn delete_service(gw: &dyn AdminBackend, name: &str) -> Response<Full<Byte
     let file = gw.file_config();
     let result = blocking(move || {
         let store = dynamic::store(&file)?;
-        let services = dynamic::kong_services(&store)?;
+        let services = dynamic::kong_services(&*store)?;
         let Some(service) = services.iter().find(|s| s.name == name || s.id == name) else {
             return Ok(Err(not_found()));
         };
-        let routes = dynamic::api_routes(&store)?;
+        let routes = dynamic::api_routes(&*store)?;
         if routes
             .iter()
             .any(|r| r.service.as_deref() == Some(service.name.as_str()))
@@ -797,7 +797,7 @@ async fn delete_service(gw: &dyn AdminBackend, name: &str) -> Response<Full<Byte
             )));
         }
         store
-            .remove_record(KONG_SERVICES, &service.name)
+            .remove(Table::KongServices, &service.name)
             .map_err(|e| e.to_string())?;
         Ok(Ok(()))
     })

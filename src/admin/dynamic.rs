@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::{self, Config, ConfigError, RouteConfig};
-use crate::store::{API_ROUTES, KONG_SERVICES, Store};
+use crate::store::{Store, Table};
 
 /// Which API created a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,22 +57,18 @@ pub struct KongService {
 }
 
 /// The store of a config, when it exists (reading never creates it).
-pub fn existing_store(cfg: &Config) -> Result<Option<Arc<Store>>, String> {
-    let path = cfg.resolve(&cfg.store.path);
-    if !path.exists() {
-        return Ok(None);
-    }
-    Store::shared(&path).map(Some).map_err(|e| e.to_string())
+pub fn existing_store(cfg: &Config) -> Result<Option<Arc<dyn Store>>, String> {
+    crate::store::existing(cfg).map_err(|e| e.to_string())
 }
 
-pub fn store(cfg: &Config) -> Result<Arc<Store>, String> {
-    Store::shared(&cfg.resolve(&cfg.store.path)).map_err(|e| e.to_string())
+pub fn store(cfg: &Config) -> Result<Arc<dyn Store>, String> {
+    crate::store::open(cfg).map_err(|e| e.to_string())
 }
 
 /// The stored API routes; a record that no longer reads is skipped (logged),
 /// so it cannot take the others down with it.
-pub fn api_routes(store: &Store) -> Result<Vec<ApiRoute>, String> {
-    let raw: Vec<Value> = store.records(API_ROUTES).map_err(|e| e.to_string())?;
+pub fn api_routes(store: &dyn Store) -> Result<Vec<ApiRoute>, String> {
+    let raw: Vec<Value> = store.records(Table::ApiRoutes).map_err(|e| e.to_string())?;
     Ok(raw
         .into_iter()
         .filter_map(|v| match serde_json::from_value::<ApiRoute>(v) {
@@ -85,8 +81,10 @@ pub fn api_routes(store: &Store) -> Result<Vec<ApiRoute>, String> {
         .collect())
 }
 
-pub fn kong_services(store: &Store) -> Result<Vec<KongService>, String> {
-    store.records(KONG_SERVICES).map_err(|e| e.to_string())
+pub fn kong_services(store: &dyn Store) -> Result<Vec<KongService>, String> {
+    store
+        .records(Table::KongServices)
+        .map_err(|e| e.to_string())
 }
 
 /// A route document in gateway.yaml's shape, checked on its own: unknown

@@ -5,6 +5,7 @@
 //! resource splits into segments ([`Resource`]).
 
 mod pattern;
+pub mod syntax;
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -14,8 +15,9 @@ use serde_json::Value;
 
 pub use pattern::{Pattern, Want};
 
-use crate::config::{CertMatch, ClaimMatch, Conditions, RuleConfig, ScalarValue, SetMatch};
+use crate::config::OneOrMany;
 use crate::identity::{AuthMethod, CertIdentity, Identity};
+use syntax::{CertMatch, ClaimMatch, Conditions, RuleConfig, ScalarValue, SetMatch};
 
 /// How a front-end's resource names split into segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -620,7 +622,7 @@ impl ClaimTest {
 impl CertTest {
     fn compile(m: &CertMatch) -> CertTest {
         let mut fields = Vec::new();
-        let mut add = |field, v: &Option<crate::config::OneOrMany>, lower: bool| {
+        let mut add = |field, v: &Option<OneOrMany>, lower: bool| {
             if let Some(v) = v {
                 let values = v
                     .values()

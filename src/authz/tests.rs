@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use super::syntax::RuleConfig;
 use super::*;
-use crate::config::RuleConfig;
 use crate::identity::{AuthMethod, CertIdentity, Identity};
 
 /// Rules are written as JSON here (the YAML shape is the same data).

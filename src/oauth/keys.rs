@@ -230,7 +230,7 @@ impl KeyRing {
 /// Where the keys come from.
 pub enum KeySource<'a> {
     /// Generated and kept in the store.
-    Store(&'a Store),
+    Store(&'a dyn Store),
     /// PEM files named in gateway.yaml (operators who manage keys elsewhere).
     Files(&'a [PathBuf], &'a dyn Fn(&std::path::Path) -> PathBuf),
 }
@@ -283,7 +283,7 @@ fn rows(keys: &[StoredKey]) -> Vec<(String, StoredKey)> {
 /// Generates a new signing key and retires the current one after `overlap`
 /// (one store transaction): `tollgate keys rotate`.
 pub fn rotate(
-    store: &Store,
+    store: &dyn Store,
     alg: SigningAlgorithm,
     overlap: u64,
     now: u64,
@@ -344,16 +344,35 @@ mod tests {
     #[test]
     fn generate_rotate_and_retire() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let ring = load(KeySource::Store(&store), SigningAlgorithm::EdDSA, 600, 1000).unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let ring = load(
+            KeySource::Store(&*store),
+            SigningAlgorithm::EdDSA,
+            600,
+            1000,
+        )
+        .unwrap();
         assert_eq!(ring.published.len(), 1);
         let first = ring.signing.kid.clone();
         // Loading again keeps the key.
-        let ring = load(KeySource::Store(&store), SigningAlgorithm::EdDSA, 600, 1001).unwrap();
+        let ring = load(
+            KeySource::Store(&*store),
+            SigningAlgorithm::EdDSA,
+            600,
+            1001,
+        )
+        .unwrap();
         assert_eq!(ring.signing.kid, first);
 
-        let second = rotate(&store, SigningAlgorithm::EdDSA, 600, 2000).unwrap();
-        let ring = load(KeySource::Store(&store), SigningAlgorithm::EdDSA, 600, 2001).unwrap();
+        let second = rotate(&*store, SigningAlgorithm::EdDSA, 600, 2000).unwrap();
+        let ring = load(
+            KeySource::Store(&*store),
+            SigningAlgorithm::EdDSA,
+            600,
+            2001,
+        )
+        .unwrap();
         assert_eq!(ring.signing.kid, second);
         assert_eq!(
             ring.published.len(),
@@ -365,11 +384,23 @@ mod tests {
         assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
         assert_eq!(jwks["keys"][0]["kid"], second.as_str());
 
-        let ring = load(KeySource::Store(&store), SigningAlgorithm::EdDSA, 600, 2601).unwrap();
+        let ring = load(
+            KeySource::Store(&*store),
+            SigningAlgorithm::EdDSA,
+            600,
+            2601,
+        )
+        .unwrap();
         assert_eq!(ring.published.len(), 1, "retired after the overlap");
 
         // Another algorithm configured: a new key, the old one overlaps.
-        let ring = load(KeySource::Store(&store), SigningAlgorithm::ES256, 600, 3000).unwrap();
+        let ring = load(
+            KeySource::Store(&*store),
+            SigningAlgorithm::ES256,
+            600,
+            3000,
+        )
+        .unwrap();
         assert_eq!(ring.signing.alg, SigningAlgorithm::ES256);
         assert_eq!(ring.published.len(), 2);
     }

@@ -1,6 +1,8 @@
 //! What `tollgate clients ...` and `tollgate keys ...` do to the store. The
 //! running gateway sees the store change and picks it up.
 
+use std::sync::Arc;
+
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -29,11 +31,11 @@ pub struct NewClient<'a> {
     pub tls_client_auth: Option<TlsClientAuth>,
 }
 
-fn open(cfg: &Config) -> Result<Store, String> {
-    Store::open(&cfg.resolve(&cfg.store.path)).map_err(|e| e.to_string())
+fn open(cfg: &Config) -> Result<Arc<dyn Store>, String> {
+    crate::store::open(cfg).map_err(|e| e.to_string())
 }
 
-fn find(store: &Store, id: &str) -> Result<ClientRecord, String> {
+fn find(store: &dyn Store, id: &str) -> Result<ClientRecord, String> {
     let clients: Vec<ClientRecord> = store.clients().map_err(|e| e.to_string())?;
     clients
         .into_iter()
@@ -87,7 +89,7 @@ pub fn add_client(cfg: &Config, new: &NewClient) -> Result<Option<String>, Strin
         ));
     }
     let store = open(cfg)?;
-    if find(&store, new.id).is_ok() {
+    if find(&*store, new.id).is_ok() {
         return Err(format!(
             "client `{}` exists; use rotate-secret for a new secret",
             new.id
@@ -153,7 +155,7 @@ pub fn list_clients(cfg: &Config) -> Result<String, String> {
 /// One client as JSON, without its secret hash.
 pub fn show_client(cfg: &Config, id: &str) -> Result<String, String> {
     let store = open(cfg)?;
-    let c = find(&store, id)?;
+    let c = find(&*store, id)?;
     let mut v = serde_json::to_value(&c).map_err(|e| e.to_string())?;
     if let Some(o) = v.as_object_mut() {
         o.remove("secret_sha256");
@@ -173,7 +175,7 @@ pub fn remove_client(cfg: &Config, id: &str) -> Result<(), String> {
 /// A new secret for a client; the old one stops working at once.
 pub fn rotate_secret(cfg: &Config, id: &str) -> Result<String, String> {
     let store = open(cfg)?;
-    let mut c = find(&store, id)?;
+    let mut c = find(&*store, id)?;
     if c.secret_sha256.is_none() {
         return Err(format!(
             "client `{id}` authenticates with a key or a certificate, not a secret"
@@ -187,7 +189,7 @@ pub fn rotate_secret(cfg: &Config, id: &str) -> Result<String, String> {
 
 pub fn set_enabled(cfg: &Config, id: &str, enabled: bool) -> Result<(), String> {
     let store = open(cfg)?;
-    let mut c = find(&store, id)?;
+    let mut c = find(&*store, id)?;
     c.enabled = enabled;
     store.put_client(id, &c).map_err(|e| e.to_string())
 }
@@ -207,7 +209,7 @@ pub fn rotate_keys(cfg: &Config) -> Result<String, String> {
     let store = open(cfg)?;
     let stored: Vec<ClientRecord> = store.clients().map_err(|e| e.to_string())?;
     let overlap = super::runtime::key_overlap(cfg, &stored);
-    keys::rotate(&store, oauth.signing_algorithm, overlap, unix_now())
+    keys::rotate(&*store, oauth.signing_algorithm, overlap, unix_now())
 }
 
 pub fn list_keys(cfg: &Config) -> Result<String, String> {

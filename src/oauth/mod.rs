@@ -33,7 +33,7 @@ pub struct OAuthServer {
     pub clients: Clients,
     pub keys: Arc<KeyRing>,
     revocations: Arc<Revocations>,
-    store: Option<Arc<Store>>,
+    store: Option<Arc<dyn Store>>,
     /// Listeners that serve the endpoints.
     listeners: Vec<String>,
     max_body: usize,

@@ -234,7 +234,7 @@ impl OAuthRuntime {
         let overlap = key_overlap(cfg, &stored);
         let now = unix_now();
         let source = if oauth.signing_keys.is_empty() {
-            KeySource::Store(&store)
+            KeySource::Store(&*store)
         } else {
             KeySource::Files(&oauth.signing_keys, &|p| cfg.resolve(p))
         };
@@ -377,8 +377,8 @@ impl OAuthRuntime {
         }
     }
 
-    fn open_store(&self, cfg: &Config) -> Result<Arc<Store>, String> {
-        Store::shared(&Self::store_path(cfg)).map_err(|e| e.to_string())
+    fn open_store(&self, cfg: &Config) -> Result<Arc<dyn Store>, String> {
+        crate::store::open(cfg).map_err(|e| e.to_string())
     }
 
     /// Runs until `stop`: rebuilds the server when the store's change marker
@@ -402,7 +402,7 @@ impl OAuthRuntime {
                 }
                 let marker = current
                     .as_ref()
-                    .map(|(cfg, _)| Store::change_marker(&Self::store_path(cfg)));
+                    .and_then(|(cfg, _)| crate::store::change_marker(cfg));
                 // Key checks every minute, more often for short rotation periods.
                 let every = current
                     .as_ref()
@@ -554,7 +554,7 @@ impl OAuthRuntime {
             let rotated = tokio::task::spawn_blocking(move || {
                 let store = store?;
                 let stored: Vec<ClientRecord> = store.clients().map_err(|e| e.to_string())?;
-                keys::rotate(&store, alg, key_overlap(&cfg, &stored), now)
+                keys::rotate(&*store, alg, key_overlap(&cfg, &stored), now)
             })
             .await;
             match rotated {

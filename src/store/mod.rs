@@ -1,32 +1,66 @@
-//! The embedded store: one redb file for what the gateway and the CLI write at
-//! run time (OAuth clients, signing keys, revoked token ids). Records are JSON
-//! so a store stays readable across versions.
+//! What the gateway and the CLI write at run time (OAuth clients, signing
+//! keys, revoked token ids, API-registered routes, users), behind one
+//! interface: [`Store`]. The embedded redb file ([`RedbStore`]) is the one
+//! implementation today; a distributed store is another behind the same
+//! trait. [`open`] is the one place that picks it from the config.
 //!
-//! The file is opened per operation, not held: redb locks it while open, and
-//! `tollgate clients add` must be able to write while the gateway runs. The
-//! gateway keeps what it serves from in memory and re-reads when the file
-//! changes. Every write transaction is durable (fsync) when it returns, and
-//! counts one more generation (`generation`), so a running gateway can tell
-//! whether what it serves is what the store holds.
+//! Records are JSON (the helpers on `dyn Store` do the encoding), so a
+//! store stays readable across versions and implementations.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod embedded;
 
-use redb::{Database, ReadableTable, TableDefinition, TableHandle};
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("oauth_clients");
-const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys");
-const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked_tokens");
-/// Routes registered through the admin API (tollgate's and Kong's shapes).
-pub const API_ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("api_routes");
-/// Kong >= 1.0 services registered through the admin API.
-pub const KONG_SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("kong_services");
-/// `generation`: how many write transactions the store has committed.
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const GENERATION: &str = "generation";
+pub use embedded::RedbStore;
+
+use crate::config::Config;
+
+/// A record: its key and its JSON bytes.
+pub type Row = (String, Vec<u8>);
+
+/// The tables of JSON records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Clients,
+    SigningKeys,
+    /// Routes registered through the admin API (tollgate's and Kong's shapes).
+    ApiRoutes,
+    /// Kong >= 1.0 services registered through the admin API.
+    KongServices,
+    /// Users who log in with a name and password (MQTT devices, WAMP
+    /// tickets), their hashes and roles.
+    Users,
+}
+
+impl Table {
+    pub const ALL: [Table; 5] = [
+        Table::Clients,
+        Table::SigningKeys,
+        Table::ApiRoutes,
+        Table::KongServices,
+        Table::Users,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Clients => "oauth_clients",
+            Table::SigningKeys => "signing_keys",
+            Table::ApiRoutes => "api_routes",
+            Table::KongServices => "kong_services",
+            Table::Users => "users",
+        }
+    }
+
+    /// Whether a change is announced to a running gateway (which re-reads
+    /// it); API routes are applied by the admin API that wrote them.
+    fn announced(self) -> bool {
+        matches!(self, Table::Clients | Table::SigningKeys | Table::Users)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -40,328 +74,111 @@ pub enum StoreError {
         table: String,
         message: String,
     },
+    /// An update's own check refused the change; nothing was written.
+    #[error("store table `{table}`: {message}")]
+    Refused {
+        table: &'static str,
+        message: String,
+    },
 }
 
-/// Any redb error, boxed (they are large), so `?` works inside transactions.
-pub struct DbError(Box<redb::Error>);
+/// The store interface. Every write is durable when it returns and counts
+/// one more generation, so a running gateway can tell whether what it
+/// serves is what the store holds.
+pub trait Store: Send + Sync {
+    /// Where it is, for messages.
+    fn describe(&self) -> String;
+    /// A file touched whenever an announced table changes, for watchers
+    /// (`None`: the implementation pushes changes another way).
+    fn change_marker(&self) -> Option<PathBuf>;
+    /// How many write transactions the store has committed.
+    fn generation(&self) -> Result<u64, StoreError>;
+    fn scan(&self, table: Table) -> Result<Vec<Row>, StoreError>;
+    fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Whether the record existed.
+    fn remove(&self, table: Table, key: &str) -> Result<bool, StoreError>;
+    /// Reads a whole table and replaces it with what `f` returns, in one
+    /// transaction (so two writers cannot lose each other's rows); `None`
+    /// changes nothing. Whether it changed.
+    fn update(
+        &self,
+        table: Table,
+        f: &mut dyn FnMut(Vec<Row>) -> Result<Option<Vec<Row>>, String>,
+    ) -> Result<bool, StoreError>;
+    /// Revoked token ids with the time (unix seconds) after which they no
+    /// longer matter.
+    fn revoked(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    fn revoke(&self, jti: &str, until: u64) -> Result<(), StoreError>;
+    /// Drops revocations whose tokens have expired; returns how many.
+    fn purge_revoked(&self, now: u64) -> Result<usize, StoreError>;
+}
 
-impl<E: Into<redb::Error>> From<E> for DbError {
-    fn from(e: E) -> DbError {
-        DbError(Box::new(e.into()))
+/// The store the config names (`store:`), shared in this process.
+pub fn open(cfg: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(RedbStore::shared(&cfg.resolve(&cfg.store.path))?)
+}
+
+/// The store the config names, if it exists already (read-only callers
+/// must not create one).
+pub fn existing(cfg: &Config) -> Result<Option<Arc<dyn Store>>, StoreError> {
+    if !cfg.resolve(&cfg.store.path).exists() {
+        return Ok(None);
+    }
+    open(cfg).map(Some)
+}
+
+/// Where a change of the configured store is announced, if anywhere.
+pub fn change_marker(cfg: &Config) -> Option<PathBuf> {
+    Some(RedbStore::marker_for(&cfg.resolve(&cfg.store.path)))
+}
+
+fn corrupt(store: &dyn Store, table: Table, e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt {
+        path: PathBuf::from(store.describe()),
+        table: table.name().to_owned(),
+        message: e.to_string(),
     }
 }
 
-pub struct Store {
-    path: PathBuf,
-    /// The open database, kept while operations follow each other and
-    /// closed after [`LINGER`] of quiet, so the CLI can open the file.
-    open: Arc<Mutex<Option<Open>>>,
+fn encode<V: Serialize>(store: &dyn Store, value: &V) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Io {
+        path: PathBuf::from(store.describe()),
+        message: format!("cannot encode a record: {e}"),
+    })
 }
 
-struct Open {
-    db: Database,
-    opened: Instant,
-    last_used: Instant,
-}
-
-/// How long the file stays open after the last operation. Opening and
-/// closing a redb file costs two commits; a burst of admin API writes
-/// shares one open.
-const LINGER: Duration = Duration::from_millis(250);
-
-/// How long the file stays open at a stretch, however busy: then it is
-/// closed for [`YIELD`], so the CLI gets its turn while admin writes keep
-/// coming.
-const MAX_HOLD: Duration = Duration::from_secs(1);
-const YIELD: Duration = Duration::from_millis(100);
-
-/// How long an operation waits for the file while another process has it open.
-const LOCK_WAIT: Duration = Duration::from_secs(5);
-
-impl Store {
-    /// Opens (creating the file, its directory and tables when missing) to
-    /// check it is usable.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
-                path: path.to_owned(),
-                message: format!("cannot create its directory: {e}"),
-            })?;
-        }
-        // Created owner-only before redb opens it: nobody else can get a
-        // descriptor to the signing keys in between.
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let created = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path);
-            match created {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(StoreError::Io {
-                        path: path.to_owned(),
-                        message: format!("cannot create: {e}"),
-                    });
-                }
-            }
-        }
-        let store = Store {
-            path: path.to_owned(),
-            open: Arc::new(Mutex::new(None)),
-        };
-        // The tables, made once; not a change of what the store holds, so
-        // not a generation.
-        store.with_db(|db| {
-            // The store holds signing keys and secret hashes: owner-only.
-            restrict_permissions(path);
-            let made = || -> Result<(), DbError> {
-                let txn = db.begin_write()?;
-                txn.open_table(CLIENTS)?;
-                txn.open_table(SIGNING_KEYS)?;
-                txn.open_table(REVOKED)?;
-                txn.open_table(API_ROUTES)?;
-                txn.open_table(KONG_SERVICES)?;
-                txn.open_table(META)?;
-                txn.commit()?;
-                Ok(())
-            };
-            made().map_err(|e| store.io(e.0))
-        })?;
-        Ok(store)
-    }
-
-    /// How many write transactions the store has committed (0 for a store
-    /// written before generations were counted).
-    pub fn generation(&self) -> Result<u64, StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_read().map_err(|e| self.io(e))?;
-            let t = txn.open_table(META).map_err(|e| self.io(e))?;
-            let generation = t.get(GENERATION).map_err(|e| self.io(e))?;
-            Ok(generation.map_or(0, |g| g.value()))
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The file a change of clients or keys touches. Watchers watch it, not
-    /// the store itself: redb writes to the store on every open and close,
-    /// so a reader would wake itself up.
-    pub fn change_marker(path: &Path) -> PathBuf {
-        let mut p = path.as_os_str().to_owned();
-        p.push(".changed");
-        PathBuf::from(p)
-    }
-
-    fn announce_change(&self) {
-        let marker = Self::change_marker(&self.path);
-        let stamp = format!("{:?}\n", std::time::SystemTime::now());
-        if let Err(e) = std::fs::write(&marker, stamp) {
-            tracing::warn!(file = %marker.display(), error = %e,
-                "cannot touch the store's change marker; a running gateway picks the change up on reload (SIGHUP)");
-        }
-    }
-
-    fn io(&self, e: impl std::fmt::Display) -> StoreError {
-        let message = e.to_string();
-        // ENOSPC, as the OS words it (redb keeps the io::Error only as text
-        // by the time it gets here).
-        if message.contains("(os error 28)") {
-            return StoreError::Full {
-                path: self.path.clone(),
-                message,
-            };
-        }
-        StoreError::Io {
-            path: self.path.clone(),
-            message,
-        }
-    }
-
-    fn with_db<T>(
-        &self,
-        f: impl FnOnce(&Database) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if open
-            .as_ref()
-            .is_some_and(|o| o.opened.elapsed() >= MAX_HOLD)
-        {
-            // Held long enough: let another process (the CLI) have it.
-            *open = None;
-            std::thread::sleep(YIELD);
-        }
-        if open.is_none() {
-            let deadline = Instant::now() + LOCK_WAIT;
-            let db = loop {
-                match Database::create(&self.path) {
-                    Ok(db) => break db,
-                    Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                        return Err(self.io("held open by another process for more than 5s"));
-                    }
-                    Err(e) => return Err(self.io(e)),
-                }
-            };
-            let now = Instant::now();
-            *open = Some(Open {
-                db,
-                opened: now,
-                last_used: now,
-            });
-            self.close_when_quiet();
-        }
-        let Some(o) = open.as_mut() else {
-            return Err(self.io("not open"));
-        };
-        let out = f(&o.db);
-        o.last_used = Instant::now();
-        if out.is_err() {
-            // A failed commit can leave the open database refusing every
-            // later operation: the next one opens the file afresh.
-            *open = None;
-        }
-        out
-    }
-
-    /// Closes the file once no operation has used it for [`LINGER`].
-    fn close_when_quiet(&self) {
-        let open = Arc::downgrade(&self.open);
-        let spawned = std::thread::Builder::new()
-            .name("tollgate-store".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(LINGER / 2);
-                    let Some(open) = open.upgrade() else { return };
-                    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
-                    match open.as_ref() {
-                        None => return,
-                        Some(o) if o.last_used.elapsed() >= LINGER => {
-                            *open = None;
-                            return;
-                        }
-                        Some(_) => {}
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the store's closer; the file stays open");
-        }
-    }
-
-    fn write<T>(
-        &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, DbError>,
-    ) -> Result<T, StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_write().map_err(|e| self.io(e))?;
-            let out = f(&txn).map_err(|e| self.io(e.0))?;
-            next_generation(&txn).map_err(|e| self.io(e.0))?;
-            txn.commit().map_err(|e| self.io(e))?;
-            Ok(out)
-        })
-    }
-
-    fn read_all<V: DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-    ) -> Result<Vec<V>, StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_read().map_err(|e| self.io(e))?;
-            let t = txn.open_table(table).map_err(|e| self.io(e))?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(|e| self.io(e))? {
-                let (_, v) = row.map_err(|e| self.io(e))?;
-                out.push(
-                    serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                        path: self.path.clone(),
-                        table: table.name().to_owned(),
-                        message: e.to_string(),
-                    })?,
-                );
-            }
-            Ok(out)
-        })
-    }
-
-    fn put<V: Serialize>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        value: &V,
-    ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| self.io(e))?;
-        self.write(|txn| {
-            txn.open_table(table)?.insert(key, bytes.as_slice())?;
-            Ok(())
-        })
-    }
-
-    /// One store per file in this process (redb allows one open at a time),
-    /// kept for the life of the process: reopening would redo `open`'s
-    /// checks; the file itself is closed when quiet.
-    pub fn shared(path: &Path) -> Result<Arc<Store>, StoreError> {
-        static OPEN: Mutex<Vec<(PathBuf, Arc<Store>)>> = Mutex::new(Vec::new());
-        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, s)) = open.iter().find(|(p, _)| p == path) {
-            return Ok(s.clone());
-        }
-        let store = Arc::new(Store::open(path)?);
-        open.push((path.to_owned(), store.clone()));
-        Ok(store)
-    }
-
-    /// Every record of a JSON table, with its key.
-    pub fn records<V: DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-    ) -> Result<Vec<V>, StoreError> {
-        self.read_all(table)
+/// Typed records.
+impl dyn Store + '_ {
+    pub fn records<V: DeserializeOwned>(&self, table: Table) -> Result<Vec<V>, StoreError> {
+        self.scan(table)?
+            .iter()
+            .map(|(_, v)| serde_json::from_slice(v).map_err(|e| corrupt(self, table, e)))
+            .collect()
     }
 
     pub fn put_record<V: Serialize>(
         &self,
-        table: TableDefinition<&str, &[u8]>,
+        table: Table,
         key: &str,
         value: &V,
     ) -> Result<(), StoreError> {
-        self.put(table, key, value)
-    }
-
-    /// Whether the record existed.
-    pub fn remove_record(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-    ) -> Result<bool, StoreError> {
-        self.write(|txn| Ok(txn.open_table(table)?.remove(key)?.is_some()))
+        self.put(table, key, &encode(self, value)?)
     }
 
     pub fn clients<V: DeserializeOwned>(&self) -> Result<Vec<V>, StoreError> {
-        self.read_all(CLIENTS)
+        self.records(Table::Clients)
     }
 
     pub fn put_client<V: Serialize>(&self, id: &str, client: &V) -> Result<(), StoreError> {
-        self.put(CLIENTS, id, client)?;
-        self.announce_change();
-        Ok(())
+        self.put_record(Table::Clients, id, client)
     }
 
-    /// Whether the client existed.
     pub fn remove_client(&self, id: &str) -> Result<bool, StoreError> {
-        let removed = self.write(|txn| Ok(txn.open_table(CLIENTS)?.remove(id)?.is_some()))?;
-        self.announce_change();
-        Ok(removed)
+        self.remove(Table::Clients, id)
     }
 
     pub fn signing_keys<V: DeserializeOwned>(&self) -> Result<Vec<V>, StoreError> {
-        self.read_all(SIGNING_KEYS)
+        self.records(Table::SigningKeys)
     }
 
     /// Reads the signing keys and replaces them with what `f` returns, in one
@@ -374,140 +191,26 @@ impl Store {
     where
         V: Serialize + DeserializeOwned,
     {
-        let mut changed = false;
-        let out = self
-            .with_db(|db| {
-                let txn = db.begin_write().map_err(|e| self.io(e))?;
-                let current = {
-                    let t = txn.open_table(SIGNING_KEYS).map_err(|e| self.io(e))?;
-                    let mut current = Vec::new();
-                    for row in t.iter().map_err(|e| self.io(e))? {
-                        let (_, v) = row.map_err(|e| self.io(e))?;
-                        current.push(serde_json::from_slice(v.value()).map_err(|e| {
-                            StoreError::Corrupt {
-                                path: self.path.clone(),
-                                table: "signing_keys".into(),
-                                message: e.to_string(),
-                            }
-                        })?);
-                    }
-                    current
-                };
-                let (next, out) = f(current).map_err(|e| self.io(e))?;
-                if let Some(rows) = next {
-                    {
-                        let mut t = txn.open_table(SIGNING_KEYS).map_err(|e| self.io(e))?;
-                        t.retain(|_, _| false).map_err(|e| self.io(e))?;
-                        for (kid, k) in &rows {
-                            let bytes = serde_json::to_vec(k).map_err(|e| self.io(e))?;
-                            t.insert(kid.as_str(), bytes.as_slice())
-                                .map_err(|e| self.io(e))?;
-                        }
-                    }
-                    next_generation(&txn).map_err(|e| self.io(e.0))?;
-                    txn.commit().map_err(|e| self.io(e))?;
-                    changed = true;
-                } else {
-                    txn.abort().map_err(|e| self.io(e))?;
-                }
-                Ok(out)
+        let mut f = Some(f);
+        let mut out = None;
+        let table = Table::SigningKeys;
+        self.update(table, &mut |rows| {
+            let f = f.take().ok_or("the update ran twice")?;
+            let current = rows
+                .iter()
+                .map(|(_, v)| serde_json::from_slice(v).map_err(|e| corrupt(self, table, e)))
+                .collect::<Result<Vec<V>, _>>()
+                .map_err(|e| e.to_string())?;
+            let (next, o) = f(current)?;
+            out = Some(o);
+            next.map(|rows| {
+                rows.iter()
+                    .map(|(k, v)| Ok((k.clone(), encode(self, v).map_err(|e| e.to_string())?)))
+                    .collect()
             })
-            .map_err(|e| e.to_string())?;
-        if changed {
-            self.announce_change();
-        }
-        Ok(out)
-    }
-
-    /// Revoked token ids with the time (unix seconds) after which they no
-    /// longer matter.
-    pub fn revoked(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_read().map_err(|e| self.io(e))?;
-            let t = txn.open_table(REVOKED).map_err(|e| self.io(e))?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(|e| self.io(e))? {
-                let (k, v) = row.map_err(|e| self.io(e))?;
-                out.push((k.value().to_owned(), v.value()));
-            }
-            Ok(out)
+            .transpose()
         })
-    }
-
-    pub fn revoke(&self, jti: &str, until: u64) -> Result<(), StoreError> {
-        self.write(|txn| {
-            txn.open_table(REVOKED)?.insert(jti, until)?;
-            Ok(())
-        })
-    }
-
-    /// Drops revocations whose tokens have expired; returns how many.
-    pub fn purge_revoked(&self, now: u64) -> Result<usize, StoreError> {
-        self.write(|txn| {
-            let mut t = txn.open_table(REVOKED)?;
-            let mut purged = 0;
-            t.retain(|_, until| {
-                let keep = until > now;
-                purged += usize::from(!keep);
-                keep
-            })?;
-            Ok(purged)
-        })
-    }
-}
-
-/// Counts a write transaction, inside it.
-fn next_generation(txn: &redb::WriteTransaction) -> Result<(), DbError> {
-    let mut meta = txn.open_table(META)?;
-    let next = meta.get(GENERATION)?.map_or(0, |g| g.value()) + 1;
-    meta.insert(GENERATION, next)?;
-    Ok(())
-}
-
-fn restrict_permissions(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-        tracing::warn!(store = %path.display(), error = %e, "cannot make the store owner-only");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_trips_and_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/t.redb");
-        let store = Store::open(&path).unwrap();
-        store
-            .put_client("a", &serde_json::json!({"id": "a"}))
-            .unwrap();
-        store
-            .put_client("b", &serde_json::json!({"id": "b"}))
-            .unwrap();
-        assert!(store.remove_client("b").unwrap());
-        assert!(!store.remove_client("b").unwrap());
-        store.revoke("j1", 10).unwrap();
-        store.revoke("j2", 100).unwrap();
-        assert_eq!(store.purge_revoked(50).unwrap(), 1);
-        store
-            .update_signing_keys(|_: Vec<serde_json::Value>| {
-                Ok((
-                    Some(vec![("k1".to_string(), serde_json::json!({"kid": "k1"}))]),
-                    (),
-                ))
-            })
-            .unwrap();
-        drop(store);
-
-        let store = Store::open(&path).unwrap();
-        // 2 clients, 2 removes, 2 revokes, a purge, keys; opening is none.
-        assert_eq!(store.generation().unwrap(), 8);
-        let clients: Vec<serde_json::Value> = store.clients().unwrap();
-        assert_eq!(clients, [serde_json::json!({"id": "a"})]);
-        assert_eq!(store.revoked().unwrap(), [("j2".to_string(), 100)]);
-        let keys: Vec<serde_json::Value> = store.signing_keys().unwrap();
-        assert_eq!(keys.len(), 1);
+        .map_err(|e| e.to_string())?;
+        out.ok_or_else(|| "the signing keys were not read".to_owned())
     }
 }
