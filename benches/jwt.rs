@@ -73,6 +73,7 @@ fn bench(c: &mut Criterion) {
                 accept_cert: false,
                 require_both: false,
                 providers: vec![providers.get("p").expect("provider").clone()],
+                users: None,
             };
             rt.block_on(authn.authenticate(Some(Cow::Borrowed(&token)), None))
                 .expect("token validates");

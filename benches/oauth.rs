@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
         )
         .expect("config");
         let cfg: Arc<Config> = Arc::new(tollgate::config::load(&path).expect("valid config"));
-        let runtime = OAuthRuntime::new(Arc::new(Metrics::new()));
+        let runtime = OAuthRuntime::new(Arc::new(Metrics::new()), Vec::new());
         runtime
             .apply(&cfg, &Arc::new(Revocations::default()))
             .expect("token server");

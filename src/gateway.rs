@@ -61,6 +61,9 @@ struct Inner {
     table: Arc<ArcSwap<RouteTable>>,
     providers: ArcSwap<Providers>,
     oauth: Arc<OAuthRuntime>,
+    /// Password and ticket users (gateway.yaml's and the store's), loaded
+    /// with the store.
+    users: Arc<crate::identity::Users>,
     tls_listeners: Vec<Arc<TlsListener>>,
     clients: UpstreamClients,
     metrics: Arc<Metrics>,
@@ -277,7 +280,8 @@ impl Gateway {
             dynamic::merge(&file_config, &[])
         });
         let metrics = Arc::new(Metrics::new());
-        let oauth = Arc::new(OAuthRuntime::new(metrics.clone()));
+        let users = Arc::new(crate::identity::Users::default());
+        let oauth = Arc::new(OAuthRuntime::new(metrics.clone(), vec![users.clone()]));
         let config_error = |errors| {
             StartError::Config(ConfigErrors::new(
                 config_path.as_deref().unwrap_or(std::path::Path::new("")),
@@ -426,6 +430,7 @@ impl Gateway {
                 admin_auth: ArcSwap::from_pointee(AdminAuth::build(&config, &providers)),
                 admin_write: Mutex::new(()),
                 oauth: oauth.clone(),
+                users,
                 table,
                 providers: ArcSwap::from_pointee(providers),
                 tls_listeners,
@@ -569,6 +574,7 @@ impl Gateway {
             "routes": { "total": cfg.routes.len(), "from_file": file_routes, "from_api": cfg.routes.len().saturating_sub(file_routes), "not_served": inner.skipped_routes.load().len() },
             "oauth_clients": inner.oauth.server.load().as_ref().map(|s| s.clients.len()),
             "store": inner.oauth.sync.status(),
+            "password_users": inner.users.len(),
         })
     }
 

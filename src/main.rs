@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tollgate::config::TlsClientAuth;
+use tollgate::identity::passwords;
 use tollgate::oauth::manage;
 use tollgate::pki::{self, CertKind, KeyAlgorithm};
 use tollgate::telemetry::{self, LogFormat};
@@ -50,6 +51,10 @@ enum Command {
     /// The token server's signing keys in the store.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Users who log in with a name and password (MQTT) or ticket (WAMP),
+    /// in the store (the running gateway picks changes up).
+    #[command(subcommand)]
+    Users(UsersCommand),
     /// Register this service's route with a gateway's admin API (for start
     /// scripts; exits non-zero when the gateway refuses or cannot be reached).
     RegisterService(RegisterArgs),
@@ -170,6 +175,28 @@ enum ClientsCommand {
 }
 
 #[derive(Subcommand)]
+enum UsersCommand {
+    /// Add a user, or replace one of that name. Without --password-stdin a
+    /// password is generated and printed once.
+    Add {
+        name: String,
+        /// A role the policy engine can match (repeat for several).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    Remove {
+        name: String,
+    },
+    List,
+    /// Print an argon2id hash of a password read from standard input, for
+    /// `auth.users[].password_hash` in gateway.yaml.
+    Hash,
+}
+
+#[derive(Subcommand)]
 enum KeysCommand {
     /// Start signing with a new key; the previous one stays published until
     /// the tokens it signed have expired.
@@ -243,6 +270,7 @@ fn main() -> ExitCode {
         Some(Command::Pki(cmd)) => return pki_command(cmd),
         Some(Command::RegisterService(args)) => return register_service(&args),
         Some(Command::Healthcheck { url }) => return healthcheck(&url),
+        Some(Command::Users(UsersCommand::Hash)) => return hash_password(),
         other => other,
     };
     let path = match config::locate(cli.config.as_deref()) {
@@ -262,6 +290,7 @@ fn main() -> ExitCode {
             KeysCommand::List => manage::list_keys(cfg).map(|s| s.trim_end().to_owned()),
         }
         }),
+        Command::Users(cmd) => store_command(&path, |cfg| users_command(cfg, cmd)),
         Command::Run => {
             telemetry::init(cli.log_format);
             run(path)
@@ -304,6 +333,78 @@ fn register_service(a: &RegisterArgs) -> ExitCode {
             eprintln!("tollgate register-service: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The first line of standard input, without its line end.
+fn password_from_stdin() -> Result<String, String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+    let password = line.trim_end_matches(['\n', '\r']).to_owned();
+    if password.is_empty() {
+        return Err("an empty password".into());
+    }
+    Ok(password)
+}
+
+#[allow(clippy::print_stdout)] // the command's output
+fn hash_password() -> ExitCode {
+    match password_from_stdin().and_then(|p| passwords::hash_password(p.as_bytes())) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate users hash: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn users_command(cfg: &config::Config, cmd: UsersCommand) -> Result<String, String> {
+    let store = tollgate::store::open(cfg).map_err(|e| e.to_string())?;
+    match cmd {
+        UsersCommand::Add {
+            name,
+            roles,
+            password_stdin,
+        } => {
+            let (password, shown) = match password_stdin {
+                true => (password_from_stdin()?, false),
+                false => (passwords::generate_password()?, true),
+            };
+            let user = tollgate::identity::User {
+                password_hash: passwords::hash_password(password.as_bytes())?,
+                name,
+                roles,
+                claims: serde_json::Map::new(),
+            };
+            passwords::put_user(&*store, &user)?;
+            Ok(match shown {
+                true => format!(
+                    "user: {}\npassword: {password}\n(the password is not shown again)",
+                    user.name
+                ),
+                false => format!("user {} saved", user.name),
+            })
+        }
+        UsersCommand::Remove { name } => match passwords::remove_user(&*store, &name)? {
+            true => Ok(format!("user {name} removed")),
+            false => Err(format!("no user {name} in the store")),
+        },
+        UsersCommand::List => {
+            let users: Vec<tollgate::identity::User> = store
+                .records(tollgate::store::Table::Users)
+                .map_err(|e| e.to_string())?;
+            Ok(users
+                .iter()
+                .map(|u| format!("{}\troles={}", u.name, u.roles.join(",")))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+        UsersCommand::Hash => Err("handled before the config is read".into()),
     }
 }
 

@@ -55,6 +55,7 @@ impl AdminAuth {
                     .iter()
                     .filter_map(|n| providers.get(n).cloned())
                     .collect(),
+                users: None,
             },
             policy: admin
                 .policy

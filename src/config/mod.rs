@@ -124,7 +124,11 @@ pub fn redacted(file: &Path) -> Result<serde_json::Value, String> {
         match v {
             serde_json::Value::Object(m) => {
                 for (k, v) in m.iter_mut() {
-                    if k.contains("secret") || k.contains("token_sha256") || k == "key" {
+                    if k.contains("secret")
+                        || k.contains("token_sha256")
+                        || k.contains("password")
+                        || k == "key"
+                    {
                         *v = serde_json::Value::String("<redacted>".into());
                     } else {
                         redact(v);

@@ -553,6 +553,9 @@ pub struct AuthConfig {
     /// Validated tokens remembered (per provider) so repeat requests skip the
     /// signature check; an entry never outlives its token's `exp`.
     pub token_cache_entries: u64,
+    /// Users who log in with a name and a password (MQTT) or ticket (WAMP),
+    /// besides those in the store: `{name, password_hash, roles, claims}`.
+    pub users: Vec<crate::identity::User>,
 }
 
 impl Default for AuthConfig {
@@ -561,6 +564,7 @@ impl Default for AuthConfig {
             realm: "tollgate".into(),
             providers: Vec::new(),
             token_cache_entries: 100_000,
+            users: Vec::new(),
         }
     }
 }

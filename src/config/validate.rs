@@ -522,6 +522,24 @@ fn auth(a: &AuthConfig, errs: &mut Errors) {
         }
         provider(&path, p, errs);
     }
+    let mut users = HashMap::new();
+    for (i, u) in a.users.iter().enumerate() {
+        let path = format!("auth.users[{i}]");
+        if let Err(why) = crate::identity::passwords::usable_name(&u.name) {
+            errs.add(format!("{path}.name"), why);
+        } else if let Some(first) = users.insert(u.name.as_str(), i) {
+            errs.add(
+                format!("{path}.name"),
+                format!("duplicate user `{}` (also auth.users[{first}])", u.name),
+            );
+        }
+        if let Err(why) = crate::identity::passwords::usable_hash(&u.password_hash) {
+            errs.add(
+                format!("{path}.password_hash"),
+                format!("{why} (make one with `tollgate users hash`)"),
+            );
+        }
+    }
 }
 
 fn provider(path: &str, p: &ProviderConfig, errs: &mut Errors) {

@@ -46,6 +46,7 @@ impl RouteAuth {
                 accept_cert: false,
                 require_both: false,
                 providers: Vec::new(),
+                users: None,
             },
             sources: Vec::new(),
             policy: None,
@@ -76,6 +77,10 @@ impl RouteAuth {
                 provider,
                 error,
             },
+            // HTTP routes take no passwords today.
+            Refusal::BadPassword { .. } | Refusal::NotAccepted(_) => {
+                unauthenticated("these credentials are not accepted here")
+            }
         }
     }
 }

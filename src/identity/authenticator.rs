@@ -2,14 +2,16 @@
 //! provider chosen by its issuer, answered from the provider's cache of
 //! validated tokens when it can, checked against revocations and `exp`), a
 //! verified client certificate, or both, with certificate-bound tokens
-//! (RFC 8705) held to the connection's certificate. Refusals are typed;
+//! (RFC 8705) held to the connection's certificate; a user name with a
+//! password or a WAMP ticket, checked against [`Users`]. Refusals are typed;
 //! each front-end maps them to its own answer (HTTP 401, MQTT reason code).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::jwt::{JwtProvider, TokenDigest, TokenError};
-use super::{CertIdentity, Identity};
+use super::passwords::{PasswordError, Users};
+use super::{AuthMethod, CertIdentity, Identity};
 
 /// What a front-end (a route, the admin API, a listener) accepts.
 pub struct Authenticator {
@@ -19,6 +21,8 @@ pub struct Authenticator {
     /// carries the certificate.
     pub require_both: bool,
     pub providers: Vec<Arc<JwtProvider>>,
+    /// Who may log in with a name and a password or ticket (`None`: nobody).
+    pub users: Option<Arc<Users>>,
 }
 
 /// Why credentials were refused.
@@ -32,6 +36,30 @@ pub enum Refusal {
         provider: Arc<str>,
         error: TokenError,
     },
+    /// A name and password (or ticket) that did not verify. The caller is
+    /// told only that; `why` is for the operator's log.
+    BadPassword {
+        user: String,
+        why: PasswordError,
+    },
+    /// This front-end does not take that kind of credential.
+    NotAccepted(AuthMethod),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::TokenRequired => f.write_str("a bearer token is required"),
+            Refusal::CertificateRequired => f.write_str("a client certificate is required"),
+            Refusal::InvalidToken { provider, error } => {
+                write!(f, "token refused by provider {provider}: {error}")
+            }
+            Refusal::BadPassword { user, why } => {
+                write!(f, "user {user:?} refused: {}", why.as_str())
+            }
+            Refusal::NotAccepted(method) => write!(f, "{} is not accepted here", method.as_str()),
+        }
+    }
 }
 
 impl Refusal {
@@ -157,6 +185,41 @@ impl Authenticator {
     }
 }
 
+impl Authenticator {
+    /// A user name with a password (`method` Password) or a WAMP ticket
+    /// (`method` Ticket); with `require_both`, the connection's certificate
+    /// as well, which the identity then carries.
+    pub async fn password(
+        &self,
+        user: &str,
+        secret: &[u8],
+        method: AuthMethod,
+        cert: Option<Arc<CertIdentity>>,
+    ) -> Result<Arc<Identity>, Refusal> {
+        let Some(users) = &self.users else {
+            return Err(Refusal::NotAccepted(method));
+        };
+        if self.require_both && cert.is_none() {
+            return Err(Refusal::CertificateRequired);
+        }
+        let found = users
+            .verify(user, secret)
+            .await
+            .map_err(|why| Refusal::BadPassword {
+                user: user.to_owned(),
+                why,
+            })?;
+        Ok(Arc::new(Identity {
+            method,
+            subject: found.name.clone(),
+            roles: found.roles.clone(),
+            claims: found.claims.clone(),
+            cert: cert.filter(|_| self.require_both),
+            ..Identity::anonymous()
+        }))
+    }
+}
+
 /// A token's identity checked against the connection's certificate (RFC
 /// 8705 binding), with the certificate attached when both are required.
 fn bound(
@@ -242,6 +305,7 @@ mod tests {
             accept_cert: cert,
             require_both: both_needed,
             providers: both.clone(),
+            users: None,
         };
         let run = |a: &Authenticator, token: Option<String>, c: Option<Arc<CertIdentity>>| {
             let a = Authenticator {
@@ -249,6 +313,7 @@ mod tests {
                 accept_cert: a.accept_cert,
                 require_both: a.require_both,
                 providers: a.providers.clone(),
+                users: None,
             };
             async move { a.authenticate(token.map(Cow::Owned), c).await }
         };
@@ -326,5 +391,67 @@ mod tests {
             }
             assert!(on(None).await.is_err(), "no certificate at all");
         }
+    }
+
+    #[tokio::test]
+    async fn passwords_and_tickets() {
+        use crate::identity::passwords::{User, hash_password};
+        let users = Arc::new(Users::default());
+        users.replace([User {
+            name: "dev-1".into(),
+            password_hash: hash_password(b"pw").unwrap(),
+            roles: vec!["device".into()],
+            claims: serde_json::Map::new(),
+        }]);
+        let authn = |users: Option<Arc<Users>>, both| Authenticator {
+            accept_jwt: false,
+            accept_cert: false,
+            require_both: both,
+            providers: Vec::new(),
+            users,
+        };
+        let open = authn(Some(users.clone()), false);
+        let id = open
+            .password("dev-1", b"pw", AuthMethod::Password, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (id.method, id.subject.as_str()),
+            (AuthMethod::Password, "dev-1")
+        );
+        assert_eq!(id.roles, ["device"]);
+        let id = open
+            .password("dev-1", b"pw", AuthMethod::Ticket, None)
+            .await
+            .unwrap();
+        assert_eq!(id.method, AuthMethod::Ticket);
+        for (user, pw, why) in [
+            ("dev-1", &b"PW"[..], PasswordError::WrongPassword),
+            ("dev-2", b"pw", PasswordError::UnknownUser),
+        ] {
+            match open.password(user, pw, AuthMethod::Password, None).await {
+                Err(Refusal::BadPassword { user: u, why: w }) => {
+                    assert_eq!((u.as_str(), w), (user, why))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            authn(None, false)
+                .password("dev-1", b"pw", AuthMethod::Password, None)
+                .await,
+            Err(Refusal::NotAccepted(AuthMethod::Password))
+        ));
+        let both = authn(Some(users), true);
+        assert!(matches!(
+            both.password("dev-1", b"pw", AuthMethod::Password, None)
+                .await,
+            Err(Refusal::CertificateRequired)
+        ));
+        let id = both
+            .password("dev-1", b"pw", AuthMethod::Password, Some(cert("t")))
+            .await
+            .unwrap();
+        assert_eq!(id.cert.as_ref().unwrap().cn.as_deref(), Some("device-1"));
     }
 }

@@ -6,6 +6,7 @@
 mod authenticator;
 mod cert;
 pub mod jwt;
+pub mod passwords;
 mod providers;
 mod revocation;
 
@@ -15,6 +16,7 @@ use serde_json::{Map, Value};
 
 pub use authenticator::{Authenticator, Pending, Refusal, Step};
 pub(crate) use cert::hex;
+pub use passwords::{User, Users};
 pub use providers::Providers;
 pub use revocation::Revocations;
 

@@ -21,7 +21,7 @@ use crate::identity::Revocations;
 use crate::identity::jwt::RemoteJwks;
 use crate::identity::jwt::{SelfKeys, unix_now};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreView};
 
 pub struct OAuthRuntime {
     /// What `keys: self` providers verify with.
@@ -44,6 +44,8 @@ pub struct OAuthRuntime {
     /// Clients' JWK Set fetchers by (client, URL), kept across rebuilds.
     remote_keys: Mutex<HashMap<(String, String), Arc<RemoteJwks>>>,
     pub sync: StoreSync,
+    /// Everything else served from the store (users), loaded with it.
+    views: Vec<Arc<dyn StoreView>>,
 }
 
 /// Whether the token server serves what the store holds: the store's
@@ -175,7 +177,7 @@ const GENERATION_CHECK: Duration = Duration::from_secs(30);
 const OVERLAP_SLACK_SECS: u64 = 120;
 
 impl OAuthRuntime {
-    pub fn new(metrics: Arc<Metrics>) -> OAuthRuntime {
+    pub fn new(metrics: Arc<Metrics>, views: Vec<Arc<dyn StoreView>>) -> OAuthRuntime {
         OAuthRuntime {
             self_keys: SelfKeys::default(),
             server: Arc::new(ArcSwapOption::empty()),
@@ -186,6 +188,7 @@ impl OAuthRuntime {
             remote_keys: Mutex::new(HashMap::new()),
             apply_lock: Mutex::new(()),
             sync: StoreSync::new(metrics.clone()),
+            views,
             issued: metrics.oauth_tokens_issued.clone(),
             auth_failures: metrics.oauth_client_auth_failures.clone(),
             metrics,
@@ -212,11 +215,6 @@ impl OAuthRuntime {
         cfg: &Arc<Config>,
         revocations: &Arc<Revocations>,
     ) -> Result<(), Vec<ConfigError>> {
-        let Some(oauth) = &cfg.oauth else {
-            self.server.store(None);
-            *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            return Ok(());
-        };
         let fail = |path: &str, message: String| {
             vec![ConfigError {
                 path: path.into(),
@@ -225,9 +223,22 @@ impl OAuthRuntime {
         };
         let store = self.open_store(cfg).map_err(|e| fail("store.path", e))?;
         // Read first: what follows is at least this new.
-        let generation = store
-            .generation()
-            .map_err(|e| fail("store.path", e.to_string()))?;
+        let generation = match &store {
+            Some(store) => store
+                .generation()
+                .map_err(|e| fail("store.path", e.to_string()))?,
+            None => 0,
+        };
+        for view in &self.views {
+            view.load(cfg, store.as_deref())
+                .map_err(|e| fail("store.path", e))?;
+        }
+        let (Some(oauth), Some(store)) = (&cfg.oauth, store) else {
+            self.server.store(None);
+            self.sync.loaded(generation);
+            self.remember(cfg, revocations);
+            return Ok(());
+        };
         let stored: Vec<ClientRecord> = store
             .clients()
             .map_err(|e| fail("store.path", e.to_string()))?;
@@ -316,6 +327,12 @@ impl OAuthRuntime {
             replays: self.replays.clone(),
         })));
         self.sync.loaded(generation);
+        self.remember(cfg, revocations);
+        Ok(())
+    }
+
+    /// The config applied, for re-reads; `maintain` is told when its store moved.
+    fn remember(&self, cfg: &Arc<Config>, revocations: &Arc<Revocations>) {
         let previous = self
             .applied
             .lock()
@@ -324,7 +341,6 @@ impl OAuthRuntime {
         if previous.is_none_or(|(c, _)| c.store != cfg.store || c.base_dir != cfg.base_dir) {
             self.reapplied.notify_one();
         }
-        Ok(())
     }
 
     /// The store cannot be used at start: no token server until it can
@@ -360,7 +376,8 @@ impl OAuthRuntime {
             return;
         };
         let store = match self.open_store(&cfg) {
-            Ok(s) => s,
+            Ok(Some(s)) => s,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot purge expired revocations from the store");
                 return;
@@ -377,8 +394,14 @@ impl OAuthRuntime {
         }
     }
 
-    fn open_store(&self, cfg: &Config) -> Result<Arc<dyn Store>, String> {
-        crate::store::open(cfg).map_err(|e| e.to_string())
+    /// The store, created for a token server; without one, only if it
+    /// exists (users and API routes are read from it, never made).
+    fn open_store(&self, cfg: &Config) -> Result<Option<Arc<dyn Store>>, String> {
+        let opened = match cfg.oauth {
+            Some(_) => crate::store::open(cfg).map(Some),
+            None => crate::store::existing(cfg),
+        };
+        opened.map_err(|e| e.to_string())
     }
 
     /// Runs until `stop`: rebuilds the server when the store's change marker
@@ -476,11 +499,9 @@ impl OAuthRuntime {
             return false;
         };
         let runtime = self.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            runtime
-                .open_store(&cfg)?
-                .generation()
-                .map_err(|e| e.to_string())
+        let read = tokio::task::spawn_blocking(move || match runtime.open_store(&cfg)? {
+            Some(store) => store.generation().map_err(|e| e.to_string()),
+            None => Ok(0),
         })
         .await;
         match read {
@@ -552,7 +573,7 @@ impl OAuthRuntime {
             let store = self.open_store(&cfg);
             let alg = oauth.signing_algorithm;
             let rotated = tokio::task::spawn_blocking(move || {
-                let store = store?;
+                let store = store?.ok_or("no store")?;
                 let stored: Vec<ClientRecord> = store.clients().map_err(|e| e.to_string())?;
                 keys::rotate(&*store, alg, key_overlap(&cfg, &stored), now)
             })

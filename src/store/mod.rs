@@ -113,6 +113,14 @@ pub trait Store: Send + Sync {
     fn purge_revoked(&self, now: u64) -> Result<usize, StoreError>;
 }
 
+/// Something served from the store, read whole when a config is applied
+/// and again whenever the store changes.
+pub trait StoreView: Send + Sync {
+    /// `store` is `None` when the config's store does not exist and
+    /// nothing needs it made. An error leaves what was served as it was.
+    fn load(&self, cfg: &Config, store: Option<&dyn Store>) -> Result<(), String>;
+}
+
 /// The store the config names (`store:`), shared in this process.
 pub fn open(cfg: &Config) -> Result<Arc<dyn Store>, StoreError> {
     Ok(RedbStore::shared(&cfg.resolve(&cfg.store.path))?)

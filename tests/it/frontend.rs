@@ -1,15 +1,18 @@
 //! A front-end that is not HTTP, built from outside the crate's front-ends:
 //! a line protocol on a TLS listener that takes the client's verified
-//! certificate as its identity and asks the policy engine about MQTT topics
-//! (`PUB <topic>`, `SUB <filter>`). It uses only the base layers' interfaces
-//! (`transport::FrontEnd`, `identity`, `authz`), as an MQTT listener will.
+//! certificate as its identity (or a user name and password, `LOGIN <user>
+//! <password>`, checked against users in gateway.yaml and the store) and
+//! asks the policy engine about MQTT topics (`PUB <topic>`, `SUB <filter>`).
+//! It uses only the base layers' interfaces (`transport::FrontEnd`,
+//! `identity`, `authz`, `store`), as an MQTT listener will.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tollgate::authz::{Action, Policy, Resource};
-use tollgate::identity::Identity;
+use tollgate::identity::{AuthMethod, Authenticator, Identity, User, Users, passwords};
+use tollgate::store::StoreView;
 use tollgate::transport::{self, ConnState, FrontEnd, ListenerInfo, Shutdown, Stream};
 
 use crate::tls::{TestCa, client_config};
@@ -17,6 +20,7 @@ use crate::tls::{TestCa, client_config};
 /// Answers each line with `ALLOW` or `DENY <why>`.
 struct TopicLines {
     policy: Policy,
+    authn: Authenticator,
 }
 
 impl FrontEnd for TopicLines {
@@ -24,10 +28,28 @@ impl FrontEnd for TopicLines {
         let Some(cert) = conn.peer_cert.clone() else {
             return; // the listener requires a certificate
         };
-        let who = Identity::from_cert(cert);
+        let mut who = Arc::new(Identity::from_cert(cert));
         let (read, mut write) = tokio::io::split(io);
         let mut lines = BufReader::new(read).lines();
         while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(("LOGIN", login)) = line.split_once(' ') {
+                let (user, password) = login.split_once(' ').unwrap_or((login, ""));
+                let answer = match self
+                    .authn
+                    .password(user, password.as_bytes(), AuthMethod::Password, None)
+                    .await
+                {
+                    Ok(id) => {
+                        who = id;
+                        "OK\n".to_owned()
+                    }
+                    Err(refusal) => format!("DENY {refusal}\n"),
+                };
+                if write.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let action = match line.split_once(' ') {
                 Some(("PUB", topic)) => Action::Publish {
                     topic,
@@ -88,11 +110,46 @@ async fn a_line_protocol_front_end_on_a_tls_listener() {
         Some(tls),
     ));
     let rules: Vec<tollgate::config::RuleConfig> = serde_json::from_str(
-        r#"[{"allow": {"actions": ["publish", "subscribe"], "topics": ["fleet/{cn}/#"]}}]"#,
+        r#"[{"allow": {"actions": ["publish", "subscribe"], "topics": ["fleet/{cn}/#"]}},
+            {"allow": {"via": ["password"], "roles": ["device"], "topics": ["devices/%u/#"]}}]"#,
     )
     .unwrap();
+    // Users: one in gateway.yaml (bcrypt, as tstack's store holds them),
+    // one in a real store (argon2id, as `tollgate users add` writes).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    // Made by Python's bcrypt (`hashpw(b"tstack", gensalt(4))`).
+    let bcrypt = "$2b$04$dWmjw0XH4ZOXGz9dmsOZwee2pvH5TdhxF/JJLShsw0VO1kbx81JKK";
+    std::fs::write(
+        &file,
+        format!(
+            "store: {{ path: s.redb }}\nauth:\n  users:\n    - {{ name: tstack, password_hash: '{bcrypt}', roles: [device] }}\n"
+        ),
+    )
+    .unwrap();
+    let cfg = tollgate::config::load(&file).unwrap();
+    let store = tollgate::store::open(&cfg).unwrap();
+    passwords::put_user(
+        &*store,
+        &User {
+            name: "dev-7".into(),
+            password_hash: passwords::hash_password(b"correct horse").unwrap(),
+            roles: vec!["device".into()],
+            claims: Default::default(),
+        },
+    )
+    .unwrap();
+    let users = Arc::new(Users::default());
+    users.load(&cfg, Some(&*store)).unwrap();
     let front_end = Arc::new(TopicLines {
         policy: Policy::compile(&rules, Resource::Topic).unwrap(),
+        authn: Authenticator {
+            accept_jwt: false,
+            accept_cert: true,
+            require_both: false,
+            providers: Vec::new(),
+            users: Some(users),
+        },
     });
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
@@ -138,5 +195,28 @@ async fn a_line_protocol_front_end_on_a_tls_listener() {
             .await
             .starts_with("DENY denied: not a topic filter")
     );
+
+    // A password identity: its own topics only, and no login on a wrong
+    // password or an unknown name.
+    assert_eq!(
+        ask("LOGIN dev-7 wrong").await,
+        r#"DENY user "dev-7" refused: wrong password"#
+    );
+    assert_eq!(
+        ask("LOGIN nobody correct horse").await,
+        r#"DENY user "nobody" refused: unknown user"#
+    );
+    assert_eq!(ask("LOGIN dev-7 correct horse").await, "OK");
+    assert_eq!(ask("PUB devices/dev-7/temp").await, "ALLOW");
+    assert_eq!(
+        ask("PUB fleet/sensor-1/temp").await,
+        "DENY denied: no rule matches"
+    );
+    assert_eq!(
+        ask("SUB devices/+/temp").await,
+        "DENY denied: no rule matches"
+    );
+    assert_eq!(ask("LOGIN tstack tstack").await, "OK", "a bcrypt hash");
+    assert_eq!(ask("SUB devices/tstack/#").await, "ALLOW");
     shutdown.graceful.cancel();
 }

@@ -420,3 +420,99 @@ async fn a_gateway_starts_without_its_store_and_recovers() {
     assert_eq!(get(&gw.url("/api")).await.status, 200);
     assert_eq!(metric(&gw.metrics().await, "tollgate_store_in_sync"), 1.0);
 }
+
+/// `tollgate users …` writes password users to the store; the running
+/// gateway loads them (with gateway.yaml's) as it loads clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_users_from_the_cli_reach_the_running_gateway() {
+    let up = Upstream::echo("bar").await;
+    let hash = tollgate::identity::passwords::hash_password(b"yaml-pw").unwrap();
+    let yaml = oauth_config(&up, "ES256", "").replace(
+        "auth:\n  providers:",
+        &format!("auth:\n  users:\n    - {{ name: svc, password_hash: '{hash}' }}\n  providers:"),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let users = || gw.gw.status()["password_users"].as_u64().unwrap();
+    assert_eq!(users(), 1, "gateway.yaml's user");
+
+    let added = cli(&gw.path, &["users", "add", "dev-1", "--role", "device"]);
+    let password = added
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("a generated password is printed")
+        .to_owned();
+    assert_eq!(password.len(), 24);
+    wait_until(
+        Duration::from_secs(10),
+        "the new user is loaded",
+        || async { users() == 2 },
+    )
+    .await;
+    assert_eq!(
+        cli(&gw.path, &["users", "list"]).trim(),
+        "dev-1\troles=device"
+    );
+
+    // The stored hash is one the password verifies against.
+    let store = tollgate::store::RedbStore::shared(&store_of(&gw)).unwrap();
+    let stored: Vec<tollgate::identity::User> = (&*store as &dyn tollgate::store::Store)
+        .records(tollgate::store::Table::Users)
+        .unwrap();
+    tollgate::identity::passwords::check(&stored[0].password_hash, password.as_bytes()).unwrap();
+
+    assert_eq!(
+        cli(&gw.path, &["users", "remove", "dev-1"]).trim(),
+        "user dev-1 removed"
+    );
+    wait_until(Duration::from_secs(10), "the user is gone", || async {
+        users() == 1
+    })
+    .await;
+
+    // `users hash` reads standard input and needs no config.
+    let mut hashing = Command::new(BIN)
+        .args(["users", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    hashing
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin\n")
+        .unwrap();
+    let out = hashing.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    tollgate::identity::passwords::check(hash.trim(), b"from stdin").unwrap();
+}
+
+#[test]
+fn unusable_password_hashes_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &path,
+        "auth:\n  users:\n    - { name: a, password_hash: plain }\n    - { name: a, password_hash: '$2b$20$abcdefghijklmnopqrstuuabcdefghijklmnopqrstuvwxyzABCDE' }\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("auth.users[0].password_hash"), "{err}");
+    assert!(
+        err.contains("auth.users[1].name: duplicate user `a`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("auth.users[1].password_hash: bcrypt cost 20"),
+        "{err}"
+    );
+}
