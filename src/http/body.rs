@@ -19,6 +19,14 @@ use super::wire::ResponseLines;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Who takes a connection over after its `101`.
+pub enum Switched {
+    /// A route's target: bytes are relayed to it.
+    Upstream(Tunnel),
+    /// A local service (MQTT or WAMP over WebSocket, the tunnel relay).
+    Local(crate::transport::Takeover),
+}
+
 /// What tollgate sends to clients: an upstream's body or a small local one.
 pub struct ProxyBody {
     kind: Kind,
@@ -34,8 +42,8 @@ enum Kind {
         unfinished: Option<Box<Unfinished>>,
     },
     Full(Option<Bytes>),
-    /// A `101` response: no body, the target's side of the new protocol.
-    Switching(Option<Tunnel>),
+    /// A `101` response: no body, what takes the connection after it.
+    Switching(Option<Switched>),
 }
 
 impl ProxyBody {
@@ -51,16 +59,15 @@ impl ProxyBody {
         }
     }
 
-    /// The body of a `101` response, carrying the target's side.
-    pub fn switching(tunnel: Tunnel) -> ProxyBody {
+    /// The body of a `101` response, carrying what takes the connection.
+    pub fn switching(to: Switched) -> ProxyBody {
         ProxyBody {
-            kind: Kind::Switching(Some(tunnel)),
+            kind: Kind::Switching(Some(to)),
         }
     }
 
-    /// The target's side of a protocol switch, to relay once the `101` is
-    /// written.
-    pub fn take_tunnel(&mut self) -> Option<Tunnel> {
+    /// What takes the connection over once the `101` is written.
+    pub fn take_tunnel(&mut self) -> Option<Switched> {
         match &mut self.kind {
             Kind::Switching(tunnel) => tunnel.take(),
             _ => None,

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::ConnMemo;
 use super::HttpEntry;
-use super::body::{BodyFeed, ClientBody, ProxyBody, fed_body};
+use super::body::{BodyFeed, ClientBody, ProxyBody, Switched, fed_body};
 use super::error::GatewayError;
 use super::headers::{self, X_REQUEST_ID};
 use super::wire::{self, Chunk, RequestHead};
@@ -208,7 +208,10 @@ pub(crate) async fn serve<S: Stream>(
             // What the client sent after its upgrade request belongs to the
             // new protocol.
             let client = ActivityIo::new(Rewind::new(io, buf.freeze()), state.clone());
-            tunnel.relay(client, &state).await;
+            match tunnel {
+                Switched::Upstream(tunnel) => tunnel.relay(client, &state).await,
+                Switched::Local(takeover) => takeover(Box::new(client), state.clone()).await,
+            }
             return Ended::Closed;
         }
         if close || !keep_alive {

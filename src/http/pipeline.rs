@@ -30,7 +30,7 @@ use tokio::time::Sleep;
 use super::access_log::{self, Entry, Unfinished};
 use super::auth::{self, TokenMemo};
 use super::authz::{self, ANONYMOUS};
-use super::body::{ClientBody, ProxyBody};
+use super::body::{ClientBody, ProxyBody, Switched};
 use super::canonical;
 use super::error::GatewayError;
 use super::headers::{self, Chain, FieldRules, Origin, Travel, X_REQUEST_ID};
@@ -361,6 +361,23 @@ impl Pipeline {
         self.check_limits(conn, head, scan)?;
         if let Some((service, ep)) = endpoint {
             outcome.endpoint = Some(service.clone());
+            // A request to switch protocols on an endpoint that takes
+            // connections over (the codec decided it is one: a body-less
+            // HTTP/1.1 GET with `Connection: upgrade`).
+            if req.upgrade && service.upgrades(ep) {
+                let request = head
+                    .to_request(())
+                    .ok_or(GatewayError::BadHeader("a field value is not valid"))?;
+                let switch = service.upgrade(ep, request, conn.clone()).await;
+                let (parts, body) = switch.response.into_parts();
+                let body = match switch.takeover {
+                    Some(takeover) if parts.status == http::StatusCode::SWITCHING_PROTOCOLS => {
+                        ProxyBody::switching(Switched::Local(takeover))
+                    }
+                    _ => ProxyBody::full(body),
+                };
+                return Ok(Response::from_parts(parts, body));
+            }
             let request = head
                 .to_request(req.body)
                 .ok_or(GatewayError::BadHeader("a field value is not valid"))?

@@ -362,7 +362,10 @@ fn respond(
         };
         headers::strip_hop_by_hop(&mut parts.headers, true);
         parts.version = Version::HTTP_11;
-        return Ok(Response::from_parts(parts, ProxyBody::switching(tunnel)));
+        return Ok(Response::from_parts(
+            parts,
+            ProxyBody::switching(super::body::Switched::Upstream(tunnel)),
+        ));
     }
     if let UpstreamBody::Hyper(_) = body {
         headers::strip_hop_by_hop(&mut parts.headers, false);

@@ -5,6 +5,11 @@
 //! composition root hands the HTTP front-end the current set
 //! ([`LocalServices`]), which it asks before routing. Neither side imports
 //! the other.
+//!
+//! A local service may also take connections over: a request that asks to
+//! switch protocols (WebSocket) on one of its endpoints is handed to
+//! [`LocalService::upgrade`], whose `101` answer the HTTP front-end writes
+//! before it hands the connection's bytes to the service's [`Takeover`].
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -15,6 +20,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 
+use super::ConnState;
 use crate::identity::CertIdentity;
 use crate::metrics::RouteMetrics;
 
@@ -22,6 +28,35 @@ use crate::metrics::RouteMetrics;
 pub type LocalBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 pub type LocalFuture<'a> = Pin<Box<dyn Future<Output = Response<Bytes>> + Send + 'a>>;
+
+/// A connection after its `101`, with the bytes the client sent behind its
+/// upgrade request first.
+pub trait UpgradedIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> UpgradedIo for T {}
+
+/// What runs on a connection a local service took over, until it is done
+/// with it. The connection counts as open (and drains) while it runs.
+pub type Takeover = Box<
+    dyn FnOnce(Box<dyn UpgradedIo>, Arc<ConnState>) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send,
+>;
+
+/// A local service's answer to a request to switch protocols: a `101`
+/// with what takes the connection over, or any other response (a refusal;
+/// the connection then goes on as HTTP).
+pub struct Switch {
+    pub response: Response<Bytes>,
+    pub takeover: Option<Takeover>,
+}
+
+impl Switch {
+    pub fn refuse(response: Response<Bytes>) -> Switch {
+        Switch {
+            response,
+            takeover: None,
+        }
+    }
+}
 
 pub trait LocalService: Send + Sync + 'static {
     /// The name its requests are logged and counted under (a route's place).
@@ -39,6 +74,25 @@ pub trait LocalService: Send + Sync + 'static {
         peer: IpAddr,
         cert: Option<&'a CertIdentity>,
     ) -> LocalFuture<'a>;
+    /// Whether `endpoint` takes requests to switch protocols; those go to
+    /// [`upgrade`](Self::upgrade) instead of [`serve`](Self::serve).
+    fn upgrades(&self, _endpoint: u16) -> bool {
+        false
+    }
+    /// Answers a request to switch protocols (a body-less HTTP/1.1 GET with
+    /// `Connection: upgrade`) on the connection `conn`.
+    fn upgrade(
+        self: Arc<Self>,
+        _endpoint: u16,
+        _request: Request<()>,
+        _conn: Arc<ConnState>,
+    ) -> Pin<Box<dyn Future<Output = Switch> + Send>> {
+        Box::pin(async {
+            let mut refused = Response::new(Bytes::from_static(b"no protocol switch here\n"));
+            *refused.status_mut() = http::StatusCode::BAD_REQUEST;
+            Switch::refuse(refused)
+        })
+    }
 }
 
 /// The local services as they are now (a reload may replace them).

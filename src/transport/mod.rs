@@ -7,12 +7,15 @@ mod conn;
 mod listener;
 mod local;
 pub mod tls;
+pub mod websocket;
 
 pub use conn::{ActivityIo, ConnState, RequestGuard};
 pub use listener::{
     FrontEnd, ListenerInfo, Shutdown, Stream, bind_shared, hyper_server, serve, serve_hyper,
 };
-pub use local::{LocalBody, LocalFuture, LocalService, LocalServices};
+pub use local::{
+    LocalBody, LocalFuture, LocalService, LocalServices, Switch, Takeover, UpgradedIo,
+};
 
 /// Lets the worker's other ready tasks run first: the task goes to the
 /// back of its worker's run queue. `tokio::task::yield_now` would wait for

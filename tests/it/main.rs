@@ -11,6 +11,7 @@ mod jwt;
 mod layering;
 mod lifecycle;
 mod limits;
+mod local_upgrade;
 mod oauth;
 mod proxy;
 mod routing;

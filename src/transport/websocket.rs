@@ -1,0 +1,219 @@
+//! WebSocket for local services (MQTT and WAMP over WebSocket, the tunnel
+//! relay): the opening handshake (RFC 6455 §4.2) is answered here, once;
+//! the framing after it is tokio-tungstenite's, with limits on frames and
+//! messages.
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::UpgradedIo;
+
+const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// A WebSocket connection a local service took over.
+pub type WebSocket = WebSocketStream<Box<dyn UpgradedIo>>;
+
+/// An opening handshake accepted: the `101` to send and the subprotocol
+/// chosen (the first the client offered that the service speaks).
+#[derive(Debug)]
+pub struct Accepted {
+    pub response: Response<Bytes>,
+    pub protocol: Option<&'static str>,
+}
+
+fn refuse(status: StatusCode, why: &str) -> Box<Response<Bytes>> {
+    let mut r = Response::new(Bytes::from(format!("{why}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Box::new(r)
+}
+
+/// Answers a client's opening handshake. `speaks` lists the subprotocols
+/// the service takes, best first; when it is not empty the client must
+/// offer one of them (`Sec-WebSocket-Protocol`), or is refused with 400.
+/// Anything else wrong is a 400 too, or 426 for a version other than 13.
+pub fn accept(
+    request: &Request<()>,
+    speaks: &[&'static str],
+) -> Result<Accepted, Box<Response<Bytes>>> {
+    let headers = request.headers();
+    let tokens = |name: header::HeaderName| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+    };
+    if request.method() != http::Method::GET {
+        return Err(refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a WebSocket handshake is a GET",
+        ));
+    }
+    if !tokens(header::UPGRADE)
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case("websocket"))
+    {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "expected `Upgrade: websocket`",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut r = refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "only WebSocket version 13 is spoken",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(r);
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes())
+        .filter(|k| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(k)
+                .is_ok_and(|raw| raw.len() == 16)
+        })
+        .ok_or_else(|| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                "`Sec-WebSocket-Key` must be 16 bytes in base64",
+            )
+        })?;
+    let offered = tokens(header::SEC_WEBSOCKET_PROTOCOL);
+    let protocol = speaks
+        .iter()
+        .find(|ours| offered.iter().any(|o| o == *ours))
+        .copied();
+    if !speaks.is_empty() && protocol.is_none() {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "`Sec-WebSocket-Protocol` must offer one of: {}",
+                speaks.join(", ")
+            ),
+        ));
+    }
+    let mut response = Response::new(Bytes::new());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept_value(key));
+    if let Some(p) = protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    Ok(Accepted { response, protocol })
+}
+
+/// `Sec-WebSocket-Accept`: base64 of SHA-1 of the key and the GUID.
+fn accept_value(key: &[u8]) -> HeaderValue {
+    use base64::Engine;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key);
+    ctx.update(ACCEPT_GUID);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(ctx.finish());
+    HeaderValue::try_from(encoded).expect("base64 is a valid field value")
+}
+
+/// The WebSocket on a connection after its `101`; a message (and a frame)
+/// longer than `max_message` bytes ends the connection.
+pub async fn server(io: Box<dyn UpgradedIo>, max_message: usize) -> WebSocket {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshake(extra: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get("/mqtt")
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        for (k, v) in extra {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn answers_the_rfc_example_and_picks_a_subprotocol() {
+        let ok = accept(
+            &handshake(&[("sec-websocket-protocol", "chat, mqtt")]),
+            &["mqtt"],
+        )
+        .unwrap();
+        assert_eq!(ok.response.status(), 101);
+        // RFC 6455 §1.3's worked example.
+        assert_eq!(
+            ok.response.headers()["sec-websocket-accept"],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(ok.protocol, Some("mqtt"));
+        assert_eq!(ok.response.headers()["sec-websocket-protocol"], "mqtt");
+        let none = accept(&handshake(&[]), &[]).unwrap();
+        assert!(none.protocol.is_none());
+        assert!(
+            !none
+                .response
+                .headers()
+                .contains_key("sec-websocket-protocol")
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_handshake() {
+        let status = |r: Result<Accepted, Box<Response<Bytes>>>| r.unwrap_err().status().as_u16();
+        assert_eq!(
+            status(accept(&handshake(&[]), &["mqtt"])),
+            400,
+            "no subprotocol"
+        );
+        assert_eq!(
+            status(accept(
+                &handshake(&[("sec-websocket-protocol", "wamp.2.json")]),
+                &["mqtt"]
+            )),
+            400
+        );
+        let mut old = handshake(&[]);
+        old.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("8"));
+        let refused = accept(&old, &[]).unwrap_err();
+        assert_eq!(refused.status(), 426);
+        assert_eq!(refused.headers()["sec-websocket-version"], "13");
+        let mut short = handshake(&[]);
+        short
+            .headers_mut()
+            .insert("sec-websocket-key", HeaderValue::from_static("c2hvcnQ="));
+        assert_eq!(status(accept(&short, &[])), 400);
+        let mut h2c = handshake(&[]);
+        h2c.headers_mut()
+            .insert("upgrade", HeaderValue::from_static("h2c"));
+        assert_eq!(status(accept(&h2c, &[])), 400);
+        let mut post = handshake(&[]);
+        *post.method_mut() = http::Method::POST;
+        assert_eq!(status(accept(&post, &[])), 405);
+    }
+}
