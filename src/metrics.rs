@@ -2,6 +2,11 @@
 //! `tollgate_<subsystem>_<name>_<unit>`, labels of low cardinality only.
 //! Hot-path handles (per route, per listener) are resolved once when a config
 //! is built, so a request touches atomics, not the family's label map.
+//!
+//! The families here are the shared ones (listeners, HTTP routes,
+//! authentication, TLS, the store); a front-end registers its own families
+//! on the same registry ([`Metrics::counter`], [`Metrics::gauge`],
+//! [`Metrics::histogram`]) when it is built.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -27,8 +32,6 @@ pub struct Metrics {
     pub auth_jwks_fetches: IntCounterVec,
     pub authz_decisions: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
-    pub oauth_tokens_issued: IntCounterVec,
-    pub oauth_client_auth_failures: IntCounterVec,
     pub tls_cert_expiry: IntGaugeVec,
     /// The store's generation as last read (`stored`) and as served (`applied`).
     pub store_generation: IntGaugeVec,
@@ -153,16 +156,6 @@ impl Metrics {
                 "TLS handshakes by listener and outcome (ok | bad_certificate | failed | timeout)",
                 &["listener", "outcome"],
             ),
-            oauth_tokens_issued: counter(
-                "tollgate_oauth_tokens_issued_total",
-                "Access tokens issued by the token server, by client",
-                &["client"],
-            ),
-            oauth_client_auth_failures: counter(
-                "tollgate_oauth_client_auth_failures_total",
-                "Failed client authentications at the token server, by reason (missing | malformed | bad_credentials | disabled | rate_limited)",
-                &["reason"],
-            ),
             tls_cert_expiry: gauge(
                 "tollgate_tls_cert_expiry_seconds",
                 "Seconds until a served certificate or trusted client CA expires (negative once expired)",
@@ -183,6 +176,37 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// A front-end's counter family on the one registry. Each family is
+    /// registered once per gateway; a second registration is a bug.
+    pub fn counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.registry
+            .register(Box::new(c.clone()))
+            .expect("metric families are registered once per registry");
+        c
+    }
+
+    pub fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.registry
+            .register(Box::new(g.clone()))
+            .expect("metric families are registered once per registry");
+        g
+    }
+
+    /// With the latency buckets every duration family shares.
+    pub fn histogram(&self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+        let h = HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+            labels,
+        )
+        .expect("valid metric");
+        self.registry
+            .register(Box::new(h.clone()))
+            .expect("metric families are registered once per registry");
+        h
     }
 
     /// Prometheus text exposition of every family.

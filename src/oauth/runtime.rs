@@ -189,8 +189,16 @@ impl OAuthRuntime {
             apply_lock: Mutex::new(()),
             sync: StoreSync::new(metrics.clone()),
             views,
-            issued: metrics.oauth_tokens_issued.clone(),
-            auth_failures: metrics.oauth_client_auth_failures.clone(),
+            issued: metrics.counter(
+                "tollgate_oauth_tokens_issued_total",
+                "Access tokens issued by the token server, by client",
+                &["client"],
+            ),
+            auth_failures: metrics.counter(
+                "tollgate_oauth_client_auth_failures_total",
+                "Failed client authentications at the token server, by reason (missing | malformed | bad_credentials | disabled | rate_limited)",
+                &["reason"],
+            ),
             metrics,
         }
     }

@@ -1,10 +1,11 @@
-//! The running gateway: binds listeners, holds the current route table,
-//! reloads config atomically and shuts down with a drain.
+//! The running gateway: binds listeners, builds each front-end's part of
+//! the config (`parts`), reloads them atomically and shuts down with a drain.
+
+mod parts;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,15 +17,15 @@ use crate::admin::dynamic;
 use crate::admin::{AdminBackend, AdminFrontEnd, Readiness};
 pub use crate::config::Reloaded;
 use crate::config::{self, Config, ConfigError, ConfigErrors, Limits};
-use crate::http::router::RouteTable;
 use crate::http::upstream::{self, UpstreamClients};
 use crate::http::{HttpFrontEnd, PipelineConfig};
 use crate::identity::Providers;
 use crate::identity::jwt::SelfKeys;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthRuntime;
-use crate::transport::tls::{ServerMaterial, TlsListener, UpstreamTlsConfigs, load_server};
+use crate::transport::tls::{ServerMaterial, TlsListener, load_server};
 use crate::transport::{self, ListenerInfo, Shutdown};
+use parts::{AdminPart, HttpPart, Material, Part, TokenServerPart};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -55,19 +56,19 @@ struct Inner {
     file_config: ArcSwap<Config>,
     /// API routes left out of `config`, with why.
     skipped_routes: ArcSwap<Vec<(String, String)>>,
-    admin_auth: ArcSwap<AdminAuth>,
     /// One admin API write at a time (read, validate, store, apply).
     admin_write: Mutex<()>,
-    table: Arc<ArcSwap<RouteTable>>,
     providers: ArcSwap<Providers>,
     oauth: Arc<OAuthRuntime>,
+    http: Arc<HttpPart>,
+    admin: Arc<AdminPart>,
+    /// Applied in this order on every reload.
+    parts: Vec<Arc<dyn Part>>,
     /// Password and ticket users (gateway.yaml's and the store's), loaded
     /// with the store.
     users: Arc<crate::identity::Users>,
     tls_listeners: Vec<Arc<TlsListener>>,
-    clients: UpstreamClients,
     metrics: Arc<Metrics>,
-    access_log: Arc<AtomicBool>,
     readiness: Arc<Readiness>,
     shutdown: Shutdown,
     reload_lock: Mutex<()>,
@@ -145,30 +146,6 @@ pub fn check_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
 }
 
 /// What routes need from disk, loaded: JWT keys and secrets, upstream TLS.
-struct Material {
-    providers: Providers,
-    upstream_tls: UpstreamTlsConfigs,
-}
-
-impl Material {
-    fn load(
-        cfg: &Config,
-        previous: Option<&Providers>,
-        metrics: &Metrics,
-        self_keys: Option<&SelfKeys>,
-    ) -> Result<Material, Vec<ConfigError>> {
-        let providers = Providers::build(cfg, previous, metrics, self_keys);
-        let upstream_tls = UpstreamTlsConfigs::load(cfg);
-        match (providers, upstream_tls) {
-            (Ok(providers), Ok(upstream_tls)) => Ok(Material {
-                providers,
-                upstream_tls,
-            }),
-            (p, u) => Err(p.err().into_iter().chain(u.err()).flatten().collect()),
-        }
-    }
-}
-
 /// The TLS material of every listener, in `listeners` order.
 fn listener_tls(cfg: &Config) -> Result<Vec<Option<ServerMaterial>>, Vec<ConfigError>> {
     let mut errors = Vec::new();
@@ -288,10 +265,7 @@ impl Gateway {
                 errors,
             ))
         };
-        let Material {
-            providers,
-            upstream_tls,
-        } = load_material(
+        let material = load_material(
             &mut config,
             file_config.routes.len(),
             &mut merged,
@@ -302,11 +276,12 @@ impl Gateway {
         .map_err(config_error)?;
         let tls_material = listener_tls(&config).map_err(config_error)?;
         let config = Arc::new(config);
-        match oauth.apply(&config, &providers.revocations) {
+        let token_server = Arc::new(TokenServerPart(oauth.clone()));
+        match token_server.apply(&config, &material).await {
             Ok(()) => {}
             Err(errors) if errors.iter().all(|e| e.path == "store.path") => {
                 let why = describe(&errors);
-                oauth.start_without_store(&config, &providers.revocations, &why);
+                oauth.start_without_store(&config, &material.providers.revocations, &why);
                 store_down.get_or_insert(why);
             }
             Err(errors) => return Err(config_error(errors)),
@@ -316,13 +291,13 @@ impl Gateway {
                 "the store cannot be used: serving the file's routes; the token server and admin API routes wait for it (retrying)");
             oauth.sync.failed(why);
         }
-        providers.start();
-        let clients = UpstreamClients::new(&config.proxy);
-        let table =
-            RouteTable::build(&config, &clients, &metrics, &providers, &upstream_tls, None).await;
-        let table = Arc::new(ArcSwap::from_pointee(table));
+        material.providers.start();
+        let http = Arc::new(HttpPart::build(&config, &material, metrics.clone()).await);
+        let admin = Arc::new(AdminPart(ArcSwap::from_pointee(AdminAuth::build(
+            &config,
+            &material.providers,
+        ))));
         crate::telemetry::count_dropped_lines(metrics.access_log_dropped.clone());
-        let access_log = Arc::new(AtomicBool::new(access_log_on(&config)));
         let readiness = Arc::new(Readiness::default());
         let shutdown = Shutdown::default();
         let workers = config.runtime.worker_count();
@@ -380,10 +355,10 @@ impl Gateway {
             })
             .collect();
         let pipeline = Arc::new(PipelineConfig {
-            table: table.clone(),
+            table: http.table.clone(),
             local: Arc::new(TokenServerSlot(oauth.server.clone())),
             metrics: metrics.clone(),
-            access_log: access_log.clone(),
+            access_log: http.access_log.clone(),
             unmatched: metrics.route(
                 "none",
                 &config
@@ -427,16 +402,15 @@ impl Gateway {
                 config: ArcSwap::new(config.clone()),
                 file_config: ArcSwap::from_pointee(file_config),
                 skipped_routes: ArcSwap::from_pointee(merged.skipped),
-                admin_auth: ArcSwap::from_pointee(AdminAuth::build(&config, &providers)),
                 admin_write: Mutex::new(()),
                 oauth: oauth.clone(),
                 users,
-                table,
-                providers: ArcSwap::from_pointee(providers),
+                parts: vec![token_server, http.clone(), admin.clone()],
+                http,
+                admin,
+                providers: ArcSwap::from_pointee(material.providers),
                 tls_listeners,
-                clients,
                 metrics,
-                access_log,
                 readiness,
                 shutdown,
                 reload_lock: Mutex::new(()),
@@ -529,7 +503,7 @@ impl Gateway {
     }
 
     pub fn admin_auth(&self) -> Arc<AdminAuth> {
-        self.inner.admin_auth.load_full()
+        self.inner.admin.0.load_full()
     }
 
     /// gateway.yaml as running (without the API routes).
@@ -605,7 +579,7 @@ impl Gateway {
     /// API routes that are not served.
     pub fn routes_status(&self) -> serde_json::Value {
         let api = self.api_route_names();
-        let table = self.inner.table.load();
+        let table = self.inner.http.table.load();
         let data: Vec<serde_json::Value> = table
             .routes()
             .iter()
@@ -799,10 +773,7 @@ impl Gateway {
         // Key files, secrets and CA files are read again: a rotated key is a
         // change even when gateway.yaml is not.
         let current = inner.providers.load_full();
-        let Material {
-            providers,
-            upstream_tls,
-        } = match load_material(
+        let material = match load_material(
             &mut new,
             file.routes.len(),
             &mut merged,
@@ -814,8 +785,10 @@ impl Gateway {
             Err(errors) => return reject(ConfigErrors::new(path, errors)),
         };
         let old = inner.config.load_full();
-        let previous = inner.table.load_full();
-        if *old == new && providers.same_as(&current) && previous.same_tls(&upstream_tls) {
+        if *old == new
+            && material.providers.same_as(&current)
+            && inner.http.table.load().same_tls(&material.upstream_tls)
+        {
             tracing::debug!("config file changed but its content is the same; nothing to do");
             inner.file_config.store(Arc::new(file));
             inner.skipped_routes.store(Arc::new(merged.skipped));
@@ -833,52 +806,14 @@ impl Gateway {
             );
         }
         let new = Arc::new(new);
-        // Store I/O (and perhaps a wait for the CLI's lock): off the control loop.
-        let (oauth, cfg, revocations) = (
-            inner.oauth.clone(),
-            new.clone(),
-            providers.revocations.clone(),
-        );
-        match tokio::task::spawn_blocking(move || oauth.apply(&cfg, &revocations)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(errors)) => return reject(ConfigErrors::new(path, errors)),
-            Err(e) => {
-                return reject(ConfigErrors::new(
-                    path,
-                    vec![crate::config::ConfigError {
-                        path: "oauth".into(),
-                        message: e.to_string(),
-                    }],
-                ));
+        for part in &inner.parts {
+            if let Err(errors) = part.apply(&new, &material).await {
+                return reject(ConfigErrors::new(path, errors));
             }
         }
-        providers.start();
-        let table = RouteTable::build(
-            &new,
-            &inner.clients,
-            &inner.metrics,
-            &providers,
-            &upstream_tls,
-            Some(&previous),
-        )
-        .await;
-        inner
-            .admin_auth
-            .store(Arc::new(AdminAuth::build(&new, &providers)));
-        inner.providers.store(Arc::new(providers));
-        let routes = table.routes().len();
-        let listener_names: Vec<String> = new.listeners.iter().map(|l| l.name.clone()).collect();
-        for gone in previous
-            .routes()
-            .iter()
-            .filter(|r| !table.routes().iter().any(|n| n.name == r.name))
-        {
-            inner.metrics.forget_route(&gone.name, &listener_names);
-        }
-        inner.table.store(Arc::new(table));
-        inner
-            .access_log
-            .store(access_log_on(&new), Ordering::Relaxed);
+        material.providers.start();
+        let routes = inner.http.table.load().routes().len();
+        inner.providers.store(Arc::new(material.providers));
         inner.config.store(new);
         inner.file_config.store(Arc::new(file));
         inner.skipped_routes.store(Arc::new(merged.skipped));
@@ -1021,10 +956,6 @@ async fn settled(path: &std::path::Path, debounce: Duration) {
 
 /// Whether access log lines are written: the config asks for them and the
 /// log filter lets `tollgate::access` through at info.
-fn access_log_on(config: &Config) -> bool {
-    config.proxy.access_log && tracing::enabled!(target: "tollgate::access", tracing::Level::INFO)
-}
-
 /// The admin API's view of the running gateway.
 impl AdminBackend for Gateway {
     fn status(&self) -> serde_json::Value {
