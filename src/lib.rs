@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod mqtt;
 pub mod oauth;
 pub mod pki;
 pub mod store;

@@ -4,6 +4,7 @@
 //! `file: key.path: what was expected`; a running gateway keeps its old config
 //! when a reload is rejected.
 
+mod mqtt;
 mod schema;
 mod target;
 pub mod units;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Yaml};
 
+pub use mqtt::*;
 pub use schema::*;
 pub use target::{TargetHost, TargetUrl};
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::mqtt::MqttConfig;
 use super::units::{self, ByteSize, Cidr};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -33,6 +34,9 @@ pub struct Config {
     /// The token server; off unless present.
     #[serde(default)]
     pub oauth: Option<OAuthConfig>,
+    /// The MQTT broker; its listeners have `protocol: mqtt`.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
     #[serde(default)]
     pub store: StoreConfig,
     /// The directory of the config file: relative paths resolve against it.
@@ -68,6 +72,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             auth: AuthConfig::default(),
             oauth: None,
+            mqtt: MqttConfig::default(),
             store: StoreConfig::default(),
             base_dir: PathBuf::new(),
         }
@@ -111,21 +116,21 @@ pub struct ListenerConfig {
 }
 
 /// Listener protocols. `http` serves HTTP/1.1 and HTTP/2 with prior knowledge
-/// (h2c); `https` serves both over TLS, chosen by ALPN.
+/// (h2c); `https` serves both over TLS, chosen by ALPN; `mqtt` is the MQTT
+/// broker (3.1.1 and 5), over TLS when `tls:` is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     #[default]
     Http,
     Https,
+    Mqtt,
 }
 
 impl Protocol {
-    pub fn scheme(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Https => "https",
-        }
+    /// Whether the HTTP front-end serves it.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
     }
 }
 

@@ -73,6 +73,7 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
     if let Some(o) = &cfg.oauth {
         oauth(cfg, o, &mut errs);
     }
+    mqtt(cfg, &mut errs);
     errs.nonzero("proxy.connect_timeout", cfg.proxy.connect_timeout);
     errs.nonzero("proxy.pool_idle_timeout", cfg.proxy.pool_idle_timeout);
     errs.0
@@ -128,6 +129,63 @@ fn listeners(cfg: &Config, errs: &mut Errors) {
             );
         }
     }
+}
+
+fn mqtt(cfg: &Config, errs: &mut Errors) {
+    let m = &cfg.mqtt;
+    if let Some(ws) = &m.websocket {
+        if !ws.path.starts_with('/') {
+            errs.add("mqtt.websocket.path", "must start with `/` (e.g. `/mqtt`)");
+        }
+        for (i, name) in ws.listeners.iter().flatten().enumerate() {
+            match cfg.listeners.iter().find(|l| &l.name == name) {
+                None => errs.add(
+                    format!("mqtt.websocket.listeners[{i}]"),
+                    format!("`{name}` is not a listener"),
+                ),
+                Some(l) if !l.protocol.is_http() => errs.add(
+                    format!("mqtt.websocket.listeners[{i}]"),
+                    format!("`{name}` is not an http or https listener"),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    if let Some(names) = m.auth.jwt.as_ref().and_then(|j| j.providers.as_ref()) {
+        for (i, name) in names.iter().enumerate() {
+            if !cfg.auth.providers.iter().any(|p| &p.name == name) {
+                errs.add(
+                    format!("mqtt.auth.jwt.providers[{i}]"),
+                    format!("`{name}` is not a provider under auth.providers"),
+                );
+            }
+        }
+    }
+    if m.auth.jwt.is_some() && cfg.auth.providers.is_empty() {
+        errs.add("mqtt.auth.jwt", "needs a provider under auth.providers");
+    }
+    if let Some(rules) = &m.policy
+        && let Err(problems) = crate::authz::Policy::compile(rules, crate::authz::Resource::Topic)
+    {
+        for (at, message) in problems {
+            errs.add(format!("mqtt.policy{at}"), message);
+        }
+    }
+    let l = &m.limits;
+    let packet = l.max_packet_size.0;
+    if !(64..=256 * 1024 * 1024).contains(&packet) {
+        errs.add(
+            "mqtt.limits.max_packet_size",
+            "must be between 64B and 256MiB",
+        );
+    }
+    if l.max_inflight == 0 {
+        errs.add("mqtt.limits.max_inflight", "must be at least 1");
+    }
+    if l.max_queued_messages == 0 {
+        errs.add("mqtt.limits.max_queued_messages", "must be at least 1");
+    }
+    errs.nonzero("mqtt.limits.connect_timeout", l.connect_timeout);
 }
 
 /// Two binds collide when they share a port (non-zero) and one address covers the other.

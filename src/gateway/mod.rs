@@ -16,7 +16,7 @@ use crate::admin::auth::AdminAuth;
 use crate::admin::dynamic;
 use crate::admin::{AdminBackend, AdminFrontEnd, Readiness};
 pub use crate::config::Reloaded;
-use crate::config::{self, Config, ConfigError, ConfigErrors, Limits};
+use crate::config::{self, Config, ConfigError, ConfigErrors, Limits, Protocol};
 use crate::http::upstream::{self, UpstreamClients};
 use crate::http::{HttpFrontEnd, PipelineConfig};
 use crate::identity::Providers;
@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::oauth::OAuthRuntime;
 use crate::transport::tls::{ServerMaterial, TlsListener, load_server};
 use crate::transport::{self, ListenerInfo, Shutdown};
-use parts::{AdminPart, HttpPart, Material, Part, TokenServerPart};
+use parts::{AdminPart, HttpPart, Material, MqttPart, Part, TokenServerPart};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -62,6 +62,7 @@ struct Inner {
     oauth: Arc<OAuthRuntime>,
     http: Arc<HttpPart>,
     admin: Arc<AdminPart>,
+    mqtt: Option<Arc<MqttPart>>,
     /// Applied in this order on every reload.
     parts: Vec<Arc<dyn Part>>,
     /// Password and ticket users (gateway.yaml's and the store's), loaded
@@ -81,6 +82,8 @@ struct Inner {
 /// One worker thread: its event loop serves its share of every listener.
 struct Worker {
     pipeline: Arc<PipelineConfig>,
+    /// Serves `protocol: mqtt` listeners.
+    mqtt: Option<Arc<crate::mqtt::Broker>>,
     proxy: crate::config::ProxyConfig,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
@@ -107,14 +110,36 @@ impl Worker {
                         continue;
                     }
                 };
-                let front_end = Arc::new(HttpFrontEnd::new(pipeline.clone(), &info.limits));
-                shutdown.tracker.spawn(transport::serve(
-                    listener,
-                    info,
-                    front_end,
-                    shutdown.for_worker(),
-                    self.metrics.clone(),
-                ));
+                // The listener's protocol picks its front-end.
+                let metrics = self.metrics.clone();
+                match (info.protocol, &self.mqtt) {
+                    (Protocol::Mqtt, Some(broker)) => {
+                        let front_end = Arc::new(crate::mqtt::MqttFrontEnd {
+                            broker: broker.clone(),
+                        });
+                        shutdown.tracker.spawn(transport::serve(
+                            listener,
+                            info,
+                            front_end,
+                            shutdown.for_worker(),
+                            metrics,
+                        ));
+                    }
+                    (Protocol::Mqtt, None) => {
+                        tracing::error!(listener = %info.name, "no MQTT broker for this listener");
+                    }
+                    (Protocol::Http | Protocol::Https, _) => {
+                        let front_end =
+                            Arc::new(HttpFrontEnd::new(pipeline.clone(), &info.limits));
+                        shutdown.tracker.spawn(transport::serve(
+                            listener,
+                            info,
+                            front_end,
+                            shutdown.for_worker(),
+                            metrics,
+                        ));
+                    }
+                }
             }
             // Keep serving this worker's connections through the drain.
             shutdown.graceful.cancelled().await;
@@ -297,6 +322,18 @@ impl Gateway {
             &config,
             &material.providers,
         ))));
+        // The MQTT broker, when a listener or WebSocket path serves it.
+        let mqtt = match crate::mqtt::enabled(&config) {
+            false => None,
+            true => {
+                let settings = crate::mqtt::settings(&config, &material.providers, &users)
+                    .map_err(config_error)?;
+                Some(Arc::new(MqttPart {
+                    broker: crate::mqtt::Broker::start(settings, &metrics),
+                    users: users.clone(),
+                }))
+            }
+        };
         crate::telemetry::count_dropped_lines(metrics.access_log_dropped.clone());
         let readiness = Arc::new(Readiness::default());
         let shutdown = Shutdown::default();
@@ -356,7 +393,28 @@ impl Gateway {
             .collect();
         let pipeline = Arc::new(PipelineConfig {
             table: http.table.clone(),
-            local: Arc::new(TokenServerSlot(oauth.server.clone())),
+            local: Arc::new(LocalSet {
+                token_server: TokenServerSlot(oauth.server.clone()),
+                mqtt: mqtt
+                    .as_ref()
+                    .zip(config.mqtt.websocket.as_ref())
+                    .map(|(m, ws)| {
+                        Arc::new(crate::mqtt::MqttOverWebSocket {
+                            broker: m.broker.clone(),
+                            listeners: ws.listeners.clone(),
+                            path: ws.path.clone(),
+                            metrics: metrics.route(
+                                "mqtt-ws",
+                                &config
+                                    .listeners
+                                    .iter()
+                                    .map(|l| l.name.clone())
+                                    .collect::<Vec<_>>(),
+                            ),
+                            shutdown: shutdown.graceful.clone(),
+                        })
+                    }),
+            }),
             metrics: metrics.clone(),
             access_log: http.access_log.clone(),
             unmatched: metrics.route(
@@ -381,6 +439,7 @@ impl Gateway {
                 .collect();
             let worker = Worker {
                 pipeline: pipeline.clone(),
+                mqtt: mqtt.as_ref().map(|m| m.broker.clone()),
                 proxy: config.proxy.clone(),
                 shutdown: shutdown.clone(),
                 metrics: metrics.clone(),
@@ -405,7 +464,16 @@ impl Gateway {
                 admin_write: Mutex::new(()),
                 oauth: oauth.clone(),
                 users,
-                parts: vec![token_server, http.clone(), admin.clone()],
+                parts: [
+                    Some(token_server as Arc<dyn Part>),
+                    Some(http.clone() as Arc<dyn Part>),
+                    Some(admin.clone() as Arc<dyn Part>),
+                    mqtt.clone().map(|m| m as Arc<dyn Part>),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+                mqtt: mqtt.clone(),
                 http,
                 admin,
                 providers: ArcSwap::from_pointee(material.providers),
@@ -469,6 +537,10 @@ impl Gateway {
             gateway.inner.shutdown.graceful.clone(),
         );
         gateway.purge_revocations();
+        if let Some(m) = &gateway.inner.mqtt {
+            m.broker
+                .publish_sys(gateway.inner.shutdown.graceful.clone());
+        }
         if store_down.is_some() {
             tokio::spawn(gateway.clone().recover_store());
         }
@@ -1002,6 +1074,29 @@ impl AdminBackend for Gateway {
 /// The local services of the gateway's listeners: the token server, as
 /// the current config has it (none without an `oauth` section).
 struct TokenServerSlot(Arc<arc_swap::ArcSwapOption<crate::oauth::OAuthServer>>);
+
+/// Every local service on HTTP listeners: the token server, MQTT over
+/// WebSocket.
+struct LocalSet {
+    token_server: TokenServerSlot,
+    mqtt: Option<Arc<crate::mqtt::MqttOverWebSocket>>,
+}
+
+impl crate::transport::LocalServices for LocalSet {
+    fn find(
+        &self,
+        listener: &str,
+        path: &str,
+    ) -> Option<(Arc<dyn crate::transport::LocalService>, u16)> {
+        use crate::transport::LocalService;
+        if let Some(m) = &self.mqtt
+            && let Some(ep) = m.endpoint(listener, path)
+        {
+            return Some((m.clone(), ep));
+        }
+        self.token_server.find(listener, path)
+    }
+}
 
 impl crate::transport::LocalServices for TokenServerSlot {
     fn find(

@@ -153,6 +153,26 @@ pub fn access_log_on(config: &Config) -> bool {
     config.proxy.access_log && tracing::enabled!(target: "tollgate::access", tracing::Level::INFO)
 }
 
+/// The MQTT broker's settings (rules, authentication, limits).
+pub struct MqttPart {
+    pub broker: Arc<crate::mqtt::Broker>,
+    pub users: Arc<crate::identity::Users>,
+}
+
+impl Part for MqttPart {
+    fn apply<'a>(
+        &'a self,
+        cfg: &'a Arc<Config>,
+        material: &'a Material,
+    ) -> BoxFuture<'a, Result<(), Vec<ConfigError>>> {
+        let built = crate::mqtt::settings(cfg, &material.providers, &self.users);
+        Box::pin(async move {
+            self.broker.apply(built?);
+            Ok(())
+        })
+    }
+}
+
 /// Who may use the admin API.
 pub struct AdminPart(pub ArcSwap<AdminAuth>);
 

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use super::conn::{ActivityIo, ConnState};
 use super::tls::{TlsListener, certificate_problem};
 use crate::config::units::Cidr;
-use crate::config::{Limits, ListenerConfig};
+use crate::config::{Limits, ListenerConfig, Protocol};
 use crate::identity::CertIdentity;
 use crate::metrics::Metrics;
 use prometheus::{IntCounter, IntGauge};
@@ -47,6 +47,8 @@ pub struct ListenerInfo {
     pub underscores_in_headers: bool,
     /// Peers whose forwarding fields are kept and extended.
     pub trusted_proxies: Vec<Cidr>,
+    /// Which front-end serves it.
+    pub protocol: Protocol,
 }
 
 impl ListenerInfo {
@@ -65,13 +67,15 @@ impl ListenerInfo {
             tls,
             underscores_in_headers: false,
             trusted_proxies: Vec::new(),
+            protocol: Protocol::Http,
         }
     }
 
-    /// With the header settings of `config`.
+    /// With the protocol and header settings of `config`.
     pub fn with_headers(mut self, config: &ListenerConfig) -> ListenerInfo {
         self.underscores_in_headers = config.underscores_in_headers;
         self.trusted_proxies = config.trusted_proxies.clone();
+        self.protocol = config.protocol;
         self
     }
 }

@@ -12,6 +12,7 @@ mod layering;
 mod lifecycle;
 mod limits;
 mod local_upgrade;
+mod mqtt;
 mod oauth;
 mod proxy;
 mod routing;

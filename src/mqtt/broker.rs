@@ -1,0 +1,293 @@
+//! What every connection shares: the sessions by client id, the
+//! subscriptions, the retained messages, the settings of the current
+//! config, and the broker's metrics.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+
+use super::codec::QoS;
+use super::router::{Router, Target};
+use super::session::{Delivery, Message, Pushed, Session};
+use crate::authz::Policy;
+use crate::config::{MqttAuth, MqttLimits, TokenField};
+use crate::identity::Authenticator;
+use crate::metrics::Metrics;
+
+/// The broker's share of the current config.
+pub struct Settings {
+    pub limits: MqttLimits,
+    pub auth: MqttAuth,
+    pub policy: Policy,
+    pub authn: Authenticator,
+    pub token_in: Option<TokenField>,
+    pub username_claim: String,
+    pub sys_interval: Duration,
+}
+
+pub struct MqttMetrics {
+    pub connections: IntGaugeVec,
+    pub connects: IntCounterVec,
+    pub messages_in: IntCounterVec,
+    pub messages_out: IntCounterVec,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub dropped: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub denied: IntCounterVec,
+    pub retained: IntGauge,
+    pub subscriptions: IntGauge,
+    pub sessions: IntGauge,
+}
+
+impl MqttMetrics {
+    fn register(m: &Metrics) -> MqttMetrics {
+        let gauge =
+            |name: &str, help: &str| m.gauge(name, help, &[]).with_label_values(&[] as &[&str]);
+        MqttMetrics {
+            connections: m.gauge(
+                "tollgate_mqtt_connections",
+                "Connected MQTT clients by listener",
+                &["listener"],
+            ),
+            connects: m.counter(
+                "tollgate_mqtt_connects_total",
+                "MQTT CONNECTs by listener and outcome (accepted | refused)",
+                &["listener", "outcome"],
+            ),
+            messages_in: m.counter(
+                "tollgate_mqtt_messages_received_total",
+                "PUBLISH packets received from clients, by QoS",
+                &["qos"],
+            ),
+            messages_out: m.counter(
+                "tollgate_mqtt_messages_sent_total",
+                "PUBLISH packets sent to clients, by QoS",
+                &["qos"],
+            ),
+            bytes_in: m
+                .counter("tollgate_mqtt_bytes_received_total", "Bytes read from MQTT clients", &[])
+                .with_label_values(&[] as &[&str]),
+            bytes_out: m
+                .counter("tollgate_mqtt_bytes_sent_total", "Bytes written to MQTT clients", &[])
+                .with_label_values(&[] as &[&str]),
+            dropped: m.counter(
+                "tollgate_mqtt_messages_dropped_total",
+                "Messages not delivered, by reason (queue_full_qos0 | queue_full | expired | too_large)",
+                &["reason"],
+            ),
+            auth_failures: m.counter(
+                "tollgate_mqtt_auth_failures_total",
+                "Refused MQTT logins by reason (bad_credentials | not_authorized | rate_limited)",
+                &["reason"],
+            ),
+            denied: m.counter(
+                "tollgate_mqtt_acl_denied_total",
+                "Publishes and subscriptions the policy refused, by action",
+                &["action"],
+            ),
+            retained: gauge("tollgate_mqtt_retained_messages", "Retained messages held"),
+            subscriptions: gauge("tollgate_mqtt_subscriptions", "Subscriptions held"),
+            sessions: gauge(
+                "tollgate_mqtt_sessions",
+                "Sessions held (connected, and persistent ones whose client is away)",
+            ),
+        }
+    }
+}
+
+/// Counts `$SYS` reports from.
+#[derive(Default)]
+pub struct Totals {
+    pub received: std::sync::atomic::AtomicU64,
+    pub sent: std::sync::atomic::AtomicU64,
+    pub bytes_received: std::sync::atomic::AtomicU64,
+    pub bytes_sent: std::sync::atomic::AtomicU64,
+    pub connected: std::sync::atomic::AtomicU64,
+}
+
+pub struct Broker {
+    pub settings: ArcSwap<Settings>,
+    pub sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    pub router: RwLock<Router>,
+    pub retained: RwLock<HashMap<Arc<str>, Arc<Message>>>,
+    pub metrics: MqttMetrics,
+    pub totals: Totals,
+    pub started: Instant,
+    /// Failed logins per address, for rate limiting.
+    failures: moka::sync::Cache<IpAddr, u32>,
+}
+
+/// Failed logins from one address within [`FAILURE_WINDOW`] before the
+/// next are refused unchecked.
+const MAX_FAILURES: u32 = 10;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+impl Broker {
+    pub fn new(settings: Settings, metrics: &Metrics) -> Arc<Broker> {
+        Arc::new(Broker {
+            settings: ArcSwap::from_pointee(settings),
+            sessions: Mutex::new(HashMap::new()),
+            router: RwLock::new(Router::default()),
+            retained: RwLock::new(HashMap::new()),
+            metrics: MqttMetrics::register(metrics),
+            totals: Totals::default(),
+            started: Instant::now(),
+            failures: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(FAILURE_WINDOW)
+                .build(),
+        })
+    }
+
+    pub fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn router_read(&self) -> std::sync::RwLockReadGuard<'_, Router> {
+        self.router.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn router_write(&self) -> std::sync::RwLockWriteGuard<'_, Router> {
+        self.router.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn retained_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Message>>> {
+        self.retained.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `ip` has failed too often to be checked again now.
+    pub fn locked_out(&self, ip: IpAddr) -> bool {
+        self.failures.get(&ip).is_some_and(|n| n >= MAX_FAILURES)
+    }
+
+    pub fn failed_login(&self, ip: IpAddr) {
+        let n = self.failures.get(&ip).unwrap_or(0);
+        self.failures.insert(ip, n.saturating_add(1));
+    }
+
+    /// Routes a message to every matching subscription and keeps it when
+    /// retained. Returns how many sessions it was queued for.
+    pub fn publish(&self, message: Message) -> usize {
+        let message = Arc::new(message);
+        if message.retain {
+            self.retain(&message);
+        }
+        let mut targets: Vec<Target> = Vec::new();
+        self.router_read()
+            .matches(&message.topic, message.origin, &mut targets);
+        if targets.is_empty() {
+            return 0;
+        }
+        // One delivery per session: the highest QoS of its matching
+        // subscriptions, and every one's identifier.
+        targets.sort_by_key(|t| t.session.id);
+        let max_queued = self.settings.load().limits.max_queued_messages;
+        let mut sent = 0;
+        let mut i = 0;
+        while i < targets.len() {
+            let first = &targets[i];
+            let mut qos = first.options.qos;
+            let mut as_published = first.options.retain_as_published;
+            let mut ids: Vec<usize> = first.options.id.into_iter().collect();
+            let mut j = i + 1;
+            while j < targets.len() && targets[j].session.id == first.session.id {
+                let o = targets[j].options;
+                qos = super::codec::higher(qos, o.qos);
+                as_published |= o.retain_as_published;
+                ids.extend(o.id);
+                j += 1;
+            }
+            let delivery = Delivery {
+                message: message.clone(),
+                qos: super::codec::lower(qos, message.qos),
+                retain: message.retain && as_published,
+                subscription_ids: ids,
+            };
+            match first.session.push(delivery, max_queued) {
+                Pushed::Queued => sent += 1,
+                Pushed::QueuedDroppedQos0 => {
+                    sent += 1;
+                    self.metrics
+                        .dropped
+                        .with_label_values(&["queue_full_qos0"])
+                        .inc();
+                }
+                Pushed::Dropped => self
+                    .metrics
+                    .dropped
+                    .with_label_values(&["queue_full"])
+                    .inc(),
+            }
+            i = j;
+        }
+        sent
+    }
+
+    fn retain(&self, message: &Arc<Message>) {
+        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        if message.payload.is_empty() {
+            retained.remove(&message.topic);
+        } else if retained.contains_key(&message.topic)
+            || retained.len() < self.settings.load().limits.max_retained
+        {
+            retained.insert(message.topic.clone(), message.clone());
+        } else {
+            self.metrics
+                .dropped
+                .with_label_values(&["retained_full"])
+                .inc();
+        }
+        self.metrics.retained.set(retained.len() as i64);
+    }
+
+    /// Retained messages matching `filter`, still unexpired.
+    pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
+        let now = Instant::now();
+        self.retained_read()
+            .values()
+            .filter(|m| m.expires_at.is_none_or(|t| t > now))
+            .filter(|m| super::topic::matches(filter, &m.topic))
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets a session and its subscriptions.
+    pub fn drop_session(&self, session: &Arc<Session>) {
+        let subs: Vec<String> = session
+            .state()
+            .subscriptions
+            .drain()
+            .map(|(f, _)| f)
+            .collect();
+        {
+            let mut router = self.router_write();
+            for raw in &subs {
+                if let Ok(s) = super::topic::parse_subscription(raw) {
+                    router.unsubscribe(s.share, s.filter, session.id);
+                }
+            }
+            self.metrics.subscriptions.set(router.len() as i64);
+        }
+        let mut sessions = self.sessions();
+        if sessions
+            .get(&session.client_id)
+            .is_some_and(|s| s.id == session.id)
+        {
+            sessions.remove(&session.client_id);
+        }
+        self.metrics.sessions.set(sessions.len() as i64);
+    }
+
+    pub fn qos_label(q: QoS) -> &'static str {
+        match q {
+            QoS::AtMostOnce => "0",
+            QoS::AtLeastOnce => "1",
+            QoS::ExactlyOnce => "2",
+        }
+    }
+}

@@ -1,0 +1,1206 @@
+//! One client connection, from its CONNECT to its end: authentication,
+//! the session it attaches to, every packet it sends, the deliveries it is
+//! owed (within its receive maximum), keep alive, token expiry, a will
+//! when it goes without a DISCONNECT, and a takeover by a newer connection
+//! with the same client id.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
+    DisconnectReasonCode, Filter, LastWill, Login, PingResp, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties,
+    RetainForwardRule, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{Broker, Settings};
+use super::codec::{self, DecodeError, Packet, QoS, Version};
+use super::router::SubOptions;
+use super::session::{Delivery, Message, Outgoing, Session};
+use super::topic;
+use crate::authz::Action;
+use crate::config::TokenField;
+use crate::identity::{AuthMethod, CertIdentity, Identity, Refusal};
+
+/// The facts of a connection the broker needs.
+pub struct ConnInfo {
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    pub cert: Option<Arc<CertIdentity>>,
+    pub transport: &'static str,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// DISCONNECT from the client (with or without its will, v5 0x04).
+    Disconnected {
+        will: bool,
+    },
+    Closed,
+    KeepAlive,
+    TakenOver,
+    TokenExpired,
+    Shutdown,
+    /// A protocol error or malformed packet, with the v5 reason sent.
+    Error(DisconnectReasonCode),
+}
+
+impl End {
+    fn describe(self) -> &'static str {
+        match self {
+            End::Disconnected { will: false } => "disconnected",
+            End::Disconnected { will: true } => "disconnected with its will",
+            End::Closed => "connection closed without DISCONNECT",
+            End::KeepAlive => "keep alive expired",
+            End::TakenOver => "taken over by a newer connection with the same client id",
+            End::TokenExpired => "its token expired",
+            End::Shutdown => "server shutting down",
+            End::Error(_) => "protocol error",
+        }
+    }
+
+    fn sends_will(self) -> bool {
+        !matches!(self, End::Disconnected { will: false } | End::Shutdown)
+    }
+}
+
+/// Serves one connection until it ends.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    mut io: S,
+    info: ConnInfo,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+) {
+    let settings = broker.settings.load_full();
+    let max_packet = settings.limits.max_packet_size.as_usize();
+    let mut buf = BytesMut::with_capacity(4096);
+    let first = tokio::time::timeout(
+        settings.limits.connect_timeout,
+        read_packet(&mut io, &mut buf, None, max_packet),
+    )
+    .await;
+    let (packet, version) = match first {
+        Ok(Ok(Some(p))) => p,
+        Ok(Err(DecodeError::Protocol(level))) => {
+            // MQTT 3.1.1 §3.2.2.3: 0x01, unacceptable protocol level.
+            let _ = send_all(&mut io, &[0x20, 0x02, 0x00, 0x01]).await;
+            tracing::info!(listener = %info.listener, peer = %info.peer, level,
+                "MQTT connection refused: protocol level not supported (3.1.1 and 5 are)");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(listener = %info.listener, peer = %info.peer, error = %e,
+                "MQTT connection closed before CONNECT");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Err(_) => {
+            tracing::info!(listener = %info.listener, peer = %info.peer,
+                "MQTT connection closed: no CONNECT within the connect timeout");
+            return;
+        }
+    };
+    let Packet::Connect(connect, will, login) = packet else {
+        return;
+    };
+    let mut conn = match Connection::accept(
+        &mut io, &info, &broker, settings, version, connect, will, login,
+    )
+    .await
+    {
+        Some(c) => c,
+        None => return,
+    };
+    let end = conn.run(&mut io, &mut buf, &shutdown).await;
+    conn.finish(&mut io, end).await;
+}
+
+/// Writes and flushes (TLS and WebSocket streams hold bytes until flushed).
+async fn send_all<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    io.write_all(bytes).await?;
+    io.flush().await
+}
+
+/// Reads until a whole packet is in `buf` (`None`: the peer closed).
+async fn read_packet<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    version: Option<Version>,
+    max: usize,
+) -> Result<Option<(Packet, Version)>, DecodeError> {
+    loop {
+        if let Some(p) = codec::read(buf, version, max)? {
+            return Ok(Some(p));
+        }
+        match io.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+struct Connection {
+    version: Version,
+    session: Arc<Session>,
+    /// Which attachment of the session this is.
+    generation: u64,
+    kick: Arc<Notify>,
+    identity: Arc<Identity>,
+    broker: Arc<Broker>,
+    info_listener: Arc<str>,
+    peer: SocketAddr,
+    keep_alive: Option<Duration>,
+    /// Deliveries in flight at once the client takes (its Receive Maximum).
+    client_receive_max: usize,
+    client_max_packet: Option<u32>,
+    client_alias_max: u16,
+    aliases_in: HashMap<u16, Arc<str>>,
+    aliases_out: HashMap<Arc<str>, u16>,
+    will: Option<LastWill>,
+    denied_logged: HashSet<String>,
+    expires_at: Option<Instant>,
+    out: BytesMut,
+}
+
+/// A refused CONNECT: the code and why (for the log).
+struct Refused(ConnectReturnCode, String);
+
+impl Connection {
+    #[allow(clippy::too_many_arguments)]
+    async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut S,
+        info: &ConnInfo,
+        broker: &Arc<Broker>,
+        settings: Arc<Settings>,
+        version: Version,
+        connect: rumqttc::v5::mqttbytes::v5::Connect,
+        will: Option<LastWill>,
+        login: Option<Login>,
+    ) -> Option<Connection> {
+        let limits = &settings.limits;
+        let props = connect.properties.clone().unwrap_or_default();
+        let refuse = async |io: &mut S, Refused(code, why): Refused| {
+            let mut out = BytesMut::new();
+            let ack = Packet::ConnAck(ConnAck {
+                session_present: false,
+                code,
+                properties: None,
+            });
+            let _ = codec::write(&ack, version, &mut out, None);
+            let _ = send_all(io, &out).await;
+            broker
+                .metrics
+                .connects
+                .with_label_values(&[&info.listener, "refused"])
+                .inc();
+            tracing::info!(listener = %info.listener, peer = %info.peer, client_id = %connect.client_id,
+                user = login.as_ref().map_or("", |l| l.username.as_str()), code = ?code, reason = %why,
+                "MQTT connection refused");
+        };
+        if props.authentication_method.is_some() {
+            refuse(
+                io,
+                Refused(
+                    ConnectReturnCode::BadAuthenticationMethod,
+                    "enhanced authentication (AUTH) is not offered".into(),
+                ),
+            )
+            .await;
+            return None;
+        }
+        // The client id: assigned when empty (v5, or a 3.1.1 clean session).
+        let mut assigned = None;
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            if version == Version::V311 && !connect.clean_start {
+                refuse(
+                    io,
+                    Refused(
+                        ConnectReturnCode::ClientIdentifierNotValid,
+                        "an empty client id needs a clean session".into(),
+                    ),
+                )
+                .await;
+                return None;
+            }
+            let id = format!("auto-{:016x}", fastrand::u64(..));
+            assigned = Some(id.clone());
+            Arc::from(id)
+        } else if connect.client_id.len() > 256 {
+            refuse(
+                io,
+                Refused(
+                    ConnectReturnCode::ClientIdentifierNotValid,
+                    "client id longer than 256 bytes".into(),
+                ),
+            )
+            .await;
+            return None;
+        } else {
+            Arc::from(connect.client_id.as_str())
+        };
+        if broker.locked_out(info.peer.ip()) {
+            broker
+                .metrics
+                .auth_failures
+                .with_label_values(&["rate_limited"])
+                .inc();
+            refuse(
+                io,
+                Refused(
+                    ConnectReturnCode::ConnectionRateExceeded,
+                    "too many failed logins from this address; try later".into(),
+                ),
+            )
+            .await;
+            return None;
+        }
+        let identity =
+            match authenticate(&settings, login.as_ref(), info.cert.clone(), &client_id).await {
+                Ok(id) => id,
+                Err(refused) => {
+                    let reason = match refused.0 {
+                        ConnectReturnCode::BadUserNamePassword => "bad_credentials",
+                        _ => "not_authorized",
+                    };
+                    broker
+                        .metrics
+                        .auth_failures
+                        .with_label_values(&[reason])
+                        .inc();
+                    broker.failed_login(info.peer.ip());
+                    refuse(io, refused).await;
+                    return None;
+                }
+            };
+        // The will must be one the client may publish.
+        if let Some(w) = &will {
+            let topic = std::str::from_utf8(&w.topic).unwrap_or("");
+            if topic::valid_name(topic).is_err() {
+                refuse(
+                    io,
+                    Refused(
+                        ConnectReturnCode::TopicNameInvalid,
+                        "the will topic is not a topic name".into(),
+                    ),
+                )
+                .await;
+                return None;
+            }
+            let action = Action::Publish {
+                topic,
+                qos: w.qos as u8,
+                retain: w.retain,
+            };
+            if !settings.policy.evaluate(&identity, &action).allowed() {
+                broker.metrics.denied.with_label_values(&["will"]).inc();
+                refuse(
+                    io,
+                    Refused(
+                        ConnectReturnCode::NotAuthorized,
+                        format!("the will topic {topic:?} is not allowed"),
+                    ),
+                )
+                .await;
+                return None;
+            }
+        }
+        // Keep alive, within the configured maximum (v5 is told).
+        let mut server_keep_alive = None;
+        let mut keep_alive = connect.keep_alive;
+        let max_ka = limits.max_keep_alive.as_secs().min(u64::from(u16::MAX)) as u16;
+        if version == Version::V5 && max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka) {
+            keep_alive = max_ka;
+            server_keep_alive = Some(max_ka);
+        }
+        // Session expiry: v5 asks; a 3.1.1 persistent session lasts the maximum.
+        let max_expiry = limits.max_session_expiry.as_secs().min(u64::from(u32::MAX)) as u32;
+        let (expiry, told_expiry) = match version {
+            Version::V5 => {
+                let asked = props.session_expiry_interval.unwrap_or(0);
+                let kept = asked.min(max_expiry);
+                (kept, (kept != asked).then_some(kept))
+            }
+            Version::V311 if connect.clean_start => (0, None),
+            Version::V311 => (max_expiry, None),
+        };
+
+        // Attach: take over a connection with the same id, resume or
+        // replace its session.
+        let kick = Arc::new(Notify::new());
+        let (session, present, replaced) = {
+            let mut sessions = broker.sessions();
+            let existing = sessions.get(&client_id).cloned();
+            let (session, present, replaced) = match existing {
+                Some(s) if !connect.clean_start => (s, true, None),
+                old => {
+                    let s = Session::new(client_id.clone());
+                    sessions.insert(client_id.clone(), s.clone());
+                    (s, false, old)
+                }
+            };
+            broker.metrics.sessions.set(sessions.len() as i64);
+            (session, present, replaced)
+        };
+        for old in [replaced.as_ref(), present.then_some(&session)]
+            .into_iter()
+            .flatten()
+        {
+            let mut st = old.state();
+            st.generation += 1;
+            if let Some(k) = st.kick.take() {
+                k.notify_one();
+            }
+        }
+        if let Some(old) = replaced {
+            broker.drop_session(&old);
+            // drop_session removed the id's entry only if it was `old`.
+        }
+        let generation = {
+            let mut st = session.state();
+            st.generation += 1;
+            st.kick = Some(kick.clone());
+            st.expiry_secs = expiry;
+            st.identity = Some(identity.clone());
+            st.generation
+        };
+        session.set_connected(true);
+
+        let mut conn = Connection {
+            version,
+            session,
+            generation,
+            kick,
+            identity,
+            broker: broker.clone(),
+            info_listener: info.listener.clone(),
+            peer: info.peer,
+            keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive))),
+            client_receive_max: usize::from(props.receive_maximum.unwrap_or(u16::MAX).max(1)),
+            client_max_packet: props.max_packet_size,
+            client_alias_max: props.topic_alias_max.unwrap_or(0),
+            aliases_in: HashMap::new(),
+            aliases_out: HashMap::new(),
+            will,
+            denied_logged: HashSet::new(),
+            expires_at: None,
+            out: BytesMut::with_capacity(4096),
+        };
+        if settings.auth.disconnect_on_expiry && conn.identity.method == AuthMethod::Jwt {
+            conn.expires_at = conn.identity.expires_at.map(|at| {
+                let now = crate::identity::jwt::unix_now();
+                Instant::now() + Duration::from_secs(at.saturating_sub(now))
+            });
+        }
+        let properties = (version == Version::V5).then(|| ConnAckProperties {
+            session_expiry_interval: told_expiry,
+            receive_max: Some(limits.max_inflight),
+            max_qos: None,
+            retain_available: Some(1),
+            max_packet_size: Some(limits.max_packet_size.as_usize().min(u32::MAX as usize) as u32),
+            assigned_client_identifier: assigned,
+            topic_alias_max: Some(limits.max_topic_aliases),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(1),
+            shared_subscription_available: Some(1),
+            server_keep_alive,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        conn.send(&Packet::ConnAck(ConnAck {
+            session_present: present,
+            code: ConnectReturnCode::Success,
+            properties,
+        }));
+        broker
+            .metrics
+            .connects
+            .with_label_values(&[&info.listener, "accepted"])
+            .inc();
+        broker
+            .metrics
+            .connections
+            .with_label_values(&[&info.listener])
+            .inc();
+        broker
+            .totals
+            .connected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cert = conn.identity.cert.as_deref().or(info.cert.as_deref());
+        tracing::info!(
+            listener = %info.listener, peer = %info.peer, transport = info.transport,
+            client_id = %conn.session.client_id, user = %conn.identity.subject,
+            via = conn.identity.method.as_str(), mqtt = version.as_str(),
+            session_present = present, keep_alive,
+            cert_cn = cert.and_then(|c| c.cn.as_deref()).unwrap_or(""),
+            cert_o = %cert.map(|c| c.o.join(",")).unwrap_or_default(),
+            cert_sha256 = cert.map_or("", |c| c.sha256.as_str()),
+            "MQTT client connected"
+        );
+        // What a resumed session had in flight goes again, as duplicates.
+        if present {
+            let resend: Vec<(u16, Outgoing)> = conn
+                .session
+                .state()
+                .inflight
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            for (pkid, o) in resend {
+                match o {
+                    Outgoing::Published(d) => conn.write_delivery(pkid, &d, true),
+                    Outgoing::Released => conn.send(&Packet::PubRel(PubRel::new(pkid, None))),
+                }
+            }
+        }
+        if send_all(io, &conn.out).await.is_err() {
+            return None;
+        }
+        conn.count_out();
+        Some(conn)
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        self.broker.settings.load_full()
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        if let Err(e) = codec::write(packet, self.version, &mut self.out, self.client_max_packet) {
+            tracing::debug!(client_id = %self.session.client_id, error = %e, "packet not sent");
+        }
+    }
+
+    fn count_out(&mut self) {
+        let n = self.out.len() as u64;
+        self.broker.metrics.bytes_out.inc_by(n);
+        self.broker
+            .totals
+            .bytes_sent
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.out.clear();
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        buf: &mut BytesMut,
+        shutdown: &CancellationToken,
+    ) -> End {
+        let max_packet = self.settings().limits.max_packet_size.as_usize();
+        let mut last_seen = Instant::now();
+        // Deliveries queued before this connection came.
+        if let Some(end) = self.flush() {
+            return end;
+        }
+        loop {
+            if !self.out.is_empty() {
+                if send_all(io, &self.out).await.is_err() {
+                    return End::Closed;
+                }
+                self.count_out();
+            }
+            // Whole packets already read go first.
+            match codec::read(buf, Some(self.version), max_packet) {
+                Ok(Some((packet, _))) => {
+                    last_seen = Instant::now();
+                    if let Some(end) = self.handle(packet).await {
+                        return end;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(DecodeError::TooLarge(_)) => {
+                    return End::Error(DisconnectReasonCode::PacketTooLarge);
+                }
+                Err(e) => {
+                    tracing::info!(client_id = %self.session.client_id, error = %e, "malformed MQTT packet");
+                    return End::Error(DisconnectReasonCode::MalformedPacket);
+                }
+            }
+            let keep_alive = async {
+                match self.keep_alive {
+                    // 1.5 times the keep alive (MQTT 5 §3.1.2.10).
+                    Some(ka) => tokio::time::sleep_until((last_seen + ka + ka / 2).into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let expiry = async {
+                match self.expires_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let before = buf.len();
+            tokio::select! {
+                read = io.read_buf(buf) => match read {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(_) => {
+                        let n = (buf.len() - before) as u64;
+                        self.broker.metrics.bytes_in.inc_by(n);
+                        self.broker.totals.bytes_received.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                },
+                _ = self.session.wake.notified() => {
+                    if let Some(end) = self.flush() {
+                        return end;
+                    }
+                }
+                _ = self.kick.notified() => return End::TakenOver,
+                _ = keep_alive => return End::KeepAlive,
+                _ = expiry => return End::TokenExpired,
+                _ = shutdown.cancelled() => return End::Shutdown,
+            }
+        }
+    }
+
+    /// Moves queued deliveries into flight, as far as the client's receive
+    /// maximum allows, and writes them.
+    fn flush(&mut self) -> Option<End> {
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        {
+            let mut st = self.session.state();
+            if st.generation != self.generation {
+                drop(st);
+                // A newer connection has this session: let it see the wake.
+                self.session.wake.notify_one();
+                return Some(End::TakenOver);
+            }
+            while let Some(d) = st.queue.front() {
+                if d.qos != QoS::AtMostOnce && st.inflight.len() >= self.client_receive_max {
+                    break;
+                }
+                let Some(d) = st.queue.pop_front() else { break };
+                if d.message.expires_at.is_some_and(|t| t <= now) {
+                    self.broker
+                        .metrics
+                        .dropped
+                        .with_label_values(&["expired"])
+                        .inc();
+                    continue;
+                }
+                let pkid = match d.qos {
+                    QoS::AtMostOnce => 0,
+                    _ => match st.next_pkid() {
+                        Some(id) => {
+                            st.inflight.insert(id, Outgoing::Published(d.clone()));
+                            id
+                        }
+                        None => {
+                            st.queue.push_front(d);
+                            break;
+                        }
+                    },
+                };
+                batch.push((pkid, d));
+            }
+        }
+        for (pkid, d) in batch {
+            self.write_delivery(pkid, &d, false);
+        }
+        None
+    }
+
+    fn write_delivery(&mut self, pkid: u16, d: &Delivery, dup: bool) {
+        let m = &d.message;
+        let mut properties = m.properties.clone();
+        if self.version == Version::V5 {
+            if let Some(at) = m.expires_at {
+                let left = at
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+                    .max(1);
+                properties
+                    .get_or_insert_with(Default::default)
+                    .message_expiry_interval = Some(left.min(u64::from(u32::MAX)) as u32);
+            }
+            if !d.subscription_ids.is_empty() {
+                properties
+                    .get_or_insert_with(Default::default)
+                    .subscription_identifiers = d.subscription_ids.clone();
+            }
+        }
+        // Outbound topic aliases (v5), up to what the client takes.
+        let mut topic = Bytes::copy_from_slice(m.topic.as_bytes());
+        if self.version == Version::V5 && self.client_alias_max > 0 {
+            match self.aliases_out.get(&m.topic) {
+                Some(alias) => {
+                    properties.get_or_insert_with(Default::default).topic_alias = Some(*alias);
+                    topic = Bytes::new();
+                }
+                None if self.aliases_out.len() < usize::from(self.client_alias_max) => {
+                    let alias = self.aliases_out.len() as u16 + 1;
+                    self.aliases_out.insert(m.topic.clone(), alias);
+                    properties.get_or_insert_with(Default::default).topic_alias = Some(alias);
+                }
+                None => {}
+            }
+        }
+        let publish = Packet::Publish(Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic,
+            pkid,
+            payload: m.payload.clone(),
+            properties: if self.version == Version::V5 {
+                properties
+            } else {
+                None
+            },
+        });
+        let before = self.out.len();
+        match codec::write(
+            &publish,
+            self.version,
+            &mut self.out,
+            self.client_max_packet,
+        ) {
+            Ok(()) => {
+                self.broker
+                    .metrics
+                    .messages_out
+                    .with_label_values(&[Broker::qos_label(d.qos)])
+                    .inc();
+                self.broker
+                    .totals
+                    .sent
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(_) => {
+                // Larger than the client takes (v5 Maximum Packet Size): dropped.
+                self.out.truncate(before);
+                self.broker
+                    .metrics
+                    .dropped
+                    .with_label_values(&["too_large"])
+                    .inc();
+                if pkid != 0 {
+                    self.session.state().inflight.remove(&pkid);
+                }
+            }
+        }
+    }
+
+    /// Handles one packet; `Some` when the connection must end.
+    async fn handle(&mut self, packet: Packet) -> Option<End> {
+        match packet {
+            Packet::Publish(p) => return self.publish(p),
+            Packet::PubAck(a) => {
+                let mut st = self.session.state();
+                if matches!(st.inflight.get(&a.pkid), Some(Outgoing::Published(_))) {
+                    st.inflight.remove(&a.pkid);
+                }
+                drop(st);
+                return self.flush();
+            }
+            Packet::PubRec(r) => {
+                let mut st = self.session.state();
+                let known = matches!(st.inflight.get(&r.pkid), Some(Outgoing::Published(_)));
+                if known && (r.reason as u8) < 0x80 {
+                    st.inflight.insert(r.pkid, Outgoing::Released);
+                    drop(st);
+                    self.send(&Packet::PubRel(PubRel::new(r.pkid, None)));
+                } else {
+                    st.inflight.remove(&r.pkid);
+                    drop(st);
+                    if !known {
+                        let mut rel = PubRel::new(r.pkid, None);
+                        rel.reason = PubRelReason::PacketIdentifierNotFound;
+                        self.send(&Packet::PubRel(rel));
+                    }
+                    return self.flush();
+                }
+            }
+            Packet::PubComp(c) => {
+                self.session.state().inflight.remove(&c.pkid);
+                return self.flush();
+            }
+            Packet::PubRel(r) => {
+                let known = self.session.state().incoming_qos2.remove(&r.pkid);
+                let mut comp = PubComp::new(r.pkid, None);
+                if !known {
+                    comp.reason = PubCompReason::PacketIdentifierNotFound;
+                }
+                self.send(&Packet::PubComp(comp));
+            }
+            Packet::Subscribe(s) => return self.subscribe(s),
+            Packet::Unsubscribe(u) => {
+                let mut reasons = Vec::with_capacity(u.filters.len());
+                for raw in &u.filters {
+                    let removed = self.session.state().subscriptions.remove(raw).is_some();
+                    if let Ok(sub) = topic::parse_subscription(raw) {
+                        let mut router = self.broker.router_write();
+                        router.unsubscribe(sub.share, sub.filter, self.session.id);
+                        self.broker.metrics.subscriptions.set(router.len() as i64);
+                    }
+                    reasons.push(match removed {
+                        true => UnsubAckReason::Success,
+                        false => UnsubAckReason::NoSubscriptionExisted,
+                    });
+                }
+                self.send(&Packet::UnsubAck(UnsubAck {
+                    pkid: u.pkid,
+                    reasons,
+                    properties: None,
+                }));
+            }
+            Packet::PingReq(_) => self.send(&Packet::PingResp(PingResp)),
+            Packet::Disconnect(d) => {
+                if let Some(expiry) = d.properties.and_then(|p| p.session_expiry_interval) {
+                    let mut st = self.session.state();
+                    // 0 at CONNECT cannot become more at DISCONNECT (§3.14.2.2.2).
+                    if st.expiry_secs == 0 && expiry > 0 {
+                        return Some(End::Error(DisconnectReasonCode::ProtocolError));
+                    }
+                    let max = self.settings().limits.max_session_expiry.as_secs() as u32;
+                    st.expiry_secs = expiry.min(max);
+                }
+                return Some(End::Disconnected {
+                    will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                });
+            }
+            Packet::Connect(..) => {
+                tracing::info!(client_id = %self.session.client_id, "a second CONNECT; closing");
+                return Some(End::Error(DisconnectReasonCode::ProtocolError));
+            }
+            _ => return Some(End::Error(DisconnectReasonCode::ProtocolError)),
+        }
+        None
+    }
+
+    fn publish(&mut self, p: Publish) -> Option<End> {
+        let settings = self.settings();
+        self.broker
+            .metrics
+            .messages_in
+            .with_label_values(&[Broker::qos_label(p.qos)])
+            .inc();
+        self.broker
+            .totals
+            .received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut properties = p.properties;
+        // The topic, or the one its alias stands for (v5).
+        let alias = properties.as_mut().and_then(|pr| pr.topic_alias.take());
+        let topic: Arc<str> = match (std::str::from_utf8(&p.topic), alias) {
+            (Ok(""), Some(a)) => match self.aliases_in.get(&a) {
+                Some(t) => t.clone(),
+                None => return Some(End::Error(DisconnectReasonCode::ProtocolError)),
+            },
+            (Ok(t), alias) => {
+                if topic::valid_name(t).is_err() {
+                    return Some(End::Error(DisconnectReasonCode::TopicNameInvalid));
+                }
+                let t: Arc<str> = Arc::from(t);
+                if let Some(a) = alias {
+                    if a == 0 || a > settings.limits.max_topic_aliases {
+                        return Some(End::Error(DisconnectReasonCode::TopicAliasInvalid));
+                    }
+                    self.aliases_in.insert(a, t.clone());
+                }
+                t
+            }
+            (Err(_), _) => return Some(End::Error(DisconnectReasonCode::TopicNameInvalid)),
+        };
+        if p.qos == QoS::ExactlyOnce {
+            let st = self.session.state();
+            if st.incoming_qos2.contains(&p.pkid) {
+                // A duplicate of one already received: acknowledged again, not routed.
+                drop(st);
+                self.send(&Packet::PubRec(PubRec::new(p.pkid, None)));
+                return None;
+            }
+            if st.incoming_qos2.len() >= usize::from(settings.limits.max_inflight) {
+                return Some(End::Error(DisconnectReasonCode::ReceiveMaximumExceeded));
+            }
+        }
+        let action = Action::Publish {
+            topic: &topic,
+            qos: p.qos as u8,
+            retain: p.retain,
+        };
+        let decision = settings.policy.evaluate(&self.identity, &action);
+        let utf8_ok = properties
+            .as_ref()
+            .and_then(|pr| pr.payload_format_indicator)
+            .is_none_or(|f| f != 1 || std::str::from_utf8(&p.payload).is_ok());
+        let (puback, pubrec) = if !decision.allowed() {
+            self.broker
+                .metrics
+                .denied
+                .with_label_values(&["publish"])
+                .inc();
+            if self.denied_logged.len() < 1000 && self.denied_logged.insert(topic.to_string()) {
+                tracing::info!(client_id = %self.session.client_id, user = %self.identity.subject,
+                    topic = %topic, decision = %decision, "MQTT publish denied");
+            }
+            (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
+        } else if !utf8_ok {
+            (
+                PubAckReason::PayloadFormatInvalid,
+                PubRecReason::PayloadFormatInvalid,
+            )
+        } else {
+            let expires_at = properties
+                .as_ref()
+                .and_then(|pr| pr.message_expiry_interval)
+                .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
+            if let Some(pr) = properties.as_mut() {
+                pr.subscription_identifiers.clear();
+                pr.message_expiry_interval = None;
+            }
+            let properties = properties.filter(|pr| *pr != PublishProperties::default());
+            let routed = self.broker.publish(Message {
+                topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                properties,
+                expires_at,
+                origin: self.session.id,
+            });
+            match routed {
+                0 => (
+                    PubAckReason::NoMatchingSubscribers,
+                    PubRecReason::NoMatchingSubscribers,
+                ),
+                _ => (PubAckReason::Success, PubRecReason::Success),
+            }
+        };
+        // 3.1.1 has no negative acknowledgement: a refused message is
+        // acknowledged and dropped (as mosquitto does).
+        let v311 = self.version == Version::V311;
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                let mut ack = PubAck::new(p.pkid, None);
+                ack.reason = if v311 { PubAckReason::Success } else { puback };
+                self.send(&Packet::PubAck(ack));
+            }
+            QoS::ExactlyOnce => {
+                let mut rec = PubRec::new(p.pkid, None);
+                rec.reason = if v311 { PubRecReason::Success } else { pubrec };
+                if (rec.reason as u8) < 0x80 {
+                    self.session.state().incoming_qos2.insert(p.pkid);
+                }
+                self.send(&Packet::PubRec(rec));
+            }
+        }
+        None
+    }
+
+    fn subscribe(&mut self, s: rumqttc::v5::mqttbytes::v5::Subscribe) -> Option<End> {
+        let settings = self.settings();
+        let id = s.properties.as_ref().and_then(|p| p.id);
+        if id == Some(0) {
+            return Some(End::Error(DisconnectReasonCode::ProtocolError));
+        }
+        let v5 = self.version == Version::V5;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        for Filter {
+            path,
+            qos,
+            nolocal,
+            preserve_retain,
+            retain_forward_rule,
+        } in s.filters
+        {
+            let sub = match topic::parse_subscription(&path) {
+                Ok(sub) => sub,
+                Err(_) => {
+                    codes.push(SubscribeReasonCode::TopicFilterInvalid);
+                    continue;
+                }
+            };
+            if sub.share.is_some() && nolocal {
+                return Some(End::Error(DisconnectReasonCode::ProtocolError));
+            }
+            let decision = settings.policy.evaluate(
+                &self.identity,
+                &Action::Subscribe {
+                    filter: sub.filter,
+                    qos: qos as u8,
+                },
+            );
+            if !decision.allowed() {
+                self.broker
+                    .metrics
+                    .denied
+                    .with_label_values(&["subscribe"])
+                    .inc();
+                if self.denied_logged.len() < 1000 && self.denied_logged.insert(path.clone()) {
+                    tracing::info!(client_id = %self.session.client_id, user = %self.identity.subject,
+                        filter = %path, decision = %decision, "MQTT subscription denied");
+                }
+                codes.push(SubscribeReasonCode::NotAuthorized);
+                continue;
+            }
+            let options = SubOptions {
+                qos,
+                no_local: nolocal,
+                retain_as_published: preserve_retain,
+                id,
+            };
+            let new = {
+                let mut router = self.broker.router_write();
+                let new = router.subscribe(sub.share, sub.filter, self.session.clone(), options);
+                self.broker.metrics.subscriptions.set(router.len() as i64);
+                new
+            };
+            self.session
+                .state()
+                .subscriptions
+                .insert(path.clone(), options);
+            codes.push(SubscribeReasonCode::Success(qos));
+            // Retained messages: not for shared subscriptions (§4.8.2);
+            // otherwise per retain handling.
+            let send_retained = sub.share.is_none()
+                && match retain_forward_rule {
+                    RetainForwardRule::OnEverySubscribe => true,
+                    RetainForwardRule::OnNewSubscribe => new,
+                    RetainForwardRule::Never => false,
+                };
+            if send_retained {
+                for m in self.broker.retained_for(sub.filter) {
+                    retained.push(Delivery {
+                        qos: codec::lower(qos, m.qos),
+                        retain: true,
+                        subscription_ids: id.into_iter().collect(),
+                        message: m,
+                    });
+                }
+            }
+        }
+        if !v5 {
+            for c in &mut codes {
+                if !matches!(c, SubscribeReasonCode::Success(_)) {
+                    *c = SubscribeReasonCode::Failure;
+                }
+            }
+        }
+        self.send(&Packet::SubAck(SubAck {
+            pkid: s.pkid,
+            return_codes: codes,
+            properties: None,
+        }));
+        let max_queued = settings.limits.max_queued_messages;
+        for d in retained {
+            self.session.push(d, max_queued);
+        }
+        self.flush()
+    }
+
+    async fn finish<S: AsyncRead + AsyncWrite + Unpin>(mut self, io: &mut S, end: End) {
+        let code = match end {
+            End::Error(code) => Some(code),
+            End::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
+            End::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
+            End::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+            End::TokenExpired => Some(DisconnectReasonCode::NotAuthorized),
+            End::Disconnected { .. } | End::Closed => None,
+        };
+        if let (Some(code), Version::V5) = (code, self.version) {
+            let reason = end.describe().to_owned();
+            self.send(&Packet::Disconnect(Disconnect {
+                reason_code: code,
+                properties: Some(DisconnectProperties {
+                    session_expiry_interval: None,
+                    reason_string: Some(reason),
+                    user_properties: Vec::new(),
+                    server_reference: None,
+                }),
+            }));
+        }
+        if !self.out.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), send_all(io, &self.out)).await;
+            self.count_out();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+        self.broker
+            .metrics
+            .connections
+            .with_label_values(&[&self.info_listener])
+            .dec();
+        self.broker
+            .totals
+            .connected
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let (still_ours, expiry) = {
+            let st = self.session.state();
+            (st.generation == self.generation, st.expiry_secs)
+        };
+        tracing::info!(listener = %self.info_listener, peer = %self.peer,
+            client_id = %self.session.client_id, user = %self.identity.subject,
+            reason = end.describe(), "MQTT client disconnected");
+        if still_ours {
+            self.session.set_connected(false);
+        }
+        if end.sends_will()
+            && let Some(will) = self.will.take()
+        {
+            self.schedule_will(will, still_ours, expiry);
+        }
+        if still_ours {
+            self.end_session(expiry);
+        }
+    }
+
+    /// Publishes the will now, or after its delay (v5) unless the client
+    /// is back by then (or its session ended first, which sends it).
+    fn schedule_will(&self, will: LastWill, still_ours: bool, expiry: u32) {
+        let delay = will
+            .properties
+            .as_ref()
+            .and_then(|p| p.delay_interval)
+            .unwrap_or(0)
+            .min(expiry);
+        let topic: Arc<str> = Arc::from(std::str::from_utf8(&will.topic).unwrap_or(""));
+        let properties = will.properties.as_ref().map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: None,
+            topic_alias: None,
+            response_topic: p.response_topic.clone(),
+            correlation_data: p.correlation_data.clone(),
+            user_properties: p.user_properties.clone(),
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type.clone(),
+        });
+        let expires_at = will
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .map(|s| Instant::now() + Duration::from_secs(u64::from(delay) + u64::from(s)));
+        let message = Message {
+            topic,
+            payload: will.message,
+            qos: will.qos,
+            retain: will.retain,
+            properties,
+            expires_at,
+            origin: self.session.id,
+        };
+        if delay == 0 || !still_ours {
+            self.broker.publish(message);
+            return;
+        }
+        let (broker, session, generation) =
+            (self.broker.clone(), self.session.clone(), self.generation);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            if session.state().generation == generation {
+                broker.publish(message);
+            }
+        });
+    }
+
+    /// A session with no expiry ends with its connection; one with an
+    /// expiry is kept that long unless the client comes back.
+    fn end_session(&self, expiry: u32) {
+        if expiry == 0 {
+            self.broker.drop_session(&self.session);
+            return;
+        }
+        let (broker, session, generation) =
+            (self.broker.clone(), self.session.clone(), self.generation);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
+            if session.state().generation == generation {
+                tracing::debug!(client_id = %session.client_id, "MQTT session expired");
+                broker.drop_session(&session);
+            }
+        });
+    }
+}
+
+/// Who the client is: a JWT (in the password or user name), a user name
+/// and password, the verified client certificate, or nobody (when
+/// anonymous clients are let in). The identity's subject is the MQTT user
+/// name (`%u`) and its client id the MQTT client id (`%c`).
+async fn authenticate(
+    settings: &Settings,
+    login: Option<&Login>,
+    cert: Option<Arc<CertIdentity>>,
+    client_id: &Arc<str>,
+) -> Result<Arc<Identity>, Refused> {
+    let user = login.map_or("", |l| l.username.as_str());
+    let password = login.map_or("", |l| l.password.as_str());
+    let bad = |why: String| Refused(ConnectReturnCode::BadUserNamePassword, why);
+    let token = match settings.token_in {
+        Some(TokenField::Password) if looks_like_jwt(password) => Some(password),
+        Some(TokenField::Username) if looks_like_jwt(user) => Some(user),
+        _ => None,
+    };
+    let mut identity = if let Some(token) = token {
+        let id = settings
+            .authn
+            .authenticate(Some(std::borrow::Cow::Borrowed(token)), cert)
+            .await
+            .map_err(|r| bad(r.to_string()))?;
+        let name = id
+            .claim(&settings.username_claim)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| {
+                Refused(
+                    ConnectReturnCode::NotAuthorized,
+                    format!(
+                        "the token has no `{}` claim to name the user",
+                        settings.username_claim
+                    ),
+                )
+            })?
+            .to_owned();
+        if settings.token_in == Some(TokenField::Password) && !user.is_empty() && user != name {
+            return Err(Refused(
+                ConnectReturnCode::NotAuthorized,
+                format!("user name {user:?} is not the token's {name:?}"),
+            ));
+        }
+        let mut id = Identity::clone(&id);
+        id.subject = name;
+        id
+    } else if login.is_some() && !user.is_empty() {
+        let id = settings
+            .authn
+            .password(user, password.as_bytes(), AuthMethod::Password, cert)
+            .await
+            .map_err(|r| match r {
+                Refusal::NotAccepted(_) => Refused(
+                    ConnectReturnCode::BadUserNamePassword,
+                    "passwords are not accepted".into(),
+                ),
+                other => bad(other.to_string()),
+            })?;
+        Identity::clone(&id)
+    } else if let Some(cert) = cert.filter(|_| settings.auth.certificate) {
+        Identity::from_cert(cert)
+    } else if settings.auth.anonymous {
+        Identity {
+            subject: String::new(),
+            ..Identity::anonymous()
+        }
+    } else {
+        return Err(Refused(
+            ConnectReturnCode::NotAuthorized,
+            "no credentials, and anonymous clients are not let in".into(),
+        ));
+    };
+    identity.client_id = Some(client_id.to_string());
+    Ok(Arc::new(identity))
+}
+
+fn looks_like_jwt(s: &str) -> bool {
+    s.len() > 20 && s.bytes().filter(|b| *b == b'.').count() == 2 && s.starts_with("ey")
+}

@@ -1,0 +1,339 @@
+//! The MQTT broker (3.1.1 and 5): a front-end like HTTP, on listeners with
+//! `protocol: mqtt` (plain or TLS) and as MQTT over WebSocket on HTTP
+//! listeners. Clients authenticate through the shared `Authenticator`
+//! (password users, JWTs, client certificates) and every publish,
+//! subscription and will is checked by the shared policy engine.
+
+mod broker;
+mod codec;
+mod connection;
+mod router;
+mod session;
+pub mod topic;
+mod ws;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+
+pub use broker::{Broker, Settings};
+use connection::ConnInfo;
+
+use crate::authz::syntax::RuleConfig;
+use crate::authz::{Policy, Resource};
+use crate::config::{Config, ConfigError};
+use crate::identity::{Authenticator, CertIdentity, Providers, Users};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::transport::{
+    self, ConnState, FrontEnd, LocalBody, LocalFuture, LocalService, Shutdown, Stream, Switch,
+};
+
+/// Each user under its own name (tstack's rule).
+const DEFAULT_POLICY: &str =
+    r#"[{"allow": {"actions": ["publish", "subscribe"], "topics": ["%u/#"]}}]"#;
+
+/// The broker's settings for `cfg`, with the JWT providers and users the
+/// rest of the gateway uses.
+pub fn settings(
+    cfg: &Config,
+    providers: &Providers,
+    users: &Arc<Users>,
+) -> Result<Settings, Vec<ConfigError>> {
+    let m = &cfg.mqtt;
+    let default_rules: Vec<RuleConfig>;
+    let rules = match &m.policy {
+        Some(rules) => rules.as_slice(),
+        None => {
+            default_rules = serde_json::from_str(DEFAULT_POLICY).unwrap_or_default();
+            default_rules.as_slice()
+        }
+    };
+    let policy = Policy::compile(rules, Resource::Topic).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|(at, message)| ConfigError {
+                path: format!("mqtt.policy{at}"),
+                message,
+            })
+            .collect::<Vec<_>>()
+    })?;
+    let jwt = m.auth.jwt.as_ref();
+    let provider_list = match jwt.and_then(|j| j.providers.as_ref()) {
+        Some(names) => names
+            .iter()
+            .filter_map(|n| providers.get(n).cloned())
+            .collect(),
+        None if jwt.is_some() => providers.all().cloned().collect(),
+        None => Vec::new(),
+    };
+    Ok(Settings {
+        limits: m.limits.clone(),
+        auth: m.auth.clone(),
+        policy,
+        authn: Authenticator {
+            accept_jwt: jwt.is_some(),
+            accept_cert: m.auth.certificate,
+            require_both: false,
+            providers: provider_list,
+            users: m.auth.password.then(|| users.clone()),
+        },
+        token_in: jwt.map(|j| j.token_in),
+        sys_interval: m.sys_interval,
+        username_claim: jwt.map_or_else(|| "sub".to_owned(), |j| j.username_claim.clone()),
+    })
+}
+
+/// Whether the config serves MQTT anywhere.
+pub fn enabled(cfg: &Config) -> bool {
+    cfg.mqtt.websocket.is_some()
+        || cfg
+            .listeners
+            .iter()
+            .any(|l| l.protocol == crate::config::Protocol::Mqtt)
+}
+
+impl Broker {
+    /// The broker for `settings`, registering its metrics.
+    pub fn start(settings: Settings, metrics: &Metrics) -> Arc<Broker> {
+        Broker::new(settings, metrics)
+    }
+
+    /// Swaps in the settings of a reloaded config. Connected clients keep
+    /// their identity; rules apply to what they do next, and subscriptions
+    /// the new rules no longer allow are dropped.
+    pub fn apply(&self, settings: Settings) {
+        self.settings.store(Arc::new(settings));
+        self.recheck_subscriptions();
+    }
+
+    fn recheck_subscriptions(&self) {
+        let settings = self.settings.load();
+        let sessions: Vec<Arc<session::Session>> = self.sessions().values().cloned().collect();
+        for s in sessions {
+            let Some(identity) = s.identity() else {
+                continue;
+            };
+            let gone: Vec<String> = s
+                .state()
+                .subscriptions
+                .iter()
+                .filter(|(raw, opts)| {
+                    topic::parse_subscription(raw).is_ok_and(|sub| {
+                        !settings
+                            .policy
+                            .evaluate(
+                                &identity,
+                                &crate::authz::Action::Subscribe {
+                                    filter: sub.filter,
+                                    qos: opts.qos as u8,
+                                },
+                            )
+                            .allowed()
+                    })
+                })
+                .map(|(raw, _)| raw.clone())
+                .collect();
+            for raw in gone {
+                s.state().subscriptions.remove(&raw);
+                if let Ok(sub) = topic::parse_subscription(&raw) {
+                    self.router_write().unsubscribe(sub.share, sub.filter, s.id);
+                }
+                tracing::info!(client_id = %s.client_id, filter = %raw,
+                    "MQTT subscription dropped: the reloaded policy no longer allows it");
+            }
+        }
+        self.metrics
+            .subscriptions
+            .set(self.router_read().len() as i64);
+    }
+
+    /// Publishes `$SYS/broker/...` statistics every `sys_interval`, retained
+    /// (as mosquitto does), until `stop`.
+    pub fn publish_sys(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let interval = broker.settings.load().sys_interval;
+                if interval.is_zero() {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(10)) => continue,
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let t = &broker.totals;
+                let stats = [
+                    ("version", format!("tollgate {}", env!("CARGO_PKG_VERSION"))),
+                    (
+                        "uptime",
+                        format!("{} seconds", broker.started.elapsed().as_secs()),
+                    ),
+                    (
+                        "clients/connected",
+                        t.connected.load(Ordering::Relaxed).to_string(),
+                    ),
+                    ("clients/total", broker.sessions().len().to_string()),
+                    (
+                        "messages/received",
+                        t.received.load(Ordering::Relaxed).to_string(),
+                    ),
+                    ("messages/sent", t.sent.load(Ordering::Relaxed).to_string()),
+                    (
+                        "bytes/received",
+                        t.bytes_received.load(Ordering::Relaxed).to_string(),
+                    ),
+                    (
+                        "bytes/sent",
+                        t.bytes_sent.load(Ordering::Relaxed).to_string(),
+                    ),
+                    (
+                        "retained messages/count",
+                        broker.retained_read().len().to_string(),
+                    ),
+                    (
+                        "subscriptions/count",
+                        broker.router_read().len().to_string(),
+                    ),
+                ];
+                for (name, value) in stats {
+                    broker.publish(session::Message {
+                        topic: Arc::from(format!("$SYS/broker/{name}")),
+                        payload: Bytes::from(value),
+                        qos: codec::QoS::AtMostOnce,
+                        retain: true,
+                        properties: None,
+                        expires_at: None,
+                        origin: 0,
+                    });
+                }
+            }
+        });
+    }
+}
+
+/// Serves a listener with `protocol: mqtt`.
+pub struct MqttFrontEnd {
+    pub broker: Arc<Broker>,
+}
+
+impl FrontEnd for MqttFrontEnd {
+    async fn serve<S: Stream>(&self, io: S, conn: Arc<ConnState>, shutdown: Shutdown) {
+        let info = ConnInfo {
+            listener: conn.listener.name.clone(),
+            peer: conn.peer,
+            cert: conn.peer_cert.clone(),
+            transport: if conn.listener.tls.is_some() {
+                "tls"
+            } else {
+                "tcp"
+            },
+        };
+        connection::serve(io, info, self.broker.clone(), shutdown.graceful.clone()).await;
+    }
+}
+
+/// MQTT over WebSocket (subprotocol `mqtt`) at a path of HTTP listeners.
+pub struct MqttOverWebSocket {
+    pub broker: Arc<Broker>,
+    /// `None`: every HTTP listener.
+    pub listeners: Option<Vec<String>>,
+    pub path: String,
+    pub metrics: RouteMetrics,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl LocalService for MqttOverWebSocket {
+    fn name(&self) -> &str {
+        "mqtt-ws"
+    }
+
+    fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
+    }
+
+    fn endpoint(&self, listener: &str, path: &str) -> Option<u16> {
+        let on = self
+            .listeners
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|n| n == listener));
+        (on && path == self.path).then_some(0)
+    }
+
+    fn serve<'a>(
+        self: Arc<Self>,
+        _endpoint: u16,
+        _request: Request<LocalBody>,
+        _peer: IpAddr,
+        _cert: Option<&'a CertIdentity>,
+    ) -> LocalFuture<'a> {
+        Box::pin(async {
+            let mut r = Response::new(Bytes::from_static(
+                b"MQTT over WebSocket: connect with subprotocol `mqtt`\n",
+            ));
+            *r.status_mut() = http::StatusCode::UPGRADE_REQUIRED;
+            r.headers_mut().insert(
+                http::header::UPGRADE,
+                http::HeaderValue::from_static("websocket"),
+            );
+            r
+        })
+    }
+
+    fn upgrades(&self, _endpoint: u16) -> bool {
+        true
+    }
+
+    fn upgrade(
+        self: Arc<Self>,
+        _endpoint: u16,
+        request: Request<()>,
+        _conn: Arc<ConnState>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Switch> + Send>> {
+        Box::pin(async move {
+            // `mqttv3.1` is what some 3.1.1 clients (Paho JS) offer.
+            let accepted = match transport::websocket::accept(&request, &["mqtt", "mqttv3.1"]) {
+                Ok(a) => a,
+                Err(refused) => return Switch::refuse(*refused),
+            };
+            let service = self.clone();
+            Switch {
+                response: accepted.response,
+                takeover: Some(Box::new(move |io, conn| {
+                    Box::pin(async move {
+                        let max = service
+                            .broker
+                            .settings
+                            .load()
+                            .limits
+                            .max_packet_size
+                            .as_usize();
+                        // A WebSocket message carries MQTT bytes; packets may
+                        // span messages, so its limit is the packet limit
+                        // plus a header.
+                        let ws = transport::websocket::server(io, max + 8).await;
+                        let info = ConnInfo {
+                            listener: conn.listener.name.clone(),
+                            peer: conn.peer,
+                            cert: conn.peer_cert.clone(),
+                            transport: "websocket",
+                        };
+                        connection::serve(
+                            ws::WsBytes::new(ws),
+                            info,
+                            service.broker.clone(),
+                            service.shutdown.clone(),
+                        )
+                        .await;
+                    })
+                })),
+            }
+        })
+    }
+}

@@ -1,0 +1,220 @@
+//! A client's session: what outlives a connection when the client asked
+//! for it (clean start off, or a v5 session expiry): its subscriptions,
+//! the messages waiting for it, the QoS 1 and 2 messages sent but not yet
+//! acknowledged (sent again, DUP, when it comes back), and the QoS 2
+//! packet ids it published whose release has not come.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use tokio::sync::Notify;
+
+use super::codec::QoS;
+use super::router::SubOptions;
+
+/// A message as the broker routes it.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// v5 properties, without topic alias and subscription identifiers
+    /// (those belong to one hop).
+    pub properties: Option<PublishProperties>,
+    /// When the message expiry interval runs out.
+    pub expires_at: Option<Instant>,
+    /// The session that published it (no-local).
+    pub origin: u64,
+}
+
+/// A message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<usize>,
+}
+
+/// Where a QoS 1 or 2 message sent to the client stands.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// Sent; PUBACK (QoS 1) or PUBREC (QoS 2) awaited.
+    Published(Delivery),
+    /// QoS 2: PUBREC came, PUBREL sent; PUBCOMP awaited.
+    Released,
+}
+
+pub struct SessionState {
+    pub queue: VecDeque<Delivery>,
+    pub inflight: BTreeMap<u16, Outgoing>,
+    next_pkid: u16,
+    /// Raw filter (with `$share/…`) -> options.
+    pub subscriptions: HashMap<String, SubOptions>,
+    /// QoS 2 ids the client published and we acknowledged with PUBREC.
+    pub incoming_qos2: HashSet<u16>,
+    /// Kept after the last connection ends (seconds; 0: ends with it).
+    pub expiry_secs: u32,
+    /// Counts connections, so a will or expiry timer can tell whether the
+    /// client came back meanwhile.
+    pub generation: u64,
+    /// Tells the connection attached now that a newer one took over.
+    pub kick: Option<Arc<Notify>>,
+    /// Who attached last (reloaded rules are checked against it).
+    pub identity: Option<Arc<crate::identity::Identity>>,
+}
+
+impl SessionState {
+    /// A packet id not in flight (1..=65535).
+    pub fn next_pkid(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            if !self.inflight.contains_key(&self.next_pkid) {
+                return Some(self.next_pkid);
+            }
+        }
+        None
+    }
+}
+
+pub struct Session {
+    /// Unique in the process.
+    pub id: u64,
+    pub client_id: Arc<str>,
+    state: Mutex<SessionState>,
+    /// A delivery was queued.
+    pub wake: Notify,
+    connected: AtomicBool,
+}
+
+/// What `Session::push` did with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// Queued, and an older QoS 0 message was dropped to make room.
+    QueuedDroppedQos0,
+    /// The queue was full of QoS 1/2 messages: this one was dropped.
+    Dropped,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Session {
+    pub fn new(client_id: Arc<str>) -> Arc<Session> {
+        Session::with_id(NEXT_ID.fetch_add(1, Ordering::Relaxed), client_id)
+    }
+
+    fn with_id(id: u64, client_id: Arc<str>) -> Arc<Session> {
+        Arc::new(Session {
+            id,
+            client_id,
+            state: Mutex::new(SessionState {
+                queue: VecDeque::new(),
+                inflight: BTreeMap::new(),
+                next_pkid: 0,
+                subscriptions: HashMap::new(),
+                incoming_qos2: HashSet::new(),
+                expiry_secs: 0,
+                generation: 0,
+                kick: None,
+                identity: None,
+            }),
+            wake: Notify::new(),
+            connected: AtomicBool::new(false),
+        })
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn identity(&self) -> Option<Arc<crate::identity::Identity>> {
+        self.state().identity.clone()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Queues a delivery within `max` queued messages. Past it, an older
+    /// QoS 0 message makes room; without one, a QoS 0 delivery is dropped,
+    /// and so is a QoS 1/2 one (counted by the caller).
+    pub fn push(&self, delivery: Delivery, max: usize) -> Pushed {
+        let mut state = self.state();
+        let mut pushed = Pushed::Queued;
+        if state.queue.len() >= max {
+            match state.queue.iter().position(|d| d.qos == QoS::AtMostOnce) {
+                Some(i) => {
+                    state.queue.remove(i);
+                    pushed = Pushed::QueuedDroppedQos0;
+                }
+                _ => return Pushed::Dropped,
+            }
+        }
+        state.queue.push_back(delivery);
+        drop(state);
+        self.wake.notify_one();
+        pushed
+    }
+
+    #[cfg(test)]
+    pub fn for_test(id: u64) -> Arc<Session> {
+        Session::with_id(id, Arc::from(format!("c{id}")))
+    }
+
+    #[cfg(test)]
+    pub fn set_connected_for_test(&self, c: bool) {
+        self.set_connected(c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(qos: QoS, n: u8) -> Delivery {
+        Delivery {
+            message: Arc::new(Message {
+                topic: Arc::from("t"),
+                payload: Bytes::from(vec![n]),
+                qos,
+                retain: false,
+                properties: None,
+                expires_at: None,
+                origin: 0,
+            }),
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_qos0_first() {
+        let s = Session::for_test(1);
+        assert_eq!(s.push(delivery(QoS::AtMostOnce, 0), 2), Pushed::Queued);
+        assert_eq!(s.push(delivery(QoS::AtLeastOnce, 1), 2), Pushed::Queued);
+        assert_eq!(
+            s.push(delivery(QoS::AtLeastOnce, 2), 2),
+            Pushed::QueuedDroppedQos0
+        );
+        assert_eq!(s.push(delivery(QoS::AtMostOnce, 3), 2), Pushed::Dropped);
+        assert_eq!(s.push(delivery(QoS::ExactlyOnce, 4), 2), Pushed::Dropped);
+        let kept: Vec<u8> = s
+            .state()
+            .queue
+            .iter()
+            .map(|d| d.message.payload[0])
+            .collect();
+        assert_eq!(kept, [1, 2]);
+    }
+}
