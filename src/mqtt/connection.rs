@@ -1092,8 +1092,22 @@ impl Connection {
             expires_at,
             origin: self.session.id,
         };
-        if delay == 0 || !still_ours {
+        if delay == 0 {
             self.broker.publish(message);
+            return;
+        }
+        if !still_ours {
+            // Taken over: a newer connection to the same session came
+            // within the delay, so no will (§3.1.3.2.2); one that started
+            // a new session ended this one, which sends it.
+            let continues = self
+                .broker
+                .sessions()
+                .get(&self.session.client_id)
+                .is_some_and(|s| s.id == self.session.id);
+            if !continues {
+                self.broker.publish(message);
+            }
             return;
         }
         let (broker, session, generation) =

@@ -13,6 +13,7 @@ mod lifecycle;
 mod limits;
 mod local_upgrade;
 mod mqtt;
+mod mqtt5;
 mod oauth;
 mod proxy;
 mod routing;

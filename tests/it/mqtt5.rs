@@ -1,0 +1,562 @@
+//! MQTT 5 features, packet by packet: a raw client that writes and reads
+//! packets with rumqttc's codec (an implementation apart from the
+//! broker's core), so every property and reason code can be sent and
+//! checked as it is on the wire.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+const PASSWORD: &str = "pw";
+
+async fn broker(extra_mqtt: &str) -> (TestGateway, SocketAddr) {
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    let users: String = ["alice", "bob"]
+        .iter()
+        .map(|u| format!("    - {{ name: '{u}', password_hash: '{hash}' }}\n"))
+        .collect();
+    let yaml = format!(
+        "listeners:\n  - name: sidecar\n    bind: 127.0.0.1:0\n  - name: mqtt\n    bind: 127.0.0.1:0\n    protocol: mqtt\n\
+admin:\n  bind: 127.0.0.1:0\nproxy:\n  access_log: false\nauth:\n  users:\n{users}\
+mqtt:\n  policy:\n    - allow: {{ actions: [publish, subscribe], topics: ['%u/#', 'shared/#'] }}\n{extra_mqtt}"
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let addr = gw.gw.listener_addr("mqtt").unwrap();
+    (gw, addr)
+}
+
+struct Raw {
+    tcp: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn connect(
+        addr: SocketAddr,
+        id: &str,
+        user: &str,
+        props: ConnectProperties,
+    ) -> (Raw, ConnAck) {
+        Raw::connect_with(addr, id, user, true, props, None).await
+    }
+
+    async fn connect_with(
+        addr: SocketAddr,
+        id: &str,
+        user: &str,
+        clean: bool,
+        props: ConnectProperties,
+        will: Option<LastWill>,
+    ) -> (Raw, ConnAck) {
+        let mut raw = Raw {
+            tcp: TcpStream::connect(addr).await.unwrap(),
+            buf: BytesMut::new(),
+        };
+        raw.send(Packet::Connect(
+            Connect {
+                keep_alive: 60,
+                client_id: id.into(),
+                clean_start: clean,
+                properties: Some(props),
+            },
+            will,
+            Some(Login {
+                username: user.into(),
+                password: PASSWORD.into(),
+            }),
+        ))
+        .await;
+        match raw.recv().await {
+            Packet::ConnAck(a) => (raw, a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, p: Packet) {
+        let mut out = BytesMut::new();
+        p.write(&mut out, None).unwrap();
+        self.tcp.write_all(&out).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Packet {
+        self.try_recv(Duration::from_secs(5))
+            .await
+            .expect("a packet within 5s")
+    }
+
+    async fn try_recv(&mut self, within: Duration) -> Option<Packet> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match Packet::read(&mut self.buf, None) {
+                Ok(p) => return Some(p),
+                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("bad packet from the broker: {e}"),
+            }
+            match tokio::time::timeout_at(deadline, self.tcp.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Err(_) => return None,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("{e}"),
+            }
+        }
+    }
+
+    async fn publish(&mut self) -> Publish {
+        loop {
+            match self.recv().await {
+                Packet::Publish(p) => return p,
+                Packet::PubRel(r) => self.send(Packet::PubComp(PubComp::new(r.pkid, None))).await,
+                _ => {}
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<Filter>,
+        id: Option<usize>,
+    ) -> Vec<SubscribeReasonCode> {
+        let props = id.map(|id| SubscribeProperties {
+            id: Some(id),
+            user_properties: Vec::new(),
+        });
+        let mut s = Subscribe::new_many(filters, props);
+        s.pkid = pkid;
+        self.send(Packet::Subscribe(s)).await;
+        match self.recv().await {
+            Packet::SubAck(a) => {
+                assert_eq!(a.pkid, pkid);
+                a.return_codes
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+}
+
+fn filter(path: &str, qos: QoS) -> Filter {
+    Filter::new(path, qos)
+}
+
+fn publish(
+    topic: &str,
+    qos: QoS,
+    pkid: u16,
+    payload: &str,
+    props: Option<PublishProperties>,
+) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: Bytes::copy_from_slice(topic.as_bytes()),
+        pkid,
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        properties: props,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_options_identifiers_and_reason_codes() {
+    let (_gw, addr) = broker("").await;
+    let (mut a, ack) = Raw::connect(addr, "a", "alice", ConnectProperties::new()).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    let p = ack.properties.unwrap();
+    assert_eq!(
+        (
+            p.wildcard_subscription_available,
+            p.subscription_identifiers_available,
+            p.shared_subscription_available,
+            p.retain_available
+        ),
+        (Some(1), Some(1), Some(1), Some(1))
+    );
+
+    // Two overlapping subscriptions: one delivery, the higher QoS, both ids.
+    assert_eq!(
+        a.subscribe(1, vec![filter("shared/#", QoS::AtMostOnce)], Some(7))
+            .await,
+        [SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(
+        a.subscribe(2, vec![filter("shared/+", QoS::AtLeastOnce)], Some(9))
+            .await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    // Not allowed, and not a filter.
+    assert_eq!(
+        a.subscribe(
+            3,
+            vec![
+                filter("bob/#", QoS::AtMostOnce),
+                filter("a/#/b", QoS::AtMostOnce)
+            ],
+            None
+        )
+        .await,
+        [
+            SubscribeReasonCode::NotAuthorized,
+            SubscribeReasonCode::TopicFilterInvalid
+        ]
+    );
+    let (mut b, _) = Raw::connect(addr, "b", "bob", ConnectProperties::new()).await;
+    let props = PublishProperties {
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        response_topic: Some("bob/replies".into()),
+        correlation_data: Some(Bytes::from_static(b"c-1")),
+        payload_format_indicator: Some(1),
+        ..Default::default()
+    };
+    b.send(publish(
+        "shared/x",
+        QoS::AtLeastOnce,
+        1,
+        "hello",
+        Some(props),
+    ))
+    .await;
+    match b.recv().await {
+        Packet::PubAck(ack) => assert_eq!(ack.reason, PubAckReason::Success),
+        other => panic!("{other:?}"),
+    }
+    let got = a.publish().await;
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    let gp = got.properties.unwrap();
+    let mut ids = gp.subscription_identifiers.clone();
+    ids.sort();
+    assert_eq!(ids, [7, 9]);
+    assert_eq!(gp.user_properties, [("k".to_string(), "v".to_string())]);
+    assert_eq!(gp.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(gp.response_topic.as_deref(), Some("bob/replies"));
+    assert_eq!(gp.correlation_data.as_deref(), Some(&b"c-1"[..]));
+    a.send(Packet::PubAck(PubAck::new(got.pkid, None))).await;
+
+    // Refusals are reason codes: a topic not allowed, nobody subscribed,
+    // a payload that is not the UTF-8 it claims to be.
+    b.send(publish("alice/x", QoS::AtLeastOnce, 2, "no", None))
+        .await;
+    match b.recv().await {
+        Packet::PubAck(ack) => assert_eq!(ack.reason, PubAckReason::NotAuthorized),
+        other => panic!("{other:?}"),
+    }
+    b.send(publish("bob/nobody", QoS::AtLeastOnce, 3, "x", None))
+        .await;
+    match b.recv().await {
+        Packet::PubAck(ack) => assert_eq!(ack.reason, PubAckReason::NoMatchingSubscribers),
+        other => panic!("{other:?}"),
+    }
+    let mut bad_utf8 = publish(
+        "bob/x",
+        QoS::ExactlyOnce,
+        4,
+        "",
+        Some(PublishProperties {
+            payload_format_indicator: Some(1),
+            ..Default::default()
+        }),
+    );
+    if let Packet::Publish(p) = &mut bad_utf8 {
+        p.payload = Bytes::from_static(&[0xff, 0xfe]);
+    }
+    b.send(bad_utf8).await;
+    match b.recv().await {
+        Packet::PubRec(rec) => assert_eq!(rec.reason, PubRecReason::PayloadFormatInvalid),
+        other => panic!("{other:?}"),
+    }
+    // UNSUBACK says which existed.
+    let mut u = Unsubscribe::new("shared/#", None);
+    u.filters.push("never/#".into());
+    u.pkid = 5;
+    a.send(Packet::Unsubscribe(u)).await;
+    match a.recv().await {
+        Packet::UnsubAck(ack) => assert_eq!(
+            ack.reasons,
+            [
+                UnsubAckReason::Success,
+                UnsubAckReason::NoSubscriptionExisted
+            ]
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_local_retain_handling_and_retain_as_published() {
+    let (_gw, addr) = broker("").await;
+    let (mut a, _) = Raw::connect(addr, "a", "alice", ConnectProperties::new()).await;
+    let mut no_local = filter("shared/nl", QoS::AtMostOnce);
+    no_local.nolocal = true;
+    a.subscribe(1, vec![no_local], None).await;
+    a.send(publish("shared/nl", QoS::AtMostOnce, 0, "mine", None))
+        .await;
+    assert!(
+        a.try_recv(Duration::from_millis(400)).await.is_none(),
+        "no-local"
+    );
+
+    let mut retained = publish("shared/r", QoS::AtMostOnce, 0, "kept", None);
+    if let Packet::Publish(p) = &mut retained {
+        p.retain = true;
+    }
+    a.send(retained.clone()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut b, _) = Raw::connect(addr, "b", "bob", ConnectProperties::new()).await;
+    let mut never = filter("shared/r", QoS::AtMostOnce);
+    never.retain_forward_rule = RetainForwardRule::Never;
+    b.subscribe(1, vec![never], None).await;
+    assert!(
+        b.try_recv(Duration::from_millis(300)).await.is_none(),
+        "retain handling 2"
+    );
+    let mut if_new = filter("shared/r", QoS::AtMostOnce);
+    if_new.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+    // Not new (the subscription exists): nothing.
+    b.subscribe(2, vec![if_new.clone()], None).await;
+    assert!(
+        b.try_recv(Duration::from_millis(300)).await.is_none(),
+        "retain handling 1, existing"
+    );
+    if_new.path = "shared/+".into();
+    b.subscribe(3, vec![if_new], None).await;
+    let got = b.publish().await;
+    assert!(got.retain, "retained on a new subscription");
+    // Retain as published: a live retained message keeps its flag.
+    let mut rap = filter("shared/r", QoS::AtMostOnce);
+    rap.preserve_retain = true;
+    let (mut c, _) = Raw::connect(addr, "c", "bob", ConnectProperties::new()).await;
+    c.subscribe(1, vec![rap], None).await;
+    let _initial = c.publish().await;
+    a.send(retained).await;
+    assert!(c.publish().await.retain);
+    let live = b.publish().await;
+    assert!(
+        !live.retain,
+        "without retain-as-published the flag is cleared"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_aliases_both_ways_and_message_expiry() {
+    let (_gw, addr) = broker("").await;
+    let mut props = ConnectProperties::new();
+    props.topic_alias_max = Some(5);
+    let (mut a, ack) = Raw::connect(addr, "a", "alice", props).await;
+    assert_eq!(ack.properties.unwrap().topic_alias_max, Some(64));
+    a.subscribe(1, vec![filter("shared/alias", QoS::AtMostOnce)], None)
+        .await;
+    let (mut b, _) = Raw::connect(addr, "b", "bob", ConnectProperties::new()).await;
+    // Inbound: the topic with alias 3, then the alias alone.
+    let with_alias = |topic: &str, body: &str| {
+        publish(
+            topic,
+            QoS::AtMostOnce,
+            0,
+            body,
+            Some(PublishProperties {
+                topic_alias: Some(3),
+                ..Default::default()
+            }),
+        )
+    };
+    b.send(with_alias("shared/alias", "one")).await;
+    b.send(with_alias("", "two")).await;
+    // Outbound: the first names the topic and an alias, the second only the alias.
+    let first = a.publish().await;
+    assert_eq!(&first.topic[..], b"shared/alias");
+    let alias = first
+        .properties
+        .as_ref()
+        .and_then(|p| p.topic_alias)
+        .expect("an alias");
+    let second = a.publish().await;
+    assert_eq!(
+        (&second.topic[..], &second.payload[..]),
+        (&b""[..], &b"two"[..])
+    );
+    assert_eq!(second.properties.and_then(|p| p.topic_alias), Some(alias));
+    // An alias never set is a protocol error.
+    let mut c_props = ConnectProperties::new();
+    c_props.topic_alias_max = Some(0);
+    let (mut c, _) = Raw::connect(addr, "c", "bob", c_props).await;
+    c.send(publish(
+        "",
+        QoS::AtMostOnce,
+        0,
+        "x",
+        Some(PublishProperties {
+            topic_alias: Some(9),
+            ..Default::default()
+        }),
+    ))
+    .await;
+    match c.recv().await {
+        Packet::Disconnect(d) => assert_eq!(d.reason_code, DisconnectReasonCode::ProtocolError),
+        other => panic!("{other:?}"),
+    }
+
+    // Message expiry: a retained message past its interval is gone; one
+    // still alive arrives with what is left of it.
+    let expiring = |secs: u32, body: &str| {
+        let mut p = publish(
+            "shared/exp",
+            QoS::AtMostOnce,
+            0,
+            body,
+            Some(PublishProperties {
+                message_expiry_interval: Some(secs),
+                ..Default::default()
+            }),
+        );
+        if let Packet::Publish(p) = &mut p {
+            p.retain = true;
+        }
+        p
+    };
+    b.send(expiring(1, "short")).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (mut d, _) = Raw::connect(addr, "d", "alice", ConnectProperties::new()).await;
+    d.subscribe(1, vec![filter("shared/exp", QoS::AtMostOnce)], None)
+        .await;
+    assert!(
+        d.try_recv(Duration::from_millis(300)).await.is_none(),
+        "expired"
+    );
+    b.send(expiring(100, "long")).await;
+    let got = d.publish().await;
+    let left = got
+        .properties
+        .and_then(|p| p.message_expiry_interval)
+        .unwrap();
+    assert!((1..=100).contains(&left), "{left}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_keep_alive_and_session_expiry() {
+    let (_gw, addr) =
+        broker("  limits: { max_inflight: 2, max_keep_alive: 5s, max_session_expiry: 1h }\n").await;
+    let (mut a, ack) = Raw::connect(addr, "a", "alice", ConnectProperties::new()).await;
+    let p = ack.properties.unwrap();
+    assert_eq!(
+        (p.receive_max, p.server_keep_alive),
+        (Some(2), Some(5)),
+        "60s asked, 5s allowed"
+    );
+    // A third QoS 2 message before releasing the first two: 0x93.
+    for pkid in 1..=3 {
+        a.send(publish("alice/q2", QoS::ExactlyOnce, pkid, "x", None))
+            .await;
+    }
+    let mut seen = Vec::new();
+    while let Some(p) = a.try_recv(Duration::from_secs(3)).await {
+        seen.push(p);
+    }
+    assert!(
+        seen.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.reason_code == DisconnectReasonCode::ReceiveMaximumExceeded)),
+        "{seen:?}"
+    );
+
+    // Session expiry: kept while the client is away, within what it asked.
+    let mut props = ConnectProperties::new();
+    props.session_expiry_interval = Some(2);
+    let (mut s, ack) = Raw::connect_with(addr, "keeper", "bob", false, props.clone(), None).await;
+    assert!(!ack.session_present);
+    s.subscribe(1, vec![filter("shared/s", QoS::AtLeastOnce)], None)
+        .await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, ack) = Raw::connect_with(addr, "keeper", "bob", false, props.clone(), None).await;
+    assert!(ack.session_present, "within its expiry");
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_s, ack) = Raw::connect_with(addr, "keeper", "bob", false, props, None).await;
+    assert!(!ack.session_present, "expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_delay_is_cancelled_by_a_reconnect_and_takeover_is_told() {
+    let (_gw, addr) = broker("").await;
+    let (mut w, _) = Raw::connect(addr, "watch", "bob", ConnectProperties::new()).await;
+    w.subscribe(1, vec![filter("shared/will", QoS::AtMostOnce)], None)
+        .await;
+    let will = || LastWill {
+        topic: Bytes::from_static(b"shared/will"),
+        message: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Some(LastWillProperties {
+            delay_interval: Some(1),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    };
+    let mut props = ConnectProperties::new();
+    props.session_expiry_interval = Some(60);
+    let (first, _) =
+        Raw::connect_with(addr, "dev", "alice", false, props.clone(), Some(will())).await;
+    drop(first);
+    // Back within the delay: no will.
+    let (mut second, ack) =
+        Raw::connect_with(addr, "dev", "alice", false, props.clone(), Some(will())).await;
+    assert!(ack.session_present);
+    assert!(
+        w.try_recv(Duration::from_millis(1500)).await.is_none(),
+        "the will was cancelled"
+    );
+    // A third connection with the same id takes over: the second is told.
+    let (_third, _) = Raw::connect_with(addr, "dev", "alice", false, props, None).await;
+    match second.recv().await {
+        Packet::Disconnect(d) => assert_eq!(d.reason_code, DisconnectReasonCode::SessionTakenOver),
+        other => panic!("{other:?}"),
+    }
+    // The second's will (delay 1s, within a session that continues): none.
+    assert!(w.try_recv(Duration::from_millis(1500)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_split_the_load() {
+    let (_gw, addr) = broker("").await;
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let (mut m, _) =
+            Raw::connect(addr, &format!("m{i}"), "alice", ConnectProperties::new()).await;
+        m.subscribe(
+            1,
+            vec![filter("$share/workers/shared/jobs", QoS::AtMostOnce)],
+            None,
+        )
+        .await;
+        members.push(m);
+    }
+    let (mut p, _) = Raw::connect(addr, "p", "bob", ConnectProperties::new()).await;
+    for i in 0..30 {
+        p.send(publish(
+            "shared/jobs",
+            QoS::AtMostOnce,
+            0,
+            &i.to_string(),
+            None,
+        ))
+        .await;
+    }
+    let mut total = 0;
+    for m in &mut members {
+        let mut n = 0;
+        while m.try_recv(Duration::from_millis(500)).await.is_some() {
+            n += 1;
+        }
+        assert!(n > 0, "every member gets a share");
+        total += n;
+    }
+    assert_eq!(total, 30, "each message to one member");
+}
