@@ -32,12 +32,41 @@ mqtt:\n  policy:\n    - allow: {{ actions: [publish, subscribe], topics: ['%u/#'
     (gw, addr)
 }
 
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 struct Raw {
-    tcp: TcpStream,
+    tcp: Box<dyn Io>,
     buf: BytesMut,
 }
 
 impl Raw {
+    /// A CONNECT on `io` with a user name and password of its own.
+    async fn connect_on(io: Box<dyn Io>, id: &str, login: Option<(&str, &str)>) -> (Raw, ConnAck) {
+        let mut raw = Raw {
+            tcp: io,
+            buf: BytesMut::new(),
+        };
+        raw.send(Packet::Connect(
+            Connect {
+                keep_alive: 60,
+                client_id: id.into(),
+                clean_start: true,
+                properties: Some(ConnectProperties::new()),
+            },
+            None,
+            login.map(|(u, p)| Login {
+                username: u.into(),
+                password: p.into(),
+            }),
+        ))
+        .await;
+        match raw.recv().await {
+            Packet::ConnAck(a) => (raw, a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
     async fn connect(
         addr: SocketAddr,
         id: &str,
@@ -56,7 +85,7 @@ impl Raw {
         will: Option<LastWill>,
     ) -> (Raw, ConnAck) {
         let mut raw = Raw {
-            tcp: TcpStream::connect(addr).await.unwrap(),
+            tcp: Box::new(TcpStream::connect(addr).await.unwrap()),
             buf: BytesMut::new(),
         };
         raw.send(Packet::Connect(
@@ -559,4 +588,111 @@ async fn shared_subscriptions_split_the_load() {
         total += n;
     }
     assert_eq!(total, 30, "each message to one member");
+}
+
+/// A JWT as the password: the user name comes from its claim, a name that
+/// is not the token's is refused, and the session ends when the token does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_password_names_the_user_and_ends_with_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "an HS256 secret of thirty-two bytes!").unwrap();
+    let yaml = format!(
+        "listeners:\n  - name: sidecar\n    bind: 127.0.0.1:0\n  - name: mqtt\n    bind: 127.0.0.1:0\n    protocol: mqtt\n\
+admin:\n  bind: 127.0.0.1:0\nauth:\n  providers:\n    - name: idp\n      issuer: https://idp\n      audiences: [mqtt]\n      secret: {{ file: {} }}\n\
+mqtt:\n  auth: {{ password: false, jwt: {{ username_claim: device }} }}\n",
+        secret.display()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let addr = gw.gw.listener_addr("mqtt").unwrap();
+    let token = |exp_in: u64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({"iss": "https://idp", "aud": "mqtt", "sub": "svc", "device": "dev-j", "exp": now + exp_in}),
+            &jsonwebtoken::EncodingKey::from_secret(b"an HS256 secret of thirty-two bytes!"),
+        )
+        .unwrap()
+    };
+    let tcp = || async { Box::new(TcpStream::connect(addr).await.unwrap()) as Box<dyn Io> };
+    // The token's own user (or none) connects; another name is refused.
+    let (mut c, ack) = Raw::connect_on(tcp().await, "j1", Some(("", &token(2)))).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    assert_eq!(
+        c.subscribe(1, vec![filter("dev-j/#", QoS::AtMostOnce)], None)
+            .await,
+        [SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(
+        c.subscribe(2, vec![filter("svc/#", QoS::AtMostOnce)], None)
+            .await,
+        [SubscribeReasonCode::NotAuthorized]
+    );
+    let (_, ack) = Raw::connect_on(tcp().await, "j2", Some(("dev-x", &token(60)))).await;
+    assert_eq!(ack.code, ConnectReturnCode::NotAuthorized);
+    let (_, ack) = Raw::connect_on(
+        tcp().await,
+        "j3",
+        Some(("dev-j", "ey.not.atoken-but-long-enough")),
+    )
+    .await;
+    assert_ne!(ack.code, ConnectReturnCode::Success);
+    // Passwords are off here: a name and password is refused.
+    let (_, ack) = Raw::connect_on(tcp().await, "j4", Some(("dev-j", "secret"))).await;
+    assert_eq!(ack.code, ConnectReturnCode::BadUserNamePassword);
+    // The first session ends with its token (2 s), told why.
+    match c.try_recv(Duration::from_secs(5)).await {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, DisconnectReasonCode::NotAuthorized)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// On a TLS listener that verifies client certificates, the certificate
+/// names the user (its CN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_names_the_user_on_mqtts() {
+    let ca = crate::tls::TestCa::new("Devices");
+    let server = ca.server("broker", "localhost");
+    let sensor = ca.client("sensor-1", "fleet");
+    let yaml = format!(
+        "listeners:\n  - name: sidecar\n    bind: 127.0.0.1:0\n  - name: mqtts\n    bind: 127.0.0.1:0\n    protocol: mqtt\n    tls: {{ cert: {}, key: {}, client_ca: {}, client_auth: optional }}\n\
+admin:\n  bind: 127.0.0.1:0\n",
+        server.cert.display(),
+        server.key.display(),
+        ca.pem().display()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let addr = gw.gw.listener_addr("mqtts").unwrap();
+    let tls = |id: Option<&crate::tls::Identity>| {
+        let config = crate::tls::client_config(&ca.pem(), id, &[]);
+        async move {
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            Box::new(connector.connect(name, tcp).await.unwrap()) as Box<dyn Io>
+        }
+    };
+    let (mut c, ack) = Raw::connect_on(tls(Some(&sensor)).await, "s1", None).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    assert_eq!(
+        c.subscribe(1, vec![filter("sensor-1/#", QoS::AtLeastOnce)], None)
+            .await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    assert_eq!(
+        c.subscribe(2, vec![filter("sensor-2/#", QoS::AtLeastOnce)], None)
+            .await,
+        [SubscribeReasonCode::NotAuthorized]
+    );
+    c.send(publish("sensor-1/t", QoS::AtMostOnce, 0, "21.5", None))
+        .await;
+    assert_eq!(&c.publish().await.payload[..], b"21.5");
+    // Without a certificate (or credentials): not authorized.
+    let (_, ack) = Raw::connect_on(tls(None).await, "s2", None).await;
+    assert_eq!(ack.code, ConnectReturnCode::NotAuthorized);
 }
