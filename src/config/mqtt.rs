@@ -20,6 +20,8 @@ pub struct MqttConfig {
     /// Default: each user under its own name, `%u/#` (tstack's rule).
     pub policy: Option<Vec<RuleConfig>>,
     pub limits: MqttLimits,
+    /// Where retained messages and persistent sessions are kept.
+    pub persistence: MqttPersistence,
     /// How often `$SYS/broker/...` statistics are published; 0 turns them off.
     #[serde(deserialize_with = "units::duration")]
     pub sys_interval: Duration,
@@ -32,7 +34,26 @@ impl Default for MqttConfig {
             auth: MqttAuth::default(),
             policy: None,
             limits: MqttLimits::default(),
+            persistence: MqttPersistence::default(),
             sys_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttPersistence {
+    /// Off: everything is in memory and gone with the process.
+    pub enabled: bool,
+    /// A redb file the broker holds open (not the shared store).
+    pub path: std::path::PathBuf,
+}
+
+impl Default for MqttPersistence {
+    fn default() -> Self {
+        MqttPersistence {
+            enabled: true,
+            path: "data/mqtt.redb".into(),
         }
     }
 }

@@ -329,7 +329,8 @@ impl Gateway {
                 let settings = crate::mqtt::settings(&config, &material.providers, &users)
                     .map_err(config_error)?;
                 Some(Arc::new(MqttPart {
-                    broker: crate::mqtt::Broker::start(settings, &metrics),
+                    broker: crate::mqtt::Broker::start(&config, settings, &metrics)
+                        .map_err(config_error)?,
                     users: users.clone(),
                 }))
             }

@@ -11,8 +11,9 @@ use arc_swap::ArcSwap;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 use super::codec::QoS;
+use super::persist::{Journal, Op, StoredSession, StoredSubscription};
 use super::router::{Router, Target};
-use super::session::{Delivery, Message, Pushed, Session};
+use super::session::{Delivery, Message, Outgoing, Pushed, Session};
 use crate::authz::Policy;
 use crate::config::{MqttAuth, MqttLimits, TokenField};
 use crate::identity::Authenticator;
@@ -120,6 +121,17 @@ pub struct Broker {
     pub started: Instant,
     /// Failed logins per address, for rate limiting.
     failures: moka::sync::Cache<IpAddr, u32>,
+    /// Where retained messages and persistent sessions are kept (none:
+    /// in memory only).
+    pub journal: Option<Journal>,
+}
+
+/// What a publish did: how many sessions it was queued for, and, when it
+/// had to be written down (retained, or queued for a persistent session),
+/// when that is done.
+pub struct Routed {
+    pub sessions: usize,
+    pub durable: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Failed logins from one address within [`FAILURE_WINDOW`] before the
@@ -128,8 +140,9 @@ const MAX_FAILURES: u32 = 10;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 impl Broker {
-    pub fn new(settings: Settings, metrics: &Metrics) -> Arc<Broker> {
+    pub fn new(settings: Settings, metrics: &Metrics, journal: Option<Journal>) -> Arc<Broker> {
         Arc::new(Broker {
+            journal,
             settings: ArcSwap::from_pointee(settings),
             sessions: Mutex::new(HashMap::new()),
             router: RwLock::new(Router::default()),
@@ -171,18 +184,17 @@ impl Broker {
     }
 
     /// Routes a message to every matching subscription and keeps it when
-    /// retained. Returns how many sessions it was queued for.
-    pub fn publish(&self, message: Message) -> usize {
+    /// retained.
+    pub fn publish(&self, message: Message) -> Routed {
         let message = Arc::new(message);
+        let mut written = false;
         if message.retain {
-            self.retain(&message);
+            written |= self.retain(&message);
         }
         let mut targets: Vec<Target> = Vec::new();
         self.router_read()
             .matches(&message.topic, message.origin, &mut targets);
-        if targets.is_empty() {
-            return 0;
-        }
+        let journal = self.journal.as_ref();
         // One delivery per session: the highest QoS of its matching
         // subscriptions, and every one's identifier.
         targets.sort_by_key(|t| t.session.id);
@@ -207,11 +219,16 @@ impl Broker {
                 qos: super::codec::lower(qos, message.qos),
                 retain: message.retain && as_published,
                 subscription_ids: ids,
+                seq: 0,
             };
-            match first.session.push(delivery, max_queued) {
-                Pushed::Queued => sent += 1,
-                Pushed::QueuedDroppedQos0 => {
+            match first.session.push(delivery, max_queued, journal) {
+                Pushed::Queued { persisted } => {
                     sent += 1;
+                    written |= persisted;
+                }
+                Pushed::QueuedDroppedQos0 { persisted } => {
+                    sent += 1;
+                    written |= persisted;
                     self.metrics
                         .dropped
                         .with_label_values(&["queue_full_qos0"])
@@ -225,24 +242,41 @@ impl Broker {
             }
             i = j;
         }
-        sent
+        Routed {
+            sessions: sent,
+            durable: journal
+                .filter(|_| written && message.qos != QoS::AtMostOnce)
+                .map(Journal::synced),
+        }
     }
 
-    fn retain(&self, message: &Arc<Message>) {
+    /// Keeps (or clears) a retained message; whether it was written down.
+    fn retain(&self, message: &Arc<Message>) -> bool {
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
-        if message.payload.is_empty() {
-            retained.remove(&message.topic);
+        let stored = if message.payload.is_empty() {
+            retained.remove(&message.topic).map(|_| None)
         } else if retained.contains_key(&message.topic)
             || retained.len() < self.settings.load().limits.max_retained
         {
             retained.insert(message.topic.clone(), message.clone());
+            Some(Some(message.stored()))
         } else {
             self.metrics
                 .dropped
                 .with_label_values(&["retained_full"])
                 .inc();
-        }
+            None
+        };
         self.metrics.retained.set(retained.len() as i64);
+        // Written while the map is locked: the journal sees changes of one
+        // topic in the order the map does.
+        match (stored, &self.journal) {
+            (Some(m), Some(j)) => {
+                j.send(Op::Retain(message.topic.to_string(), m));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Retained messages matching `filter`, still unexpired.
@@ -254,6 +288,26 @@ impl Broker {
             .filter(|m| super::topic::matches(filter, &m.topic))
             .cloned()
             .collect()
+    }
+
+    /// Writes a persistent session's record (expiry, subscriptions).
+    pub fn persist_session(&self, session: &Session, left_at: u64) {
+        let Some(j) = &self.journal else { return };
+        let st = session.state();
+        if st.expiry_secs == 0 {
+            return;
+        }
+        let record = StoredSession {
+            expiry_secs: st.expiry_secs,
+            left_at,
+            subscriptions: st
+                .subscriptions
+                .iter()
+                .map(|(f, o)| StoredSubscription::new(f, o))
+                .collect(),
+        };
+        // Sent under the session's lock: records reach the journal in order.
+        j.send(Op::Session(session.client_id.to_string(), Some(record)));
     }
 
     /// Forgets a session and its subscriptions.
@@ -279,8 +333,104 @@ impl Broker {
             .is_some_and(|s| s.id == session.id)
         {
             sessions.remove(&session.client_id);
+            if let Some(j) = &self.journal {
+                j.send(Op::Session(session.client_id.to_string(), None));
+            }
         }
         self.metrics.sessions.set(sessions.len() as i64);
+    }
+
+    /// Takes in what the journal held at start: retained messages, and
+    /// persistent sessions with their subscriptions, queues and QoS 2
+    /// state; each session expires as it would have.
+    pub fn recover(
+        self: &Arc<Self>,
+        retained: Vec<(String, super::persist::StoredMessage)>,
+        sessions: Vec<super::persist::Recovered>,
+    ) {
+        let now = Instant::now();
+        {
+            let mut map = self.retained.write().unwrap_or_else(|e| e.into_inner());
+            for (_, m) in retained {
+                let m = Message::from_stored(m);
+                if m.expires_at.is_none_or(|t| t > now) {
+                    map.insert(m.topic.clone(), Arc::new(m));
+                }
+            }
+            self.metrics.retained.set(map.len() as i64);
+        }
+        let unix_now = super::persist::now_ms() / 1000;
+        let count = sessions.len();
+        for r in sessions {
+            let session = Session::new(Arc::from(r.client_id.as_str()));
+            {
+                let mut st = session.state();
+                st.expiry_secs = r.session.expiry_secs;
+                for sub in &r.session.subscriptions {
+                    st.subscriptions.insert(sub.filter.clone(), sub.options());
+                }
+                for (seq, d) in r.queue {
+                    let (pkid, released) = (d.pkid, d.released);
+                    let delivery = Delivery {
+                        message: Arc::new(Message::from_stored(d.message)),
+                        qos: d.qos,
+                        retain: d.retain,
+                        subscription_ids: d.subscription_ids,
+                        seq,
+                    };
+                    st.next_seq = st.next_seq.max(seq + 1);
+                    match (pkid, released) {
+                        (0, _) => st.queue.push_back(delivery),
+                        (pkid, false) => {
+                            st.inflight.insert(pkid, Outgoing::Published(delivery));
+                        }
+                        (pkid, true) => {
+                            st.inflight.insert(pkid, Outgoing::Released(seq));
+                        }
+                    }
+                }
+                st.incoming_qos2.extend(r.incoming_qos2);
+            }
+            {
+                let mut router = self.router_write();
+                for sub in &r.session.subscriptions {
+                    if let Ok(parsed) = super::topic::parse_subscription(&sub.filter) {
+                        router.subscribe(
+                            parsed.share,
+                            parsed.filter,
+                            session.clone(),
+                            sub.options(),
+                        );
+                    }
+                }
+                self.metrics.subscriptions.set(router.len() as i64);
+            }
+            self.sessions()
+                .insert(session.client_id.clone(), session.clone());
+            // It expires counting from when its client left (or from now,
+            // for one that was connected when the broker stopped).
+            let left = match r.session.left_at {
+                0 => unix_now,
+                t => t,
+            };
+            let remaining = (left + u64::from(r.session.expiry_secs)).saturating_sub(unix_now);
+            let broker = self.clone();
+            let generation = session.state().generation;
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(remaining)).await;
+                if session.state().generation == generation {
+                    broker.drop_session(&session);
+                }
+            });
+        }
+        self.metrics.sessions.set(self.sessions().len() as i64);
+        if count > 0 {
+            tracing::info!(
+                sessions = count,
+                retained = self.retained_read().len(),
+                "MQTT state recovered"
+            );
+        }
     }
 
     pub fn qos_label(q: QoS) -> &'static str {

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{Broker, Settings};
 use super::codec::{self, DecodeError, Packet, QoS, Version};
+use super::persist::{Journal, Op};
 use super::router::SubOptions;
 use super::session::{Delivery, Message, Outgoing, Session};
 use super::topic;
@@ -372,6 +373,7 @@ impl Connection {
             st.generation
         };
         session.set_connected(true);
+        broker.persist_session(&session, 0);
 
         let mut conn = Connection {
             version,
@@ -460,7 +462,7 @@ impl Connection {
             for (pkid, o) in resend {
                 match o {
                     Outgoing::Published(d) => conn.write_delivery(pkid, &d, true),
-                    Outgoing::Released => conn.send(&Packet::PubRel(PubRel::new(pkid, None))),
+                    Outgoing::Released(_) => conn.send(&Packet::PubRel(PubRel::new(pkid, None))),
                 }
             }
         }
@@ -469,6 +471,17 @@ impl Connection {
         }
         conn.count_out();
         Some(conn)
+    }
+
+    fn journal(&self) -> Option<&Journal> {
+        self.broker.journal.as_ref()
+    }
+
+    /// A persisted delivery is done with (acknowledged, expired, dropped).
+    fn forget(&self, seq: u64) {
+        if let Some(j) = self.journal().filter(|_| seq > 0) {
+            j.send(Op::Dequeue(self.session.client_id.to_string(), seq));
+        }
     }
 
     fn settings(&self) -> Arc<Settings> {
@@ -588,12 +601,20 @@ impl Connection {
                         .dropped
                         .with_label_values(&["expired"])
                         .inc();
+                    self.forget(d.seq);
                     continue;
                 }
                 let pkid = match d.qos {
                     QoS::AtMostOnce => 0,
                     _ => match st.next_pkid() {
                         Some(id) => {
+                            if let Some(j) = self.journal().filter(|_| d.seq > 0) {
+                                j.send(Op::Update(
+                                    self.session.client_id.to_string(),
+                                    d.seq,
+                                    d.stored(id, false),
+                                ));
+                            }
                             st.inflight.insert(id, Outgoing::Published(d.clone()));
                             id
                         }
@@ -689,6 +710,7 @@ impl Connection {
                 if pkid != 0 {
                     self.session.state().inflight.remove(&pkid);
                 }
+                self.forget(d.seq);
             }
         }
     }
@@ -696,25 +718,46 @@ impl Connection {
     /// Handles one packet; `Some` when the connection must end.
     async fn handle(&mut self, packet: Packet) -> Option<End> {
         match packet {
-            Packet::Publish(p) => return self.publish(p),
+            Packet::Publish(p) => return self.publish(p).await,
             Packet::PubAck(a) => {
                 let mut st = self.session.state();
-                if matches!(st.inflight.get(&a.pkid), Some(Outgoing::Published(_))) {
+                let seq = match st.inflight.get(&a.pkid) {
+                    Some(Outgoing::Published(d)) => Some(d.seq),
+                    _ => None,
+                };
+                if let Some(seq) = seq {
                     st.inflight.remove(&a.pkid);
+                    drop(st);
+                    self.forget(seq);
+                } else {
+                    drop(st);
                 }
-                drop(st);
                 return self.flush();
             }
             Packet::PubRec(r) => {
                 let mut st = self.session.state();
-                let known = matches!(st.inflight.get(&r.pkid), Some(Outgoing::Published(_)));
-                if known && (r.reason as u8) < 0x80 {
-                    st.inflight.insert(r.pkid, Outgoing::Released);
+                let sent = match st.inflight.get(&r.pkid) {
+                    Some(Outgoing::Published(d)) => Some(d.clone()),
+                    _ => None,
+                };
+                let known = sent.is_some();
+                if let Some(d) = sent.filter(|_| (r.reason as u8) < 0x80) {
+                    st.inflight.insert(r.pkid, Outgoing::Released(d.seq));
+                    if let Some(j) = self.journal().filter(|_| d.seq > 0) {
+                        j.send(Op::Update(
+                            self.session.client_id.to_string(),
+                            d.seq,
+                            d.stored(r.pkid, true),
+                        ));
+                    }
                     drop(st);
                     self.send(&Packet::PubRel(PubRel::new(r.pkid, None)));
                 } else {
-                    st.inflight.remove(&r.pkid);
+                    let removed = st.inflight.remove(&r.pkid);
                     drop(st);
+                    if let Some(Outgoing::Published(d)) = removed {
+                        self.forget(d.seq);
+                    }
                     if !known {
                         let mut rel = PubRel::new(r.pkid, None);
                         rel.reason = PubRelReason::PacketIdentifierNotFound;
@@ -724,11 +767,28 @@ impl Connection {
                 }
             }
             Packet::PubComp(c) => {
-                self.session.state().inflight.remove(&c.pkid);
+                let removed = self.session.state().inflight.remove(&c.pkid);
+                if let Some(Outgoing::Released(seq)) = removed {
+                    self.forget(seq);
+                }
                 return self.flush();
             }
             Packet::PubRel(r) => {
-                let known = self.session.state().incoming_qos2.remove(&r.pkid);
+                let known = {
+                    let mut st = self.session.state();
+                    let known = st.incoming_qos2.remove(&r.pkid);
+                    if known
+                        && st.expiry_secs > 0
+                        && let Some(j) = self.journal()
+                    {
+                        j.send(Op::Incoming(
+                            self.session.client_id.to_string(),
+                            r.pkid,
+                            false,
+                        ));
+                    }
+                    known
+                };
                 let mut comp = PubComp::new(r.pkid, None);
                 if !known {
                     comp.reason = PubCompReason::PacketIdentifierNotFound;
@@ -740,6 +800,9 @@ impl Connection {
                 let mut reasons = Vec::with_capacity(u.filters.len());
                 for raw in &u.filters {
                     let removed = self.session.state().subscriptions.remove(raw).is_some();
+                    if removed {
+                        self.broker.persist_session(&self.session, 0);
+                    }
                     if let Ok(sub) = topic::parse_subscription(raw) {
                         let mut router = self.broker.router_write();
                         router.unsubscribe(sub.share, sub.filter, self.session.id);
@@ -780,7 +843,7 @@ impl Connection {
         None
     }
 
-    fn publish(&mut self, p: Publish) -> Option<End> {
+    async fn publish(&mut self, p: Publish) -> Option<End> {
         let settings = self.settings();
         self.broker
             .metrics
@@ -871,7 +934,13 @@ impl Connection {
                 expires_at,
                 origin: self.session.id,
             });
-            match routed {
+            // Acknowledged only once written down where it had to be.
+            if let Some(durable) = routed.durable
+                && durable.await.is_err()
+            {
+                return Some(End::Error(DisconnectReasonCode::UnspecifiedError));
+            }
+            match routed.sessions {
                 0 => (
                     PubAckReason::NoMatchingSubscribers,
                     PubRecReason::NoMatchingSubscribers,
@@ -893,7 +962,17 @@ impl Connection {
                 let mut rec = PubRec::new(p.pkid, None);
                 rec.reason = if v311 { PubRecReason::Success } else { pubrec };
                 if (rec.reason as u8) < 0x80 {
-                    self.session.state().incoming_qos2.insert(p.pkid);
+                    let mut st = self.session.state();
+                    st.incoming_qos2.insert(p.pkid);
+                    if st.expiry_secs > 0
+                        && let Some(j) = self.journal()
+                    {
+                        j.send(Op::Incoming(
+                            self.session.client_id.to_string(),
+                            p.pkid,
+                            true,
+                        ));
+                    }
                 }
                 self.send(&Packet::PubRec(rec));
             }
@@ -964,6 +1043,7 @@ impl Connection {
                 .state()
                 .subscriptions
                 .insert(path.clone(), options);
+            self.broker.persist_session(&self.session, 0);
             codes.push(SubscribeReasonCode::Success(qos));
             // Retained messages: not for shared subscriptions (§4.8.2);
             // otherwise per retain handling.
@@ -976,6 +1056,7 @@ impl Connection {
             if send_retained {
                 for m in self.broker.retained_for(sub.filter) {
                     retained.push(Delivery {
+                        seq: 0,
                         qos: codec::lower(qos, m.qos),
                         retain: true,
                         subscription_ids: id.into_iter().collect(),
@@ -998,7 +1079,8 @@ impl Connection {
         }));
         let max_queued = settings.limits.max_queued_messages;
         for d in retained {
-            self.session.push(d, max_queued);
+            self.session
+                .push(d, max_queued, self.broker.journal.as_ref());
         }
         self.flush()
     }
@@ -1047,6 +1129,8 @@ impl Connection {
             reason = end.describe(), "MQTT client disconnected");
         if still_ours {
             self.session.set_connected(false);
+            self.broker
+                .persist_session(&self.session, super::persist::now_ms() / 1000);
         }
         if end.sends_will()
             && let Some(will) = self.will.take()
@@ -1093,7 +1177,7 @@ impl Connection {
             origin: self.session.id,
         };
         if delay == 0 {
-            self.broker.publish(message);
+            let _ = self.broker.publish(message);
             return;
         }
         if !still_ours {
@@ -1106,7 +1190,7 @@ impl Connection {
                 .get(&self.session.client_id)
                 .is_some_and(|s| s.id == self.session.id);
             if !continues {
-                self.broker.publish(message);
+                let _ = self.broker.publish(message);
             }
             return;
         }
@@ -1115,7 +1199,7 @@ impl Connection {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
             if session.state().generation == generation {
-                broker.publish(message);
+                let _ = broker.publish(message);
             }
         });
     }

@@ -7,6 +7,7 @@
 mod broker;
 mod codec;
 mod connection;
+mod persist;
 mod router;
 mod session;
 pub mod topic;
@@ -97,9 +98,27 @@ pub fn enabled(cfg: &Config) -> bool {
 }
 
 impl Broker {
-    /// The broker for `settings`, registering its metrics.
-    pub fn start(settings: Settings, metrics: &Metrics) -> Arc<Broker> {
-        Broker::new(settings, metrics)
+    /// The broker for `settings`, registering its metrics, with what its
+    /// journal kept (`mqtt.persistence`).
+    pub fn start(
+        cfg: &Config,
+        settings: Settings,
+        metrics: &Metrics,
+    ) -> Result<Arc<Broker>, Vec<ConfigError>> {
+        let p = &cfg.mqtt.persistence;
+        if !p.enabled {
+            return Ok(Broker::new(settings, metrics, None));
+        }
+        let (journal, (retained, sessions)) = persist::Journal::open(&cfg.resolve(&p.path))
+            .map_err(|message| {
+                vec![ConfigError {
+                    path: "mqtt.persistence.path".into(),
+                    message,
+                }]
+            })?;
+        let broker = Broker::new(settings, metrics, Some(journal));
+        broker.recover(retained, sessions);
+        Ok(broker)
     }
 
     /// Swaps in the settings of a reloaded config. Connected clients keep
@@ -203,7 +222,7 @@ impl Broker {
                     ),
                 ];
                 for (name, value) in stats {
-                    broker.publish(session::Message {
+                    let _ = broker.publish(session::Message {
                         topic: Arc::from(format!("$SYS/broker/{name}")),
                         payload: Bytes::from(value),
                         qos: codec::QoS::AtMostOnce,

@@ -14,6 +14,7 @@ use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tokio::sync::Notify;
 
 use super::codec::QoS;
+use super::persist::{Journal, Op};
 use super::router::SubOptions;
 
 /// A message as the broker routes it.
@@ -39,6 +40,54 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub subscription_ids: Vec<usize>,
+    /// Its place in the session's journal (0: not persisted).
+    pub seq: u64,
+}
+
+impl Message {
+    /// As the journal stores it.
+    pub fn stored(&self) -> super::persist::StoredMessage {
+        super::persist::StoredMessage {
+            topic: self.topic.to_string(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            properties: self.properties.clone(),
+            expires_at_ms: self.expires_at.map(|t| {
+                super::persist::now_ms()
+                    + t.saturating_duration_since(Instant::now()).as_millis() as u64
+            }),
+        }
+    }
+
+    /// From the journal, with `origin` 0 (a publisher of before the restart).
+    pub fn from_stored(m: super::persist::StoredMessage) -> Message {
+        let now = super::persist::now_ms();
+        Message {
+            topic: Arc::from(m.topic),
+            payload: m.payload,
+            qos: m.qos,
+            retain: m.retain,
+            properties: m.properties,
+            expires_at: m.expires_at_ms.map(|at| {
+                Instant::now() + std::time::Duration::from_millis(at.saturating_sub(now))
+            }),
+            origin: 0,
+        }
+    }
+}
+
+impl Delivery {
+    pub fn stored(&self, pkid: u16, released: bool) -> super::persist::StoredDelivery {
+        super::persist::StoredDelivery {
+            message: self.message.stored(),
+            qos: self.qos,
+            retain: self.retain,
+            subscription_ids: self.subscription_ids.clone(),
+            pkid,
+            released,
+        }
+    }
 }
 
 /// Where a QoS 1 or 2 message sent to the client stands.
@@ -46,8 +95,9 @@ pub struct Delivery {
 pub enum Outgoing {
     /// Sent; PUBACK (QoS 1) or PUBREC (QoS 2) awaited.
     Published(Delivery),
-    /// QoS 2: PUBREC came, PUBREL sent; PUBCOMP awaited.
-    Released,
+    /// QoS 2: PUBREC came, PUBREL sent; PUBCOMP awaited. Its journal
+    /// sequence (0: not persisted).
+    Released(u64),
 }
 
 pub struct SessionState {
@@ -67,6 +117,8 @@ pub struct SessionState {
     pub kick: Option<Arc<Notify>>,
     /// Who attached last (reloaded rules are checked against it).
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// The next journal sequence of a persisted delivery.
+    pub next_seq: u64,
 }
 
 impl SessionState {
@@ -95,9 +147,10 @@ pub struct Session {
 /// What `Session::push` did with a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
-    Queued,
+    /// Queued (and written to the journal, for a persistent session).
+    Queued { persisted: bool },
     /// Queued, and an older QoS 0 message was dropped to make room.
-    QueuedDroppedQos0,
+    QueuedDroppedQos0 { persisted: bool },
     /// The queue was full of QoS 1/2 messages: this one was dropped.
     Dropped,
 }
@@ -123,6 +176,7 @@ impl Session {
                 generation: 0,
                 kick: None,
                 identity: None,
+                next_seq: 1,
             }),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
@@ -148,22 +202,40 @@ impl Session {
     /// Queues a delivery within `max` queued messages. Past it, an older
     /// QoS 0 message makes room; without one, a QoS 0 delivery is dropped,
     /// and so is a QoS 1/2 one (counted by the caller).
-    pub fn push(&self, delivery: Delivery, max: usize) -> Pushed {
+    pub fn push(&self, mut delivery: Delivery, max: usize, journal: Option<&Journal>) -> Pushed {
         let mut state = self.state();
-        let mut pushed = Pushed::Queued;
+        let mut dropped_qos0 = false;
         if state.queue.len() >= max {
             match state.queue.iter().position(|d| d.qos == QoS::AtMostOnce) {
                 Some(i) => {
                     state.queue.remove(i);
-                    pushed = Pushed::QueuedDroppedQos0;
+                    dropped_qos0 = true;
                 }
                 _ => return Pushed::Dropped,
             }
         }
+        // A persistent session's QoS 1/2 messages go to the journal.
+        let mut persisted = false;
+        if let Some(j) = journal
+            && state.expiry_secs > 0
+            && delivery.qos != QoS::AtMostOnce
+        {
+            persisted = true;
+            delivery.seq = state.next_seq;
+            state.next_seq += 1;
+            j.send(Op::Enqueue(
+                self.client_id.to_string(),
+                delivery.seq,
+                delivery.stored(0, false),
+            ));
+        }
         state.queue.push_back(delivery);
         drop(state);
         self.wake.notify_one();
-        pushed
+        match dropped_qos0 {
+            true => Pushed::QueuedDroppedQos0 { persisted },
+            false => Pushed::Queued { persisted },
+        }
     }
 
     #[cfg(test)]
@@ -195,20 +267,33 @@ mod tests {
             qos,
             retain: false,
             subscription_ids: Vec::new(),
+            seq: 0,
         }
     }
 
     #[test]
     fn a_full_queue_drops_qos0_first() {
         let s = Session::for_test(1);
-        assert_eq!(s.push(delivery(QoS::AtMostOnce, 0), 2), Pushed::Queued);
-        assert_eq!(s.push(delivery(QoS::AtLeastOnce, 1), 2), Pushed::Queued);
         assert_eq!(
-            s.push(delivery(QoS::AtLeastOnce, 2), 2),
-            Pushed::QueuedDroppedQos0
+            s.push(delivery(QoS::AtMostOnce, 0), 2, None),
+            Pushed::Queued { persisted: false }
         );
-        assert_eq!(s.push(delivery(QoS::AtMostOnce, 3), 2), Pushed::Dropped);
-        assert_eq!(s.push(delivery(QoS::ExactlyOnce, 4), 2), Pushed::Dropped);
+        assert_eq!(
+            s.push(delivery(QoS::AtLeastOnce, 1), 2, None),
+            Pushed::Queued { persisted: false }
+        );
+        assert_eq!(
+            s.push(delivery(QoS::AtLeastOnce, 2), 2, None),
+            Pushed::QueuedDroppedQos0 { persisted: false }
+        );
+        assert_eq!(
+            s.push(delivery(QoS::AtMostOnce, 3), 2, None),
+            Pushed::Dropped
+        );
+        assert_eq!(
+            s.push(delivery(QoS::ExactlyOnce, 4), 2, None),
+            Pushed::Dropped
+        );
         let kept: Vec<u8> = s
             .state()
             .queue

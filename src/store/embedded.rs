@@ -22,7 +22,13 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const GENERATION: &str = "generation";
 
 /// Any redb error, boxed (they are large), so `?` works inside transactions.
-pub struct DbError(Box<redb::Error>);
+pub struct DbError(pub Box<redb::Error>);
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 impl<E: Into<redb::Error>> From<E> for DbError {
     fn from(e: E) -> DbError {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use embedded::RedbStore;
+pub use embedded::{DbError, RedbStore};
 
 use crate::config::Config;
 

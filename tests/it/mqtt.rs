@@ -633,3 +633,114 @@ print(",".join(got))
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Acknowledged means kept: a persistent session's queued QoS 1 and 2
+/// messages and retained messages survive `kill -9` and a clean restart,
+/// and what was delivered and acknowledged is not delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_kill_9_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "listeners:\n  - name: mqtt\n    bind: 127.0.0.1:0\n    protocol: mqtt\n  - name: sidecar\n    bind: 127.0.0.1:0\n\
+admin:\n  bind: 127.0.0.1:0\nauth:\n  users:\n    - {{ name: dev-a, password_hash: '{hash}' }}\n    - {{ name: dev-b, password_hash: '{hash}' }}\n\
+mqtt:\n  policy:\n    - allow: {{ actions: [publish, subscribe], topics: ['shared/#'] }}\n"
+        ),
+    )
+    .unwrap();
+    let (mut child, addr, _logs) = run_binary(&file);
+    let mut keeper = v4_connect(addr, "keeper", login("dev-b"), false)
+        .await
+        .unwrap();
+    keeper
+        .client
+        .subscribe("shared/d", QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    suback(&mut keeper).await;
+    keeper.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut publisher = v4_connect(addr, "pub", login("dev-a"), true).await.unwrap();
+    for i in 0..5 {
+        publisher
+            .client
+            .publish("shared/d", QoS::AtLeastOnce, false, format!("q1-{i}"))
+            .await
+            .unwrap();
+    }
+    publisher
+        .client
+        .publish("shared/d", QoS::ExactlyOnce, false, "q2")
+        .await
+        .unwrap();
+    publisher
+        .client
+        .publish("shared/ret", QoS::AtLeastOnce, true, "kept")
+        .await
+        .unwrap();
+    // Every one acknowledged (PUBACK, PUBCOMP) before the crash.
+    let mut acked = 0;
+    while acked < 7 {
+        match tokio::time::timeout(Duration::from_secs(5), publisher.acks.recv()).await {
+            Ok(Some(Packet::PubAck(_) | Packet::PubComp(_))) => acked += 1,
+            Ok(Some(_)) => {}
+            other => panic!("acknowledgements: {acked} then {other:?}"),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, addr, _logs) = run_binary(&file);
+    let mut back = v4_connect(addr, "keeper", login("dev-b"), false)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(
+            String::from_utf8(next_publish(&mut back.publishes).await.payload.to_vec()).unwrap(),
+        );
+    }
+    assert_eq!(got, ["q1-0", "q1-1", "q1-2", "q1-3", "q1-4", "q2"]);
+    let mut late = v4_connect(addr, "late", login("dev-a"), true)
+        .await
+        .unwrap();
+    late.client
+        .subscribe("shared/ret", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let retained = next_publish(&mut late.publishes).await;
+    assert_eq!(
+        (&retained.payload[..], retained.retain),
+        (&b"kept"[..], true)
+    );
+    // Let the acknowledgements reach the journal, then stop cleanly.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    back.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+
+    let (mut child, addr, _logs) = run_binary(&file);
+    let mut again = v4_connect(addr, "keeper", login("dev-b"), false)
+        .await
+        .unwrap();
+    nothing_within(&mut again.publishes, 700).await;
+    let mut late = v4_connect(addr, "late2", login("dev-a"), true)
+        .await
+        .unwrap();
+    late.client
+        .subscribe("shared/ret", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        &next_publish(&mut late.publishes).await.payload[..],
+        b"kept"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

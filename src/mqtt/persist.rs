@@ -1,0 +1,551 @@
+//! What the broker must not lose across a restart or a crash: retained
+//! messages, persistent sessions (subscriptions, expiry), the QoS 1 and 2
+//! messages queued or in flight for them, and the QoS 2 packet ids a
+//! client published that were acknowledged (PUBREC) but not yet released.
+//!
+//! One redb file the broker holds open, written by one thread that groups
+//! the changes of many connections into one durable transaction (group
+//! commit): a client's QoS 1/2 PUBLISH is acknowledged only once every
+//! persistent session it was queued for, and its retained copy, are on
+//! disk. Bounded by the per-session queue limit and `max_retained`.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use redb::{Database, ReadableTable, TableDefinition};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use serde::{Deserialize, Serialize};
+
+use crate::store::DbError;
+
+use super::codec::QoS;
+use super::router::SubOptions;
+
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// (client id, sequence) -> a delivery and where it stands.
+const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
+/// (client id, packet id) of QoS 2 messages received and not yet released.
+const INCOMING: TableDefinition<&[u8], ()> = TableDefinition::new("incoming_qos2");
+
+/// A message as stored (and as recovered).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Option<PublishProperties>,
+    /// Unix milliseconds.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// A delivery for a persistent session as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDelivery {
+    pub message: StoredMessage,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<usize>,
+    /// Sent with this packet id and not yet acknowledged (0: queued).
+    pub pkid: u16,
+    /// QoS 2: PUBREC came, PUBREL sent.
+    pub released: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSubscription {
+    pub filter: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub id: Option<usize>,
+}
+
+impl StoredSubscription {
+    pub fn new(filter: &str, o: &SubOptions) -> StoredSubscription {
+        StoredSubscription {
+            filter: filter.to_owned(),
+            qos: o.qos as u8,
+            no_local: o.no_local,
+            retain_as_published: o.retain_as_published,
+            id: o.id,
+        }
+    }
+
+    pub fn options(&self) -> SubOptions {
+        SubOptions {
+            qos: qos(self.qos),
+            no_local: self.no_local,
+            retain_as_published: self.retain_as_published,
+            id: self.id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSession {
+    pub expiry_secs: u32,
+    /// Unix seconds the client left (0 while connected).
+    pub left_at: u64,
+    pub subscriptions: Vec<StoredSubscription>,
+}
+
+/// A session as recovered at start.
+pub struct Recovered {
+    pub client_id: String,
+    pub session: StoredSession,
+    /// By sequence.
+    pub queue: Vec<(u64, StoredDelivery)>,
+    pub incoming_qos2: Vec<u16>,
+}
+
+pub enum Op {
+    Retain(String, Option<StoredMessage>),
+    Session(String, Option<StoredSession>),
+    Enqueue(String, u64, StoredDelivery),
+    /// Sent with a packet id, or released (QoS 2 PUBREC seen).
+    Update(String, u64, StoredDelivery),
+    Dequeue(String, u64),
+    Incoming(String, u16, bool),
+    /// Signals once everything before it is durable.
+    Sync(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The writer's handle; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    tx: mpsc::Sender<Op>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Journal {
+    /// Opens (creating) the file, recovers what it holds and starts the
+    /// writer thread.
+    pub fn open(path: &Path) -> Result<(Journal, Loaded), String> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("{}: cannot create its directory: {e}", path.display()))?;
+        }
+        let db = Database::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        let (retained, sessions) = load(&db).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (tx, rx) = mpsc::channel();
+        let file = path.to_owned();
+        std::thread::Builder::new()
+            .name("tollgate-mqtt-journal".into())
+            .spawn(move || write_loop(db, rx, file))
+            .map_err(|e| e.to_string())?;
+        Ok((Journal { tx }, (retained, sessions)))
+    }
+
+    pub fn send(&self, op: Op) {
+        let _ = self.tx.send(op);
+    }
+
+    /// Resolves once every change sent before is on disk.
+    pub fn synced(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(Op::Sync(tx));
+        rx
+    }
+}
+
+fn key(client: &str, n: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(client.len() + 9);
+    k.extend_from_slice(client.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn split_key(k: &[u8]) -> Option<(String, u64)> {
+    let (client, n) = k.split_at(k.len().checked_sub(9)?);
+    let n = u64::from_be_bytes(n.get(1..9)?.try_into().ok()?);
+    Some((String::from_utf8(client.to_vec()).ok()?, n))
+}
+
+/// The writer: every op waiting is applied in one transaction.
+fn write_loop(db: Database, rx: mpsc::Receiver<Op>, file: PathBuf) {
+    let mut failing = false;
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        while ops.len() < 4096 {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut waiters = Vec::new();
+        let written = (|| -> Result<(), DbError> {
+            let txn = db.begin_write()?;
+            {
+                let mut retained = txn.open_table(RETAINED)?;
+                let mut sessions = txn.open_table(SESSIONS)?;
+                let mut queue = txn.open_table(QUEUE)?;
+                let mut incoming = txn.open_table(INCOMING)?;
+                for op in ops {
+                    match op {
+                        Op::Retain(topic, Some(m)) => {
+                            retained.insert(topic.as_str(), encode_message(&m).as_ref())?;
+                        }
+                        Op::Retain(topic, None) => {
+                            retained.remove(topic.as_str())?;
+                        }
+                        Op::Session(client, Some(s)) => {
+                            let json = serde_json::to_vec(&s).unwrap_or_default();
+                            sessions.insert(client.as_str(), json.as_slice())?;
+                        }
+                        Op::Session(client, None) => {
+                            sessions.remove(client.as_str())?;
+                            // Its queue and QoS 2 state go with it.
+                            let mut from = client.clone().into_bytes();
+                            from.push(0);
+                            let mut to = client.into_bytes();
+                            to.push(1);
+                            queue.retain_in(from.as_slice()..to.as_slice(), |_, _| false)?;
+                            incoming.retain_in(from.as_slice()..to.as_slice(), |_, _| false)?;
+                        }
+                        Op::Enqueue(client, seq, d) | Op::Update(client, seq, d) => {
+                            queue.insert(
+                                key(&client, seq).as_slice(),
+                                encode_delivery(&d).as_ref(),
+                            )?;
+                        }
+                        Op::Dequeue(client, seq) => {
+                            queue.remove(key(&client, seq).as_slice())?;
+                        }
+                        Op::Incoming(client, pkid, true) => {
+                            incoming.insert(key(&client, u64::from(pkid)).as_slice(), ())?;
+                        }
+                        Op::Incoming(client, pkid, false) => {
+                            incoming.remove(key(&client, u64::from(pkid)).as_slice())?;
+                        }
+                        Op::Sync(w) => waiters.push(w),
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        match written {
+            Ok(()) => {
+                if failing {
+                    tracing::info!(file = %file.display(), "MQTT state is written again");
+                    failing = false;
+                }
+                for w in waiters {
+                    let _ = w.send(());
+                }
+            }
+            Err(e) => {
+                // Waiters are dropped: their clients get no acknowledgement
+                // and publish again.
+                if !failing {
+                    tracing::error!(file = %file.display(), error = %e,
+                        "cannot write MQTT state; messages to persistent sessions are not acknowledged until it can");
+                }
+                failing = true;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Retained messages by topic, and sessions.
+pub type Loaded = (Vec<(String, StoredMessage)>, Vec<Recovered>);
+
+fn load(db: &Database) -> Result<Loaded, DbError> {
+    {
+        let txn = db.begin_write()?;
+        txn.open_table(RETAINED)?;
+        txn.open_table(SESSIONS)?;
+        txn.open_table(QUEUE)?;
+        txn.open_table(INCOMING)?;
+        txn.commit()?;
+    }
+    let txn = db.begin_read()?;
+    let mut retained = Vec::new();
+    for row in txn.open_table(RETAINED)?.iter()? {
+        let (k, v) = row?;
+        match decode_message(&mut Bytes::copy_from_slice(v.value())) {
+            Some(m) => retained.push((k.value().to_owned(), m)),
+            None => tracing::warn!(
+                topic = k.value(),
+                "a stored retained message cannot be read; skipped"
+            ),
+        }
+    }
+    let mut sessions: Vec<Recovered> = Vec::new();
+    for row in txn.open_table(SESSIONS)?.iter()? {
+        let (k, v) = row?;
+        match serde_json::from_slice::<StoredSession>(v.value()) {
+            Ok(session) => sessions.push(Recovered {
+                client_id: k.value().to_owned(),
+                session,
+                queue: Vec::new(),
+                incoming_qos2: Vec::new(),
+            }),
+            Err(e) => {
+                tracing::warn!(client_id = k.value(), error = %e, "a stored MQTT session cannot be read; skipped")
+            }
+        }
+    }
+    let find = |sessions: &mut Vec<Recovered>, client: &str| {
+        sessions.iter_mut().position(|s| s.client_id == client)
+    };
+    for row in txn.open_table(QUEUE)?.iter()? {
+        let (k, v) = row?;
+        let Some((client, seq)) = split_key(k.value()) else {
+            continue;
+        };
+        let Some(i) = find(&mut sessions, &client) else {
+            continue;
+        };
+        if let Some(d) = decode_delivery(&mut Bytes::copy_from_slice(v.value())) {
+            sessions[i].queue.push((seq, d));
+        }
+    }
+    for row in txn.open_table(INCOMING)?.iter()? {
+        let (k, _) = row?;
+        let Some((client, pkid)) = split_key(k.value()) else {
+            continue;
+        };
+        if let Some(i) = find(&mut sessions, &client) {
+            sessions[i].incoming_qos2.push(pkid as u16);
+        }
+    }
+    Ok((retained, sessions))
+}
+
+fn qos(n: u8) -> QoS {
+    match n {
+        2 => QoS::ExactlyOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::AtMostOnce,
+    }
+}
+
+/// The properties that travel with a message, as JSON (rare, small).
+#[derive(Serialize, Deserialize)]
+struct Props {
+    pfi: Option<u8>,
+    rt: Option<String>,
+    cd: Option<Vec<u8>>,
+    up: Vec<(String, String)>,
+    ct: Option<String>,
+}
+
+const FORMAT: u8 = 1;
+
+fn encode_message(m: &StoredMessage) -> BytesMut {
+    let mut b = BytesMut::with_capacity(32 + m.topic.len() + m.payload.len());
+    b.put_u8(FORMAT);
+    b.put_u8(m.qos as u8);
+    b.put_u8(u8::from(m.retain));
+    b.put_u64(m.expires_at_ms.unwrap_or(0));
+    b.put_u32(m.topic.len() as u32);
+    b.put_slice(m.topic.as_bytes());
+    b.put_u32(m.payload.len() as u32);
+    b.put_slice(&m.payload);
+    let props = m.properties.as_ref().map(|p| {
+        serde_json::to_vec(&Props {
+            pfi: p.payload_format_indicator,
+            rt: p.response_topic.clone(),
+            cd: p.correlation_data.as_ref().map(|c| c.to_vec()),
+            up: p.user_properties.clone(),
+            ct: p.content_type.clone(),
+        })
+        .unwrap_or_default()
+    });
+    let props = props.unwrap_or_default();
+    b.put_u32(props.len() as u32);
+    b.put_slice(&props);
+    b
+}
+
+fn take(b: &mut Bytes, n: usize) -> Option<Bytes> {
+    (b.remaining() >= n).then(|| b.split_to(n))
+}
+
+fn decode_message(b: &mut Bytes) -> Option<StoredMessage> {
+    if take(b, 1)?[0] != FORMAT || b.remaining() < 2 + 8 + 4 {
+        return None;
+    }
+    let q = qos(b.get_u8());
+    let retain = b.get_u8() != 0;
+    let expires = b.get_u64();
+    let n = b.get_u32() as usize;
+    let topic = String::from_utf8(take(b, n)?.to_vec()).ok()?;
+    if b.remaining() < 4 {
+        return None;
+    }
+    let n = b.get_u32() as usize;
+    let payload = take(b, n)?;
+    if b.remaining() < 4 {
+        return None;
+    }
+    let n = b.get_u32() as usize;
+    let props = take(b, n)?;
+    let properties = if props.is_empty() {
+        None
+    } else {
+        let p: Props = serde_json::from_slice(&props).ok()?;
+        Some(PublishProperties {
+            payload_format_indicator: p.pfi,
+            message_expiry_interval: None,
+            topic_alias: None,
+            response_topic: p.rt,
+            correlation_data: p.cd.map(Bytes::from),
+            user_properties: p.up,
+            subscription_identifiers: Vec::new(),
+            content_type: p.ct,
+        })
+    };
+    Some(StoredMessage {
+        topic,
+        payload,
+        qos: q,
+        retain,
+        properties,
+        expires_at_ms: (expires != 0).then_some(expires),
+    })
+}
+
+fn encode_delivery(d: &StoredDelivery) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.put_u8(d.qos as u8);
+    b.put_u8(u8::from(d.retain));
+    b.put_u16(d.pkid);
+    b.put_u8(u8::from(d.released));
+    b.put_u16(d.subscription_ids.len() as u16);
+    for id in &d.subscription_ids {
+        b.put_u32(*id as u32);
+    }
+    b.put_slice(&encode_message(&d.message));
+    b
+}
+
+fn decode_delivery(b: &mut Bytes) -> Option<StoredDelivery> {
+    if b.remaining() < 7 {
+        return None;
+    }
+    let q = qos(b.get_u8());
+    let retain = b.get_u8() != 0;
+    let pkid = b.get_u16();
+    let released = b.get_u8() != 0;
+    let n = b.get_u16() as usize;
+    if b.remaining() < n * 4 {
+        return None;
+    }
+    let subscription_ids = (0..n).map(|_| b.get_u32() as usize).collect();
+    Some(StoredDelivery {
+        message: decode_message(b)?,
+        qos: q,
+        retain,
+        subscription_ids,
+        pkid,
+        released,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> StoredMessage {
+        StoredMessage {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(b"\x00\xffpayload"),
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            properties: Some(PublishProperties {
+                user_properties: vec![("k".into(), "v".into())],
+                correlation_data: Some(Bytes::from_static(b"c")),
+                ..Default::default()
+            }),
+            expires_at_ms: Some(123),
+        }
+    }
+
+    #[tokio::test]
+    async fn survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m/mqtt.redb");
+        let d = StoredDelivery {
+            message: message(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: vec![3, 70000],
+            pkid: 9,
+            released: false,
+        };
+        {
+            let (j, (retained, sessions)) = Journal::open(&path).unwrap();
+            assert!(retained.is_empty() && sessions.is_empty());
+            j.send(Op::Retain("a/b".into(), Some(message())));
+            j.send(Op::Session(
+                "c1".into(),
+                Some(StoredSession {
+                    expiry_secs: 60,
+                    left_at: 0,
+                    subscriptions: vec![StoredSubscription {
+                        filter: "a/#".into(),
+                        qos: 1,
+                        no_local: false,
+                        retain_as_published: true,
+                        id: Some(4),
+                    }],
+                }),
+            ));
+            j.send(Op::Enqueue("c1".into(), 1, d.clone()));
+            j.send(Op::Enqueue("c1".into(), 2, d.clone()));
+            j.send(Op::Dequeue("c1".into(), 1));
+            j.send(Op::Incoming("c1".into(), 77, true));
+            j.send(Op::Session(
+                "gone".into(),
+                Some(StoredSession {
+                    expiry_secs: 1,
+                    left_at: 0,
+                    subscriptions: vec![],
+                }),
+            ));
+            j.send(Op::Enqueue("gone".into(), 1, d.clone()));
+            j.send(Op::Session("gone".into(), None));
+            j.synced().await.unwrap();
+        }
+        // The writer thread holds the file until its channel closes.
+        std::thread::sleep(Duration::from_millis(100));
+        let (_, (retained, sessions)) = Journal::open(&path).unwrap();
+        assert_eq!(retained, [("a/b".to_string(), message())]);
+        assert_eq!(sessions.len(), 1);
+        let s = &sessions[0];
+        assert_eq!(s.client_id, "c1");
+        assert_eq!(s.session.subscriptions[0].id, Some(4));
+        assert_eq!(s.queue, [(2, d)]);
+        assert_eq!(s.incoming_qos2, [77]);
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        for bad in [
+            &b""[..],
+            b"\x01",
+            b"\x02\x00\x00",
+            b"\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xff\xff",
+        ] {
+            assert!(decode_message(&mut Bytes::copy_from_slice(bad)).is_none());
+            assert!(decode_delivery(&mut Bytes::copy_from_slice(bad)).is_none());
+        }
+    }
+}
