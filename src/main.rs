@@ -51,6 +51,24 @@ enum Command {
     /// The token server's signing keys in the store.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Register this device with a gateway (`mqtt.registration`) and write
+    /// its MQTT credentials as YAML for its application.
+    Register {
+        /// The registration endpoint, e.g. `https://gw.example.com/register.json`.
+        #[arg(long)]
+        url: String,
+        /// The registration key.
+        #[arg(long, env = "TOLLGATE_REGISTRATION_KEY")]
+        key: String,
+        #[arg(long, default_value = "device")]
+        device_type: String,
+        /// A CA (PEM) to trust for an https URL, besides the system's.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Where the YAML goes (its directory is made; the file is owner-only).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Users who log in with a name and password (MQTT) or ticket (WAMP),
     /// in the store (the running gateway picks changes up).
     #[command(subcommand)]
@@ -271,6 +289,13 @@ fn main() -> ExitCode {
         Some(Command::RegisterService(args)) => return register_service(&args),
         Some(Command::Healthcheck { url }) => return healthcheck(&url),
         Some(Command::Users(UsersCommand::Hash)) => return hash_password(),
+        Some(Command::Register {
+            url,
+            key,
+            device_type,
+            ca,
+            out,
+        }) => return register_device(&url, &key, &device_type, ca.as_deref(), &out),
         other => other,
     };
     let path = match config::locate(cli.config.as_deref()) {
@@ -298,6 +323,13 @@ fn main() -> ExitCode {
         Command::Pki(cmd) => pki_command(cmd),
         Command::RegisterService(args) => register_service(&args),
         Command::Healthcheck { url } => healthcheck(&url),
+        Command::Register {
+            url,
+            key,
+            device_type,
+            ca,
+            out,
+        } => register_device(&url, &key, &device_type, ca.as_deref(), &out),
     }
 }
 
@@ -331,6 +363,26 @@ fn register_service(a: &RegisterArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("tollgate register-service: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)] // the command's output
+fn register_device(
+    url: &str,
+    key: &str,
+    device_type: &str,
+    ca: Option<&std::path::Path>,
+    out: &std::path::Path,
+) -> ExitCode {
+    match tollgate::mqtt::register::register_device(url, key, device_type, ca, out) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate register: {e}");
             ExitCode::FAILURE
         }
     }

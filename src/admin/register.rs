@@ -6,10 +6,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, StatusCode};
+
+use crate::transport::http_client::{self, SendError};
 
 pub struct Registration<'a> {
     /// The admin API's base URL, e.g. `http://127.0.0.1:9090`.
@@ -33,15 +32,19 @@ pub fn probe(url: &str) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-        let req = Request::get(url)
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| format!("bad URL `{url}`: {e}"))?;
-        match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
-            Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
-            Ok(Ok(resp)) => Err(format!("{url} answered {}", resp.status())),
-            Ok(Err(e)) => Err(format!("{url}: {}", crate::telemetry::error_chain(&e))),
-            Err(_) => Err(format!("{url} did not answer within 5s")),
+        let answer = http_client::send(
+            Method::GET,
+            url,
+            &[],
+            Bytes::new(),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        match answer.status.is_success() {
+            true => Ok(()),
+            false => Err(format!("{url} answered {}", answer.status)),
         }
     })
 }
@@ -76,40 +79,26 @@ pub fn run(r: &Registration, deregister: bool) -> Result<String, String> {
                 Bytes::from(doc.to_string()),
             )
         };
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(
-                rustls::ClientConfig::builder_with_provider(crate::transport::tls::provider())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| e.to_string())?
-                    .with_root_certificates(crate::transport::tls::system_roots())
-                    .with_no_client_auth(),
-            )
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
         let deadline = Instant::now() + r.wait;
         let mut backoff = Duration::from_millis(200);
+        let auth = r.token.map(|t| format!("Bearer {t}"));
         loop {
-            let mut req = Request::builder()
-                .method(method.clone())
-                .uri(&url)
-                .header("content-type", "application/json");
-            if let Some(t) = r.token {
-                req = req.header("authorization", format!("Bearer {t}"));
+            let mut headers = vec![("content-type", "application/json")];
+            if let Some(a) = &auth {
+                headers.push(("authorization", a.as_str()));
             }
-            let req = req
-                .body(Full::new(body.clone()))
-                .map_err(|e| format!("bad admin URL `{url}`: {e}"))?;
-            match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
-                Ok(Ok(resp)) => {
-                    let status = resp.status();
-                    let text = resp
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                        .unwrap_or_default();
+            let sent = http_client::send(
+                method.clone(),
+                &url,
+                &headers,
+                body.clone(),
+                None,
+                Duration::from_secs(10),
+            )
+            .await;
+            match sent {
+                Ok(answer) => {
+                    let status = answer.status;
                     return match status {
                         StatusCode::OK | StatusCode::CREATED => {
                             Ok(format!("registered {} ({status})", r.name))
@@ -118,26 +107,19 @@ pub fn run(r: &Registration, deregister: bool) -> Result<String, String> {
                         StatusCode::NOT_FOUND if deregister => {
                             Ok(format!("{} was not registered", r.name))
                         }
-                        _ => {
-                            let message = serde_json::from_str::<serde_json::Value>(&text)
-                                .ok()
-                                .and_then(|v| v["message"].as_str().map(str::to_owned))
-                                .unwrap_or(text);
-                            Err(format!("the gateway refused ({status}): {message}"))
-                        }
+                        _ => Err(format!(
+                            "the gateway refused ({status}): {}",
+                            answer.message()
+                        )),
                     };
                 }
-                Ok(Err(e)) if Instant::now() < deadline => {
+                Err(SendError::Unreachable(e)) if Instant::now() < deadline => {
                     tracing::debug!(error = %e, "admin API not reachable yet; retrying");
                 }
-                Ok(Err(e)) => {
-                    return Err(format!(
-                        "cannot reach the admin API at {base}: {}",
-                        crate::telemetry::error_chain(&e)
-                    ));
+                Err(SendError::Unreachable(e)) => {
+                    return Err(format!("the admin API at {base}: {e}"));
                 }
-                Err(_) if Instant::now() < deadline => {}
-                Err(_) => return Err(format!("the admin API at {base} did not answer")),
+                Err(e) => return Err(e.to_string()),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -22,6 +22,8 @@ pub struct MqttConfig {
     pub limits: MqttLimits,
     /// Where retained messages and persistent sessions are kept.
     pub persistence: MqttPersistence,
+    /// Device self-registration (`POST /register.json`, tstack's treg).
+    pub registration: Option<MqttRegistration>,
     /// How often `$SYS/broker/...` statistics are published; 0 turns them off.
     #[serde(deserialize_with = "units::duration")]
     pub sys_interval: Duration,
@@ -35,9 +37,49 @@ impl Default for MqttConfig {
             policy: None,
             limits: MqttLimits::default(),
             persistence: MqttPersistence::default(),
+            registration: None,
             sys_interval: Duration::from_secs(10),
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttRegistration {
+    #[serde(default = "default_register_path")]
+    pub path: String,
+    /// HTTP listeners that serve it (default: every one).
+    #[serde(default)]
+    pub listeners: Option<Vec<String>>,
+    /// SHA-256 (hex) of the registration key devices present.
+    pub key_sha256: String,
+    /// Where devices connect, returned to them (e.g. `mqtts://broker:8883`).
+    pub broker: String,
+    /// A `tollgate pki init-ca` directory: each device also gets a client
+    /// certificate (CN its name, O its device type) and the CA.
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
+    #[serde(default = "default_cert_days")]
+    pub cert_days: u32,
+    /// Roles the new users get.
+    #[serde(default = "default_device_roles")]
+    pub roles: Vec<String>,
+    /// Attempts per client address and minute.
+    #[serde(default = "default_register_rate")]
+    pub max_per_minute: u32,
+}
+
+fn default_register_path() -> String {
+    "/register.json".into()
+}
+fn default_cert_days() -> u32 {
+    365
+}
+fn default_device_roles() -> Vec<String> {
+    vec!["device".into()]
+}
+fn default_register_rate() -> u32 {
+    30
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

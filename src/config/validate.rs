@@ -186,6 +186,55 @@ fn mqtt(cfg: &Config, errs: &mut Errors) {
         errs.add("mqtt.limits.max_queued_messages", "must be at least 1");
     }
     errs.nonzero("mqtt.limits.connect_timeout", l.connect_timeout);
+    if let Some(r) = &m.registration {
+        if !r.path.starts_with('/') {
+            errs.add(
+                "mqtt.registration.path",
+                "must start with `/` (e.g. `/register.json`)",
+            );
+        }
+        if crate::identity::parse_hash(&r.key_sha256).is_none() {
+            errs.add(
+                "mqtt.registration.key_sha256",
+                "must be 64 hex digits (the SHA-256 of the registration key)",
+            );
+        }
+        if r.broker.is_empty() {
+            errs.add(
+                "mqtt.registration.broker",
+                "must say where devices connect (e.g. `mqtts://broker.example.com:8883`)",
+            );
+        }
+        if let Some(ca) = &r.ca {
+            let (pem, key) = crate::pki::ca_files(&cfg.resolve(ca));
+            for f in [pem, key] {
+                if !f.is_file() {
+                    errs.add(
+                        "mqtt.registration.ca",
+                        format!(
+                            "{} is missing (a `tollgate pki init-ca` directory is expected)",
+                            f.display()
+                        ),
+                    );
+                }
+            }
+        }
+        if r.cert_days == 0 {
+            errs.add("mqtt.registration.cert_days", "must be at least 1");
+        }
+        for (i, name) in r.listeners.iter().flatten().enumerate() {
+            if !cfg
+                .listeners
+                .iter()
+                .any(|l| &l.name == name && l.protocol.is_http())
+            {
+                errs.add(
+                    format!("mqtt.registration.listeners[{i}]"),
+                    format!("`{name}` is not an http or https listener"),
+                );
+            }
+        }
+    }
 }
 
 /// Two binds collide when they share a port (non-zero) and one address covers the other.

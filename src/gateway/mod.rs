@@ -392,10 +392,28 @@ impl Gateway {
                 Arc::new(ListenerInfo::new(&l.name, index, l.limits.clone(), tls).with_headers(l))
             })
             .collect();
+        let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
         let pipeline = Arc::new(PipelineConfig {
             table: http.table.clone(),
             local: Arc::new(LocalSet {
                 token_server: TokenServerSlot(oauth.server.clone()),
+                registration: match &config.mqtt.registration {
+                    None => None,
+                    Some(r) => Some(Arc::new(
+                        crate::mqtt::Registration::build(
+                            &config,
+                            r,
+                            users.clone(),
+                            metrics.route("mqtt-register", &listener_names),
+                        )
+                        .map_err(|message| {
+                            config_error(vec![ConfigError {
+                                path: "mqtt.registration".into(),
+                                message,
+                            }])
+                        })?,
+                    )),
+                },
                 mqtt: mqtt
                     .as_ref()
                     .zip(config.mqtt.websocket.as_ref())
@@ -404,14 +422,7 @@ impl Gateway {
                             broker: m.broker.clone(),
                             listeners: ws.listeners.clone(),
                             path: ws.path.clone(),
-                            metrics: metrics.route(
-                                "mqtt-ws",
-                                &config
-                                    .listeners
-                                    .iter()
-                                    .map(|l| l.name.clone())
-                                    .collect::<Vec<_>>(),
-                            ),
+                            metrics: metrics.route("mqtt-ws", &listener_names),
                             shutdown: shutdown.graceful.clone(),
                         })
                     }),
@@ -1080,6 +1091,7 @@ struct TokenServerSlot(Arc<arc_swap::ArcSwapOption<crate::oauth::OAuthServer>>);
 /// WebSocket.
 struct LocalSet {
     token_server: TokenServerSlot,
+    registration: Option<Arc<crate::mqtt::Registration>>,
     mqtt: Option<Arc<crate::mqtt::MqttOverWebSocket>>,
 }
 
@@ -1094,6 +1106,11 @@ impl crate::transport::LocalServices for LocalSet {
             && let Some(ep) = m.endpoint(listener, path)
         {
             return Some((m.clone(), ep));
+        }
+        if let Some(r) = &self.registration
+            && let Some(ep) = r.endpoint(listener, path)
+        {
+            return Some((r.clone(), ep));
         }
         self.token_server.find(listener, path)
     }

@@ -97,6 +97,18 @@ impl Users {
         self.by_name.store(Arc::new(map));
     }
 
+    /// Adds (or replaces) one user at once, ahead of the store's next
+    /// load (a device that registered logs in right away).
+    pub fn insert(&self, user: User) {
+        let mut map = HashMap::clone(&self.by_name.load());
+        map.insert(user.name.clone(), Arc::new(user));
+        self.by_name.store(Arc::new(map));
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.load().contains_key(name)
+    }
+
     pub fn len(&self) -> usize {
         self.by_name.load().len()
     }

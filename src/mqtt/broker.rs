@@ -30,19 +30,33 @@ pub struct Settings {
     pub sys_interval: Duration,
 }
 
+/// Messages not delivered, by reason.
+pub struct Dropped {
+    pub queue_full_qos0: IntCounter,
+    pub queue_full: IntCounter,
+    pub retained_full: IntCounter,
+    pub expired: IntCounter,
+    pub too_large: IntCounter,
+}
+
 pub struct MqttMetrics {
     pub connections: IntGaugeVec,
     pub connects: IntCounterVec,
-    pub messages_in: IntCounterVec,
-    pub messages_out: IntCounterVec,
+    /// By QoS (0, 1, 2), resolved once: counted on every message.
+    pub messages_in: [IntCounter; 3],
+    pub messages_out: [IntCounter; 3],
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
-    pub dropped: IntCounterVec,
+    pub dropped: Dropped,
     pub auth_failures: IntCounterVec,
     pub denied: IntCounterVec,
     pub retained: IntGauge,
     pub subscriptions: IntGauge,
     pub sessions: IntGauge,
+}
+
+fn by_qos(family: IntCounterVec) -> [IntCounter; 3] {
+    ["0", "1", "2"].map(|q| family.with_label_values(&[q]))
 }
 
 impl MqttMetrics {
@@ -60,27 +74,45 @@ impl MqttMetrics {
                 "MQTT CONNECTs by listener and outcome (accepted | refused)",
                 &["listener", "outcome"],
             ),
-            messages_in: m.counter(
+            messages_in: by_qos(m.counter(
                 "tollgate_mqtt_messages_received_total",
                 "PUBLISH packets received from clients, by QoS",
                 &["qos"],
-            ),
-            messages_out: m.counter(
+            )),
+            messages_out: by_qos(m.counter(
                 "tollgate_mqtt_messages_sent_total",
                 "PUBLISH packets sent to clients, by QoS",
                 &["qos"],
-            ),
+            )),
             bytes_in: m
-                .counter("tollgate_mqtt_bytes_received_total", "Bytes read from MQTT clients", &[])
+                .counter(
+                    "tollgate_mqtt_bytes_received_total",
+                    "Bytes read from MQTT clients",
+                    &[],
+                )
                 .with_label_values(&[] as &[&str]),
             bytes_out: m
-                .counter("tollgate_mqtt_bytes_sent_total", "Bytes written to MQTT clients", &[])
+                .counter(
+                    "tollgate_mqtt_bytes_sent_total",
+                    "Bytes written to MQTT clients",
+                    &[],
+                )
                 .with_label_values(&[] as &[&str]),
-            dropped: m.counter(
-                "tollgate_mqtt_messages_dropped_total",
-                "Messages not delivered, by reason (queue_full_qos0 | queue_full | expired | too_large)",
-                &["reason"],
-            ),
+            dropped: {
+                let d = m.counter(
+                    "tollgate_mqtt_messages_dropped_total",
+                    "Messages not delivered, by reason (queue_full_qos0 | queue_full | retained_full | expired | too_large)",
+                    &["reason"],
+                );
+                let r = |reason: &str| d.with_label_values(&[reason]);
+                Dropped {
+                    queue_full_qos0: r("queue_full_qos0"),
+                    queue_full: r("queue_full"),
+                    retained_full: r("retained_full"),
+                    expired: r("expired"),
+                    too_large: r("too_large"),
+                }
+            },
             auth_failures: m.counter(
                 "tollgate_mqtt_auth_failures_total",
                 "Refused MQTT logins by reason (bad_credentials | not_authorized | rate_limited)",
@@ -229,16 +261,9 @@ impl Broker {
                 Pushed::QueuedDroppedQos0 { persisted } => {
                     sent += 1;
                     written |= persisted;
-                    self.metrics
-                        .dropped
-                        .with_label_values(&["queue_full_qos0"])
-                        .inc();
+                    self.metrics.dropped.queue_full_qos0.inc();
                 }
-                Pushed::Dropped => self
-                    .metrics
-                    .dropped
-                    .with_label_values(&["queue_full"])
-                    .inc(),
+                Pushed::Dropped => self.metrics.dropped.queue_full.inc(),
             }
             i = j;
         }
@@ -261,10 +286,7 @@ impl Broker {
             retained.insert(message.topic.clone(), message.clone());
             Some(Some(message.stored()))
         } else {
-            self.metrics
-                .dropped
-                .with_label_values(&["retained_full"])
-                .inc();
+            self.metrics.dropped.retained_full.inc();
             None
         };
         self.metrics.retained.set(retained.len() as i64);
@@ -430,14 +452,6 @@ impl Broker {
                 retained = self.retained_read().len(),
                 "MQTT state recovered"
             );
-        }
-    }
-
-    pub fn qos_label(q: QoS) -> &'static str {
-        match q {
-            QoS::AtMostOnce => "0",
-            QoS::AtLeastOnce => "1",
-            QoS::ExactlyOnce => "2",
         }
     }
 }

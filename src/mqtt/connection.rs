@@ -82,7 +82,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) {
     let settings = broker.settings.load_full();
     let max_packet = settings.limits.max_packet_size.as_usize();
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(512);
     let first = tokio::time::timeout(
         settings.limits.connect_timeout,
         read_packet(&mut io, &mut buf, None, max_packet),
@@ -393,7 +393,7 @@ impl Connection {
             will,
             denied_logged: HashSet::new(),
             expires_at: None,
-            out: BytesMut::with_capacity(4096),
+            out: BytesMut::with_capacity(512),
         };
         if settings.auth.disconnect_on_expiry && conn.identity.method == AuthMethod::Jwt {
             conn.expires_at = conn.identity.expires_at.map(|at| {
@@ -596,11 +596,7 @@ impl Connection {
                 }
                 let Some(d) = st.queue.pop_front() else { break };
                 if d.message.expires_at.is_some_and(|t| t <= now) {
-                    self.broker
-                        .metrics
-                        .dropped
-                        .with_label_values(&["expired"])
-                        .inc();
+                    self.broker.metrics.dropped.expired.inc();
                     self.forget(d.seq);
                     continue;
                 }
@@ -689,11 +685,7 @@ impl Connection {
             self.client_max_packet,
         ) {
             Ok(()) => {
-                self.broker
-                    .metrics
-                    .messages_out
-                    .with_label_values(&[Broker::qos_label(d.qos)])
-                    .inc();
+                self.broker.metrics.messages_out[d.qos as usize].inc();
                 self.broker
                     .totals
                     .sent
@@ -702,11 +694,7 @@ impl Connection {
             Err(_) => {
                 // Larger than the client takes (v5 Maximum Packet Size): dropped.
                 self.out.truncate(before);
-                self.broker
-                    .metrics
-                    .dropped
-                    .with_label_values(&["too_large"])
-                    .inc();
+                self.broker.metrics.dropped.too_large.inc();
                 if pkid != 0 {
                     self.session.state().inflight.remove(&pkid);
                 }
@@ -717,6 +705,16 @@ impl Connection {
 
     /// Handles one packet; `Some` when the connection must end.
     async fn handle(&mut self, packet: Packet) -> Option<End> {
+        // Packet id 0 is not one (MQTT 5 §2.2.1): a malformed packet.
+        let zero_id = match &packet {
+            Packet::Publish(p) => p.qos != QoS::AtMostOnce && p.pkid == 0,
+            Packet::Subscribe(s) => s.pkid == 0,
+            Packet::Unsubscribe(u) => u.pkid == 0,
+            _ => false,
+        };
+        if zero_id {
+            return Some(End::Error(DisconnectReasonCode::MalformedPacket));
+        }
         match packet {
             Packet::Publish(p) => return self.publish(p).await,
             Packet::PubAck(a) => {
@@ -845,11 +843,7 @@ impl Connection {
 
     async fn publish(&mut self, p: Publish) -> Option<End> {
         let settings = self.settings();
-        self.broker
-            .metrics
-            .messages_in
-            .with_label_values(&[Broker::qos_label(p.qos)])
-            .inc();
+        self.broker.metrics.messages_in[p.qos as usize].inc();
         self.broker
             .totals
             .received

@@ -8,6 +8,7 @@ mod broker;
 mod codec;
 mod connection;
 mod persist;
+pub mod register;
 mod router;
 mod session;
 pub mod topic;
@@ -23,6 +24,7 @@ use http::{Request, Response};
 
 pub use broker::{Broker, Settings};
 use connection::ConnInfo;
+pub use register::Registration;
 
 use crate::authz::syntax::RuleConfig;
 use crate::authz::{Policy, Resource};
@@ -91,6 +93,7 @@ pub fn settings(
 /// Whether the config serves MQTT anywhere.
 pub fn enabled(cfg: &Config) -> bool {
     cfg.mqtt.websocket.is_some()
+        || cfg.mqtt.registration.is_some()
         || cfg
             .listeners
             .iter()

@@ -420,6 +420,7 @@ impl OAuthRuntime {
         let runtime = self.clone();
         tokio::spawn(async move {
             let mut watched: Option<(PathBuf, ConfigWatch)> = None;
+            let mut warned: Option<PathBuf> = None;
             let mut next_check = tokio::time::Instant::now();
             let mut next_generation_check = tokio::time::Instant::now() + GENERATION_CHECK;
             // A change that failed to load: when to try again, and the wait after.
@@ -441,12 +442,22 @@ impl OAuthRuntime {
                     .map_or(Duration::from_secs(60), |r| {
                         (r / 4).clamp(Duration::from_millis(250), Duration::from_secs(60))
                     });
+                // A store not made yet (no token server, no users added)
+                // is watched once its directory exists; the generation
+                // check finds it first.
+                let marker = marker.filter(|m| {
+                    m.parent()
+                        .is_none_or(|d| d.as_os_str().is_empty() || d.exists())
+                });
                 if watched.as_ref().map(|(p, _)| p) != marker.as_ref() {
                     watched = marker.and_then(|m| match watch_files(std::slice::from_ref(&m)) {
                         Ok(w) => Some((m, w)),
                         Err(e) => {
-                            tracing::warn!(store = %m.display(), error = %e,
-                                "cannot watch the store; its changes apply within a minute, or on reload (SIGHUP)");
+                            if warned.as_ref() != Some(&m) {
+                                tracing::warn!(store = %m.display(), error = %e,
+                                    "cannot watch the store; its changes apply within a minute, or on reload (SIGHUP)");
+                                warned = Some(m);
+                            }
                             None
                         }
                     });

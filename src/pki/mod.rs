@@ -120,6 +120,19 @@ pub struct IssueRequest<'a> {
 /// Issues a certificate signed by the CA in `req.ca`. Returns the paths of
 /// the certificate and key written.
 pub fn issue(req: &IssueRequest) -> Result<(PathBuf, PathBuf), PkiError> {
+    let (cert, key) = issue_pem(req)?;
+    let cert_path = with_suffix(req.out, "pem");
+    let key_path = with_suffix(req.out, "key");
+    if let Some(dir) = cert_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
+    }
+    write_private(&key_path, key.as_bytes())?;
+    write_public(&cert_path, cert.as_bytes())?;
+    Ok((cert_path, key_path))
+}
+
+/// [`issue`] without files (`req.out` unused): the certificate and key PEM.
+pub fn issue_pem(req: &IssueRequest) -> Result<(String, String), PkiError> {
     let issuer = load_ca(req.ca)?;
     let mut sans = req
         .sans
@@ -144,14 +157,7 @@ pub fn issue(req: &IssueRequest) -> Result<(PathBuf, PathBuf), PkiError> {
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(|e| PkiError::Invalid(format!("cannot sign the certificate: {e}")))?;
-    let cert_path = with_suffix(req.out, "pem");
-    let key_path = with_suffix(req.out, "key");
-    if let Some(dir) = cert_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
-    }
-    write_private(&key_path, key.serialize_pem().as_bytes())?;
-    write_public(&cert_path, cert.pem().as_bytes())?;
-    Ok((cert_path, key_path))
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Writes a CRL signed by the CA that revokes the certificates in `revoke`

@@ -4,6 +4,7 @@
 //! no front-end is imported here.
 
 mod conn;
+pub mod http_client;
 mod listener;
 mod local;
 pub mod tls;
