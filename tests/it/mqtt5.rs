@@ -696,3 +696,146 @@ admin:\n  bind: 127.0.0.1:0\n",
     let (_, ack) = Raw::connect_on(tls(None).await, "s2", None).await;
     assert_eq!(ack.code, ConnectReturnCode::NotAuthorized);
 }
+
+/// tstack's registration round trip: `tollgate register` gets a name, a
+/// password and a certificate from `POST /register.json`; the device then
+/// connects over TLS with that certificate (and, on the plain listener,
+/// with the password) and may use only its own topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_device_connects_over_mqtts_with_what_it_got() {
+    let ca = crate::tls::TestCa::new("Devices");
+    let server = ca.server("broker", "localhost");
+    let ca_dir = ca.pem().parent().unwrap().to_path_buf();
+    let key_hash = crate::oauth::sha256_hex("reg-key");
+    let yaml = format!(
+        "listeners:\n  - name: sidecar\n    bind: 127.0.0.1:0\n  - name: mqtt\n    bind: 127.0.0.1:0\n    protocol: mqtt\n  - name: mqtts\n    bind: 127.0.0.1:0\n    protocol: mqtt\n    tls: {{ cert: {}, key: {}, client_ca: {}, client_auth: optional }}\n\
+admin:\n  bind: 127.0.0.1:0\nmqtt:\n  registration: {{ key_sha256: '{key_hash}', broker: 'mqtts://localhost:8883', ca: {}, max_per_minute: 4 }}\n",
+        server.cert.display(),
+        server.key.display(),
+        ca.pem().display(),
+        ca_dir.display()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let url = gw.url("/register.json");
+    // Refusals: wrong key, not JSON, not a POST, a bad device type.
+    let post = |body: &'static str| {
+        let url = url.clone();
+        async move {
+            send(
+                http::Request::post(&url)
+                    .header("content-type", "application/json")
+                    .body(full(body))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        post(r#"{"RegistrationKey": "nope", "DeviceType": "sensor"}"#)
+            .await
+            .status,
+        403
+    );
+    assert_eq!(post("not json").await.status, 400);
+    assert_eq!(get(&url).await.status, 405);
+    assert_eq!(
+        post(r#"{"RegistrationKey": "reg-key", "DeviceType": "a b"}"#)
+            .await
+            .status,
+        400
+    );
+
+    // The CLI, as a device's setup script runs it.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("etc/device/mqtt.yaml");
+    let done = std::process::Command::new(BIN)
+        .args([
+            "register",
+            "--url",
+            &url,
+            "--key",
+            "reg-key",
+            "--device-type",
+            "sensor",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let field = |name: &str| -> String {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}: ")))
+            .unwrap();
+        serde_json::from_str(&line[name.len() + 2..]).unwrap()
+    };
+    let name = field("Name");
+    assert!(name.starts_with("sensor-"), "{name}");
+    assert_eq!(field("Broker"), "mqtts://localhost:8883");
+    assert!(field("Ca").contains("BEGIN CERTIFICATE"));
+    let id = crate::tls::Identity {
+        cert: dir.path().join("dev.pem"),
+        key: dir.path().join("dev.key"),
+    };
+    std::fs::write(&id.cert, field("Cert")).unwrap();
+    std::fs::write(&id.key, field("Key")).unwrap();
+    assert_eq!(id.parsed().cn.as_deref(), Some(name.as_str()));
+
+    // Over TLS with its certificate: its own topics only.
+    let tls_addr = gw.gw.listener_addr("mqtts").unwrap();
+    let config = crate::tls::client_config(&ca.pem(), Some(&id), &[]);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = TcpStream::connect(tls_addr).await.unwrap();
+    let sni = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let io = Box::new(connector.connect(sni, tcp).await.unwrap()) as Box<dyn Io>;
+    let (mut c, ack) = Raw::connect_on(io, "dev-1", None).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    assert_eq!(
+        c.subscribe(
+            1,
+            vec![filter(&format!("{name}/#"), QoS::AtLeastOnce)],
+            None
+        )
+        .await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    assert_eq!(
+        c.subscribe(2, vec![filter("#", QoS::AtLeastOnce)], None)
+            .await,
+        [SubscribeReasonCode::NotAuthorized]
+    );
+
+    // With its password on the plain listener, at once (no reload needed).
+    let plain = gw.gw.listener_addr("mqtt").unwrap();
+    let io = Box::new(TcpStream::connect(plain).await.unwrap()) as Box<dyn Io>;
+    let (mut p, ack) = Raw::connect_on(io, "dev-2", Some((&name, &field("Password")))).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    p.send(publish(
+        &format!("{name}/t"),
+        QoS::AtMostOnce,
+        0,
+        "hi",
+        None,
+    ))
+    .await;
+    assert_eq!(&c.publish().await.payload[..], b"hi");
+
+    // Rate-limited per address: 4 attempts a minute, and a GET is none.
+    assert_eq!(
+        post(r#"{"RegistrationKey": "reg-key", "DeviceType": "sensor"}"#)
+            .await
+            .status,
+        429
+    );
+}
