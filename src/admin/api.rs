@@ -152,6 +152,23 @@ where
         (&Method::GET, ["admin", "config"]) => config(gw),
         (&Method::POST, ["admin", "reload"]) => reload(gw).await,
         (&Method::GET, ["admin", "clients"]) => clients(gw),
+        (&Method::GET, ["admin", "mqtt", "sessions"]) => match gw.mqtt_sessions() {
+            Some(list) => json_response(StatusCode::OK, &list),
+            None => error(StatusCode::NOT_FOUND, "the MQTT broker is not enabled"),
+        },
+        (&Method::DELETE, ["admin", "mqtt", "sessions", client_id]) => {
+            match gw.mqtt_kick(client_id) {
+                Some(true) => Response::builder()
+                    .status(StatusCode::NO_CONTENT)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap_or_default(),
+                Some(false) => error(
+                    StatusCode::NOT_FOUND,
+                    format!("no MQTT session `{client_id}`"),
+                ),
+                None => error(StatusCode::NOT_FOUND, "the MQTT broker is not enabled"),
+            }
+        }
         (&Method::GET, ["admin", "routes"]) => list_routes(gw).await,
         (&Method::GET, ["admin", "routes", name]) => get_route(gw, name).await,
         (&Method::POST, ["admin", "routes"]) => match body_json(req).await {

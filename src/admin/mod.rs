@@ -71,6 +71,11 @@ pub trait AdminBackend: Send + Sync + 'static {
     fn routes_changed(&self) -> BoxFuture<'_, Result<(), String>>;
     /// Held by one admin write at a time.
     fn admin_write_lock(&self) -> BoxFuture<'_, tokio::sync::MutexGuard<'_, ()>>;
+    /// The MQTT broker's sessions (`None`: no broker).
+    fn mqtt_sessions(&self) -> Option<serde_json::Value>;
+    /// Disconnects an MQTT client and ends its session (`None`: no broker;
+    /// `Some(false)`: no such session).
+    fn mqtt_kick(&self, client_id: &str) -> Option<bool>;
 }
 
 /// The admin listener's front-end: hyper serves its connections (HTTP/1.1

@@ -1042,6 +1042,12 @@ async fn settled(path: &std::path::Path, debounce: Duration) {
 /// log filter lets `tollgate::access` through at info.
 /// The admin API's view of the running gateway.
 impl AdminBackend for Gateway {
+    fn mqtt_sessions(&self) -> Option<serde_json::Value> {
+        self.inner.mqtt.as_ref().map(|m| m.broker.sessions_status())
+    }
+    fn mqtt_kick(&self, client_id: &str) -> Option<bool> {
+        self.inner.mqtt.as_ref().map(|m| m.broker.kick(client_id))
+    }
     fn status(&self) -> serde_json::Value {
         Gateway::status(self)
     }

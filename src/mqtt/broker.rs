@@ -362,6 +362,49 @@ impl Broker {
         self.metrics.sessions.set(sessions.len() as i64);
     }
 
+    /// Disconnects a client (v5: 0x98, administrative action) and ends its
+    /// session; whether there was one.
+    pub fn kick(&self, client_id: &str) -> bool {
+        let Some(session) = self.sessions().get(client_id).cloned() else {
+            return false;
+        };
+        {
+            let mut st = session.state();
+            st.evicted = true;
+            st.generation += 1;
+            if let Some(k) = st.kick.take() {
+                k.notify_one();
+            }
+        }
+        self.drop_session(&session);
+        tracing::info!(client_id, "MQTT session ended by the admin API");
+        true
+    }
+
+    /// `GET /admin/mqtt/sessions`.
+    pub fn sessions_status(&self) -> serde_json::Value {
+        let sessions: Vec<Arc<Session>> = self.sessions().values().cloned().collect();
+        let list: Vec<serde_json::Value> = sessions
+            .iter()
+            .map(|s| {
+                let st = s.state();
+                let mut subs: Vec<&String> = st.subscriptions.keys().collect();
+                subs.sort();
+                serde_json::json!({
+                    "client_id": &*s.client_id,
+                    "connected": s.is_connected(),
+                    "user": st.identity.as_ref().map(|i| i.subject.clone()),
+                    "via": st.identity.as_ref().map(|i| i.method.as_str()),
+                    "subscriptions": subs,
+                    "queued": st.queue.len(),
+                    "inflight": st.inflight.len(),
+                    "expiry_secs": st.expiry_secs,
+                })
+            })
+            .collect();
+        serde_json::json!({ "total": list.len(), "data": list })
+    }
+
     /// Takes in what the journal held at start: retained messages, and
     /// persistent sessions with their subscriptions, queues and QoS 2
     /// state; each session expires as it would have.

@@ -48,6 +48,8 @@ enum End {
     Closed,
     KeepAlive,
     TakenOver,
+    /// Ended by an operator (the admin API).
+    Evicted,
     TokenExpired,
     Shutdown,
     /// A protocol error or malformed packet, with the v5 reason sent.
@@ -62,6 +64,7 @@ impl End {
             End::Closed => "connection closed without DISCONNECT",
             End::KeepAlive => "keep alive expired",
             End::TakenOver => "taken over by a newer connection with the same client id",
+            End::Evicted => "ended by an operator",
             End::TokenExpired => "its token expired",
             End::Shutdown => "server shutting down",
             End::Error(_) => "protocol error",
@@ -569,7 +572,12 @@ impl Connection {
                         return end;
                     }
                 }
-                _ = self.kick.notified() => return End::TakenOver,
+                _ = self.kick.notified() => {
+                    return match self.session.state().evicted {
+                        true => End::Evicted,
+                        false => End::TakenOver,
+                    };
+                }
                 _ = keep_alive => return End::KeepAlive,
                 _ = expiry => return End::TokenExpired,
                 _ = shutdown.cancelled() => return End::Shutdown,
@@ -585,10 +593,15 @@ impl Connection {
         {
             let mut st = self.session.state();
             if st.generation != self.generation {
+                let evicted = st.evicted;
                 drop(st);
                 // A newer connection has this session: let it see the wake.
                 self.session.wake.notify_one();
-                return Some(End::TakenOver);
+                return Some(if evicted {
+                    End::Evicted
+                } else {
+                    End::TakenOver
+                });
             }
             while let Some(d) = st.queue.front() {
                 if d.qos != QoS::AtMostOnce && st.inflight.len() >= self.client_receive_max {
@@ -1083,6 +1096,7 @@ impl Connection {
         let code = match end {
             End::Error(code) => Some(code),
             End::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
+            End::Evicted => Some(DisconnectReasonCode::AdministrativeAction),
             End::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
             End::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
             End::TokenExpired => Some(DisconnectReasonCode::NotAuthorized),

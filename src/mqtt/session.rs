@@ -119,6 +119,8 @@ pub struct SessionState {
     pub identity: Option<Arc<crate::identity::Identity>>,
     /// The next journal sequence of a persisted delivery.
     pub next_seq: u64,
+    /// Ended by an operator (the admin API), not by a newer connection.
+    pub evicted: bool,
 }
 
 impl SessionState {
@@ -177,6 +179,7 @@ impl Session {
                 kick: None,
                 identity: None,
                 next_seq: 1,
+                evicted: false,
             }),
             wake: Notify::new(),
             connected: AtomicBool::new(false),

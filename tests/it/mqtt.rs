@@ -744,3 +744,93 @@ mqtt:\n  policy:\n    - allow: {{ actions: [publish, subscribe], topics: ['share
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Operators see the sessions and can end one; a reload that narrows the
+/// rules takes away subscriptions a connected client may no longer hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_listed_and_kicked_and_reloaded_rules_apply_at_once() {
+    let (gw, addr) = broker("").await;
+    let mut a = v4_connect(addr, "watcher", login("dev-a"), true)
+        .await
+        .unwrap();
+    a.client
+        .subscribe("shared/news", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback(&mut a).await;
+    let admin = |method: http::Method, path: &str| {
+        let url = format!("http://{}{path}", gw.gw.admin_addr());
+        async move {
+            send(
+                http::Request::builder()
+                    .method(method)
+                    .uri(url)
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let list = admin(http::Method::GET, "/admin/mqtt/sessions")
+        .await
+        .json();
+    let me = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["client_id"] == "watcher")
+        .expect("listed")
+        .clone();
+    assert_eq!(me["user"], "dev-a");
+    assert_eq!(me["connected"], true);
+    assert_eq!(me["subscriptions"], serde_json::json!(["shared/news"]));
+
+    // A reload without `shared/#`: the subscription goes, live.
+    let yaml = std::fs::read_to_string(&gw.path).unwrap();
+    gw.write_config(&yaml.replace(
+        "    - allow: { actions: [publish, subscribe], topics: ['shared/#'] }\n",
+        "",
+    ));
+    gw.gw.reload().await.expect("reload");
+    let list = admin(http::Method::GET, "/admin/mqtt/sessions")
+        .await
+        .json();
+    let me = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["client_id"] == "watcher")
+        .unwrap()
+        .clone();
+    assert_eq!(me["subscriptions"], serde_json::json!([]));
+    let p = v4_connect(addr, "p", login("dev-b"), true).await.unwrap();
+    p.client
+        .publish("shared/news", QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    nothing_within(&mut a.publishes, 400).await;
+
+    // Kicked: the client is disconnected and its session is gone.
+    assert_eq!(
+        admin(http::Method::DELETE, "/admin/mqtt/sessions/watcher")
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        admin(http::Method::DELETE, "/admin/mqtt/sessions/watcher")
+            .await
+            .status,
+        404
+    );
+    let list = admin(http::Method::GET, "/admin/mqtt/sessions")
+        .await
+        .json();
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["client_id"] != "watcher")
+    );
+}
