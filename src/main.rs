@@ -69,6 +69,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// MQTT tools.
+    #[command(subcommand)]
+    Mqtt(MqttCommand),
     /// Users who log in with a name and password (MQTT) or ticket (WAMP),
     /// in the store (the running gateway picks changes up).
     #[command(subcommand)]
@@ -193,6 +196,12 @@ enum ClientsCommand {
 }
 
 #[derive(Subcommand)]
+enum MqttCommand {
+    /// Print a mosquitto `acl_file` as `mqtt.policy` rules for gateway.yaml.
+    ImportAcl { file: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum UsersCommand {
     /// Add a user, or replace one of that name. Without --password-stdin a
     /// password is generated and printed once.
@@ -289,6 +298,7 @@ fn main() -> ExitCode {
         Some(Command::RegisterService(args)) => return register_service(&args),
         Some(Command::Healthcheck { url }) => return healthcheck(&url),
         Some(Command::Users(UsersCommand::Hash)) => return hash_password(),
+        Some(Command::Mqtt(MqttCommand::ImportAcl { file })) => return import_acl(&file),
         Some(Command::Register {
             url,
             key,
@@ -330,6 +340,24 @@ fn main() -> ExitCode {
             ca,
             out,
         } => register_device(&url, &key, &device_type, ca.as_deref(), &out),
+        Command::Mqtt(MqttCommand::ImportAcl { file }) => import_acl(&file),
+    }
+}
+
+#[allow(clippy::print_stdout)] // the command's output
+fn import_acl(file: &std::path::Path) -> ExitCode {
+    let imported = std::fs::read_to_string(file)
+        .map_err(|e| format!("{}: {e}", file.display()))
+        .and_then(|text| tollgate::mqtt::acl_file::import(&text, &file.display().to_string()));
+    match imported {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate mqtt import-acl: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

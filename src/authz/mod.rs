@@ -362,6 +362,9 @@ struct Rule {
     via: Option<Vec<AuthMethod>>,
     verbs: Option<Vec<String>>,
     resources: Option<Vec<Pattern>>,
+    users: Option<Vec<String>>,
+    max_qos: Option<u8>,
+    retain: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -442,7 +445,7 @@ impl Policy {
         };
         let verb = action.verb();
         for (i, rule) in self.rules.iter().enumerate() {
-            if rule.matches(who, verb, &wanted, self.kind) {
+            if rule.matches(who, verb, &wanted, self.kind) && rule.fits(action) {
                 return Decision {
                     effect: rule.effect,
                     rule: Some(i),
@@ -539,7 +542,13 @@ impl Rule {
             }
             via = Some(methods);
         }
+        if c.max_qos.is_some_and(|q| q > 2) {
+            errors.push((at("max_qos"), "must be 0, 1 or 2".to_owned()));
+        }
         let rule = Rule {
+            users: c.users.clone(),
+            max_qos: c.max_qos,
+            retain: c.retain,
             effect,
             scopes: sets(&c.scopes),
             roles: sets(&c.roles),
@@ -561,6 +570,7 @@ impl Rule {
 
     fn matches(&self, who: &Identity, verb: &str, wanted: &Wanted<'_>, kind: Resource) -> bool {
         self.via.as_ref().is_none_or(|v| v.contains(&who.method))
+            && self.users.as_ref().is_none_or(|u| u.contains(&who.subject))
             && self
                 .verbs
                 .as_ref()
@@ -579,6 +589,21 @@ impl Rule {
                 .resources
                 .as_ref()
                 .is_none_or(|ps| ps.iter().any(|p| p.covers(wanted.clone(), who, kind)))
+    }
+}
+
+impl Rule {
+    /// The conditions on the action itself: who it is for, QoS, retain.
+    fn fits(&self, action: &Action<'_>) -> bool {
+        let (qos, retain) = match *action {
+            Action::Publish { qos, retain, .. } => (Some(qos), Some(retain)),
+            Action::Subscribe { qos, .. } => (Some(qos), None),
+            _ => (None, None),
+        };
+        self.max_qos.is_none_or(|max| qos.is_none_or(|q| q <= max))
+            && self
+                .retain
+                .is_none_or(|want| retain.is_none_or(|r| r == want))
     }
 }
 

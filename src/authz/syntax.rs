@@ -36,6 +36,12 @@ pub struct Conditions {
     /// `{client_id}`/`%c` and `{claim.NAME}` the caller's own values.
     #[serde(alias = "resources", alias = "topics", alias = "uris")]
     pub paths: Option<Vec<String>>,
+    /// The caller's subject (a user name, a token's `sub`) is one of these.
+    pub users: Option<Vec<String>>,
+    /// MQTT: the publish's QoS, or the subscription's, is at most this.
+    pub max_qos: Option<u8>,
+    /// MQTT: a publish's retain flag is this (other actions: any).
+    pub retain: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -653,3 +653,40 @@ fn compile_errors_name_the_rule() {
         ]
     );
 }
+
+/// Per-user rules (mosquitto's `user` sections) and MQTT QoS and retain
+/// limits.
+#[test]
+fn users_qos_and_retain_conditions() {
+    let acl = r##"[
+        {"deny": {"actions": ["publish"], "retain": true, "topics": ["#"]}},
+        {"allow": {"users": ["alice"], "topics": ["shared/#"], "max_qos": 1}},
+        {"allow": {"topics": ["%u/#"]}}
+    ]"##;
+    let policy = Policy::compile(&rules(acl), Resource::Topic).unwrap();
+    let alice = jwt("alice", &[], &[], json!({}));
+    let bob = jwt("bob", &[], &[], json!({}));
+    let publish = |who: &Identity, topic, qos, retain| {
+        policy
+            .evaluate(who, &Action::Publish { topic, qos, retain })
+            .allowed()
+    };
+    let subscribe = |who: &Identity, filter, qos| {
+        policy
+            .evaluate(who, &Action::Subscribe { filter, qos })
+            .allowed()
+    };
+    assert!(publish(&alice, "shared/x", 1, false));
+    assert!(!publish(&alice, "shared/x", 2, false), "above max_qos");
+    assert!(
+        !publish(&alice, "shared/x", 0, true),
+        "retained: denied first"
+    );
+    assert!(!publish(&alice, "alice/x", 0, true), "retained anywhere");
+    assert!(publish(&alice, "alice/x", 2, false));
+    assert!(!publish(&bob, "shared/x", 0, false), "alice's rule only");
+    assert!(subscribe(&alice, "shared/#", 1));
+    assert!(!subscribe(&alice, "shared/#", 2));
+    assert!(subscribe(&bob, "bob/#", 2));
+    assert!(Policy::compile(&rules(r#"[{"allow": {"max_qos": 3}}]"#), Resource::Topic).is_err());
+}

@@ -155,6 +155,10 @@ pub struct MqttJwt {
     pub token_in: TokenField,
     /// The claim the MQTT user name (`%u`) is taken from.
     pub username_claim: String,
+    /// A claim holding the client's own rules, EMQX's shape: a list of
+    /// `{permission: allow|deny, action: publish|subscribe|all, topic, qos,
+    /// retain}`, checked before `mqtt.policy` (off unless named).
+    pub acl_claim: Option<String>,
 }
 
 impl Default for MqttJwt {
@@ -163,6 +167,7 @@ impl Default for MqttJwt {
             providers: None,
             token_in: TokenField::Password,
             username_claim: "sub".into(),
+            acl_claim: None,
         }
     }
 }

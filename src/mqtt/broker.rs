@@ -27,6 +27,8 @@ pub struct Settings {
     pub authn: Authenticator,
     pub token_in: Option<TokenField>,
     pub username_claim: String,
+    /// The JWT claim holding a client's own rules.
+    pub acl_claim: Option<String>,
     pub sys_interval: Duration,
 }
 

@@ -169,6 +169,8 @@ struct Connection {
     aliases_in: HashMap<u16, Arc<str>>,
     aliases_out: HashMap<Arc<str>, u16>,
     will: Option<LastWill>,
+    /// Rules the client's token carries (`auth.jwt.acl_claim`).
+    claim_policy: Option<Arc<crate::authz::Policy>>,
     denied_logged: HashSet<String>,
     expires_at: Option<Instant>,
     out: BytesMut,
@@ -284,6 +286,14 @@ impl Connection {
                     return None;
                 }
             };
+        // Rules from the token (EMQX's `acl` claim), when configured.
+        let claim_policy = match claim_rules(&settings, &identity) {
+            Ok(p) => p.map(Arc::new),
+            Err(why) => {
+                refuse(io, Refused(ConnectReturnCode::NotAuthorized, why)).await;
+                return None;
+            }
+        };
         // The will must be one the client may publish.
         if let Some(w) = &will {
             let topic = std::str::from_utf8(&w.topic).unwrap_or("");
@@ -303,7 +313,7 @@ impl Connection {
                 qos: w.qos as u8,
                 retain: w.retain,
             };
-            if !settings.policy.evaluate(&identity, &action).allowed() {
+            if !decide(&settings, claim_policy.as_ref(), &identity, &action).allowed() {
                 broker.metrics.denied.with_label_values(&["will"]).inc();
                 refuse(
                     io,
@@ -394,6 +404,7 @@ impl Connection {
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
             will,
+            claim_policy: claim_policy.clone(),
             denied_logged: HashSet::new(),
             expires_at: None,
             out: BytesMut::with_capacity(512),
@@ -901,7 +912,12 @@ impl Connection {
             qos: p.qos as u8,
             retain: p.retain,
         };
-        let decision = settings.policy.evaluate(&self.identity, &action);
+        let decision = decide(
+            &settings,
+            self.claim_policy.as_ref(),
+            &self.identity,
+            &action,
+        );
         let utf8_ok = properties
             .as_ref()
             .and_then(|pr| pr.payload_format_indicator)
@@ -1014,7 +1030,9 @@ impl Connection {
             if sub.share.is_some() && nolocal {
                 return Some(End::Error(DisconnectReasonCode::ProtocolError));
             }
-            let decision = settings.policy.evaluate(
+            let decision = decide(
+                &settings,
+                self.claim_policy.as_ref(),
                 &self.identity,
                 &Action::Subscribe {
                     filter: sub.filter,
@@ -1305,6 +1323,94 @@ async fn authenticate(
     };
     identity.client_id = Some(client_id.to_string());
     Ok(Arc::new(identity))
+}
+
+/// The token's rules, checked first; the broker's when none of them
+/// matches.
+fn decide(
+    settings: &Settings,
+    claim: Option<&Arc<crate::authz::Policy>>,
+    who: &Identity,
+    action: &Action<'_>,
+) -> crate::authz::Decision {
+    if let Some(p) = claim {
+        let d = p.evaluate(who, action);
+        if d.reason != crate::authz::Reason::NoRule {
+            return d;
+        }
+    }
+    settings.policy.evaluate(who, action)
+}
+
+/// The rules in a JWT's ACL claim (EMQX's list form), compiled; `None`
+/// without the setting or the claim.
+fn claim_rules(
+    settings: &Settings,
+    who: &Identity,
+) -> Result<Option<crate::authz::Policy>, String> {
+    let Some(name) = settings.acl_claim.as_deref() else {
+        return Ok(None);
+    };
+    if who.method != AuthMethod::Jwt {
+        return Ok(None);
+    }
+    let Some(claim) = who.claim(name) else {
+        return Ok(None);
+    };
+    let entries = claim
+        .as_array()
+        .ok_or_else(|| format!("the `{name}` claim is not a list of rules"))?;
+    let mut rules = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let bad = |what: &str| format!("`{name}`[{i}]: {what}");
+        let effect = match e["permission"].as_str() {
+            Some("allow") => "allow",
+            Some("deny") => "deny",
+            _ => return Err(bad("permission must be allow or deny")),
+        };
+        let actions = match e["action"].as_str().unwrap_or("all") {
+            "publish" => vec!["publish"],
+            "subscribe" => vec!["subscribe"],
+            "all" | "pubsub" => vec!["publish", "subscribe"],
+            _ => return Err(bad("action must be publish, subscribe or all")),
+        };
+        let topics: Vec<String> = match (&e["topic"], &e["topics"]) {
+            (serde_json::Value::String(t), _) => vec![t.clone()],
+            (_, serde_json::Value::Array(ts)) => ts
+                .iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect(),
+            _ => return Err(bad("needs a topic")),
+        };
+        // EMQX's placeholders are the policy language's.
+        let topics: Vec<String> = topics
+            .into_iter()
+            .map(|t| t.replace("${username}", "%u").replace("${clientid}", "%c"))
+            .collect();
+        let mut cond = serde_json::json!({ "actions": actions, "topics": topics });
+        if let Some(q) = e["qos"]
+            .as_array()
+            .and_then(|qs| qs.iter().filter_map(|q| q.as_u64()).max())
+        {
+            cond["max_qos"] = q.into();
+        }
+        if let Some(r) = e["retain"].as_bool() {
+            cond["retain"] = r.into();
+        }
+        rules.push(serde_json::json!({ effect: cond }));
+    }
+    let rules: Vec<crate::authz::syntax::RuleConfig> =
+        serde_json::from_value(serde_json::Value::Array(rules))
+            .map_err(|e| format!("`{name}`: {e}"))?;
+    crate::authz::Policy::compile(&rules, crate::authz::Resource::Topic)
+        .map(Some)
+        .map_err(|problems| {
+            problems
+                .into_iter()
+                .map(|(at, m)| format!("`{name}`{at}: {m}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
 }
 
 fn looks_like_jwt(s: &str) -> bool {

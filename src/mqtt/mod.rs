@@ -4,6 +4,7 @@
 //! (password users, JWTs, client certificates) and every publish,
 //! subscription and will is checked by the shared policy engine.
 
+pub mod acl_file;
 mod broker;
 mod codec;
 mod connection;
@@ -86,6 +87,7 @@ pub fn settings(
         },
         token_in: jwt.map(|j| j.token_in),
         sys_interval: m.sys_interval,
+        acl_claim: jwt.and_then(|j| j.acl_claim.clone()),
         username_claim: jwt.map_or_else(|| "sub".to_owned(), |j| j.username_claim.clone()),
     })
 }

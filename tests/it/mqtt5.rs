@@ -600,7 +600,7 @@ async fn a_jwt_password_names_the_user_and_ends_with_the_token() {
     let yaml = format!(
         "listeners:\n  - name: sidecar\n    bind: 127.0.0.1:0\n  - name: mqtt\n    bind: 127.0.0.1:0\n    protocol: mqtt\n\
 admin:\n  bind: 127.0.0.1:0\nauth:\n  providers:\n    - name: idp\n      issuer: https://idp\n      audiences: [mqtt]\n      secret: {{ file: {} }}\n\
-mqtt:\n  auth: {{ password: false, jwt: {{ username_claim: device }} }}\n",
+mqtt:\n  auth: {{ password: false, jwt: {{ username_claim: device, acl_claim: acl }} }}\n",
         secret.display()
     );
     let gw = TestGateway::start(&yaml).await;
@@ -612,7 +612,12 @@ mqtt:\n  auth: {{ password: false, jwt: {{ username_claim: device }} }}\n",
             .as_secs();
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-            &serde_json::json!({"iss": "https://idp", "aud": "mqtt", "sub": "svc", "device": "dev-j", "exp": now + exp_in}),
+            &serde_json::json!({"iss": "https://idp", "aud": "mqtt", "sub": "svc", "device": "dev-j", "exp": now + exp_in,
+                // The token's own rules (EMQX's shape), before the broker's.
+                "acl": [
+                    {"permission": "allow", "action": "subscribe", "topic": "fleet/${username}/#", "qos": [0, 1]},
+                    {"permission": "deny", "action": "publish", "topic": "dev-j/secret"}
+                ]}),
             &jsonwebtoken::EncodingKey::from_secret(b"an HS256 secret of thirty-two bytes!"),
         )
         .unwrap()
