@@ -398,7 +398,13 @@ impl Connection {
             info_listener: info.listener.clone(),
             peer: info.peer,
             keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive))),
-            client_receive_max: usize::from(props.receive_maximum.unwrap_or(u16::MAX).max(1)),
+            // What the client takes (v5), within what the broker allows itself.
+            client_receive_max: usize::from(
+                props
+                    .receive_maximum
+                    .unwrap_or(u16::MAX)
+                    .clamp(1, limits.max_inflight),
+            ),
             client_max_packet: props.max_packet_size,
             client_alias_max: props.topic_alias_max.unwrap_or(0),
             aliases_in: HashMap::new(),

@@ -834,3 +834,83 @@ async fn sessions_are_listed_and_kicked_and_reloaded_rules_apply_at_once() {
             .all(|s| s["client_id"] != "watcher")
     );
 }
+
+/// A subscriber that stops reading: what waits for it is bounded (in
+/// flight, then queued), the rest is dropped and counted, and publishers
+/// and other subscribers go on at full speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_bounded_and_its_drops_counted() {
+    let (gw, addr) = broker("  limits: { max_queued_messages: 100, max_inflight: 20 }\n").await;
+    // Subscribes at QoS 1, then never reads or acknowledges again.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(&connect_packet("slow", "dev-b", PASSWORD, None))
+        .await
+        .unwrap();
+    let mut ack = [0u8; 4];
+    slow.read_exact(&mut ack).await.unwrap();
+    let mut sub = vec![0x82, 0, 0, 1, 0, 11];
+    sub.extend_from_slice(b"shared/slow");
+    sub.push(1);
+    sub[1] = (sub.len() - 2) as u8;
+    slow.write_all(&sub).await.unwrap();
+    let mut suback = [0u8; 5];
+    slow.read_exact(&mut suback).await.unwrap();
+    let mut fast = v4_connect(addr, "fast", login("dev-a"), true)
+        .await
+        .unwrap();
+    fast.client
+        .subscribe("shared/slow", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback_of(&mut fast).await;
+
+    // In batches the fast subscriber keeps up with (its queue is bounded too).
+    let mut publisher = v4_connect(addr, "p", login("dev-a"), true).await.unwrap();
+    let body = vec![b'x'; 1024];
+    for _ in 0..40 {
+        for _ in 0..50 {
+            publisher
+                .client
+                .publish("shared/slow", QoS::AtLeastOnce, false, body.clone())
+                .await
+                .unwrap();
+        }
+        let mut acked = 0;
+        while acked < 50 {
+            match tokio::time::timeout(Duration::from_secs(10), publisher.acks.recv()).await {
+                Ok(Some(Packet::PubAck(_))) => acked += 1,
+                Ok(Some(_)) => {}
+                other => panic!("publisher stalled: {other:?}"),
+            }
+        }
+        for _ in 0..50 {
+            next_publish(&mut fast.publishes).await;
+        }
+    }
+    let sessions = get(&format!(
+        "http://{}/admin/mqtt/sessions",
+        gw.gw.admin_addr()
+    ))
+    .await
+    .json();
+    let me = sessions["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["client_id"] == "slow")
+        .unwrap()
+        .clone();
+    assert!(me["queued"].as_u64().unwrap() <= 100, "{me}");
+    assert!(me["inflight"].as_u64().unwrap() <= 20, "{me}");
+    let m = gw.metrics().await;
+    let dropped = metric(
+        &m,
+        "tollgate_mqtt_messages_dropped_total{reason=\"queue_full\"}",
+    );
+    assert!(dropped >= 2000.0 - 120.0 - 64.0, "dropped {dropped}");
+    drop(slow);
+}
+
+async fn suback_of(c: &mut V4) {
+    suback(c).await;
+}
