@@ -199,6 +199,9 @@ enum ClientsCommand {
 enum MqttCommand {
     /// Print a mosquitto `acl_file` as `mqtt.policy` rules for gateway.yaml.
     ImportAcl { file: PathBuf },
+    /// Device users (the same as `tollgate users`).
+    #[command(subcommand)]
+    Users(UsersCommand),
 }
 
 #[derive(Subcommand)]
@@ -210,7 +213,21 @@ enum UsersCommand {
         /// A role the policy engine can match (repeat for several).
         #[arg(long = "role")]
         roles: Vec<String>,
+        /// The user's own topic rule: `read:a/#`, `write:b`, `deny:c` or a
+        /// filter for both (repeat for several; `%u` is the user).
+        #[arg(long = "topic")]
+        topics: Vec<String>,
         /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// A user's roles and topic rules (never its password).
+    Show {
+        name: String,
+    },
+    /// A new password (generated and printed once, or from standard input).
+    Passwd {
+        name: String,
         #[arg(long)]
         password_stdin: bool,
     },
@@ -341,6 +358,10 @@ fn main() -> ExitCode {
             out,
         } => register_device(&url, &key, &device_type, ca.as_deref(), &out),
         Command::Mqtt(MqttCommand::ImportAcl { file }) => import_acl(&file),
+        Command::Mqtt(MqttCommand::Users(UsersCommand::Hash)) => hash_password(),
+        Command::Mqtt(MqttCommand::Users(cmd)) => {
+            store_command(&path, |cfg| users_command(cfg, cmd))
+        }
     }
 }
 
@@ -443,32 +464,61 @@ fn hash_password() -> ExitCode {
     }
 }
 
+fn shown_password(name: &str, password: &str, shown: bool, done: &str) -> String {
+    match shown {
+        true => format!("user: {name}\npassword: {password}\n(the password is not shown again)"),
+        false => format!("user {name} {done}"),
+    }
+}
+
 fn users_command(cfg: &config::Config, cmd: UsersCommand) -> Result<String, String> {
     let store = tollgate::store::open(cfg).map_err(|e| e.to_string())?;
     match cmd {
         UsersCommand::Add {
             name,
             roles,
+            topics,
             password_stdin,
         } => {
-            let (password, shown) = match password_stdin {
-                true => (password_from_stdin()?, false),
-                false => (passwords::generate_password()?, true),
-            };
+            let topics = topics
+                .iter()
+                .map(|t| passwords::UserTopic::parse(t))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (password, shown) =
+                passwords::new_password(password_stdin.then(password_from_stdin).transpose()?)?;
             let user = tollgate::identity::User {
                 password_hash: passwords::hash_password(password.as_bytes())?,
                 name,
                 roles,
                 claims: serde_json::Map::new(),
+                topics,
             };
             passwords::put_user(&*store, &user)?;
-            Ok(match shown {
-                true => format!(
-                    "user: {}\npassword: {password}\n(the password is not shown again)",
-                    user.name
-                ),
-                false => format!("user {} saved", user.name),
-            })
+            Ok(shown_password(&user.name, &password, shown, "saved"))
+        }
+        UsersCommand::Show { name } => match passwords::stored_user(&*store, &name)? {
+            Some(u) => {
+                serde_json::to_string_pretty(&passwords::describe(&u)).map_err(|e| e.to_string())
+            }
+            None => Err(format!("no user {name} in the store")),
+        },
+        UsersCommand::Passwd {
+            name,
+            password_stdin,
+        } => {
+            let Some(mut user) = passwords::stored_user(&*store, &name)? else {
+                return Err(format!("no user {name} in the store"));
+            };
+            let (password, shown) =
+                passwords::new_password(password_stdin.then(password_from_stdin).transpose()?)?;
+            user.password_hash = passwords::hash_password(password.as_bytes())?;
+            passwords::put_user(&*store, &user)?;
+            Ok(shown_password(
+                &name,
+                &password,
+                shown,
+                "has a new password",
+            ))
         }
         UsersCommand::Remove { name } => match passwords::remove_user(&*store, &name)? {
             true => Ok(format!("user {name} removed")),

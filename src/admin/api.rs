@@ -37,7 +37,7 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> 
 }
 
 /// An error in the shape Kong clients read (`message`), with the fields.
-fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
     json_response(status, &json!({ "message": message.into() }))
 }
 
@@ -76,7 +76,7 @@ fn not_found() -> Response<Full<Bytes>> {
 /// The store could not be read or written (or what was written could not
 /// be applied): nothing was acknowledged, so the caller may retry. 507 when
 /// the disk is full, 503 otherwise, with the reason.
-fn store_failed(e: impl std::fmt::Display) -> Response<Full<Bytes>> {
+pub(super) fn store_failed(e: impl std::fmt::Display) -> Response<Full<Bytes>> {
     let reason = e.to_string();
     tracing::error!(error = %reason, "admin API request failed on the store");
     let status = if reason.contains("the disk is full") {
@@ -91,7 +91,7 @@ fn store_failed(e: impl std::fmt::Display) -> Response<Full<Bytes>> {
 }
 
 /// Runs store work off the event loop.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
     tokio::task::spawn_blocking(f)
@@ -152,6 +152,17 @@ where
         (&Method::GET, ["admin", "config"]) => config(gw),
         (&Method::POST, ["admin", "reload"]) => reload(gw).await,
         (&Method::GET, ["admin", "clients"]) => clients(gw),
+        (&Method::GET, ["admin", "users"]) => super::users::list(gw).await,
+        (&Method::GET, ["admin", "users", name]) => super::users::get(gw, name).await,
+        (&Method::POST, ["admin", "users"]) => match body_json(req).await {
+            Ok(doc) => super::users::put(gw, None, doc).await,
+            Err(r) => r,
+        },
+        (&Method::PUT, ["admin", "users", name]) => match body_json(req).await {
+            Ok(doc) => super::users::put(gw, Some(name), doc).await,
+            Err(r) => r,
+        },
+        (&Method::DELETE, ["admin", "users", name]) => super::users::delete(gw, name).await,
         (&Method::GET, ["admin", "mqtt", "sessions"]) => match gw.mqtt_sessions() {
             Some(list) => json_response(StatusCode::OK, &list),
             None => error(StatusCode::NOT_FOUND, "the MQTT broker is not enabled"),

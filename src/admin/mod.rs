@@ -7,6 +7,7 @@ pub mod auth;
 pub mod dynamic;
 mod kong;
 pub mod register;
+mod users;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -71,6 +72,8 @@ pub trait AdminBackend: Send + Sync + 'static {
     fn routes_changed(&self) -> BoxFuture<'_, Result<(), String>>;
     /// Held by one admin write at a time.
     fn admin_write_lock(&self) -> BoxFuture<'_, tokio::sync::MutexGuard<'_, ()>>;
+    /// Password users as served (changed at once by the admin API).
+    fn password_users(&self) -> Arc<crate::identity::Users>;
     /// The MQTT broker's sessions (`None`: no broker).
     fn mqtt_sessions(&self) -> Option<serde_json::Value>;
     /// Disconnects an MQTT client and ends its session (`None`: no broker;

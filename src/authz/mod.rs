@@ -585,10 +585,14 @@ impl Rule {
                 .cert
                 .as_ref()
                 .is_none_or(|t| who.cert.as_deref().is_some_and(|c| t.holds(c)))
-            && self
-                .resources
-                .as_ref()
-                .is_none_or(|ps| ps.iter().any(|p| p.covers(wanted.clone(), who, kind)))
+            && self.resources.as_ref().is_none_or(|ps| {
+                // An allow rule must name all a filter reaches; a deny rule
+                // anything it reaches.
+                ps.iter().any(|p| match self.effect {
+                    Effect::Allow => p.covers(wanted.clone(), who, kind),
+                    Effect::Deny => p.overlaps(wanted.clone(), who, kind),
+                })
+            })
     }
 }
 

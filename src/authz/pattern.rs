@@ -101,6 +101,53 @@ impl Pattern {
     }
 }
 
+impl Pattern {
+    /// Whether some resource in `wanted` is one this pattern names for
+    /// `who`: how a deny rule reads a filter or a prefix, so that no
+    /// subscription reaches what is denied (`#` after `deny secret/#` is
+    /// refused, as is `+/x`, which can match `secret/x`).
+    pub fn overlaps<'a>(
+        &self,
+        wanted: impl Iterator<Item = Want<'a>>,
+        who: &Identity,
+        kind: Resource,
+    ) -> bool {
+        let value_ok = |name: &str| who.field(name).is_some_and(|v| kind.is_level(v));
+        // Every segment from `from` on can name something.
+        let satisfiable = |from: usize| {
+            self.segments[from..].iter().all(|s| match s {
+                Segment::Field(name) => value_ok(name),
+                _ => true,
+            })
+        };
+        let mut wanted = wanted.peekable();
+        for (level, seg) in self.segments.iter().enumerate() {
+            let first = level == 0 && kind == Resource::Topic;
+            let want = wanted.next();
+            let ok = match (seg, want) {
+                // `#` at the first level names no `$` topic.
+                (Segment::Rest, Some(Want::Exact(w))) if first && w.starts_with('$') => false,
+                (Segment::Rest, _) => return true,
+                (_, None) => false,
+                (_, Some(Want::Rest)) => return satisfiable(level),
+                (_, Some(Want::Prefix(_))) => return satisfiable(level),
+                (Segment::One, Some(Want::Exact(w))) => !(first && w.starts_with('$')),
+                (Segment::One, Some(Want::One)) => true,
+                (Segment::Literal(l), Some(Want::Exact(w))) => w == l.as_str(),
+                (Segment::Literal(l), Some(Want::One)) => !(first && l.starts_with('$')),
+                (Segment::Field(name), Some(Want::Exact(w))) => {
+                    who.field(name).is_some_and(|v| kind.is_level(v) && v == w)
+                }
+                (Segment::Field(name), Some(Want::One)) => value_ok(name),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        matches!(wanted.next(), None | Some(Want::Rest))
+    }
+}
+
 /// One level of what an action asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Want<'a> {

@@ -690,3 +690,49 @@ fn users_qos_and_retain_conditions() {
     assert!(subscribe(&bob, "bob/#", 2));
     assert!(Policy::compile(&rules(r#"[{"allow": {"max_qos": 3}}]"#), Resource::Topic).is_err());
 }
+
+/// A deny rule reaches every subscription that could match what it denies:
+/// a wildcard never receives a denied topic through a later, wider allow.
+#[test]
+fn deny_rules_stop_filters_that_reach_them() {
+    let acl = r##"[
+        {"deny": {"actions": ["subscribe", "publish"], "topics": ["secret/#", "%u/private"]}},
+        {"allow": {"topics": ["#"]}}
+    ]"##;
+    let policy = Policy::compile(&rules(acl), Resource::Topic).unwrap();
+    let d1 = jwt("d1", &[], &[], json!({}));
+    let may = |filter| {
+        policy
+            .evaluate(&d1, &Action::Subscribe { filter, qos: 0 })
+            .allowed()
+    };
+    for (filter, allowed) in [
+        ("#", false),
+        ("+/x", false),
+        ("secret/x", false),
+        ("secret", false),
+        ("+/+", false),
+        ("d1/+", false),
+        ("d1/private", false),
+        ("d2/private", true),
+        ("public/#", true),
+        ("+", false), // `secret/#` names `secret` too
+        ("x/+/+", true),
+        ("a/b/c", true),
+    ] {
+        assert_eq!(may(filter), allowed, "{filter}");
+    }
+    let publish = |topic| {
+        policy
+            .evaluate(
+                &d1,
+                &Action::Publish {
+                    topic,
+                    qos: 0,
+                    retain: false,
+                },
+            )
+            .allowed()
+    };
+    assert!(!publish("secret/x") && publish("public/x"));
+}

@@ -1042,6 +1042,9 @@ async fn settled(path: &std::path::Path, debounce: Duration) {
 /// log filter lets `tollgate::access` through at info.
 /// The admin API's view of the running gateway.
 impl AdminBackend for Gateway {
+    fn password_users(&self) -> Arc<crate::identity::Users> {
+        self.inner.users.clone()
+    }
     fn mqtt_sessions(&self) -> Option<serde_json::Value> {
         self.inner.mqtt.as_ref().map(|m| m.broker.sessions_status())
     }

@@ -402,6 +402,7 @@ mod tests {
             password_hash: hash_password(b"pw").unwrap(),
             roles: vec!["device".into()],
             claims: serde_json::Map::new(),
+            topics: Vec::new(),
         }]);
         let authn = |users: Option<Arc<Users>>, both| Authenticator {
             accept_jwt: false,

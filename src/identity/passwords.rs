@@ -31,6 +31,52 @@ pub struct User {
     /// Further values the policy engine may match (`{claim.NAME}`).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub claims: Map<String, Value>,
+    /// The user's own topic rules (tstack's tuser, mosquitto's `user`
+    /// sections), checked before the broker's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<UserTopic>,
+}
+
+/// One topic a user may (or may not) use.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserTopic {
+    /// A topic filter; `%u` and `%c` stand for the user and client id.
+    pub topic: String,
+    #[serde(default)]
+    pub access: TopicAccess,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicAccess {
+    /// Subscribe.
+    Read,
+    /// Publish.
+    Write,
+    #[default]
+    ReadWrite,
+    Deny,
+}
+
+impl UserTopic {
+    /// `read:a/#`, `write:b`, `deny:c`, or a bare filter (read and write).
+    pub fn parse(s: &str) -> Result<UserTopic, String> {
+        let (access, topic) = match s.split_once(':') {
+            Some(("read", t)) => (TopicAccess::Read, t),
+            Some(("write", t)) => (TopicAccess::Write, t),
+            Some(("readwrite", t)) => (TopicAccess::ReadWrite, t),
+            Some(("deny", t)) => (TopicAccess::Deny, t),
+            _ => (TopicAccess::ReadWrite, s),
+        };
+        if topic.is_empty() {
+            return Err(format!("`{s}`: no topic"));
+        }
+        Ok(UserTopic {
+            topic: topic.to_owned(),
+            access,
+        })
+    }
 }
 
 /// How long a verified name and password are remembered.
@@ -102,6 +148,24 @@ impl Users {
     pub fn insert(&self, user: User) {
         let mut map = HashMap::clone(&self.by_name.load());
         map.insert(user.name.clone(), Arc::new(user));
+        self.by_name.store(Arc::new(map));
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<User>> {
+        self.by_name.load().get(name).cloned()
+    }
+
+    /// Every user, by name.
+    pub fn all(&self) -> Vec<Arc<User>> {
+        let mut all: Vec<Arc<User>> = self.by_name.load().values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Takes one user out at once, ahead of the store's next load.
+    pub fn remove(&self, name: &str) {
+        let mut map = HashMap::clone(&self.by_name.load());
+        map.remove(name);
         self.by_name.store(Arc::new(map));
     }
 
@@ -308,6 +372,35 @@ pub fn remove_user(store: &dyn crate::store::Store, name: &str) -> Result<bool, 
         .map_err(|e| e.to_string())
 }
 
+/// A user in the store.
+pub fn stored_user(store: &dyn crate::store::Store, name: &str) -> Result<Option<User>, String> {
+    let users: Vec<User> = store
+        .records(crate::store::Table::Users)
+        .map_err(|e| e.to_string())?;
+    Ok(users.into_iter().find(|u| u.name == name))
+}
+
+/// A user as shown (CLI, admin API): never its hash.
+pub fn describe(u: &User) -> Value {
+    serde_json::json!({
+        "name": u.name,
+        "roles": u.roles,
+        "claims": u.claims,
+        "topics": u.topics,
+        "hash": if u.password_hash.starts_with("$argon2") { "argon2" } else { "bcrypt" },
+    })
+}
+
+/// What a new user or a new password is made of: the password given, or a
+/// generated one (returned, to be shown once).
+pub fn new_password(given: Option<String>) -> Result<(String, bool), String> {
+    match given {
+        Some(p) if p.is_empty() => Err("an empty password".into()),
+        Some(p) => Ok((p, false)),
+        None => Ok((generate_password()?, true)),
+    }
+}
+
 /// A random password for a new user: 24 characters of base64url (144 bits).
 pub fn generate_password() -> Result<String, String> {
     use base64::Engine;
@@ -326,6 +419,7 @@ mod tests {
             password_hash: hash,
             roles: vec!["device".into()],
             claims: Map::new(),
+            topics: Vec::new(),
         }
     }
 

@@ -1348,12 +1348,44 @@ fn decide(
     settings.policy.evaluate(who, action)
 }
 
-/// The rules in a JWT's ACL claim (EMQX's list form), compiled; `None`
-/// without the setting or the claim.
+/// The client's own rules, compiled: a password user's topic rules, or
+/// the rules in a JWT's ACL claim (EMQX's list form). `None` without.
 fn claim_rules(
     settings: &Settings,
     who: &Identity,
 ) -> Result<Option<crate::authz::Policy>, String> {
+    if who.method == AuthMethod::Password {
+        let Some(user) = settings
+            .authn
+            .users
+            .as_ref()
+            .and_then(|u| u.get(&who.subject))
+        else {
+            return Ok(None);
+        };
+        if user.topics.is_empty() {
+            return Ok(None);
+        }
+        use crate::identity::passwords::TopicAccess;
+        let entries: Vec<serde_json::Value> = user
+            .topics
+            .iter()
+            .map(|t| {
+                let (permission, action) = match t.access {
+                    TopicAccess::Read => ("allow", "subscribe"),
+                    TopicAccess::Write => ("allow", "publish"),
+                    TopicAccess::ReadWrite => ("allow", "all"),
+                    TopicAccess::Deny => ("deny", "all"),
+                };
+                serde_json::json!({ "permission": permission, "action": action, "topic": t.topic })
+            })
+            .collect();
+        // Denies first, as in an acl_file.
+        let (mut ordered, allow): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|e| e["permission"] == "deny");
+        ordered.extend(allow);
+        return entry_rules("topics", &ordered);
+    }
     let Some(name) = settings.acl_claim.as_deref() else {
         return Ok(None);
     };
@@ -1366,6 +1398,15 @@ fn claim_rules(
     let entries = claim
         .as_array()
         .ok_or_else(|| format!("the `{name}` claim is not a list of rules"))?;
+    entry_rules(name, entries)
+}
+
+/// Rules in EMQX's shape (`{permission, action, topic, qos, retain}`),
+/// compiled.
+fn entry_rules(
+    name: &str,
+    entries: &[serde_json::Value],
+) -> Result<Option<crate::authz::Policy>, String> {
     let mut rules = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let bad = |what: &str| format!("`{name}`[{i}]: {what}");

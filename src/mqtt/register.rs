@@ -176,6 +176,7 @@ impl Registration {
                     "device_type".to_owned(),
                     serde_json::Value::String(kind.clone()),
                 )]),
+                topics: Vec::new(),
             };
             let cert = match &this.ca {
                 None => None,

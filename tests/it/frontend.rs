@@ -136,6 +136,7 @@ async fn a_line_protocol_front_end_on_a_tls_listener() {
             password_hash: passwords::hash_password(b"correct horse").unwrap(),
             roles: vec!["device".into()],
             claims: Default::default(),
+            topics: Vec::new(),
         },
     )
     .unwrap();

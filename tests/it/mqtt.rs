@@ -914,3 +914,150 @@ async fn a_slow_consumer_is_bounded_and_its_drops_counted() {
 async fn suback_of(c: &mut V4) {
     suback(c).await;
 }
+
+/// Users through the admin API (a generated password is returned once and
+/// works at once) with their own topic rules, and through the CLI (`show`,
+/// `passwd`), which the running broker picks up from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_with_their_own_topics_through_the_admin_api_and_the_cli() {
+    let (gw, addr) = broker("").await;
+    let admin = |method: http::Method, path: &str, body: Option<serde_json::Value>| {
+        let url = format!("http://{}{path}", gw.gw.admin_addr());
+        async move {
+            let body = body.map_or(String::new(), |b| b.to_string());
+            send(
+                http::Request::builder()
+                    .method(method)
+                    .uri(url)
+                    .header("content-type", "application/json")
+                    .body(full(body))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let made = admin(
+        http::Method::POST,
+        "/admin/users",
+        Some(serde_json::json!({
+            "name": "dev-x",
+            "roles": ["device"],
+            "topics": [{"topic": "sensors/#", "access": "read"}, {"topic": "dev-x/secret", "access": "deny"}]
+        })),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let made = made.json();
+    let password = made["password"].as_str().unwrap().to_owned();
+    assert!(made.get("password_hash").is_none());
+    assert_eq!(
+        admin(
+            http::Method::POST,
+            "/admin/users",
+            Some(serde_json::json!({"name": "dev-x"}))
+        )
+        .await
+        .status,
+        409
+    );
+    let listed = admin(http::Method::GET, "/admin/users", None).await.json();
+    assert!(
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["name"] == "dev-x")
+    );
+    assert!(!listed.to_string().contains("$argon2"), "no hashes listed");
+
+    let mut x = v4_connect(addr, "x", Some(("dev-x", &password)), true)
+        .await
+        .unwrap();
+    x.client
+        .subscribe("sensors/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        suback(&mut x).await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtMostOnce)],
+        "its own rule"
+    );
+    x.client
+        .publish("sensors/t", QoS::AtMostOnce, false, "no")
+        .await
+        .unwrap();
+    x.client
+        .subscribe("dev-x/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        suback(&mut x).await,
+        [rumqttc::SubscribeReasonCode::Failure],
+        "its deny covers part of dev-x/#"
+    );
+    x.client
+        .subscribe("dev-x/ok", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        suback(&mut x).await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtMostOnce)],
+        "the broker's %u/#"
+    );
+    let mut a = v4_connect(addr, "a", login("dev-a"), true).await.unwrap();
+    a.client
+        .subscribe("sensors/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        suback(&mut a).await,
+        [rumqttc::SubscribeReasonCode::Failure],
+        "not dev-a's"
+    );
+
+    // The CLI: show (no hash) and a new password, which the broker loads.
+    let show = crate::oauth::cli(&gw.path, &["users", "show", "dev-x"]);
+    assert!(
+        show.contains("sensors/#") && !show.contains("$argon2"),
+        "{show}"
+    );
+    let out = crate::oauth::cli(&gw.path, &["mqtt", "users", "passwd", "dev-x"]);
+    let new = out
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .unwrap()
+        .to_owned();
+    wait_until(
+        Duration::from_secs(10),
+        "the new password is loaded",
+        || async {
+            v4_connect(addr, "x2", Some(("dev-x", &new)), true)
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    assert!(
+        v4_connect(addr, "x3", Some(("dev-x", &password)), true)
+            .await
+            .is_err()
+    );
+
+    assert_eq!(
+        admin(http::Method::DELETE, "/admin/users/dev-x", None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        admin(http::Method::DELETE, "/admin/users/dev-x", None)
+            .await
+            .status,
+        404
+    );
+    assert!(
+        v4_connect(addr, "x4", Some(("dev-x", &new)), true)
+            .await
+            .is_err()
+    );
+}
