@@ -25,7 +25,7 @@ async fn broker(extra_mqtt: &str) -> (TestGateway, SocketAddr) {
     let yaml = format!(
         "listeners:\n  - name: sidecar\n    bind: 127.0.0.1:0\n  - name: mqtt\n    bind: 127.0.0.1:0\n    protocol: mqtt\n\
 admin:\n  bind: 127.0.0.1:0\nproxy:\n  access_log: false\nauth:\n  users:\n{users}\
-mqtt:\n  policy:\n    - allow: {{ actions: [publish, subscribe], topics: ['%u/#', 'shared/#'] }}\n{extra_mqtt}"
+mqtt:\n  sys_interval: 1s\n  policy:\n    - allow: {{ actions: [publish, subscribe], topics: ['%u/#', 'shared/#'] }}\n    - allow: {{ actions: [subscribe], users: [alice], topics: ['$SYS/#'] }}\n{extra_mqtt}"
     );
     let gw = TestGateway::start(&yaml).await;
     let addr = gw.gw.listener_addr("mqtt").unwrap();
@@ -842,5 +842,115 @@ admin:\n  bind: 127.0.0.1:0\nmqtt:\n  registration: {{ key_sha256: '{key_hash}',
             .await
             .status,
         429
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_second_connect_packet_size_redelivery_and_sys() {
+    let (_gw, addr) = broker("").await;
+    // Keep alive: silent for 1.5 times it, the client is told and closed.
+    let mut quiet = Raw {
+        tcp: Box::new(TcpStream::connect(addr).await.unwrap()),
+        buf: BytesMut::new(),
+    };
+    quiet
+        .send(Packet::Connect(
+            Connect {
+                keep_alive: 1,
+                client_id: "quiet".into(),
+                clean_start: true,
+                properties: Some(ConnectProperties::new()),
+            },
+            None,
+            Some(Login {
+                username: "bob".into(),
+                password: PASSWORD.into(),
+            }),
+        ))
+        .await;
+    assert!(matches!(quiet.recv().await, Packet::ConnAck(_)));
+    let started = std::time::Instant::now();
+    match quiet.try_recv(Duration::from_secs(5)).await {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, DisconnectReasonCode::KeepAliveTimeout)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+
+    // A second CONNECT is a protocol error.
+    let (mut twice, _) = Raw::connect(addr, "twice", "bob", ConnectProperties::new()).await;
+    twice
+        .send(Packet::Connect(
+            Connect {
+                keep_alive: 60,
+                client_id: "twice".into(),
+                clean_start: true,
+                properties: None,
+            },
+            None,
+            None,
+        ))
+        .await;
+    match twice.recv().await {
+        Packet::Disconnect(d) => assert_eq!(d.reason_code, DisconnectReasonCode::ProtocolError),
+        other => panic!("{other:?}"),
+    }
+
+    // The client's Maximum Packet Size: larger messages are not sent to it.
+    let mut small = ConnectProperties::new();
+    small.max_packet_size = Some(100);
+    let (mut s, _) = Raw::connect(addr, "small", "alice", small).await;
+    s.subscribe(1, vec![filter("shared/size", QoS::AtMostOnce)], None)
+        .await;
+    let (mut p, _) = Raw::connect(addr, "p", "bob", ConnectProperties::new()).await;
+    p.send(publish(
+        "shared/size",
+        QoS::AtMostOnce,
+        0,
+        &"x".repeat(200),
+        None,
+    ))
+    .await;
+    p.send(publish("shared/size", QoS::AtMostOnce, 0, "fits", None))
+        .await;
+    assert_eq!(&s.publish().await.payload[..], b"fits");
+
+    // Unacknowledged QoS 1 goes again, as a duplicate with its packet id,
+    // when the session's client comes back.
+    let mut keep = ConnectProperties::new();
+    keep.session_expiry_interval = Some(60);
+    let (mut r, _) = Raw::connect_with(addr, "redeliver", "alice", false, keep.clone(), None).await;
+    r.subscribe(1, vec![filter("shared/dup", QoS::AtLeastOnce)], None)
+        .await;
+    p.send(publish("shared/dup", QoS::AtLeastOnce, 9, "once", None))
+        .await;
+    let first = r.publish().await;
+    assert!(!first.dup);
+    drop(r); // no PUBACK
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut r, ack) = Raw::connect_with(addr, "redeliver", "alice", false, keep, None).await;
+    assert!(ack.session_present);
+    let again = r.publish().await;
+    assert_eq!(
+        (again.dup, again.pkid, &again.payload[..]),
+        (true, first.pkid, &b"once"[..])
+    );
+    r.send(Packet::PubAck(PubAck::new(again.pkid, None))).await;
+
+    // $SYS statistics, to whom the rules let see them; `#` does not reach them.
+    let (mut sys, _) = Raw::connect(addr, "sys", "alice", ConnectProperties::new()).await;
+    assert_eq!(
+        sys.subscribe(1, vec![filter("$SYS/broker/uptime", QoS::AtMostOnce)], None)
+            .await,
+        [SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    let uptime = sys.publish().await;
+    assert!(String::from_utf8_lossy(&uptime.payload).ends_with(" seconds"));
+    let (mut b, _) = Raw::connect(addr, "b-sys", "bob", ConnectProperties::new()).await;
+    assert_eq!(
+        b.subscribe(1, vec![filter("$SYS/#", QoS::AtMostOnce)], None)
+            .await,
+        [SubscribeReasonCode::NotAuthorized]
     );
 }
