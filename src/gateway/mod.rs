@@ -114,16 +114,9 @@ impl Worker {
                 let metrics = self.metrics.clone();
                 match (info.protocol, &self.mqtt) {
                     (Protocol::Mqtt, Some(broker)) => {
-                        let front_end = Arc::new(crate::mqtt::MqttFrontEnd {
-                            broker: broker.clone(),
-                        });
-                        shutdown.tracker.spawn(transport::serve(
-                            listener,
-                            info,
-                            front_end,
-                            shutdown.for_worker(),
-                            metrics,
-                        ));
+                        let broker = broker.clone();
+                        let front_end = Arc::new(crate::mqtt::MqttFrontEnd { broker });
+                        spawn_listener(&shutdown, listener, info, front_end, metrics);
                     }
                     (Protocol::Mqtt, None) => {
                         tracing::error!(listener = %info.name, "no MQTT broker for this listener");
@@ -131,13 +124,7 @@ impl Worker {
                     (Protocol::Http | Protocol::Https, _) => {
                         let front_end =
                             Arc::new(HttpFrontEnd::new(pipeline.clone(), &info.limits));
-                        shutdown.tracker.spawn(transport::serve(
-                            listener,
-                            info,
-                            front_end,
-                            shutdown.for_worker(),
-                            metrics,
-                        ));
+                        spawn_listener(&shutdown, listener, info, front_end, metrics);
                     }
                 }
             }
@@ -157,6 +144,23 @@ impl Worker {
 
 /// Loads a config and everything it points at (key files, secrets,
 /// certificates) without starting anything: `tollgate check-config`.
+/// Serves a listener's share of connections on this worker.
+fn spawn_listener<F: transport::FrontEnd>(
+    shutdown: &Shutdown,
+    listener: TcpListener,
+    info: Arc<ListenerInfo>,
+    front_end: Arc<F>,
+    metrics: Arc<Metrics>,
+) {
+    shutdown.tracker.spawn(transport::serve(
+        listener,
+        info,
+        front_end,
+        shutdown.for_worker(),
+        metrics,
+    ));
+}
+
 pub fn check_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
     let cfg = config::parse(path)?;
     let mut errors = config::problems(&cfg);

@@ -98,6 +98,40 @@ async fn v4_connect(
     }
 }
 
+/// A 3.1.1 client of `user` subscribed to `filter` (its SUBACK read).
+async fn subscribed(
+    addr: SocketAddr,
+    id: &str,
+    user: &str,
+    clean: bool,
+    filter: &str,
+    qos: QoS,
+) -> V4 {
+    let mut c = v4_connect(addr, id, login(user), clean).await.unwrap();
+    c.client.subscribe(filter, qos).await.unwrap();
+    suback(&mut c).await;
+    c
+}
+
+/// An admin API call with an optional JSON body.
+async fn admin_call(
+    gw: &TestGateway,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> TestResponse {
+    let body = body.map_or(String::new(), |b| b.to_string());
+    send(
+        http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", gw.gw.admin_addr()))
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap(),
+    )
+    .await
+}
+
 async fn next_publish(rx: &mut mpsc::UnboundedReceiver<rumqttc::Publish>) -> rumqttc::Publish {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
@@ -438,14 +472,7 @@ fn connect_packet(id: &str, user: &str, password: &str, will: Option<(&str, &str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_session_gets_what_was_published_while_away() {
     let (_gw, addr) = broker("").await;
-    let mut s = v4_connect(addr, "keeper", login("dev-b"), false)
-        .await
-        .unwrap();
-    s.client
-        .subscribe("shared/q", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    suback(&mut s).await;
+    let s = subscribed(addr, "keeper", "dev-b", false, "shared/q", QoS::AtLeastOnce).await;
     s.client.disconnect().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let p = v4_connect(addr, "p", login("dev-a"), true).await.unwrap();
@@ -477,12 +504,7 @@ async fn a_persistent_session_gets_what_was_published_while_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_packets_close_only_their_connection() {
     let (gw, addr) = broker("  limits: { max_packet_size: 1KiB }\n").await;
-    let mut ok = v4_connect(addr, "ok", login("dev-a"), true).await.unwrap();
-    ok.client
-        .subscribe("dev-a/#", QoS::AtMostOnce)
-        .await
-        .unwrap();
-    suback(&mut ok).await;
+    let mut ok = subscribed(addr, "ok", "dev-a", true, "dev-a/#", QoS::AtMostOnce).await;
     let attempts: [&[u8]; 4] = [
         b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
         // A CONNECT for protocol level 3 (MQTT 3.1).
@@ -583,12 +605,7 @@ async fn mosquitto_clients_interoperate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_over_websocket_meets_a_tcp_client() {
     let (gw, addr) = broker("").await;
-    let mut tcp = v4_connect(addr, "tcp", login("dev-b"), true).await.unwrap();
-    tcp.client
-        .subscribe("shared/ws", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    suback(&mut tcp).await;
+    let mut tcp = subscribed(addr, "tcp", "dev-b", true, "shared/ws", QoS::AtLeastOnce).await;
     let script = format!(
         r#"
 import paho.mqtt.client as mqtt, sys, time
@@ -750,28 +767,16 @@ mqtt:\n  policy:\n    - allow: {{ actions: [publish, subscribe], topics: ['share
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_listed_and_kicked_and_reloaded_rules_apply_at_once() {
     let (gw, addr) = broker("").await;
-    let mut a = v4_connect(addr, "watcher", login("dev-a"), true)
-        .await
-        .unwrap();
-    a.client
-        .subscribe("shared/news", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    suback(&mut a).await;
-    let admin = |method: http::Method, path: &str| {
-        let url = format!("http://{}{path}", gw.gw.admin_addr());
-        async move {
-            send(
-                http::Request::builder()
-                    .method(method)
-                    .uri(url)
-                    .body(full(""))
-                    .unwrap(),
-            )
-            .await
-        }
-    };
-    let list = admin(http::Method::GET, "/admin/mqtt/sessions")
+    let mut a = subscribed(
+        addr,
+        "watcher",
+        "dev-a",
+        true,
+        "shared/news",
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let list = admin_call(&gw, http::Method::GET, "/admin/mqtt/sessions", None)
         .await
         .json();
     let me = list["data"]
@@ -792,7 +797,7 @@ async fn sessions_are_listed_and_kicked_and_reloaded_rules_apply_at_once() {
         "",
     ));
     gw.gw.reload().await.expect("reload");
-    let list = admin(http::Method::GET, "/admin/mqtt/sessions")
+    let list = admin_call(&gw, http::Method::GET, "/admin/mqtt/sessions", None)
         .await
         .json();
     let me = list["data"]
@@ -812,18 +817,28 @@ async fn sessions_are_listed_and_kicked_and_reloaded_rules_apply_at_once() {
 
     // Kicked: the client is disconnected and its session is gone.
     assert_eq!(
-        admin(http::Method::DELETE, "/admin/mqtt/sessions/watcher")
-            .await
-            .status,
+        admin_call(
+            &gw,
+            http::Method::DELETE,
+            "/admin/mqtt/sessions/watcher",
+            None
+        )
+        .await
+        .status,
         204
     );
     assert_eq!(
-        admin(http::Method::DELETE, "/admin/mqtt/sessions/watcher")
-            .await
-            .status,
+        admin_call(
+            &gw,
+            http::Method::DELETE,
+            "/admin/mqtt/sessions/watcher",
+            None
+        )
+        .await
+        .status,
         404
     );
-    let list = admin(http::Method::GET, "/admin/mqtt/sessions")
+    let list = admin_call(&gw, http::Method::GET, "/admin/mqtt/sessions", None)
         .await
         .json();
     assert!(
@@ -921,22 +936,8 @@ async fn suback_of(c: &mut V4) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_with_their_own_topics_through_the_admin_api_and_the_cli() {
     let (gw, addr) = broker("").await;
-    let admin = |method: http::Method, path: &str, body: Option<serde_json::Value>| {
-        let url = format!("http://{}{path}", gw.gw.admin_addr());
-        async move {
-            let body = body.map_or(String::new(), |b| b.to_string());
-            send(
-                http::Request::builder()
-                    .method(method)
-                    .uri(url)
-                    .header("content-type", "application/json")
-                    .body(full(body))
-                    .unwrap(),
-            )
-            .await
-        }
-    };
-    let made = admin(
+    let made = admin_call(
+        &gw,
         http::Method::POST,
         "/admin/users",
         Some(serde_json::json!({
@@ -951,7 +952,8 @@ async fn users_with_their_own_topics_through_the_admin_api_and_the_cli() {
     let password = made["password"].as_str().unwrap().to_owned();
     assert!(made.get("password_hash").is_none());
     assert_eq!(
-        admin(
+        admin_call(
+            &gw,
             http::Method::POST,
             "/admin/users",
             Some(serde_json::json!({"name": "dev-x"}))
@@ -960,7 +962,9 @@ async fn users_with_their_own_topics_through_the_admin_api_and_the_cli() {
         .status,
         409
     );
-    let listed = admin(http::Method::GET, "/admin/users", None).await.json();
+    let listed = admin_call(&gw, http::Method::GET, "/admin/users", None)
+        .await
+        .json();
     assert!(
         listed["data"]
             .as_array()
@@ -1044,13 +1048,13 @@ async fn users_with_their_own_topics_through_the_admin_api_and_the_cli() {
     );
 
     assert_eq!(
-        admin(http::Method::DELETE, "/admin/users/dev-x", None)
+        admin_call(&gw, http::Method::DELETE, "/admin/users/dev-x", None)
             .await
             .status,
         204
     );
     assert_eq!(
-        admin(http::Method::DELETE, "/admin/users/dev-x", None)
+        admin_call(&gw, http::Method::DELETE, "/admin/users/dev-x", None)
             .await
             .status,
         404
