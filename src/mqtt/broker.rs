@@ -44,11 +44,10 @@ pub struct Dropped {
 pub struct MqttMetrics {
     pub connections: IntGaugeVec,
     pub connects: IntCounterVec,
-    /// By QoS (0, 1, 2), resolved once: counted on every message.
-    pub messages_in: [IntCounter; 3],
-    pub messages_out: [IntCounter; 3],
-    pub bytes_in: IntCounter,
-    pub bytes_out: IntCounter,
+    messages_in: IntCounterVec,
+    messages_out: IntCounterVec,
+    bytes_in: IntCounterVec,
+    bytes_out: IntCounterVec,
     pub dropped: Dropped,
     pub auth_failures: IntCounterVec,
     pub denied: IntCounterVec,
@@ -57,8 +56,26 @@ pub struct MqttMetrics {
     pub sessions: IntGauge,
 }
 
-fn by_qos(family: IntCounterVec) -> [IntCounter; 3] {
-    ["0", "1", "2"].map(|q| family.with_label_values(&[q]))
+/// One listener's counters of every message, resolved once per connection.
+pub struct ListenerCounters {
+    /// By QoS (0, 1, 2).
+    pub messages_in: [IntCounter; 3],
+    pub messages_out: [IntCounter; 3],
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+}
+
+impl MqttMetrics {
+    pub fn listener(&self, name: &str) -> ListenerCounters {
+        let by_qos =
+            |family: &IntCounterVec| ["0", "1", "2"].map(|q| family.with_label_values(&[name, q]));
+        ListenerCounters {
+            messages_in: by_qos(&self.messages_in),
+            messages_out: by_qos(&self.messages_out),
+            bytes_in: self.bytes_in.with_label_values(&[name]),
+            bytes_out: self.bytes_out.with_label_values(&[name]),
+        }
+    }
 }
 
 impl MqttMetrics {
@@ -76,30 +93,26 @@ impl MqttMetrics {
                 "MQTT CONNECTs by listener and outcome (accepted | refused)",
                 &["listener", "outcome"],
             ),
-            messages_in: by_qos(m.counter(
+            messages_in: m.counter(
                 "tollgate_mqtt_messages_received_total",
-                "PUBLISH packets received from clients, by QoS",
-                &["qos"],
-            )),
-            messages_out: by_qos(m.counter(
+                "PUBLISH packets received from clients, by listener and QoS",
+                &["listener", "qos"],
+            ),
+            messages_out: m.counter(
                 "tollgate_mqtt_messages_sent_total",
-                "PUBLISH packets sent to clients, by QoS",
-                &["qos"],
-            )),
-            bytes_in: m
-                .counter(
-                    "tollgate_mqtt_bytes_received_total",
-                    "Bytes read from MQTT clients",
-                    &[],
-                )
-                .with_label_values(&[] as &[&str]),
-            bytes_out: m
-                .counter(
-                    "tollgate_mqtt_bytes_sent_total",
-                    "Bytes written to MQTT clients",
-                    &[],
-                )
-                .with_label_values(&[] as &[&str]),
+                "PUBLISH packets sent to clients, by listener and QoS",
+                &["listener", "qos"],
+            ),
+            bytes_in: m.counter(
+                "tollgate_mqtt_bytes_received_total",
+                "Bytes read from MQTT clients, by listener",
+                &["listener"],
+            ),
+            bytes_out: m.counter(
+                "tollgate_mqtt_bytes_sent_total",
+                "Bytes written to MQTT clients, by listener",
+                &["listener"],
+            ),
             dropped: {
                 let d = m.counter(
                     "tollgate_mqtt_messages_dropped_total",
@@ -117,13 +130,13 @@ impl MqttMetrics {
             },
             auth_failures: m.counter(
                 "tollgate_mqtt_auth_failures_total",
-                "Refused MQTT logins by reason (bad_credentials | not_authorized | rate_limited)",
-                &["reason"],
+                "Refused MQTT logins by listener and reason (bad_credentials | not_authorized | rate_limited)",
+                &["listener", "reason"],
             ),
             denied: m.counter(
                 "tollgate_mqtt_acl_denied_total",
-                "Publishes and subscriptions the policy refused, by action",
-                &["action"],
+                "Publishes, subscriptions and wills the policy refused, by listener and action",
+                &["listener", "action"],
             ),
             retained: gauge("tollgate_mqtt_retained_messages", "Retained messages held"),
             subscriptions: gauge("tollgate_mqtt_subscriptions", "Subscriptions held"),
@@ -153,8 +166,9 @@ pub struct Broker {
     pub metrics: MqttMetrics,
     pub totals: Totals,
     pub started: Instant,
-    /// Failed logins per address, for rate limiting.
+    /// Failed logins per address and per client id, for rate limiting.
     failures: moka::sync::Cache<IpAddr, u32>,
+    client_failures: moka::sync::Cache<Arc<str>, u32>,
     /// Where retained messages and persistent sessions are kept (none:
     /// in memory only).
     pub journal: Option<Journal>,
@@ -188,6 +202,10 @@ impl Broker {
                 .max_capacity(100_000)
                 .time_to_live(FAILURE_WINDOW)
                 .build(),
+            client_failures: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(FAILURE_WINDOW)
+                .build(),
         })
     }
 
@@ -207,14 +225,22 @@ impl Broker {
         self.retained.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether `ip` has failed too often to be checked again now.
-    pub fn locked_out(&self, ip: IpAddr) -> bool {
+    /// Whether logins from `ip`, or with `client_id`, failed too often to
+    /// be checked again now.
+    pub fn locked_out(&self, ip: IpAddr, client_id: &Arc<str>) -> bool {
         self.failures.get(&ip).is_some_and(|n| n >= MAX_FAILURES)
+            || self
+                .client_failures
+                .get(client_id)
+                .is_some_and(|n| n >= MAX_FAILURES)
     }
 
-    pub fn failed_login(&self, ip: IpAddr) {
+    pub fn failed_login(&self, ip: IpAddr, client_id: &Arc<str>) {
         let n = self.failures.get(&ip).unwrap_or(0);
         self.failures.insert(ip, n.saturating_add(1));
+        let n = self.client_failures.get(client_id).unwrap_or(0);
+        self.client_failures
+            .insert(client_id.clone(), n.saturating_add(1));
     }
 
     /// Routes a message to every matching subscription and keeps it when

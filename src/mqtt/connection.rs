@@ -160,6 +160,8 @@ struct Connection {
     identity: Arc<Identity>,
     broker: Arc<Broker>,
     info_listener: Arc<str>,
+    /// This listener's message and byte counters.
+    counters: super::broker::ListenerCounters,
     peer: SocketAddr,
     keep_alive: Option<Duration>,
     /// Deliveries in flight at once the client takes (its Receive Maximum).
@@ -252,11 +254,11 @@ impl Connection {
         } else {
             Arc::from(connect.client_id.as_str())
         };
-        if broker.locked_out(info.peer.ip()) {
+        if broker.locked_out(info.peer.ip(), &client_id) {
             broker
                 .metrics
                 .auth_failures
-                .with_label_values(&["rate_limited"])
+                .with_label_values(&[&info.listener, "rate_limited"])
                 .inc();
             refuse(
                 io,
@@ -279,9 +281,9 @@ impl Connection {
                     broker
                         .metrics
                         .auth_failures
-                        .with_label_values(&[reason])
+                        .with_label_values(&[&info.listener, reason])
                         .inc();
-                    broker.failed_login(info.peer.ip());
+                    broker.failed_login(info.peer.ip(), &client_id);
                     refuse(io, refused).await;
                     return None;
                 }
@@ -314,7 +316,11 @@ impl Connection {
                 retain: w.retain,
             };
             if !decide(&settings, claim_policy.as_ref(), &identity, &action).allowed() {
-                broker.metrics.denied.with_label_values(&["will"]).inc();
+                broker
+                    .metrics
+                    .denied
+                    .with_label_values(&[&info.listener, "will"])
+                    .inc();
                 refuse(
                     io,
                     Refused(
@@ -396,6 +402,7 @@ impl Connection {
             identity,
             broker: broker.clone(),
             info_listener: info.listener.clone(),
+            counters: broker.metrics.listener(&info.listener),
             peer: info.peer,
             keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive))),
             // What the client takes (v5), within what the broker allows itself.
@@ -516,7 +523,7 @@ impl Connection {
 
     fn count_out(&mut self) {
         let n = self.out.len() as u64;
-        self.broker.metrics.bytes_out.inc_by(n);
+        self.counters.bytes_out.inc_by(n);
         self.broker
             .totals
             .bytes_sent
@@ -580,7 +587,7 @@ impl Connection {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(_) => {
                         let n = (buf.len() - before) as u64;
-                        self.broker.metrics.bytes_in.inc_by(n);
+                        self.counters.bytes_in.inc_by(n);
                         self.broker.totals.bytes_received.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
                 },
@@ -715,7 +722,7 @@ impl Connection {
             self.client_max_packet,
         ) {
             Ok(()) => {
-                self.broker.metrics.messages_out[d.qos as usize].inc();
+                self.counters.messages_out[d.qos as usize].inc();
                 self.broker
                     .totals
                     .sent
@@ -873,7 +880,7 @@ impl Connection {
 
     async fn publish(&mut self, p: Publish) -> Option<End> {
         let settings = self.settings();
-        self.broker.metrics.messages_in[p.qos as usize].inc();
+        self.counters.messages_in[p.qos as usize].inc();
         self.broker
             .totals
             .received
@@ -932,7 +939,7 @@ impl Connection {
             self.broker
                 .metrics
                 .denied
-                .with_label_values(&["publish"])
+                .with_label_values(&[&self.info_listener, "publish"])
                 .inc();
             if self.denied_logged.len() < 1000 && self.denied_logged.insert(topic.to_string()) {
                 tracing::info!(client_id = %self.session.client_id, user = %self.identity.subject,
@@ -1049,7 +1056,7 @@ impl Connection {
                 self.broker
                     .metrics
                     .denied
-                    .with_label_values(&["subscribe"])
+                    .with_label_values(&[&self.info_listener, "subscribe"])
                     .inc();
                 if self.denied_logged.len() < 1000 && self.denied_logged.insert(path.clone()) {
                     tracing::info!(client_id = %self.session.client_id, user = %self.identity.subject,

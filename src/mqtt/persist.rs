@@ -524,9 +524,18 @@ mod tests {
             j.send(Op::Session("gone".into(), None));
             j.synced().await.unwrap();
         }
-        // The writer thread holds the file until its channel closes.
-        std::thread::sleep(Duration::from_millis(100));
-        let (_, (retained, sessions)) = Journal::open(&path).unwrap();
+        // The writer thread holds the file until it sees its channel close.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (_, (retained, sessions)) = loop {
+            match Journal::open(&path) {
+                Ok(j) => break j,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.contains("already open"), "{e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         assert_eq!(retained, [("a/b".to_string(), message())]);
         assert_eq!(sessions.len(), 1);
         let s = &sessions[0];

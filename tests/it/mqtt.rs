@@ -256,14 +256,14 @@ async fn logins_are_checked_and_refused_with_the_right_code() {
     assert_eq!(
         metric(
             &m,
-            "tollgate_mqtt_auth_failures_total{reason=\"bad_credentials\"}"
+            "tollgate_mqtt_auth_failures_total{listener=\"mqtt\",reason=\"bad_credentials\"}"
         ),
         2.0
     );
     assert_eq!(
         metric(
             &m,
-            "tollgate_mqtt_auth_failures_total{reason=\"not_authorized\"}"
+            "tollgate_mqtt_auth_failures_total{listener=\"mqtt\",reason=\"not_authorized\"}"
         ),
         1.0
     );
@@ -349,8 +349,18 @@ async fn topics_are_per_user_and_wildcards_do_not_escape() {
     }
     nothing_within(&mut b.publishes, 300).await;
     let m = gw.metrics().await;
-    assert!(metric(&m, "tollgate_mqtt_acl_denied_total{action=\"subscribe\"}") >= 10.0);
-    assert!(metric(&m, "tollgate_mqtt_acl_denied_total{action=\"publish\"}") >= 3.0);
+    assert!(
+        metric(
+            &m,
+            "tollgate_mqtt_acl_denied_total{action=\"subscribe\",listener=\"mqtt\"}"
+        ) >= 10.0
+    );
+    assert!(
+        metric(
+            &m,
+            "tollgate_mqtt_acl_denied_total{action=\"publish\",listener=\"mqtt\"}"
+        ) >= 3.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1063,5 +1073,33 @@ async fn users_with_their_own_topics_through_the_admin_api_and_the_cli() {
         v4_connect(addr, "x4", Some(("dev-x", &new)), true)
             .await
             .is_err()
+    );
+}
+
+/// Failed logins are limited per address and per client id: after ten in a
+/// minute the next are refused unchecked (0x9F; 3.1.1: unavailable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_rate_limited() {
+    let (gw, addr) = broker("").await;
+    for _ in 0..10 {
+        assert_eq!(
+            v4_connect(addr, "guess", Some(("dev-a", "wrong")), true)
+                .await
+                .err(),
+            Some(ConnectReturnCode::BadUserNamePassword)
+        );
+    }
+    // Now even the right password is not checked.
+    assert_eq!(
+        v4_connect(addr, "guess", login("dev-a"), true).await.err(),
+        Some(ConnectReturnCode::ServiceUnavailable)
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_mqtt_auth_failures_total{listener=\"mqtt\",reason=\"rate_limited\"}"
+        ),
+        1.0
     );
 }
