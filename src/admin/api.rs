@@ -163,6 +163,22 @@ where
             Err(r) => r,
         },
         (&Method::DELETE, ["admin", "users", name]) => super::users::delete(gw, name).await,
+        (&Method::POST, ["admin", "mqtt", "register"]) => match body_json(req).await {
+            Ok(doc) => {
+                let kind = doc["DeviceType"].as_str().unwrap_or_default().to_owned();
+                match gw.mqtt_register(kind) {
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "device registration is not configured (mqtt.registration)",
+                    ),
+                    Some(made) => match made.await {
+                        Ok(v) => json_response(StatusCode::CREATED, &v),
+                        Err((status, message)) => error(status, message),
+                    },
+                }
+            }
+            Err(r) => r,
+        },
         (&Method::GET, ["admin", "mqtt", "sessions"]) => match gw.mqtt_sessions() {
             Some(list) => json_response(StatusCode::OK, &list),
             None => error(StatusCode::NOT_FOUND, "the MQTT broker is not enabled"),

@@ -74,6 +74,13 @@ pub trait AdminBackend: Send + Sync + 'static {
     fn admin_write_lock(&self) -> BoxFuture<'_, tokio::sync::MutexGuard<'_, ()>>;
     /// Password users as served (changed at once by the admin API).
     fn password_users(&self) -> Arc<crate::identity::Users>;
+    /// Registers a device of `device_type` (`None`: registration is not
+    /// configured): its name, password, broker and certificate, or the
+    /// status and message of a refusal.
+    fn mqtt_register(
+        &self,
+        device_type: String,
+    ) -> Option<BoxFuture<'_, Result<serde_json::Value, (http::StatusCode, String)>>>;
     /// The MQTT broker's sessions (`None`: no broker).
     fn mqtt_sessions(&self) -> Option<serde_json::Value>;
     /// Disconnects an MQTT client and ends its session (`None`: no broker;

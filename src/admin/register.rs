@@ -41,7 +41,7 @@ pub fn probe(url: &str) -> Result<(), String> {
             Duration::from_secs(5),
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{url}: {e}"))?;
         match answer.status.is_success() {
             true => Ok(()),
             false => Err(format!("{url} answered {}", answer.status)),
@@ -117,7 +117,7 @@ pub fn run(r: &Registration, deregister: bool) -> Result<String, String> {
                     tracing::debug!(error = %e, "admin API not reachable yet; retrying");
                 }
                 Err(SendError::Unreachable(e)) => {
-                    return Err(format!("the admin API at {base}: {e}"));
+                    return Err(format!("cannot reach the admin API at {base}: {e}"));
                 }
                 Err(e) => return Err(e.to_string()),
             }

@@ -68,6 +68,8 @@ struct Inner {
     /// Password and ticket users (gateway.yaml's and the store's), loaded
     /// with the store.
     users: Arc<crate::identity::Users>,
+    /// Device self-registration, when configured.
+    registration: Option<Arc<crate::mqtt::Registration>>,
     tls_listeners: Vec<Arc<TlsListener>>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
@@ -397,27 +399,28 @@ impl Gateway {
             })
             .collect();
         let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
+        let registration = match &config.mqtt.registration {
+            None => None,
+            Some(r) => Some(Arc::new(
+                crate::mqtt::Registration::build(
+                    &config,
+                    r,
+                    users.clone(),
+                    metrics.route("mqtt-register", &listener_names),
+                )
+                .map_err(|message| {
+                    config_error(vec![ConfigError {
+                        path: "mqtt.registration".into(),
+                        message,
+                    }])
+                })?,
+            )),
+        };
         let pipeline = Arc::new(PipelineConfig {
             table: http.table.clone(),
             local: Arc::new(LocalSet {
                 token_server: TokenServerSlot(oauth.server.clone()),
-                registration: match &config.mqtt.registration {
-                    None => None,
-                    Some(r) => Some(Arc::new(
-                        crate::mqtt::Registration::build(
-                            &config,
-                            r,
-                            users.clone(),
-                            metrics.route("mqtt-register", &listener_names),
-                        )
-                        .map_err(|message| {
-                            config_error(vec![ConfigError {
-                                path: "mqtt.registration".into(),
-                                message,
-                            }])
-                        })?,
-                    )),
-                },
+                registration: registration.clone(),
                 mqtt: mqtt
                     .as_ref()
                     .zip(config.mqtt.websocket.as_ref())
@@ -480,6 +483,7 @@ impl Gateway {
                 admin_write: Mutex::new(()),
                 oauth: oauth.clone(),
                 users,
+                registration,
                 parts: [
                     Some(token_server as Arc<dyn Part>),
                     Some(http.clone() as Arc<dyn Part>),
@@ -1046,6 +1050,18 @@ async fn settled(path: &std::path::Path, debounce: Duration) {
 /// log filter lets `tollgate::access` through at info.
 /// The admin API's view of the running gateway.
 impl AdminBackend for Gateway {
+    fn mqtt_register(
+        &self,
+        device_type: String,
+    ) -> Option<crate::admin::BoxFuture<'_, Result<serde_json::Value, (http::StatusCode, String)>>>
+    {
+        let r = self.inner.registration.clone()?;
+        Some(Box::pin(async move {
+            r.create(&device_type, "the admin API")
+                .await
+                .map_err(|e| (e.status, e.message.to_owned()))
+        }))
+    }
     fn password_users(&self) -> Arc<crate::identity::Users> {
         self.inner.users.clone()
     }

@@ -144,18 +144,36 @@ impl Registration {
             tracing::info!(peer = %peer, device_type = %ask.device_type, "device registration refused: wrong registration key");
             return refuse(StatusCode::FORBIDDEN, "forbidden", "wrong registration key");
         }
-        let kind = ask.device_type.as_str();
+        match self.create(&ask.device_type, &peer.to_string()).await {
+            Ok(made) => answer(StatusCode::CREATED, made),
+            Err(Refusal {
+                status,
+                error,
+                message,
+            }) => refuse(status, error, message),
+        }
+    }
+
+    /// Makes a device of `kind`: a unique user with a random password and,
+    /// with a CA, a certificate. Also what `POST /admin/mqtt/register` does
+    /// (the admin API's own authentication standing for the key). `by`
+    /// names who asked, for the log.
+    pub async fn create(
+        self: Arc<Self>,
+        kind: &str,
+        by: &str,
+    ) -> Result<serde_json::Value, Refusal> {
         if kind.is_empty()
             || kind.len() > 32
             || !kind
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "DeviceType must be 1 to 32 of A-Z, a-z, 0-9, `-`, `_`",
-            );
+            return Err(Refusal {
+                status: StatusCode::BAD_REQUEST,
+                error: "bad_request",
+                message: "DeviceType must be 1 to 32 of A-Z, a-z, 0-9, `-`, `_`",
+            });
         }
         let name = loop {
             let candidate = format!("{kind}-{:08x}", fastrand::u32(..));
@@ -197,42 +215,46 @@ impl Registration {
             };
             passwords::put_user(&*this.store, &user)?;
             this.users.insert(user);
-            Ok::<_, String>((password, cert))
+            Ok::<_, String>((password, cert, kind))
         })
         .await;
-        let (password, cert) = match made {
+        let (password, cert, kind) = match made {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "device registration failed");
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "the device cannot be registered now; try again later",
-                );
+                return Err(Refusal {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    error: "unavailable",
+                    message: "the device cannot be registered now; try again later",
+                });
             }
             Err(_) => {
-                return refuse(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "registration failed",
-                );
+                return Err(Refusal {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    error: "internal",
+                    message: "registration failed",
+                });
             }
         };
-        tracing::info!(peer = %peer, name = %name, device_type = %ask.device_type,
+        tracing::info!(by, name = %name, device_type = %kind,
             certificate = cert.is_some(), "device registered");
         let (cert, key) = cert.unwrap_or_default();
-        answer(
-            StatusCode::CREATED,
-            serde_json::json!({
-                "Name": name,
-                "Password": password,
-                "Broker": self.settings.broker,
-                "Cert": cert,
-                "Key": key,
-                "Ca": self.ca.as_ref().map_or("", |(_, pem)| pem.as_str()),
-            }),
-        )
+        Ok(serde_json::json!({
+            "Name": name,
+            "Password": password,
+            "Broker": self.settings.broker,
+            "Cert": cert,
+            "Key": key,
+            "Ca": self.ca.as_ref().map_or("", |(_, pem)| pem.as_str()),
+        }))
     }
+}
+
+/// Why a device was not registered.
+pub struct Refusal {
+    pub status: StatusCode,
+    pub error: &'static str,
+    pub message: &'static str,
 }
 
 /// The whole body, if it is within [`MAX_BODY`] and arrives whole.
@@ -307,7 +329,7 @@ pub fn register_device(
             ca_pem.as_deref(),
             Duration::from_secs(30),
         ))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
     if answer.status != StatusCode::CREATED {
         return Err(format!(
             "registration refused ({}): {}",

@@ -26,6 +26,7 @@ impl Answer {
     }
 }
 
+/// Why there is no answer; the caller says what it was trying to reach.
 #[derive(Debug)]
 pub enum SendError {
     BadRequest(String),
@@ -73,18 +74,16 @@ pub async fn send(
         .body(Full::new(body))
         .map_err(|e| SendError::BadRequest(format!("bad URL `{url}`: {e}")))?;
     let exchange = async {
-        let resp = client.request(req).await.map_err(|e| {
-            SendError::Unreachable(format!(
-                "cannot reach {url}: {}",
-                crate::telemetry::error_chain(&e)
-            ))
-        })?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| SendError::Unreachable(crate::telemetry::error_chain(&e)))?;
         let status = resp.status();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| SendError::Unreachable(format!("{url}: the answer was cut short: {e}")))?
+            .map_err(|e| SendError::Unreachable(format!("the answer was cut short: {e}")))?
             .to_bytes();
         Ok(Answer { status, body })
     };

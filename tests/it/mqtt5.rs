@@ -836,6 +836,24 @@ admin:\n  bind: 127.0.0.1:0\nmqtt:\n  registration: {{ key_sha256: '{key_hash}',
     .await;
     assert_eq!(&c.publish().await.payload[..], b"hi");
 
+    // The admin API registers too, its own authentication standing for the key.
+    let by_admin = send(
+        http::Request::post(format!("http://{}/admin/mqtt/register", gw.gw.admin_addr()))
+            .header("content-type", "application/json")
+            .body(full(r#"{"DeviceType": "gateway"}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(by_admin.status, 201, "{}", by_admin.text());
+    let by_admin = by_admin.json();
+    assert!(by_admin["Name"].as_str().unwrap().starts_with("gateway-"));
+    assert!(
+        by_admin["Cert"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+
     // Rate-limited per address: 4 attempts a minute, and a GET is none.
     assert_eq!(
         post(r#"{"RegistrationKey": "reg-key", "DeviceType": "sensor"}"#)
