@@ -972,3 +972,33 @@ async fn keep_alive_second_connect_packet_size_redelivery_and_sys() {
         [SubscribeReasonCode::NotAuthorized]
     );
 }
+
+/// Anonymous clients only when enabled; their `%u` is empty and names no
+/// topic, so only rules written for them apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_clients_only_when_enabled() {
+    let (_gw, addr) = broker(
+        "  auth: { anonymous: true }\n  policy:\n    - allow: { via: [anonymous], actions: [subscribe], topics: ['public/#'] }\n    - allow: { topics: ['%u/#'] }\n",
+    )
+    .await;
+    let io = Box::new(TcpStream::connect(addr).await.unwrap()) as Box<dyn Io>;
+    let (mut anon, ack) = Raw::connect_on(io, "anon", None).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    assert_eq!(
+        anon.subscribe(
+            1,
+            vec![
+                filter("public/#", QoS::AtMostOnce),
+                filter("alice/#", QoS::AtMostOnce),
+                filter("+/#", QoS::AtMostOnce)
+            ],
+            None
+        )
+        .await,
+        [
+            SubscribeReasonCode::Success(QoS::AtMostOnce),
+            SubscribeReasonCode::NotAuthorized,
+            SubscribeReasonCode::NotAuthorized
+        ]
+    );
+}
