@@ -18,5 +18,6 @@ pub mod pki;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
+pub mod wamp;
 
 pub use gateway::{Gateway, Reloaded, StartError};
