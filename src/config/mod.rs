@@ -9,6 +9,7 @@ mod schema;
 mod target;
 pub mod units;
 mod validate;
+mod wamp;
 pub mod watch;
 
 use std::fmt;
@@ -20,6 +21,7 @@ use figment::providers::{Env, Format, Yaml};
 pub use mqtt::*;
 pub use schema::*;
 pub use target::{TargetHost, TargetUrl};
+pub use wamp::*;
 
 /// Environment variables with this prefix override file keys; `__` separates
 /// levels: `TOLLGATE_ADMIN__BIND=0.0.0.0:9090`.

@@ -37,6 +37,9 @@ pub struct Config {
     /// The MQTT broker; its listeners have `protocol: mqtt`.
     #[serde(default)]
     pub mqtt: MqttConfig,
+    /// The WAMP router.
+    #[serde(default)]
+    pub wamp: super::wamp::WampConfig,
     #[serde(default)]
     pub store: StoreConfig,
     /// The directory of the config file: relative paths resolve against it.
@@ -73,6 +76,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             oauth: None,
             mqtt: MqttConfig::default(),
+            wamp: super::wamp::WampConfig::default(),
             store: StoreConfig::default(),
             base_dir: PathBuf::new(),
         }

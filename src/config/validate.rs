@@ -74,6 +74,7 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         oauth(cfg, o, &mut errs);
     }
     mqtt(cfg, &mut errs);
+    wamp(cfg, &mut errs);
     errs.nonzero("proxy.connect_timeout", cfg.proxy.connect_timeout);
     errs.nonzero("proxy.pool_idle_timeout", cfg.proxy.pool_idle_timeout);
     errs.0
@@ -234,6 +235,49 @@ fn mqtt(cfg: &Config, errs: &mut Errors) {
                 );
             }
         }
+    }
+}
+
+fn wamp(cfg: &Config, errs: &mut Errors) {
+    let w = &cfg.wamp;
+    if let Some(ws) = &w.websocket {
+        if !ws.path.starts_with('/') {
+            errs.add("wamp.websocket.path", "must start with `/` (e.g. `/ws`)");
+        }
+        if w.realms.is_empty() {
+            errs.add("wamp.realms", "the router needs at least one realm");
+        }
+        for (i, name) in ws.listeners.iter().flatten().enumerate() {
+            if !cfg
+                .listeners
+                .iter()
+                .any(|l| &l.name == name && l.protocol.is_http())
+            {
+                errs.add(
+                    format!("wamp.websocket.listeners[{i}]"),
+                    format!("`{name}` is not an http or https listener"),
+                );
+            }
+        }
+    }
+    for (i, realm) in w.realms.iter().enumerate() {
+        if realm.is_empty()
+            || realm.split('.').any(str::is_empty)
+            || realm.contains(char::is_whitespace)
+        {
+            errs.add(
+                format!("wamp.realms[{i}]"),
+                "must be a URI (`com.example.realm`)",
+            );
+        }
+    }
+    if let Err(problems) = crate::authz::Policy::compile(&w.policy, crate::authz::Resource::Uri) {
+        for (at, message) in problems {
+            errs.add(format!("wamp.policy{at}"), message);
+        }
+    }
+    if w.max_queued_messages == 0 {
+        errs.add("wamp.max_queued_messages", "must be at least 1");
     }
 }
 

@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::oauth::OAuthRuntime;
 use crate::transport::tls::{ServerMaterial, TlsListener, load_server};
 use crate::transport::{self, ListenerInfo, Shutdown};
-use parts::{AdminPart, HttpPart, Material, MqttPart, Part, TokenServerPart};
+use parts::{AdminPart, HttpPart, Material, MqttPart, Part, TokenServerPart, WampPart};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -341,6 +341,17 @@ impl Gateway {
                 }))
             }
         };
+        // The WAMP router, when a WebSocket path serves it.
+        let wamp = match &config.wamp.websocket {
+            None => None,
+            Some(_) => {
+                let settings = crate::wamp::settings(&config, &users).map_err(config_error)?;
+                Some(Arc::new(WampPart {
+                    router: Arc::new(crate::wamp::Router::new(&config.wamp.realms, settings)),
+                    users: users.clone(),
+                }))
+            }
+        };
         crate::telemetry::count_dropped_lines(metrics.access_log_dropped.clone());
         let readiness = Arc::new(Readiness::default());
         let shutdown = Shutdown::default();
@@ -421,6 +432,17 @@ impl Gateway {
             local: Arc::new(LocalSet {
                 token_server: TokenServerSlot(oauth.server.clone()),
                 registration: registration.clone(),
+                wamp: wamp
+                    .as_ref()
+                    .zip(config.wamp.websocket.as_ref())
+                    .map(|(w, ws)| {
+                        Arc::new(crate::wamp::WampOverWebSocket {
+                            router: w.router.clone(),
+                            listeners: ws.listeners.clone(),
+                            path: ws.path.clone(),
+                            metrics: metrics.route("wamp-ws", &listener_names),
+                        })
+                    }),
                 mqtt: mqtt
                     .as_ref()
                     .zip(config.mqtt.websocket.as_ref())
@@ -489,6 +511,7 @@ impl Gateway {
                     Some(http.clone() as Arc<dyn Part>),
                     Some(admin.clone() as Arc<dyn Part>),
                     mqtt.clone().map(|m| m as Arc<dyn Part>),
+                    wamp.clone().map(|w| w as Arc<dyn Part>),
                 ]
                 .into_iter()
                 .flatten()
@@ -1122,6 +1145,7 @@ struct LocalSet {
     token_server: TokenServerSlot,
     registration: Option<Arc<crate::mqtt::Registration>>,
     mqtt: Option<Arc<crate::mqtt::MqttOverWebSocket>>,
+    wamp: Option<Arc<crate::wamp::WampOverWebSocket>>,
 }
 
 impl crate::transport::LocalServices for LocalSet {
@@ -1140,6 +1164,11 @@ impl crate::transport::LocalServices for LocalSet {
             && let Some(ep) = r.endpoint(listener, path)
         {
             return Some((r.clone(), ep));
+        }
+        if let Some(w) = &self.wamp
+            && let Some(ep) = w.endpoint(listener, path)
+        {
+            return Some((w.clone(), ep));
         }
         self.token_server.find(listener, path)
     }

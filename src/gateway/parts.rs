@@ -173,6 +173,26 @@ impl Part for MqttPart {
     }
 }
 
+/// The WAMP router's settings (rules, authentication, limits).
+pub struct WampPart {
+    pub router: Arc<crate::wamp::Router>,
+    pub users: Arc<crate::identity::Users>,
+}
+
+impl Part for WampPart {
+    fn apply<'a>(
+        &'a self,
+        cfg: &'a Arc<Config>,
+        _material: &'a Material,
+    ) -> BoxFuture<'a, Result<(), Vec<ConfigError>>> {
+        let built = crate::wamp::settings(cfg, &self.users);
+        Box::pin(async move {
+            self.router.settings.store(Arc::new(built?));
+            Ok(())
+        })
+    }
+}
+
 /// Who may use the admin API.
 pub struct AdminPart(pub ArcSwap<AdminAuth>);
 

@@ -21,3 +21,4 @@ mod state;
 mod support;
 mod tls;
 mod upstreams;
+mod wamp;
