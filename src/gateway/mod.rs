@@ -24,6 +24,7 @@ use crate::identity::jwt::SelfKeys;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthRuntime;
 use crate::transport::tls::{ServerMaterial, TlsListener, load_server};
+use crate::transport::websocket::WsEndpoint;
 use crate::transport::{self, ListenerInfo, Shutdown};
 use parts::{AdminPart, HttpPart, Material, MqttPart, Part, TokenServerPart, WampPart};
 
@@ -436,23 +437,29 @@ impl Gateway {
                     .as_ref()
                     .zip(config.wamp.websocket.as_ref())
                     .map(|(w, ws)| {
-                        Arc::new(crate::wamp::WampOverWebSocket {
-                            router: w.router.clone(),
+                        Arc::new(WsEndpoint {
+                            name: "wamp-ws",
                             listeners: ws.listeners.clone(),
                             path: ws.path.clone(),
+                            subprotocols: crate::wamp::WS_SUBPROTOCOLS,
                             metrics: metrics.route("wamp-ws", &listener_names),
+                            service: w.router.clone(),
                         })
                     }),
                 mqtt: mqtt
                     .as_ref()
                     .zip(config.mqtt.websocket.as_ref())
                     .map(|(m, ws)| {
-                        Arc::new(crate::mqtt::MqttOverWebSocket {
-                            broker: m.broker.clone(),
+                        Arc::new(WsEndpoint {
+                            name: "mqtt-ws",
                             listeners: ws.listeners.clone(),
                             path: ws.path.clone(),
+                            subprotocols: crate::mqtt::WS_SUBPROTOCOLS,
                             metrics: metrics.route("mqtt-ws", &listener_names),
-                            shutdown: shutdown.graceful.clone(),
+                            service: Arc::new(crate::mqtt::MqttWebSocket {
+                                broker: m.broker.clone(),
+                                shutdown: shutdown.graceful.clone(),
+                            }),
                         })
                     }),
             }),
@@ -1144,8 +1151,8 @@ struct TokenServerSlot(Arc<arc_swap::ArcSwapOption<crate::oauth::OAuthServer>>);
 struct LocalSet {
     token_server: TokenServerSlot,
     registration: Option<Arc<crate::mqtt::Registration>>,
-    mqtt: Option<Arc<crate::mqtt::MqttOverWebSocket>>,
-    wamp: Option<Arc<crate::wamp::WampOverWebSocket>>,
+    mqtt: Option<Arc<WsEndpoint<crate::mqtt::MqttWebSocket>>>,
+    wamp: Option<Arc<WsEndpoint<crate::wamp::Router>>>,
 }
 
 impl crate::transport::LocalServices for LocalSet {

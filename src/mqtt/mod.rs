@@ -15,13 +15,11 @@ mod session;
 pub mod topic;
 mod ws;
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
 
 pub use broker::{Broker, Settings};
 use connection::ConnInfo;
@@ -30,11 +28,9 @@ pub use register::Registration;
 use crate::authz::syntax::RuleConfig;
 use crate::authz::{Policy, Resource};
 use crate::config::{Config, ConfigError};
-use crate::identity::{Authenticator, CertIdentity, Providers, Users};
-use crate::metrics::{Metrics, RouteMetrics};
-use crate::transport::{
-    self, ConnState, FrontEnd, LocalBody, LocalFuture, LocalService, Shutdown, Stream, Switch,
-};
+use crate::identity::{Authenticator, Providers, Users};
+use crate::metrics::Metrics;
+use crate::transport::{self, ConnState, FrontEnd, Shutdown, Stream};
 
 /// Each user under its own name (tstack's rule).
 const DEFAULT_POLICY: &str =
@@ -263,101 +259,49 @@ impl FrontEnd for MqttFrontEnd {
     }
 }
 
-/// MQTT over WebSocket (subprotocol `mqtt`) at a path of HTTP listeners.
-pub struct MqttOverWebSocket {
+/// MQTT over WebSocket (subprotocol `mqtt`; `mqttv3.1` is what some 3.1.1
+/// clients offer): each connection's binary messages are its byte stream.
+pub struct MqttWebSocket {
     pub broker: Arc<Broker>,
-    /// `None`: every HTTP listener.
-    pub listeners: Option<Vec<String>>,
-    pub path: String,
-    pub metrics: RouteMetrics,
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
-impl LocalService for MqttOverWebSocket {
-    fn name(&self) -> &str {
-        "mqtt-ws"
+/// The subprotocols MQTT over WebSocket takes.
+pub const WS_SUBPROTOCOLS: &[&str] = &["mqtt", "mqttv3.1"];
+
+impl transport::websocket::WsService for MqttWebSocket {
+    fn max_message(&self) -> usize {
+        // Packets may span messages; a message is at most a packet and a
+        // header.
+        self.broker
+            .settings
+            .load()
+            .limits
+            .max_packet_size
+            .as_usize()
+            + 8
     }
 
-    fn metrics(&self) -> &RouteMetrics {
-        &self.metrics
-    }
-
-    fn endpoint(&self, listener: &str, path: &str) -> Option<u16> {
-        let on = self
-            .listeners
-            .as_ref()
-            .is_none_or(|l| l.iter().any(|n| n == listener));
-        (on && path == self.path).then_some(0)
-    }
-
-    fn serve<'a>(
+    fn serve(
         self: Arc<Self>,
-        _endpoint: u16,
-        _request: Request<LocalBody>,
-        _peer: IpAddr,
-        _cert: Option<&'a CertIdentity>,
-    ) -> LocalFuture<'a> {
-        Box::pin(async {
-            let mut r = Response::new(Bytes::from_static(
-                b"MQTT over WebSocket: connect with subprotocol `mqtt`\n",
-            ));
-            *r.status_mut() = http::StatusCode::UPGRADE_REQUIRED;
-            r.headers_mut().insert(
-                http::header::UPGRADE,
-                http::HeaderValue::from_static("websocket"),
-            );
-            r
-        })
-    }
-
-    fn upgrades(&self, _endpoint: u16) -> bool {
-        true
-    }
-
-    fn upgrade(
-        self: Arc<Self>,
-        _endpoint: u16,
-        request: Request<()>,
-        _conn: Arc<ConnState>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Switch> + Send>> {
+        ws: transport::websocket::WebSocket,
+        _protocol: Option<&'static str>,
+        conn: Arc<ConnState>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(async move {
-            // `mqttv3.1` is what some 3.1.1 clients (Paho JS) offer.
-            let accepted = match transport::websocket::accept(&request, &["mqtt", "mqttv3.1"]) {
-                Ok(a) => a,
-                Err(refused) => return Switch::refuse(*refused),
+            let info = ConnInfo {
+                listener: conn.listener.name.clone(),
+                peer: conn.peer,
+                cert: conn.peer_cert.clone(),
+                transport: "websocket",
             };
-            let service = self.clone();
-            Switch {
-                response: accepted.response,
-                takeover: Some(Box::new(move |io, conn| {
-                    Box::pin(async move {
-                        let max = service
-                            .broker
-                            .settings
-                            .load()
-                            .limits
-                            .max_packet_size
-                            .as_usize();
-                        // A WebSocket message carries MQTT bytes; packets may
-                        // span messages, so its limit is the packet limit
-                        // plus a header.
-                        let ws = transport::websocket::server(io, max + 8).await;
-                        let info = ConnInfo {
-                            listener: conn.listener.name.clone(),
-                            peer: conn.peer,
-                            cert: conn.peer_cert.clone(),
-                            transport: "websocket",
-                        };
-                        connection::serve(
-                            ws::WsBytes::new(ws),
-                            info,
-                            service.broker.clone(),
-                            service.shutdown.clone(),
-                        )
-                        .await;
-                    })
-                })),
-            }
+            connection::serve(
+                ws::WsBytes::new(ws),
+                info,
+                self.broker.clone(),
+                self.shutdown.clone(),
+            )
+            .await;
         })
     }
 }

@@ -8,7 +8,14 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::UpgradedIo;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use super::{ConnState, LocalBody, LocalFuture, LocalService, Switch, UpgradedIo};
+use crate::identity::CertIdentity;
+use crate::metrics::RouteMetrics;
 
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -139,6 +146,99 @@ pub async fn server(io: Box<dyn UpgradedIo>, max_message: usize) -> WebSocket {
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message));
     WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+}
+
+/// What serves the connections of a WebSocket endpoint (MQTT and WAMP over
+/// WebSocket, the tunnel relay).
+pub trait WsService: Send + Sync + 'static {
+    /// The largest message it takes.
+    fn max_message(&self) -> usize;
+    /// Serves one connection; `protocol` is the subprotocol chosen.
+    fn serve(
+        self: Arc<Self>,
+        ws: WebSocket,
+        protocol: Option<&'static str>,
+        conn: Arc<ConnState>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// A WebSocket endpoint at a path of HTTP listeners, as a local service:
+/// an upgrade offering one of `subprotocols` goes to `service`; any other
+/// request there is answered 426.
+pub struct WsEndpoint<S> {
+    pub name: &'static str,
+    /// `None`: every HTTP listener.
+    pub listeners: Option<Vec<String>>,
+    pub path: String,
+    pub subprotocols: &'static [&'static str],
+    pub metrics: RouteMetrics,
+    pub service: Arc<S>,
+}
+
+impl<S: WsService> LocalService for WsEndpoint<S> {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
+    }
+
+    fn endpoint(&self, listener: &str, path: &str) -> Option<u16> {
+        let on = self
+            .listeners
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|n| n == listener));
+        (on && path == self.path).then_some(0)
+    }
+
+    fn serve<'a>(
+        self: Arc<Self>,
+        _endpoint: u16,
+        _request: Request<LocalBody>,
+        _peer: IpAddr,
+        _cert: Option<&'a CertIdentity>,
+    ) -> LocalFuture<'a> {
+        let hint = format!(
+            "a WebSocket endpoint: connect with subprotocol {}",
+            self.subprotocols.join(", ")
+        );
+        Box::pin(async move {
+            let mut r = *refuse(StatusCode::UPGRADE_REQUIRED, &hint);
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            r
+        })
+    }
+
+    fn upgrades(&self, _endpoint: u16) -> bool {
+        true
+    }
+
+    fn upgrade(
+        self: Arc<Self>,
+        _endpoint: u16,
+        request: Request<()>,
+        _conn: Arc<ConnState>,
+    ) -> Pin<Box<dyn Future<Output = Switch> + Send>> {
+        Box::pin(async move {
+            let accepted = match accept(&request, self.subprotocols) {
+                Ok(a) => a,
+                Err(refused) => return Switch::refuse(*refused),
+            };
+            let service = self.service.clone();
+            let protocol = accepted.protocol;
+            Switch {
+                response: accepted.response,
+                takeover: Some(Box::new(move |io, conn| {
+                    Box::pin(async move {
+                        let ws = server(io, service.max_message()).await;
+                        service.serve(ws, protocol, conn).await;
+                    })
+                })),
+            }
+        })
+    }
 }
 
 #[cfg(test)]
