@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::message::{Id, Message};
 use super::value::Dict;
 use crate::authz::Policy;
-use crate::identity::{Authenticator, Identity};
+use crate::identity::Authenticator;
 
 /// The router's share of the current config.
 pub struct Settings {
@@ -23,11 +23,9 @@ pub struct Settings {
     pub max_message: usize,
 }
 
-/// What the router keeps of a joined session.
+/// What the router keeps of a joined session: where its messages go.
 pub struct Member {
     pub tx: mpsc::Sender<Message>,
-    pub identity: Arc<Identity>,
-    pub authrole: String,
 }
 
 #[derive(Default)]

@@ -53,6 +53,10 @@ impl Wire {
         loop {
             let frame = match self.ws.next().await? {
                 Ok(f) => f,
+                // tungstenite enforces the size limit: say so before closing.
+                Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+                    return Some(Err(format!("a message over the {}-byte limit", self.max)));
+                }
                 Err(_) => return None,
             };
             let bytes = match frame {
@@ -61,9 +65,6 @@ impl Wire {
                 Frame::Close(_) => return None,
                 _ => continue,
             };
-            if bytes.len() > self.max {
-                return Some(Err("message too large".into()));
-            }
             return Some(self.serializer.decode(&bytes).map_err(|e| e.to_string()));
         }
     }
@@ -184,14 +185,7 @@ pub async fn serve(
         });
     let session = fastrand::u64(1..1 << 53);
     let (tx, mut rx) = mpsc::channel(settings.max_queued);
-    realm.state().sessions.insert(
-        session,
-        Member {
-            tx,
-            identity: identity.clone(),
-            authrole: authrole.clone(),
-        },
-    );
+    realm.state().sessions.insert(session, Member { tx });
     let roles = details(&[
         ("broker", Value::Dict(Dict::new())),
         ("dealer", Value::Dict(Dict::new())),

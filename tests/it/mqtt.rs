@@ -331,9 +331,14 @@ async fn topics_are_per_user_and_wildcards_do_not_escape() {
         .unwrap();
     // Users named `+` and `#` get nothing wider than a literal level.
     for user in ["+", "#"] {
-        let mut w = v4_connect(addr, &format!("w{}", user.len()), login(user), true)
-            .await
-            .unwrap();
+        let mut w = v4_connect(
+            addr,
+            &format!("w-{}", if user == "+" { "plus" } else { "hash" }),
+            login(user),
+            true,
+        )
+        .await
+        .unwrap();
         for filter in ["dev-b/#", "+/#", "#"] {
             w.client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
             assert_eq!(

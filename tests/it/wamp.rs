@@ -249,6 +249,26 @@ async fn joins_are_refused_with_a_reason_and_bad_messages_abort_only_their_sessi
         "the other session goes on"
     );
 
+    // A message over the size limit (1 MiB) is refused with the reason.
+    let mut big = joined(&gw, "realm1", "bob", false).await;
+    let huge = format!(
+        "[16, 1, {{}}, \"com.example.x\", [\"{}\"]]",
+        "x".repeat(2 << 20)
+    );
+    // The router stops reading at the frame's header, so the send itself
+    // may meet a reset; either way the session ends at once, never hangs.
+    let _ = big.ws.send(Frame::text(huge)).await;
+    if let Some(abort) = big.try_recv(Duration::from_secs(5)).await {
+        assert_eq!(abort[0], 3);
+        assert!(
+            abort[1]["message"].as_str().unwrap().contains("limit"),
+            "{abort}"
+        );
+    }
+    let mut after = joined(&gw, "realm1", "bob", false).await;
+    after.send(json!([48, 3, {}, "com.example.nothing"])).await;
+    assert_eq!(after.recv().await[4], "wamp.error.no_such_procedure");
+
     // The wrong subprotocol is refused before any WAMP.
     let mut req = format!("ws://{}/ws", gw.addr())
         .into_client_request()
