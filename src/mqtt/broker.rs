@@ -355,39 +355,73 @@ impl Broker {
                 .iter()
                 .map(|(f, o)| StoredSubscription::new(f, o))
                 .collect(),
+            owner: st.owner.clone(),
         };
         // Sent under the session's lock: records reach the journal in order.
         j.send(Op::Session(session.client_id.to_string(), Some(record)));
     }
 
+    /// Ends a session whose connection left or whose expiry ran out, unless
+    /// a client came back to it meanwhile (`generation` moved). Checked
+    /// and removed under the `sessions` lock, which a resuming CONNECT
+    /// holds while it moves the generation. Whether it ended.
+    pub fn end_session(&self, session: &Arc<Session>, generation: u64) -> bool {
+        {
+            let mut sessions = self.sessions();
+            if session.state().generation != generation || !self.unmap(&mut sessions, session) {
+                return false;
+            }
+        }
+        self.unsubscribe_all(session);
+        true
+    }
+
+    /// A session a clean start replaced (the map holds the new one): its
+    /// subscriptions go, and its journal record with its queue.
+    pub fn forget_replaced(&self, old: &Arc<Session>) {
+        self.unsubscribe_all(old);
+        if let Some(j) = &self.journal {
+            j.send(Op::Session(old.client_id.to_string(), None));
+        }
+    }
+
     /// Forgets a session and its subscriptions.
     pub fn drop_session(&self, session: &Arc<Session>) {
-        let subs: Vec<String> = session
-            .state()
-            .subscriptions
-            .drain()
-            .map(|(f, _)| f)
-            .collect();
-        {
-            let mut router = self.router_write();
-            for raw in &subs {
-                if let Ok(s) = super::topic::parse_subscription(raw) {
-                    router.unsubscribe(s.share, s.filter, session.id);
-                }
-            }
-            self.metrics.subscriptions.set(router.len() as i64);
-        }
+        self.unsubscribe_all(session);
         let mut sessions = self.sessions();
-        if sessions
+        self.unmap(&mut sessions, session);
+    }
+
+    /// Takes `session` out of the map (and the journal) if it is the one
+    /// there; whether it was.
+    fn unmap(&self, sessions: &mut HashMap<Arc<str>, Arc<Session>>, session: &Session) -> bool {
+        let mapped = sessions
             .get(&session.client_id)
-            .is_some_and(|s| s.id == session.id)
-        {
+            .is_some_and(|s| s.id == session.id);
+        if mapped {
             sessions.remove(&session.client_id);
             if let Some(j) = &self.journal {
                 j.send(Op::Session(session.client_id.to_string(), None));
             }
         }
         self.metrics.sessions.set(sessions.len() as i64);
+        mapped
+    }
+
+    fn unsubscribe_all(&self, session: &Session) {
+        let subs: Vec<String> = session
+            .state()
+            .subscriptions
+            .drain()
+            .map(|(f, _)| f)
+            .collect();
+        let mut router = self.router_write();
+        for raw in &subs {
+            if let Ok(s) = super::topic::parse_subscription(raw) {
+                router.unsubscribe(s.share, s.filter, session.id);
+            }
+        }
+        self.metrics.subscriptions.set(router.len() as i64);
     }
 
     /// Disconnects a client (v5: 0x98, administrative action) and ends its
@@ -459,6 +493,7 @@ impl Broker {
             {
                 let mut st = session.state();
                 st.expiry_secs = r.session.expiry_secs;
+                st.owner = r.session.owner.clone();
                 for sub in &r.session.subscriptions {
                     st.subscriptions.insert(sub.filter.clone(), sub.options());
                 }
@@ -511,9 +546,7 @@ impl Broker {
             let generation = session.state().generation;
             tokio::spawn(async move {
                 tokio::time::sleep(std::time::Duration::from_secs(remaining)).await;
-                if session.state().generation == generation {
-                    broker.drop_session(&session);
-                }
+                broker.end_session(&session, generation);
             });
         }
         self.metrics.sessions.set(self.sessions().len() as i64);

@@ -241,7 +241,7 @@ impl Connection {
             let id = format!("auto-{:016x}", fastrand::u64(..));
             assigned = Some(id.clone());
             Arc::from(id)
-        } else if connect.client_id.len() > 256 {
+        } else if connect.client_id.len() > 256 || connect.client_id.contains('\0') {
             refuse(
                 io,
                 Refused(
@@ -353,44 +353,67 @@ impl Connection {
         };
 
         // Attach: take over a connection with the same id, resume or
-        // replace its session.
+        // replace its session. A session is resumed only by whoever owns
+        // it (the same user, authenticated the same way): another client
+        // using its id starts afresh and ends the old one. Generations
+        // move while `sessions` is held, so an expiry timer (which checks
+        // under the same lock) never ends a session being resumed.
         let kick = Arc::new(Notify::new());
-        let (session, present, replaced) = {
+        let (session, present, replaced, generation) = {
             let mut sessions = broker.sessions();
             let existing = sessions.get(&client_id).cloned();
+            let owner = (
+                identity.subject.clone(),
+                identity.method.as_str().to_owned(),
+            );
+            let owned = |s: &Arc<Session>| s.state().owner.as_ref().is_none_or(|o| *o == owner);
             let (session, present, replaced) = match existing {
-                Some(s) if !connect.clean_start => (s, true, None),
+                Some(s) if !connect.clean_start && owned(&s) => (s, true, None),
                 old => {
                     let s = Session::new(client_id.clone());
                     sessions.insert(client_id.clone(), s.clone());
                     (s, false, old)
                 }
             };
-            broker.metrics.sessions.set(sessions.len() as i64);
-            (session, present, replaced)
-        };
-        for old in [replaced.as_ref(), present.then_some(&session)]
-            .into_iter()
-            .flatten()
-        {
-            let mut st = old.state();
-            st.generation += 1;
-            if let Some(k) = st.kick.take() {
-                k.notify_one();
+            for old in [replaced.as_ref(), present.then_some(&session)]
+                .into_iter()
+                .flatten()
+            {
+                let mut st = old.state();
+                st.generation += 1;
+                if let Some(k) = st.kick.take() {
+                    k.notify_one();
+                }
             }
-        }
-        if let Some(old) = replaced {
-            broker.drop_session(&old);
-            // drop_session removed the id's entry only if it was `old`.
-        }
-        let generation = {
-            let mut st = session.state();
-            st.generation += 1;
-            st.kick = Some(kick.clone());
-            st.expiry_secs = expiry;
-            st.identity = Some(identity.clone());
-            st.generation
+            let generation = {
+                let mut st = session.state();
+                st.generation += 1;
+                st.kick = Some(kick.clone());
+                st.expiry_secs = expiry;
+                st.identity = Some(identity.clone());
+                st.owner = Some(owner.clone());
+                st.generation
+            };
+            broker.metrics.sessions.set(sessions.len() as i64);
+            (session, present, replaced, generation)
         };
+        if let Some(old) = replaced {
+            // The map holds the new session now: the old one's journal
+            // record (its queue and QoS 2 state) goes here, before the new
+            // one's is written.
+            broker.forget_replaced(&old);
+        }
+        if present {
+            // Rules may have changed since the session was made (a reload,
+            // a restart): what it may no longer hold goes.
+            drop_refused_subscriptions(
+                broker,
+                &settings,
+                claim_policy.as_ref(),
+                &identity,
+                &session,
+            );
+        }
         session.set_connected(true);
         broker.persist_session(&session, 0);
 
@@ -668,7 +691,11 @@ impl Connection {
 
     fn write_delivery(&mut self, pkid: u16, d: &Delivery, dup: bool) {
         let m = &d.message;
-        let mut properties = m.properties.clone();
+        // 3.1.1 carries no properties: nothing to copy for it.
+        let mut properties = match self.version {
+            Version::V5 => m.properties.clone(),
+            Version::V311 => None,
+        };
         if self.version == Version::V5 {
             if let Some(at) = m.expires_at {
                 let left = at
@@ -685,22 +712,25 @@ impl Connection {
                     .subscription_identifiers = d.subscription_ids.clone();
             }
         }
-        // Outbound topic aliases (v5), up to what the client takes.
-        let mut topic = Bytes::copy_from_slice(m.topic.as_bytes());
+        // Outbound topic aliases (v5), up to what the client takes; a new
+        // alias counts only once its packet is written.
+        let mut topic = None;
+        let mut new_alias = None;
         if self.version == Version::V5 && self.client_alias_max > 0 {
             match self.aliases_out.get(&m.topic) {
                 Some(alias) => {
                     properties.get_or_insert_with(Default::default).topic_alias = Some(*alias);
-                    topic = Bytes::new();
+                    topic = Some(Bytes::new());
                 }
                 None if self.aliases_out.len() < usize::from(self.client_alias_max) => {
                     let alias = self.aliases_out.len() as u16 + 1;
-                    self.aliases_out.insert(m.topic.clone(), alias);
+                    new_alias = Some(alias);
                     properties.get_or_insert_with(Default::default).topic_alias = Some(alias);
                 }
                 None => {}
             }
         }
+        let topic = topic.unwrap_or_else(|| Bytes::copy_from_slice(m.topic.as_bytes()));
         let publish = Packet::Publish(Publish {
             dup,
             qos: d.qos,
@@ -708,11 +738,7 @@ impl Connection {
             topic,
             pkid,
             payload: m.payload.clone(),
-            properties: if self.version == Version::V5 {
-                properties
-            } else {
-                None
-            },
+            properties,
         });
         let before = self.out.len();
         match codec::write(
@@ -722,6 +748,9 @@ impl Connection {
             self.client_max_packet,
         ) {
             Ok(()) => {
+                if let Some(alias) = new_alias {
+                    self.aliases_out.insert(m.topic.clone(), alias);
+                }
                 self.counters.messages_out[d.qos as usize].inc();
                 self.broker
                     .totals
@@ -833,12 +862,11 @@ impl Connection {
             Packet::Subscribe(s) => return self.subscribe(s),
             Packet::Unsubscribe(u) => {
                 let mut reasons = Vec::with_capacity(u.filters.len());
+                let mut any = false;
                 for raw in &u.filters {
                     let removed = self.session.state().subscriptions.remove(raw).is_some();
-                    if removed {
-                        self.broker.persist_session(&self.session, 0);
-                    }
-                    if let Ok(sub) = topic::parse_subscription(raw) {
+                    any |= removed;
+                    if removed && let Ok(sub) = topic::parse_subscription(raw) {
                         let mut router = self.broker.router_write();
                         router.unsubscribe(sub.share, sub.filter, self.session.id);
                         self.broker.metrics.subscriptions.set(router.len() as i64);
@@ -847,6 +875,9 @@ impl Connection {
                         true => UnsubAckReason::Success,
                         false => UnsubAckReason::NoSubscriptionExisted,
                     });
+                }
+                if any {
+                    self.broker.persist_session(&self.session, 0);
                 }
                 self.send(&Packet::UnsubAck(UnsubAck {
                     pkid: u.pkid,
@@ -862,7 +893,12 @@ impl Connection {
                     if st.expiry_secs == 0 && expiry > 0 {
                         return Some(End::Error(DisconnectReasonCode::ProtocolError));
                     }
-                    let max = self.settings().limits.max_session_expiry.as_secs() as u32;
+                    let max = self
+                        .settings()
+                        .limits
+                        .max_session_expiry
+                        .as_secs()
+                        .min(u64::from(u32::MAX)) as u32;
                     st.expiry_secs = expiry.min(max);
                 }
                 return Some(End::Disconnected {
@@ -941,7 +977,7 @@ impl Connection {
                 .denied
                 .with_label_values(&[&self.info_listener, "publish"])
                 .inc();
-            if self.denied_logged.len() < 1000 && self.denied_logged.insert(topic.to_string()) {
+            if self.denied_logged.len() < 1000 && self.denied_logged.insert(bounded(&topic)) {
                 tracing::info!(client_id = %self.session.client_id, user = %self.identity.subject,
                     topic = %topic, decision = %decision, "MQTT publish denied");
             }
@@ -1058,7 +1094,7 @@ impl Connection {
                     .denied
                     .with_label_values(&[&self.info_listener, "subscribe"])
                     .inc();
-                if self.denied_logged.len() < 1000 && self.denied_logged.insert(path.clone()) {
+                if self.denied_logged.len() < 1000 && self.denied_logged.insert(bounded(&path)) {
                     tracing::info!(client_id = %self.session.client_id, user = %self.identity.subject,
                         filter = %path, decision = %decision, "MQTT subscription denied");
                 }
@@ -1081,7 +1117,6 @@ impl Connection {
                 .state()
                 .subscriptions
                 .insert(path.clone(), options);
-            self.broker.persist_session(&self.session, 0);
             codes.push(SubscribeReasonCode::Success(qos));
             // Retained messages: not for shared subscriptions (§4.8.2);
             // otherwise per retain handling.
@@ -1110,6 +1145,8 @@ impl Connection {
                 }
             }
         }
+        // The session's record, once per SUBSCRIBE.
+        self.broker.persist_session(&self.session, 0);
         self.send(&Packet::SubAck(SubAck {
             pkid: s.pkid,
             return_codes: codes,
@@ -1247,16 +1284,15 @@ impl Connection {
     /// expiry is kept that long unless the client comes back.
     fn end_session(&self, expiry: u32) {
         if expiry == 0 {
-            self.broker.drop_session(&self.session);
+            self.broker.end_session(&self.session, self.generation);
             return;
         }
         let (broker, session, generation) =
             (self.broker.clone(), self.session.clone(), self.generation);
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
-            if session.state().generation == generation {
+            if broker.end_session(&session, generation) {
                 tracing::debug!(client_id = %session.client_id, "MQTT session expired");
-                broker.drop_session(&session);
             }
         });
     }
@@ -1465,6 +1501,54 @@ fn entry_rules(
                 .collect::<Vec<_>>()
                 .join("; ")
         })
+}
+
+/// A topic as the denial log remembers it: at most 256 bytes of it.
+fn bounded(topic: &str) -> String {
+    let mut end = topic.len().min(256);
+    while !topic.is_char_boundary(end) {
+        end -= 1;
+    }
+    topic[..end].to_owned()
+}
+
+/// Drops a resumed session's subscriptions the rules no longer allow.
+fn drop_refused_subscriptions(
+    broker: &Broker,
+    settings: &Settings,
+    claim: Option<&Arc<crate::authz::Policy>>,
+    who: &Identity,
+    session: &Arc<Session>,
+) {
+    let held: Vec<(String, SubOptions)> = session
+        .state()
+        .subscriptions
+        .iter()
+        .map(|(f, o)| (f.clone(), *o))
+        .collect();
+    let mut dropped = false;
+    for (raw, opts) in held {
+        let Ok(sub) = topic::parse_subscription(&raw) else {
+            continue;
+        };
+        let action = Action::Subscribe {
+            filter: sub.filter,
+            qos: opts.qos as u8,
+        };
+        if decide(settings, claim, who, &action).allowed() {
+            continue;
+        }
+        session.state().subscriptions.remove(&raw);
+        broker
+            .router_write()
+            .unsubscribe(sub.share, sub.filter, session.id);
+        tracing::info!(client_id = %session.client_id, filter = %raw,
+            "MQTT subscription dropped on resume: the rules no longer allow it");
+        dropped = true;
+    }
+    if dropped {
+        broker.persist_session(session, 0);
+    }
 }
 
 fn looks_like_jwt(s: &str) -> bool {

@@ -91,6 +91,9 @@ pub struct StoredSession {
     /// Unix seconds the client left (0 while connected).
     pub left_at: u64,
     pub subscriptions: Vec<StoredSubscription>,
+    /// The owner's user name and authentication method.
+    #[serde(default)]
+    pub owner: Option<(String, String)>,
 }
 
 /// A session as recovered at start.
@@ -506,6 +509,7 @@ mod tests {
                         retain_as_published: true,
                         id: Some(4),
                     }],
+                    owner: Some(("alice".into(), "password".into())),
                 }),
             ));
             j.send(Op::Enqueue("c1".into(), 1, d.clone()));
@@ -518,6 +522,7 @@ mod tests {
                     expiry_secs: 1,
                     left_at: 0,
                     subscriptions: vec![],
+                    owner: None,
                 }),
             ));
             j.send(Op::Enqueue("gone".into(), 1, d.clone()));

@@ -117,6 +117,9 @@ pub struct SessionState {
     pub kick: Option<Arc<Notify>>,
     /// Who attached last (reloaded rules are checked against it).
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// Whose session it is: the user and how it authenticated. Only they
+    /// resume it (kept in the journal, so across restarts too).
+    pub owner: Option<(String, String)>,
     /// The next journal sequence of a persisted delivery.
     pub next_seq: u64,
     /// Ended by an operator (the admin API), not by a newer connection.
@@ -178,6 +181,7 @@ impl Session {
                 generation: 0,
                 kick: None,
                 identity: None,
+                owner: None,
                 next_seq: 1,
                 evicted: false,
             }),

@@ -91,7 +91,13 @@ pub fn parse_subscription(raw: &str) -> Result<Subscription<'_>, TopicError> {
         });
     };
     let (group, filter) = rest.split_once('/').ok_or(TopicError::BadShare)?;
-    if group.is_empty() || group.contains(['+', '#']) || filter.is_empty() {
+    // The filter of a share is not itself a share: the policy reads what
+    // follows `$share/<group>/` once, and so must the router.
+    if group.is_empty()
+        || group.contains(['+', '#'])
+        || filter.is_empty()
+        || filter.starts_with("$share/")
+    {
         return Err(TopicError::BadShare);
     }
     valid_filter(filter)?;
@@ -147,7 +153,13 @@ mod tests {
                 filter: "a/+"
             }
         );
-        for bad in ["$share/g", "$share//a", "$share/g+/a", "$share/g/"] {
+        for bad in [
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+            "$share/g/",
+            "$share/g/$share/h/x",
+        ] {
             assert!(parse_subscription(bad).is_err(), "{bad}");
         }
     }

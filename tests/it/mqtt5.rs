@@ -1002,3 +1002,38 @@ async fn anonymous_clients_only_when_enabled() {
         ]
     );
 }
+
+/// A session is resumed only by its owner: another user with the same
+/// client id starts afresh (and the old session, with what was queued for
+/// it, is gone rather than handed over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_cannot_resume_a_session_by_its_client_id() {
+    let (_gw, addr) = broker("").await;
+    let mut keep = ConnectProperties::new();
+    keep.session_expiry_interval = Some(60);
+    let (mut owner, _) = Raw::connect_with(addr, "dev-1", "alice", false, keep.clone(), None).await;
+    owner
+        .subscribe(1, vec![filter("shared/private", QoS::AtLeastOnce)], None)
+        .await;
+    drop(owner);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut p, _) = Raw::connect(addr, "p", "bob", ConnectProperties::new()).await;
+    p.send(publish(
+        "shared/private",
+        QoS::AtLeastOnce,
+        1,
+        "for alice",
+        None,
+    ))
+    .await;
+    assert!(matches!(p.recv().await, Packet::PubAck(_)));
+    let (mut thief, ack) = Raw::connect_with(addr, "dev-1", "bob", false, keep.clone(), None).await;
+    assert!(!ack.session_present, "not bob's session");
+    assert!(
+        thief.try_recv(Duration::from_millis(500)).await.is_none(),
+        "alice's queue is not handed over"
+    );
+    // The id now holds bob's fresh session: alice does not get that either.
+    let (_back, ack) = Raw::connect_with(addr, "dev-1", "alice", false, keep, None).await;
+    assert!(!ack.session_present, "bob's session is not alice's");
+}
