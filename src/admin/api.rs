@@ -63,7 +63,7 @@ fn config_errors(errors: &[crate::config::ConfigError]) -> Response<Full<Bytes>>
     )
 }
 
-fn no_content() -> Response<Full<Bytes>> {
+pub(super) fn no_content() -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
     resp
@@ -185,10 +185,7 @@ where
         },
         (&Method::DELETE, ["admin", "mqtt", "sessions", client_id]) => {
             match gw.mqtt_kick(client_id) {
-                Some(true) => Response::builder()
-                    .status(StatusCode::NO_CONTENT)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap_or_default(),
+                Some(true) => no_content(),
                 Some(false) => error(
                     StatusCode::NOT_FOUND,
                     format!("no MQTT session `{client_id}`"),

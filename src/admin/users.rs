@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AdminBackend;
-use super::api::{blocking, error, json_response, store_failed};
+use super::api::{blocking, error, json_response, no_content, store_failed};
 use crate::identity::User;
 use crate::identity::passwords::{self, UserTopic};
 
@@ -32,10 +32,11 @@ pub struct UserDoc {
 pub async fn list(gw: &dyn AdminBackend) -> Response<Full<Bytes>> {
     let file = gw.file_config();
     let read = blocking(move || {
-        let store = crate::store::open(&file).map_err(|e| e.to_string())?;
-        store
-            .records::<User>(crate::store::Table::Users)
-            .map_err(|e| e.to_string())
+        // Reading never creates the store.
+        match crate::store::existing(&file).map_err(|e| e.to_string())? {
+            Some(store) => passwords::stored_users(&*store),
+            None => Ok(Vec::new()),
+        }
     })
     .await;
     match read {
@@ -52,11 +53,14 @@ pub async fn list(gw: &dyn AdminBackend) -> Response<Full<Bytes>> {
 
 pub async fn get(gw: &dyn AdminBackend, name: &str) -> Response<Full<Bytes>> {
     let (file, name) = (gw.file_config(), name.to_owned());
-    let read = blocking(move || {
-        let store = crate::store::open(&file).map_err(|e| e.to_string())?;
-        passwords::stored_user(&*store, &name)
-    })
-    .await;
+    let read =
+        blocking(
+            move || match crate::store::existing(&file).map_err(|e| e.to_string())? {
+                Some(store) => passwords::stored_user(&*store, &name),
+                None => Ok(None),
+            },
+        )
+        .await;
     match read {
         Ok(Some(u)) => json_response(StatusCode::OK, &passwords::describe(&u)),
         Ok(None) => error(StatusCode::NOT_FOUND, "no such user"),
@@ -82,6 +86,10 @@ pub async fn put(
     if let Err(why) = passwords::usable_name(&name) {
         return error(StatusCode::BAD_REQUEST, format!("name: {why}"));
     }
+    if let Err(e) = doc.topics.iter().try_for_each(UserTopic::check) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let given = doc.password.is_some();
     let (password, generated) = match passwords::new_password(doc.password) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -95,13 +103,19 @@ pub async fn put(
     );
     let written = blocking(move || {
         let store = crate::store::open(&file).map_err(|e| e.to_string())?;
-        let existed = passwords::stored_user(&*store, &made_name)?.is_some();
+        let existing = passwords::stored_user(&*store, &made_name)?;
+        let existed = existing.is_some();
         if existed && creating {
             return Ok(None);
         }
+        // A change of roles or topics keeps the password it had.
+        let password_hash = match existing {
+            Some(old) if !given => old.password_hash,
+            _ => passwords::hash_password(secret.as_bytes())?,
+        };
         let user = User {
             name: made_name,
-            password_hash: passwords::hash_password(secret.as_bytes())?,
+            password_hash,
             roles: doc.roles,
             claims: doc.claims,
             topics: doc.topics,
@@ -116,7 +130,7 @@ pub async fn put(
         Ok(Some((user, existed))) => {
             tracing::info!(user = %user.name, "user saved through the admin API");
             let mut body = passwords::describe(&user);
-            if generated {
+            if generated && (creating || !existed) {
                 body["password"] = Value::String(password);
             }
             let status = if existed {
@@ -136,17 +150,16 @@ pub async fn delete(gw: &dyn AdminBackend, name: &str) -> Response<Full<Bytes>> 
     let removed = blocking(move || {
         let store = crate::store::open(&file).map_err(|e| e.to_string())?;
         let removed = passwords::remove_user(&*store, &target)?;
-        users.remove(&target);
+        if removed {
+            users.remove(&target);
+        }
         Ok(removed)
     })
     .await;
     match removed {
         Ok(true) => {
             tracing::info!(user = %name, "user removed through the admin API");
-            Response::builder()
-                .status(StatusCode::NO_CONTENT)
-                .body(Full::new(Bytes::new()))
-                .unwrap_or_default()
+            no_content()
         }
         Ok(false) => error(StatusCode::NOT_FOUND, "no such user"),
         Err(e) => store_failed(e),

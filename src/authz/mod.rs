@@ -597,17 +597,22 @@ impl Rule {
 }
 
 impl Rule {
-    /// The conditions on the action itself: who it is for, QoS, retain.
+    /// The conditions on the action itself: QoS, retain. One the action
+    /// does not carry (retain on a subscription) holds for an allow rule
+    /// and not for a deny rule: `deny {retain: true}` stops retained
+    /// publishes, not subscriptions.
     fn fits(&self, action: &Action<'_>) -> bool {
         let (qos, retain) = match *action {
             Action::Publish { qos, retain, .. } => (Some(qos), Some(retain)),
             Action::Subscribe { qos, .. } => (Some(qos), None),
             _ => (None, None),
         };
-        self.max_qos.is_none_or(|max| qos.is_none_or(|q| q <= max))
+        let absent = self.effect == Effect::Allow;
+        self.max_qos
+            .is_none_or(|max| qos.map_or(absent, |q| q <= max))
             && self
                 .retain
-                .is_none_or(|want| retain.is_none_or(|r| r == want))
+                .is_none_or(|want| retain.map_or(absent, |r| r == want))
     }
 }
 

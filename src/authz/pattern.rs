@@ -129,6 +129,8 @@ impl Pattern {
                 (Segment::Rest, Some(Want::Exact(w))) if first && w.starts_with('$') => false,
                 (Segment::Rest, _) => return true,
                 (_, None) => false,
+                // `#` at the first level names no `$` topic either.
+                (Segment::Literal(l), Some(Want::Rest)) if first && l.starts_with('$') => false,
                 (_, Some(Want::Rest)) => return satisfiable(level),
                 (_, Some(Want::Prefix(_))) => return satisfiable(level),
                 (Segment::One, Some(Want::Exact(w))) => !(first && w.starts_with('$')),

@@ -736,3 +736,42 @@ fn deny_rules_stop_filters_that_reach_them() {
     };
     assert!(!publish("secret/x") && publish("public/x"));
 }
+
+/// Conditions an action does not carry: an allow rule's hold, a deny
+/// rule's do not (a `retain` deny stops retained publishes, not
+/// subscriptions); `#` never reaches a denied `$` topic.
+#[test]
+fn deny_conditions_apply_only_where_they_can() {
+    let acl = r##"[
+        {"deny": {"retain": true, "topics": ["#"]}},
+        {"deny": {"topics": ["$SYS/#"]}},
+        {"allow": {"topics": ["#"]}}
+    ]"##;
+    let policy = Policy::compile(&rules(acl), Resource::Topic).unwrap();
+    let who = jwt("d1", &[], &[], json!({}));
+    let sub = |filter| {
+        policy
+            .evaluate(&who, &Action::Subscribe { filter, qos: 0 })
+            .allowed()
+    };
+    let publish = |retain| {
+        policy
+            .evaluate(
+                &who,
+                &Action::Publish {
+                    topic: "a/b",
+                    qos: 0,
+                    retain,
+                },
+            )
+            .allowed()
+    };
+    assert!(
+        sub("#"),
+        "neither the retain deny nor the $SYS deny reaches `#`"
+    );
+    assert!(sub("a/+"));
+    assert!(!sub("$SYS/broker/uptime"));
+    assert!(publish(false));
+    assert!(!publish(true));
+}

@@ -684,6 +684,11 @@ fn auth(a: &AuthConfig, errs: &mut Errors) {
                 format!("duplicate user `{}` (also auth.users[{first}])", u.name),
             );
         }
+        for (j, t) in u.topics.iter().enumerate() {
+            if let Err(why) = t.check() {
+                errs.add(format!("{path}.topics[{j}].topic"), why);
+            }
+        }
         if let Err(why) = crate::identity::passwords::usable_hash(&u.password_hash) {
             errs.add(
                 format!("{path}.password_hash"),

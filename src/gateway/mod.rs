@@ -145,8 +145,6 @@ impl Worker {
     }
 }
 
-/// Loads a config and everything it points at (key files, secrets,
-/// certificates) without starting anything: `tollgate check-config`.
 /// Serves a listener's share of connections on this worker.
 fn spawn_listener<F: transport::FrontEnd>(
     shutdown: &Shutdown,
@@ -164,6 +162,8 @@ fn spawn_listener<F: transport::FrontEnd>(
     ));
 }
 
+/// Loads a config and everything it points at (key files, secrets,
+/// certificates) without starting anything: `tollgate check-config`.
 pub fn check_config(path: &std::path::Path) -> Result<Config, ConfigErrors> {
     let cfg = config::parse(path)?;
     let mut errors = config::problems(&cfg);
@@ -205,14 +205,6 @@ fn listener_tls(cfg: &Config) -> Result<Vec<Option<ServerMaterial>>, Vec<ConfigE
 }
 
 /// Config errors in one line.
-fn describe(errors: &[crate::config::ConfigError]) -> String {
-    errors
-        .iter()
-        .map(|e| format!("{}: {}", e.path, e.message))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// gateway.yaml merged with the routes registered through the admin API
 /// (read from the store when it exists; never creates it).
 fn effective(file: &Config) -> Result<(Config, dynamic::Merged), String> {
@@ -312,7 +304,7 @@ impl Gateway {
         match token_server.apply(&config, &material).await {
             Ok(()) => {}
             Err(errors) if errors.iter().all(|e| e.path == "store.path") => {
-                let why = describe(&errors);
+                let why = dynamic::describe(&errors);
                 oauth.start_without_store(&config, &material.providers.revocations, &why);
                 store_down.get_or_insert(why);
             }
@@ -513,12 +505,16 @@ impl Gateway {
                 oauth: oauth.clone(),
                 users,
                 registration,
+                // Parts that can refuse a reload go first, those that cannot last,
+                // so a refused reload changes nothing: MQTT and WAMP refuse
+                // only rules that validation refused already; the token
+                // server refuses a store it cannot read.
                 parts: [
+                    mqtt.clone().map(|m| m as Arc<dyn Part>),
+                    wamp.clone().map(|w| w as Arc<dyn Part>),
                     Some(token_server as Arc<dyn Part>),
                     Some(http.clone() as Arc<dyn Part>),
                     Some(admin.clone() as Arc<dyn Part>),
-                    mqtt.clone().map(|m| m as Arc<dyn Part>),
-                    wamp.clone().map(|w| w as Arc<dyn Part>),
                 ]
                 .into_iter()
                 .flatten()
@@ -1076,8 +1072,6 @@ async fn settled(path: &std::path::Path, debounce: Duration) {
     }
 }
 
-/// Whether access log lines are written: the config asks for them and the
-/// log filter lets `tollgate::access` through at info.
 /// The admin API's view of the running gateway.
 impl AdminBackend for Gateway {
     fn mqtt_register(

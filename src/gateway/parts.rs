@@ -149,6 +149,8 @@ impl Part for HttpPart {
     }
 }
 
+/// Whether access log lines are written: the config asks for them and the
+/// log filter lets `tollgate::access` through at info.
 pub fn access_log_on(config: &Config) -> bool {
     config.proxy.access_log && tracing::enabled!(target: "tollgate::access", tracing::Level::INFO)
 }

@@ -60,6 +60,13 @@ pub enum TopicAccess {
 }
 
 impl UserTopic {
+    /// Whether the topic is a filter a rule can hold.
+    pub fn check(&self) -> Result<(), String> {
+        crate::authz::Pattern::parse(&self.topic, crate::authz::Resource::Topic)
+            .map(|_| ())
+            .map_err(|e| format!("topic {e}"))
+    }
+
     /// `read:a/#`, `write:b`, `deny:c`, or a bare filter (read and write).
     pub fn parse(s: &str) -> Result<UserTopic, String> {
         let (access, topic) = match s.split_once(':') {
@@ -72,10 +79,12 @@ impl UserTopic {
         if topic.is_empty() {
             return Err(format!("`{s}`: no topic"));
         }
-        Ok(UserTopic {
+        let t = UserTopic {
             topic: topic.to_owned(),
             access,
-        })
+        };
+        t.check()?;
+        Ok(t)
     }
 }
 
@@ -146,9 +155,14 @@ impl Users {
     /// Adds (or replaces) one user at once, ahead of the store's next
     /// load (a device that registered logs in right away).
     pub fn insert(&self, user: User) {
-        let mut map = HashMap::clone(&self.by_name.load());
-        map.insert(user.name.clone(), Arc::new(user));
-        self.by_name.store(Arc::new(map));
+        let user = Arc::new(user);
+        // rcu: an edit made meanwhile (a registration, another admin
+        // write) is not lost.
+        self.by_name.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert(user.name.clone(), user.clone());
+            map
+        });
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<User>> {
@@ -164,9 +178,11 @@ impl Users {
 
     /// Takes one user out at once, ahead of the store's next load.
     pub fn remove(&self, name: &str) {
-        let mut map = HashMap::clone(&self.by_name.load());
-        map.remove(name);
-        self.by_name.store(Arc::new(map));
+        self.by_name.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.remove(name);
+            map
+        });
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -227,9 +243,7 @@ impl crate::store::StoreView for Users {
         store: Option<&dyn crate::store::Store>,
     ) -> Result<(), String> {
         let stored: Vec<User> = match store {
-            Some(store) => store
-                .records(crate::store::Table::Users)
-                .map_err(|e| e.to_string())?,
+            Some(store) => stored_users(store)?,
             None => Vec::new(),
         };
         let stored = stored
@@ -374,10 +388,25 @@ pub fn remove_user(store: &dyn crate::store::Store, name: &str) -> Result<bool, 
 
 /// A user in the store.
 pub fn stored_user(store: &dyn crate::store::Store, name: &str) -> Result<Option<User>, String> {
-    let users: Vec<User> = store
-        .records(crate::store::Table::Users)
+    Ok(stored_users(store)?.into_iter().find(|u| u.name == name))
+}
+
+/// The store's users; a record that cannot be read is skipped (and
+/// logged), so one bad row never holds back every other change.
+pub fn stored_users(store: &dyn crate::store::Store) -> Result<Vec<User>, String> {
+    let rows = store
+        .scan(crate::store::Table::Users)
         .map_err(|e| e.to_string())?;
-    Ok(users.into_iter().find(|u| u.name == name))
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, bytes)| match serde_json::from_slice(&bytes) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(user = %name, error = %e, "a stored user cannot be read; skipped");
+                None
+            }
+        })
+        .collect())
 }
 
 /// A user as shown (CLI, admin API): never its hash.

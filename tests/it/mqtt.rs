@@ -989,6 +989,27 @@ async fn users_with_their_own_topics_through_the_admin_api_and_the_cli() {
     );
     assert!(!listed.to_string().contains("$argon2"), "no hashes listed");
 
+    // A PUT that changes the topics keeps the password; a bad filter is a 400.
+    let changed = admin_call(
+        &gw,
+        http::Method::PUT,
+        "/admin/users/dev-x",
+        Some(serde_json::json!({
+            "roles": ["device"],
+            "topics": [{"topic": "sensors/#", "access": "read"}, {"topic": "dev-x/secret", "access": "deny"}]
+        })),
+    )
+    .await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    assert!(changed.json().get("password").is_none(), "no new password");
+    let refused = admin_call(
+        &gw,
+        http::Method::PUT,
+        "/admin/users/dev-x",
+        Some(serde_json::json!({"topics": [{"topic": "a/#/b"}]})),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
     let mut x = v4_connect(addr, "x", Some(("dev-x", &password)), true)
         .await
         .unwrap();
