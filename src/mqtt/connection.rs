@@ -1393,7 +1393,7 @@ fn decide(
 
 /// The client's own rules, compiled: a password user's topic rules, or
 /// the rules in a JWT's ACL claim (EMQX's list form). `None` without.
-fn claim_rules(
+pub(super) fn claim_rules(
     settings: &Settings,
     who: &Identity,
 ) -> Result<Option<crate::authz::Policy>, String> {
@@ -1513,7 +1513,7 @@ fn bounded(topic: &str) -> String {
 }
 
 /// Drops a resumed session's subscriptions the rules no longer allow.
-fn drop_refused_subscriptions(
+pub(super) fn drop_refused_subscriptions(
     broker: &Broker,
     settings: &Settings,
     claim: Option<&Arc<crate::authz::Policy>>,
@@ -1543,7 +1543,7 @@ fn drop_refused_subscriptions(
             .router_write()
             .unsubscribe(sub.share, sub.filter, session.id);
         tracing::info!(client_id = %session.client_id, filter = %raw,
-            "MQTT subscription dropped on resume: the rules no longer allow it");
+            "MQTT subscription dropped: the rules no longer allow it");
         dropped = true;
     }
     if dropped {

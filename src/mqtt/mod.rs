@@ -130,6 +130,9 @@ impl Broker {
         self.recheck_subscriptions();
     }
 
+    /// Every connected or kept session's subscriptions against the rules
+    /// as they are now, through the same checks a SUBSCRIBE gets (the
+    /// client's own rules included).
     fn recheck_subscriptions(&self) {
         let settings = self.settings.load();
         let sessions: Vec<Arc<session::Session>> = self.sessions().values().cloned().collect();
@@ -137,34 +140,11 @@ impl Broker {
             let Some(identity) = s.identity() else {
                 continue;
             };
-            let gone: Vec<String> = s
-                .state()
-                .subscriptions
-                .iter()
-                .filter(|(raw, opts)| {
-                    topic::parse_subscription(raw).is_ok_and(|sub| {
-                        !settings
-                            .policy
-                            .evaluate(
-                                &identity,
-                                &crate::authz::Action::Subscribe {
-                                    filter: sub.filter,
-                                    qos: opts.qos as u8,
-                                },
-                            )
-                            .allowed()
-                    })
-                })
-                .map(|(raw, _)| raw.clone())
-                .collect();
-            for raw in gone {
-                s.state().subscriptions.remove(&raw);
-                if let Ok(sub) = topic::parse_subscription(&raw) {
-                    self.router_write().unsubscribe(sub.share, sub.filter, s.id);
-                }
-                tracing::info!(client_id = %s.client_id, filter = %raw,
-                    "MQTT subscription dropped: the reloaded policy no longer allows it");
-            }
+            let own = connection::claim_rules(&settings, &identity)
+                .ok()
+                .flatten()
+                .map(Arc::new);
+            connection::drop_refused_subscriptions(self, &settings, own.as_ref(), &identity, &s);
         }
         self.metrics
             .subscriptions
