@@ -130,7 +130,7 @@ fn percent_decode(segment: &str) -> Cow<'_, str> {
 }
 
 /// A WAMP action's verb.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WampVerb {
     Call,
     Register,
@@ -139,7 +139,7 @@ pub enum WampVerb {
 }
 
 /// How a WAMP subscription or registration matches URIs (WAMP §11.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MatchPolicy {
     Exact,
     /// Every URI that starts with the given text.

@@ -121,7 +121,8 @@ pub struct ListenerConfig {
 
 /// Listener protocols. `http` serves HTTP/1.1 and HTTP/2 with prior knowledge
 /// (h2c); `https` serves both over TLS, chosen by ALPN; `mqtt` is the MQTT
-/// broker (3.1.1 and 5), over TLS when `tls:` is set.
+/// broker (3.1.1 and 5), over TLS when `tls:` is set; `wamp` is the WAMP
+/// router, RawSocket and WebSocket on one port, over TLS when `tls:` is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
@@ -129,6 +130,7 @@ pub enum Protocol {
     Http,
     Https,
     Mqtt,
+    Wamp,
 }
 
 impl Protocol {

@@ -240,12 +240,14 @@ fn mqtt(cfg: &Config, errs: &mut Errors) {
 
 fn wamp(cfg: &Config, errs: &mut Errors) {
     let w = &cfg.wamp;
+    let serves = w.websocket.is_some()
+        || cfg
+            .listeners
+            .iter()
+            .any(|l| l.protocol == crate::config::Protocol::Wamp);
     if let Some(ws) = &w.websocket {
         if !ws.path.starts_with('/') {
             errs.add("wamp.websocket.path", "must start with `/` (e.g. `/ws`)");
-        }
-        if w.realms.is_empty() {
-            errs.add("wamp.realms", "the router needs at least one realm");
         }
         for (i, name) in ws.listeners.iter().flatten().enumerate() {
             if !cfg
@@ -260,24 +262,212 @@ fn wamp(cfg: &Config, errs: &mut Errors) {
             }
         }
     }
+    if serves && w.realms.is_empty() {
+        errs.add("wamp.realms", "the router needs at least one realm");
+    }
+    let is_uri = |s: &str| {
+        !s.is_empty() && !s.split('.').any(str::is_empty) && !s.contains(char::is_whitespace)
+    };
+    let mut seen = std::collections::HashSet::new();
     for (i, realm) in w.realms.iter().enumerate() {
-        if realm.is_empty()
-            || realm.split('.').any(str::is_empty)
-            || realm.contains(char::is_whitespace)
-        {
+        let at = format!("wamp.realms[{i}]");
+        if !is_uri(&realm.name) {
+            errs.add(format!("{at}.name"), "must be a URI (`com.example.realm`)");
+        }
+        if !seen.insert(&realm.name) {
             errs.add(
-                format!("wamp.realms[{i}]"),
-                "must be a URI (`com.example.realm`)",
+                format!("{at}.name"),
+                format!("realm `{}` is listed twice", realm.name),
             );
         }
-    }
-    if let Err(problems) = crate::authz::Policy::compile(&w.policy, crate::authz::Resource::Uri) {
-        for (at, message) in problems {
-            errs.add(format!("wamp.policy{at}"), message);
+        let mut roles = std::collections::HashSet::new();
+        for (j, role) in realm.roles.iter().enumerate() {
+            let at = format!("{at}.roles[{j}]");
+            if role.name.is_empty() || !roles.insert(&role.name) {
+                errs.add(
+                    format!("{at}.name"),
+                    "must be a name not used by another role of the realm",
+                );
+            }
+            match &role.authorizer {
+                Some(a) if !role.permissions.is_empty() => errs.add(
+                    format!("{at}.authorizer"),
+                    format!("`{a}` decides everything for the role: give `permissions` or `authorizer`, not both"),
+                ),
+                Some(a) if !is_uri(a) => errs.add(format!("{at}.authorizer"), "must be a procedure URI"),
+                _ => {}
+            }
         }
+    }
+    let realm_names: Vec<&str> = w.realms.iter().map(|r| r.name.as_str()).collect();
+    wamp_auth("wamp.auth", &w.auth, &realm_names, cfg, errs);
+    for (name, l) in &w.listeners {
+        let at = format!("wamp.listeners.{name}");
+        let serving = cfg.listeners.iter().any(|x| {
+            &x.name == name
+                && (x.protocol == crate::config::Protocol::Wamp
+                    || (x.protocol.is_http() && w.websocket.is_some()))
+        });
+        if !serving {
+            errs.add(
+                at.clone(),
+                format!("no listener `{name}` serves WAMP (`protocol: wamp`, or an HTTP listener with `wamp.websocket`)"),
+            );
+        }
+        wamp_auth(&format!("{at}.auth"), &l.auth, &realm_names, cfg, errs);
     }
     if w.max_queued_messages == 0 {
         errs.add("wamp.max_queued_messages", "must be at least 1");
+    }
+    if w.max_pending_calls == 0 {
+        errs.add("wamp.max_pending_calls", "must be at least 1");
+    }
+    if let Err(problems) = crate::wamp::settings(
+        cfg,
+        &crate::identity::Providers::empty(),
+        &std::sync::Arc::new(crate::identity::Users::default()),
+    ) {
+        for p in problems {
+            errs.add(p.path, p.message);
+        }
+    }
+}
+
+/// One listener's (or the default) WAMP authentication methods.
+fn wamp_auth(
+    at: &str,
+    a: &crate::config::WampAuth,
+    realms: &[&str],
+    cfg: &Config,
+    errs: &mut Errors,
+) {
+    use crate::config::AuthType;
+    let methods = [
+        ("anonymous", &a.anonymous),
+        ("ticket", &a.ticket),
+        ("wampcra", &a.wampcra),
+        ("cryptosign", &a.cryptosign),
+        ("tls", &a.tls),
+    ];
+    for (name, m) in methods {
+        let Some(m) = m else { continue };
+        let at = format!("{at}.{name}");
+        match m.kind {
+            AuthType::Dynamic => {
+                if m.authenticator.is_none() {
+                    errs.add(
+                        format!("{at}.authenticator"),
+                        "a dynamic method needs the authenticator procedure's URI",
+                    );
+                }
+                if let Some(r) = &m.authenticator_realm
+                    && !realms.contains(&r.as_str())
+                {
+                    errs.add(
+                        format!("{at}.authenticator_realm"),
+                        format!("no realm `{r}` in wamp.realms"),
+                    );
+                }
+                if !m.principals.is_empty() {
+                    errs.add(
+                        format!("{at}.principals"),
+                        "a dynamic method asks its authenticator, not principals",
+                    );
+                }
+            }
+            AuthType::Static => {
+                if m.authenticator.is_some() || m.authenticator_realm.is_some() {
+                    errs.add(
+                        format!("{at}.type"),
+                        "an authenticator needs `type: dynamic`",
+                    );
+                }
+                if matches!(name, "wampcra" | "cryptosign" | "tls") && m.principals.is_empty() {
+                    errs.add(
+                        format!("{at}.principals"),
+                        "static authentication needs at least one principal",
+                    );
+                }
+                if matches!(name, "anonymous" | "ticket") && !m.principals.is_empty() {
+                    errs.add(format!("{at}.principals"), format!("{name} takes no principals (ticket users are `auth.users` and the store's)"));
+                }
+            }
+        }
+        if m.jwt && name != "ticket" {
+            errs.add(format!("{at}.jwt"), "only a ticket can be a JWT");
+        }
+        if m.jwt && cfg.auth.providers.is_empty() {
+            errs.add(
+                format!("{at}.jwt"),
+                "no JWT providers configured (auth.providers)",
+            );
+        }
+        for (id, p) in &m.principals {
+            let at = format!("{at}.principals.{id}");
+            if p.role.is_empty() {
+                errs.add(format!("{at}.role"), "every principal needs a role");
+            }
+            if let Some(r) = &p.realm
+                && !realms.contains(&r.as_str())
+            {
+                errs.add(
+                    format!("{at}.realm"),
+                    format!("no realm `{r}` in wamp.realms"),
+                );
+            }
+            match name {
+                "tls" => {
+                    if let Some(f) = &p.certificate_sha1
+                        && crate::wamp::fingerprint_key(f).len() != 40
+                    {
+                        errs.add(
+                            format!("{at}.certificate-sha1"),
+                            "expected 20 bytes in hex (`AB:CD:...`)",
+                        );
+                    }
+                    if p.certificate_sha1.is_none() && p.cn.is_none() {
+                        errs.add(
+                            at.clone(),
+                            "a tls principal needs `certificate-sha1` or `cn`",
+                        );
+                    }
+                }
+                "cryptosign" => {
+                    if p.authorized_keys.is_empty() {
+                        errs.add(
+                            format!("{at}.authorized_keys"),
+                            "expected at least one Ed25519 public key",
+                        );
+                    }
+                    for (k, key) in p.authorized_keys.iter().enumerate() {
+                        if crate::wamp::auth_crypto::parse_pubkey(key).is_none() {
+                            errs.add(
+                                format!("{at}.authorized_keys[{k}]"),
+                                "expected 32 bytes in hex",
+                            );
+                        }
+                    }
+                }
+                "wampcra" => {
+                    if p.secret.as_deref().is_none_or(str::is_empty) {
+                        errs.add(
+                            format!("{at}.secret"),
+                            "a wampcra principal needs its secret",
+                        );
+                    }
+                    if p.iterations == Some(0)
+                        || p.keylen
+                            .is_some_and(|k| k == 0 || k > crate::wamp::auth_crypto::CRA_MAX_KEYLEN)
+                    {
+                        errs.add(
+                            format!("{at}.keylen"),
+                            "iterations and keylen must be at least 1 (keylen at most 1024)",
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
 

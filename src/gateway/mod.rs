@@ -87,6 +87,8 @@ struct Worker {
     pipeline: Arc<PipelineConfig>,
     /// Serves `protocol: mqtt` listeners.
     mqtt: Option<Arc<crate::mqtt::Broker>>,
+    /// Serves `protocol: wamp` listeners.
+    wamp: Option<Arc<crate::wamp::Router>>,
     proxy: crate::config::ProxyConfig,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
@@ -115,16 +117,21 @@ impl Worker {
                 };
                 // The listener's protocol picks its front-end.
                 let metrics = self.metrics.clone();
-                match (info.protocol, &self.mqtt) {
-                    (Protocol::Mqtt, Some(broker)) => {
+                match (info.protocol, &self.mqtt, &self.wamp) {
+                    (Protocol::Mqtt, Some(broker), _) => {
                         let broker = broker.clone();
                         let front_end = Arc::new(crate::mqtt::MqttFrontEnd { broker });
                         spawn_listener(&shutdown, listener, info, front_end, metrics);
                     }
-                    (Protocol::Mqtt, None) => {
-                        tracing::error!(listener = %info.name, "no MQTT broker for this listener");
+                    (Protocol::Wamp, _, Some(router)) => {
+                        let router = router.clone();
+                        let front_end = Arc::new(crate::wamp::WampFrontEnd { router });
+                        spawn_listener(&shutdown, listener, info, front_end, metrics);
                     }
-                    (Protocol::Http | Protocol::Https, _) => {
+                    (Protocol::Mqtt | Protocol::Wamp, _, _) => {
+                        tracing::error!(listener = %info.name, "no broker or router for this listener");
+                    }
+                    (Protocol::Http | Protocol::Https, _, _) => {
                         let front_end =
                             Arc::new(HttpFrontEnd::new(pipeline.clone(), &info.limits));
                         spawn_listener(&shutdown, listener, info, front_end, metrics);
@@ -334,20 +341,24 @@ impl Gateway {
                 }))
             }
         };
-        // The WAMP router, when a WebSocket path serves it.
-        let wamp = match &config.wamp.websocket {
-            None => None,
-            Some(_) => {
-                let settings = crate::wamp::settings(&config, &users).map_err(config_error)?;
+        crate::telemetry::count_dropped_lines(metrics.access_log_dropped.clone());
+        let readiness = Arc::new(Readiness::default());
+        let shutdown = Shutdown::default();
+        // The WAMP router, when a listener or WebSocket path serves it.
+        let wamp = match crate::wamp::enabled(&config) {
+            false => None,
+            true => {
+                let settings = crate::wamp::settings(&config, &material.providers, &users)
+                    .map_err(config_error)?;
                 Some(Arc::new(WampPart {
-                    router: Arc::new(crate::wamp::Router::new(&config.wamp.realms, settings)),
+                    router: Arc::new(crate::wamp::Router::new(
+                        settings,
+                        shutdown.graceful.clone(),
+                    )),
                     users: users.clone(),
                 }))
             }
         };
-        crate::telemetry::count_dropped_lines(metrics.access_log_dropped.clone());
-        let readiness = Arc::new(Readiness::default());
-        let shutdown = Shutdown::default();
         let workers = config.runtime.worker_count();
 
         // Bind everything before starting anything, so a taken port is a clean error.
@@ -480,6 +491,7 @@ impl Gateway {
             let worker = Worker {
                 pipeline: pipeline.clone(),
                 mqtt: mqtt.as_ref().map(|m| m.broker.clone()),
+                wamp: wamp.as_ref().map(|w| w.router.clone()),
                 proxy: config.proxy.clone(),
                 shutdown: shutdown.clone(),
                 metrics: metrics.clone(),

@@ -185,11 +185,11 @@ impl Part for WampPart {
     fn apply<'a>(
         &'a self,
         cfg: &'a Arc<Config>,
-        _material: &'a Material,
+        material: &'a Material,
     ) -> BoxFuture<'a, Result<(), Vec<ConfigError>>> {
-        let built = crate::wamp::settings(cfg, &self.users);
+        let built = crate::wamp::settings(cfg, &material.providers, &self.users);
         Box::pin(async move {
-            self.router.settings.store(Arc::new(built?));
+            self.router.apply(built?);
             Ok(())
         })
     }

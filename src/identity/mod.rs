@@ -28,15 +28,21 @@ pub enum AuthMethod {
     Mtls,
     Password,
     Ticket,
+    /// WAMP-CRA: an HMAC over the router's challenge with a shared secret.
+    WampCra,
+    /// WAMP-cryptosign: an Ed25519 signature over the router's challenge.
+    Cryptosign,
 }
 
 impl AuthMethod {
-    pub const ALL: [AuthMethod; 5] = [
+    pub const ALL: [AuthMethod; 7] = [
         AuthMethod::Anonymous,
         AuthMethod::Jwt,
         AuthMethod::Mtls,
         AuthMethod::Password,
         AuthMethod::Ticket,
+        AuthMethod::WampCra,
+        AuthMethod::Cryptosign,
     ];
 
     pub fn from_name(name: &str) -> Option<AuthMethod> {
@@ -55,6 +61,8 @@ impl AuthMethod {
             AuthMethod::Mtls => "mtls",
             AuthMethod::Password => "password",
             AuthMethod::Ticket => "ticket",
+            AuthMethod::WampCra => "wampcra",
+            AuthMethod::Cryptosign => "cryptosign",
         }
     }
 }

@@ -1,44 +1,39 @@
 //! Realms and what happens in them: the sessions joined, subscriptions and
-//! registrations, and calls in progress. Realms share nothing: a session
-//! sees only its own realm's.
+//! registrations (broker.rs, dealer.rs), calls in progress, and the meta
+//! events that tell about them. Realms share nothing: a session sees only
+//! its own realm's. A realm's state sits behind one lock, taken briefly and
+//! never across an await.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
+use super::broker::Broker;
+use super::dealer::Dealer;
 use super::message::{Id, Message};
-use super::value::Dict;
-use crate::authz::Policy;
-use crate::identity::Authenticator;
+use super::settings::Settings;
+use super::value::{Dict, Value};
+use crate::authz::MatchPolicy;
 
-/// The router's share of the current config.
-pub struct Settings {
-    pub policy: Policy,
-    pub authn: Authenticator,
-    pub anonymous: bool,
-    pub ticket: bool,
-    pub max_queued: usize,
-    pub max_message: usize,
-}
-
-/// What the router keeps of a joined session: where its messages go.
+/// What the router keeps of a joined session.
 pub struct Member {
     pub tx: mpsc::Sender<Message>,
+    pub authid: Arc<str>,
+    pub authrole: Arc<str>,
+    /// `wamp.session.get`'s answer and `on_join`'s argument.
+    pub details: Arc<Dict>,
+    /// Calls it made that wait for their results.
+    pub pending_calls: usize,
 }
 
 #[derive(Default)]
 pub struct RealmState {
     pub sessions: HashMap<Id, Member>,
-    subscription_by_topic: HashMap<String, Id>,
-    /// Subscription id -> topic and subscribers.
-    subscriptions: HashMap<Id, (String, HashSet<Id>)>,
-    registration_by_procedure: HashMap<String, Id>,
-    /// Registration id -> procedure and callee.
-    registrations: HashMap<Id, (String, Id)>,
-    /// Invocation id -> caller, the caller's request id, callee.
-    pending: HashMap<Id, (Id, Id, Id)>,
+    pub broker: Broker,
+    pub dealer: Dealer,
     next_id: Id,
 }
 
@@ -47,6 +42,7 @@ pub struct Realm {
     state: Mutex<RealmState>,
 }
 
+/// An ERROR for a request.
 pub fn error(request_type: u64, request: Id, uri: &str) -> Message {
     Message::Error {
         request_type,
@@ -58,15 +54,80 @@ pub fn error(request_type: u64, request: Id, uri: &str) -> Message {
     }
 }
 
+/// An ERROR with a message for people (`args[0]`).
+pub fn error_with(request_type: u64, request: Id, uri: &str, message: String) -> Message {
+    Message::Error {
+        request_type,
+        request,
+        details: Dict::new(),
+        error: uri.to_owned(),
+        args: Some(Value::List(vec![Value::Str(message)])),
+        kwargs: None,
+    }
+}
+
+/// A session or publication id: random, below 2^53 (WAMP §5.1.2).
+pub fn global_id() -> Id {
+    fastrand::u64(1..1 << 53)
+}
+
+/// Whether `uri` is one `pattern` names under `policy` (WAMP §11.1 of the
+/// Advanced Profile: a prefix is a plain text prefix; a wildcard's empty
+/// components match any one component).
+pub fn uri_matches(policy: MatchPolicy, pattern: &str, uri: &str) -> bool {
+    match policy {
+        MatchPolicy::Exact => pattern == uri,
+        MatchPolicy::Prefix => uri.starts_with(pattern),
+        MatchPolicy::Wildcard => {
+            let mut p = pattern.split('.');
+            let mut u = uri.split('.');
+            loop {
+                match (p.next(), u.next()) {
+                    (None, None) => return true,
+                    (Some(a), Some(b)) if a.is_empty() || a == b => {}
+                    _ => return false,
+                }
+            }
+        }
+    }
+}
+
+pub fn policy_name(policy: MatchPolicy) -> &'static str {
+    match policy {
+        MatchPolicy::Exact => "exact",
+        MatchPolicy::Prefix => "prefix",
+        MatchPolicy::Wildcard => "wildcard",
+    }
+}
+
+/// `options.match` of a SUBSCRIBE or REGISTER; `None` for an unknown one.
+pub fn match_policy(options: &Dict) -> Option<MatchPolicy> {
+    match options.get("match").and_then(Value::as_str) {
+        None | Some("exact") => Some(MatchPolicy::Exact),
+        Some("prefix") => Some(MatchPolicy::Prefix),
+        Some("wildcard") => Some(MatchPolicy::Wildcard),
+        Some(_) => None,
+    }
+}
+
+/// Seconds since the epoch as RFC 3339 text, for `created` fields.
+pub fn now_text() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 impl RealmState {
-    fn id(&mut self) -> Id {
-        self.next_id += 1;
+    /// A router-scope id (subscriptions, registrations, invocations).
+    pub fn id(&mut self) -> Id {
+        self.next_id = (self.next_id % ((1 << 53) - 1)) + 1;
         self.next_id
     }
 
     /// Sends to a session; one whose queue is full is too slow and is
-    /// dropped from the realm (its connection then ends).
-    fn send(&mut self, to: Id, m: Message) {
+    /// dropped from the realm (its connection then ends, and its own task
+    /// cleans up after it).
+    pub fn send(&mut self, to: Id, m: Message) {
         let full = match self.sessions.get(&to) {
             Some(member) => member.tx.try_send(m).is_err(),
             None => false,
@@ -80,170 +141,80 @@ impl RealmState {
         }
     }
 
-    pub fn subscribe(&mut self, session: Id, topic: String) -> Id {
-        let id = match self.subscription_by_topic.get(&topic) {
-            Some(id) => *id,
-            None => {
-                let id = self.id();
-                self.subscription_by_topic.insert(topic.clone(), id);
-                self.subscriptions.insert(id, (topic, HashSet::new()));
-                id
-            }
-        };
-        if let Some((_, members)) = self.subscriptions.get_mut(&id) {
-            members.insert(session);
+    /// A meta event (`wamp.session.on_join`, ...) to whoever subscribed.
+    pub fn meta_event(&mut self, topic: &str, args: Vec<Value>) {
+        if !self.broker.has_subscribers(topic) {
+            return;
         }
-        id
+        let delivery = super::broker::Delivery {
+            topic,
+            publisher: None,
+            options: &Dict::new(),
+            disclose: false,
+            args: Some(Value::List(args)),
+            kwargs: None,
+        };
+        self.publish(&delivery);
     }
 
-    /// Whether the session had that subscription.
-    pub fn unsubscribe(&mut self, session: Id, id: Id) -> bool {
-        let Some((topic, members)) = self.subscriptions.get_mut(&id) else {
-            return false;
-        };
-        let had = members.remove(&session);
-        if members.is_empty() {
-            let topic = topic.clone();
-            self.subscriptions.remove(&id);
-            self.subscription_by_topic.remove(&topic);
-        }
-        had
-    }
-
-    /// Delivers an event to the topic's subscribers (but `exclude`);
-    /// returns the publication id.
-    pub fn publish(
-        &mut self,
-        topic: &str,
-        exclude: Option<Id>,
-        details: Dict,
-        args: Option<super::Value>,
-        kwargs: Option<super::Value>,
-    ) -> Id {
-        let publication = fastrand::u64(1..1 << 53);
-        let Some(id) = self.subscription_by_topic.get(topic).copied() else {
-            return publication;
-        };
-        let members: Vec<Id> = self
-            .subscriptions
-            .get(&id)
-            .map(|(_, m)| m.iter().copied().filter(|s| Some(*s) != exclude).collect())
-            .unwrap_or_default();
-        for to in members {
-            self.send(
-                to,
-                Message::Event {
-                    subscription: id,
-                    publication,
-                    details: details.clone(),
-                    args: args.clone(),
-                    kwargs: kwargs.clone(),
-                },
-            );
-        }
-        publication
-    }
-
-    pub fn register(&mut self, session: Id, procedure: String) -> Option<Id> {
-        if self.registration_by_procedure.contains_key(&procedure) {
-            return None;
-        }
-        let id = self.id();
-        self.registration_by_procedure.insert(procedure.clone(), id);
-        self.registrations.insert(id, (procedure, session));
-        Some(id)
-    }
-
-    pub fn unregister(&mut self, session: Id, id: Id) -> bool {
-        match self.registrations.get(&id) {
-            Some((procedure, callee)) if *callee == session => {
-                let procedure = procedure.clone();
-                self.registrations.remove(&id);
-                self.registration_by_procedure.remove(&procedure);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Hands a call to its callee; `false` when nobody registered it.
-    pub fn call(
-        &mut self,
-        caller: Id,
-        request: Id,
-        procedure: &str,
-        args: Option<super::Value>,
-        kwargs: Option<super::Value>,
-    ) -> bool {
-        let Some(reg) = self.registration_by_procedure.get(procedure).copied() else {
-            return false;
-        };
-        let Some((_, callee)) = self.registrations.get(&reg).cloned() else {
-            return false;
-        };
-        let invocation = self.id();
-        self.pending.insert(invocation, (caller, request, callee));
-        self.send(
-            callee,
-            Message::Invocation {
-                request: invocation,
-                registration: reg,
-                details: Dict::new(),
-                args,
-                kwargs,
-            },
+    pub fn join(&mut self, session: Id, member: Member) {
+        let details = member.details.clone();
+        self.sessions.insert(session, member);
+        self.meta_event(
+            "wamp.session.on_join",
+            vec![Value::Dict((*details).clone())],
         );
-        true
-    }
-
-    /// A callee's YIELD or ERROR for an invocation it was given.
-    pub fn answer(&mut self, callee: Id, invocation: Id, to_caller: impl FnOnce(Id) -> Message) {
-        match self.pending.get(&invocation) {
-            Some((_, _, c)) if *c == callee => {}
-            _ => return,
-        }
-        if let Some((caller, request, _)) = self.pending.remove(&invocation) {
-            self.send(caller, to_caller(request));
-        }
     }
 
     /// A session left: its subscriptions and registrations go, calls it was
-    /// serving fail at once, calls it made are forgotten.
-    pub fn leave(&mut self, session: Id) {
+    /// serving fail at once, calls it made are forgotten; then
+    /// `wamp.session.on_leave`.
+    pub fn leave(&mut self, session: Id, authid: &str, authrole: &str) {
         self.sessions.remove(&session);
-        let subs: Vec<Id> = self
-            .subscriptions
-            .iter()
-            .filter(|(_, (_, m))| m.contains(&session))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in subs {
+        for id in self.broker.subscriptions_of(session) {
             self.unsubscribe(session, id);
         }
-        let regs: Vec<Id> = self
-            .registrations
-            .iter()
-            .filter(|(_, (_, c))| *c == session)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in regs {
+        for id in self.dealer.registrations_of(session) {
             self.unregister(session, id);
         }
-        let gone: Vec<(Id, Id, Id, Id)> = self
-            .pending
+        self.fail_calls_of(session);
+        self.meta_event(
+            "wamp.session.on_leave",
+            vec![
+                Value::UInt(session),
+                Value::Str(authid.to_owned()),
+                Value::Str(authrole.to_owned()),
+            ],
+        );
+    }
+
+    /// Sessions whose `authid` or `authrole` is the given one, but `except`.
+    pub fn sessions_where(&self, except: Id, pick: impl Fn(&Member) -> bool) -> Vec<Id> {
+        let mut ids: Vec<Id> = self
+            .sessions
             .iter()
-            .filter(|(_, (caller, _, callee))| *callee == session || *caller == session)
-            .map(|(inv, (caller, request, callee))| (*inv, *caller, *request, *callee))
+            .filter(|(id, m)| **id != except && pick(m))
+            .map(|(id, _)| *id)
             .collect();
-        for (inv, caller, request, callee) in gone {
-            self.pending.remove(&inv);
-            if callee == session && caller != session {
-                self.send(
-                    caller,
-                    error(super::message::CALL, request, "wamp.error.canceled"),
-                );
-            }
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Ends a session from the router's side: a GOODBYE goes out (the
+    /// session then closes); it is no longer a member meanwhile.
+    pub fn kill(&mut self, session: Id, reason: &str, message: Option<&str>) -> bool {
+        let Some(member) = self.sessions.remove(&session) else {
+            return false;
+        };
+        let mut details = Dict::new();
+        if let Some(text) = message {
+            details.insert("message".into(), Value::Str(text.to_owned()));
         }
+        let _ = member.tx.try_send(Message::Goodbye {
+            details,
+            reason: reason.to_owned(),
+        });
+        true
     }
 }
 
@@ -254,26 +225,52 @@ impl Realm {
 }
 
 pub struct Router {
-    pub realms: HashMap<String, Arc<Realm>>,
+    /// By name; swapped whole when a reload adds or removes realms (kept
+    /// realms keep their state).
+    pub realms: ArcSwap<HashMap<String, Arc<Realm>>>,
     pub settings: ArcSwap<Settings>,
+    /// Cancelled when the gateway drains: sessions say GOODBYE.
+    pub shutdown: CancellationToken,
 }
 
 impl Router {
-    pub fn new(realms: &[String], settings: Settings) -> Router {
-        Router {
-            realms: realms
-                .iter()
-                .map(|r| {
-                    (
-                        r.clone(),
-                        Arc::new(Realm {
-                            name: Arc::from(r.as_str()),
-                            state: Mutex::new(RealmState::default()),
-                        }),
-                    )
-                })
-                .collect(),
+    pub fn new(settings: Settings, shutdown: CancellationToken) -> Router {
+        let router = Router {
+            realms: ArcSwap::from_pointee(HashMap::new()),
             settings: ArcSwap::from_pointee(settings),
-        }
+            shutdown,
+        };
+        router.sync_realms();
+        router
+    }
+
+    /// New settings: realms added are created; realms removed take no new
+    /// sessions (those in them stay until they leave).
+    pub fn apply(&self, settings: Settings) {
+        self.settings.store(Arc::new(settings));
+        self.sync_realms();
+    }
+
+    fn sync_realms(&self) {
+        let settings = self.settings.load();
+        let old = self.realms.load();
+        let realms = settings
+            .realms
+            .keys()
+            .map(|name| {
+                let realm = old.get(name).cloned().unwrap_or_else(|| {
+                    Arc::new(Realm {
+                        name: Arc::from(name.as_str()),
+                        state: Mutex::new(RealmState::default()),
+                    })
+                });
+                (name.clone(), realm)
+            })
+            .collect();
+        self.realms.store(Arc::new(realms));
+    }
+
+    pub fn realm(&self, name: &str) -> Option<Arc<Realm>> {
+        self.realms.load().get(name).cloned()
     }
 }

@@ -1,101 +1,81 @@
-//! One WAMP session over a WebSocket: HELLO, authentication (anonymous or
-//! ticket through the shared Authenticator), WELCOME, then every message
-//! in both directions until GOODBYE or the connection ends. Every call,
-//! registration, publication and subscription is checked by the shared
-//! policy engine.
+//! One WAMP session on its transport: HELLO, authentication (auth.rs),
+//! WELCOME or ABORT, then every message in both directions until GOODBYE
+//! or the connection ends. Every call, registration, publication and
+//! subscription is authorised first: by the role's rules in the shared
+//! policy engine, or by the role's authorizer procedure (its decisions
+//! cached for the session when it says so).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message as Frame;
 
-use super::message::{self as m, Id, Message, Serializer};
-use super::router::{Member, Realm, Router, error};
+use super::auth::{self, Refused};
+use super::broker::Delivery;
+use super::dealer::{CallRequest, Caller, CancelMode, Invoke, no_such_procedure};
+use super::message::{self as m, Id, Message};
+use super::meta;
+use super::router::{Member, Realm, Router, error, error_with, global_id, match_policy};
+use super::settings::Role;
 use super::value::{Dict, Value};
-use crate::authz::{Action, MatchPolicy, WampVerb};
-use crate::identity::{AuthMethod, CertIdentity, Identity};
-use crate::transport::websocket::WebSocket;
+use super::wire::{Wire, colon_hex};
+use crate::authz::{Action, MatchPolicy, Reason, WampVerb};
+use crate::identity::Identity;
 
-/// Time a new session has to send its HELLO (and AUTHENTICATE).
-const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn details(pairs: &[(&str, Value)]) -> Dict {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect()
-}
+/// Time a new session has to send its HELLO, and each AUTHENTICATE.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn text(s: &str) -> Value {
     Value::Str(s.to_owned())
 }
 
-struct Wire {
-    ws: WebSocket,
-    serializer: Serializer,
-    max: usize,
-}
-
-impl Wire {
-    async fn send(&mut self, message: &Message) -> bool {
-        let bytes = self.serializer.encode(message);
-        let frame = match self.serializer.is_text() {
-            true => Frame::text(String::from_utf8(bytes).unwrap_or_default()),
-            false => Frame::binary(bytes),
-        };
-        self.ws.send(frame).await.is_ok()
-    }
-
-    /// The next message; `Err` with a reason for a malformed one.
-    async fn recv(&mut self) -> Option<Result<Message, String>> {
-        loop {
-            let frame = match self.ws.next().await? {
-                Ok(f) => f,
-                // tungstenite enforces the size limit: say so before closing.
-                Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
-                    return Some(Err(format!("a message over the {}-byte limit", self.max)));
-                }
-                Err(_) => return None,
-            };
-            let bytes = match frame {
-                Frame::Text(t) => t.as_bytes().to_vec(),
-                Frame::Binary(b) => b.to_vec(),
-                Frame::Close(_) => return None,
-                _ => continue,
-            };
-            return Some(self.serializer.decode(&bytes).map_err(|e| e.to_string()));
-        }
-    }
-
-    async fn abort(&mut self, reason: &str, message: &str) {
-        let _ = self
-            .send(&Message::Abort {
-                details: details(&[("message", text(message))]),
-                reason: reason.to_owned(),
-            })
-            .await;
-        let _ = self.ws.close(None).await;
-    }
+/// What the router says it does (WELCOME's `roles`).
+fn router_roles() -> Dict {
+    let features = |names: &[&str]| {
+        Value::Dict(Dict::from([(
+            "features".into(),
+            Value::Dict(
+                names
+                    .iter()
+                    .map(|n| ((*n).to_owned(), Value::Bool(true)))
+                    .collect(),
+            ),
+        )]))
+    };
+    Dict::from([
+        (
+            "broker".into(),
+            features(&[
+                "publisher_identification",
+                "publisher_exclusion",
+                "subscriber_blackwhite_listing",
+                "pattern_based_subscription",
+                "session_meta_api",
+                "subscription_meta_api",
+            ]),
+        ),
+        (
+            "dealer".into(),
+            features(&[
+                "caller_identification",
+                "progressive_call_results",
+                "call_canceling",
+                "call_timeout",
+                "pattern_based_registration",
+                "shared_registration",
+                "session_meta_api",
+                "registration_meta_api",
+            ]),
+        ),
+    ])
 }
 
 /// Serves a session until it ends.
-pub async fn serve(
-    ws: WebSocket,
-    serializer: Serializer,
-    router: Arc<Router>,
-    cert: Option<Arc<CertIdentity>>,
-    peer: String,
-) {
+pub async fn serve(mut wire: Wire, router: Arc<Router>) {
     let settings = router.settings.load_full();
-    let mut wire = Wire {
-        ws,
-        serializer,
-        max: settings.max_message,
-    };
     let hello = tokio::time::timeout(JOIN_TIMEOUT, wire.recv()).await;
-    let (realm_name, hello_details) = match hello {
+    let (hello_realm, hello_details) = match hello {
         Ok(Some(Ok(Message::Hello { realm, details }))) => (realm, details),
         Ok(Some(Ok(_))) => {
             return wire
@@ -105,117 +85,111 @@ pub async fn serve(
         Ok(Some(Err(e))) => return wire.abort("wamp.error.protocol_violation", &e).await,
         _ => return,
     };
-    let Some(realm) = router.realms.get(&realm_name).cloned() else {
+    let session = global_id();
+    let joined = match auth::authenticate(
+        &mut wire,
+        &router,
+        &settings,
+        &hello_realm,
+        &hello_details,
+        session,
+    )
+    .await
+    {
+        Ok(j) => j,
+        Err(Refused(Some((reason, message)))) => {
+            tracing::info!(realm = %hello_realm, peer = %wire.conn.peer, reason = %reason,
+                why = %message, "WAMP join refused");
+            return wire.abort(&reason, &message).await;
+        }
+        Err(Refused(None)) => return,
+    };
+    let Some(realm) = router.realm(&joined.realm) else {
+        tracing::info!(realm = %joined.realm, authid = %joined.authid, peer = %wire.conn.peer,
+            "WAMP join refused: no such realm");
         return wire
             .abort(
                 "wamp.error.no_such_realm",
-                &format!("no realm `{realm_name}`"),
+                &format!("no realm `{}`", joined.realm),
             )
             .await;
     };
-    let methods: Vec<String> = match hello_details.get("authmethods") {
-        Some(Value::List(l)) => l
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let authid = hello_details
-        .get("authid")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    // Ticket when offered and allowed; else anonymous when allowed.
-    let identity = if settings.ticket && methods.iter().any(|m| m == "ticket") {
-        let Some(authid) = authid.clone() else {
-            return wire
-                .abort("wamp.error.not_authorized", "ticket needs an authid")
-                .await;
-        };
-        if !wire
-            .send(&Message::Challenge {
-                method: "ticket".into(),
-                extra: Dict::new(),
-            })
-            .await
-        {
-            return;
-        }
-        let ticket = match tokio::time::timeout(JOIN_TIMEOUT, wire.recv()).await {
-            Ok(Some(Ok(Message::Authenticate { signature, .. }))) => signature,
-            _ => {
-                return wire
-                    .abort("wamp.error.protocol_violation", "expected AUTHENTICATE")
-                    .await;
-            }
-        };
-        match settings
-            .authn
-            .password(&authid, ticket.as_bytes(), AuthMethod::Ticket, cert.clone())
-            .await
-        {
-            Ok(id) => id,
-            Err(refusal) => {
-                tracing::info!(realm = %realm_name, authid = %authid, peer = %peer, reason = %refusal,
-                    "WAMP join refused");
-                return wire
-                    .abort("wamp.error.not_authorized", "authentication failed")
-                    .await;
-            }
-        }
-    } else if settings.anonymous {
-        Arc::new(Identity {
-            subject: format!("anonymous-{:08x}", fastrand::u32(..)),
-            ..Identity::anonymous()
-        })
-    } else {
+    let has_role = settings
+        .realms
+        .get(&joined.realm)
+        .is_some_and(|r| r.roles.contains_key(&joined.authrole));
+    if !has_role {
+        tracing::info!(realm = %joined.realm, authid = %joined.authid, authrole = %joined.authrole,
+            "WAMP join refused: the realm has no such role");
         return wire
             .abort(
-                "wamp.error.not_authorized",
-                "no accepted authentication method offered",
+                "wamp.error.no_such_role",
+                &format!("realm `{}` has no role `{}`", joined.realm, joined.authrole),
             )
             .await;
-    };
-    let authrole = identity
-        .roles
-        .first()
-        .cloned()
-        .unwrap_or_else(|| match identity.method {
-            AuthMethod::Anonymous => "anonymous".into(),
-            _ => "user".into(),
-        });
-    let session = fastrand::u64(1..1 << 53);
-    let (tx, mut rx) = mpsc::channel(settings.max_queued);
-    realm.state().sessions.insert(session, Member { tx });
-    let roles = details(&[
-        ("broker", Value::Dict(Dict::new())),
-        ("dealer", Value::Dict(Dict::new())),
+    }
+    let mut details = Dict::from([
+        ("session".into(), Value::UInt(session)),
+        ("authid".into(), text(&joined.authid)),
+        ("authrole".into(), text(&joined.authrole)),
+        ("authmethod".into(), text(joined.authmethod)),
+        ("authprovider".into(), text(joined.authprovider)),
+        ("transport".into(), Value::Dict(wire.details())),
     ]);
-    let welcome = Message::Welcome {
-        session,
-        details: details(&[
-            ("realm", text(&realm_name)),
-            ("authid", text(&identity.subject)),
-            ("authrole", text(&authrole)),
-            ("authmethod", text(identity.method.as_str())),
-            ("roles", Value::Dict(roles)),
-        ]),
-    };
-    if !wire.send(&welcome).await {
-        realm.state().leave(session);
+    if let Some(extra) = &joined.authextra {
+        details.insert("authextra".into(), Value::Dict(extra.clone()));
+    }
+    let details = Arc::new(details);
+    let (tx, mut rx) = mpsc::channel(settings.max_queued);
+    let authid: Arc<str> = Arc::from(joined.authid.as_str());
+    let authrole: Arc<str> = Arc::from(joined.authrole.as_str());
+    let mut welcome = Dict::from([
+        ("realm".into(), text(&joined.realm)),
+        ("authid".into(), text(&joined.authid)),
+        ("authrole".into(), text(&joined.authrole)),
+        ("authmethod".into(), text(joined.authmethod)),
+        ("authprovider".into(), text(joined.authprovider)),
+        ("roles".into(), Value::Dict(router_roles())),
+    ]);
+    if let Some(extra) = joined.authextra {
+        welcome.insert("authextra".into(), Value::Dict(extra));
+    }
+    // The WELCOME goes out before any event can be queued for it.
+    if !wire
+        .send(&Message::Welcome {
+            session,
+            details: welcome,
+        })
+        .await
+    {
         return;
     }
-    let cert_of = identity.cert.as_deref().or(cert.as_deref());
-    tracing::info!(realm = %realm_name, session, authid = %identity.subject, authrole = %authrole,
-        authmethod = identity.method.as_str(), peer = %peer,
-        cert_cn = cert_of.and_then(|c| c.cn.as_deref()).unwrap_or(""),
-        cert_o = %cert_of.map(|c| c.o.join(",")).unwrap_or_default(),
-        cert_sha1 = cert_of.map_or("", |c| c.sha1.as_str()),
+    realm.state().join(
+        session,
+        Member {
+            tx,
+            authid: authid.clone(),
+            authrole: authrole.clone(),
+            details: details.clone(),
+            pending_calls: 0,
+        },
+    );
+    let cert = wire.conn.cert.clone();
+    tracing::info!(realm = %realm.name, session, authid = %authid, authrole = %authrole,
+        authmethod = joined.authmethod, peer = %wire.conn.peer,
+        cert_cn = cert.as_ref().and_then(|c| c.cn.as_deref()).unwrap_or(""),
+        cert_o = %cert.as_ref().map(|c| c.o.join(",")).unwrap_or_default(),
+        cert_sha1 = %cert.as_ref().map(|c| colon_hex(&c.sha1)).unwrap_or_default(),
         "WAMP session joined");
-    let joined = Joined {
+    let mut s = Session {
         realm: realm.clone(),
         session,
-        identity,
+        authid,
+        authrole,
+        identity: joined.identity,
+        details,
         router: router.clone(),
+        cache: HashMap::new(),
     };
     let why = loop {
         tokio::select! {
@@ -230,9 +204,10 @@ pub async fn serve(
                         details: Dict::new(),
                         reason: "wamp.close.goodbye_and_out".into(),
                     }).await;
+                    wire.close().await;
                     break "goodbye";
                 }
-                Some(Ok(msg)) => match joined.handle(msg) {
+                Some(Ok(msg)) => match s.handle(msg).await {
                     Ok(Some(reply)) => {
                         if !wire.send(&reply).await {
                             break "connection closed";
@@ -245,7 +220,21 @@ pub async fn serve(
                     }
                 },
             },
+            _ = router.shutdown.cancelled() => {
+                let _ = wire.send(&Message::Goodbye {
+                    details: Dict::new(),
+                    reason: "wamp.close.system_shutdown".into(),
+                }).await;
+                wire.close().await;
+                break "shutdown";
+            }
             outgoing = rx.recv() => match outgoing {
+                // Killed (the meta API, the admin API): the GOODBYE says why.
+                Some(bye @ Message::Goodbye { .. }) => {
+                    let _ = wire.send(&bye).await;
+                    wire.close().await;
+                    break "killed";
+                }
                 Some(msg) => {
                     if !wire.send(&msg).await {
                         break "connection closed";
@@ -259,59 +248,157 @@ pub async fn serve(
             },
         }
     };
-    realm.state().leave(session);
-    tracing::info!(realm = %realm_name, session, authid = %joined.identity.subject, reason = why,
-        "WAMP session left");
+    realm.state().leave(session, &s.authid, &s.authrole);
+    tracing::info!(realm = %realm.name, session, authid = %s.authid, authrole = %s.authrole,
+        reason = why, "WAMP session left");
+    s.cache.clear();
 }
 
-struct Joined {
+/// What an authorisation decided.
+enum Verdict {
+    Allowed {
+        disclose: bool,
+    },
+    Denied,
+    /// The URI is not one (`wamp.error.invalid_uri`).
+    Invalid(&'static str),
+}
+
+struct Session {
     realm: Arc<Realm>,
     session: Id,
+    authid: Arc<str>,
+    authrole: Arc<str>,
     identity: Arc<Identity>,
+    details: Arc<Dict>,
     router: Arc<Router>,
+    /// An authorizer's decisions it asked to be cached.
+    cache: HashMap<(WampVerb, MatchPolicy, String), (bool, bool)>,
 }
 
-impl Joined {
-    fn allowed(&self, verb: WampVerb, uri: &str) -> bool {
-        let settings = self.router.settings.load();
-        settings
-            .policy
-            .evaluate(
-                &self.identity,
-                &Action::Wamp {
-                    verb,
-                    realm: &self.realm.name,
-                    uri,
-                    policy: MatchPolicy::Exact,
+fn verb_name(verb: WampVerb) -> &'static str {
+    match verb {
+        WampVerb::Call => "call",
+        WampVerb::Register => "register",
+        WampVerb::Publish => "publish",
+        WampVerb::Subscribe => "subscribe",
+    }
+}
+
+impl Session {
+    async fn authorize(
+        &mut self,
+        verb: WampVerb,
+        uri: &str,
+        policy: MatchPolicy,
+        options: &Dict,
+    ) -> Verdict {
+        let settings = self.router.settings.load_full();
+        let action = Action::Wamp {
+            verb,
+            realm: &self.realm.name,
+            uri,
+            policy,
+        };
+        if let Err(why) = action.wanted() {
+            return Verdict::Invalid(why);
+        }
+        let role = settings
+            .realms
+            .get(&*self.realm.name)
+            .and_then(|r| r.roles.get(&*self.authrole));
+        let authorizer = match role {
+            None => return Verdict::Denied,
+            Some(Role::Static { policy, disclose }) => {
+                let d = policy.evaluate(&self.identity, &action);
+                return match d.reason {
+                    Reason::Invalid(why) => Verdict::Invalid(why),
+                    _ if d.allowed() => Verdict::Allowed {
+                        disclose: d.rule.and_then(|i| disclose.get(i).copied()) == Some(true),
+                    },
+                    _ => Verdict::Denied,
+                };
+            }
+            Some(Role::Dynamic { authorizer }) => authorizer.clone(),
+        };
+        let key = (verb, policy, uri.to_owned());
+        if let Some((allow, disclose)) = self.cache.get(&key) {
+            return match allow {
+                true => Verdict::Allowed {
+                    disclose: *disclose,
                 },
-            )
-            .allowed()
+                false => Verdict::Denied,
+            };
+        }
+        let args = vec![
+            Value::Dict((*self.details).clone()),
+            text(uri),
+            text(verb_name(verb)),
+            Value::Dict(options.clone()),
+        ];
+        let answer = auth::call(&self.router, &settings, &self.realm.name, &authorizer, args).await;
+        let first = match answer {
+            Ok((Some(Value::List(mut l)), _)) if !l.is_empty() => l.swap_remove(0),
+            Ok(_) => Value::Null,
+            Err(e) => {
+                tracing::warn!(realm = %self.realm.name, session = self.session, authorizer = %authorizer,
+                    uri, action = verb_name(verb), reason = %e, "WAMP authorizer failed; denied");
+                return Verdict::Denied;
+            }
+        };
+        let (allow, disclose, cache) = match &first {
+            Value::Bool(b) => (*b, false, false),
+            Value::Dict(d) => {
+                let flag = |k: &str| matches!(d.get(k), Some(Value::Bool(true)));
+                (flag("allow"), flag("disclose"), flag("cache"))
+            }
+            _ => {
+                tracing::warn!(realm = %self.realm.name, authorizer = %authorizer,
+                    "WAMP authorizer answered neither a bool nor {{allow, ...}}; denied");
+                (false, false, false)
+            }
+        };
+        if cache {
+            // Bounded: a session asking for ever new URIs stops being cached.
+            if self.cache.len() >= 10_000 {
+                self.cache.clear();
+            }
+            self.cache.insert(key, (allow, disclose));
+        }
+        match allow {
+            true => Verdict::Allowed { disclose },
+            false => Verdict::Denied,
+        }
     }
 
     /// Answers a message; `Err` for one a client may not send.
-    fn handle(&self, msg: Message) -> Result<Option<Message>, &'static str> {
-        let not_authorized =
-            |code, request| Some(error(code, request, "wamp.error.not_authorized"));
+    async fn handle(&mut self, msg: Message) -> Result<Option<Message>, &'static str> {
         Ok(match msg {
             Message::Subscribe {
                 request,
                 options,
                 topic,
             } => {
-                if options
-                    .get("match")
-                    .and_then(Value::as_str)
-                    .is_some_and(|p| p != "exact")
-                {
-                    Some(error(m::SUBSCRIBE, request, "wamp.error.invalid_argument"))
-                } else if !self.allowed(WampVerb::Subscribe, &topic) {
-                    not_authorized(m::SUBSCRIBE, request)
-                } else {
-                    let subscription = self.realm.state().subscribe(self.session, topic);
-                    Some(Message::Subscribed {
+                let Some(policy) = match_policy(&options) else {
+                    return Ok(Some(error(
+                        m::SUBSCRIBE,
                         request,
-                        subscription,
-                    })
+                        "wamp.error.invalid_argument",
+                    )));
+                };
+                match self
+                    .authorize(WampVerb::Subscribe, &topic, policy, &options)
+                    .await
+                {
+                    Verdict::Allowed { .. } => {
+                        let subscription =
+                            self.realm.state().subscribe(self.session, topic, policy);
+                        Some(Message::Subscribed {
+                            request,
+                            subscription,
+                        })
+                    }
+                    v => Some(refusal(m::SUBSCRIBE, request, v, &topic)),
                 }
             }
             Message::Unsubscribe {
@@ -336,19 +423,23 @@ impl Joined {
                 kwargs,
             } => {
                 let acknowledge = matches!(options.get("acknowledge"), Some(Value::Bool(true)));
-                if !self.allowed(WampVerb::Publish, &topic) {
-                    return Ok(acknowledge
-                        .then(|| error(m::PUBLISH, request, "wamp.error.not_authorized")));
-                }
-                // The publisher is left out unless it asks otherwise.
-                let exclude_me = !matches!(options.get("exclude_me"), Some(Value::Bool(false)));
-                let publication = self.realm.state().publish(
-                    &topic,
-                    exclude_me.then_some(self.session),
-                    Dict::new(),
+                let verdict = if topic.starts_with("wamp.") {
+                    Verdict::Invalid("`wamp.` topics are the router's own")
+                } else {
+                    self.authorize(WampVerb::Publish, &topic, MatchPolicy::Exact, &options)
+                        .await
+                };
+                let Verdict::Allowed { disclose } = verdict else {
+                    return Ok(acknowledge.then(|| refusal(m::PUBLISH, request, verdict, &topic)));
+                };
+                let publication = self.realm.state().publish(&Delivery {
+                    topic: &topic,
+                    publisher: Some(self.session),
+                    options: &options,
+                    disclose,
                     args,
                     kwargs,
-                );
+                });
                 acknowledge.then_some(Message::Published {
                     request,
                     publication,
@@ -356,23 +447,42 @@ impl Joined {
             }
             Message::Register {
                 request,
-                options: _,
+                options,
                 procedure,
             } => {
-                if !self.allowed(WampVerb::Register, &procedure) {
-                    not_authorized(m::REGISTER, request)
+                let (Some(policy), Some(invoke)) =
+                    (match_policy(&options), Invoke::from_options(&options))
+                else {
+                    return Ok(Some(error_with(
+                        m::REGISTER,
+                        request,
+                        "wamp.error.invalid_argument",
+                        "`match` must be exact, prefix or wildcard; `invoke` single, \
+                         roundrobin, random, first or last"
+                            .into(),
+                    )));
+                };
+                let verdict = if procedure.starts_with("wamp.") {
+                    Verdict::Invalid("`wamp.` procedures are the router's own")
                 } else {
-                    match self.realm.state().register(self.session, procedure) {
-                        Some(registration) => Some(Message::Registered {
-                            request,
-                            registration,
-                        }),
-                        None => Some(error(
-                            m::REGISTER,
-                            request,
-                            "wamp.error.procedure_already_exists",
-                        )),
+                    self.authorize(WampVerb::Register, &procedure, policy, &options)
+                        .await
+                };
+                match verdict {
+                    Verdict::Allowed { .. } => {
+                        let done =
+                            self.realm
+                                .state()
+                                .register(self.session, procedure, policy, invoke);
+                        Some(match done {
+                            Ok(registration) => Message::Registered {
+                                request,
+                                registration,
+                            },
+                            Err(uri) => error(m::REGISTER, request, uri),
+                        })
                     }
+                    v => Some(refusal(m::REGISTER, request, v, &procedure)),
                 }
             }
             Message::Unregister {
@@ -391,60 +501,149 @@ impl Joined {
             },
             Message::Call {
                 request,
-                options: _,
+                options,
                 procedure,
                 args,
                 kwargs,
-            } => {
-                if !self.allowed(WampVerb::Call, &procedure) {
-                    not_authorized(m::CALL, request)
-                } else if self
-                    .realm
-                    .state()
-                    .call(self.session, request, &procedure, args, kwargs)
-                {
-                    None
-                } else {
-                    Some(error(m::CALL, request, "wamp.error.no_such_procedure"))
-                }
-            }
+            } => self.call(request, options, procedure, args, kwargs).await,
             Message::Yield {
                 request,
-                options: _,
+                options,
                 args,
                 kwargs,
             } => {
                 self.realm
                     .state()
-                    .answer(self.session, request, |caller_request| Message::Result {
-                        request: caller_request,
-                        details: Dict::new(),
-                        args,
-                        kwargs,
-                    });
+                    .yielded(self.session, request, &options, args, kwargs);
                 None
             }
             Message::Error {
                 request_type: m::INVOCATION,
                 request,
-                details,
                 error,
                 args,
                 kwargs,
+                ..
             } => {
                 self.realm
                     .state()
-                    .answer(self.session, request, |caller_request| Message::Error {
-                        request_type: m::CALL,
-                        request: caller_request,
-                        details,
-                        error,
-                        args,
-                        kwargs,
-                    });
+                    .failed(self.session, request, error, args, kwargs);
                 None
             }
+            Message::Cancel { request, options } => {
+                let Some(mode) = CancelMode::from_options(&options) else {
+                    return Ok(Some(error(
+                        m::CANCEL,
+                        request,
+                        "wamp.error.invalid_argument",
+                    )));
+                };
+                // A call already answered has nothing to cancel.
+                self.realm.state().cancel(self.session, request, mode);
+                None
+            }
+            // Acknowledged delivery is not offered; an acknowledgement is harmless.
+            Message::EventReceived { .. } => None,
             _ => return Err("a message a client does not send, or not now"),
         })
+    }
+
+    async fn call(
+        &mut self,
+        request: Id,
+        options: Dict,
+        procedure: String,
+        args: Option<Value>,
+        kwargs: Option<Value>,
+    ) -> Option<Message> {
+        let disclose = match self
+            .authorize(WampVerb::Call, &procedure, MatchPolicy::Exact, &options)
+            .await
+        {
+            Verdict::Allowed { disclose } => disclose,
+            v => return Some(refusal(m::CALL, request, v, &procedure)),
+        };
+        if meta::is_meta(&procedure) {
+            let positional = match &args {
+                Some(Value::List(l)) => l.as_slice(),
+                _ => &[],
+            };
+            let named = kwargs.as_ref().and_then(Value::as_dict);
+            let answer = meta::call(
+                &mut self.realm.state(),
+                self.session,
+                &procedure,
+                positional,
+                named,
+            );
+            return Some(match answer {
+                Ok(values) => Message::Result {
+                    request,
+                    details: Dict::new(),
+                    args: Some(Value::List(values)),
+                    kwargs: None,
+                },
+                Err((uri, message)) => error_with(m::CALL, request, uri, message),
+            });
+        }
+        let settings = self.router.settings.load();
+        let mut state = self.realm.state();
+        let waiting = state
+            .sessions
+            .get(&self.session)
+            .map_or(0, |m| m.pending_calls);
+        if waiting >= settings.max_pending_calls {
+            return Some(error_with(
+                m::CALL,
+                request,
+                "wamp.error.canceled",
+                format!("too many calls waiting for results ({waiting})"),
+            ));
+        }
+        let placed = state.call(CallRequest {
+            caller: Caller::Session {
+                id: self.session,
+                request,
+            },
+            procedure: &procedure,
+            options: &options,
+            disclose: disclose.then_some((self.session, &*self.authid, &*self.authrole)),
+            args,
+            kwargs,
+        });
+        drop(state);
+        let invocation = match placed {
+            Ok(i) => i,
+            Err(_) => return Some(no_such_procedure(request, &procedure)),
+        };
+        let timeout = options.get("timeout").and_then(Value::as_id).unwrap_or(0);
+        if timeout > 0 {
+            let realm = Arc::downgrade(&self.realm);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(timeout)).await;
+                if let Some(realm) = realm.upgrade() {
+                    realm.state().timed_out(invocation);
+                }
+            });
+        }
+        None
+    }
+}
+
+/// The ERROR for a refused action.
+fn refusal(request_type: u64, request: Id, verdict: Verdict, uri: &str) -> Message {
+    match verdict {
+        Verdict::Invalid(why) => error_with(
+            request_type,
+            request,
+            "wamp.error.invalid_uri",
+            format!("`{uri}`: {why}"),
+        ),
+        _ => error_with(
+            request_type,
+            request,
+            "wamp.error.not_authorized",
+            format!("not authorized for `{uri}`"),
+        ),
     }
 }

@@ -1,0 +1,596 @@
+//! The dealer: registrations (exact, prefix, wildcard; shared ones with an
+//! invocation policy), routing a call to one callee, and what follows:
+//! results (progressive ones too), errors, cancels, timeouts, and callees
+//! or callers that leave mid-call. A caller never waits on a callee that is
+//! gone. The router itself calls procedures too (dynamic authentication
+//! and authorisation), through the same path, with a oneshot for its answer.
+
+use std::collections::HashMap;
+
+use tokio::sync::oneshot;
+
+use super::message::{self as m, Id, Message};
+use super::router::{RealmState, error_with, now_text, policy_name, uri_matches};
+use super::value::{Dict, Value};
+use crate::authz::MatchPolicy;
+
+/// How a shared registration picks its callee (`options.invoke`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invoke {
+    Single,
+    RoundRobin,
+    Random,
+    First,
+    Last,
+}
+
+impl Invoke {
+    pub fn from_options(options: &Dict) -> Option<Invoke> {
+        Some(match options.get("invoke").and_then(Value::as_str) {
+            None | Some("single") => Invoke::Single,
+            Some("roundrobin") => Invoke::RoundRobin,
+            Some("random") => Invoke::Random,
+            Some("first") => Invoke::First,
+            Some("last") => Invoke::Last,
+            Some(_) => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Invoke::Single => "single",
+            Invoke::RoundRobin => "roundrobin",
+            Invoke::Random => "random",
+            Invoke::First => "first",
+            Invoke::Last => "last",
+        }
+    }
+}
+
+pub struct Registration {
+    pub uri: String,
+    pub policy: MatchPolicy,
+    pub invoke: Invoke,
+    /// In the order they registered.
+    pub callees: Vec<Id>,
+    next: usize,
+    pub created: String,
+}
+
+impl Registration {
+    pub fn details(&self, id: Id) -> Dict {
+        Dict::from([
+            ("id".into(), Value::UInt(id)),
+            ("created".into(), Value::Str(self.created.clone())),
+            ("uri".into(), Value::Str(self.uri.clone())),
+            ("match".into(), Value::Str(policy_name(self.policy).into())),
+            ("invoke".into(), Value::Str(self.invoke.name().into())),
+        ])
+    }
+
+    fn pick(&mut self) -> Option<Id> {
+        let n = self.callees.len();
+        if n == 0 {
+            return None;
+        }
+        let at = match self.invoke {
+            Invoke::Single | Invoke::First => 0,
+            Invoke::Last => n - 1,
+            Invoke::Random => fastrand::usize(..n),
+            Invoke::RoundRobin => {
+                self.next %= n;
+                let at = self.next;
+                self.next += 1;
+                at
+            }
+        };
+        Some(self.callees[at])
+    }
+}
+
+/// A call's outcome, for the router's own calls.
+#[derive(Debug)]
+pub enum Outcome {
+    Result(Option<Value>, Option<Value>),
+    Error(String, Option<Value>),
+}
+
+pub enum Caller {
+    Session { id: Id, request: Id },
+    Router(oneshot::Sender<Outcome>),
+}
+
+struct Pending {
+    caller: Caller,
+    callee: Id,
+    /// The caller takes progressive results.
+    progress: bool,
+    /// A `kill` cancel is under way: the callee's ERROR ends it.
+    canceling: bool,
+}
+
+#[derive(Default)]
+pub struct Dealer {
+    pub registrations: HashMap<Id, Registration>,
+    exact: HashMap<String, Id>,
+    patterns: Vec<Id>,
+    pending: HashMap<Id, Pending>,
+    /// (caller session, its request id) -> invocation, for CANCEL.
+    by_request: HashMap<(Id, Id), Id>,
+}
+
+/// A CALL on its way to a callee.
+pub struct CallRequest<'a> {
+    pub caller: Caller,
+    pub procedure: &'a str,
+    pub options: &'a Dict,
+    /// The caller's session, authid and authrole go to the callee.
+    pub disclose: Option<(Id, &'a str, &'a str)>,
+    pub args: Option<Value>,
+    pub kwargs: Option<Value>,
+}
+
+/// What a cancel does (`options.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelMode {
+    /// The caller gets its error now; the callee is not told.
+    Skip,
+    /// The callee is interrupted and its ERROR goes to the caller.
+    Kill,
+    /// The callee is interrupted and the caller gets its error now.
+    KillNoWait,
+}
+
+impl CancelMode {
+    pub fn from_options(options: &Dict) -> Option<CancelMode> {
+        Some(match options.get("mode").and_then(Value::as_str) {
+            Some("skip") => CancelMode::Skip,
+            Some("kill") => CancelMode::Kill,
+            None | Some("killnowait") => CancelMode::KillNoWait,
+            Some(_) => return None,
+        })
+    }
+}
+
+impl Dealer {
+    pub fn lookup(&self, uri: &str, policy: MatchPolicy) -> Option<Id> {
+        match policy {
+            MatchPolicy::Exact => self.exact.get(uri).copied(),
+            _ => self.patterns.iter().copied().find(|id| {
+                self.registrations
+                    .get(id)
+                    .is_some_and(|r| r.policy == policy && r.uri == uri)
+            }),
+        }
+    }
+
+    /// The registration a call to `uri` goes to: an exact one, else the
+    /// longest matching prefix, else the wildcard whose first wildcard
+    /// component comes latest (then the one with the most components).
+    pub fn best_match(&self, uri: &str) -> Option<Id> {
+        if let Some(id) = self.exact.get(uri) {
+            return Some(*id);
+        }
+        let candidates = self.patterns.iter().filter_map(|id| {
+            let r = self.registrations.get(id)?;
+            uri_matches(r.policy, &r.uri, uri).then_some((*id, r))
+        });
+        let rank = |r: &Registration| match r.policy {
+            MatchPolicy::Prefix => (1, r.uri.len(), 0),
+            _ => {
+                let parts: Vec<&str> = r.uri.split('.').collect();
+                let first_wild = parts
+                    .iter()
+                    .position(|p| p.is_empty())
+                    .unwrap_or(parts.len());
+                (
+                    0,
+                    first_wild,
+                    parts.iter().filter(|p| !p.is_empty()).count(),
+                )
+            }
+        };
+        candidates.max_by_key(|(_, r)| rank(r)).map(|(id, _)| id)
+    }
+
+    pub fn registrations_of(&self, session: Id) -> Vec<Id> {
+        self.registrations
+            .iter()
+            .filter(|(_, r)| r.callees.contains(&session))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// `wamp.registration.list`: ids by match policy.
+    pub fn list(&self) -> Dict {
+        let of = |policy| {
+            let mut ids: Vec<Id> = self
+                .registrations
+                .iter()
+                .filter(|(_, r)| r.policy == policy)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.sort_unstable();
+            Value::List(ids.into_iter().map(Value::UInt).collect())
+        };
+        Dict::from([
+            ("exact".into(), of(MatchPolicy::Exact)),
+            ("prefix".into(), of(MatchPolicy::Prefix)),
+            ("wildcard".into(), of(MatchPolicy::Wildcard)),
+        ])
+    }
+}
+
+impl RealmState {
+    /// Registers the session as a callee of `uri`: a new registration, or a
+    /// place in a shared one when both ask for the same invocation policy
+    /// (other than `single`). `Err` is the error URI.
+    pub fn register(
+        &mut self,
+        session: Id,
+        uri: String,
+        policy: MatchPolicy,
+        invoke: Invoke,
+    ) -> Result<Id, &'static str> {
+        if let Some(id) = self.dealer.lookup(&uri, policy) {
+            let Some(reg) = self.dealer.registrations.get_mut(&id) else {
+                return Err("wamp.error.procedure_already_exists");
+            };
+            if reg.invoke == Invoke::Single || reg.invoke != invoke {
+                return Err("wamp.error.procedure_already_exists");
+            }
+            if reg.callees.contains(&session) {
+                return Err("wamp.error.procedure_already_exists");
+            }
+            reg.callees.push(session);
+            self.meta_event(
+                "wamp.registration.on_register",
+                vec![Value::UInt(session), Value::UInt(id)],
+            );
+            return Ok(id);
+        }
+        let id = self.id();
+        match policy {
+            MatchPolicy::Exact => {
+                self.dealer.exact.insert(uri.clone(), id);
+            }
+            _ => self.dealer.patterns.push(id),
+        }
+        let reg = Registration {
+            uri,
+            policy,
+            invoke,
+            callees: vec![session],
+            next: 0,
+            created: now_text(),
+        };
+        let details = reg.details(id);
+        self.dealer.registrations.insert(id, reg);
+        self.meta_event(
+            "wamp.registration.on_create",
+            vec![Value::UInt(session), Value::Dict(details)],
+        );
+        self.meta_event(
+            "wamp.registration.on_register",
+            vec![Value::UInt(session), Value::UInt(id)],
+        );
+        Ok(id)
+    }
+
+    /// Whether the session was a callee of that registration. Calls it is
+    /// serving for it go on.
+    pub fn unregister(&mut self, session: Id, id: Id) -> bool {
+        let Some(reg) = self.dealer.registrations.get_mut(&id) else {
+            return false;
+        };
+        let Some(at) = reg.callees.iter().position(|c| *c == session) else {
+            return false;
+        };
+        reg.callees.remove(at);
+        let empty = reg.callees.is_empty();
+        self.meta_event(
+            "wamp.registration.on_unregister",
+            vec![Value::UInt(session), Value::UInt(id)],
+        );
+        if empty && let Some(reg) = self.dealer.registrations.remove(&id) {
+            match reg.policy {
+                MatchPolicy::Exact => {
+                    self.dealer.exact.remove(&reg.uri);
+                }
+                _ => self.dealer.patterns.retain(|p| *p != id),
+            }
+            self.meta_event(
+                "wamp.registration.on_delete",
+                vec![Value::UInt(session), Value::UInt(id)],
+            );
+        }
+        true
+    }
+
+    /// Hands a call to a callee; returns the invocation id, or gives the
+    /// caller back when nobody registered the procedure.
+    pub fn call(&mut self, req: CallRequest<'_>) -> Result<Id, Caller> {
+        let Some(reg_id) = self.dealer.best_match(req.procedure) else {
+            return Err(req.caller);
+        };
+        let Some(reg) = self.dealer.registrations.get_mut(&reg_id) else {
+            return Err(req.caller);
+        };
+        let Some(callee) = reg.pick() else {
+            return Err(req.caller);
+        };
+        let exact = reg.policy == MatchPolicy::Exact;
+        let invocation = self.id();
+        let progress = matches!(req.options.get("receive_progress"), Some(Value::Bool(true)))
+            && matches!(req.caller, Caller::Session { .. });
+        let mut details = Dict::new();
+        if !exact {
+            details.insert("procedure".into(), Value::Str(req.procedure.to_owned()));
+        }
+        if progress {
+            details.insert("receive_progress".into(), Value::Bool(true));
+        }
+        if let Some((session, authid, authrole)) = req.disclose {
+            details.insert("caller".into(), Value::UInt(session));
+            details.insert("caller_authid".into(), Value::Str(authid.to_owned()));
+            details.insert("caller_authrole".into(), Value::Str(authrole.to_owned()));
+        }
+        if let Caller::Session { id, request } = req.caller {
+            self.dealer.by_request.insert((id, request), invocation);
+            if let Some(member) = self.sessions.get_mut(&id) {
+                member.pending_calls += 1;
+            }
+        }
+        self.dealer.pending.insert(
+            invocation,
+            Pending {
+                caller: req.caller,
+                callee,
+                progress,
+                canceling: false,
+            },
+        );
+        self.send(
+            callee,
+            Message::Invocation {
+                request: invocation,
+                registration: reg_id,
+                details,
+                args: req.args,
+                kwargs: req.kwargs,
+            },
+        );
+        Ok(invocation)
+    }
+
+    /// Ends a pending call: it leaves the tables and its caller's count.
+    fn finish(&mut self, invocation: Id) -> Option<Pending> {
+        let pending = self.dealer.pending.remove(&invocation)?;
+        if let Caller::Session { id, request } = pending.caller {
+            self.dealer.by_request.remove(&(id, request));
+            if let Some(member) = self.sessions.get_mut(&id) {
+                member.pending_calls = member.pending_calls.saturating_sub(1);
+            }
+        }
+        Some(pending)
+    }
+
+    /// Sends a call's outcome to its caller, whichever kind it is.
+    fn deliver(&mut self, caller: Caller, outcome: Outcome, details: Dict) {
+        match caller {
+            Caller::Router(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Caller::Session { id, request } => {
+                let message = match outcome {
+                    Outcome::Result(args, kwargs) => Message::Result {
+                        request,
+                        details,
+                        args,
+                        kwargs,
+                    },
+                    Outcome::Error(error, args) => Message::Error {
+                        request_type: m::CALL,
+                        request,
+                        details,
+                        error,
+                        args,
+                        kwargs: None,
+                    },
+                };
+                self.send(id, message);
+            }
+        }
+    }
+
+    /// A callee's YIELD: a progressive result goes on (when the caller takes
+    /// them) and the call stays; a final one ends the call.
+    pub fn yielded(
+        &mut self,
+        callee: Id,
+        invocation: Id,
+        options: &Dict,
+        args: Option<Value>,
+        kwargs: Option<Value>,
+    ) {
+        let Some(p) = self.dealer.pending.get(&invocation) else {
+            return;
+        };
+        if p.callee != callee {
+            return;
+        }
+        if matches!(options.get("progress"), Some(Value::Bool(true))) {
+            if let (true, Caller::Session { id, request }) = (p.progress, &p.caller) {
+                let (id, request) = (*id, *request);
+                self.send(
+                    id,
+                    Message::Result {
+                        request,
+                        details: Dict::from([("progress".into(), Value::Bool(true))]),
+                        args,
+                        kwargs,
+                    },
+                );
+            }
+            return;
+        }
+        if let Some(p) = self.finish(invocation) {
+            self.deliver(p.caller, Outcome::Result(args, kwargs), Dict::new());
+        }
+    }
+
+    /// A callee's ERROR for an invocation: it goes to the caller.
+    pub fn failed(
+        &mut self,
+        callee: Id,
+        invocation: Id,
+        error: String,
+        args: Option<Value>,
+        kwargs: Option<Value>,
+    ) {
+        match self.dealer.pending.get(&invocation) {
+            Some(p) if p.callee == callee => {}
+            _ => return,
+        }
+        if let Some(p) = self.finish(invocation) {
+            match p.caller {
+                Caller::Session { id, request } => self.send(
+                    id,
+                    Message::Error {
+                        request_type: m::CALL,
+                        request,
+                        details: Dict::new(),
+                        error,
+                        args,
+                        kwargs,
+                    },
+                ),
+                Caller::Router(tx) => {
+                    let _ = tx.send(Outcome::Error(error, args));
+                }
+            }
+        }
+    }
+
+    /// A caller's CANCEL; `false` when no such call is pending.
+    pub fn cancel(&mut self, caller: Id, request: Id, mode: CancelMode) -> bool {
+        let Some(invocation) = self.dealer.by_request.get(&(caller, request)).copied() else {
+            return false;
+        };
+        let Some(p) = self.dealer.pending.get_mut(&invocation) else {
+            return false;
+        };
+        if p.canceling {
+            return true;
+        }
+        let callee = p.callee;
+        if mode != CancelMode::Skip {
+            let kill = if mode == CancelMode::Kill {
+                "kill"
+            } else {
+                "killnowait"
+            };
+            self.send(
+                callee,
+                Message::Interrupt {
+                    request: invocation,
+                    options: Dict::from([("mode".into(), Value::Str(kill.into()))]),
+                },
+            );
+        }
+        if mode == CancelMode::Kill {
+            if let Some(p) = self.dealer.pending.get_mut(&invocation) {
+                p.canceling = true;
+            }
+            return true;
+        }
+        if let Some(p) = self.finish(invocation) {
+            self.deliver(
+                p.caller,
+                Outcome::Error("wamp.error.canceled".into(), None),
+                Dict::new(),
+            );
+        }
+        true
+    }
+
+    /// A call's `timeout` ran out: the callee is interrupted and the caller
+    /// gets `wamp.error.timeout`.
+    pub fn timed_out(&mut self, invocation: Id) {
+        let Some(p) = self.finish(invocation) else {
+            return;
+        };
+        self.send(
+            p.callee,
+            Message::Interrupt {
+                request: invocation,
+                options: Dict::from([("mode".into(), Value::Str("killnowait".into()))]),
+            },
+        );
+        self.deliver(
+            p.caller,
+            Outcome::Error(
+                "wamp.error.timeout".into(),
+                Some(Value::List(vec![Value::Str(
+                    "the call's timeout ran out".into(),
+                )])),
+            ),
+            Dict::new(),
+        );
+    }
+
+    /// The router gave up waiting on its own call.
+    pub fn forget(&mut self, invocation: Id) {
+        self.finish(invocation);
+    }
+
+    /// A session left: calls it was serving fail at once with
+    /// `wamp.error.canceled`; callees of calls it made are interrupted.
+    pub fn fail_calls_of(&mut self, session: Id) {
+        let gone: Vec<Id> = self
+            .dealer
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.callee == session
+                    || matches!(p.caller, Caller::Session { id, .. } if id == session)
+            })
+            .map(|(inv, _)| *inv)
+            .collect();
+        for invocation in gone {
+            let Some(p) = self.finish(invocation) else {
+                continue;
+            };
+            if p.callee == session {
+                self.deliver(
+                    p.caller,
+                    Outcome::Error(
+                        "wamp.error.canceled".into(),
+                        Some(Value::List(vec![Value::Str(
+                            "the callee left while the call was in progress".into(),
+                        )])),
+                    ),
+                    Dict::new(),
+                );
+            } else {
+                self.send(
+                    p.callee,
+                    Message::Interrupt {
+                        request: invocation,
+                        options: Dict::from([("mode".into(), Value::Str("killnowait".into()))]),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// An ERROR for a CALL nobody can take.
+pub fn no_such_procedure(request: Id, procedure: &str) -> Message {
+    error_with(
+        m::CALL,
+        request,
+        "wamp.error.no_such_procedure",
+        format!("no callee registered procedure `{procedure}`"),
+    )
+}
