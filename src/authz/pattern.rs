@@ -132,6 +132,11 @@ impl Pattern {
                 // `#` at the first level names no `$` topic either.
                 (Segment::Literal(l), Some(Want::Rest)) if first && l.starts_with('$') => false,
                 (_, Some(Want::Rest)) => return satisfiable(level),
+                // A prefix names every URI whose component here starts
+                // with it, and anything after.
+                (Segment::Literal(l), Some(Want::Prefix(p))) => {
+                    return l.starts_with(&*p) && satisfiable(level + 1);
+                }
                 (_, Some(Want::Prefix(_))) => return satisfiable(level),
                 (Segment::One, Some(Want::Exact(w))) => !(first && w.starts_with('$')),
                 (Segment::One, Some(Want::One)) => true,

@@ -775,3 +775,36 @@ fn deny_conditions_apply_only_where_they_can() {
     assert!(publish(false));
     assert!(!publish(true));
 }
+
+/// WAMP deny rules reach every prefix and wildcard that can name what they
+/// deny, and only those.
+#[test]
+fn wamp_deny_rules_reach_patterns() {
+    let acl = r#"[
+        {"deny": {"uris": ["com.app.secret.**"]}},
+        {"allow": {"uris": ["com.app.**"]}}
+    ]"#;
+    let policy = Policy::compile(&rules(acl), Resource::Uri).unwrap();
+    let who = jwt("alice", &[], &[], json!({}));
+    use MatchPolicy::{Exact, Prefix, Wildcard};
+    for (uri, how, allowed) in [
+        ("com.app.a", Prefix, true),
+        ("com.app.a.", Prefix, true),
+        ("com.app.sec", Prefix, false),
+        ("com.app.", Prefix, false),
+        ("com.app.secret.x", Exact, false),
+        ("com.app..x", Wildcard, false),
+        ("com.app.w..x", Wildcard, true),
+    ] {
+        let d = policy.evaluate(
+            &who,
+            &Action::Wamp {
+                verb: WampVerb::Subscribe,
+                realm: "realm1",
+                uri,
+                policy: how,
+            },
+        );
+        assert_eq!(d.allowed(), allowed, "{uri} {how:?}: {d}");
+    }
+}

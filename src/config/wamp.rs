@@ -174,6 +174,10 @@ pub struct MethodConfig {
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Principal {
+    /// The authid the session gets (default: the principal's key), so that
+    /// several instances of one service, each with its own certificate or
+    /// key, join under one authid.
+    pub authid: Option<String>,
     pub role: String,
     /// The only realm it may join (default: any the HELLO names).
     pub realm: Option<String>,

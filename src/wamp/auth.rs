@@ -292,13 +292,10 @@ pub async fn authenticate(
                             .iter()
                             .any(|k| k.eq_ignore_ascii_case(&pubkey))
                     };
-                    let hit = match authid.as_deref() {
-                        Some(id) => cfg.principals.get_key_value(id).filter(|(_, p)| holds(p)),
-                        None => cfg.principals.iter().find(|(_, p)| holds(p)),
-                    };
-                    let (id, p) = hit.ok_or_else(|| not_authorized("authentication failed"))?;
+                    let (id, p) = principal(cfg, authid.as_deref(), holds)
+                        .ok_or_else(|| not_authorized("authentication failed"))?;
                     Found {
-                        authid: Some(id.clone()),
+                        authid: Some(id.to_owned()),
                         ..Found::from_principal(p)
                     }
                 }
@@ -346,15 +343,11 @@ pub async fn authenticate(
                             .is_some_and(|f| fingerprint_key(f) == sha1)
                             || (p.certificate_sha1.is_none() && p.cn.is_some() && p.cn == cert.cn)
                     };
-                    let hit = match authid.as_deref() {
-                        Some(id) => cfg.principals.get_key_value(id).filter(|(_, p)| names(p)),
-                        None => cfg.principals.iter().find(|(_, p)| names(p)),
-                    };
-                    let (id, p) = hit.ok_or_else(|| {
+                    let (id, p) = principal(cfg, authid.as_deref(), names).ok_or_else(|| {
                         not_authorized("no principal for this client certificate")
                     })?;
                     Found {
-                        authid: Some(id.clone()),
+                        authid: Some(id.to_owned()),
                         ..Found::from_principal(p)
                     }
                 }
@@ -400,6 +393,20 @@ pub async fn authenticate(
         authprovider: provider,
         authextra: found.extra,
         identity: Arc::new(id),
+    })
+}
+
+/// The first static principal that `proves` accepts (a certificate, a
+/// key) and, when the HELLO named an authid, has that authid; with the
+/// authid it gives.
+fn principal<'a>(
+    cfg: &'a MethodConfig,
+    hello_authid: Option<&str>,
+    proves: impl Fn(&Principal) -> bool,
+) -> Option<(&'a str, &'a Principal)> {
+    cfg.principals.iter().find_map(|(key, p)| {
+        let authid = p.authid.as_deref().unwrap_or(key);
+        (proves(p) && hello_authid.is_none_or(|h| h == authid)).then_some((authid, p))
     })
 }
 

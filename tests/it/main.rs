@@ -22,3 +22,4 @@ mod support;
 mod tls;
 mod upstreams;
 mod wamp;
+mod wamp_router;
