@@ -193,6 +193,20 @@ where
                 None => error(StatusCode::NOT_FOUND, "the MQTT broker is not enabled"),
             }
         }
+        (&Method::GET, ["admin", "wamp", "sessions"]) => match gw.wamp_sessions() {
+            Some(list) => json_response(StatusCode::OK, &list),
+            None => error(StatusCode::NOT_FOUND, "the WAMP router is not enabled"),
+        },
+        (&Method::DELETE, ["admin", "wamp", "sessions", id]) => {
+            match id.parse().ok().and_then(|id| gw.wamp_kill(id)) {
+                Some(true) => no_content(),
+                Some(false) => error(StatusCode::NOT_FOUND, format!("no WAMP session `{id}`")),
+                None if gw.wamp_sessions().is_none() => {
+                    error(StatusCode::NOT_FOUND, "the WAMP router is not enabled")
+                }
+                None => error(StatusCode::NOT_FOUND, format!("no WAMP session `{id}`")),
+            }
+        }
         (&Method::GET, ["admin", "routes"]) => list_routes(gw).await,
         (&Method::GET, ["admin", "routes", name]) => get_route(gw, name).await,
         (&Method::POST, ["admin", "routes"]) => match body_json(req).await {

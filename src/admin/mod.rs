@@ -86,6 +86,11 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Disconnects an MQTT client and ends its session (`None`: no broker;
     /// `Some(false)`: no such session).
     fn mqtt_kick(&self, client_id: &str) -> Option<bool>;
+    /// The WAMP router's sessions by realm (`None`: no router).
+    fn wamp_sessions(&self) -> Option<serde_json::Value>;
+    /// Ends a WAMP session (`None`: no router; `Some(false)`: no such
+    /// session).
+    fn wamp_kill(&self, session: u64) -> Option<bool>;
 }
 
 /// The admin listener's front-end: hyper serves its connections (HTTP/1.1

@@ -322,6 +322,14 @@ fn wamp(cfg: &Config, errs: &mut Errors) {
     if w.max_pending_calls == 0 {
         errs.add("wamp.max_pending_calls", "must be at least 1");
     }
+    // A HELLO takes about 1 KiB; RawSocket cannot announce 16 MiB or more.
+    let size = w.max_message_size.as_usize();
+    if !(4096..1 << 24).contains(&size) {
+        errs.add(
+            "wamp.max_message_size",
+            "must be at least 4KiB and below 16MiB",
+        );
+    }
     if let Err(problems) = crate::wamp::settings(
         cfg,
         &crate::identity::Providers::empty(),

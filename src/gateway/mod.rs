@@ -64,6 +64,7 @@ struct Inner {
     http: Arc<HttpPart>,
     admin: Arc<AdminPart>,
     mqtt: Option<Arc<MqttPart>>,
+    wamp: Option<Arc<WampPart>>,
     /// Applied in this order on every reload.
     parts: Vec<Arc<dyn Part>>,
     /// Password and ticket users (gateway.yaml's and the store's), loaded
@@ -532,6 +533,7 @@ impl Gateway {
                 .flatten()
                 .collect(),
                 mqtt: mqtt.clone(),
+                wamp: wamp.clone(),
                 http,
                 admin,
                 providers: ArcSwap::from_pointee(material.providers),
@@ -1106,6 +1108,12 @@ impl AdminBackend for Gateway {
     }
     fn mqtt_kick(&self, client_id: &str) -> Option<bool> {
         self.inner.mqtt.as_ref().map(|m| m.broker.kick(client_id))
+    }
+    fn wamp_sessions(&self) -> Option<serde_json::Value> {
+        self.inner.wamp.as_ref().map(|w| w.router.sessions_status())
+    }
+    fn wamp_kill(&self, session: u64) -> Option<bool> {
+        self.inner.wamp.as_ref().map(|w| w.router.kill(session))
     }
     fn status(&self) -> serde_json::Value {
         Gateway::status(self)

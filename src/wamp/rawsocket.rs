@@ -461,24 +461,43 @@ pub async fn read_first_byte<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Opt
 }
 
 pin_project_lite::pin_project! {
-    /// A connection whose first bytes were read already (the byte
-    /// [`read_first_byte`] read, an HTTP head's trailing bytes): reading
-    /// replays them first, writing goes straight through.
+    /// A connection some of whose first bytes were read already (the byte
+    /// [`read_first_byte`] took, or what an HTTP head parser read past the
+    /// head): reading replays them first, writing goes straight through.
     #[derive(Debug)]
     pub struct Prefixed<S> {
-        first: Bytes,
+        prefix: Bytes,
         #[pin]
         inner: S,
     }
 }
 
 impl<S> Prefixed<S> {
-    pub fn new(first: Bytes, inner: S) -> Prefixed<S> {
-        Prefixed { first, inner }
+    /// `inner`, whose reads start with `prefix`.
+    pub fn new(prefix: Bytes, inner: S) -> Prefixed<S> {
+        Prefixed { prefix, inner }
     }
 
-    /// The connection, with whatever of the replayed bytes was not read
-    /// yet lost: call once they are all read.
+    /// `inner` after one byte read from it: reads start with `first`.
+    pub fn with_first_byte(first: u8, inner: S) -> Prefixed<S> {
+        Prefixed::new(Bytes::copy_from_slice(&[first]), inner)
+    }
+
+    /// The bytes still to replay.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The connection; the bytes not replayed yet (see [`Prefixed::prefix`])
+    /// are dropped.
     pub fn into_inner(self) -> S {
         self.inner
     }
@@ -491,11 +510,12 @@ impl<S: AsyncRead> AsyncRead for Prefixed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
-        if this.first.is_empty() || buf.remaining() == 0 {
+        if this.prefix.is_empty() || buf.remaining() == 0 {
             return this.inner.poll_read(cx, buf);
         }
-        let n = this.first.len().min(buf.remaining());
-        buf.put_slice(&this.first.split_to(n));
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix[..n]);
+        this.prefix.advance(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -892,7 +912,7 @@ mod tests {
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let b = read_first_byte(&mut server).await.unwrap();
         assert_eq!(b, Some(b'G'));
-        let mut io = Prefixed::new(Bytes::from(b.into_iter().collect::<Vec<u8>>()), server);
+        let mut io = Prefixed::with_first_byte(b.unwrap(), server);
         let mut line = [0u8; 16];
         io.read_exact(&mut line).await.unwrap();
         assert_eq!(&line, b"GET / HTTP/1.1\r\n");
@@ -907,12 +927,31 @@ mod tests {
         let (mut client, mut server) = duplex(1024);
         client.write_all(b"xy").await.unwrap();
         let b = read_first_byte(&mut server).await.unwrap();
-        let mut io = Prefixed::new(Bytes::from(b.into_iter().collect::<Vec<u8>>()), server);
+        let mut io = Prefixed::with_first_byte(b.unwrap(), server);
         let mut one = [0u8; 1];
         io.read_exact(&mut one).await.unwrap();
         assert_eq!(one, *b"x");
         io.read_exact(&mut one).await.unwrap();
         assert_eq!(one, *b"y");
+
+        // Several bytes (what an HTTP parser read past the head), read in
+        // small pieces, then the stream; into_inner after they are read.
+        let (mut client, server) = duplex(1024);
+        client.write_all(b"tail").await.unwrap();
+        let mut io = Prefixed::new(Bytes::from_static(b"abcde"), server);
+        let mut three = [0u8; 3];
+        io.read_exact(&mut three).await.unwrap();
+        assert_eq!(&three, b"abc");
+        assert_eq!(io.prefix(), b"de");
+        let mut six = [0u8; 6];
+        io.read_exact(&mut six).await.unwrap();
+        assert_eq!(&six, b"detail");
+        assert!(io.prefix().is_empty());
+        let mut server = io.into_inner();
+        server.write_all(b"direct").await.unwrap();
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"direct");
 
         // EOF before any byte.
         let (client, mut server) = duplex(1024);
@@ -930,12 +969,9 @@ mod tests {
             .unwrap();
         let b = read_first_byte(&mut server).await.unwrap();
         assert_eq!(b, Some(FIRST_BYTE));
-        let mut socket = accept(
-            Prefixed::new(Bytes::from(b.into_iter().collect::<Vec<u8>>()), server),
-            1 << 20,
-        )
-        .await
-        .unwrap();
+        let mut socket = accept(Prefixed::with_first_byte(b.unwrap(), server), 1 << 20)
+            .await
+            .unwrap();
         assert_eq!(socket.serializer(), Serializer::MsgPack);
         let mut reply = [0u8; 4];
         client.read_exact(&mut reply).await.unwrap();

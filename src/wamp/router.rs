@@ -274,3 +274,46 @@ impl Router {
         self.realms.load().get(name).cloned()
     }
 }
+
+impl Router {
+    /// `GET /admin/wamp/sessions`: every realm's sessions, with what they
+    /// joined as and where from.
+    pub fn sessions_status(&self) -> serde_json::Value {
+        let realms = self.realms.load();
+        let mut names: Vec<&String> = realms.keys().collect();
+        names.sort();
+        let mut out = serde_json::Map::new();
+        for name in names {
+            let state = realms[name].state();
+            let mut sessions: Vec<serde_json::Value> = state
+                .sessions
+                .iter()
+                .map(|(id, m)| {
+                    let mut details = serde_json::to_value(super::value::Encoded(
+                        &Value::Dict((*m.details).clone()),
+                        super::value::BinaryAs::JsonString,
+                    ))
+                    .unwrap_or_default();
+                    if let Some(d) = details.as_object_mut() {
+                        d.insert("session".into(), (*id).into());
+                        d.insert("pending_calls".into(), m.pending_calls.into());
+                    }
+                    details
+                })
+                .collect();
+            sessions.sort_by_key(|s| s["session"].as_u64());
+            out.insert(name.clone(), serde_json::Value::Array(sessions));
+        }
+        serde_json::json!({ "realms": out })
+    }
+
+    /// Ends a session (in whichever realm) with GOODBYE `wamp.close.killed`;
+    /// whether there was one.
+    pub fn kill(&self, session: Id) -> bool {
+        self.realms.load().values().any(|realm| {
+            realm
+                .state()
+                .kill(session, "wamp.close.killed", Some("ended by an operator"))
+        })
+    }
+}
