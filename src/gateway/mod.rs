@@ -355,6 +355,7 @@ impl Gateway {
                     router: Arc::new(crate::wamp::Router::new(
                         settings,
                         shutdown.graceful.clone(),
+                        &metrics,
                     )),
                     users: users.clone(),
                 }))

@@ -268,6 +268,10 @@ impl RealmState {
                 ));
             }
         }
+        if d.publisher.is_some() {
+            self.metrics.publishes.inc();
+        }
+        self.metrics.events.inc_by(out.len() as u64);
         for (to, event) in out {
             self.send(to, event);
         }

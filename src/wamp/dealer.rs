@@ -102,6 +102,7 @@ pub enum Caller {
 
 struct Pending {
     caller: Caller,
+    started: std::time::Instant,
     callee: Id,
     /// The caller takes progressive results.
     progress: bool,
@@ -321,6 +322,7 @@ impl RealmState {
         };
         let exact = reg.policy == MatchPolicy::Exact;
         let invocation = self.id();
+        self.metrics.calls.inc();
         let progress = matches!(req.options.get("receive_progress"), Some(Value::Bool(true)))
             && matches!(req.caller, Caller::Session { .. });
         let mut details = Dict::new();
@@ -345,6 +347,7 @@ impl RealmState {
             invocation,
             Pending {
                 caller: req.caller,
+                started: std::time::Instant::now(),
                 callee,
                 progress,
                 canceling: false,
@@ -366,6 +369,9 @@ impl RealmState {
     /// Ends a pending call: it leaves the tables and its caller's count.
     fn finish(&mut self, invocation: Id) -> Option<Pending> {
         let pending = self.dealer.pending.remove(&invocation)?;
+        self.metrics
+            .call_seconds
+            .observe(pending.started.elapsed().as_secs_f64());
         if let Caller::Session { id, request } = pending.caller {
             self.dealer.by_request.remove(&(id, request));
             if let Some(member) = self.sessions.get_mut(&id) {
@@ -377,6 +383,9 @@ impl RealmState {
 
     /// Sends a call's outcome to its caller, whichever kind it is.
     fn deliver(&mut self, caller: Caller, outcome: Outcome, details: Dict) {
+        if matches!(outcome, Outcome::Error(..)) {
+            self.metrics.call_errors.inc();
+        }
         match caller {
             Caller::Router(tx) => {
                 let _ = tx.send(outcome);
@@ -453,6 +462,7 @@ impl RealmState {
             _ => return,
         }
         if let Some(p) = self.finish(invocation) {
+            self.metrics.call_errors.inc();
             match p.caller {
                 Caller::Session { id, request } => self.send(
                     id,

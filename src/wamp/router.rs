@@ -17,6 +17,8 @@ use super::message::{Id, Message};
 use super::settings::Settings;
 use super::value::{Dict, Value};
 use crate::authz::MatchPolicy;
+use crate::metrics::Metrics;
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 /// What the router keeps of a joined session.
 pub struct Member {
@@ -29,17 +31,98 @@ pub struct Member {
     pub pending_calls: usize,
 }
 
-#[derive(Default)]
 pub struct RealmState {
     pub sessions: HashMap<Id, Member>,
     pub broker: Broker,
     pub dealer: Dealer,
+    pub metrics: RealmMetrics,
     next_id: Id,
 }
 
 pub struct Realm {
     pub name: Arc<str>,
     state: Mutex<RealmState>,
+}
+
+/// The metric families, labelled by realm.
+#[derive(Clone)]
+pub struct Families {
+    sessions: IntGaugeVec,
+    calls: IntCounterVec,
+    call_errors: IntCounterVec,
+    call_seconds: HistogramVec,
+    publishes: IntCounterVec,
+    events: IntCounterVec,
+    denials: IntCounterVec,
+    too_slow: IntCounterVec,
+    pub join_refusals: IntCounterVec,
+}
+
+impl Families {
+    pub fn register(m: &Metrics) -> Families {
+        let realm = &["realm"];
+        Families {
+            sessions: m.gauge("tollgate_wamp_sessions", "WAMP sessions joined", realm),
+            calls: m.counter(
+                "tollgate_wamp_calls_total",
+                "WAMP calls routed to a callee",
+                realm,
+            ),
+            call_errors: m.counter(
+                "tollgate_wamp_call_errors_total",
+                "WAMP calls answered with an ERROR (by the callee or the router)",
+                realm,
+            ),
+            call_seconds: m.histogram(
+                "tollgate_wamp_call_duration_seconds",
+                "From a CALL to its final RESULT or ERROR",
+                realm,
+            ),
+            publishes: m.counter("tollgate_wamp_publishes_total", "WAMP publications", realm),
+            events: m.counter("tollgate_wamp_events_total", "WAMP events delivered", realm),
+            denials: m.counter(
+                "tollgate_wamp_denials_total",
+                "WAMP actions refused as not authorized",
+                realm,
+            ),
+            too_slow: m.counter(
+                "tollgate_wamp_slow_sessions_total",
+                "WAMP sessions closed because their queue was full",
+                realm,
+            ),
+            join_refusals: m.counter(
+                "tollgate_wamp_join_refusals_total",
+                "WAMP joins refused (authentication, realm, role)",
+                &["listener"],
+            ),
+        }
+    }
+
+    fn for_realm(&self, name: &str) -> RealmMetrics {
+        let l = &[name];
+        RealmMetrics {
+            sessions: self.sessions.with_label_values(l),
+            calls: self.calls.with_label_values(l),
+            call_errors: self.call_errors.with_label_values(l),
+            call_seconds: self.call_seconds.with_label_values(l),
+            publishes: self.publishes.with_label_values(l),
+            events: self.events.with_label_values(l),
+            denials: self.denials.with_label_values(l),
+            too_slow: self.too_slow.with_label_values(l),
+        }
+    }
+}
+
+/// One realm's metrics, resolved once (no label lookup per message).
+pub struct RealmMetrics {
+    pub sessions: IntGauge,
+    pub calls: IntCounter,
+    pub call_errors: IntCounter,
+    pub call_seconds: Histogram,
+    pub publishes: IntCounter,
+    pub events: IntCounter,
+    pub denials: IntCounter,
+    pub too_slow: IntCounter,
 }
 
 /// An ERROR for a request.
@@ -133,6 +216,7 @@ impl RealmState {
             None => false,
         };
         if full {
+            self.metrics.too_slow.inc();
             tracing::warn!(
                 session = to,
                 "WAMP session too slow (its queue is full); closing it"
@@ -160,6 +244,7 @@ impl RealmState {
     pub fn join(&mut self, session: Id, member: Member) {
         let details = member.details.clone();
         self.sessions.insert(session, member);
+        self.metrics.sessions.inc();
         self.meta_event(
             "wamp.session.on_join",
             vec![Value::Dict((*details).clone())],
@@ -171,6 +256,7 @@ impl RealmState {
     /// `wamp.session.on_leave`.
     pub fn leave(&mut self, session: Id, authid: &str, authrole: &str) {
         self.sessions.remove(&session);
+        self.metrics.sessions.dec();
         for id in self.broker.subscriptions_of(session) {
             self.unsubscribe(session, id);
         }
@@ -231,14 +317,16 @@ pub struct Router {
     pub settings: ArcSwap<Settings>,
     /// Cancelled when the gateway drains: sessions say GOODBYE.
     pub shutdown: CancellationToken,
+    pub families: Families,
 }
 
 impl Router {
-    pub fn new(settings: Settings, shutdown: CancellationToken) -> Router {
+    pub fn new(settings: Settings, shutdown: CancellationToken, metrics: &Metrics) -> Router {
         let router = Router {
             realms: ArcSwap::from_pointee(HashMap::new()),
             settings: ArcSwap::from_pointee(settings),
             shutdown,
+            families: Families::register(metrics),
         };
         router.sync_realms();
         router
@@ -261,7 +349,13 @@ impl Router {
                 let realm = old.get(name).cloned().unwrap_or_else(|| {
                     Arc::new(Realm {
                         name: Arc::from(name.as_str()),
-                        state: Mutex::new(RealmState::default()),
+                        state: Mutex::new(RealmState {
+                            sessions: HashMap::new(),
+                            broker: Broker::default(),
+                            dealer: Dealer::default(),
+                            metrics: self.families.for_realm(name),
+                            next_id: 0,
+                        }),
                     })
                 });
                 (name.clone(), realm)

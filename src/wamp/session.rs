@@ -98,6 +98,7 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
     {
         Ok(j) => j,
         Err(Refused(Some((reason, message)))) => {
+            refused(&router, &wire);
             tracing::info!(realm = %hello_realm, peer = %wire.conn.peer, reason = %reason,
                 why = %message, "WAMP join refused");
             return wire.abort(&reason, &message).await;
@@ -105,6 +106,7 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
         Err(Refused(None)) => return,
     };
     let Some(realm) = router.realm(&joined.realm) else {
+        refused(&router, &wire);
         tracing::info!(realm = %joined.realm, authid = %joined.authid, peer = %wire.conn.peer,
             "WAMP join refused: no such realm");
         return wire
@@ -119,6 +121,7 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
         .get(&joined.realm)
         .is_some_and(|r| r.roles.contains_key(&joined.authrole));
     if !has_role {
+        refused(&router, &wire);
         tracing::info!(realm = %joined.realm, authid = %joined.authid, authrole = %joined.authrole,
             "WAMP join refused: the realm has no such role");
         return wire
@@ -254,6 +257,14 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
     s.cache.clear();
 }
 
+fn refused(router: &Router, wire: &Wire) {
+    router
+        .families
+        .join_refusals
+        .with_label_values(&[&*wire.conn.listener])
+        .inc();
+}
+
 /// What an authorisation decided.
 enum Verdict {
     Allowed {
@@ -286,7 +297,23 @@ fn verb_name(verb: WampVerb) -> &'static str {
 }
 
 impl Session {
+    /// Whether the session's role may do `verb` on `uri`; refusals are
+    /// counted.
     async fn authorize(
+        &mut self,
+        verb: WampVerb,
+        uri: &str,
+        policy: MatchPolicy,
+        options: &Dict,
+    ) -> Verdict {
+        let verdict = self.decide(verb, uri, policy, options).await;
+        if let Verdict::Denied = verdict {
+            self.realm.state().metrics.denials.inc();
+        }
+        verdict
+    }
+
+    async fn decide(
         &mut self,
         verb: WampVerb,
         uri: &str,
@@ -614,7 +641,10 @@ impl Session {
         drop(state);
         let invocation = match placed {
             Ok(i) => i,
-            Err(_) => return Some(no_such_procedure(request, &procedure)),
+            Err(_) => {
+                self.realm.state().metrics.call_errors.inc();
+                return Some(no_such_procedure(request, &procedure));
+            }
         };
         let timeout = options.get("timeout").and_then(Value::as_id).unwrap_or(0);
         if timeout > 0 {

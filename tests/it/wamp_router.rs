@@ -627,7 +627,7 @@ async fn refusals_on_every_action() {
 /// events, and the procedures that list, get and kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meta_api() {
-    let (_gw, addr) = router().await;
+    let (gw, addr) = router().await;
     let mut watcher = joined(addr, "watcher", true, false).await;
     for (i, topic) in [
         "wamp.session.on_join",
