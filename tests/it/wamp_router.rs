@@ -704,6 +704,39 @@ async fn meta_api() {
         "{seen:?}"
     );
     assert!(seen.iter().any(|a| a[1] == reg_id), "{seen:?}");
+
+    // The admin API lists sessions by realm and ends one.
+    let mut third = joined(addr, "third", false, false).await;
+    let admin = gw.gw.admin_addr();
+    let list = get(&format!("http://{admin}/admin/wamp/sessions")).await;
+    assert_eq!(list.status, 200);
+    let realm1 = list.json()["realms"]["realm1"].clone();
+    let third_entry = realm1
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["authid"] == "third")
+        .cloned()
+        .expect("listed");
+    assert_eq!(third_entry["transport"]["type"], "websocket");
+    let id = third_entry["session"].as_u64().unwrap();
+    let kill = || {
+        http::Request::delete(format!("http://{admin}/admin/wamp/sessions/{id}"))
+            .body(full(""))
+            .unwrap()
+    };
+    assert_eq!(send(kill()).await.status, 204);
+    assert_eq!(third.recv().await[2], "wamp.close.killed");
+    assert_eq!(send(kill()).await.status, 404);
+
+    // Metrics per realm.
+    let mut probe = joined(addr, "probe", true, false).await;
+    let none = probe.ask(json!([48, 7, {}, "com.test.none"])).await;
+    assert_eq!(none[4], "wamp.error.no_such_procedure");
+    let metrics = gw.metrics().await;
+    let of = |name: &str| metric(&metrics, &format!("{name}{{realm=\"realm1\"}}"));
+    assert!(of("tollgate_wamp_sessions") >= 1.0, "{metrics}");
+    assert!(of("tollgate_wamp_call_errors_total") >= 1.0, "{metrics}");
 }
 
 /// A subscriber that stops reading is closed once its queue is full; the
