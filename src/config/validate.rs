@@ -330,13 +330,26 @@ fn wamp(cfg: &Config, errs: &mut Errors) {
             "must be at least 4KiB and below 16MiB",
         );
     }
-    if let Err(problems) = crate::wamp::settings(
-        cfg,
-        &crate::identity::Providers::empty(),
-        &std::sync::Arc::new(crate::identity::Users::default()),
-    ) {
-        for p in problems {
-            errs.add(p.path, p.message);
+    for (i, realm) in w.realms.iter().enumerate() {
+        for (j, role) in realm.roles.iter().enumerate() {
+            let at = format!("wamp.realms[{i}].roles[{j}].permissions");
+            let mut rules = Vec::new();
+            for (k, p) in role.permissions.iter().enumerate() {
+                match p.rule() {
+                    Some(rule) => rules.push(rule),
+                    None => errs.add(
+                        format!("{at}[{k}]"),
+                        "expected exactly one of `allow` and `deny`",
+                    ),
+                }
+            }
+            if let Err(problems) =
+                crate::authz::Policy::compile(&rules, crate::authz::Resource::Uri)
+            {
+                for (p, message) in problems {
+                    errs.add(format!("{at}{p}"), message);
+                }
+            }
         }
     }
 }
@@ -426,7 +439,7 @@ fn wamp_auth(
             match name {
                 "tls" => {
                     if let Some(f) = &p.certificate_sha1
-                        && crate::wamp::fingerprint_key(f).len() != 40
+                        && f.chars().filter(char::is_ascii_hexdigit).count() != 40
                     {
                         errs.add(
                             format!("{at}.certificate-sha1"),
@@ -448,7 +461,7 @@ fn wamp_auth(
                         );
                     }
                     for (k, key) in p.authorized_keys.iter().enumerate() {
-                        if crate::wamp::auth_crypto::parse_pubkey(key).is_none() {
+                        if key.len() != 64 || !key.chars().all(|c| c.is_ascii_hexdigit()) {
                             errs.add(
                                 format!("{at}.authorized_keys[{k}]"),
                                 "expected 32 bytes in hex",
@@ -463,10 +476,7 @@ fn wamp_auth(
                             "a wampcra principal needs its secret",
                         );
                     }
-                    if p.iterations == Some(0)
-                        || p.keylen
-                            .is_some_and(|k| k == 0 || k > crate::wamp::auth_crypto::CRA_MAX_KEYLEN)
-                    {
+                    if p.iterations == Some(0) || p.keylen.is_some_and(|k| k == 0 || k > 1024) {
                         errs.add(
                             format!("{at}.keylen"),
                             "iterations and keylen must be at least 1 (keylen at most 1024)",

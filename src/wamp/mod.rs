@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 pub use message::{CodecError, Message, Serializer};
 pub use router::Router;
-pub use settings::{Settings, fingerprint_key, settings};
+pub use settings::{Settings, settings};
 pub use value::{Dict, Value};
 
 use crate::transport::{self, ConnState, FrontEnd, Shutdown, Stream};
