@@ -3,38 +3,15 @@
 //! by session, authid and authrole, and publisher disclosure. Subscribers of
 //! one URI and match policy share one subscription.
 
-use std::collections::HashMap;
-
 use super::message::{Id, Message};
-use super::router::{RealmState, global_id, now_text, policy_name, uri_matches};
+use super::router::{RealmState, global_id};
+use super::table::{Entry, Table};
 use super::value::{Dict, Value};
 use crate::authz::MatchPolicy;
 
-pub struct Subscription {
-    pub uri: String,
-    pub policy: MatchPolicy,
-    pub subscribers: Vec<Id>,
-    pub created: String,
-}
-
-impl Subscription {
-    pub fn details(&self, id: Id) -> Dict {
-        Dict::from([
-            ("id".into(), Value::UInt(id)),
-            ("created".into(), Value::Str(self.created.clone())),
-            ("uri".into(), Value::Str(self.uri.clone())),
-            ("match".into(), Value::Str(policy_name(self.policy).into())),
-        ])
-    }
-}
-
-#[derive(Default)]
-pub struct Broker {
-    pub subscriptions: HashMap<Id, Subscription>,
-    exact: HashMap<String, Id>,
-    /// Prefix and wildcard subscriptions, looked through on each publish.
-    patterns: Vec<Id>,
-}
+/// Subscriptions: one per URI and match policy, shared by its
+/// subscribers.
+pub type Broker = Table<()>;
 
 /// A publication on its way to the subscribers.
 pub struct Delivery<'a> {
@@ -64,103 +41,32 @@ fn texts<'a>(options: &'a Dict, key: &str) -> Option<Vec<&'a str>> {
     }
 }
 
-impl Broker {
-    /// The subscription a SUBSCRIBE with this URI and policy joins, if any.
-    pub fn lookup(&self, uri: &str, policy: MatchPolicy) -> Option<Id> {
-        match policy {
-            MatchPolicy::Exact => self.exact.get(uri).copied(),
-            _ => self.patterns.iter().copied().find(|id| {
-                self.subscriptions
-                    .get(id)
-                    .is_some_and(|s| s.policy == policy && s.uri == uri)
-            }),
-        }
-    }
-
-    /// Every subscription a publication to `topic` reaches.
-    pub fn matching(&self, topic: &str) -> Vec<Id> {
-        let mut out: Vec<Id> = self.exact.get(topic).copied().into_iter().collect();
-        out.extend(self.patterns.iter().copied().filter(|id| {
-            self.subscriptions
-                .get(id)
-                .is_some_and(|s| uri_matches(s.policy, &s.uri, topic))
-        }));
-        out
-    }
-
-    pub fn has_subscribers(&self, topic: &str) -> bool {
-        self.exact.contains_key(topic) || !self.matching(topic).is_empty()
-    }
-
-    pub fn subscriptions_of(&self, session: Id) -> Vec<Id> {
-        self.subscriptions
-            .iter()
-            .filter(|(_, s)| s.subscribers.contains(&session))
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    /// `wamp.subscription.list`: ids by match policy.
-    pub fn list(&self) -> Dict {
-        let of = |policy| {
-            let mut ids: Vec<Id> = self
-                .subscriptions
-                .iter()
-                .filter(|(_, s)| s.policy == policy)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.sort_unstable();
-            Value::List(ids.into_iter().map(Value::UInt).collect())
-        };
-        Dict::from([
-            ("exact".into(), of(MatchPolicy::Exact)),
-            ("prefix".into(), of(MatchPolicy::Prefix)),
-            ("wildcard".into(), of(MatchPolicy::Wildcard)),
-        ])
-    }
-}
-
 impl RealmState {
     /// Adds the session to the subscription for `uri` and `policy` (made
     /// when it is the first); a second SUBSCRIBE of the same gets the same
     /// id.
     pub fn subscribe(&mut self, session: Id, uri: String, policy: MatchPolicy) -> Id {
-        let (id, created) = match self.broker.lookup(&uri, policy) {
-            Some(id) => (id, false),
-            None => {
-                let id = self.id();
-                match policy {
-                    MatchPolicy::Exact => {
-                        self.broker.exact.insert(uri.clone(), id);
-                    }
-                    _ => self.broker.patterns.push(id),
-                }
-                self.broker.subscriptions.insert(
-                    id,
-                    Subscription {
-                        uri,
-                        policy,
-                        subscribers: Vec::new(),
-                        created: now_text(),
-                    },
+        if let Some(id) = self.broker.lookup(&uri, policy) {
+            let Some(sub) = self.broker.entries.get_mut(&id) else {
+                return id;
+            };
+            if !sub.sessions.contains(&session) {
+                sub.sessions.push(session);
+                self.meta_event(
+                    "wamp.subscription.on_subscribe",
+                    vec![Value::UInt(session), Value::UInt(id)],
                 );
-                (id, true)
             }
-        };
-        let Some(sub) = self.broker.subscriptions.get_mut(&id) else {
-            return id;
-        };
-        if sub.subscribers.contains(&session) {
             return id;
         }
-        sub.subscribers.push(session);
+        let id = self.id();
+        let sub = Entry::new(uri, policy, session, ());
         let details = sub.details(id);
-        if created {
-            self.meta_event(
-                "wamp.subscription.on_create",
-                vec![Value::UInt(session), Value::Dict(details)],
-            );
-        }
+        self.broker.insert(id, sub);
+        self.meta_event(
+            "wamp.subscription.on_create",
+            vec![Value::UInt(session), Value::Dict(details)],
+        );
         self.meta_event(
             "wamp.subscription.on_subscribe",
             vec![Value::UInt(session), Value::UInt(id)],
@@ -170,29 +76,13 @@ impl RealmState {
 
     /// Whether the session had that subscription.
     pub fn unsubscribe(&mut self, session: Id, id: Id) -> bool {
-        let Some(sub) = self.broker.subscriptions.get_mut(&id) else {
+        let Some(emptied) = self.broker.remove_session(id, session) else {
             return false;
         };
-        let Some(at) = sub.subscribers.iter().position(|s| *s == session) else {
-            return false;
-        };
-        sub.subscribers.swap_remove(at);
-        let empty = sub.subscribers.is_empty();
-        self.meta_event(
-            "wamp.subscription.on_unsubscribe",
-            vec![Value::UInt(session), Value::UInt(id)],
-        );
-        if empty && let Some(sub) = self.broker.subscriptions.remove(&id) {
-            match sub.policy {
-                MatchPolicy::Exact => {
-                    self.broker.exact.remove(&sub.uri);
-                }
-                _ => self.broker.patterns.retain(|p| *p != id),
-            }
-            self.meta_event(
-                "wamp.subscription.on_delete",
-                vec![Value::UInt(session), Value::UInt(id)],
-            );
+        let args = || vec![Value::UInt(session), Value::UInt(id)];
+        self.meta_event("wamp.subscription.on_unsubscribe", args());
+        if emptied {
+            self.meta_event("wamp.subscription.on_delete", args());
         }
         true
     }
@@ -225,15 +115,12 @@ impl RealmState {
             );
         }
         let mut out: Vec<(Id, Message)> = Vec::new();
-        for sub_id in self.broker.matching(d.topic) {
-            let Some(sub) = self.broker.subscriptions.get(&sub_id) else {
-                continue;
-            };
+        for (sub_id, sub) in self.broker.matching(d.topic) {
             let mut details = publisher_details.clone();
             if sub.policy != MatchPolicy::Exact {
                 details.insert("topic".into(), Value::Str(d.topic.to_owned()));
             }
-            for &to in &sub.subscribers {
+            for &to in &sub.sessions {
                 if exclude_me && Some(to) == d.publisher {
                     continue;
                 }

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use tokio::sync::oneshot;
 
 use super::message::{self as m, Id, Message};
-use super::router::{RealmState, error_with, now_text, policy_name, uri_matches};
+use super::router::{RealmState, error_with};
+use super::table::{Entry, Table};
 use super::value::{Dict, Value};
 use crate::authz::MatchPolicy;
 
@@ -47,44 +48,39 @@ impl Invoke {
     }
 }
 
-pub struct Registration {
-    pub uri: String,
-    pub policy: MatchPolicy,
+/// A registration's own: how it picks among its callees.
+pub struct Shared {
     pub invoke: Invoke,
-    /// In the order they registered.
-    pub callees: Vec<Id>,
     next: usize,
-    pub created: String,
 }
 
+pub type Registration = Entry<Shared>;
+
 impl Registration {
-    pub fn details(&self, id: Id) -> Dict {
-        Dict::from([
-            ("id".into(), Value::UInt(id)),
-            ("created".into(), Value::Str(self.created.clone())),
-            ("uri".into(), Value::Str(self.uri.clone())),
-            ("match".into(), Value::Str(policy_name(self.policy).into())),
-            ("invoke".into(), Value::Str(self.invoke.name().into())),
-        ])
+    /// `details()` with the invocation policy.
+    pub fn described(&self, id: Id) -> Dict {
+        let mut d = self.details(id);
+        d.insert("invoke".into(), Value::Str(self.kind.invoke.name().into()));
+        d
     }
 
     fn pick(&mut self) -> Option<Id> {
-        let n = self.callees.len();
+        let n = self.sessions.len();
         if n == 0 {
             return None;
         }
-        let at = match self.invoke {
+        let at = match self.kind.invoke {
             Invoke::Single | Invoke::First => 0,
             Invoke::Last => n - 1,
             Invoke::Random => fastrand::usize(..n),
             Invoke::RoundRobin => {
-                self.next %= n;
-                let at = self.next;
-                self.next += 1;
+                self.kind.next %= n;
+                let at = self.kind.next;
+                self.kind.next += 1;
                 at
             }
         };
-        Some(self.callees[at])
+        Some(self.sessions[at])
     }
 }
 
@@ -112,9 +108,7 @@ struct Pending {
 
 #[derive(Default)]
 pub struct Dealer {
-    pub registrations: HashMap<Id, Registration>,
-    exact: HashMap<String, Id>,
-    patterns: Vec<Id>,
+    pub registrations: Table<Shared>,
     pending: HashMap<Id, Pending>,
     /// (caller session, its request id) -> invocation, for CANCEL.
     by_request: HashMap<(Id, Id), Id>,
@@ -154,31 +148,14 @@ impl CancelMode {
 }
 
 impl Dealer {
-    pub fn lookup(&self, uri: &str, policy: MatchPolicy) -> Option<Id> {
-        match policy {
-            MatchPolicy::Exact => self.exact.get(uri).copied(),
-            _ => self.patterns.iter().copied().find(|id| {
-                self.registrations
-                    .get(id)
-                    .is_some_and(|r| r.policy == policy && r.uri == uri)
-            }),
-        }
-    }
-
     /// The registration a call to `uri` goes to: an exact one, else the
     /// longest matching prefix, else the wildcard whose first wildcard
     /// component comes latest (then the one with the most components).
     pub fn best_match(&self, uri: &str) -> Option<Id> {
-        if let Some(id) = self.exact.get(uri) {
-            return Some(*id);
-        }
-        let candidates = self.patterns.iter().filter_map(|id| {
-            let r = self.registrations.get(id)?;
-            uri_matches(r.policy, &r.uri, uri).then_some((*id, r))
-        });
         let rank = |r: &Registration| match r.policy {
+            MatchPolicy::Exact => (2, 0, 0),
             MatchPolicy::Prefix => (1, r.uri.len(), 0),
-            _ => {
+            MatchPolicy::Wildcard => {
                 let parts: Vec<&str> = r.uri.split('.').collect();
                 let first_wild = parts
                     .iter()
@@ -191,34 +168,10 @@ impl Dealer {
                 )
             }
         };
-        candidates.max_by_key(|(_, r)| rank(r)).map(|(id, _)| id)
-    }
-
-    pub fn registrations_of(&self, session: Id) -> Vec<Id> {
         self.registrations
-            .iter()
-            .filter(|(_, r)| r.callees.contains(&session))
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    /// `wamp.registration.list`: ids by match policy.
-    pub fn list(&self) -> Dict {
-        let of = |policy| {
-            let mut ids: Vec<Id> = self
-                .registrations
-                .iter()
-                .filter(|(_, r)| r.policy == policy)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.sort_unstable();
-            Value::List(ids.into_iter().map(Value::UInt).collect())
-        };
-        Dict::from([
-            ("exact".into(), of(MatchPolicy::Exact)),
-            ("prefix".into(), of(MatchPolicy::Prefix)),
-            ("wildcard".into(), of(MatchPolicy::Wildcard)),
-        ])
+            .matching(uri)
+            .max_by_key(|(_, r)| rank(r))
+            .map(|(id, _)| id)
     }
 }
 
@@ -233,17 +186,17 @@ impl RealmState {
         policy: MatchPolicy,
         invoke: Invoke,
     ) -> Result<Id, &'static str> {
-        if let Some(id) = self.dealer.lookup(&uri, policy) {
-            let Some(reg) = self.dealer.registrations.get_mut(&id) else {
+        let regs = &mut self.dealer.registrations;
+        if let Some(id) = regs.lookup(&uri, policy) {
+            let shared = regs.entries.get_mut(&id).filter(|r| {
+                r.kind.invoke != Invoke::Single
+                    && r.kind.invoke == invoke
+                    && !r.sessions.contains(&session)
+            });
+            let Some(reg) = shared else {
                 return Err("wamp.error.procedure_already_exists");
             };
-            if reg.invoke == Invoke::Single || reg.invoke != invoke {
-                return Err("wamp.error.procedure_already_exists");
-            }
-            if reg.callees.contains(&session) {
-                return Err("wamp.error.procedure_already_exists");
-            }
-            reg.callees.push(session);
+            reg.sessions.push(session);
             self.meta_event(
                 "wamp.registration.on_register",
                 vec![Value::UInt(session), Value::UInt(id)],
@@ -251,21 +204,8 @@ impl RealmState {
             return Ok(id);
         }
         let id = self.id();
-        match policy {
-            MatchPolicy::Exact => {
-                self.dealer.exact.insert(uri.clone(), id);
-            }
-            _ => self.dealer.patterns.push(id),
-        }
-        let reg = Registration {
-            uri,
-            policy,
-            invoke,
-            callees: vec![session],
-            next: 0,
-            created: now_text(),
-        };
-        let details = reg.details(id);
+        let reg = Entry::new(uri, policy, session, Shared { invoke, next: 0 });
+        let details = reg.described(id);
         self.dealer.registrations.insert(id, reg);
         self.meta_event(
             "wamp.registration.on_create",
@@ -281,29 +221,13 @@ impl RealmState {
     /// Whether the session was a callee of that registration. Calls it is
     /// serving for it go on.
     pub fn unregister(&mut self, session: Id, id: Id) -> bool {
-        let Some(reg) = self.dealer.registrations.get_mut(&id) else {
+        let Some(emptied) = self.dealer.registrations.remove_session(id, session) else {
             return false;
         };
-        let Some(at) = reg.callees.iter().position(|c| *c == session) else {
-            return false;
-        };
-        reg.callees.remove(at);
-        let empty = reg.callees.is_empty();
-        self.meta_event(
-            "wamp.registration.on_unregister",
-            vec![Value::UInt(session), Value::UInt(id)],
-        );
-        if empty && let Some(reg) = self.dealer.registrations.remove(&id) {
-            match reg.policy {
-                MatchPolicy::Exact => {
-                    self.dealer.exact.remove(&reg.uri);
-                }
-                _ => self.dealer.patterns.retain(|p| *p != id),
-            }
-            self.meta_event(
-                "wamp.registration.on_delete",
-                vec![Value::UInt(session), Value::UInt(id)],
-            );
+        let args = || vec![Value::UInt(session), Value::UInt(id)];
+        self.meta_event("wamp.registration.on_unregister", args());
+        if emptied {
+            self.meta_event("wamp.registration.on_delete", args());
         }
         true
     }
@@ -314,7 +238,7 @@ impl RealmState {
         let Some(reg_id) = self.dealer.best_match(req.procedure) else {
             return Err(req.caller);
         };
-        let Some(reg) = self.dealer.registrations.get_mut(&reg_id) else {
+        let Some(reg) = self.dealer.registrations.entries.get_mut(&reg_id) else {
             return Err(req.caller);
         };
         let Some(callee) = reg.pick() else {

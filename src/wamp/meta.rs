@@ -6,6 +6,7 @@
 
 use super::message::Id;
 use super::router::{RealmState, match_policy};
+use super::table::{Entry, Table};
 use super::value::{Dict, Value};
 
 pub const PROCEDURES: &[&str] = &[
@@ -105,18 +106,6 @@ pub fn call(
             format!("no session {id} in this realm"),
         )
     };
-    let no_registration = |id: Id| {
-        (
-            "wamp.error.no_such_registration",
-            format!("no registration {id}"),
-        )
-    };
-    let no_subscription = |id: Id| {
-        (
-            "wamp.error.no_such_subscription",
-            format!("no subscription {id}"),
-        )
-    };
     Ok(vec![match procedure {
         "wamp.session.count" => {
             let roles = role_filter(args);
@@ -171,9 +160,55 @@ pub fn call(
             }
             ids(victims)
         }
-        "wamp.registration.list" => Value::Dict(state.dealer.list()),
-        "wamp.subscription.list" => Value::Dict(state.broker.list()),
-        "wamp.registration.lookup" | "wamp.subscription.lookup" => {
+        _ => {
+            if let Some(what) = procedure.strip_prefix("wamp.registration.") {
+                let regs = &state.dealer.registrations;
+                let best = |uri: &str| state.dealer.best_match(uri).into_iter().collect();
+                return table_call(regs, "registration", what, args, best, |r, id| {
+                    r.described(id)
+                });
+            }
+            if let Some(what) = procedure.strip_prefix("wamp.subscription.") {
+                let subs = &state.broker;
+                let all = |uri: &str| subs.matching(uri).map(|(id, _)| id).collect();
+                return table_call(subs, "subscription", what, args, all, |s, id| s.details(id));
+            }
+            return Err((
+                "wamp.error.no_such_procedure",
+                format!("no meta procedure `{procedure}`"),
+            ));
+        }
+    }])
+}
+
+/// `wamp.registration.*` and `wamp.subscription.*` on their table: `what`
+/// is the procedure's last part; `matches` is what a call or publication
+/// to a URI would reach.
+fn table_call<T>(
+    table: &Table<T>,
+    kind: &str,
+    what: &str,
+    args: &[Value],
+    matches: impl Fn(&str) -> Vec<Id>,
+    describe: impl Fn(&Entry<T>, Id) -> Dict,
+) -> Result<Vec<Value>, Failure> {
+    let entry = |args: &[Value]| {
+        let id = id_arg(args, 0, kind)?;
+        let e = table.entries.get(&id).ok_or_else(|| {
+            (
+                if kind == "registration" {
+                    "wamp.error.no_such_registration"
+                } else {
+                    "wamp.error.no_such_subscription"
+                },
+                format!("no {kind} {id}"),
+            )
+        })?;
+        Ok::<_, Failure>((id, e))
+    };
+    Ok(vec![match what {
+        "list" => Value::Dict(table.list()),
+        "lookup" => {
             let uri = str_arg(args, 0, "uri")?;
             let options = args
                 .get(1)
@@ -184,77 +219,27 @@ pub fn call(
                 "wamp.error.invalid_argument",
                 "`match` must be exact, prefix or wildcard".to_owned(),
             ))?;
-            let found = if procedure.starts_with("wamp.registration") {
-                state.dealer.lookup(uri, policy)
-            } else {
-                state.broker.lookup(uri, policy)
-            };
-            found.map_or(Value::Null, Value::UInt)
+            table.lookup(uri, policy).map_or(Value::Null, Value::UInt)
         }
-        "wamp.registration.match" => {
-            let uri = str_arg(args, 0, "uri")?;
-            state
-                .dealer
-                .best_match(uri)
-                .map_or(Value::Null, Value::UInt)
-        }
-        "wamp.subscription.match" => {
-            let uri = str_arg(args, 0, "uri")?;
-            let found = state.broker.matching(uri);
-            if found.is_empty() {
-                Value::Null
-            } else {
-                ids(found)
+        // A call goes to one registration; a publication to every match.
+        "match" => {
+            let found = matches(str_arg(args, 0, "uri")?);
+            match (kind, found.as_slice()) {
+                (_, []) => Value::Null,
+                ("registration", [one, ..]) => Value::UInt(*one),
+                _ => ids(found),
             }
         }
-        "wamp.registration.get" => {
-            let id = id_arg(args, 0, "registration")?;
-            let r = state
-                .dealer
-                .registrations
-                .get(&id)
-                .ok_or_else(|| no_registration(id))?;
-            Value::Dict(r.details(id))
+        "get" => {
+            let (id, e) = entry(args)?;
+            Value::Dict(describe(e, id))
         }
-        "wamp.subscription.get" => {
-            let id = id_arg(args, 0, "subscription")?;
-            let s = state
-                .broker
-                .subscriptions
-                .get(&id)
-                .ok_or_else(|| no_subscription(id))?;
-            Value::Dict(s.details(id))
-        }
-        "wamp.registration.list_callees" | "wamp.registration.count_callees" => {
-            let id = id_arg(args, 0, "registration")?;
-            let r = state
-                .dealer
-                .registrations
-                .get(&id)
-                .ok_or_else(|| no_registration(id))?;
-            if procedure.ends_with("count_callees") {
-                Value::UInt(r.callees.len() as u64)
-            } else {
-                ids(r.callees.clone())
-            }
-        }
-        "wamp.subscription.list_subscribers" | "wamp.subscription.count_subscribers" => {
-            let id = id_arg(args, 0, "subscription")?;
-            let s = state
-                .broker
-                .subscriptions
-                .get(&id)
-                .ok_or_else(|| no_subscription(id))?;
-            if procedure.ends_with("count_subscribers") {
-                Value::UInt(s.subscribers.len() as u64)
-            } else {
-                ids(s.subscribers.clone())
-            }
-        }
+        "list_callees" | "list_subscribers" => ids(entry(args)?.1.sessions.clone()),
+        "count_callees" | "count_subscribers" => Value::UInt(entry(args)?.1.sessions.len() as u64),
         _ => {
             return Err((
                 "wamp.error.no_such_procedure",
-                format!("no meta procedure `{procedure}`"),
+                format!("no meta procedure `wamp.{kind}.{what}`"),
             ));
         }
     }])

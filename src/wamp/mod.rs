@@ -17,6 +17,7 @@ pub mod rawsocket;
 mod router;
 mod session;
 mod settings;
+mod table;
 pub mod value;
 mod wire;
 

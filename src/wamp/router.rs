@@ -227,7 +227,7 @@ impl RealmState {
 
     /// A meta event (`wamp.session.on_join`, ...) to whoever subscribed.
     pub fn meta_event(&mut self, topic: &str, args: Vec<Value>) {
-        if !self.broker.has_subscribers(topic) {
+        if self.broker.matching(topic).next().is_none() {
             return;
         }
         let delivery = super::broker::Delivery {
@@ -257,10 +257,10 @@ impl RealmState {
     pub fn leave(&mut self, session: Id, authid: &str, authrole: &str) {
         self.sessions.remove(&session);
         self.metrics.sessions.dec();
-        for id in self.broker.subscriptions_of(session) {
+        for id in self.broker.of_session(session) {
             self.unsubscribe(session, id);
         }
-        for id in self.dealer.registrations_of(session) {
+        for id in self.dealer.registrations.of_session(session) {
             self.unregister(session, id);
         }
         self.fail_calls_of(session);

@@ -679,6 +679,45 @@ async fn meta_api() {
         ]))
         .await;
     assert_eq!(lookup[3], json!([reg_id.clone()]));
+    let matched = watcher
+        .ask(json!([
+            48,
+            40,
+            {},
+            "wamp.registration.match",
+            ["com.test.proc"]
+        ]))
+        .await;
+    assert_eq!(matched[3], json!([reg_id.clone()]));
+    let sub = watcher
+        .ask(json!([
+            48,
+            41,
+            {},
+            "wamp.subscription.lookup",
+            ["wamp.session.on_join"]
+        ]))
+        .await;
+    let count = watcher
+        .ask(json!([
+            48,
+            42,
+            {},
+            "wamp.subscription.count_subscribers",
+            [sub[3][0].clone()]
+        ]))
+        .await;
+    assert_eq!(count[3], json!([1]));
+    let matched = watcher
+        .ask(json!([
+            48,
+            43,
+            {},
+            "wamp.subscription.match",
+            ["wamp.session.on_join"]
+        ]))
+        .await;
+    assert_eq!(matched[3], json!([[sub[3][0].clone()]]));
     let missing = watcher
         .ask(json!([48, 5, {}, "wamp.session.get", [12345]]))
         .await;
