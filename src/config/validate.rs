@@ -319,8 +319,14 @@ fn wamp(cfg: &Config, errs: &mut Errors) {
     if w.max_queued_messages == 0 {
         errs.add("wamp.max_queued_messages", "must be at least 1");
     }
-    if w.max_pending_calls == 0 {
-        errs.add("wamp.max_pending_calls", "must be at least 1");
+    for (key, n) in [
+        ("max_pending_calls", w.max_pending_calls),
+        ("max_subscriptions", w.max_subscriptions),
+        ("max_registrations", w.max_registrations),
+    ] {
+        if n == 0 {
+            errs.add(format!("wamp.{key}"), "must be at least 1");
+        }
     }
     // A HELLO takes about 1 KiB; RawSocket cannot announce 16 MiB or more.
     let size = w.max_message_size.as_usize();

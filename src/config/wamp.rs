@@ -32,6 +32,10 @@ pub struct WampConfig {
     pub max_message_size: super::units::ByteSize,
     /// Calls one session may have waiting for their results.
     pub max_pending_calls: usize,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
+    /// Registrations one session may hold.
+    pub max_registrations: usize,
     /// Longest a dynamic authenticator or authorizer may take to answer.
     #[serde(deserialize_with = "super::units::duration")]
     pub auth_timeout: Duration,
@@ -47,6 +51,8 @@ impl Default for WampConfig {
             max_queued_messages: 1000,
             max_message_size: super::units::ByteSize::mib(1),
             max_pending_calls: 1000,
+            max_subscriptions: 1000,
+            max_registrations: 1000,
             auth_timeout: Duration::from_secs(10),
         }
     }

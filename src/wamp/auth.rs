@@ -140,11 +140,14 @@ pub async fn authenticate(
             .into_iter()
             .filter(|m| config(m).is_some())
             .collect();
-        return Err(not_authorized(format!(
-            "no authentication method offered ({}) is accepted here (accepted: {})",
-            offered.join(", "),
-            accepted.join(", ")
-        )));
+        return Err(refuse(
+            "wamp.error.no_auth_method",
+            format!(
+                "no authentication method offered ({}) is accepted here (accepted: {})",
+                offered.join(", "),
+                accepted.join(", ")
+            ),
+        ));
     };
     let authid = details
         .get("authid")
@@ -292,7 +295,7 @@ pub async fn authenticate(
                             .iter()
                             .any(|k| k.eq_ignore_ascii_case(&pubkey))
                     };
-                    let (id, p) = principal(cfg, authid.as_deref(), holds)
+                    let (id, p) = principal(cfg, realm, authid.as_deref(), holds)
                         .ok_or_else(|| not_authorized("authentication failed"))?;
                     Found {
                         authid: Some(id.to_owned()),
@@ -343,9 +346,10 @@ pub async fn authenticate(
                             .is_some_and(|f| fingerprint_key(f) == sha1)
                             || (p.certificate_sha1.is_none() && p.cn.is_some() && p.cn == cert.cn)
                     };
-                    let (id, p) = principal(cfg, authid.as_deref(), names).ok_or_else(|| {
-                        not_authorized("no principal for this client certificate")
-                    })?;
+                    let (id, p) =
+                        principal(cfg, realm, authid.as_deref(), names).ok_or_else(|| {
+                            not_authorized("no principal for this client certificate")
+                        })?;
                     Found {
                         authid: Some(id.to_owned()),
                         ..Found::from_principal(p)
@@ -397,16 +401,19 @@ pub async fn authenticate(
 }
 
 /// The first static principal that `proves` accepts (a certificate, a
-/// key) and, when the HELLO named an authid, has that authid; with the
-/// authid it gives.
+/// key), may join `realm` and, when the HELLO named an authid, has that
+/// authid; with the authid it gives.
 fn principal<'a>(
     cfg: &'a MethodConfig,
+    realm: &str,
     hello_authid: Option<&str>,
     proves: impl Fn(&Principal) -> bool,
 ) -> Option<(&'a str, &'a Principal)> {
     cfg.principals.iter().find_map(|(key, p)| {
         let authid = p.authid.as_deref().unwrap_or(key);
-        (proves(p) && hello_authid.is_none_or(|h| h == authid)).then_some((authid, p))
+        let fits = p.realm.as_deref().is_none_or(|r| r == realm)
+            && hello_authid.is_none_or(|h| h == authid);
+        (fits && proves(p)).then_some((authid, p))
     })
 }
 
@@ -490,7 +497,11 @@ impl Ask<'_> {
             Err(other) => {
                 tracing::warn!(realm = self.realm, procedure, reason = %other,
                     "WAMP authenticator could not be asked; join refused");
-                Err(not_authorized(other.to_string()))
+                // Not a refusal: the client may try again.
+                Err(refuse(
+                    "wamp.error.authentication_failed",
+                    other.to_string(),
+                ))
             }
         }
     }

@@ -52,6 +52,7 @@ impl RealmState {
             };
             if !sub.sessions.contains(&session) {
                 sub.sessions.push(session);
+                self.held(session, false, 1);
                 self.meta_event(
                     "wamp.subscription.on_subscribe",
                     vec![Value::UInt(session), Value::UInt(id)],
@@ -63,6 +64,7 @@ impl RealmState {
         let sub = Entry::new(uri, policy, session, ());
         let details = sub.details(id);
         self.broker.insert(id, sub);
+        self.held(session, false, 1);
         self.meta_event(
             "wamp.subscription.on_create",
             vec![Value::UInt(session), Value::Dict(details)],
@@ -79,6 +81,7 @@ impl RealmState {
         let Some(emptied) = self.broker.remove_session(id, session) else {
             return false;
         };
+        self.held(session, false, -1);
         let args = || vec![Value::UInt(session), Value::UInt(id)];
         self.meta_event("wamp.subscription.on_unsubscribe", args());
         if emptied {

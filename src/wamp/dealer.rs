@@ -104,6 +104,9 @@ struct Pending {
     progress: bool,
     /// A `kill` cancel is under way: the callee's ERROR ends it.
     canceling: bool,
+    /// The router's own calls (authenticators, authorizers) go to another
+    /// callee when theirs leaves mid-call: what to send it.
+    retry: Option<(String, Option<Value>)>,
 }
 
 #[derive(Default)]
@@ -188,15 +191,17 @@ impl RealmState {
     ) -> Result<Id, &'static str> {
         let regs = &mut self.dealer.registrations;
         if let Some(id) = regs.lookup(&uri, policy) {
-            let shared = regs.entries.get_mut(&id).filter(|r| {
-                r.kind.invoke != Invoke::Single
-                    && r.kind.invoke == invoke
-                    && !r.sessions.contains(&session)
-            });
-            let Some(reg) = shared else {
+            let Some(reg) = regs.entries.get_mut(&id) else {
                 return Err("wamp.error.procedure_already_exists");
             };
+            if reg.kind.invoke != invoke {
+                return Err("wamp.error.procedure_exists_with_different_invocation_policy");
+            }
+            if invoke == Invoke::Single || reg.sessions.contains(&session) {
+                return Err("wamp.error.procedure_already_exists");
+            }
             reg.sessions.push(session);
+            self.held(session, true, 1);
             self.meta_event(
                 "wamp.registration.on_register",
                 vec![Value::UInt(session), Value::UInt(id)],
@@ -207,6 +212,7 @@ impl RealmState {
         let reg = Entry::new(uri, policy, session, Shared { invoke, next: 0 });
         let details = reg.described(id);
         self.dealer.registrations.insert(id, reg);
+        self.held(session, true, 1);
         self.meta_event(
             "wamp.registration.on_create",
             vec![Value::UInt(session), Value::Dict(details)],
@@ -224,6 +230,7 @@ impl RealmState {
         let Some(emptied) = self.dealer.registrations.remove_session(id, session) else {
             return false;
         };
+        self.held(session, true, -1);
         let args = || vec![Value::UInt(session), Value::UInt(id)];
         self.meta_event("wamp.registration.on_unregister", args());
         if emptied {
@@ -267,6 +274,8 @@ impl RealmState {
                 member.pending_calls += 1;
             }
         }
+        let retry = matches!(req.caller, Caller::Router(_))
+            .then(|| (req.procedure.to_owned(), req.args.clone()));
         self.dealer.pending.insert(
             invocation,
             Pending {
@@ -275,6 +284,7 @@ impl RealmState {
                 callee,
                 progress,
                 canceling: false,
+                retry,
             },
         );
         self.send(
@@ -492,6 +502,9 @@ impl RealmState {
             .map(|(inv, _)| *inv)
             .collect();
         for invocation in gone {
+            if self.redispatch(invocation, session) {
+                continue;
+            }
             let Some(p) = self.finish(invocation) else {
                 continue;
             };
@@ -516,6 +529,48 @@ impl RealmState {
                 );
             }
         }
+    }
+}
+
+impl RealmState {
+    /// Hands the router's own call, whose callee `gone` left, to another
+    /// callee of the procedure under the same invocation id; `false` when
+    /// it is not such a call or nobody else can take it.
+    fn redispatch(&mut self, invocation: Id, gone: Id) -> bool {
+        let Some(p) = self.dealer.pending.get(&invocation) else {
+            return false;
+        };
+        let Some((procedure, args)) = p.retry.clone().filter(|_| p.callee == gone) else {
+            return false;
+        };
+        let Some(reg_id) = self.dealer.best_match(&procedure) else {
+            return false;
+        };
+        let Some(reg) = self.dealer.registrations.entries.get_mut(&reg_id) else {
+            return false;
+        };
+        let exact = reg.policy == MatchPolicy::Exact;
+        let Some(callee) = reg.pick().filter(|c| *c != gone) else {
+            return false;
+        };
+        if let Some(p) = self.dealer.pending.get_mut(&invocation) {
+            p.callee = callee;
+        }
+        let mut details = Dict::new();
+        if !exact {
+            details.insert("procedure".into(), Value::Str(procedure));
+        }
+        self.send(
+            callee,
+            Message::Invocation {
+                request: invocation,
+                registration: reg_id,
+                details,
+                args,
+                kwargs: None,
+            },
+        );
+        true
     }
 }
 

@@ -29,6 +29,9 @@ pub struct Member {
     pub details: Arc<Dict>,
     /// Calls it made that wait for their results.
     pub pending_calls: usize,
+    /// Subscriptions and registrations it holds.
+    pub subscriptions: usize,
+    pub registrations: usize,
 }
 
 pub struct RealmState {
@@ -201,6 +204,18 @@ pub fn now_text() -> String {
 }
 
 impl RealmState {
+    /// Counts an entry a session gained (+1) or lost (-1).
+    pub fn held(&mut self, session: Id, registration: bool, delta: isize) {
+        if let Some(m) = self.sessions.get_mut(&session) {
+            let n = if registration {
+                &mut m.registrations
+            } else {
+                &mut m.subscriptions
+            };
+            *n = n.saturating_add_signed(delta);
+        }
+    }
+
     /// A router-scope id (subscriptions, registrations, invocations).
     pub fn id(&mut self) -> Id {
         self.next_id = (self.next_id % ((1 << 53) - 1)) + 1;

@@ -157,16 +157,9 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
     if let Some(extra) = joined.authextra {
         welcome.insert("authextra".into(), Value::Dict(extra));
     }
-    // The WELCOME goes out before any event can be queued for it.
-    if !wire
-        .send(&Message::Welcome {
-            session,
-            details: welcome,
-        })
-        .await
-    {
-        return;
-    }
+    // A member before the WELCOME goes out, so that whoever hears of the
+    // WELCOME finds the session; what is queued for it meanwhile waits in
+    // its queue, behind the WELCOME.
     realm.state().join(
         session,
         Member {
@@ -175,8 +168,20 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
             authrole: authrole.clone(),
             details: details.clone(),
             pending_calls: 0,
+            subscriptions: 0,
+            registrations: 0,
         },
     );
+    if !wire
+        .send(&Message::Welcome {
+            session,
+            details: welcome,
+        })
+        .await
+    {
+        realm.state().leave(session, &authid, &authrole);
+        return;
+    }
     let cert = wire.conn.cert.clone();
     tracing::info!(realm = %realm.name, session, authid = %authid, authrole = %authrole,
         authmethod = joined.authmethod, peer = %wire.conn.peer,
@@ -273,6 +278,8 @@ enum Verdict {
     Denied,
     /// The URI is not one (`wamp.error.invalid_uri`).
     Invalid(&'static str),
+    /// The authorizer could not decide (`wamp.error.authorization_failed`).
+    Failed,
 }
 
 struct Session {
@@ -369,8 +376,8 @@ impl Session {
             Ok(_) => Value::Null,
             Err(e) => {
                 tracing::warn!(realm = %self.realm.name, session = self.session, authorizer = %authorizer,
-                    uri, action = verb_name(verb), reason = %e, "WAMP authorizer failed; denied");
-                return Verdict::Denied;
+                    uri, action = verb_name(verb), reason = %e, "WAMP authorizer failed; refused");
+                return Verdict::Failed;
             }
         };
         let (allow, disclose, cache) = match &first {
@@ -418,8 +425,20 @@ impl Session {
                     .await
                 {
                     Verdict::Allowed { .. } => {
-                        let subscription =
-                            self.realm.state().subscribe(self.session, topic, policy);
+                        let max = self.router.settings.load().max_subscriptions;
+                        let mut state = self.realm.state();
+                        let held = state
+                            .sessions
+                            .get(&self.session)
+                            .map_or(0, |m| m.subscriptions);
+                        // Subscribing again to what it holds costs nothing.
+                        let again = state.broker.lookup(&topic, policy).is_some_and(|id| {
+                            state.broker.entries[&id].sessions.contains(&self.session)
+                        });
+                        if held >= max && !again {
+                            return Ok(Some(limit(m::SUBSCRIBE, request, "subscriptions", max)));
+                        }
+                        let subscription = state.subscribe(self.session, topic, policy);
                         Some(Message::Subscribed {
                             request,
                             subscription,
@@ -497,10 +516,16 @@ impl Session {
                 };
                 match verdict {
                     Verdict::Allowed { .. } => {
-                        let done =
-                            self.realm
-                                .state()
-                                .register(self.session, procedure, policy, invoke);
+                        let max = self.router.settings.load().max_registrations;
+                        let mut state = self.realm.state();
+                        if state
+                            .sessions
+                            .get(&self.session)
+                            .is_some_and(|m| m.registrations >= max)
+                        {
+                            return Ok(Some(limit(m::REGISTER, request, "registrations", max)));
+                        }
+                        let done = state.register(self.session, procedure, policy, invoke);
                         Some(match done {
                             Ok(registration) => Message::Registered {
                                 request,
@@ -660,6 +685,16 @@ impl Session {
     }
 }
 
+/// The ERROR for a SUBSCRIBE or REGISTER past the session's limit.
+fn limit(request_type: u64, request: Id, what: &str, max: usize) -> Message {
+    error_with(
+        request_type,
+        request,
+        "tollgate.error.limit_exceeded",
+        format!("a session may hold at most {max} {what}"),
+    )
+}
+
 /// The ERROR for a refused action.
 fn refusal(request_type: u64, request: Id, verdict: Verdict, uri: &str) -> Message {
     match verdict {
@@ -668,6 +703,12 @@ fn refusal(request_type: u64, request: Id, verdict: Verdict, uri: &str) -> Messa
             request,
             "wamp.error.invalid_uri",
             format!("`{uri}`: {why}"),
+        ),
+        Verdict::Failed => error_with(
+            request_type,
+            request,
+            "wamp.error.authorization_failed",
+            format!("the authorizer could not decide on `{uri}`"),
         ),
         _ => error_with(
             request_type,

@@ -20,6 +20,8 @@ pub struct Settings {
     pub max_queued: usize,
     pub max_message: usize,
     pub max_pending_calls: usize,
+    pub max_subscriptions: usize,
+    pub max_registrations: usize,
     pub auth_timeout: Duration,
 }
 
@@ -118,6 +120,8 @@ pub fn settings(
         max_queued: w.max_queued_messages,
         max_message: w.max_message_size.as_usize(),
         max_pending_calls: w.max_pending_calls,
+        max_subscriptions: w.max_subscriptions,
+        max_registrations: w.max_registrations,
         auth_timeout: w.auth_timeout,
     })
 }

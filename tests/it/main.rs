@@ -22,4 +22,5 @@ mod support;
 mod tls;
 mod upstreams;
 mod wamp;
+mod wamp_autobahn;
 mod wamp_router;

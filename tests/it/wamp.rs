@@ -247,7 +247,7 @@ async fn joins_are_refused_with_a_reason_and_bad_messages_abort_only_their_sessi
     c.send(json!([1, "realm1", {"roles": {}}])).await;
     assert_eq!(
         c.recv().await[2],
-        "wamp.error.not_authorized",
+        "wamp.error.no_auth_method",
         "no anonymous sessions unless enabled"
     );
 

@@ -27,6 +27,8 @@ fn config(extra: &str) -> String {
         "wamp:\n",
         "  max_queued_messages: 64\n",
         "  max_pending_calls: 3\n",
+        "  max_subscriptions: 20\n",
+        "  max_registrations: 20\n",
         "  auth: { anonymous: { role: guest } }\n",
         "  realms:\n",
         "    - name: realm1\n",
@@ -318,11 +320,17 @@ async fn shared_and_pattern_registrations() {
     assert_eq!(
         c.ask(json!([64, 1, {"invoke": "random"}, "com.test.rr"]))
             .await[4],
-        "wamp.error.procedure_already_exists"
+        "wamp.error.procedure_exists_with_different_invocation_policy"
     );
     assert_eq!(
         c.ask(json!([64, 2, {}, "com.test.rr"])).await[4],
-        "wamp.error.procedure_already_exists"
+        "wamp.error.procedure_exists_with_different_invocation_policy"
+    );
+    assert_eq!(
+        a.ask(json!([64, 3, {"invoke": "roundrobin"}, "com.test.rr"]))
+            .await[4],
+        "wamp.error.procedure_already_exists",
+        "once per callee"
     );
     assert_eq!(
         c.ask(json!([64, 3, {"invoke": "sideways"}, "com.test.x"]))
@@ -608,6 +616,28 @@ async fn refusals_on_every_action() {
     // An unacknowledged denied publish is dropped quietly.
     c.send(json!([16, 15, {}, "com.test.secret.x"])).await;
     assert_eq!(c.try_recv(Duration::from_millis(200)).await, None);
+
+    // At most 20 subscriptions and 20 registrations a session.
+    let mut many = joined(addr, "many", true, false).await;
+    for i in 0..20 {
+        assert_eq!(
+            many.ask(json!([32, i, {}, format!("com.test.t{i}")])).await[0],
+            33
+        );
+        assert_eq!(
+            many.ask(json!([64, i, {}, format!("com.test.p{i}")])).await[0],
+            65
+        );
+    }
+    let over = many.ask(json!([32, 30, {}, "com.test.t20"])).await;
+    assert_eq!(over[4], "tollgate.error.limit_exceeded", "{over}");
+    let over = many.ask(json!([64, 31, {}, "com.test.p20"])).await;
+    assert_eq!(over[4], "tollgate.error.limit_exceeded", "{over}");
+    // What it holds already costs nothing; what it gives up frees a place.
+    let again = many.ask(json!([32, 32, {}, "com.test.t0"])).await;
+    assert_eq!(again[0], 33);
+    many.ask(json!([34, 33, again[2].clone()])).await;
+    assert_eq!(many.ask(json!([32, 34, {}, "com.test.t20"])).await[0], 33);
 
     // Realm2 has its own procedures.
     c.ask(json!([64, 20, {}, "com.test.here"])).await;
