@@ -21,7 +21,7 @@ use super::settings::Role;
 use super::value::{Dict, Value};
 use super::wire::{Wire, colon_hex};
 use crate::authz::{Action, MatchPolicy, Reason, WampVerb};
-use crate::identity::Identity;
+use crate::identity::{AuthMethod, Identity};
 
 /// Time a new session has to send its HELLO, and each AUTHENTICATE.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -199,8 +199,31 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
         router: router.clone(),
         cache: HashMap::new(),
     };
+    // A session joined with a JWT ends when the token does.
+    let expires_at = s
+        .identity
+        .expires_at
+        .filter(|_| s.identity.method == AuthMethod::Jwt);
+    let expiry = async move {
+        match expires_at {
+            Some(at) => {
+                let left = at.saturating_sub(crate::identity::jwt::unix_now());
+                tokio::time::sleep(Duration::from_secs(left)).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     let why = loop {
         tokio::select! {
+            () = &mut expiry => {
+                let _ = wire.send(&Message::Goodbye {
+                    details: Dict::from([("message".into(), text("the session's token expired"))]),
+                    reason: "wamp.close.token_expired".into(),
+                }).await;
+                wire.close().await;
+                break "token expired";
+            }
             incoming = wire.recv() => match incoming {
                 None => break "connection closed",
                 Some(Err(e)) => {

@@ -903,3 +903,66 @@ fn wamp_config_errors_name_the_key() {
         "{err}"
     );
 }
+
+/// A JWT as the ticket: validated by the configured provider, its `sub`
+/// the authid and its first role the authrole; the session ends when the
+/// token does; a forged token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_ticket_joins_until_the_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    let key = b"an HS256 secret of thirty-two bytes!";
+    std::fs::write(&secret, key).unwrap();
+    let extra = [
+        "  listeners:\n    wamp:\n      auth:\n        ticket: { jwt: true, role: guest }\n",
+        "auth:\n  providers:\n    - name: idp\n      issuer: https://idp\n      audiences: [wamp]\n",
+        &format!("      secret: {{ file: {} }}\n", secret.display()),
+    ]
+    .concat();
+    let gw = TestGateway::start(&config(&extra)).await;
+    let addr = gw.gw.listener_addr("wamp").unwrap();
+    let token = |key: &[u8], roles: &[&str], exp_in: u64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &json!({"iss": "https://idp", "aud": "wamp", "sub": "svc", "roles": roles, "exp": now + exp_in}),
+            &jsonwebtoken::EncodingKey::from_secret(key),
+        )
+        .unwrap()
+    };
+    let join = |ticket: String| async move {
+        let mut c = Client::rawsocket(addr, false).await;
+        c.send(json!([1, "realm1", {"roles": {"caller": {}}, "authmethods": ["ticket"]}]))
+            .await;
+        let challenge = c.recv().await;
+        assert_eq!(challenge[1], "ticket", "{challenge}");
+        c.send(json!([5, ticket, {}])).await;
+        let reply = c.recv().await;
+        (c, reply)
+    };
+    let (mut c, welcome) = join(token(key, &[], 2)).await;
+    assert_eq!(welcome[0], 2, "{welcome}");
+    assert_eq!(welcome[2]["authid"], "svc");
+    assert_eq!(
+        welcome[2]["authrole"], "guest",
+        "the method's role: none in the token"
+    );
+    assert_eq!(welcome[2]["authprovider"], "jwt");
+    let bye = c.recv().await;
+    assert_eq!(
+        (bye[0].clone(), bye[2].clone()),
+        (json!(6), json!("wamp.close.token_expired"))
+    );
+
+    let (_, abort) = join(token(b"another secret of thirty-two bytes!!", &[], 60)).await;
+    assert_eq!(
+        (abort[0].clone(), abort[2].clone()),
+        (json!(3), json!("wamp.error.not_authorized"))
+    );
+    // A role the token names but the realm lacks.
+    let (_, abort) = join(token(key, &["admin"], 60)).await;
+    assert_eq!(abort[2], "wamp.error.no_such_role");
+}
