@@ -428,19 +428,15 @@ impl RealmState {
             return true;
         }
         let callee = p.callee;
-        if mode != CancelMode::Skip {
-            let kill = if mode == CancelMode::Kill {
-                "kill"
-            } else {
-                "killnowait"
-            };
-            self.send(
-                callee,
-                Message::Interrupt {
-                    request: invocation,
-                    options: Dict::from([("mode".into(), Value::Str(kill.into()))]),
-                },
-            );
+        // A callee that cannot be interrupted is skipped (WAMP's rule).
+        let mode = match self.sessions.get(&callee) {
+            Some(m) if m.cancels => mode,
+            _ => CancelMode::Skip,
+        };
+        match mode {
+            CancelMode::Skip => {}
+            CancelMode::Kill => self.interrupt(callee, invocation, "kill"),
+            CancelMode::KillNoWait => self.interrupt(callee, invocation, "killnowait"),
         }
         if mode == CancelMode::Kill {
             if let Some(p) = self.dealer.pending.get_mut(&invocation) {
@@ -464,13 +460,7 @@ impl RealmState {
         let Some(p) = self.finish(invocation) else {
             return;
         };
-        self.send(
-            p.callee,
-            Message::Interrupt {
-                request: invocation,
-                options: Dict::from([("mode".into(), Value::Str("killnowait".into()))]),
-            },
-        );
+        self.interrupt(p.callee, invocation, "killnowait");
         self.deliver(
             p.caller,
             Outcome::Error(
@@ -520,19 +510,26 @@ impl RealmState {
                     Dict::new(),
                 );
             } else {
-                self.send(
-                    p.callee,
-                    Message::Interrupt {
-                        request: invocation,
-                        options: Dict::from([("mode".into(), Value::Str("killnowait".into()))]),
-                    },
-                );
+                self.interrupt(p.callee, invocation, "killnowait");
             }
         }
     }
 }
 
 impl RealmState {
+    /// An INTERRUPT, to a callee that announced `call_canceling`.
+    fn interrupt(&mut self, callee: Id, invocation: Id, mode: &str) {
+        if self.sessions.get(&callee).is_some_and(|m| m.cancels) {
+            self.send(
+                callee,
+                Message::Interrupt {
+                    request: invocation,
+                    options: Dict::from([("mode".into(), Value::Str(mode.into()))]),
+                },
+            );
+        }
+    }
+
     /// Hands the router's own call, whose callee `gone` left, to another
     /// callee of the procedure under the same invocation id; `false` when
     /// it is not such a call or nobody else can take it.

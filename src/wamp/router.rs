@@ -20,9 +20,32 @@ use crate::authz::MatchPolicy;
 use crate::metrics::Metrics;
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
+/// How the router ends a session from its side (a kill, a full queue):
+/// the token wakes the session's task, which sends the farewell if its
+/// client still reads, and closes.
+#[derive(Default)]
+pub struct Ended {
+    pub token: CancellationToken,
+    farewell: Mutex<Option<Message>>,
+}
+
+impl Ended {
+    pub fn farewell(&self) -> Option<Message> {
+        self.farewell
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
 /// What the router keeps of a joined session.
 pub struct Member {
     pub tx: mpsc::Sender<Message>,
+    pub ended: Arc<Ended>,
+    /// Who it is, for re-checking what it holds when the rules change.
+    pub identity: Arc<crate::identity::Identity>,
+    /// It announced `call_canceling`: it may be sent INTERRUPTs.
+    pub cancels: bool,
     pub authid: Arc<str>,
     pub authrole: Arc<str>,
     /// `wamp.session.get`'s answer and `on_join`'s argument.
@@ -236,7 +259,16 @@ impl RealmState {
                 session = to,
                 "WAMP session too slow (its queue is full); closing it"
             );
-            self.sessions.remove(&to);
+            self.remove(
+                to,
+                Message::Abort {
+                    details: Dict::from([(
+                        "message".into(),
+                        Value::Str("too slow: the session's queue was full".into()),
+                    )]),
+                    reason: "wamp.error.system_shutdown".into(),
+                },
+            );
         }
     }
 
@@ -266,11 +298,35 @@ impl RealmState {
         );
     }
 
-    /// A session left: its subscriptions and registrations go, calls it was
+    /// A session left (or is no longer a member: then nothing is left to
+    /// do).
+    pub fn leave(&mut self, session: Id) {
+        if let Some(member) = self.sessions.remove(&session) {
+            self.cleanup(session, &member);
+        }
+    }
+
+    /// Ends a session from the router's side: it is no longer a member
+    /// from now on, and its task is woken to send `farewell` and close.
+    pub fn remove(&mut self, session: Id, farewell: Message) -> bool {
+        let Some(member) = self.sessions.remove(&session) else {
+            return false;
+        };
+        *member
+            .ended
+            .farewell
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(farewell);
+        member.ended.token.cancel();
+        self.cleanup(session, &member);
+        true
+    }
+
+    /// A member gone: its subscriptions and registrations go, calls it was
     /// serving fail at once, calls it made are forgotten; then
     /// `wamp.session.on_leave`.
-    pub fn leave(&mut self, session: Id, authid: &str, authrole: &str) {
-        self.sessions.remove(&session);
+    fn cleanup(&mut self, session: Id, member: &Member) {
+        let (authid, authrole) = (&*member.authid, &*member.authrole);
         self.metrics.sessions.dec();
         for id in self.broker.of_session(session) {
             self.unsubscribe(session, id);
@@ -301,21 +357,19 @@ impl RealmState {
         ids
     }
 
-    /// Ends a session from the router's side: a GOODBYE goes out (the
-    /// session then closes); it is no longer a member meanwhile.
+    /// Ends a session with a GOODBYE.
     pub fn kill(&mut self, session: Id, reason: &str, message: Option<&str>) -> bool {
-        let Some(member) = self.sessions.remove(&session) else {
-            return false;
-        };
         let mut details = Dict::new();
         if let Some(text) = message {
             details.insert("message".into(), Value::Str(text.to_owned()));
         }
-        let _ = member.tx.try_send(Message::Goodbye {
-            details,
-            reason: reason.to_owned(),
-        });
-        true
+        self.remove(
+            session,
+            Message::Goodbye {
+                details,
+                reason: reason.to_owned(),
+            },
+        )
     }
 }
 

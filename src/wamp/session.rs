@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::auth::{self, Refused};
 use super::broker::Delivery;
 use super::dealer::{CallRequest, Caller, CancelMode, Invoke, no_such_procedure};
 use super::message::{self as m, Id, Message};
 use super::meta;
-use super::router::{Member, Realm, Router, error, error_with, global_id, match_policy};
+use super::router::{Ended, Member, Realm, Router, error, error_with, global_id, match_policy};
 use super::settings::Role;
 use super::value::{Dict, Value};
 use super::wire::{Wire, colon_hex};
@@ -160,10 +161,25 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
     // A member before the WELCOME goes out, so that whoever hears of the
     // WELCOME finds the session; what is queued for it meanwhile waits in
     // its queue, behind the WELCOME.
+    let ended = Arc::new(Ended::default());
+    let cancels = matches!(
+        hello_details
+            .get("roles")
+            .and_then(Value::as_dict)
+            .and_then(|r| r.get("callee"))
+            .and_then(Value::as_dict)
+            .and_then(|c| c.get("features"))
+            .and_then(Value::as_dict)
+            .and_then(|f| f.get("call_canceling")),
+        Some(Value::Bool(true))
+    );
     realm.state().join(
         session,
         Member {
             tx,
+            ended: ended.clone(),
+            identity: joined.identity.clone(),
+            cancels,
             authid: authid.clone(),
             authrole: authrole.clone(),
             details: details.clone(),
@@ -179,7 +195,7 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
         })
         .await
     {
-        realm.state().leave(session, &authid, &authrole);
+        realm.state().leave(session);
         return;
     }
     let cert = wire.conn.cert.clone();
@@ -198,6 +214,7 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
         details,
         router: router.clone(),
         cache: HashMap::new(),
+        ended: ended.clone(),
     };
     // A session joined with a JWT ends when the token does.
     let expires_at = s
@@ -214,75 +231,79 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
         }
     };
     tokio::pin!(expiry);
-    let why = loop {
-        tokio::select! {
+    let bye = |reason: &str, message: &str| Message::Goodbye {
+        details: Dict::from([("message".into(), text(message))]),
+        reason: reason.to_owned(),
+    };
+    // Every write is cut short when the router ends the session, so a
+    // client that stops reading never holds its session (and what it
+    // registered) in place.
+    let stop = ended.token.clone();
+    let (why, farewell) = loop {
+        let sent = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break ("ended by the router", ended.farewell()),
+            _ = router.shutdown.cancelled() => {
+                break ("shutdown", Some(bye("wamp.close.system_shutdown", "the router is shutting down")));
+            }
             () = &mut expiry => {
-                let _ = wire.send(&Message::Goodbye {
-                    details: Dict::from([("message".into(), text("the session's token expired"))]),
-                    reason: "wamp.close.token_expired".into(),
-                }).await;
-                wire.close().await;
-                break "token expired";
+                break ("token expired", Some(bye("wamp.close.token_expired", "the session's token expired")));
             }
             incoming = wire.recv() => match incoming {
-                None => break "connection closed",
+                None => break ("connection closed", None),
                 Some(Err(e)) => {
-                    wire.abort("wamp.error.protocol_violation", &e).await;
-                    break "protocol violation";
+                    break ("protocol violation", Some(abort_message("wamp.error.protocol_violation", &e)));
                 }
                 Some(Ok(Message::Goodbye { .. })) => {
-                    let _ = wire.send(&Message::Goodbye {
+                    break ("goodbye", Some(Message::Goodbye {
                         details: Dict::new(),
                         reason: "wamp.close.goodbye_and_out".into(),
-                    }).await;
-                    wire.close().await;
-                    break "goodbye";
+                    }));
                 }
                 Some(Ok(msg)) => match s.handle(msg).await {
-                    Ok(Some(reply)) => {
-                        if !wire.send(&reply).await {
-                            break "connection closed";
-                        }
-                    }
-                    Ok(None) => {}
+                    Ok(Some(reply)) => write(&mut wire, &reply, &stop).await,
+                    Ok(None) => true,
                     Err(e) => {
-                        wire.abort("wamp.error.protocol_violation", e).await;
-                        break "protocol violation";
+                        break ("protocol violation", Some(abort_message("wamp.error.protocol_violation", e)));
                     }
                 },
             },
-            _ = router.shutdown.cancelled() => {
-                let _ = wire.send(&Message::Goodbye {
-                    details: Dict::new(),
-                    reason: "wamp.close.system_shutdown".into(),
-                }).await;
-                wire.close().await;
-                break "shutdown";
-            }
             outgoing = rx.recv() => match outgoing {
-                // Killed (the meta API, the admin API): the GOODBYE says why.
-                Some(bye @ Message::Goodbye { .. }) => {
-                    let _ = wire.send(&bye).await;
-                    wire.close().await;
-                    break "killed";
-                }
-                Some(msg) => {
-                    if !wire.send(&msg).await {
-                        break "connection closed";
-                    }
-                }
-                // Dropped from the realm (too slow).
-                None => {
-                    wire.abort("wamp.error.system_shutdown", "too slow: the session's queue was full").await;
-                    break "too slow";
-                }
+                Some(msg) => write(&mut wire, &msg, &stop).await,
+                None => break ("ended by the router", ended.farewell()),
             },
+        };
+        if !sent {
+            break ("connection closed or too slow", None);
         }
     };
-    realm.state().leave(session, &s.authid, &s.authrole);
+    realm.state().leave(session);
+    if let Some(m) = farewell {
+        // A last word, if the client still reads.
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, wire.send(&m)).await;
+    }
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, wire.close()).await;
     tracing::info!(realm = %realm.name, session, authid = %s.authid, authrole = %s.authrole,
         reason = why, "WAMP session left");
-    s.cache.clear();
+}
+
+/// How long a session's last GOODBYE or ABORT may take to write.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes a message unless the router ends the session first; `false`
+/// when the connection is gone or the write was cut short.
+async fn write(wire: &mut Wire, message: &Message, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        sent = wire.send(message) => sent,
+        _ = stop.cancelled() => false,
+    }
+}
+
+fn abort_message(reason: &str, message: &str) -> Message {
+    Message::Abort {
+        details: Dict::from([("message".into(), text(message))]),
+        reason: reason.to_owned(),
+    }
 }
 
 fn refused(router: &Router, wire: &Wire) {
@@ -315,6 +336,9 @@ struct Session {
     router: Arc<Router>,
     /// An authorizer's decisions it asked to be cached.
     cache: HashMap<(WampVerb, MatchPolicy, String), (bool, bool)>,
+    /// Set when the router ended the session: what it still sends is
+    /// dropped.
+    ended: Arc<Ended>,
 }
 
 fn verb_name(verb: WampVerb) -> &'static str {
@@ -430,6 +454,9 @@ impl Session {
 
     /// Answers a message; `Err` for one a client may not send.
     async fn handle(&mut self, msg: Message) -> Result<Option<Message>, &'static str> {
+        if self.ended.token.is_cancelled() {
+            return Ok(None);
+        }
         Ok(match msg {
             Message::Subscribe {
                 request,

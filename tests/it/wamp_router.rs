@@ -183,8 +183,8 @@ impl Client {
 
     /// Joins anonymously as `authid`; the WELCOME's details.
     async fn join(&mut self, realm: &str, authid: &str) -> Value {
-        self.send(json!([1, realm, {"roles": {"caller": {}, "callee": {}, "publisher": {}, "subscriber": {}},
-            "authid": authid}]))
+        self.send(json!([1, realm, {"roles": {"caller": {}, "callee": {"features": {"call_canceling": true}},
+            "publisher": {}, "subscriber": {}}, "authid": authid}]))
             .await;
         let welcome = self.recv().await;
         assert_eq!(welcome[0], 2, "{welcome}");
@@ -817,6 +817,7 @@ async fn a_slow_subscriber_is_closed_not_buffered() {
     let mut fast = joined(addr, "fast", false, false).await;
     let mut publisher = joined(addr, "pub", true, false).await;
     slow.ask(json!([32, 1, {}, "com.test.flood"])).await;
+    slow.ask(json!([64, 2, {}, "com.test.slowproc"])).await;
     fast.ask(json!([32, 1, {}, "com.test.flood"])).await;
     let payload = "x".repeat(64 * 1024);
     // Far more than the socket buffers and the 64-message queue hold; the
@@ -837,6 +838,10 @@ async fn a_slow_subscriber_is_closed_not_buffered() {
             assert_eq!(fast.recv().await[0], 36);
         }
     }
+    // Before the slow one reads anything, it is out of the realm: what it
+    // registered is free.
+    let taken = fast.ask(json!([64, 1, {}, "com.test.slowproc"])).await;
+    assert_eq!(taken[0], 65, "{taken}");
     // The slow one is gone: after what was in flight, an ABORT or the end.
     let mut ended = false;
     for _ in 0..1000 {
