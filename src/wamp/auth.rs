@@ -174,7 +174,11 @@ pub async fn authenticate(
     let (found, provider, auth_method, mut identity) = match method {
         "anonymous" => {
             let found = match cfg.kind {
+                // Never the HELLO's authid: an anonymous client names
+                // nobody (a `{sub}` rule, an `eligible_authid` list, a
+                // disclosed caller would take its word for it).
                 AuthType::Static => Found {
+                    authid: Some(format!("anonymous-{session}")),
                     role: Some(cfg.role.clone().unwrap_or_else(|| "anonymous".into())),
                     ..Found::default()
                 },
@@ -374,7 +378,7 @@ pub async fn authenticate(
     let authid = found
         .authid
         .or(authid)
-        .unwrap_or_else(|| format!("anonymous-{:08x}", fastrand::u32(..)));
+        .unwrap_or_else(|| format!("anonymous-{session}"));
     let Some(authrole) = found.role.filter(|r| !r.is_empty()) else {
         return Err(refuse(
             "wamp.error.no_such_role",

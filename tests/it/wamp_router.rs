@@ -18,8 +18,29 @@ use crate::support::*;
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Every client of these tests is a ticket user (password `pw`).
+const USERS: &[&str] = &[
+    "a", "b", "c", "caller", "callee", "listener", "pub", "x", "y", "watcher", "other", "third",
+    "probe", "many", "slow", "fast", "bad", "o",
+];
+
 fn config(extra: &str) -> String {
+    config_with(extra, "")
+}
+
+/// The gateway.yaml of these tests, with `extra` at the end of `wamp:` and
+/// `auth_extra` at the end of `auth:`.
+fn config_with(extra: &str, auth_extra: &str) -> String {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let hash = HASH.get_or_init(|| bcrypt::hash("pw", 4).unwrap());
+    let users: String = USERS
+        .iter()
+        .map(|n| format!("    - {{ name: {n}, password_hash: '{hash}' }}\n"))
+        .collect();
     [
+        "auth:\n  users:\n",
+        &users,
+        auth_extra,
         "listeners:\n",
         "  - { name: sidecar, bind: 127.0.0.1:0 }\n",
         "  - { name: wamp, bind: 127.0.0.1:0, protocol: wamp }\n",
@@ -29,7 +50,7 @@ fn config(extra: &str) -> String {
         "  max_pending_calls: 3\n",
         "  max_subscriptions: 20\n",
         "  max_registrations: 20\n",
-        "  auth: { anonymous: { role: guest } }\n",
+        "  auth: { anonymous: { role: guest }, ticket: { role: guest } }\n",
         "  realms:\n",
         "    - name: realm1\n",
         "      roles:\n",
@@ -181,11 +202,14 @@ impl Client {
         }
     }
 
-    /// Joins anonymously as `authid`; the WELCOME's details.
+    /// Joins as ticket user `authid`; the WELCOME.
     async fn join(&mut self, realm: &str, authid: &str) -> Value {
         self.send(json!([1, realm, {"roles": {"caller": {}, "callee": {"features": {"call_canceling": true}},
-            "publisher": {}, "subscriber": {}}, "authid": authid}]))
+            "publisher": {}, "subscriber": {}}, "authmethods": ["ticket"], "authid": authid}]))
             .await;
+        let challenge = self.recv().await;
+        assert_eq!(challenge[0], 4, "{challenge}");
+        self.send(json!([5, "pw", {}])).await;
         let welcome = self.recv().await;
         assert_eq!(welcome[0], 2, "{welcome}");
         welcome
@@ -651,6 +675,17 @@ async fn refusals_on_every_action() {
     let mut nowhere = Client::rawsocket(addr, false).await;
     nowhere.send(json!([1, "realm9", {"roles": {}}])).await;
     assert_eq!(nowhere.recv().await[2], "wamp.error.no_such_realm");
+    // An anonymous client names nobody: the authid it asks for is not its.
+    let mut anon = Client::rawsocket(addr, false).await;
+    anon.send(json!([1, "realm1", {"roles": {}, "authid": "alice"}]))
+        .await;
+    let welcome = anon.recv().await;
+    assert_eq!(welcome[0], 2, "{welcome}");
+    let given = welcome[2]["authid"].as_str().unwrap();
+    assert!(
+        given.starts_with("anonymous-") && given != "alice",
+        "{welcome}"
+    );
 }
 
 /// The meta API: join and leave events, subscription and registration
@@ -918,13 +953,16 @@ async fn a_jwt_ticket_joins_until_the_token_expires() {
     let secret = dir.path().join("secret");
     let key = b"an HS256 secret of thirty-two bytes!";
     std::fs::write(&secret, key).unwrap();
-    let extra = [
-        "  listeners:\n    wamp:\n      auth:\n        ticket: { jwt: true, role: guest }\n",
-        "auth:\n  providers:\n    - name: idp\n      issuer: https://idp\n      audiences: [wamp]\n",
+    let providers = [
+        "  providers:\n    - name: idp\n      issuer: https://idp\n      audiences: [wamp]\n",
         &format!("      secret: {{ file: {} }}\n", secret.display()),
     ]
     .concat();
-    let gw = TestGateway::start(&config(&extra)).await;
+    let gw = TestGateway::start(&config_with(
+        "  listeners:\n    wamp:\n      auth:\n        ticket: { jwt: true, role: guest }\n",
+        &providers,
+    ))
+    .await;
     let addr = gw.gw.listener_addr("wamp").unwrap();
     let token = |key: &[u8], roles: &[&str], exp_in: u64| {
         let now = std::time::SystemTime::now()
