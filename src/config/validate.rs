@@ -319,6 +319,9 @@ fn wamp(cfg: &Config, errs: &mut Errors) {
     if w.max_queued_messages == 0 {
         errs.add("wamp.max_queued_messages", "must be at least 1");
     }
+    if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&w.auth_timeout) {
+        errs.add("wamp.auth_timeout", "must be between 100ms and 5m");
+    }
     for (key, n) in [
         ("max_pending_calls", w.max_pending_calls),
         ("max_subscriptions", w.max_subscriptions),
@@ -381,19 +384,29 @@ fn wamp_auth(
         let at = format!("{at}.{name}");
         match m.kind {
             AuthType::Dynamic => {
-                if m.authenticator.is_none() {
+                let is_uri = |s: &str| {
+                    !s.is_empty()
+                        && !s.split('.').any(str::is_empty)
+                        && !s.contains(char::is_whitespace)
+                };
+                if !m.authenticator.as_deref().is_some_and(is_uri) {
                     errs.add(
                         format!("{at}.authenticator"),
                         "a dynamic method needs the authenticator procedure's URI",
                     );
                 }
-                if let Some(r) = &m.authenticator_realm
-                    && !realms.contains(&r.as_str())
-                {
-                    errs.add(
+                // Never the realm a client names: whoever may register the
+                // procedure there would authenticate everyone.
+                match &m.authenticator_realm {
+                    None => errs.add(
+                        format!("{at}.authenticator_realm"),
+                        "name the realm the authenticator is registered on (`authenticator-realm`)",
+                    ),
+                    Some(r) if !realms.contains(&r.as_str()) => errs.add(
                         format!("{at}.authenticator_realm"),
                         format!("no realm `{r}` in wamp.realms"),
-                    );
+                    ),
+                    Some(_) => {}
                 }
                 if !m.principals.is_empty() {
                     errs.add(

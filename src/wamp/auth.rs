@@ -202,7 +202,7 @@ pub async fn authenticate(
                 AuthType::Static if cfg.jwt && looks_like_jwt(&ticket) => {
                     let id = settings
                         .authn
-                        .authenticate(Some(ticket.as_str().into()), None)
+                        .authenticate(Some(ticket.as_str().into()), cert.clone())
                         .await
                         .map_err(|e| not_authorized(format!("token refused: {e}")))?;
                     let found = Found {
@@ -237,10 +237,8 @@ pub async fn authenticate(
                 return Err(not_authorized("wampcra needs an authid"));
             };
             let found = match cfg.kind {
-                AuthType::Static => cfg
-                    .principals
-                    .get(user)
-                    .map(Found::from_principal)
+                AuthType::Static => principal(cfg, realm, Some(user), |p| p.secret.is_some())
+                    .map(|(_, p)| Found::from_principal(p))
                     .ok_or_else(|| not_authorized("authentication failed"))?,
                 AuthType::Dynamic => ask.authenticator().await?,
             };
@@ -281,8 +279,11 @@ pub async fn authenticate(
                 .as_ref()
                 .and_then(|e| e.get("pubkey"))
                 .and_then(Value::as_str)
+                .filter(|k| crypto::parse_pubkey(k).is_some())
                 .map(str::to_ascii_lowercase)
-                .ok_or_else(|| not_authorized("cryptosign needs `authextra.pubkey`"))?;
+                .ok_or_else(|| {
+                    not_authorized("cryptosign needs `authextra.pubkey`: 32 bytes in hex")
+                })?;
             if authextra
                 .as_ref()
                 .and_then(|e| e.get("channel_binding"))
@@ -308,12 +309,16 @@ pub async fn authenticate(
                 }
                 AuthType::Dynamic => {
                     let found = ask.authenticator().await?;
+                    // The signature proves only the key the client sent:
+                    // the authenticator must name it.
                     if found
                         .pubkey
                         .as_deref()
-                        .is_some_and(|k| !k.eq_ignore_ascii_case(&pubkey))
+                        .is_none_or(|k| !k.eq_ignore_ascii_case(&pubkey))
                     {
-                        return Err(not_authorized("the authenticator knows another key"));
+                        return Err(not_authorized(
+                            "the authenticator does not vouch for this key",
+                        ));
                     }
                     found
                 }
@@ -344,14 +349,19 @@ pub async fn authenticate(
             let found = match cfg.kind {
                 AuthType::Static => {
                     let sha1 = fingerprint_key(&cert.sha1);
-                    let names = |p: &Principal| {
+                    // A fingerprint names one certificate; a CN may name
+                    // several: fingerprints first.
+                    let by_sha1 = |p: &Principal| {
                         p.certificate_sha1
                             .as_deref()
                             .is_some_and(|f| fingerprint_key(f) == sha1)
-                            || (p.certificate_sha1.is_none() && p.cn.is_some() && p.cn == cert.cn)
                     };
-                    let (id, p) =
-                        principal(cfg, realm, authid.as_deref(), names).ok_or_else(|| {
+                    let by_cn = |p: &Principal| {
+                        p.certificate_sha1.is_none() && p.cn.is_some() && p.cn == cert.cn
+                    };
+                    let (id, p) = principal(cfg, realm, authid.as_deref(), by_sha1)
+                        .or_else(|| principal(cfg, realm, authid.as_deref(), by_cn))
+                        .ok_or_else(|| {
                             not_authorized("no principal for this client certificate")
                         })?;
                     Found {
@@ -474,11 +484,13 @@ struct Ask<'a> {
 impl Ask<'_> {
     async fn authenticator(&mut self) -> Result<Found, Refused> {
         let procedure = self.cfg.authenticator.as_deref().unwrap_or_default();
-        let on = self
-            .cfg
-            .authenticator_realm
-            .as_deref()
-            .unwrap_or(self.realm);
+        // Never the realm the client named (validation requires one).
+        let Some(on) = self.cfg.authenticator_realm.as_deref() else {
+            return Err(refuse(
+                "wamp.error.authentication_failed",
+                "no authenticator realm configured",
+            ));
+        };
         let args = vec![
             Value::Str(self.realm.to_owned()),
             self.authid

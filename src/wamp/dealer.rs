@@ -98,6 +98,8 @@ pub enum Caller {
 
 struct Pending {
     caller: Caller,
+    /// The call's `timeout` timer, stopped when the call ends.
+    timer: Option<tokio::task::AbortHandle>,
     started: std::time::Instant,
     callee: Id,
     /// The caller takes progressive results.
@@ -151,6 +153,16 @@ impl CancelMode {
 }
 
 impl Dealer {
+    /// Where a call goes: for the router's own calls (authenticators,
+    /// authorizers) only an exact registration, so that no prefix or
+    /// wildcard registration can capture them.
+    fn target(&self, uri: &str, router_call: bool) -> Option<Id> {
+        match router_call {
+            true => self.registrations.lookup(uri, MatchPolicy::Exact),
+            false => self.best_match(uri),
+        }
+    }
+
     /// The registration a call to `uri` goes to: an exact one, else the
     /// longest matching prefix, else the wildcard whose first wildcard
     /// component comes latest (then the one with the most components).
@@ -242,7 +254,8 @@ impl RealmState {
     /// Hands a call to a callee; returns the invocation id, or gives the
     /// caller back when nobody registered the procedure.
     pub fn call(&mut self, req: CallRequest<'_>) -> Result<Id, Caller> {
-        let Some(reg_id) = self.dealer.best_match(req.procedure) else {
+        let router_call = matches!(req.caller, Caller::Router(_));
+        let Some(reg_id) = self.dealer.target(req.procedure, router_call) else {
             return Err(req.caller);
         };
         let Some(reg) = self.dealer.registrations.entries.get_mut(&reg_id) else {
@@ -280,6 +293,7 @@ impl RealmState {
             invocation,
             Pending {
                 caller: req.caller,
+                timer: None,
                 started: std::time::Instant::now(),
                 callee,
                 progress,
@@ -303,6 +317,9 @@ impl RealmState {
     /// Ends a pending call: it leaves the tables and its caller's count.
     fn finish(&mut self, invocation: Id) -> Option<Pending> {
         let pending = self.dealer.pending.remove(&invocation)?;
+        if let Some(timer) = &pending.timer {
+            timer.abort();
+        }
         self.metrics
             .call_seconds
             .observe(pending.started.elapsed().as_secs_f64());
@@ -473,6 +490,15 @@ impl RealmState {
         );
     }
 
+    /// Keeps a call's `timeout` timer, to be stopped when the call ends;
+    /// a call that ended already stops it now.
+    pub fn set_timer(&mut self, invocation: Id, timer: tokio::task::AbortHandle) {
+        match self.dealer.pending.get_mut(&invocation) {
+            Some(p) => p.timer = Some(timer),
+            None => timer.abort(),
+        }
+    }
+
     /// The router gave up waiting on its own call.
     pub fn forget(&mut self, invocation: Id) {
         self.finish(invocation);
@@ -540,7 +566,7 @@ impl RealmState {
         let Some((procedure, args)) = p.retry.clone().filter(|_| p.callee == gone) else {
             return false;
         };
-        let Some(reg_id) = self.dealer.best_match(&procedure) else {
+        let Some(reg_id) = self.dealer.target(&procedure, true) else {
             return false;
         };
         let Some(reg) = self.dealer.registrations.entries.get_mut(&reg_id) else {

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::broker::Broker;
 use super::dealer::Dealer;
 use super::message::{Id, Message};
-use super::settings::Settings;
+use super::settings::{RealmRules, Role, Settings};
 use super::value::{Dict, Value};
-use crate::authz::MatchPolicy;
+use crate::authz::{MatchPolicy, WampVerb};
 use crate::metrics::Metrics;
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
@@ -357,6 +357,81 @@ impl RealmState {
         ids
     }
 
+    /// After a reload: sessions whose realm or role is gone are ended;
+    /// subscriptions and registrations the role's rules now refuse are
+    /// dropped. (An authorizer's decisions stand until the session asks
+    /// again.)
+    pub fn recheck(&mut self, realm: &str, rules: Option<&RealmRules>) {
+        let gone: Vec<Id> = self
+            .sessions
+            .iter()
+            .filter(|(_, m)| rules.is_none_or(|r| !r.roles.contains_key(&*m.authrole)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            tracing::info!(
+                realm,
+                session = id,
+                "WAMP session ended: its role or realm is no longer configured"
+            );
+            self.kill(
+                id,
+                "wamp.close.close_realm",
+                Some("the session's role is no longer configured"),
+            );
+        }
+        let Some(rules) = rules else { return };
+        let refused = |members: &HashMap<Id, Member>, verb, uri: &str, policy, session: &Id| {
+            let Some(m) = members.get(session) else {
+                return false;
+            };
+            let Some(Role::Static { policy: rules, .. }) = rules.roles.get(&*m.authrole) else {
+                return false;
+            };
+            let action = crate::authz::Action::Wamp {
+                verb,
+                realm,
+                uri,
+                policy,
+            };
+            !rules.evaluate(&m.identity, &action).allowed()
+        };
+        let mut drop_subs = Vec::new();
+        for (id, e) in &self.broker.entries {
+            for s in &e.sessions {
+                if refused(&self.sessions, WampVerb::Subscribe, &e.uri, e.policy, s) {
+                    drop_subs.push((*s, *id));
+                }
+            }
+        }
+        let mut drop_regs = Vec::new();
+        for (id, e) in &self.dealer.registrations.entries {
+            for s in &e.sessions {
+                if refused(&self.sessions, WampVerb::Register, &e.uri, e.policy, s) {
+                    drop_regs.push((*s, *id));
+                }
+            }
+        }
+        for (session, id) in drop_subs {
+            tracing::info!(
+                realm,
+                session,
+                subscription = id,
+                "WAMP subscription dropped: the rules no longer allow it"
+            );
+            self.unsubscribe(session, id);
+        }
+        for (session, id) in drop_regs {
+            tracing::info!(
+                realm,
+                session,
+                registration = id,
+                "WAMP registration dropped: the rules no longer allow it"
+            );
+            self.unregister(session, id);
+        }
+    }
+
     /// Ends a session with a GOODBYE.
     pub fn kill(&mut self, session: Id, reason: &str, message: Option<&str>) -> bool {
         let mut details = Dict::new();
@@ -403,9 +478,18 @@ impl Router {
 
     /// New settings: realms added are created; realms removed take no new
     /// sessions (those in them stay until they leave).
+    /// New settings: what sessions hold is checked again under the new
+    /// rules at once (a session whose role or realm is gone is ended).
     pub fn apply(&self, settings: Settings) {
+        let before = self.realms.load_full();
         self.settings.store(Arc::new(settings));
         self.sync_realms();
+        let settings = self.settings.load();
+        for realm in before.values() {
+            realm
+                .state()
+                .recheck(&realm.name, settings.realms.get(&*realm.name));
+        }
     }
 
     fn sync_realms(&self) {

@@ -24,6 +24,12 @@ use super::wire::{Wire, colon_hex};
 use crate::authz::{Action, MatchPolicy, Reason, WampVerb};
 use crate::identity::{AuthMethod, Identity};
 
+/// Longest URI a session may join, subscribe, register, call or publish to.
+const MAX_URI: usize = 1024;
+
+/// Longest authid a HELLO may name.
+const MAX_AUTHID: usize = 256;
+
 /// Time a new session has to send its HELLO, and each AUTHENTICATE.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -86,6 +92,20 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
         Ok(Some(Err(e))) => return wire.abort("wamp.error.protocol_violation", &e).await,
         _ => return,
     };
+    // What the logs and lookups take from a client is short.
+    let authid_len = hello_details
+        .get("authid")
+        .and_then(Value::as_str)
+        .map_or(0, str::len);
+    if hello_realm.len() > MAX_URI || authid_len > MAX_AUTHID {
+        refused(&router, &wire);
+        return wire
+            .abort(
+                "wamp.error.invalid_argument",
+                "the realm or authid is too long",
+            )
+            .await;
+    }
     let session = global_id();
     let joined = match auth::authenticate(
         &mut wire,
@@ -381,6 +401,9 @@ impl Session {
             uri,
             policy,
         };
+        if uri.len() > MAX_URI {
+            return Verdict::Invalid("longer than 1024 bytes");
+        }
         if let Err(why) = action.wanted() {
             return Verdict::Invalid(why);
         }
@@ -441,7 +464,7 @@ impl Session {
         };
         if cache {
             // Bounded: a session asking for ever new URIs stops being cached.
-            if self.cache.len() >= 10_000 {
+            if self.cache.len() >= 1000 {
                 self.cache.clear();
             }
             self.cache.insert(key, (allow, disclose));
@@ -665,6 +688,11 @@ impl Session {
             Verdict::Allowed { disclose } => disclose,
             v => return Some(refusal(m::CALL, request, v, &procedure)),
         };
+        // The router's own namespace: its meta procedures, or nothing (no
+        // client registration, whatever its pattern, answers `wamp.` calls).
+        if procedure.starts_with("wamp.") && !meta::is_meta(&procedure) {
+            return Some(no_such_procedure(request, &procedure));
+        }
         if meta::is_meta(&procedure) {
             let positional = match &args {
                 Some(Value::List(l)) => l.as_slice(),
@@ -724,12 +752,15 @@ impl Session {
         let timeout = options.get("timeout").and_then(Value::as_id).unwrap_or(0);
         if timeout > 0 {
             let realm = Arc::downgrade(&self.realm);
-            tokio::spawn(async move {
+            let timer = tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(timeout)).await;
                 if let Some(realm) = realm.upgrade() {
                     realm.state().timed_out(invocation);
                 }
             });
+            self.realm
+                .state()
+                .set_timer(invocation, timer.abort_handle());
         }
         None
     }

@@ -1009,3 +1009,60 @@ async fn a_jwt_ticket_joins_until_the_token_expires() {
     let (_, abort) = join(token(key, &["admin"], 60)).await;
     assert_eq!(abort[2], "wamp.error.no_such_role");
 }
+
+/// A reload applies to what sessions hold at once: registrations and
+/// subscriptions the new rules refuse are dropped, and a session whose role
+/// is gone is ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rechecks_what_sessions_hold() {
+    let (gw, addr) = router().await;
+    let mut callee = joined(addr, "callee", true, false).await;
+    let mut caller = joined(addr, "caller", false, false).await;
+    assert_eq!(callee.ask(json!([64, 1, {}, "com.test.p"])).await[0], 65);
+    assert_eq!(
+        callee.ask(json!([64, 2, {}, "com.test.keep.p"])).await[0],
+        65
+    );
+    let mut other = Client::rawsocket(addr, false).await;
+    other
+        .send(json!([1, "realm2", {"roles": {}, "authmethods": ["ticket"], "authid": "o"}]))
+        .await;
+    other.recv().await;
+    other.send(json!([5, "pw", {}])).await;
+    assert_eq!(other.recv().await[0], 2);
+
+    let narrower = config("")
+        .replacen(
+            "            - allow: { uris: ['com.test.**'] }\n",
+            "            - allow: { uris: ['com.test.keep.**'] }\n",
+            1,
+        )
+        .replace(
+            "      roles:\n        - name: guest\n          permissions:\n            - allow: { uris: ['com.test.**'] }\n",
+            "      roles:\n        - name: visitor\n          permissions:\n            - allow: { uris: ['com.test.**'] }\n",
+        );
+    assert_ne!(narrower, config(""));
+    gw.write_config(&narrower);
+    let bye = other
+        .try_recv(Duration::from_secs(15))
+        .await
+        .expect("a GOODBYE after the reload");
+    assert_eq!(
+        (bye[0].clone(), bye[2].clone()),
+        (json!(6), json!("wamp.close.close_realm")),
+        "realm2 has no role guest now"
+    );
+    // The registration the rules no longer allow is gone; the other stays.
+    let lookup = |uri: &str| json!([48, 1, {}, "wamp.registration.lookup", [uri]]);
+    for _ in 0..100 {
+        if caller.ask(lookup("com.test.p")).await[3] == json!([null]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(caller.ask(lookup("com.test.p")).await[3], json!([null]));
+    assert!(caller.ask(lookup("com.test.keep.p")).await[3][0].is_u64());
+    caller.send(json!([48, 1, {}, "com.test.keep.p"])).await;
+    let inv = callee.recv().await;
+    assert_eq!(inv[0], 68);
+}
