@@ -5,6 +5,7 @@
 
 mod authenticator;
 mod cert;
+pub mod limit;
 pub mod jwt;
 pub mod passwords;
 mod providers;

@@ -42,7 +42,7 @@ pub struct OAuthServer {
     pub metrics: RouteMetrics,
     issued: IntCounterVec,
     auth_failures: IntCounterVec,
-    limiter: Arc<limit::AuthLimiter>,
+    limiter: Arc<crate::identity::limit::AuthLimiter>,
     replays: Arc<limit::Replays>,
 }
 

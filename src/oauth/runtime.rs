@@ -13,13 +13,14 @@ use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{self, KeySource};
-use super::limit::{AuthLimiter, Replays};
+use super::limit::Replays;
 use super::{ClientRecord, Clients, OAuthServer, serving_listeners};
 use crate::config::watch::{ConfigWatch, watch_files};
 use crate::config::{ClientAuthLimit, Config, ConfigError, JwksConfig};
 use crate::identity::Revocations;
 use crate::identity::jwt::RemoteJwks;
 use crate::identity::jwt::{SelfKeys, unix_now};
+use crate::identity::limit::AuthLimiter;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreView};
 

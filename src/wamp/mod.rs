@@ -51,6 +51,7 @@ fn connection(conn: &ConnState) -> Connection {
     Connection {
         listener: conn.listener.name.clone(),
         peer: conn.peer.to_string(),
+        ip: conn.peer.ip(),
         cert: conn.peer_cert.clone(),
         tls: conn.listener.tls.is_some(),
     }

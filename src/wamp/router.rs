@@ -462,6 +462,9 @@ pub struct Router {
     /// Cancelled when the gateway drains: sessions say GOODBYE.
     pub shutdown: CancellationToken,
     pub families: Families,
+    /// Failed logins by address: past ten a minute, joins from there are
+    /// refused unchecked (loopback exempt, as for OAuth clients).
+    pub logins: crate::identity::limit::AuthLimiter,
 }
 
 impl Router {
@@ -471,6 +474,10 @@ impl Router {
             settings: ArcSwap::from_pointee(settings),
             shutdown,
             families: Families::register(metrics),
+            logins: crate::identity::limit::AuthLimiter::new(
+                10,
+                std::time::Duration::from_secs(60),
+            ),
         };
         router.sync_realms();
         router

@@ -106,6 +106,19 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
             )
             .await;
     }
+    if let Some(wait) = router.logins.blocked(None, wire.conn.ip) {
+        refused(&router, &wire);
+        tracing::info!(peer = %wire.conn.peer, "WAMP join refused unchecked: too many failed logins");
+        return wire
+            .abort(
+                "wamp.error.not_authorized",
+                &format!(
+                    "too many failed logins; try again in {}s",
+                    wait.as_secs().max(1)
+                ),
+            )
+            .await;
+    }
     let session = global_id();
     let joined = match auth::authenticate(
         &mut wire,
@@ -120,6 +133,9 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
         Ok(j) => j,
         Err(Refused(Some((reason, message)))) => {
             refused(&router, &wire);
+            if reason == "wamp.error.not_authorized" {
+                router.logins.failed(None, wire.conn.ip);
+            }
             tracing::info!(realm = %hello_realm, peer = %wire.conn.peer, reason = %reason,
                 why = %message, "WAMP join refused");
             return wire.abort(&reason, &message).await;

@@ -25,6 +25,7 @@ pub struct Connection {
     pub listener: Arc<str>,
     /// `ip:port`.
     pub peer: String,
+    pub ip: std::net::IpAddr,
     pub cert: Option<Arc<CertIdentity>>,
     pub tls: bool,
 }
