@@ -36,6 +36,11 @@ pub struct WampConfig {
     pub max_subscriptions: usize,
     /// Registrations one session may hold.
     pub max_registrations: usize,
+    /// Web pages that may open WAMP over WebSocket (`https://app.example`,
+    /// or `*` for any): a handshake that carries an `Origin` field (browsers
+    /// always send one) is refused with 403 unless it is listed. Clients
+    /// that are not browsers send none and are not affected.
+    pub allowed_origins: Vec<String>,
     /// Longest a dynamic authenticator or authorizer may take to answer.
     #[serde(deserialize_with = "super::units::duration")]
     pub auth_timeout: Duration,
@@ -54,6 +59,7 @@ impl Default for WampConfig {
             max_subscriptions: 1000,
             max_registrations: 1000,
             auth_timeout: Duration::from_secs(10),
+            allowed_origins: Vec::new(),
         }
     }
 }

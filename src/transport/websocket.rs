@@ -153,6 +153,12 @@ pub async fn server(io: Box<dyn UpgradedIo>, max_message: usize) -> WebSocket {
 pub trait WsService: Send + Sync + 'static {
     /// The largest message it takes.
     fn max_message(&self) -> usize;
+    /// Whether a handshake from a page of `origin` (its `Origin` field; none
+    /// from clients that are not browsers) may connect: a browser carries
+    /// the user's cookies and client certificate to any site's page.
+    fn allows_origin(&self, _origin: Option<&[u8]>) -> bool {
+        true
+    }
     /// Serves one connection; `protocol` is the subprotocol chosen.
     fn serve(
         self: Arc<Self>,
@@ -222,6 +228,15 @@ impl<S: WsService> LocalService for WsEndpoint<S> {
         _conn: Arc<ConnState>,
     ) -> Pin<Box<dyn Future<Output = Switch> + Send>> {
         Box::pin(async move {
+            if !self
+                .service
+                .allows_origin(request.headers().get(header::ORIGIN).map(|o| o.as_bytes()))
+            {
+                return Switch::refuse(*refuse(
+                    StatusCode::FORBIDDEN,
+                    "this origin may not connect (allowed_origins)",
+                ));
+            }
             let accepted = match accept(&request, self.subprotocols) {
                 Ok(a) => a,
                 Err(refused) => return Switch::refuse(*refused),

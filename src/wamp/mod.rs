@@ -62,6 +62,17 @@ impl transport::websocket::WsService for Router {
         self.settings.load().max_message
     }
 
+    fn allows_origin(&self, origin: Option<&[u8]>) -> bool {
+        let Some(origin) = origin else {
+            return true;
+        };
+        self.settings
+            .load()
+            .allowed_origins
+            .iter()
+            .any(|o| o == "*" || o.as_bytes().eq_ignore_ascii_case(origin))
+    }
+
     fn serve(
         self: Arc<Self>,
         ws: transport::websocket::WebSocket,
@@ -108,7 +119,7 @@ impl FrontEnd for WampFrontEnd {
                     }
                 };
             }
-            websocket_handshake(io, max, &conn).await
+            websocket_handshake(io, max, &conn, &self.router).await
         };
         let opened = tokio::select! {
             o = tokio::time::timeout(session::JOIN_TIMEOUT, opening) => o.ok().flatten(),
@@ -134,6 +145,7 @@ async fn websocket_handshake<S: Stream>(
     mut io: rawsocket::Prefixed<S>,
     max: usize,
     conn: &ConnState,
+    router: &Router,
 ) -> Option<(Serializer, Transport)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = bytes::BytesMut::with_capacity(1024);
@@ -164,7 +176,19 @@ async fn websocket_handshake<S: Stream>(
             }
         }
     };
-    let (response, protocol) = match transport::websocket::accept(&request, WS_SUBPROTOCOLS) {
+    use transport::websocket::WsService;
+    let origin = request.headers().get(http::header::ORIGIN);
+    let accepted = match router.allows_origin(origin.map(|o| o.as_bytes())) {
+        true => transport::websocket::accept(&request, WS_SUBPROTOCOLS),
+        false => {
+            let mut r = http::Response::new(bytes::Bytes::from_static(
+                b"this origin may not connect (wamp.allowed_origins)\n",
+            ));
+            *r.status_mut() = http::StatusCode::FORBIDDEN;
+            Err(Box::new(r))
+        }
+    };
+    let (response, protocol) = match accepted {
         Ok(a) => (a.response, a.protocol),
         Err(refusal) => (*refusal, None),
     };

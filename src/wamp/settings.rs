@@ -23,6 +23,7 @@ pub struct Settings {
     pub max_subscriptions: usize,
     pub max_registrations: usize,
     pub auth_timeout: Duration,
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Default)]
@@ -123,6 +124,7 @@ pub fn settings(
         max_subscriptions: w.max_subscriptions,
         max_registrations: w.max_registrations,
         auth_timeout: w.auth_timeout,
+        allowed_origins: w.allowed_origins.clone(),
     })
 }
 

@@ -1066,3 +1066,37 @@ async fn a_reload_rechecks_what_sessions_hold() {
     let inv = callee.recv().await;
     assert_eq!(inv[0], 68);
 }
+
+/// A browser page's handshake (it carries `Origin`) connects only from a
+/// listed origin, on `protocol: wamp` listeners and at the HTTP path alike;
+/// clients that are not browsers send none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_listed_origins_may_connect() {
+    let gw = TestGateway::start(&config(
+        "  websocket: { path: /ws }\n  allowed_origins: ['https://app.example']\n",
+    ))
+    .await;
+    let wamp = gw.gw.listener_addr("wamp").unwrap();
+    for url in [format!("ws://{wamp}/"), format!("ws://{}/ws", gw.addr())] {
+        let open = |origin: Option<&'static str>| {
+            let mut req = url.as_str().into_client_request().unwrap();
+            req.headers_mut()
+                .insert("sec-websocket-protocol", "wamp.2.json".parse().unwrap());
+            if let Some(o) = origin {
+                req.headers_mut().insert("origin", o.parse().unwrap());
+            }
+            tokio_tungstenite::connect_async(req)
+        };
+        match open(Some("https://evil.example")).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 403, "{url}")
+            }
+            other => panic!(
+                "{url}: expected 403, got {:?}",
+                other.map(|(_, r)| r.status())
+            ),
+        }
+        assert!(open(Some("https://app.example")).await.is_ok(), "{url}");
+        assert!(open(None).await.is_ok(), "{url}");
+    }
+}
