@@ -142,7 +142,10 @@ fn accept_value(key: &[u8]) -> HeaderValue {
 /// The WebSocket on a connection after its `101`; a message (and a frame)
 /// longer than `max_message` bytes ends the connection.
 pub async fn server(io: Box<dyn UpgradedIo>, max_message: usize) -> WebSocket {
+    // A small read buffer: tungstenite's 128 KiB default is allocated per
+    // connection and zero-filled before every read.
     let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message));
     WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await

@@ -314,8 +314,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawSocket<S> {
     /// If the future is dropped halfway, the rest of the frame is written
     /// by the next `send`, `recv`, `ping` or `close`.
     pub async fn send(&mut self, message: &[u8]) -> io::Result<()> {
+        self.feed(message)?;
+        self.drain().await
+    }
+
+    /// Queues one message to be written by the next [`flush`](Self::flush)
+    /// (or `send`): several messages go out in one write.
+    pub fn feed(&mut self, message: &[u8]) -> io::Result<()> {
         self.check_send(message.len(), "message")?;
         self.queue(TYPE_MESSAGE, message);
+        Ok(())
+    }
+
+    /// Writes whatever is queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
         self.drain().await
     }
 

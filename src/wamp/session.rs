@@ -277,7 +277,6 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
     let stop = ended.token.clone();
     let (why, farewell) = loop {
         let sent = tokio::select! {
-            biased;
             _ = stop.cancelled() => break ("ended by the router", ended.farewell()),
             _ = router.shutdown.cancelled() => {
                 break ("shutdown", Some(bye("wamp.close.system_shutdown", "the router is shutting down")));
@@ -305,7 +304,7 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
                 },
             },
             outgoing = rx.recv() => match outgoing {
-                Some(msg) => write(&mut wire, &msg, &stop).await,
+                Some(msg) => write_queued(&mut wire, msg, &mut rx, &stop).await,
                 None => break ("ended by the router", ended.farewell()),
             },
         };
@@ -331,6 +330,34 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 async fn write(wire: &mut Wire, message: &Message, stop: &CancellationToken) -> bool {
     tokio::select! {
         sent = wire.send(message) => sent,
+        _ = stop.cancelled() => false,
+    }
+}
+
+/// Writes a queued message and whatever else the queue holds (up to a
+/// batch) in one write, unless the router ends the session first.
+async fn write_queued(
+    wire: &mut Wire,
+    first: Message,
+    rx: &mut mpsc::Receiver<Message>,
+    stop: &CancellationToken,
+) -> bool {
+    const BATCH: usize = 64;
+    let all = async {
+        if !wire.feed(&first).await {
+            return false;
+        }
+        for _ in 1..BATCH {
+            match rx.try_recv() {
+                Ok(m) if wire.feed(&m).await => {}
+                Ok(_) => return false,
+                Err(_) => break,
+            }
+        }
+        wire.flush().await
+    };
+    tokio::select! {
+        sent = all => sent,
         _ = stop.cancelled() => false,
     }
 }

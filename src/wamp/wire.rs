@@ -38,7 +38,14 @@ pub struct Wire {
 }
 
 impl Wire {
+    /// Writes one message now.
     pub async fn send(&mut self, message: &Message) -> bool {
+        self.feed(message).await && self.flush().await
+    }
+
+    /// Buffers one message for the next [`flush`](Self::flush): what a
+    /// session's queue holds goes out in one write.
+    pub async fn feed(&mut self, message: &Message) -> bool {
         let bytes = self.serializer.encode(message);
         match &mut self.transport {
             Transport::WebSocket(ws) => {
@@ -46,9 +53,16 @@ impl Wire {
                     true => Frame::text(String::from_utf8(bytes).unwrap_or_default()),
                     false => Frame::binary(bytes),
                 };
-                ws.send(frame).await.is_ok()
+                ws.feed(frame).await.is_ok()
             }
-            Transport::RawSocket(raw) => raw.send(&bytes).await.is_ok(),
+            Transport::RawSocket(raw) => raw.feed(&bytes).is_ok(),
+        }
+    }
+
+    pub async fn flush(&mut self) -> bool {
+        match &mut self.transport {
+            Transport::WebSocket(ws) => ws.flush().await.is_ok(),
+            Transport::RawSocket(raw) => raw.flush().await.is_ok(),
         }
     }
 
