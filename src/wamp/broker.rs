@@ -4,7 +4,9 @@
 //! one URI and match policy share one subscription.
 
 use super::message::{Id, Message};
-use super::router::{RealmState, global_id};
+use std::sync::Arc;
+
+use super::router::{Outgoing, RealmState, Shared, global_id};
 use super::table::{Entry, Table};
 use super::value::{Dict, Value};
 use crate::authz::MatchPolicy;
@@ -117,12 +119,21 @@ impl RealmState {
                 Value::Str(p.1.authrole.to_string()),
             );
         }
-        let mut out: Vec<(Id, Message)> = Vec::new();
+        // One EVENT per subscription, shared by its subscribers and encoded
+        // once per serializer.
+        let mut out: Vec<(Id, Arc<Shared>)> = Vec::new();
         for (sub_id, sub) in self.broker.matching(d.topic) {
             let mut details = publisher_details.clone();
             if sub.policy != MatchPolicy::Exact {
                 details.insert("topic".into(), Value::Str(d.topic.to_owned()));
             }
+            let event = Arc::new(Shared::new(Message::Event {
+                subscription: sub_id,
+                publication,
+                details,
+                args: d.args.clone(),
+                kwargs: d.kwargs.clone(),
+            }));
             for &to in &sub.sessions {
                 if exclude_me && Some(to) == d.publisher {
                     continue;
@@ -146,16 +157,7 @@ impl RealmState {
                 if excluded || !eligible_ok {
                     continue;
                 }
-                out.push((
-                    to,
-                    Message::Event {
-                        subscription: sub_id,
-                        publication,
-                        details: details.clone(),
-                        args: d.args.clone(),
-                        kwargs: d.kwargs.clone(),
-                    },
-                ));
+                out.push((to, event.clone()));
             }
         }
         if d.publisher.is_some() {
@@ -163,7 +165,7 @@ impl RealmState {
         }
         self.metrics.events.inc_by(out.len() as u64);
         for (to, event) in out {
-            self.send(to, event);
+            self.deliver_to(to, Outgoing::Shared(event));
         }
         publication
     }

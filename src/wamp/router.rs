@@ -38,9 +38,41 @@ impl Ended {
     }
 }
 
+/// A message for many sessions (an EVENT for a subscription's
+/// subscribers): encoded once per serializer, by the first session of it
+/// that writes it.
+pub struct Shared {
+    pub message: Message,
+    encoded: [std::sync::OnceLock<bytes::Bytes>; 3],
+}
+
+impl Shared {
+    pub fn new(message: Message) -> Shared {
+        Shared {
+            message,
+            encoded: Default::default(),
+        }
+    }
+
+    pub fn encoded(&self, serializer: super::message::Serializer) -> &bytes::Bytes {
+        let slot = match serializer {
+            super::message::Serializer::Json => 0,
+            super::message::Serializer::MsgPack => 1,
+            super::message::Serializer::Cbor => 2,
+        };
+        self.encoded[slot].get_or_init(|| serializer.encode(&self.message).into())
+    }
+}
+
+/// What a session's queue holds.
+pub enum Outgoing {
+    One(Message),
+    Shared(Arc<Shared>),
+}
+
 /// What the router keeps of a joined session.
 pub struct Member {
-    pub tx: mpsc::Sender<Message>,
+    pub tx: mpsc::Sender<Outgoing>,
     pub ended: Arc<Ended>,
     /// Who it is, for re-checking what it holds when the rules change.
     pub identity: Arc<crate::identity::Identity>,
@@ -249,6 +281,12 @@ impl RealmState {
     /// dropped from the realm (its connection then ends, and its own task
     /// cleans up after it).
     pub fn send(&mut self, to: Id, m: Message) {
+        self.deliver_to(to, Outgoing::One(m));
+    }
+
+    /// Queues for a session; one whose queue is full is too slow and is
+    /// ended.
+    pub fn deliver_to(&mut self, to: Id, m: Outgoing) {
         let full = match self.sessions.get(&to) {
             Some(member) => member.tx.try_send(m).is_err(),
             None => false,

@@ -17,7 +17,9 @@ use super::broker::Delivery;
 use super::dealer::{CallRequest, Caller, CancelMode, Invoke, no_such_procedure};
 use super::message::{self as m, Id, Message};
 use super::meta;
-use super::router::{Ended, Member, Realm, Router, error, error_with, global_id, match_policy};
+use super::router::{
+    Ended, Member, Outgoing, Realm, Router, error, error_with, global_id, match_policy,
+};
 use super::settings::Role;
 use super::value::{Dict, Value};
 use super::wire::{Wire, colon_hex};
@@ -338,18 +340,18 @@ async fn write(wire: &mut Wire, message: &Message, stop: &CancellationToken) -> 
 /// batch) in one write, unless the router ends the session first.
 async fn write_queued(
     wire: &mut Wire,
-    first: Message,
-    rx: &mut mpsc::Receiver<Message>,
+    first: Outgoing,
+    rx: &mut mpsc::Receiver<Outgoing>,
     stop: &CancellationToken,
 ) -> bool {
     const BATCH: usize = 64;
     let all = async {
-        if !wire.feed(&first).await {
+        if !wire.feed_queued(&first).await {
             return false;
         }
         for _ in 1..BATCH {
             match rx.try_recv() {
-                Ok(m) if wire.feed(&m).await => {}
+                Ok(m) if wire.feed_queued(&m).await => {}
                 Ok(_) => return false,
                 Err(_) => break,
             }

@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 
 use super::message::{Message, Serializer};
 use super::rawsocket::RawSocket;
+use super::router::Outgoing;
 use super::value::{Dict, Value};
 use crate::identity::CertIdentity;
 use crate::transport::UpgradedIo;
@@ -52,6 +53,29 @@ impl Wire {
                 let frame = match self.serializer.is_text() {
                     true => Frame::text(String::from_utf8(bytes).unwrap_or_default()),
                     false => Frame::binary(bytes),
+                };
+                ws.feed(frame).await.is_ok()
+            }
+            Transport::RawSocket(raw) => raw.feed(&bytes).is_ok(),
+        }
+    }
+
+    /// Buffers a queued message; a shared one is encoded once for every
+    /// session of this serializer.
+    pub async fn feed_queued(&mut self, message: &Outgoing) -> bool {
+        let shared = match message {
+            Outgoing::One(m) => return self.feed(m).await,
+            Outgoing::Shared(s) => s,
+        };
+        let bytes = shared.encoded(self.serializer).clone();
+        match &mut self.transport {
+            Transport::WebSocket(ws) => {
+                let frame = match self.serializer.is_text() {
+                    true => match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(bytes) {
+                        Ok(text) => Frame::Text(text),
+                        Err(_) => return false,
+                    },
+                    false => Frame::Binary(bytes),
                 };
                 ws.feed(frame).await.is_ok()
             }
