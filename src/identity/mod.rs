@@ -5,8 +5,8 @@
 
 mod authenticator;
 mod cert;
-pub mod limit;
 pub mod jwt;
+pub mod limit;
 pub mod passwords;
 mod providers;
 mod revocation;

@@ -277,6 +277,7 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
     // client that stops reading never holds its session (and what it
     // registered) in place.
     let stop = ended.token.clone();
+    let mut handled: u32 = 0;
     let (why, farewell) = loop {
         let sent = tokio::select! {
             _ = stop.cancelled() => break ("ended by the router", ended.farewell()),
@@ -297,13 +298,22 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
                         reason: "wamp.close.goodbye_and_out".into(),
                     }));
                 }
-                Some(Ok(msg)) => match s.handle(msg).await {
-                    Ok(Some(reply)) => write(&mut wire, &reply, &stop).await,
-                    Ok(None) => true,
-                    Err(e) => {
-                        break ("protocol violation", Some(abort_message("wamp.error.protocol_violation", e)));
+                Some(Ok(msg)) => {
+                    // A burst of publications read at once must not fill
+                    // every subscriber's queue before their tasks run:
+                    // let them drain now and then.
+                    handled = handled.wrapping_add(1);
+                    if handled % 16 == 0 {
+                        crate::transport::after_ready_tasks().await;
                     }
-                },
+                    match s.handle(msg).await {
+                        Ok(Some(reply)) => write(&mut wire, &reply, &stop).await,
+                        Ok(None) => true,
+                        Err(e) => {
+                            break ("protocol violation", Some(abort_message("wamp.error.protocol_violation", e)));
+                        }
+                    }
+                }
             },
             outgoing = rx.recv() => match outgoing {
                 Some(msg) => write_queued(&mut wire, msg, &mut rx, &stop).await,
@@ -311,7 +321,11 @@ pub async fn serve(mut wire: Wire, router: Arc<Router>) {
             },
         };
         if !sent {
-            break ("connection closed or too slow", None);
+            match stop.is_cancelled() {
+                // Cut short: the farewell's write could not finish either.
+                true => break ("ended by the router while writing", None),
+                false => break ("connection closed", None),
+            }
         }
     };
     realm.state().leave(session);
