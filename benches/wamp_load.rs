@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -439,13 +439,31 @@ impl Ser {
 /// The WebSocket mask (the client must mask; any key will do).
 const MASK: [u8; 4] = [0x5a, 0x13, 0xc7, 0x2e];
 
+/// Where a message read is: `start..end` of the read buffer, or (a
+/// fragmented WebSocket message, put together) the fragment buffer. Valid
+/// until the next `fill`.
+#[derive(Clone, Copy)]
+enum At {
+    Buf(usize, usize),
+    Frag,
+}
+
+fn message<'a>(rbuf: &'a [u8], frag: &'a [u8], at: At) -> &'a [u8] {
+    match at {
+        At::Buf(start, end) => &rbuf[start..end],
+        At::Frag => frag,
+    }
+}
+
 /// One connection: RawSocket or WebSocket, bytes to write gathered in
-/// `out` and written with one `flush`.
+/// `out` and written with one `flush`. Messages are read in place.
 struct Conn {
     tcp: TcpStream,
     ws: bool,
     ser: Ser,
     rbuf: BytesMut,
+    /// What of `rbuf` was parsed (dropped before the next read).
+    rpos: usize,
     out: Vec<u8>,
     /// The message being built (framed into `out` by `queue`).
     msg: Vec<u8>,
@@ -462,6 +480,7 @@ impl Conn {
             ws,
             ser,
             rbuf: BytesMut::with_capacity(16 * 1024),
+            rpos: 0,
             out: Vec::with_capacity(16 * 1024),
             msg: Vec::with_capacity(512),
             frag: Vec::new(),
@@ -561,8 +580,15 @@ impl Conn {
         Ok(())
     }
 
+    /// Drops what was parsed from the read buffer.
+    fn compact(&mut self) {
+        self.rbuf.advance(self.rpos);
+        self.rpos = 0;
+    }
+
     /// Reads what has come (at least a byte).
     async fn fill(&mut self) -> io::Result<()> {
+        self.compact();
         if self.rbuf.capacity() - self.rbuf.len() < 4096 {
             self.rbuf.reserve(64 * 1024);
         }
@@ -574,9 +600,10 @@ impl Conn {
 
     /// The next whole message in the read buffer. PINGs are answered
     /// (their PONG goes out with the next flush).
-    fn parse(&mut self) -> io::Result<Option<Bytes>> {
+    fn next(&mut self) -> io::Result<Option<At>> {
         loop {
-            let b = &self.rbuf;
+            let base = self.rpos;
+            let b = &self.rbuf[base..];
             if !self.ws {
                 if b.len() < 4 {
                     return Ok(None);
@@ -586,11 +613,14 @@ impl Conn {
                 if b.len() < 4 + len {
                     return Ok(None);
                 }
-                self.rbuf.advance(4);
-                let payload = self.rbuf.split_to(len).freeze();
+                let (start, end) = (base + 4, base + 4 + len);
+                self.rpos = end;
                 match kind {
-                    0 => return Ok(Some(payload)),
-                    1 => self.frame(0xA, &payload),
+                    0 => return Ok(Some(At::Buf(start, end))),
+                    1 => {
+                        let ping = self.rbuf[start..end].to_vec();
+                        self.frame(0xA, &ping);
+                    }
                     _ => {}
                 }
                 continue;
@@ -617,33 +647,40 @@ impl Conn {
             if b.len() < at + len {
                 return Ok(None);
             }
-            self.rbuf.advance(at);
-            let mut payload = self.rbuf.split_to(len);
+            let (start, end) = (base + at, base + at + len);
+            self.rpos = end;
             if let Some(k) = key {
-                for (i, x) in payload.iter_mut().enumerate() {
+                for (i, x) in self.rbuf[start..end].iter_mut().enumerate() {
                     *x ^= k[i & 3];
                 }
             }
             match op {
                 0x0 => {
-                    self.frag.extend_from_slice(&payload);
+                    self.frag.extend_from_slice(&self.rbuf[start..end]);
                     if fin {
-                        return Ok(Some(Bytes::from(std::mem::take(&mut self.frag))));
+                        return Ok(Some(At::Frag));
                     }
                 }
-                0x1 | 0x2 if fin => return Ok(Some(payload.freeze())),
-                0x1 | 0x2 => self.frag = payload.to_vec(),
+                0x1 | 0x2 if fin => return Ok(Some(At::Buf(start, end))),
+                0x1 | 0x2 => {
+                    self.frag.clear();
+                    self.frag.extend_from_slice(&self.rbuf[start..end]);
+                }
                 0x8 => return Err(fail("the router closed the WebSocket")),
-                0x9 => self.frame(0xA, &payload),
+                0x9 => {
+                    let ping = self.rbuf[start..end].to_vec();
+                    self.frame(0xA, &ping);
+                }
                 _ => {}
             }
         }
     }
 
-    async fn recv(&mut self) -> io::Result<Bytes> {
+    /// The next message, copied (the opening messages).
+    async fn recv(&mut self) -> io::Result<Vec<u8>> {
         loop {
-            if let Some(m) = self.parse()? {
-                return Ok(m);
+            if let Some(at) = self.next()? {
+                return Ok(message(&self.rbuf, &self.frag, at).to_vec());
             }
             self.flush().await?;
             self.fill().await?;
@@ -714,14 +751,15 @@ async fn callee(mut c: Conn, sh: Rc<Shared>) -> io::Result<()> {
     tokio::task::spawn_local(async move {
         let run = async {
             loop {
-                while let Some(m) = c.parse()? {
-                    match sh.ser.head(&m) {
+                while let Some(at) = c.next()? {
+                    let m = message(&c.rbuf, &c.frag, at);
+                    match sh.ser.head(m) {
                         Some(h) if h.code == INVOCATION => {
-                            let ser = sh.ser;
-                            ser.yield_for(c.msg(), &m, &h);
+                            c.msg.clear();
+                            sh.ser.yield_for(&mut c.msg, m, &h);
                             c.queue();
                         }
-                        _ => return Err(fail(format!("callee got {}", sh.ser.show(&m)))),
+                        _ => return Err(fail(format!("callee got {}", sh.ser.show(m)))),
                     }
                 }
                 c.flush().await?;
@@ -754,14 +792,15 @@ async fn caller(mut c: Conn, window: usize, sh: Rc<Shared>) {
             c.flush().await?;
             c.fill().await?;
             let now = sh.now();
-            while let Some(m) = c.parse()? {
-                match ser.head(&m) {
+            while let Some(at) = c.next()? {
+                let m = message(&c.rbuf, &c.frag, at);
+                match ser.head(m) {
                     Some(h) if h.code == RESULT => {
                         outstanding -= 1;
                         sh.done.set(sh.done.get() + 1);
                         if sh.recording.get() {
-                            let (ts, _) = ser.stamps(&m, &h).ok_or_else(|| {
-                                fail(format!("RESULT without our arguments: {}", ser.show(&m)))
+                            let (ts, _) = ser.stamps(m, &h).ok_or_else(|| {
+                                fail(format!("RESULT without our arguments: {}", ser.show(m)))
                             })?;
                             sh.samples.borrow_mut().push(now.saturating_sub(ts));
                         }
@@ -769,11 +808,11 @@ async fn caller(mut c: Conn, window: usize, sh: Rc<Shared>) {
                     Some(h) if h.code == ERROR => {
                         outstanding -= 1;
                         if sh.errors.get() == 0 {
-                            eprintln!("wamp_load: a call failed: {}", ser.show(&m));
+                            eprintln!("wamp_load: a call failed: {}", ser.show(m));
                         }
                         sh.errors.set(sh.errors.get() + 1);
                     }
-                    _ => return Err(fail(format!("caller got {}", ser.show(&m)))),
+                    _ => return Err(fail(format!("caller got {}", ser.show(m)))),
                 }
             }
         }
@@ -791,14 +830,15 @@ async fn subscriber(mut c: Conn, last: Rc<Cell<u64>>, sh: Rc<Shared>) {
         loop {
             c.fill().await?;
             let now = sh.now();
-            while let Some(m) = c.parse()? {
+            while let Some(at) = c.next()? {
+                let m = message(&c.rbuf, &c.frag, at);
                 let h = ser
-                    .head(&m)
+                    .head(m)
                     .filter(|h| h.code == EVENT)
-                    .ok_or_else(|| fail(format!("subscriber got {}", ser.show(&m))))?;
-                let (ts, seq) = ser.stamps(&m, &h).ok_or_else(|| {
-                    fail(format!("EVENT without our arguments: {}", ser.show(&m)))
-                })?;
+                    .ok_or_else(|| fail(format!("subscriber got {}", ser.show(m))))?;
+                let (ts, seq) = ser
+                    .stamps(m, &h)
+                    .ok_or_else(|| fail(format!("EVENT without our arguments: {}", ser.show(m))))?;
                 if seq > last.get() + 1 {
                     sh.drops.set(sh.drops.get() + seq - last.get() - 1);
                 }
@@ -860,15 +900,19 @@ async fn publisher(
         }
         // Whatever the router sends (an ERROR would mean a refusal) is read
         // and dropped.
+        c.compact();
         while let Ok(Ok(n)) =
             tokio::time::timeout(Duration::ZERO, c.tcp.read_buf(&mut c.rbuf)).await
         {
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            while let Some(m) = c.parse()? {
+            while let Some(at) = c.next()? {
                 if sh.errors.get() == 0 {
-                    eprintln!("wamp_load: the publisher got {}", ser.show(&m));
+                    eprintln!(
+                        "wamp_load: the publisher got {}",
+                        ser.show(message(&c.rbuf, &c.frag, at))
+                    );
                 }
                 sh.errors.set(sh.errors.get() + 1);
             }
