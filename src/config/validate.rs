@@ -265,9 +265,6 @@ fn wamp(cfg: &Config, errs: &mut Errors) {
     if serves && w.realms.is_empty() {
         errs.add("wamp.realms", "the router needs at least one realm");
     }
-    let is_uri = |s: &str| {
-        !s.is_empty() && !s.split('.').any(str::is_empty) && !s.contains(char::is_whitespace)
-    };
     let mut seen = std::collections::HashSet::new();
     for (i, realm) in w.realms.iter().enumerate() {
         let at = format!("wamp.realms[{i}]");
@@ -341,26 +338,18 @@ fn wamp(cfg: &Config, errs: &mut Errors) {
     }
     for (i, realm) in w.realms.iter().enumerate() {
         for (j, role) in realm.roles.iter().enumerate() {
-            let at = format!("wamp.realms[{i}].roles[{j}].permissions");
-            let mut rules = Vec::new();
-            for (k, p) in role.permissions.iter().enumerate() {
-                match p.rule() {
-                    Some(rule) => rules.push(rule),
-                    None => errs.add(
-                        format!("{at}[{k}]"),
-                        "expected exactly one of `allow` and `deny`",
-                    ),
-                }
-            }
-            if let Err(problems) =
-                crate::authz::Policy::compile(&rules, crate::authz::Resource::Uri)
-            {
-                for (p, message) in problems {
-                    errs.add(format!("{at}{p}"), message);
+            if let Err(problems) = role.policy(&format!("wamp.realms[{i}].roles[{j}]")) {
+                for (path, message) in problems {
+                    errs.add(path, message);
                 }
             }
         }
     }
+}
+
+/// A WAMP URI: dot-separated, no empty component, no whitespace.
+fn is_uri(s: &str) -> bool {
+    !s.is_empty() && !s.split('.').any(str::is_empty) && !s.contains(char::is_whitespace)
 }
 
 /// One listener's (or the default) WAMP authentication methods.
@@ -384,11 +373,6 @@ fn wamp_auth(
         let at = format!("{at}.{name}");
         match m.kind {
             AuthType::Dynamic => {
-                let is_uri = |s: &str| {
-                    !s.is_empty()
-                        && !s.split('.').any(str::is_empty)
-                        && !s.contains(char::is_whitespace)
-                };
                 if !m.authenticator.as_deref().is_some_and(is_uri) {
                     errs.add(
                         format!("{at}.authenticator"),

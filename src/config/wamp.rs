@@ -116,6 +116,35 @@ pub struct Permission {
     pub disclose: bool,
 }
 
+impl RoleConfig {
+    /// The role's permissions in the shared policy engine; problems are
+    /// `(key path, message)` below `at` (`wamp.realms[i].roles[j]`).
+    pub fn policy(&self, at: &str) -> Result<crate::authz::Policy, Vec<(String, String)>> {
+        let mut problems = Vec::new();
+        let mut rules = Vec::new();
+        for (k, p) in self.permissions.iter().enumerate() {
+            match p.rule() {
+                Some(rule) => rules.push(rule),
+                None => problems.push((
+                    format!("{at}.permissions[{k}]"),
+                    "expected exactly one of `allow` and `deny`".to_owned(),
+                )),
+            }
+        }
+        match crate::authz::Policy::compile(&rules, crate::authz::Resource::Uri) {
+            Ok(policy) if problems.is_empty() => Ok(policy),
+            Ok(_) => Err(problems),
+            Err(more) => {
+                problems.extend(
+                    more.into_iter()
+                        .map(|(p, m)| (format!("{at}.permissions{p}"), m)),
+                );
+                Err(problems)
+            }
+        }
+    }
+}
+
 impl Permission {
     /// The rule, when exactly one of `allow` and `deny` is given.
     pub fn rule(&self) -> Option<RuleConfig> {

@@ -463,6 +463,11 @@ impl Session {
         if uri.len() > MAX_URI {
             return Verdict::Invalid("longer than 1024 bytes");
         }
+        // The router's own namespace: only it publishes meta events and
+        // serves meta procedures there.
+        if matches!(verb, WampVerb::Publish | WampVerb::Register) && uri.starts_with("wamp.") {
+            return Verdict::Invalid("`wamp.` URIs are the router's own");
+        }
         if let Err(why) = action.wanted() {
             return Verdict::Invalid(why);
         }
@@ -601,12 +606,9 @@ impl Session {
                 kwargs,
             } => {
                 let acknowledge = matches!(options.get("acknowledge"), Some(Value::Bool(true)));
-                let verdict = if topic.starts_with("wamp.") {
-                    Verdict::Invalid("`wamp.` topics are the router's own")
-                } else {
-                    self.authorize(WampVerb::Publish, &topic, MatchPolicy::Exact, &options)
-                        .await
-                };
+                let verdict = self
+                    .authorize(WampVerb::Publish, &topic, MatchPolicy::Exact, &options)
+                    .await;
                 let Verdict::Allowed { disclose } = verdict else {
                     return Ok(acknowledge.then(|| refusal(m::PUBLISH, request, verdict, &topic)));
                 };
@@ -640,12 +642,9 @@ impl Session {
                             .into(),
                     )));
                 };
-                let verdict = if procedure.starts_with("wamp.") {
-                    Verdict::Invalid("`wamp.` procedures are the router's own")
-                } else {
-                    self.authorize(WampVerb::Register, &procedure, policy, &options)
-                        .await
-                };
+                let verdict = self
+                    .authorize(WampVerb::Register, &procedure, policy, &options)
+                    .await;
                 match verdict {
                     Verdict::Allowed { .. } => {
                         let max = self.router.settings.load().max_registrations;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::authz::{Policy, Resource};
+use crate::authz::Policy;
 use crate::config::{Config, ConfigError, MethodConfig, WampAuth};
 use crate::identity::{Authenticator, Providers, Users};
 
@@ -65,31 +65,20 @@ pub fn settings(
                 Some(authorizer) => Role::Dynamic {
                     authorizer: authorizer.clone(),
                 },
-                None => {
-                    let mut list = Vec::new();
-                    for (k, p) in role.permissions.iter().enumerate() {
-                        match p.rule() {
-                            Some(rule) => list.push(rule),
-                            None => errors.push(ConfigError {
-                                path: format!("{at}.permissions[{k}]"),
-                                message: "expected exactly one of `allow` and `deny`".into(),
-                            }),
-                        }
+                None => match role.policy(&at) {
+                    Ok(policy) => Role::Static {
+                        policy,
+                        disclose: role.permissions.iter().map(|p| p.disclose).collect(),
+                    },
+                    Err(problems) => {
+                        errors.extend(
+                            problems
+                                .into_iter()
+                                .map(|(path, message)| ConfigError { path, message }),
+                        );
+                        continue;
                     }
-                    match Policy::compile(&list, Resource::Uri) {
-                        Ok(policy) => Role::Static {
-                            policy,
-                            disclose: role.permissions.iter().map(|p| p.disclose).collect(),
-                        },
-                        Err(problems) => {
-                            errors.extend(problems.into_iter().map(|(p, message)| ConfigError {
-                                path: format!("{at}.permissions{p}"),
-                                message,
-                            }));
-                            continue;
-                        }
-                    }
-                }
+                },
             };
             rules.roles.insert(role.name.clone(), compiled);
         }
