@@ -18,6 +18,7 @@ pub mod pki;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
+pub mod tunnel;
 pub mod wamp;
 
 pub use gateway::{Gateway, Reloaded, StartError};

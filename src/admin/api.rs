@@ -207,6 +207,7 @@ where
                 None => error(StatusCode::NOT_FOUND, format!("no WAMP session `{id}`")),
             }
         }
+        (&Method::GET, ["admin", "tunnels"]) => json_response(StatusCode::OK, &gw.tunnels_status()),
         (&Method::GET, ["admin", "routes"]) => list_routes(gw).await,
         (&Method::GET, ["admin", "routes", name]) => get_route(gw, name).await,
         (&Method::POST, ["admin", "routes"]) => match body_json(req).await {

@@ -91,6 +91,8 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Ends a WAMP session (`None`: no router; `Some(false)`: no such
     /// session).
     fn wamp_kill(&self, session: u64) -> Option<bool>;
+    /// Every tunnel relay's ids and their peers.
+    fn tunnels_status(&self) -> serde_json::Value;
 }
 
 /// The admin listener's front-end: hyper serves its connections (HTTP/1.1

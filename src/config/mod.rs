@@ -7,6 +7,7 @@
 mod mqtt;
 mod schema;
 mod target;
+mod tunnel;
 pub mod units;
 mod validate;
 mod wamp;
@@ -21,6 +22,7 @@ use figment::providers::{Env, Format, Yaml};
 pub use mqtt::*;
 pub use schema::*;
 pub use target::{TargetHost, TargetUrl};
+pub use tunnel::*;
 pub use wamp::*;
 
 /// Environment variables with this prefix override file keys; `__` separates

@@ -40,6 +40,9 @@ pub struct Config {
     /// The WAMP router.
     #[serde(default)]
     pub wamp: super::wamp::WampConfig,
+    /// WebSocket tunnel relays (Micronets' ws-proxy).
+    #[serde(default)]
+    pub tunnels: Vec<super::tunnel::TunnelConfig>,
     #[serde(default)]
     pub store: StoreConfig,
     /// The directory of the config file: relative paths resolve against it.
@@ -77,6 +80,7 @@ impl Default for Config {
             oauth: None,
             mqtt: MqttConfig::default(),
             wamp: super::wamp::WampConfig::default(),
+            tunnels: Vec::new(),
             store: StoreConfig::default(),
             base_dir: PathBuf::new(),
         }
@@ -741,7 +745,12 @@ impl Default for RouteMatch {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `http://host:port` URLs; a DNS name contributes every address it resolves to.
+    #[serde(default)]
     pub targets: Vec<String>,
+    /// Instead of targets: the peers on this tunnel id (or `<prefix><id>`)
+    /// answer, each request carried as a REST:REQUEST message.
+    #[serde(default)]
+    pub tunnel: Option<String>,
     #[serde(default)]
     pub lb: LoadBalancing,
     #[serde(default)]

@@ -75,6 +75,7 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
     }
     mqtt(cfg, &mut errs);
     wamp(cfg, &mut errs);
+    tunnels(cfg, &mut errs);
     errs.nonzero("proxy.connect_timeout", cfg.proxy.connect_timeout);
     errs.nonzero("proxy.pool_idle_timeout", cfg.proxy.pool_idle_timeout);
     errs.0
@@ -234,6 +235,98 @@ fn mqtt(cfg: &Config, errs: &mut Errors) {
                     format!("`{name}` is not an http or https listener"),
                 );
             }
+        }
+    }
+}
+
+fn tunnels(cfg: &Config, errs: &mut Errors) {
+    for (i, t) in cfg.tunnels.iter().enumerate() {
+        let at = format!("tunnels[{i}]");
+        if !t.prefix.starts_with('/')
+            || !t.prefix.ends_with('/')
+            || t.prefix.contains(['?', '#', '%'])
+        {
+            errs.add(
+                format!("{at}.prefix"),
+                format!("`{}` must be a path that starts and ends with `/` (e.g. `/micronets/v1/ws-proxy/`)", t.prefix),
+            );
+        }
+        for (j, other) in cfg.tunnels.iter().enumerate().take(i) {
+            if t.prefix.starts_with(&other.prefix) || other.prefix.starts_with(&t.prefix) {
+                errs.add(
+                    format!("{at}.prefix"),
+                    format!(
+                        "overlaps tunnels[{j}]'s `{}`: a path must name one tunnel",
+                        other.prefix
+                    ),
+                );
+            }
+        }
+        match &t.listeners {
+            Some(names) => {
+                for (j, name) in names.iter().enumerate() {
+                    if !cfg.listeners.iter().any(|l| &l.name == name && l.protocol.is_http() && l.asks_for_certs()) {
+                        errs.add(
+                            format!("{at}.listeners[{j}]"),
+                            format!("`{name}` is not an https listener that asks for client certificates (`tls.client_ca`)"),
+                        );
+                    }
+                }
+            }
+            None if cfg.cert_listeners().is_empty() => errs.add(
+                format!("{at}.listeners"),
+                "no listener can serve it: a tunnel needs an https listener that asks for client certificates (`tls.client_ca`)",
+            ),
+            None => {}
+        }
+        if !(1..=1024).contains(&t.max_peers) {
+            errs.add(format!("{at}.max_peers"), "must be between 1 and 1024");
+        }
+        let max = t.max_message.0;
+        if !(1024..=64 * 1024 * 1024).contains(&max) {
+            errs.add(
+                format!("{at}.max_message"),
+                "must be between 1KiB and 64MiB",
+            );
+        }
+        if t.queue.0 < 1024 || t.queue.0 > 1024 * 1024 * 1024 {
+            errs.add(format!("{at}.queue"), "must be between 1KiB and 1GiB");
+        }
+        errs.nonzero(format!("{at}.stall_timeout"), t.stall_timeout);
+        errs.nonzero(format!("{at}.idle_timeout"), t.idle_timeout);
+        if t.ping_interval < std::time::Duration::from_secs(1) {
+            errs.add(format!("{at}.ping_interval"), "must be at least 1s");
+        }
+        if t.max_pending_requests == 0 {
+            errs.add(format!("{at}.max_pending_requests"), "must be at least 1");
+        }
+        if let Some(rules) = &t.policy
+            && let Err(problems) =
+                crate::authz::Policy::compile(rules, crate::authz::Resource::Name)
+        {
+            for (p, m) in problems {
+                errs.add(format!("{at}.policy{p}"), m);
+            }
+        }
+    }
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let Some(target) = &r.upstream.tunnel else {
+            continue;
+        };
+        let at = format!("routes[{i}].upstream.tunnel");
+        let served = match target.strip_prefix('/') {
+            Some(_) => cfg.tunnels.iter().any(|t| {
+                target
+                    .strip_prefix(t.prefix.as_str())
+                    .is_some_and(super::is_tunnel_id)
+            }),
+            None => super::is_tunnel_id(target) && !cfg.tunnels.is_empty(),
+        };
+        if !served {
+            errs.add(
+                at,
+                format!("`{target}` names no tunnel: expected an id (1 to 128 of A-Z a-z 0-9 . _ : -) of the first `tunnels:` entry, or `<prefix><id>` of one"),
+            );
         }
     }
 }
@@ -614,6 +707,24 @@ fn route(path: &str, r: &RouteConfig, errs: &mut Errors) {
 }
 
 fn upstream(path: &str, u: &UpstreamConfig, errs: &mut Errors) {
+    if u.tunnel.is_some() {
+        // Carried over a tunnel: none of a pool's settings apply (the
+        // tunnel's target is checked with the tunnels).
+        for (set, key) in [
+            (!u.targets.is_empty(), "targets"),
+            (u.tls.is_some(), "tls"),
+            (u.health_check.is_some(), "health_check"),
+        ] {
+            if set {
+                errs.add(
+                    format!("{path}.{key}"),
+                    "does not apply to a `tunnel` upstream (its peers answer)",
+                );
+            }
+        }
+        errs.nonzero(format!("{path}.timeout"), u.timeout);
+        return;
+    }
     if u.targets.is_empty() {
         errs.add(format!("{path}.targets"), "at least one target is required");
     }

@@ -26,7 +26,7 @@ use crate::oauth::OAuthRuntime;
 use crate::transport::tls::{ServerMaterial, TlsListener, load_server};
 use crate::transport::websocket::WsEndpoint;
 use crate::transport::{self, ListenerInfo, Shutdown};
-use parts::{AdminPart, HttpPart, Material, MqttPart, Part, TokenServerPart, WampPart};
+use parts::{AdminPart, HttpPart, Material, MqttPart, Part, TokenServerPart, TunnelPart, WampPart};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -65,6 +65,7 @@ struct Inner {
     admin: Arc<AdminPart>,
     mqtt: Option<Arc<MqttPart>>,
     wamp: Option<Arc<WampPart>>,
+    tunnels: Arc<TunnelPart>,
     /// Applied in this order on every reload.
     parts: Vec<Arc<dyn Part>>,
     /// Password and ticket users (gateway.yaml's and the store's), loaded
@@ -361,6 +362,16 @@ impl Gateway {
                 }))
             }
         };
+        let tunnels = Arc::new(TunnelPart(Arc::new(crate::tunnel::Tunnels::new(
+            crate::tunnel::settings(&config).map_err(config_error)?,
+            &metrics,
+            &config
+                .listeners
+                .iter()
+                .map(|l| l.name.clone())
+                .collect::<Vec<_>>(),
+            shutdown.graceful.clone(),
+        ))));
         let workers = config.runtime.worker_count();
 
         // Bind everything before starting anything, so a taken port is a clean error.
@@ -438,6 +449,7 @@ impl Gateway {
             local: Arc::new(LocalSet {
                 token_server: TokenServerSlot(oauth.server.clone()),
                 registration: registration.clone(),
+                tunnels: tunnels.0.clone(),
                 wamp: wamp
                     .as_ref()
                     .zip(config.wamp.websocket.as_ref())
@@ -468,6 +480,7 @@ impl Gateway {
                         })
                     }),
             }),
+            tunnels: Some(tunnels.0.clone() as Arc<dyn crate::transport::TunnelLink>),
             metrics: metrics.clone(),
             access_log: http.access_log.clone(),
             unmatched: metrics.route(
@@ -526,6 +539,7 @@ impl Gateway {
                 parts: [
                     mqtt.clone().map(|m| m as Arc<dyn Part>),
                     wamp.clone().map(|w| w as Arc<dyn Part>),
+                    Some(tunnels.clone() as Arc<dyn Part>),
                     Some(token_server as Arc<dyn Part>),
                     Some(http.clone() as Arc<dyn Part>),
                     Some(admin.clone() as Arc<dyn Part>),
@@ -535,6 +549,7 @@ impl Gateway {
                 .collect(),
                 mqtt: mqtt.clone(),
                 wamp: wamp.clone(),
+                tunnels,
                 http,
                 admin,
                 providers: ArcSwap::from_pointee(material.providers),
@@ -1116,6 +1131,9 @@ impl AdminBackend for Gateway {
     fn wamp_kill(&self, session: u64) -> Option<bool> {
         self.inner.wamp.as_ref().map(|w| w.router.kill(session))
     }
+    fn tunnels_status(&self) -> serde_json::Value {
+        self.inner.tunnels.0.status()
+    }
     fn status(&self) -> serde_json::Value {
         Gateway::status(self)
     }
@@ -1168,6 +1186,7 @@ struct LocalSet {
     registration: Option<Arc<crate::mqtt::Registration>>,
     mqtt: Option<Arc<WsEndpoint<crate::mqtt::MqttWebSocket>>>,
     wamp: Option<Arc<WsEndpoint<crate::wamp::Router>>>,
+    tunnels: Arc<crate::tunnel::Tunnels>,
 }
 
 impl crate::transport::LocalServices for LocalSet {
@@ -1191,6 +1210,9 @@ impl crate::transport::LocalServices for LocalSet {
             && let Some(ep) = w.endpoint(listener, path)
         {
             return Some((w.clone(), ep));
+        }
+        if let Some(ep) = self.tunnels.endpoint(listener, path) {
+            return Some((self.tunnels.clone(), ep));
         }
         self.token_server.find(listener, path)
     }

@@ -195,6 +195,23 @@ impl Part for WampPart {
     }
 }
 
+/// The tunnel relays.
+pub struct TunnelPart(pub Arc<crate::tunnel::Tunnels>);
+
+impl Part for TunnelPart {
+    fn apply<'a>(
+        &'a self,
+        cfg: &'a Arc<Config>,
+        _material: &'a Material,
+    ) -> BoxFuture<'a, Result<(), Vec<ConfigError>>> {
+        let built = crate::tunnel::settings(cfg);
+        Box::pin(async move {
+            self.0.apply(built?);
+            Ok(())
+        })
+    }
+}
+
 /// Who may use the admin API.
 pub struct AdminPart(pub ArcSwap<AdminAuth>);
 

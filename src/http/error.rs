@@ -10,6 +10,7 @@ use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
 use crate::identity::jwt::TokenError;
+use crate::transport::CarryError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorSource {
@@ -62,6 +63,9 @@ pub enum GatewayError {
     UpstreamTimeout { target: String, timeout_ms: u128 },
     #[error("upstream {target} failed: {detail}")]
     UpstreamProtocol { target: String, detail: String },
+    /// A request carried over a WebSocket tunnel got no usable answer.
+    #[error("{0}")]
+    Tunnel(crate::transport::CarryError),
     #[error("unauthenticated: {reason}")]
     Unauthenticated {
         realm: Arc<str>,
@@ -115,6 +119,12 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Tunnel(e) => match e {
+                CarryError::NoPeer(_) | CarryError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+                CarryError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                CarryError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                CarryError::PeerLeft(_) | CarryError::BadAnswer { .. } => StatusCode::BAD_GATEWAY,
+            },
         }
     }
 
@@ -136,6 +146,14 @@ impl GatewayError {
             GatewayError::UpstreamConnect { .. } => "upstream_unavailable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamProtocol { .. } => "upstream_error",
+            GatewayError::Tunnel(e) => match e {
+                CarryError::NoPeer(_) => "tunnel_no_peer",
+                CarryError::Busy(_) => "tunnel_busy",
+                CarryError::TooLarge { .. } => "body_too_large",
+                CarryError::Timeout { .. } => "upstream_timeout",
+                CarryError::PeerLeft(_) => "tunnel_peer_left",
+                CarryError::BadAnswer { .. } => "upstream_error",
+            },
             GatewayError::Unauthenticated { .. } => "unauthorized",
             GatewayError::InvalidToken { .. } => "invalid_token",
             GatewayError::InvalidAuthRequest { .. } => "invalid_request",
@@ -160,7 +178,9 @@ impl GatewayError {
             | GatewayError::Unauthenticated { .. }
             | GatewayError::InvalidToken { .. }
             | GatewayError::InvalidAuthRequest { .. }
-            | GatewayError::Forbidden { .. } => ErrorSource::Client,
+            | GatewayError::Forbidden { .. }
+            | GatewayError::Tunnel(CarryError::TooLarge { .. }) => ErrorSource::Client,
+            GatewayError::Tunnel(_) => ErrorSource::Upstream,
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamProtocol { .. } => ErrorSource::Upstream,
@@ -181,6 +201,14 @@ impl GatewayError {
             GatewayError::InvalidToken { error, .. } => error.to_string(),
             GatewayError::InvalidAuthRequest { reason, .. } => (*reason).into(),
             GatewayError::Forbidden { .. } => "access to this resource is not allowed".into(),
+            GatewayError::Tunnel(e) => match e {
+                CarryError::NoPeer(_) => "no device is connected on the tunnel".into(),
+                CarryError::Busy(_) => "too many requests wait on the tunnel".into(),
+                CarryError::TooLarge { .. } => "the request is too large for the tunnel".into(),
+                CarryError::Timeout { .. } => "the device did not answer in time".into(),
+                CarryError::PeerLeft(_) => "the device left before answering".into(),
+                CarryError::BadAnswer { .. } => "the device failed to answer".into(),
+            },
             // The remaining messages hold only what the caller sent or limits.
             _ => self.to_string(),
         }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod authz;
 pub mod body;
 pub mod canonical;
+mod carry;
 pub mod error;
 mod h1;
 pub mod headers;

@@ -32,6 +32,7 @@ use super::auth::{self, TokenMemo};
 use super::authz::{self, ANONYMOUS};
 use super::body::{ClientBody, ProxyBody, Switched};
 use super::canonical;
+use super::carry;
 use super::error::GatewayError;
 use super::headers::{self, Chain, FieldRules, Origin, Travel, X_REQUEST_ID};
 use super::limits::{self, Sizes};
@@ -44,7 +45,7 @@ use super::xfcc::{self, XFCC};
 use crate::authz::{Action, Effect};
 use crate::identity::{Identity, Step};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::transport::{ConnState, LocalBody, LocalService, LocalServices};
+use crate::transport::{ConnState, LocalBody, LocalService, LocalServices, TunnelLink};
 use std::pin::Pin;
 
 /// What every worker's pipeline shares.
@@ -52,6 +53,8 @@ pub struct PipelineConfig {
     pub table: Arc<ArcSwap<RouteTable>>,
     /// Endpoints front-ends answer themselves (the token server).
     pub local: Arc<dyn LocalServices>,
+    /// What carries requests of `tunnel:` routes.
+    pub tunnels: Option<Arc<dyn TunnelLink>>,
     pub metrics: Arc<Metrics>,
     pub access_log: Arc<AtomicBool>,
     /// Request metrics for requests that match no route.
@@ -64,6 +67,7 @@ impl PipelineConfig {
         Arc::new(Pipeline {
             table: self.table.clone(),
             local: self.local.clone(),
+            tunnels: self.tunnels.clone(),
             metrics: self.metrics.clone(),
             access_log: self.access_log.clone(),
             unmatched: self.unmatched.clone(),
@@ -76,6 +80,7 @@ impl PipelineConfig {
 pub struct Pipeline {
     table: Arc<ArcSwap<RouteTable>>,
     local: Arc<dyn LocalServices>,
+    tunnels: Option<Arc<dyn TunnelLink>>,
     metrics: Arc<Metrics>,
     access_log: Arc<AtomicBool>,
     unmatched: RouteMetrics,
@@ -430,6 +435,7 @@ impl Pipeline {
         // upgrade` with `Upgrade` on a body-less HTTP/1.1 GET); one the
         // route does not allow goes as a plain request.
         let upgrade = req.upgrade
+            && route.tunnel.is_none()
             && head
                 .get(&header::UPGRADE)
                 .is_some_and(|p| route.allows_upgrade(p));
@@ -468,6 +474,22 @@ impl Pipeline {
                 None => Cow::Borrowed(path.as_str()),
             },
         };
+        if let Some(tunnel) = &route.tunnel {
+            let link = self.tunnels.as_deref().ok_or(GatewayError::Tunnel(
+                crate::transport::CarryError::NoPeer(tunnel.to_string()),
+            ))?;
+            return Box::pin(carry::carry(carry::Carry {
+                link,
+                tunnel,
+                method: head.method.as_str(),
+                target: &target,
+                fields: &fields,
+                body: body_follows.then_some(req.body),
+                body_limit: conn.listener.limits.max_body_bytes.as_usize(),
+                timeout: route.timeout,
+            }))
+            .await;
+        }
         let mut outgoing = Outgoing {
             method: &head.method,
             path: &target,

@@ -32,6 +32,8 @@ pub struct Route {
     /// Protocols a client may switch to (lower-case).
     pub upgrades: Vec<String>,
     pub pool: Arc<UpstreamPool>,
+    /// The tunnel its requests are carried over instead of `pool`.
+    pub tunnel: Option<Arc<str>>,
     pub timeout: Duration,
     pub retries: u32,
     pub retry_on_status: Vec<StatusCode>,
@@ -364,6 +366,7 @@ impl Route {
             preserve_host: rc.preserve_host,
             keep_encoded_slashes: rc.encoded_slashes == config::EncodedSlashes::Keep,
             upgrades: rc.upgrades.iter().map(|p| p.to_ascii_lowercase()).collect(),
+            tunnel: rc.upstream.tunnel.as_deref().map(Arc::from),
             timeout: rc.upstream.timeout,
             retries: rc.upstream.retries,
             retry_on_status: rc

@@ -3,6 +3,7 @@
 //! listener's front-end (`FrontEnd`), and drain on shutdown. Protocol-free:
 //! no front-end is imported here.
 
+pub mod carried;
 mod conn;
 pub mod http_client;
 mod listener;
@@ -10,6 +11,7 @@ mod local;
 pub mod tls;
 pub mod websocket;
 
+pub use carried::{CarriedRequest, CarriedResponse, CarryError, CarryFuture, TunnelLink};
 pub use conn::{ActivityIo, ConnState, RequestGuard};
 pub use listener::{
     FrontEnd, ListenerInfo, Shutdown, Stream, bind_shared, hyper_server, serve, serve_hyper,

@@ -151,6 +151,18 @@ pub async fn server(io: Box<dyn UpgradedIo>, max_message: usize) -> WebSocket {
     WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
 }
 
+/// Whether a handshake from a page of `origin` may connect, given the
+/// origins an endpoint lists (`*` for any): clients that are not browsers
+/// send no `Origin` and are not affected.
+pub fn origin_allowed(allowed: &[String], origin: Option<&[u8]>) -> bool {
+    let Some(origin) = origin else {
+        return true;
+    };
+    allowed
+        .iter()
+        .any(|o| o == "*" || o.as_bytes().eq_ignore_ascii_case(origin))
+}
+
 /// What serves the connections of a WebSocket endpoint (MQTT and WAMP over
 /// WebSocket, the tunnel relay).
 pub trait WsService: Send + Sync + 'static {

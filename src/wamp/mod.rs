@@ -63,14 +63,7 @@ impl transport::websocket::WsService for Router {
     }
 
     fn allows_origin(&self, origin: Option<&[u8]>) -> bool {
-        let Some(origin) = origin else {
-            return true;
-        };
-        self.settings
-            .load()
-            .allowed_origins
-            .iter()
-            .any(|o| o == "*" || o.as_bytes().eq_ignore_ascii_case(origin))
+        transport::websocket::origin_allowed(&self.settings.load().allowed_origins, origin)
     }
 
     fn serve(

@@ -1,0 +1,888 @@
+//! One relay (a `tunnels[]` entry): its rooms, one per id, and the loop
+//! each peer's connection runs. A message a peer sends goes to every other
+//! peer of its room through their outbound queues, which are bounded in
+//! bytes: a sender waits while a receiver's queue is full (the sender's
+//! own socket then stops being read: backpressure reaches the client), and
+//! a receiver whose queue stays full for `stall_timeout` is disconnected.
+//! While it waits a peer still writes what is queued for it, so two peers
+//! sending to each other never wait on each other.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+use super::envelope::{self, Envelope, MessageId};
+use super::{RelayMetrics, Settings};
+use crate::config::EnvelopeMode;
+use crate::identity::Identity;
+use crate::transport::websocket::WebSocket;
+use crate::transport::{CarriedResponse, CarryError, ConnState};
+
+/// Requests one room remembers while they wait for a REST:RESPONSE from
+/// another peer (envelope mode); the oldest is forgotten past it.
+const TRACKED_REQUESTS: usize = 1024;
+/// Queued messages a peer writes in one go.
+const WRITE_BATCH: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A relay: its settings (replaced on reload) and its rooms.
+pub struct Relay {
+    pub settings: ArcSwap<Settings>,
+    pub metrics: RelayMetrics,
+    rooms: Mutex<HashMap<Box<str>, Arc<Room>>>,
+    /// Ends every peer when the relay is removed from the config.
+    pub removed: CancellationToken,
+}
+
+/// The peers on one id.
+pub struct Room {
+    pub id: Box<str>,
+    /// Copy-on-write: the relay path reads it without a lock.
+    peers: ArcSwap<Vec<Arc<Peer>>>,
+    waiting: Mutex<Waiting>,
+    /// HTTP requests carried to this room that wait for an answer: while
+    /// there are none, nothing a peer sends is parsed for one.
+    gateway_waiting: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Waiting {
+    /// The gateway's requests: message id → who it went to, who waits.
+    gateway: HashMap<MessageId, GatewayRequest>,
+    /// Requests between peers (envelope mode): message id → the asker.
+    asked: HashMap<MessageId, u64>,
+    asked_order: VecDeque<MessageId>,
+}
+
+struct GatewayRequest {
+    /// Serials of the peers it went to that are still there.
+    sent_to: Vec<u64>,
+    answer: oneshot::Sender<Result<CarriedResponse, CarryError>>,
+}
+
+/// A message on its way to a peer; `cost` is what it holds of the peer's
+/// queue, given back once written.
+pub struct Outgoing {
+    message: Message,
+    cost: u32,
+}
+
+/// A connected peer, as the others see it.
+pub struct Peer {
+    pub serial: u64,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Free bytes of its outbound queue.
+    budget: Arc<Semaphore>,
+    capacity: u32,
+    /// Ends it; `farewell` says how.
+    stop: CancellationToken,
+    farewell: Mutex<Option<CloseFrame>>,
+    pub identity: Arc<Identity>,
+    pub conn: Arc<ConnState>,
+    pub joined: SystemTime,
+    pub hello: Mutex<Option<(String, String)>>,
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    slow: prometheus::IntCounter,
+}
+
+impl Peer {
+    /// Ends the peer with a close frame (the first reason given wins).
+    pub fn end(&self, code: CloseCode, reason: &str) {
+        let mut f = lock(&self.farewell);
+        if f.is_none() {
+            *f = Some(CloseFrame {
+                code,
+                reason: reason.to_owned().into(),
+            });
+        }
+        drop(f);
+        self.stop.cancel();
+    }
+
+    fn cost(&self, len: usize) -> u32 {
+        u32::try_from(len)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.capacity)
+    }
+
+    /// Queues `message` if its queue has room now.
+    fn try_queue(&self, message: &Message, len: usize) -> bool {
+        let cost = self.cost(len);
+        match self.budget.try_acquire_many(cost) {
+            Ok(permit) => {
+                permit.forget();
+                self.push(message.clone(), cost);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Queues `message`, waiting until `deadline` for room; a peer whose
+    /// queue stays full that long is ended as too slow.
+    async fn queue(&self, message: Message, len: usize, deadline: tokio::time::Instant) -> bool {
+        let cost = self.cost(len);
+        match tokio::time::timeout_at(deadline, self.budget.acquire_many(cost)).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                self.push(message, cost);
+                true
+            }
+            Ok(Err(_)) => false,
+            Err(_) => {
+                self.slow.inc();
+                self.end(CloseCode::Policy, "too slow: its queue stayed full");
+                false
+            }
+        }
+    }
+
+    fn push(&self, message: Message, cost: u32) {
+        if self.tx.send(Outgoing { message, cost }).is_err() {
+            self.budget.add_permits(cost as usize);
+        } else {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queued regardless of room (a close: it holds nothing).
+    fn push_close(&self, frame: Option<CloseFrame>) {
+        let _ = self.tx.send(Outgoing {
+            message: Message::Close(frame),
+            cost: 0,
+        });
+    }
+}
+
+/// Why a join was refused.
+pub enum Refused {
+    Full(usize),
+}
+
+impl Relay {
+    pub fn new(settings: Settings, metrics: RelayMetrics) -> Relay {
+        Relay {
+            settings: ArcSwap::from_pointee(settings),
+            metrics,
+            rooms: Mutex::new(HashMap::new()),
+            removed: CancellationToken::new(),
+        }
+    }
+
+    pub fn room(&self, id: &str) -> Option<Arc<Room>> {
+        lock(&self.rooms).get(id).cloned()
+    }
+
+    pub fn rooms(&self) -> Vec<Arc<Room>> {
+        lock(&self.rooms).values().cloned().collect()
+    }
+
+    /// Whether a peer with this certificate could join `id` now.
+    pub fn has_room_for(&self, id: &str, cert_sha256: &str) -> Result<(), Refused> {
+        let max = self.settings.load().max_peers;
+        match self.room(id) {
+            Some(room) => room.place_for(max, cert_sha256).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds a peer to `id`'s room: the room and, when the room was full,
+    /// the peer of the same certificate it replaces.
+    fn join(&self, id: &str, peer: Arc<Peer>) -> Result<(Arc<Room>, Option<Arc<Peer>>), Refused> {
+        let max = self.settings.load().max_peers;
+        let mut rooms = lock(&self.rooms);
+        let room = rooms
+            .entry(id.into())
+            .or_insert_with(|| {
+                Arc::new(Room {
+                    id: id.into(),
+                    peers: ArcSwap::from_pointee(Vec::new()),
+                    waiting: Mutex::new(Waiting::default()),
+                    gateway_waiting: AtomicUsize::new(0),
+                })
+            })
+            .clone();
+        let cert = peer
+            .conn
+            .peer_cert
+            .as_ref()
+            .map(|c| c.sha256.as_str())
+            .unwrap_or_default();
+        let replaced = match room.place_for(max, cert) {
+            Ok(replaced) => replaced,
+            Err(refused) => {
+                if room.peers.load().is_empty() {
+                    rooms.remove(id);
+                }
+                return Err(refused);
+            }
+        };
+        let mut peers: Vec<Arc<Peer>> = room
+            .peers
+            .load()
+            .iter()
+            .filter(|p| replaced.as_ref().is_none_or(|r| r.serial != p.serial))
+            .cloned()
+            .collect();
+        peers.push(peer);
+        room.peers.store(Arc::new(peers));
+        Ok((room, replaced))
+    }
+
+    /// Takes a peer out of its room (the room goes when it is empty and
+    /// nothing waits on it); requests only it could answer fail.
+    fn leave(&self, room: &Arc<Room>, serial: u64) {
+        let mut rooms = lock(&self.rooms);
+        let peers: Vec<Arc<Peer>> = room
+            .peers
+            .load()
+            .iter()
+            .filter(|p| p.serial != serial)
+            .cloned()
+            .collect();
+        let empty = peers.is_empty();
+        room.peers.store(Arc::new(peers));
+        let mut waiting = lock(&room.waiting);
+        waiting.asked.retain(|_, asker| *asker != serial);
+        let orphaned: Vec<MessageId> = waiting
+            .gateway
+            .iter_mut()
+            .filter_map(|(id, r)| {
+                r.sent_to.retain(|s| *s != serial);
+                r.sent_to.is_empty().then(|| id.clone())
+            })
+            .collect();
+        for id in orphaned {
+            if let Some(r) = waiting.gateway.remove(&id) {
+                room.gateway_waiting.fetch_sub(1, Ordering::Relaxed);
+                let _ = r
+                    .answer
+                    .send(Err(CarryError::PeerLeft(room.id.to_string())));
+            }
+        }
+        if empty
+            && waiting.gateway.is_empty()
+            && rooms.get(&room.id).is_some_and(|r| Arc::ptr_eq(r, room))
+        {
+            rooms.remove(&room.id);
+        }
+    }
+
+    /// Ends every peer (the relay is gone or the gateway stops).
+    pub fn end_all(&self, code: CloseCode, reason: &str) {
+        for room in self.rooms() {
+            for p in room.peers.load().iter() {
+                p.end(code, reason);
+            }
+        }
+    }
+
+    /// Ends the peers the join policy no longer lets in (after a reload).
+    pub fn recheck(&self) {
+        let settings = self.settings.load();
+        for room in self.rooms() {
+            for p in room.peers.load().iter() {
+                if !settings.may_join(&p.identity, &room.id) {
+                    tracing::info!(prefix = %settings.prefix, id = %room.id, peer = %p.conn.peer,
+                        "tunnel peer no longer allowed on its id after a reload");
+                    p.end(CloseCode::Policy, "no longer allowed on this tunnel");
+                }
+            }
+        }
+    }
+
+    /// Carries an HTTP request to the peers of `id` as a REST:REQUEST and
+    /// waits for the REST:RESPONSE that answers it.
+    pub async fn carry(
+        &self,
+        id: &str,
+        message_id: String,
+        text: String,
+        timeout: Duration,
+    ) -> Result<CarriedResponse, CarryError> {
+        let settings = self.settings.load_full();
+        let room = self
+            .room(id)
+            .filter(|r| !r.peers.load().is_empty())
+            .ok_or_else(|| CarryError::NoPeer(id.to_owned()))?;
+        if text.len() > settings.max_message {
+            return Err(CarryError::TooLarge {
+                limit: settings.max_message,
+            });
+        }
+        let key = MessageId(message_id);
+        let peers = room.peers.load_full();
+        let (answer, answered) = oneshot::channel();
+        {
+            let mut waiting = lock(&room.waiting);
+            if waiting.gateway.len() >= settings.max_pending_requests {
+                return Err(CarryError::Busy(id.to_owned()));
+            }
+            waiting.gateway.insert(
+                key.clone(),
+                GatewayRequest {
+                    sent_to: peers.iter().map(|p| p.serial).collect(),
+                    answer,
+                },
+            );
+            room.gateway_waiting.fetch_add(1, Ordering::Relaxed);
+        }
+        // Whatever happens next (the caller gone included), the request
+        // stops waiting.
+        let _forget = Forget {
+            relay: self,
+            room: &room,
+            key: &key,
+        };
+        let len = text.len();
+        let message = Message::Text(text.into());
+        let deadline = tokio::time::Instant::now() + timeout;
+        for p in peers.iter() {
+            if !p.try_queue(&message, len) {
+                let stall = tokio::time::Instant::now() + settings.stall_timeout;
+                p.queue(message.clone(), len, stall.min(deadline)).await;
+            }
+        }
+        match tokio::time::timeout_at(deadline, answered).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CarryError::PeerLeft(id.to_owned())),
+            Err(_) => Err(CarryError::Timeout {
+                id: id.to_owned(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Everything about the rooms, for the admin API.
+    pub fn status(&self) -> Value {
+        let settings = self.settings.load();
+        let mut rooms: Vec<Value> = self
+            .rooms()
+            .iter()
+            .map(|room| {
+                let peers: Vec<Value> = room
+                    .peers
+                    .load()
+                    .iter()
+                    .map(|p| {
+                        let cert = p.conn.peer_cert.as_deref();
+                        let hello = lock(&p.hello).clone();
+                        json!({
+                            "serial": p.serial,
+                            "peer": p.conn.peer.to_string(),
+                            "listener": &*p.conn.listener.name,
+                            "cert_cn": cert.and_then(|c| c.cn.as_deref()),
+                            "cert_o": cert.map(|c| c.o.clone()).unwrap_or_default(),
+                            "cert_sha256": cert.map(|c| c.sha256.as_str()),
+                            "joined_unix": p.joined.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                            "peer_class": hello.as_ref().map(|h| h.0.as_str()),
+                            "peer_id": hello.as_ref().map(|h| h.1.as_str()),
+                            "messages_received": p.received.load(Ordering::Relaxed),
+                            "messages_sent": p.sent.load(Ordering::Relaxed),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "id": &*room.id,
+                    "peers": peers,
+                    "waiting_http_requests": room.gateway_waiting.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        rooms.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        json!({
+            "prefix": settings.prefix,
+            "envelope": match settings.envelope { EnvelopeMode::None => "none", EnvelopeMode::Micronets => "micronets" },
+            "max_peers": settings.max_peers,
+            "ids": rooms,
+        })
+    }
+}
+
+/// Takes a carried request out of its room's waiting list when dropped.
+struct Forget<'a> {
+    relay: &'a Relay,
+    room: &'a Arc<Room>,
+    key: &'a MessageId,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        let mut waiting = lock(&self.room.waiting);
+        if waiting.gateway.remove(self.key).is_some() {
+            self.room.gateway_waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        let idle = waiting.gateway.is_empty() && self.room.peers.load().is_empty();
+        drop(waiting);
+        if idle {
+            let mut rooms = lock(&self.relay.rooms);
+            if rooms
+                .get(&self.room.id)
+                .is_some_and(|r| Arc::ptr_eq(r, self.room) && r.peers.load().is_empty())
+            {
+                rooms.remove(&self.room.id);
+            }
+        }
+    }
+}
+
+impl Room {
+    /// Whether one more peer fits, or which peer of the same certificate
+    /// it replaces when the room is full.
+    fn place_for(&self, max: usize, cert_sha256: &str) -> Result<Option<Arc<Peer>>, Refused> {
+        let peers = self.peers.load();
+        if peers.len() < max {
+            return Ok(None);
+        }
+        peers
+            .iter()
+            .find(|p| {
+                !cert_sha256.is_empty()
+                    && p.conn
+                        .peer_cert
+                        .as_ref()
+                        .is_some_and(|c| c.sha256 == cert_sha256)
+            })
+            .cloned()
+            .map(Some)
+            .ok_or(Refused::Full(max))
+    }
+
+    /// Hands a REST:RESPONSE to the carried request it answers; `false`
+    /// when it answers none of the gateway's.
+    fn answer_gateway(&self, env: &Envelope, prefix: &str) -> bool {
+        let Some(key) = &env.in_response_to else {
+            return false;
+        };
+        let Some(request) = lock(&self.waiting).gateway.remove(key) else {
+            return false;
+        };
+        self.gateway_waiting.fetch_sub(1, Ordering::Relaxed);
+        let result = env.response().map_err(|why| {
+            tracing::warn!(prefix, id = %self.id, error = %why, "unusable REST:RESPONSE on a tunnel");
+            CarryError::BadAnswer {
+                id: self.id.to_string(),
+                why,
+            }
+        });
+        let _ = request.answer.send(result);
+        true
+    }
+}
+
+/// The peer side of one connection, after its `101`.
+pub struct Connection {
+    pub relay: Arc<Relay>,
+    pub id: String,
+    pub identity: Arc<Identity>,
+    pub conn: Arc<ConnState>,
+    pub serial: u64,
+    pub shutdown: CancellationToken,
+}
+
+/// A message of this peer's that waits for room in other peers' queues.
+struct Delivery {
+    message: Message,
+    len: usize,
+    to: Vec<Arc<Peer>>,
+    /// When the first of `to` is given up on as too slow.
+    deadline: tokio::time::Instant,
+}
+
+impl Connection {
+    pub async fn run(self, mut ws: WebSocket) {
+        let settings = self.relay.settings.load_full();
+        let metrics = self.relay.metrics.clone();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let capacity = u32::try_from(settings.queue.max(1)).unwrap_or(u32::MAX);
+        let peer = Arc::new(Peer {
+            serial: self.serial,
+            tx,
+            budget: Arc::new(Semaphore::new(capacity as usize)),
+            capacity,
+            stop: CancellationToken::new(),
+            farewell: Mutex::new(None),
+            identity: self.identity.clone(),
+            conn: self.conn.clone(),
+            joined: SystemTime::now(),
+            hello: Mutex::new(None),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            slow: self.relay.metrics.slow.clone(),
+        });
+        let cert = self.conn.peer_cert.clone();
+        let (room, replaced) = match self.relay.join(&self.id, peer.clone()) {
+            Ok(joined) => joined,
+            Err(Refused::Full(max)) => {
+                // Lost a race for the last place since the handshake.
+                metrics.refused_full.inc();
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::Again,
+                        reason: format!("tunnel is full ({max} peers)").into(),
+                    }))
+                    .await;
+                return;
+            }
+        };
+        if let Some(old) = &replaced {
+            old.end(
+                CloseCode::Policy,
+                "replaced by a new connection with the same certificate",
+            );
+            metrics.replaced.inc();
+        }
+        metrics.joined.inc();
+        metrics.peers.inc();
+        let started = Instant::now();
+        tracing::info!(prefix = %settings.prefix, id = %self.id, serial = self.serial,
+            peer = %self.conn.peer, listener = %self.conn.listener.name,
+            cert_cn = cert.as_ref().and_then(|c| c.cn.as_deref()).unwrap_or(""),
+            cert_o = %cert.as_ref().map(|c| c.o.join(",")).unwrap_or_default(),
+            cert_sha256 = cert.as_ref().map(|c| c.sha256.as_str()).unwrap_or(""),
+            peers = room.peers.load().len(), "tunnel peer joined");
+
+        let tick_every = settings.ping_interval.min(settings.idle_timeout);
+        let mut ticks =
+            tokio::time::interval_at(tokio::time::Instant::now() + tick_every, tick_every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_seen = 0u64;
+        let mut quiet_since = Instant::now();
+        let mut received = 0u64;
+        let mut delivery: Option<Delivery> = None;
+        let mut handled: u32 = 0;
+        let envelope_mode = settings.envelope == EnvelopeMode::Micronets;
+        let stop = peer.stop.clone();
+
+        let end = loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    let frame = lock(&peer.farewell).take();
+                    break End::Close("ended by the relay", frame);
+                }
+                _ = self.shutdown.cancelled() => {
+                    break End::Close("shutdown", Some(close_frame(CloseCode::Away, "the gateway is shutting down")));
+                }
+                _ = self.relay.removed.cancelled() => {
+                    break End::Close("tunnel removed", Some(close_frame(CloseCode::Away, "this tunnel is no longer served")));
+                }
+                out = rx.recv() => {
+                    let Some(first) = out else { break End::Close("ended by the relay", None) };
+                    match write_queued(&mut ws, first, &mut rx, &peer, &stop).await {
+                        Written::Ok => {}
+                        Written::Closed(frame) => break End::Close("closed by the other peer", frame),
+                        Written::Failed => break End::Lost("connection lost while writing"),
+                    }
+                }
+                done = deliver(delivery.as_mut(), settings.stall_timeout), if delivery.is_some() => {
+                    if done {
+                        delivery = None;
+                    }
+                }
+                _ = ticks.tick() => {
+                    if received != last_seen {
+                        last_seen = received;
+                        quiet_since = Instant::now();
+                    } else if quiet_since.elapsed() >= settings.idle_timeout {
+                        break End::Close("idle", Some(close_frame(CloseCode::Away, "idle for too long")));
+                    } else if ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                        break End::Lost("connection lost while writing");
+                    }
+                }
+                incoming = ws.next(), if delivery.is_none() => {
+                    received = received.wrapping_add(1);
+                    let message = match incoming {
+                        None => break End::Lost("connection lost"),
+                        Some(Err(e)) => break read_error(&e),
+                        Some(Ok(m)) => m,
+                    };
+                    let len = match &message {
+                        Message::Text(t) => t.len(),
+                        Message::Binary(b) => b.len(),
+                        Message::Close(frame) => {
+                            let frame = frame.clone();
+                            // tungstenite answers the close as we read on.
+                            let _ = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
+                            if settings.close_propagates {
+                                for p in room.peers.load().iter().filter(|p| p.serial != self.serial) {
+                                    p.push_close(frame.clone());
+                                }
+                            }
+                            break End::PeerClosed;
+                        }
+                        // Pings are answered by tungstenite; they and pongs
+                        // only show the peer is there.
+                        _ => continue,
+                    };
+                    peer.received.fetch_add(1, Ordering::Relaxed);
+                    metrics.bytes.inc_by(len as u64);
+                    let to = self.route(&room, &peer, &message, envelope_mode, &settings.prefix);
+                    if let Some(to) = to {
+                        let mut pending = Delivery {
+                            message,
+                            len,
+                            to,
+                            deadline: tokio::time::Instant::now() + settings.stall_timeout,
+                        };
+                        pending.to.retain(|p| !p.try_queue(&pending.message, len));
+                        if !pending.to.is_empty() {
+                            delivery = Some(pending);
+                        }
+                        metrics.relayed.inc();
+                    }
+                    // A burst read at once must not fill every other
+                    // peer's queue before their tasks run.
+                    handled = handled.wrapping_add(1);
+                    if handled % 16 == 0 {
+                        crate::transport::after_ready_tasks().await;
+                    }
+                }
+            }
+        };
+
+        self.relay.leave(&room, self.serial);
+        metrics.peers.dec();
+        let why = match end {
+            End::PeerClosed => "closed by the peer",
+            End::Lost(why) => {
+                if settings.close_propagates {
+                    // Dropped without a close: the others' pipe is broken too.
+                    let frame =
+                        close_frame(CloseCode::Away, "the other peer's connection was lost");
+                    for p in room.peers.load().iter() {
+                        p.push_close(Some(frame.clone()));
+                    }
+                }
+                why
+            }
+            End::Close(why, frame) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(frame)).await;
+                why
+            }
+        };
+        tracing::info!(prefix = %settings.prefix, id = %self.id, serial = self.serial,
+            peer = %self.conn.peer, reason = why,
+            received = peer.received.load(Ordering::Relaxed), sent = peer.sent.load(Ordering::Relaxed),
+            seconds = started.elapsed().as_secs(), "tunnel peer left");
+    }
+
+    /// Who a message goes to: every other peer, or one (a REST:RESPONSE to
+    /// a peer's request), or nobody (it answered the gateway, or it was
+    /// malformed and its sender told so).
+    fn route(
+        &self,
+        room: &Arc<Room>,
+        peer: &Arc<Peer>,
+        message: &Message,
+        envelope_mode: bool,
+        prefix: &str,
+    ) -> Option<Vec<Arc<Peer>>> {
+        let others = || {
+            room.peers
+                .load()
+                .iter()
+                .filter(|p| p.serial != self.serial)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let gateway_waits = room.gateway_waiting.load(Ordering::Relaxed) > 0;
+        if !envelope_mode && !gateway_waits {
+            return Some(others());
+        }
+        let parsed = match message {
+            Message::Text(t) => Envelope::parse(t.as_bytes()),
+            _ => Err("a binary message is not an envelope".into()),
+        };
+        let env = match parsed {
+            Ok(env) => env,
+            Err(why) if envelope_mode => {
+                self.relay.metrics.malformed.inc();
+                tracing::debug!(prefix, id = %room.id, peer = %self.conn.peer, error = %why,
+                    "malformed tunnel message not relayed");
+                let in_response_to = match message {
+                    Message::Text(t) => serde_json::from_slice::<Value>(t.as_bytes())
+                        .ok()
+                        .and_then(|v| v.pointer("/message/messageId").cloned())
+                        .and_then(|v| match v {
+                            Value::String(s) => Some(MessageId(s)),
+                            Value::Number(n) => Some(MessageId(n.to_string())),
+                            _ => None,
+                        }),
+                    _ => None,
+                };
+                let reply = envelope::malformed(
+                    &json!(format!("tollgate-e{}", self.serial)),
+                    in_response_to.as_ref(),
+                    &why,
+                );
+                let len = reply.len();
+                // Bounded like anything else queued for it.
+                if !peer.try_queue(&Message::Text(reply.into()), len) {
+                    peer.end(CloseCode::Policy, "too slow: its queue stayed full");
+                }
+                return None;
+            }
+            Err(_) => return Some(others()),
+        };
+        if env.message_type == envelope::REST_RESPONSE {
+            if gateway_waits && room.answer_gateway(&env, prefix) {
+                return None;
+            }
+            if envelope_mode && let Some(key) = &env.in_response_to {
+                let mut waiting = lock(&room.waiting);
+                if let Some(asker) = waiting.asked.remove(key) {
+                    drop(waiting);
+                    return Some(
+                        room.peers
+                            .load()
+                            .iter()
+                            .filter(|p| p.serial == asker)
+                            .cloned()
+                            .collect(),
+                    );
+                }
+            }
+        }
+        if envelope_mode {
+            if let Some(hello) = env.hello() {
+                *lock(&peer.hello) = Some(hello);
+            }
+            if env.message_type == envelope::REST_REQUEST
+                && env.requires_response
+                && let Some(id) = env.message_id
+            {
+                let mut waiting = lock(&room.waiting);
+                if waiting.asked.insert(id.clone(), self.serial).is_none() {
+                    waiting.asked_order.push_back(id);
+                }
+                while waiting.asked_order.len() > TRACKED_REQUESTS {
+                    if let Some(old) = waiting.asked_order.pop_front() {
+                        waiting.asked.remove(&old);
+                    }
+                }
+            }
+        }
+        Some(others())
+    }
+}
+
+/// How a peer's connection ended.
+enum End {
+    /// It sent a close (answered, and passed on to the others when
+    /// closes propagate).
+    PeerClosed,
+    /// Its connection broke without a close.
+    Lost(&'static str),
+    /// The relay ends it, with this close.
+    Close(&'static str, Option<CloseFrame>),
+}
+
+fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
+    CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    }
+}
+
+fn read_error(e: &tokio_tungstenite::tungstenite::Error) -> End {
+    use tokio_tungstenite::tungstenite::Error;
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+    let (why, code, reason) = match e {
+        Error::Capacity(CapacityError::MessageTooLong { .. }) => (
+            "message too large",
+            CloseCode::Size,
+            "message larger than the tunnel's max_message",
+        ),
+        Error::Protocol(_) => (
+            "protocol violation",
+            CloseCode::Protocol,
+            "protocol violation",
+        ),
+        Error::Utf8(_) => (
+            "invalid UTF-8",
+            CloseCode::Invalid,
+            "a text message must be UTF-8",
+        ),
+        _ => return End::Lost("connection lost"),
+    };
+    End::Close(why, Some(close_frame(code, reason)))
+}
+
+/// Waits for room for `d` in the queues of the peers it still goes to;
+/// `true` when it is queued everywhere (or given up on where a peer was
+/// too slow).
+async fn deliver(d: Option<&mut Delivery>, stall: Duration) -> bool {
+    let Some(d) = d else {
+        return std::future::pending().await;
+    };
+    if let Some(p) = d.to.first().cloned() {
+        p.queue(d.message.clone(), d.len, d.deadline).await;
+        d.to.remove(0);
+        d.deadline = tokio::time::Instant::now() + stall;
+    }
+    d.to.retain(|p| !p.try_queue(&d.message, d.len));
+    d.to.is_empty()
+}
+
+enum Written {
+    Ok,
+    /// Another peer's close: written, and the connection ends.
+    Closed(Option<CloseFrame>),
+    Failed,
+}
+
+/// Writes a queued message and what else is queued (up to a batch) in
+/// one write, unless the peer is ended first.
+async fn write_queued(
+    ws: &mut WebSocket,
+    first: Outgoing,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    peer: &Peer,
+    stop: &CancellationToken,
+) -> Written {
+    let all = async {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(out) = next.take() {
+            if let Message::Close(frame) = out.message {
+                if ws.flush().await.is_err() {
+                    return Written::Failed;
+                }
+                return Written::Closed(frame);
+            }
+            let fed = ws.feed(out.message).await;
+            peer.budget.add_permits(out.cost as usize);
+            if fed.is_err() {
+                return Written::Failed;
+            }
+            n += 1;
+            if n < WRITE_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        match ws.flush().await {
+            Ok(()) => Written::Ok,
+            Err(_) => Written::Failed,
+        }
+    };
+    tokio::select! {
+        w = all => w,
+        _ = stop.cancelled() => Written::Failed,
+    }
+}
