@@ -159,7 +159,7 @@ impl Envelope {
     }
 
     /// The header pairs, the body's media type and the body's bytes.
-    fn body_and_headers(&self) -> Result<(Vec<(String, String)>, Option<String>, Bytes), String> {
+    fn body_and_headers(&self) -> Result<Parts, String> {
         let mut headers = match self.fields.get("headers") {
             None | Some(Value::Null) => Vec::new(),
             Some(v) => pairs(v, "headers")?,
@@ -198,6 +198,9 @@ impl Envelope {
         Ok((headers, content_type, body))
     }
 }
+
+/// A message's header pairs, its body's media type and its body.
+type Parts = (Vec<(String, String)>, Option<String>, Bytes);
 
 /// `[{"name", "value"}, ...]` as pairs.
 fn pairs(v: &Value, key: &str) -> Result<Vec<(String, String)>, String> {

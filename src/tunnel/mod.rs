@@ -375,7 +375,7 @@ impl LocalService for Tunnels {
         Box::pin(async move {
             match self.admit(&request, &conn) {
                 Ok(switch) => switch,
-                Err(refused) => Switch::refuse(refused),
+                Err(refused) => Switch::refuse(*refused),
             }
         })
     }
@@ -387,33 +387,33 @@ impl Tunnels {
         self: &Arc<Self>,
         request: &Request<()>,
         conn: &Arc<ConnState>,
-    ) -> Result<Switch, Response<Bytes>> {
+    ) -> Result<Switch, Box<Response<Bytes>>> {
         // The path as sent: an id is written only in characters no
         // canonical form changes, so any other spelling is refused.
         let Some((relay, id)) = self.find(&conn.listener.name, request.uri().path()) else {
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 StatusCode::BAD_REQUEST,
                 "a tunnel id is 1 to 128 of A-Z a-z 0-9 . _ : - written plainly",
-            ));
+            )));
         };
         let settings = relay.settings.load_full();
         let Some(cert) = conn.peer_cert.clone() else {
             relay.metrics.denied.inc();
             tracing::info!(prefix = %settings.prefix, id, peer = %conn.peer, reason = "no client certificate", "tunnel join refused");
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 StatusCode::FORBIDDEN,
                 "a tunnel peer must present a client certificate",
-            ));
+            )));
         };
         if !origin_allowed(
             &settings.allowed_origins,
             request.headers().get(header::ORIGIN).map(|o| o.as_bytes()),
         ) {
             relay.metrics.denied.inc();
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 StatusCode::FORBIDDEN,
                 "this origin may not connect (tunnels[].allowed_origins)",
-            ));
+            )));
         }
         let identity = Arc::new(Identity::from_cert(cert.clone()));
         if !settings.may_join(&identity, id) {
@@ -421,21 +421,21 @@ impl Tunnels {
             tracing::info!(prefix = %settings.prefix, id, peer = %conn.peer,
                 cert_cn = cert.cn.as_deref().unwrap_or(""), cert_o = %cert.o.join(","),
                 cert_sha256 = %cert.sha256, reason = "policy", "tunnel join refused");
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 StatusCode::FORBIDDEN,
                 &format!("not allowed to join tunnel `{id}`"),
-            ));
+            )));
         }
         if let Err(Refused::Full(max)) = relay.has_room_for(id, &cert.sha256) {
             relay.metrics.refused_full.inc();
             tracing::info!(prefix = %settings.prefix, id, peer = %conn.peer,
                 cert_cn = cert.cn.as_deref().unwrap_or(""), reason = "full", "tunnel join refused");
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 StatusCode::CONFLICT,
                 &format!("tunnel `{id}` already has {max} peers"),
-            ));
+            )));
         }
-        let accepted = websocket::accept(request, &[]).map_err(|r| *r)?;
+        let accepted = websocket::accept(request, &[])?;
         let id = id.to_owned();
         let serial = self.serials.fetch_add(1, Ordering::Relaxed);
         let shutdown = self.shutdown.clone();

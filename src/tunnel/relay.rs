@@ -136,6 +136,10 @@ impl Peer {
     /// Queues `message`, waiting until `deadline` for room; a peer whose
     /// queue stays full that long is ended as too slow.
     async fn queue(&self, message: Message, len: usize, deadline: tokio::time::Instant) -> bool {
+        if self.stop.is_cancelled() {
+            // Ended already (as too slow, perhaps): it takes nothing more.
+            return false;
+        }
         let cost = self.cost(len);
         match tokio::time::timeout_at(deadline, self.budget.acquire_many(cost)).await {
             Ok(Ok(permit)) => {
@@ -144,6 +148,7 @@ impl Peer {
                 true
             }
             Ok(Err(_)) => false,
+            Err(_) if self.stop.is_cancelled() => false,
             Err(_) => {
                 self.slow.inc();
                 self.end(CloseCode::Policy, "too slow: its queue stayed full");
@@ -587,6 +592,10 @@ impl Connection {
                     match write_queued(&mut ws, first, &mut rx, &peer, &stop).await {
                         Written::Ok => {}
                         Written::Closed(frame) => break End::Close("closed by the other peer", frame),
+                        // Cut short because the relay ended it.
+                        Written::Failed if stop.is_cancelled() => {
+                            break End::Close("ended by the relay", lock(&peer.farewell).take());
+                        }
                         Written::Failed => break End::Lost("connection lost while writing"),
                     }
                 }

@@ -107,6 +107,7 @@ async fn serve_echo() -> (std::net::SocketAddr, Shutdown) {
     let pipeline = tollgate::http::PipelineConfig {
         table: Arc::new(ArcSwap::from_pointee(table)),
         local: Arc::new(Services(echo)),
+        tunnels: None,
         metrics: metrics.clone(),
         access_log: Arc::new(AtomicBool::new(false)),
         unmatched: metrics.route("none", &["web".to_owned()]),

@@ -20,6 +20,7 @@ mod routing;
 mod state;
 mod support;
 mod tls;
+mod tunnel;
 mod upstreams;
 mod wamp;
 mod wamp_autobahn;
