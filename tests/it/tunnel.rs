@@ -721,3 +721,47 @@ async fn config_errors_name_the_key() {
     assert!(e.contains("routes[0].upstream.targets"), "{e}");
     assert!(e.contains("routes[0].upstream.tunnel"), "{e}");
 }
+
+#[tokio::test]
+async fn quiet_peers_are_pinged_and_silent_ones_closed() {
+    let ca = TestCa::new("Micronets");
+    let gw = gateway(
+        &ca,
+        "tunnels:\n  - prefix: /micronets/v1/ws-proxy/\n    ping_interval: 1s\n    idle_timeout: 2s\n",
+    )
+    .await;
+    let addr = gw.gw.listener_addr("edge").unwrap();
+    let mut awake = connect(addr, &ca.pem(), Some(&ca.client("a", "o")), "idle")
+        .await
+        .unwrap();
+    let mut asleep = connect(addr, &ca.pem(), Some(&ca.client("b", "o")), "idle")
+        .await
+        .unwrap();
+    // One reads (and so answers the relay's pings); the other does not.
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, awake.next()).await {
+            if let Message::Ping(_) = m {
+                pings += 1;
+            }
+        }
+        (pings, awake)
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (pings, _awake) = reader.await.unwrap();
+    assert!(pings >= 2, "pinged {pings} times");
+    // The sleeper's next messages: pings it never answered, then the close.
+    let mut got = next(&mut asleep).await;
+    while let Some(Message::Binary(_) | Message::Text(_)) = got {
+        got = next(&mut asleep).await;
+    }
+    match got {
+        Some(Message::Close(Some(f))) => {
+            assert_eq!(f.code, CloseCode::Away);
+            assert!(f.reason.contains("idle"), "{}", f.reason);
+        }
+        other => panic!("expected the idle close, got {other:?}"),
+    }
+    assert_eq!(peers_on(&tunnels(&gw).await, "idle"), 1);
+}
