@@ -641,17 +641,26 @@ impl Connection {
                     };
                     peer.received.fetch_add(1, Ordering::Relaxed);
                     metrics.bytes.inc_by(len as u64);
-                    let to = self.route(&room, &peer, &message, envelope_mode, &settings.prefix);
-                    if let Some(to) = to {
-                        let mut pending = Delivery {
-                            message,
-                            len,
-                            to,
-                            deadline: tokio::time::Instant::now() + settings.stall_timeout,
-                        };
-                        pending.to.retain(|p| !p.try_queue(&pending.message, len));
-                        if !pending.to.is_empty() {
-                            delivery = Some(pending);
+                    if let Some(to) = self.route(&room, &peer, &message, envelope_mode, &settings.prefix) {
+                        // Queued at once where there is room (no allocation);
+                        // the peers whose queues are full wait their turn.
+                        let mut full = Vec::new();
+                        for p in room.peers.load().iter() {
+                            let wanted = match to {
+                                To::Others => p.serial != self.serial,
+                                To::One(serial) => p.serial == serial,
+                            };
+                            if wanted && !p.try_queue(&message, len) {
+                                full.push(p.clone());
+                            }
+                        }
+                        if !full.is_empty() {
+                            delivery = Some(Delivery {
+                                message,
+                                len,
+                                to: full,
+                                deadline: tokio::time::Instant::now() + settings.stall_timeout,
+                            });
                         }
                         metrics.relayed.inc();
                     }
@@ -701,18 +710,10 @@ impl Connection {
         message: &Message,
         envelope_mode: bool,
         prefix: &str,
-    ) -> Option<Vec<Arc<Peer>>> {
-        let others = || {
-            room.peers
-                .load()
-                .iter()
-                .filter(|p| p.serial != self.serial)
-                .cloned()
-                .collect::<Vec<_>>()
-        };
+    ) -> Option<To> {
         let gateway_waits = room.gateway_waiting.load(Ordering::Relaxed) > 0;
         if !envelope_mode && !gateway_waits {
-            return Some(others());
+            return Some(To::Others);
         }
         let parsed = match message {
             Message::Text(t) => Envelope::parse(t.as_bytes()),
@@ -747,7 +748,7 @@ impl Connection {
                 }
                 return None;
             }
-            Err(_) => return Some(others()),
+            Err(_) => return Some(To::Others),
         };
         if env.message_type == envelope::REST_RESPONSE {
             if gateway_waits && room.answer_gateway(&env, prefix) {
@@ -756,15 +757,7 @@ impl Connection {
             if envelope_mode && let Some(key) = &env.in_response_to {
                 let mut waiting = lock(&room.waiting);
                 if let Some(asker) = waiting.asked.remove(key) {
-                    drop(waiting);
-                    return Some(
-                        room.peers
-                            .load()
-                            .iter()
-                            .filter(|p| p.serial == asker)
-                            .cloned()
-                            .collect(),
-                    );
+                    return Some(To::One(asker));
                 }
             }
         }
@@ -787,8 +780,17 @@ impl Connection {
                 }
             }
         }
-        Some(others())
+        Some(To::Others)
     }
+}
+
+/// Whom a peer's message goes to.
+#[derive(Clone, Copy)]
+enum To {
+    /// Every other peer on its id.
+    Others,
+    /// The peer of this serial (the asker of a request it answers).
+    One(u64),
 }
 
 /// How a peer's connection ended.
