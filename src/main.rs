@@ -89,6 +89,62 @@ enum Command {
         )]
         url: String,
     },
+    /// WebSocket tunnel peers (Micronets' ws-proxy clients).
+    #[command(subcommand)]
+    Tunnel(TunnelCommand),
+}
+
+#[derive(Subcommand)]
+enum TunnelCommand {
+    /// Join a tunnel relay as a peer, with a client certificate, and carry
+    /// HTTP over it: serve HTTP locally and send each request through the
+    /// tunnel (--serve-http), or answer the tunnel's requests from a local
+    /// service (--forward-to). Reconnects until SIGTERM or SIGINT.
+    Connect(TunnelConnectArgs),
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("side").required(true).args(["serve_http", "forward_to"])))]
+struct TunnelConnectArgs {
+    /// The relay's tunnel URL: wss://host:port/<prefix><id>
+    /// (e.g. wss://gw:8443/micronets/v1/ws-proxy/dhcp-0001; mTLS only, so
+    /// not ws://).
+    url: String,
+    /// Client certificate (PEM, leaf first).
+    #[arg(long)]
+    cert: PathBuf,
+    /// The client certificate's private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// The CA (PEM) the relay's certificate must chain to; nothing else is trusted.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Serve HTTP/1.1 on this address and carry each request over the
+    /// tunnel (port 0: any free port, logged).
+    #[arg(long, value_name = "ADDR")]
+    serve_http: Option<std::net::SocketAddr>,
+    /// Answer the tunnel's requests from this local service
+    /// (http://host:port, optionally with a base path).
+    #[arg(long, value_name = "URL")]
+    forward_to: Option<String>,
+    /// The `peerClass` of the CONN:HELLO.
+    #[arg(long, default_value = tollgate::tunnel::client::DEFAULT_PEER_CLASS)]
+    peer_class: String,
+    /// The `peerId` of the CONN:HELLO [default: the host name].
+    #[arg(long)]
+    peer_id: Option<String>,
+    /// Connecting, and each carried request, at most this long.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// The largest WebSocket message, and the largest HTTP body read.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    max_message: usize,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    config::units::parse_byte_size(s)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| format!("`{s}` is not a size like 64KiB or 1MiB"))
 }
 
 #[derive(clap::Args)]
@@ -314,6 +370,10 @@ fn main() -> ExitCode {
         Some(Command::Pki(cmd)) => return pki_command(cmd),
         Some(Command::RegisterService(args)) => return register_service(&args),
         Some(Command::Healthcheck { url }) => return healthcheck(&url),
+        Some(Command::Tunnel(TunnelCommand::Connect(args))) => {
+            telemetry::init(cli.log_format);
+            return tunnel_connect(args);
+        }
         Some(Command::Users(UsersCommand::Hash)) => return hash_password(),
         Some(Command::Mqtt(MqttCommand::ImportAcl { file })) => return import_acl(&file),
         Some(Command::Register {
@@ -350,6 +410,7 @@ fn main() -> ExitCode {
         Command::Pki(cmd) => pki_command(cmd),
         Command::RegisterService(args) => register_service(&args),
         Command::Healthcheck { url } => healthcheck(&url),
+        Command::Tunnel(TunnelCommand::Connect(args)) => tunnel_connect(args),
         Command::Register {
             url,
             key,
@@ -380,6 +441,70 @@ fn import_acl(file: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tollgate tunnel connect`: exits 0 after SIGTERM or SIGINT, 2 on bad input.
+fn tunnel_connect(a: TunnelConnectArgs) -> ExitCode {
+    use tollgate::tunnel::client::{Client, Mode, Options};
+    let bad_input = |e: &dyn std::fmt::Display| {
+        eprintln!("tollgate tunnel connect: {e}");
+        ExitCode::from(2)
+    };
+    let mode = match (a.serve_http, a.forward_to) {
+        (Some(addr), None) => Mode::ServeHttp(addr),
+        (None, Some(url)) => Mode::ForwardTo(url),
+        _ => return bad_input(&"give one of --serve-http and --forward-to"),
+    };
+    let client = match Client::new(Options {
+        url: a.url,
+        cert: a.cert,
+        key: a.key,
+        ca: a.ca,
+        mode,
+        peer_class: Some(a.peer_class),
+        peer_id: a.peer_id,
+        timeout: a.timeout,
+        max_message: a.max_message,
+    }) {
+        Ok(c) => c,
+        Err(e) => return bad_input(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tollgate tunnel connect: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("tollgate tunnel connect: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: closing the tunnel"),
+                _ = int.recv() => tracing::info!("SIGINT: closing the tunnel"),
+            }
+            on_signal.cancel();
+        });
+        match client.run(stop).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => bad_input(&e),
+        }
+    })
 }
 
 fn healthcheck(url: &str) -> ExitCode {

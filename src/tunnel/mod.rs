@@ -4,6 +4,7 @@
 //! `tunnel: <id>` are carried to the peers on that id as REST:REQUEST
 //! messages. `tollgate tunnel connect` is the peer side.
 
+pub mod client;
 pub mod envelope;
 mod relay;
 

@@ -63,8 +63,10 @@ pub struct Room {
 struct Waiting {
     /// The gateway's requests: message id → who it went to, who waits.
     gateway: HashMap<MessageId, GatewayRequest>,
-    /// Requests between peers (envelope mode): message id → the asker.
-    asked: HashMap<MessageId, u64>,
+    /// Requests between peers (envelope mode): message id → the asker, or
+    /// `None` when several peers asked with that id (its answer then goes
+    /// to every peer, as without tracking).
+    asked: HashMap<MessageId, Option<u64>>,
     asked_order: VecDeque<MessageId>,
 }
 
@@ -263,7 +265,7 @@ impl Relay {
         let empty = peers.is_empty();
         room.peers.store(Arc::new(peers));
         let mut waiting = lock(&room.waiting);
-        waiting.asked.retain(|_, asker| *asker != serial);
+        waiting.asked.retain(|_, asker| *asker != Some(serial));
         let orphaned: Vec<MessageId> = waiting
             .gateway
             .iter_mut()
@@ -756,8 +758,10 @@ impl Connection {
             }
             if envelope_mode && let Some(key) = &env.in_response_to {
                 let mut waiting = lock(&room.waiting);
-                if let Some(asker) = waiting.asked.remove(key) {
-                    return Some(To::One(asker));
+                match waiting.asked.remove(key) {
+                    Some(Some(asker)) => return Some(To::One(asker)),
+                    Some(None) => return Some(To::Others),
+                    None => {}
                 }
             }
         }
@@ -770,8 +774,13 @@ impl Connection {
                 && let Some(id) = env.message_id
             {
                 let mut waiting = lock(&room.waiting);
-                if waiting.asked.insert(id.clone(), self.serial).is_none() {
-                    waiting.asked_order.push_back(id);
+                match waiting.asked.get_mut(&id) {
+                    Some(asker) if *asker != Some(self.serial) => *asker = None,
+                    Some(_) => {}
+                    None => {
+                        waiting.asked.insert(id.clone(), Some(self.serial));
+                        waiting.asked_order.push_back(id);
+                    }
                 }
                 while waiting.asked_order.len() > TRACKED_REQUESTS {
                     if let Some(old) = waiting.asked_order.pop_front() {

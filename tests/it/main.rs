@@ -21,6 +21,7 @@ mod state;
 mod support;
 mod tls;
 mod tunnel;
+mod tunnel_client;
 mod upstreams;
 mod wamp;
 mod wamp_autobahn;

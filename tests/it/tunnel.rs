@@ -542,6 +542,26 @@ async fn the_micronets_envelope_is_checked_and_answers_go_to_the_asker() {
         quiet(&mut logger).await,
         "the response went to the asker only"
     );
+    // Two peers asking with the same id: the answer cannot be told apart,
+    // so it goes to every other peer, as an untracked message would.
+    let ask = json!({"message": {"messageId": 5, "messageType": "REST:REQUEST",
+        "requiresResponse": true, "method": "GET", "path": "/x"}});
+    for asker in [&mut manager, &mut logger] {
+        asker
+            .send(Message::Text(ask.to_string().into()))
+            .await
+            .unwrap();
+        assert_eq!(next_json(&mut dhcp).await, ask);
+    }
+    assert_eq!(next_json(&mut logger).await, ask);
+    assert_eq!(next_json(&mut manager).await, ask);
+    let answer = json!({"message": {"messageId": 6, "inResponseTo": 5,
+        "messageType": "REST:RESPONSE", "requiresResponse": false, "statusCode": 204}});
+    dhcp.send(Message::Text(answer.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut manager).await, answer);
+    assert_eq!(next_json(&mut logger).await, answer);
     let m = gw.metrics().await;
     assert_eq!(
         metric(
