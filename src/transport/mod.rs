@@ -5,6 +5,7 @@
 
 pub mod carried;
 mod conn;
+pub mod hop_by_hop;
 pub mod http_client;
 mod listener;
 mod local;
