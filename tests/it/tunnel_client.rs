@@ -402,6 +402,17 @@ async fn serve_http_reaches_the_device_peer_through_the_relay() {
     assert_eq!(&r.body[..], &[0x89, 0x50, 0, 0xff, 0x10]);
     let r = get(&format!("http://{addr}/text")).await;
     assert_eq!(r.text(), "héllo from the device");
+    // As the seed's README does it, with curl.
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-H", "Content-Type: application/json"])
+        .arg(format!("http://{addr}/micronets/v1/dhcp/subnets"))
+        .output()
+        .await
+        .expect("curl runs (.ci/run installs it)");
+    assert!(out.status.success(), "{out:?}");
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["path"], "/micronets/v1/dhcp/subnets");
+    assert_eq!(seen["method"], "GET");
 
     // The device's connection drops while a request waits for it: the
     // relay closes the manager's end too (closes propagate), the waiting
