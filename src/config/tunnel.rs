@@ -105,9 +105,11 @@ impl super::ListenerConfig {
     }
 }
 
-/// A tunnel id: 1 to 128 of `A-Z a-z 0-9 . _ : -`.
+/// A tunnel id: 1 to 128 of `A-Z a-z 0-9 . _ : -`, not `.` or `..`.
 pub fn is_tunnel_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
+        && id != "."
+        && id != ".."
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))

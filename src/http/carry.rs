@@ -32,10 +32,17 @@ pub struct Carry<'a> {
 
 pub async fn carry(c: Carry<'_>) -> Result<Response<ProxyBody>, GatewayError> {
     let started = tokio::time::Instant::now();
+    // A body larger than the tunnel's messages cannot go: it is not read
+    // past that (its encoded form is checked against the limit later).
+    let limit = c
+        .link
+        .max_message(c.tunnel)
+        .ok_or_else(|| GatewayError::Tunnel(CarryError::NoPeer(c.tunnel.to_owned())))?;
+    let body_limit = c.body_limit.min(limit);
     let body = match c.body {
         None => Bytes::new(),
         Some(body) => {
-            let body = RequestBody::streaming(body, c.body_limit, Arc::new(AtomicBool::new(false)));
+            let body = RequestBody::streaming(body, body_limit, Arc::new(AtomicBool::new(false)));
             match tokio::time::timeout(c.timeout, body.collect()).await {
                 Ok(Ok(collected)) => collected.to_bytes(),
                 Ok(Err(RequestBodyError::TooLarge { limit })) => {

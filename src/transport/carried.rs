@@ -61,6 +61,10 @@ pub type CarryFuture = Pin<Box<dyn Future<Output = Result<CarriedResponse, Carry
 
 /// What sends a request to the peers of a tunnel and waits for an answer.
 pub trait TunnelLink: Send + Sync + 'static {
+    /// The largest message the tunnel `target` carries (`None`: no tunnel
+    /// serves it): no request body larger than it needs to be read.
+    fn max_message(&self, target: &str) -> Option<usize>;
+
     /// Sends `request` to the peers on tunnel `target` (an id, or a full
     /// path of prefix and id) and waits at most `timeout` for the answer.
     fn carry(&self, target: &str, request: CarriedRequest, timeout: Duration) -> CarryFuture;

@@ -844,9 +844,17 @@ where
         );
     };
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let request = match carried_request(req, max_message).await {
-        Ok(r) => r,
-        Err(refusal) => return refusal,
+    // A client that sends its body slowly holds a connection slot only
+    // as long as a request may take.
+    let request = match tokio::time::timeout(timeout, carried_request(req, max_message)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(refusal)) => return refusal,
+        Err(_) => {
+            return text_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            );
+        }
     };
     let response = conn.carry(request, timeout).await;
     tracing::debug!(%method, %path, status = response.status().as_u16(), "carried a request");
@@ -993,6 +1001,17 @@ fn http_response(r: CarriedResponse) -> Response<Full<Bytes>> {
 
 /// forward-to: the HTTP request to the local service.
 fn local_request(base: &ForwardBase, r: CarriedRequest) -> Result<Request<Full<Bytes>>, String> {
+    // The path goes below the base as it is: it may not climb out of it
+    // (`..`, escaped or not) or smuggle a query or fragment in.
+    if !r.path.starts_with('/') || r.path.contains(['?', '#']) {
+        return Err(format!("`{}` is not a plain absolute path", r.path));
+    }
+    if r.path.split('/').any(|segment| {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        decoded == "." || decoded == ".."
+    }) {
+        return Err(format!("`{}` holds a dot segment", r.path));
+    }
     let mut target = format!("http://{}{}{}", base.authority, base.prefix, r.path);
     if !r.query.is_empty() {
         target.push('?');
@@ -1318,6 +1337,22 @@ mod tests {
                 .get::<hyper::ext::ReasonPhrase>()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_carried_path_cannot_leave_the_base() {
+        let base = ForwardBase::parse("http://127.0.0.1:8080/api").unwrap();
+        for path in ["/../admin", "/a/%2e%2E/b", "/./x", "/x?y=1", "/x#f", "x"] {
+            let r = CarriedRequest {
+                method: "GET".into(),
+                path: path.into(),
+                query: Vec::new(),
+                headers: Vec::new(),
+                content_type: None,
+                body: Bytes::new(),
+            };
+            assert!(local_request(&base, r).is_err(), "{path} must be refused");
+        }
     }
 
     #[test]

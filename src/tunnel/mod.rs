@@ -19,7 +19,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::authz::{Action, Policy, Resource};
@@ -32,6 +31,10 @@ use crate::transport::{
     Switch, TunnelLink,
 };
 use relay::{Connection, Refused, Relay};
+
+/// How the message ids of the gateway's own requests begin: answers to
+/// them are never relayed to other peers.
+pub const GATEWAY_IDS: &str = "tollgate-";
 
 /// One relay's settings, compiled from its `tunnels[]` entry.
 pub struct Settings {
@@ -246,7 +249,7 @@ impl Tunnels {
             .into_iter()
             .map(|s| {
                 let m = families.relay(&s.prefix);
-                Arc::new(Relay::new(s, m))
+                Arc::new(Relay::new(s, m, &shutdown))
             })
             .collect();
         Tunnels {
@@ -273,7 +276,7 @@ impl Tunnels {
                 }
                 None => {
                     let m = self.families.relay(&s.prefix);
-                    kept.push(Arc::new(Relay::new(s, m)));
+                    kept.push(Arc::new(Relay::new(s, m, &self.shutdown)));
                 }
             }
         }
@@ -312,13 +315,6 @@ impl Tunnels {
     /// Every relay's ids and peers, for the admin API.
     pub fn status(&self) -> Value {
         Value::Array(self.relays.load().iter().map(|r| r.status()).collect())
-    }
-
-    /// Ends every peer (the gateway stops).
-    pub fn close_all(&self) {
-        for r in self.relays.load().iter() {
-            r.end_all(CloseCode::Away, "the gateway is shutting down");
-        }
     }
 }
 
@@ -463,6 +459,11 @@ impl Tunnels {
 }
 
 impl TunnelLink for Tunnels {
+    fn max_message(&self, target: &str) -> Option<usize> {
+        self.target(target)
+            .map(|(relay, _)| relay.settings.load().max_message)
+    }
+
     fn carry(&self, target: &str, request: CarriedRequest, timeout: Duration) -> CarryFuture {
         let Some((relay, id)) = self.target(target) else {
             return Box::pin(std::future::ready(Err(CarryError::NoPeer(
@@ -470,7 +471,12 @@ impl TunnelLink for Tunnels {
             ))));
         };
         let id = id.to_owned();
-        let message_id = format!("tollgate-{}", self.messages.fetch_add(1, Ordering::Relaxed));
+        // Unique, and not to be guessed by a peer the request did not go to.
+        let message_id = format!(
+            "{GATEWAY_IDS}{}-{:016x}",
+            self.messages.fetch_add(1, Ordering::Relaxed),
+            fastrand::u64(..)
+        );
         Box::pin(async move {
             let text = envelope::encode_request(&json!(message_id), &request);
             drop(request);

@@ -8,7 +8,7 @@
 //! sending to each other never wait on each other.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,11 +29,15 @@ use crate::identity::Identity;
 use crate::transport::websocket::WebSocket;
 use crate::transport::{CarriedResponse, CarryError, ConnState};
 
+/// How long a peer's last close may take to write.
+const FAREWELL: Duration = Duration::from_secs(2);
 /// Requests one room remembers while they wait for a REST:RESPONSE from
 /// another peer (envelope mode); the oldest is forgotten past it.
 const TRACKED_REQUESTS: usize = 1024;
 /// Queued messages a peer writes in one go.
 const WRITE_BATCH: usize = 64;
+/// What a queued message costs besides its bytes.
+const MESSAGE_OVERHEAD: usize = 128;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -54,9 +58,11 @@ pub struct Room {
     /// Copy-on-write: the relay path reads it without a lock.
     peers: ArcSwap<Vec<Arc<Peer>>>,
     waiting: Mutex<Waiting>,
-    /// HTTP requests carried to this room that wait for an answer: while
-    /// there are none, nothing a peer sends is parsed for one.
+    /// HTTP requests carried to this room that wait for an answer.
     gateway_waiting: AtomicUsize,
+    /// Whether the gateway ever carried a request here; until it has,
+    /// nothing a peer sends is parsed for an answer.
+    carried: AtomicBool,
 }
 
 #[derive(Default)]
@@ -66,8 +72,16 @@ struct Waiting {
     /// Requests between peers (envelope mode): message id → the asker, or
     /// `None` when several peers asked with that id (its answer then goes
     /// to every peer, as without tracking).
-    asked: HashMap<MessageId, Option<u64>>,
-    asked_order: VecDeque<MessageId>,
+    asked: HashMap<MessageId, Asked>,
+    /// Tracked requests oldest first, with the `Asked::tracked` they were
+    /// tracked under (an entry whose request was answered is skipped).
+    asked_order: VecDeque<(MessageId, u64)>,
+    tracked: u64,
+}
+
+struct Asked {
+    asker: Option<u64>,
+    tracked: u64,
 }
 
 struct GatewayRequest {
@@ -116,10 +130,12 @@ impl Peer {
         self.stop.cancel();
     }
 
+    /// What a message holds of the queue: its bytes and what queueing it
+    /// takes (so a flood of empty messages is bounded too).
     fn cost(&self, len: usize) -> u32 {
-        u32::try_from(len)
+        u32::try_from(len.saturating_add(MESSAGE_OVERHEAD))
             .unwrap_or(u32::MAX)
-            .clamp(1, self.capacity)
+            .min(self.capacity)
     }
 
     /// Queues `message` if its queue has room now.
@@ -135,22 +151,30 @@ impl Peer {
         }
     }
 
-    /// Queues `message`, waiting until `deadline` for room; a peer whose
-    /// queue stays full that long is ended as too slow.
-    async fn queue(&self, message: Message, len: usize, deadline: tokio::time::Instant) -> bool {
-        if self.stop.is_cancelled() {
-            // Ended already (as too slow, perhaps): it takes nothing more.
-            return false;
-        }
+    /// Queues `message`, waiting until `deadline` for room. When `blame`,
+    /// a peer whose queue is still full then is ended as too slow (a
+    /// deadline that is someone else's, an HTTP request's, blames nobody).
+    async fn queue(
+        &self,
+        message: Message,
+        len: usize,
+        deadline: tokio::time::Instant,
+        blame: bool,
+    ) -> bool {
         let cost = self.cost(len);
-        match tokio::time::timeout_at(deadline, self.budget.acquire_many(cost)).await {
+        let room = tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.budget.acquire_many(cost)) => r,
+            // Ended meanwhile (or gone: its budget is closed then).
+            _ = self.stop.cancelled() => return false,
+        };
+        match room {
             Ok(Ok(permit)) => {
                 permit.forget();
                 self.push(message, cost);
                 true
             }
             Ok(Err(_)) => false,
-            Err(_) if self.stop.is_cancelled() => false,
+            Err(_) if !blame || self.stop.is_cancelled() => false,
             Err(_) => {
                 self.slow.inc();
                 self.end(CloseCode::Policy, "too slow: its queue stayed full");
@@ -179,15 +203,19 @@ impl Peer {
 /// Why a join was refused.
 pub enum Refused {
     Full(usize),
+    /// The policy (reloaded since the handshake) no longer lets it in.
+    Denied,
 }
 
 impl Relay {
-    pub fn new(settings: Settings, metrics: RelayMetrics) -> Relay {
+    /// A relay whose peers end when `stop` is cancelled (the gateway
+    /// stops) or the relay is removed.
+    pub fn new(settings: Settings, metrics: RelayMetrics, stop: &CancellationToken) -> Relay {
         Relay {
             settings: ArcSwap::from_pointee(settings),
             metrics,
             rooms: Mutex::new(HashMap::new()),
-            removed: CancellationToken::new(),
+            removed: stop.child_token(),
         }
     }
 
@@ -211,8 +239,14 @@ impl Relay {
     /// Adds a peer to `id`'s room: the room and, when the room was full,
     /// the peer of the same certificate it replaces.
     fn join(&self, id: &str, peer: Arc<Peer>) -> Result<(Arc<Room>, Option<Arc<Peer>>), Refused> {
-        let max = self.settings.load().max_peers;
         let mut rooms = lock(&self.rooms);
+        // Read under the rooms' lock: a reload's re-check of the peers
+        // (which takes it too) cannot miss one that passed the old policy.
+        let settings = self.settings.load();
+        let max = settings.max_peers;
+        if !settings.may_join(&peer.identity, id) {
+            return Err(Refused::Denied);
+        }
         let room = rooms
             .entry(id.into())
             .or_insert_with(|| {
@@ -221,6 +255,7 @@ impl Relay {
                     peers: ArcSwap::from_pointee(Vec::new()),
                     waiting: Mutex::new(Waiting::default()),
                     gateway_waiting: AtomicUsize::new(0),
+                    carried: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -265,7 +300,7 @@ impl Relay {
         let empty = peers.is_empty();
         room.peers.store(Arc::new(peers));
         let mut waiting = lock(&room.waiting);
-        waiting.asked.retain(|_, asker| *asker != Some(serial));
+        waiting.asked.retain(|_, a| a.asker != Some(serial));
         let orphaned: Vec<MessageId> = waiting
             .gateway
             .iter_mut()
@@ -287,15 +322,6 @@ impl Relay {
             && rooms.get(&room.id).is_some_and(|r| Arc::ptr_eq(r, room))
         {
             rooms.remove(&room.id);
-        }
-    }
-
-    /// Ends every peer (the relay is gone or the gateway stops).
-    pub fn end_all(&self, code: CloseCode, reason: &str) {
-        for room in self.rooms() {
-            for p in room.peers.load().iter() {
-                p.end(code, reason);
-            }
         }
     }
 
@@ -323,20 +349,24 @@ impl Relay {
         timeout: Duration,
     ) -> Result<CarriedResponse, CarryError> {
         let settings = self.settings.load_full();
-        let room = self
-            .room(id)
-            .filter(|r| !r.peers.load().is_empty())
-            .ok_or_else(|| CarryError::NoPeer(id.to_owned()))?;
+        let no_peer = || CarryError::NoPeer(id.to_owned());
+        let room = self.room(id).ok_or_else(no_peer)?;
         if text.len() > settings.max_message {
             return Err(CarryError::TooLarge {
                 limit: settings.max_message,
             });
         }
         let key = MessageId(message_id);
-        let peers = room.peers.load_full();
         let (answer, answered) = oneshot::channel();
-        {
+        let peers = {
             let mut waiting = lock(&room.waiting);
+            // Read under the lock `leave` takes after it changes the list:
+            // a peer leaving now either is not among these or fails this
+            // request when it goes.
+            let peers = room.peers.load_full();
+            if peers.is_empty() {
+                return Err(no_peer());
+            }
             if waiting.gateway.len() >= settings.max_pending_requests {
                 return Err(CarryError::Busy(id.to_owned()));
             }
@@ -348,7 +378,9 @@ impl Relay {
                 },
             );
             room.gateway_waiting.fetch_add(1, Ordering::Relaxed);
-        }
+            room.carried.store(true, Ordering::Relaxed);
+            peers
+        };
         // Whatever happens next (the caller gone included), the request
         // stops waiting.
         let _forget = Forget {
@@ -361,8 +393,11 @@ impl Relay {
         let deadline = tokio::time::Instant::now() + timeout;
         for p in peers.iter() {
             if !p.try_queue(&message, len) {
+                // A peer still full after stall_timeout is too slow; the
+                // request's own deadline coming first blames nobody.
                 let stall = tokio::time::Instant::now() + settings.stall_timeout;
-                p.queue(message.clone(), len, stall.min(deadline)).await;
+                p.queue(message.clone(), len, stall.min(deadline), stall <= deadline)
+                    .await;
             }
         }
         match tokio::time::timeout_at(deadline, answered).await {
@@ -470,18 +505,27 @@ impl Room {
             .ok_or(Refused::Full(max))
     }
 
-    /// Hands a REST:RESPONSE to the carried request it answers; `false`
-    /// when it answers none of the gateway's.
-    fn answer_gateway(&self, env: &Envelope, prefix: &str) -> bool {
+    /// Hands a REST:RESPONSE from peer `from` to the carried request it
+    /// answers, when that request went to `from`; `false` when it answers
+    /// none of the gateway's.
+    fn answer_gateway(&self, env: &Envelope, from: u64, prefix: &str) -> bool {
         let Some(key) = &env.in_response_to else {
             return false;
         };
-        let Some(request) = lock(&self.waiting).gateway.remove(key) else {
+        let request = {
+            let mut waiting = lock(&self.waiting);
+            match waiting.gateway.get(key) {
+                Some(r) if r.sent_to.contains(&from) => waiting.gateway.remove(key),
+                _ => None,
+            }
+        };
+        let Some(request) = request else {
             return false;
         };
         self.gateway_waiting.fetch_sub(1, Ordering::Relaxed);
         let result = env.response().map_err(|why| {
-            tracing::warn!(prefix, id = %self.id, error = %why, "unusable REST:RESPONSE on a tunnel");
+            let shown: String = why.chars().take(200).collect();
+            tracing::warn!(prefix, id = %self.id, error = %shown, "unusable REST:RESPONSE on a tunnel");
             CarryError::BadAnswer {
                 id: self.id.to_string(),
                 why,
@@ -522,7 +566,8 @@ impl Connection {
             tx,
             budget: Arc::new(Semaphore::new(capacity as usize)),
             capacity,
-            stop: CancellationToken::new(),
+            // Cancelled too when the relay is removed or the gateway stops.
+            stop: self.relay.removed.child_token(),
             farewell: Mutex::new(None),
             identity: self.identity.clone(),
             conn: self.conn.clone(),
@@ -535,15 +580,20 @@ impl Connection {
         let cert = self.conn.peer_cert.clone();
         let (room, replaced) = match self.relay.join(&self.id, peer.clone()) {
             Ok(joined) => joined,
-            Err(Refused::Full(max)) => {
-                // Lost a race for the last place since the handshake.
-                metrics.refused_full.inc();
-                let _ = ws
-                    .close(Some(CloseFrame {
-                        code: CloseCode::Again,
-                        reason: format!("tunnel is full ({max} peers)").into(),
-                    }))
-                    .await;
+            Err(refused) => {
+                // Lost a race for the last place, or a reload's policy
+                // refuses it, since the handshake.
+                let frame = match refused {
+                    Refused::Full(max) => {
+                        metrics.refused_full.inc();
+                        close_frame(CloseCode::Again, &format!("tunnel is full ({max} peers)"))
+                    }
+                    Refused::Denied => {
+                        metrics.denied.inc();
+                        close_frame(CloseCode::Policy, "not allowed on this tunnel")
+                    }
+                };
+                let _ = tokio::time::timeout(FAREWELL, ws.close(Some(frame))).await;
                 return;
             }
         };
@@ -579,29 +629,19 @@ impl Connection {
         let end = loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => {
-                    let frame = lock(&peer.farewell).take();
-                    break End::Close("ended by the relay", frame);
-                }
-                _ = self.shutdown.cancelled() => {
-                    break End::Close("shutdown", Some(close_frame(CloseCode::Away, "the gateway is shutting down")));
-                }
-                _ = self.relay.removed.cancelled() => {
-                    break End::Close("tunnel removed", Some(close_frame(CloseCode::Away, "this tunnel is no longer served")));
-                }
+                _ = stop.cancelled() => break self.ended(&peer),
                 out = rx.recv() => {
-                    let Some(first) = out else { break End::Close("ended by the relay", None) };
-                    match write_queued(&mut ws, first, &mut rx, &peer, &stop).await {
-                        Written::Ok => {}
-                        Written::Closed(frame) => break End::Close("closed by the other peer", frame),
-                        // Cut short because the relay ended it.
-                        Written::Failed if stop.is_cancelled() => {
-                            break End::Close("ended by the relay", lock(&peer.farewell).take());
-                        }
-                        Written::Failed => break End::Lost("connection lost while writing"),
+                    let Some(first) = out else { break self.ended(&peer) };
+                    let written = write_queued(&mut ws, first, &mut rx, &peer);
+                    match guarded(written, &stop, settings.stall_timeout).await {
+                        Ok(Written::Ok) => {}
+                        Ok(Written::Closed(frame)) => break End::Close("closed by the other peer", frame),
+                        Ok(Written::Failed) => break End::Lost("connection lost while writing"),
+                        Err(Cut::Ended) => break self.ended(&peer),
+                        Err(Cut::Stalled) => break too_slow(&peer),
                     }
                 }
-                done = deliver(delivery.as_mut(), settings.stall_timeout), if delivery.is_some() => {
+                done = deliver(delivery.as_mut()), if delivery.is_some() => {
                     if done {
                         delivery = None;
                     }
@@ -612,8 +652,13 @@ impl Connection {
                         quiet_since = Instant::now();
                     } else if quiet_since.elapsed() >= settings.idle_timeout {
                         break End::Close("idle", Some(close_frame(CloseCode::Away, "idle for too long")));
-                    } else if ws.send(Message::Ping(Bytes::new())).await.is_err() {
-                        break End::Lost("connection lost while writing");
+                    } else {
+                        match guarded(ws.send(Message::Ping(Bytes::new())), &stop, settings.stall_timeout).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break End::Lost("connection lost while writing"),
+                            Err(Cut::Ended) => break self.ended(&peer),
+                            Err(Cut::Stalled) => break too_slow(&peer),
+                        }
                     }
                 }
                 incoming = ws.next(), if delivery.is_none() => {
@@ -629,7 +674,7 @@ impl Connection {
                         Message::Close(frame) => {
                             let frame = frame.clone();
                             // tungstenite answers the close as we read on.
-                            let _ = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
+                            let _ = tokio::time::timeout(FAREWELL, ws.next()).await;
                             if settings.close_propagates {
                                 for p in room.peers.load().iter().filter(|p| p.serial != self.serial) {
                                     p.push_close(frame.clone());
@@ -677,6 +722,8 @@ impl Connection {
         };
 
         self.relay.leave(&room, self.serial);
+        // Senders waiting for room in its queue stop waiting.
+        peer.budget.close();
         metrics.peers.dec();
         let why = match end {
             End::PeerClosed => "closed by the peer",
@@ -692,7 +739,7 @@ impl Connection {
                 why
             }
             End::Close(why, frame) => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(frame)).await;
+                let _ = tokio::time::timeout(FAREWELL, ws.close(frame)).await;
                 why
             }
         };
@@ -700,6 +747,30 @@ impl Connection {
             peer = %self.conn.peer, reason = why,
             received = peer.received.load(Ordering::Relaxed), sent = peer.sent.load(Ordering::Relaxed),
             seconds = started.elapsed().as_secs(), "tunnel peer left");
+    }
+
+    /// How a peer the relay ended leaves: the gateway stops, the peer was
+    /// put out (`farewell` says why), or its relay was removed.
+    fn ended(&self, peer: &Peer) -> End {
+        if self.shutdown.is_cancelled() {
+            return End::Close(
+                "shutdown",
+                Some(close_frame(CloseCode::Away, "the gateway is shutting down")),
+            );
+        }
+        if let Some(frame) = lock(&peer.farewell).take() {
+            return End::Close("ended by the relay", Some(frame));
+        }
+        if self.relay.removed.is_cancelled() {
+            return End::Close(
+                "tunnel removed",
+                Some(close_frame(
+                    CloseCode::Away,
+                    "this tunnel is no longer served",
+                )),
+            );
+        }
+        End::Close("ended by the relay", None)
     }
 
     /// Who a message goes to: every other peer, or one (a REST:RESPONSE to
@@ -714,11 +785,18 @@ impl Connection {
         prefix: &str,
     ) -> Option<To> {
         let gateway_waits = room.gateway_waiting.load(Ordering::Relaxed) > 0;
-        if !envelope_mode && !gateway_waits {
+        // A room the gateway has carried requests to has its messages read
+        // for answers, late ones included.
+        if !envelope_mode && !gateway_waits && !room.carried.load(Ordering::Relaxed) {
             return Some(To::Others);
         }
         let parsed = match message {
-            Message::Text(t) => Envelope::parse(t.as_bytes()),
+            Message::Text(t) => Envelope::parse(t.as_bytes()).and_then(|env| {
+                if envelope_mode && env.message_type == envelope::MALFORMED {
+                    return Err(format!("{} is the relay's own", envelope::MALFORMED));
+                }
+                Ok(env)
+            }),
             _ => Err("a binary message is not an envelope".into()),
         };
         let env = match parsed {
@@ -753,12 +831,21 @@ impl Connection {
             Err(_) => return Some(To::Others),
         };
         if env.message_type == envelope::REST_RESPONSE {
-            if gateway_waits && room.answer_gateway(&env, prefix) {
+            if gateway_waits && room.answer_gateway(&env, self.serial, prefix) {
+                return None;
+            }
+            // An answer to one of the gateway's requests that came late (or
+            // twice, or from a peer it did not go to) is nobody's business.
+            if env
+                .in_response_to
+                .as_ref()
+                .is_some_and(|r| r.0.starts_with(super::GATEWAY_IDS))
+            {
                 return None;
             }
             if envelope_mode && let Some(key) = &env.in_response_to {
                 let mut waiting = lock(&room.waiting);
-                match waiting.asked.remove(key) {
+                match waiting.asked.remove(key).map(|a| a.asker) {
                     Some(Some(asker)) => return Some(To::One(asker)),
                     Some(None) => return Some(To::Others),
                     None => {}
@@ -773,17 +860,30 @@ impl Connection {
                 && env.requires_response
                 && let Some(id) = env.message_id
             {
-                let mut waiting = lock(&room.waiting);
+                let waiting = &mut *lock(&room.waiting);
                 match waiting.asked.get_mut(&id) {
-                    Some(asker) if *asker != Some(self.serial) => *asker = None,
+                    Some(a) if a.asker != Some(self.serial) => a.asker = None,
                     Some(_) => {}
                     None => {
-                        waiting.asked.insert(id.clone(), Some(self.serial));
-                        waiting.asked_order.push_back(id);
+                        waiting.tracked += 1;
+                        let tracked = waiting.tracked;
+                        waiting.asked.insert(
+                            id.clone(),
+                            Asked {
+                                asker: Some(self.serial),
+                                tracked,
+                            },
+                        );
+                        waiting.asked_order.push_back((id, tracked));
                     }
                 }
                 while waiting.asked_order.len() > TRACKED_REQUESTS {
-                    if let Some(old) = waiting.asked_order.pop_front() {
+                    if let Some((old, tracked)) = waiting.asked_order.pop_front()
+                        && waiting
+                            .asked
+                            .get(&old)
+                            .is_some_and(|a| a.tracked == tracked)
+                    {
                         waiting.asked.remove(&old);
                     }
                 }
@@ -847,14 +947,15 @@ fn read_error(e: &tokio_tungstenite::tungstenite::Error) -> End {
 /// Waits for room for `d` in the queues of the peers it still goes to;
 /// `true` when it is queued everywhere (or given up on where a peer was
 /// too slow).
-async fn deliver(d: Option<&mut Delivery>, stall: Duration) -> bool {
+async fn deliver(d: Option<&mut Delivery>) -> bool {
     let Some(d) = d else {
         return std::future::pending().await;
     };
+    // One deadline for the whole delivery: a sender waits on its slow
+    // receivers together, not one stall_timeout after another.
     if let Some(p) = d.to.first().cloned() {
-        p.queue(d.message.clone(), d.len, d.deadline).await;
+        p.queue(d.message.clone(), d.len, d.deadline, true).await;
         d.to.remove(0);
-        d.deadline = tokio::time::Instant::now() + stall;
     }
     d.to.retain(|p| !p.try_queue(&d.message, d.len));
     d.to.is_empty()
@@ -874,35 +975,59 @@ async fn write_queued(
     first: Outgoing,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
     peer: &Peer,
-    stop: &CancellationToken,
 ) -> Written {
-    let all = async {
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(out) = next.take() {
-            if let Message::Close(frame) = out.message {
-                if ws.flush().await.is_err() {
-                    return Written::Failed;
-                }
-                return Written::Closed(frame);
-            }
-            let fed = ws.feed(out.message).await;
-            peer.budget.add_permits(out.cost as usize);
-            if fed.is_err() {
+    let mut next = Some(first);
+    let mut n = 0;
+    while let Some(out) = next.take() {
+        if let Message::Close(frame) = out.message {
+            if ws.flush().await.is_err() {
                 return Written::Failed;
             }
-            n += 1;
-            if n < WRITE_BATCH {
-                next = rx.try_recv().ok();
-            }
+            return Written::Closed(frame);
         }
-        match ws.flush().await {
-            Ok(()) => Written::Ok,
-            Err(_) => Written::Failed,
+        let fed = ws.feed(out.message).await;
+        peer.budget.add_permits(out.cost as usize);
+        if fed.is_err() {
+            return Written::Failed;
         }
-    };
-    tokio::select! {
-        w = all => w,
-        _ = stop.cancelled() => Written::Failed,
+        n += 1;
+        if n < WRITE_BATCH {
+            next = rx.try_recv().ok();
+        }
     }
+    match ws.flush().await {
+        Ok(()) => Written::Ok,
+        Err(_) => Written::Failed,
+    }
+}
+
+/// Why a write was cut short.
+enum Cut {
+    /// The peer was ended meanwhile.
+    Ended,
+    /// It made no progress for `stall_timeout`: the peer stopped reading.
+    Stalled,
+}
+
+/// A write to a peer's socket, cut short when the peer is ended or the
+/// write takes longer than `stall` (what is written at once is at most
+/// its queue, so a peer that reads at all finishes well within it).
+async fn guarded<T>(
+    write: impl Future<Output = T>,
+    stop: &CancellationToken,
+    stall: Duration,
+) -> Result<T, Cut> {
+    tokio::select! {
+        w = tokio::time::timeout(stall, write) => w.map_err(|_| Cut::Stalled),
+        _ = stop.cancelled() => Err(Cut::Ended),
+    }
+}
+
+/// A peer put out for not reading what is written to it.
+fn too_slow(peer: &Peer) -> End {
+    peer.slow.inc();
+    End::Close(
+        "too slow: a write stalled",
+        Some(close_frame(CloseCode::Policy, "too slow: stopped reading")),
+    )
 }

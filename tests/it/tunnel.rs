@@ -801,3 +801,146 @@ async fn quiet_peers_are_pinged_and_silent_ones_closed() {
     }
     assert_eq!(peers_on(&tunnels(&gw).await, "idle"), 1);
 }
+
+#[tokio::test]
+async fn only_a_peer_the_request_went_to_answers_it_and_late_answers_go_nowhere() {
+    let ca = TestCa::new("Micronets");
+    let gw = gateway(
+        &ca,
+        &[
+            "tunnels:\n  - prefix: /micronets/v1/ws-proxy/\n    max_peers: 3\n",
+            "routes:\n",
+            "  - name: dev\n    match: { path_prefix: /dev/ }\n",
+            "    upstream: { tunnel: dev-9, timeout: 10s }\n",
+        ]
+        .concat(),
+    )
+    .await;
+    let addr = gw.gw.listener_addr("edge").unwrap();
+    let mut device = connect(addr, &ca.pem(), Some(&ca.client("dev-9", "d")), "dev-9")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(5), "the device joined", || async {
+        peers_on(&tunnels(&gw).await, "dev-9") == 1
+    })
+    .await;
+    let url = gw.url("/dev/x");
+    let waiting = tokio::spawn(async move { get(&url).await });
+    let request = next_json(&mut device).await;
+    let id = request["message"]["messageId"].clone();
+    assert!(id.as_str().unwrap().starts_with("tollgate-"), "{id}");
+
+    // A peer that joins afterwards never got the request: its "answer"
+    // is not taken, and not relayed either.
+    let mut intruder = connect(addr, &ca.pem(), Some(&ca.client("x", "d")), "dev-9")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(5), "the intruder joined", || async {
+        peers_on(&tunnels(&gw).await, "dev-9") == 2
+    })
+    .await;
+    let answer = |status: u16, body: &str| {
+        json!({"message": {"messageId": 1, "inResponseTo": id, "messageType": "REST:RESPONSE",
+            "requiresResponse": false, "statusCode": status, "dataFormat": "text/plain",
+            "messageBody": body}})
+        .to_string()
+    };
+    intruder
+        .send(Message::Text(answer(200, "spoofed").into()))
+        .await
+        .unwrap();
+    assert!(
+        quiet(&mut device).await,
+        "an answer to the gateway is nobody else's"
+    );
+    assert!(!waiting.is_finished());
+    device
+        .send(Message::Text(answer(201, "real").into()))
+        .await
+        .unwrap();
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, 201);
+    assert_eq!(r.text(), "real");
+    // Sent again, late: dropped, not relayed.
+    device
+        .send(Message::Text(answer(201, "again").into()))
+        .await
+        .unwrap();
+    assert!(quiet(&mut intruder).await);
+}
+
+#[tokio::test]
+async fn a_peer_whose_writes_stall_is_put_out_and_a_removed_tunnel_closes_its_peers() {
+    let ca = TestCa::new("Micronets");
+    let gw = gateway(
+        &ca,
+        &[
+            "tunnels:\n  - prefix: /micronets/v1/ws-proxy/\n",
+            "    queue: 64MiB\n    stall_timeout: 500ms\n",
+            "  - prefix: /other/\n",
+        ]
+        .concat(),
+    )
+    .await;
+    let addr = gw.gw.listener_addr("edge").unwrap();
+    let mut fast = connect(addr, &ca.pem(), Some(&ca.client("a", "o")), "w")
+        .await
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8192).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let _asleep = connect_over(tcp, &ca.pem(), Some(&ca.client("b", "o")), "w")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(5), "both joined", || async {
+        peers_on(&tunnels(&gw).await, "w") == 2
+    })
+    .await;
+    // Its queue never fills (64 MiB), but writing to it stops moving.
+    let chunk = Bytes::from(vec![2u8; 16 * 1024]);
+    let sent = async {
+        loop {
+            for _ in 0..16 {
+                if fast.send(Message::Binary(chunk.clone())).await.is_err() {
+                    return;
+                }
+            }
+            if peers_on(&tunnels(&gw).await, "w") < 2 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), sent)
+        .await
+        .expect("the stalled peer is put out");
+
+    // A reload that removes a tunnel closes its peers (1001).
+    let mut other = connect_at(addr, &ca.pem(), &ca.client("c", "o"), "/other/o").await;
+    wait_until(Duration::from_secs(5), "joined", || async {
+        peers_on(&tunnels(&gw).await, "o") == 1
+    })
+    .await;
+    std::fs::write(
+        &gw.path,
+        std::fs::read_to_string(&gw.path)
+            .unwrap()
+            .replace("  - prefix: /other/\n", ""),
+    )
+    .unwrap();
+    let r = send(
+        Request::post(format!("http://{}/admin/reload", gw.gw.admin_addr()))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    match next(&mut other).await {
+        Some(Message::Close(Some(f))) => {
+            assert_eq!(f.code, CloseCode::Away);
+            assert!(f.reason.contains("no longer served"), "{}", f.reason);
+        }
+        other => panic!("expected the removed tunnel's close, got {other:?}"),
+    }
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "tollgate_tunnel_peers{prefix=\"/other/\"}"), 0.0);
+}
