@@ -294,6 +294,13 @@ fn tunnels(cfg: &Config, errs: &mut Errors) {
         }
         errs.nonzero(format!("{at}.stall_timeout"), t.stall_timeout);
         errs.nonzero(format!("{at}.idle_timeout"), t.idle_timeout);
+        if t.idle_timeout <= t.stall_timeout {
+            // A sender waiting on a slow peer reads nothing meanwhile.
+            errs.add(
+                format!("{at}.idle_timeout"),
+                format!("must be longer than stall_timeout ({:?})", t.stall_timeout),
+            );
+        }
         if t.ping_interval < std::time::Duration::from_secs(1) {
             errs.add(format!("{at}.ping_interval"), "must be at least 1s");
         }

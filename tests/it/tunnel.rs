@@ -763,7 +763,7 @@ async fn quiet_peers_are_pinged_and_silent_ones_closed() {
     let ca = TestCa::new("Micronets");
     let gw = gateway(
         &ca,
-        "tunnels:\n  - prefix: /micronets/v1/ws-proxy/\n    ping_interval: 1s\n    idle_timeout: 2s\n",
+        "tunnels:\n  - prefix: /micronets/v1/ws-proxy/\n    ping_interval: 1s\n    idle_timeout: 2s\n    stall_timeout: 1s\n",
     )
     .await;
     let addr = gw.gw.listener_addr("edge").unwrap();
