@@ -30,7 +30,8 @@ pub struct Accepted {
     pub protocol: Option<&'static str>,
 }
 
-fn refuse(status: StatusCode, why: &str) -> Box<Response<Bytes>> {
+/// A plain-text refusal of a handshake.
+pub fn refuse(status: StatusCode, why: &str) -> Box<Response<Bytes>> {
     let mut r = Response::new(Bytes::from(format!("{why}\n")));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -129,6 +130,15 @@ pub fn accept(
     Ok(Accepted { response, protocol })
 }
 
+/// The answer to a request for a WebSocket endpoint that is not a
+/// handshake: 426, saying how to connect.
+pub fn upgrade_required(hint: &str) -> Response<Bytes> {
+    let mut r = *refuse(StatusCode::UPGRADE_REQUIRED, hint);
+    r.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    r
+}
+
 /// `Sec-WebSocket-Accept`: base64 of SHA-1 of the key and the GUID.
 fn accept_value(key: &[u8]) -> HeaderValue {
     use base64::Engine;
@@ -224,12 +234,7 @@ impl<S: WsService> LocalService for WsEndpoint<S> {
             "a WebSocket endpoint: connect with subprotocol {}",
             self.subprotocols.join(", ")
         );
-        Box::pin(async move {
-            let mut r = *refuse(StatusCode::UPGRADE_REQUIRED, &hint);
-            r.headers_mut()
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            r
-        })
+        Box::pin(async move { upgrade_required(&hint) })
     }
 
     fn upgrades(&self, _endpoint: u16) -> bool {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode, header};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -318,16 +318,6 @@ impl Tunnels {
     }
 }
 
-fn refuse(status: StatusCode, why: &str) -> Response<Bytes> {
-    let mut r = Response::new(Bytes::from(format!("{why}\n")));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
 impl LocalService for Tunnels {
     fn name(&self) -> &str {
         "tunnel"
@@ -349,13 +339,7 @@ impl LocalService for Tunnels {
         _cert: Option<&'a CertIdentity>,
     ) -> LocalFuture<'a> {
         Box::pin(async {
-            let mut r = refuse(
-                StatusCode::UPGRADE_REQUIRED,
-                "a WebSocket tunnel: connect with a WebSocket handshake",
-            );
-            r.headers_mut()
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            r
+            websocket::upgrade_required("a WebSocket tunnel: connect with a WebSocket handshake")
         })
     }
 
@@ -388,29 +372,29 @@ impl Tunnels {
         // The path as sent: an id is written only in characters no
         // canonical form changes, so any other spelling is refused.
         let Some((relay, id)) = self.find(&conn.listener.name, request.uri().path()) else {
-            return Err(Box::new(refuse(
+            return Err(websocket::refuse(
                 StatusCode::BAD_REQUEST,
                 "a tunnel id is 1 to 128 of A-Z a-z 0-9 . _ : - written plainly",
-            )));
+            ));
         };
         let settings = relay.settings.load_full();
         let Some(cert) = conn.peer_cert.clone() else {
             relay.metrics.denied.inc();
             tracing::info!(prefix = %settings.prefix, id, peer = %conn.peer, reason = "no client certificate", "tunnel join refused");
-            return Err(Box::new(refuse(
+            return Err(websocket::refuse(
                 StatusCode::FORBIDDEN,
                 "a tunnel peer must present a client certificate",
-            )));
+            ));
         };
         if !origin_allowed(
             &settings.allowed_origins,
             request.headers().get(header::ORIGIN).map(|o| o.as_bytes()),
         ) {
             relay.metrics.denied.inc();
-            return Err(Box::new(refuse(
+            return Err(websocket::refuse(
                 StatusCode::FORBIDDEN,
                 "this origin may not connect (tunnels[].allowed_origins)",
-            )));
+            ));
         }
         let identity = Arc::new(Identity::from_cert(cert.clone()));
         if !settings.may_join(&identity, id) {
@@ -418,19 +402,19 @@ impl Tunnels {
             tracing::info!(prefix = %settings.prefix, id, peer = %conn.peer,
                 cert_cn = cert.cn.as_deref().unwrap_or(""), cert_o = %cert.o.join(","),
                 cert_sha256 = %cert.sha256, reason = "policy", "tunnel join refused");
-            return Err(Box::new(refuse(
+            return Err(websocket::refuse(
                 StatusCode::FORBIDDEN,
                 &format!("not allowed to join tunnel `{id}`"),
-            )));
+            ));
         }
         if let Err(Refused::Full(max)) = relay.has_room_for(id, &cert.sha256) {
             relay.metrics.refused_full.inc();
             tracing::info!(prefix = %settings.prefix, id, peer = %conn.peer,
                 cert_cn = cert.cn.as_deref().unwrap_or(""), reason = "full", "tunnel join refused");
-            return Err(Box::new(refuse(
+            return Err(websocket::refuse(
                 StatusCode::CONFLICT,
                 &format!("tunnel `{id}` already has {max} peers"),
-            )));
+            ));
         }
         let accepted = websocket::accept(request, &[])?;
         let id = id.to_owned();

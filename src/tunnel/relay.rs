@@ -114,6 +114,7 @@ pub struct Peer {
     pub received: AtomicU64,
     pub sent: AtomicU64,
     slow: prometheus::IntCounter,
+    put_out: AtomicBool,
 }
 
 impl Peer {
@@ -128,6 +129,15 @@ impl Peer {
         }
         drop(f);
         self.stop.cancel();
+    }
+
+    /// Ends a peer that does not keep up, counted once however many
+    /// notice it.
+    fn put_out_as_slow(&self, reason: &str) {
+        if !self.stop.is_cancelled() && !self.put_out.swap(true, Ordering::Relaxed) {
+            self.slow.inc();
+            self.end(CloseCode::Policy, reason);
+        }
     }
 
     /// What a message holds of the queue: its bytes and what queueing it
@@ -174,10 +184,9 @@ impl Peer {
                 true
             }
             Ok(Err(_)) => false,
-            Err(_) if !blame || self.stop.is_cancelled() => false,
+            Err(_) if !blame => false,
             Err(_) => {
-                self.slow.inc();
-                self.end(CloseCode::Policy, "too slow: its queue stayed full");
+                self.put_out_as_slow("too slow: its queue stayed full");
                 false
             }
         }
@@ -576,6 +585,7 @@ impl Connection {
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             slow: self.relay.metrics.slow.clone(),
+            put_out: AtomicBool::new(false),
         });
         let cert = self.conn.peer_cert.clone();
         let (room, replaced) = match self.relay.join(&self.id, peer.clone()) {
@@ -1025,9 +1035,6 @@ async fn guarded<T>(
 
 /// A peer put out for not reading what is written to it.
 fn too_slow(peer: &Peer) -> End {
-    peer.slow.inc();
-    End::Close(
-        "too slow: a write stalled",
-        Some(close_frame(CloseCode::Policy, "too slow: stopped reading")),
-    )
+    peer.put_out_as_slow("too slow: stopped reading");
+    End::Close("too slow: a write stalled", lock(&peer.farewell).take())
 }
