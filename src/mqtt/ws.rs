@@ -86,6 +86,9 @@ impl AsyncWrite for WsBytes {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.ws).poll_close(cx).map_err(io_error)
+        ready!(Pin::new(&mut self.ws).poll_close(cx)).map_err(io_error)?;
+        // Then the connection under it: TLS's close_notify and the FIN
+        // (see `websocket::finish`).
+        Pin::new(self.ws.get_mut()).poll_shutdown(cx)
     }
 }

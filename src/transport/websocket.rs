@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -171,6 +171,27 @@ pub fn origin_allowed(allowed: &[String], origin: Option<&[u8]>) -> bool {
     allowed
         .iter()
         .any(|o| o == "*" || o.as_bytes().eq_ignore_ascii_case(origin))
+}
+
+/// Closes a WebSocket as its server: sends `frame`, waits (briefly) for
+/// the client's close, then ends the connection under it ([`finish`]).
+pub async fn close(ws: &mut WebSocket, frame: Option<CloseFrame>) {
+    use futures_util::StreamExt;
+    let wait = std::time::Duration::from_secs(2);
+    if tokio::time::timeout(wait, ws.close(frame)).await.is_ok() {
+        let _ =
+            tokio::time::timeout(wait, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    }
+    finish(ws).await;
+}
+
+/// Ends the connection under a WebSocket whose close handshake is done
+/// (or given up on): TLS's close_notify, then the TCP FIN. RFC 6455 has
+/// the server close the connection first; dropping it would cut TLS off
+/// without its close (clients then report a truncation).
+pub async fn finish(ws: &mut WebSocket) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ws.get_mut().shutdown()).await;
 }
 
 /// What serves the connections of a WebSocket endpoint (MQTT and WAMP over

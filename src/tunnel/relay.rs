@@ -26,7 +26,7 @@ use super::envelope::{self, Envelope, MessageId};
 use super::{RelayMetrics, Settings};
 use crate::config::EnvelopeMode;
 use crate::identity::Identity;
-use crate::transport::websocket::WebSocket;
+use crate::transport::websocket::{self, WebSocket};
 use crate::transport::{CarriedResponse, CarryError, ConnState};
 
 /// How long a peer's last close may take to write.
@@ -603,7 +603,7 @@ impl Connection {
                         close_frame(CloseCode::Policy, "not allowed on this tunnel")
                     }
                 };
-                let _ = tokio::time::timeout(FAREWELL, ws.close(Some(frame))).await;
+                websocket::close(&mut ws, Some(frame)).await;
                 return;
             }
         };
@@ -736,7 +736,10 @@ impl Connection {
         peer.budget.close();
         metrics.peers.dec();
         let why = match end {
-            End::PeerClosed => "closed by the peer",
+            End::PeerClosed => {
+                websocket::finish(&mut ws).await;
+                "closed by the peer"
+            }
             End::Lost(why) => {
                 if settings.close_propagates {
                     // Dropped without a close: the others' pipe is broken too.
@@ -749,7 +752,7 @@ impl Connection {
                 why
             }
             End::Close(why, frame) => {
-                let _ = tokio::time::timeout(FAREWELL, ws.close(frame)).await;
+                websocket::close(&mut ws, frame).await;
                 why
             }
         };

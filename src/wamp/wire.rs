@@ -120,9 +120,7 @@ impl Wire {
 
     pub async fn close(&mut self) {
         match &mut self.transport {
-            Transport::WebSocket(ws) => {
-                let _ = ws.close(None).await;
-            }
+            Transport::WebSocket(ws) => crate::transport::websocket::close(ws, None).await,
             Transport::RawSocket(raw) => raw.close().await,
         }
     }

@@ -100,6 +100,22 @@ async fn next_json(ws: &mut Peer) -> Value {
     }
 }
 
+/// Reads on after a close: the connection must end without an error
+/// (a TLS connection cut without close_notify is one).
+async fn end_cleanly(ws: &mut Peer) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("the relay ends the connection")
+        {
+            None => return,
+            Some(Ok(_)) => continue,
+            Some(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)) => return,
+            Some(Err(e)) => panic!("the connection did not end cleanly: {e}"),
+        }
+    }
+}
+
 /// Whether nothing arrives for a moment.
 async fn quiet(ws: &mut Peer) -> bool {
     tokio::time::timeout(Duration::from_millis(300), ws.next())
@@ -200,6 +216,10 @@ async fn two_peers_relay_text_and_binary_in_order_and_closes_propagate() {
         }
         other => panic!("expected the close, got {other:?}"),
     }
+    // The relay ends the connection properly: TLS close_notify, no
+    // truncation.
+    end_cleanly(&mut b).await;
+    end_cleanly(&mut a).await;
     wait_until(Duration::from_secs(5), "the id is empty", || async {
         peers_on(&tunnels(&gw).await, "dhcp-0001") == 0
     })
