@@ -736,6 +736,7 @@ impl Gateway {
                     "name": &*r.name,
                     "source": if api.iter().any(|a| **a == *r.name) { "api" } else { "file" },
                     "targets": r.pool.target_states(),
+                    "tunnel": r.tunnel.as_deref(),
                 })
             })
             .collect();
