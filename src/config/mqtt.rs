@@ -106,6 +106,11 @@ pub struct MqttWebSocket {
     /// HTTP listeners that serve it (default: every one).
     pub listeners: Option<Vec<String>>,
     pub path: String,
+    /// Web pages that may connect (`https://app.example`, or `*`): a
+    /// handshake carrying an `Origin` field (browsers send one, with the
+    /// user's cookies and client certificate) is refused with 403 unless
+    /// it is listed. Clients that are not browsers send none.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for MqttWebSocket {
@@ -113,6 +118,7 @@ impl Default for MqttWebSocket {
         MqttWebSocket {
             listeners: None,
             path: "/mqtt".into(),
+            allowed_origins: Vec::new(),
         }
     }
 }

@@ -476,6 +476,7 @@ impl Gateway {
                             service: Arc::new(crate::mqtt::MqttWebSocket {
                                 broker: m.broker.clone(),
                                 shutdown: shutdown.graceful.clone(),
+                                allowed_origins: ws.allowed_origins.clone(),
                             }),
                         })
                     }),

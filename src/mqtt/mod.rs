@@ -244,12 +244,18 @@ impl FrontEnd for MqttFrontEnd {
 pub struct MqttWebSocket {
     pub broker: Arc<Broker>,
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// `mqtt.websocket.allowed_origins`.
+    pub allowed_origins: Vec<String>,
 }
 
 /// The subprotocols MQTT over WebSocket takes.
 pub const WS_SUBPROTOCOLS: &[&str] = &["mqtt", "mqttv3.1"];
 
 impl transport::websocket::WsService for MqttWebSocket {
+    fn allows_origin(&self, headers: &http::HeaderMap) -> bool {
+        transport::websocket::origin_allowed(&self.allowed_origins, headers)
+    }
+
     fn max_message(&self) -> usize {
         // Packets may span messages; a message is at most a packet and a
         // header.

@@ -161,16 +161,27 @@ pub async fn server(io: Box<dyn UpgradedIo>, max_message: usize) -> WebSocket {
     WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
 }
 
-/// Whether a handshake from a page of `origin` may connect, given the
-/// origins an endpoint lists (`*` for any): clients that are not browsers
-/// send no `Origin` and are not affected.
-pub fn origin_allowed(allowed: &[String], origin: Option<&[u8]>) -> bool {
-    let Some(origin) = origin else {
+/// Whether a handshake may connect, given the origins an endpoint lists
+/// (`*` for any): one from a page of another site (its `Origin` names
+/// another host than the request's `Host`) only when its origin is listed.
+/// Clients that are not browsers send no `Origin`, or (as paho does) their
+/// target as their origin, and are not affected.
+pub fn origin_allowed(allowed: &[String], headers: &http::HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).map(|o| o.as_bytes()) else {
         return true;
     };
-    allowed
-        .iter()
-        .any(|o| o == "*" || o.as_bytes().eq_ignore_ascii_case(origin))
+    let authority = origin
+        .strip_prefix(b"https://")
+        .or_else(|| origin.strip_prefix(b"http://"));
+    let same_site = authority.is_some_and(|a| {
+        headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(a))
+    });
+    same_site
+        || allowed
+            .iter()
+            .any(|o| o == "*" || o.as_bytes().eq_ignore_ascii_case(origin))
 }
 
 /// Closes a WebSocket as its server: sends `frame`, waits (briefly) for
@@ -199,10 +210,10 @@ pub async fn finish(ws: &mut WebSocket) {
 pub trait WsService: Send + Sync + 'static {
     /// The largest message it takes.
     fn max_message(&self) -> usize;
-    /// Whether a handshake from a page of `origin` (its `Origin` field; none
-    /// from clients that are not browsers) may connect: a browser carries
-    /// the user's cookies and client certificate to any site's page.
-    fn allows_origin(&self, _origin: Option<&[u8]>) -> bool {
+    /// Whether a handshake with these header fields may connect (see
+    /// [`origin_allowed`]): a browser carries the user's cookies and client
+    /// certificate to any site's page.
+    fn allows_origin(&self, _headers: &http::HeaderMap) -> bool {
         true
     }
     /// Serves one connection; `protocol` is the subprotocol chosen.
@@ -269,10 +280,7 @@ impl<S: WsService> LocalService for WsEndpoint<S> {
         _conn: Arc<ConnState>,
     ) -> Pin<Box<dyn Future<Output = Switch> + Send>> {
         Box::pin(async move {
-            if !self
-                .service
-                .allows_origin(request.headers().get(header::ORIGIN).map(|o| o.as_bytes()))
-            {
+            if !self.service.allows_origin(request.headers()) {
                 return Switch::refuse(*refuse(
                     StatusCode::FORBIDDEN,
                     "this origin may not connect (allowed_origins)",
@@ -336,6 +344,42 @@ mod tests {
                 .headers()
                 .contains_key("sec-websocket-protocol")
         );
+    }
+
+    #[test]
+    fn only_listed_origins_and_the_same_site_connect() {
+        let headers = |origin: Option<&str>| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("gw.example:8443"));
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, o.parse().unwrap());
+            }
+            h
+        };
+        let listed = ["https://app.example".to_owned()];
+        assert!(origin_allowed(&listed, &headers(None)), "not a browser");
+        assert!(origin_allowed(
+            &listed,
+            &headers(Some("https://app.example"))
+        ));
+        assert!(
+            origin_allowed(&listed, &headers(Some("https://gw.example:8443"))),
+            "same site"
+        );
+        assert!(!origin_allowed(
+            &listed,
+            &headers(Some("https://evil.example"))
+        ));
+        assert!(
+            !origin_allowed(&listed, &headers(Some("https://gw.example"))),
+            "another port"
+        );
+        assert!(!origin_allowed(&listed, &headers(Some("null"))));
+        assert!(!origin_allowed(&[], &headers(Some("https://app.example"))));
+        assert!(origin_allowed(
+            &["*".to_owned()],
+            &headers(Some("https://evil.example"))
+        ));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -386,10 +386,7 @@ impl Tunnels {
                 "a tunnel peer must present a client certificate",
             ));
         };
-        if !origin_allowed(
-            &settings.allowed_origins,
-            request.headers().get(header::ORIGIN).map(|o| o.as_bytes()),
-        ) {
+        if !origin_allowed(&settings.allowed_origins, request.headers()) {
             relay.metrics.denied.inc();
             return Err(websocket::refuse(
                 StatusCode::FORBIDDEN,

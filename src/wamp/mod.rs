@@ -62,8 +62,8 @@ impl transport::websocket::WsService for Router {
         self.settings.load().max_message
     }
 
-    fn allows_origin(&self, origin: Option<&[u8]>) -> bool {
-        transport::websocket::origin_allowed(&self.settings.load().allowed_origins, origin)
+    fn allows_origin(&self, headers: &http::HeaderMap) -> bool {
+        transport::websocket::origin_allowed(&self.settings.load().allowed_origins, headers)
     }
 
     fn serve(
@@ -170,8 +170,7 @@ async fn websocket_handshake<S: Stream>(
         }
     };
     use transport::websocket::WsService;
-    let origin = request.headers().get(http::header::ORIGIN);
-    let accepted = match router.allows_origin(origin.map(|o| o.as_bytes())) {
+    let accepted = match router.allows_origin(request.headers()) {
         true => transport::websocket::accept(&request, WS_SUBPROTOCOLS),
         false => {
             let mut r = http::Response::new(bytes::Bytes::from_static(

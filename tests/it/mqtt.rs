@@ -1129,3 +1129,27 @@ async fn failed_logins_are_rate_limited() {
         1.0
     );
 }
+
+/// A browser page's handshake (it carries `Origin`) is refused unless
+/// `mqtt.websocket.allowed_origins` lists it; clients that are not
+/// browsers send none and connect.
+#[tokio::test]
+async fn browsers_connect_over_websocket_only_from_listed_origins() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (gw, _) = broker("").await;
+    let url = format!("ws://{}/mqtt", gw.addr());
+    let open = |origin: Option<&'static str>| {
+        let mut req = url.as_str().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+        if let Some(o) = origin {
+            req.headers_mut().insert("origin", o.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(req)
+    };
+    match open(Some("https://evil.example")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("expected 403, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    assert!(open(None).await.is_ok());
+}
