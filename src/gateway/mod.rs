@@ -362,6 +362,12 @@ impl Gateway {
                 }))
             }
         };
+        end_sessions_of_changed_users(
+            &users,
+            mqtt.as_ref().map(|m| m.broker.clone()),
+            wamp.as_ref().map(|w| w.router.clone()),
+            shutdown.force.clone(),
+        );
         let tunnels = Arc::new(TunnelPart(Arc::new(crate::tunnel::Tunnels::new(
             crate::tunnel::settings(&config).map_err(config_error)?,
             &metrics,
@@ -1102,6 +1108,47 @@ async fn settled(path: &std::path::Path, debounce: Duration) {
         }
         seen = now;
     }
+}
+
+/// Ends the MQTT and WAMP sessions of password users who are changed or
+/// removed (through the admin API, the CLI, the store or a reload): a
+/// device whose password was revoked does not stay connected.
+fn end_sessions_of_changed_users(
+    users: &crate::identity::Users,
+    broker: Option<Arc<crate::mqtt::Broker>>,
+    router: Option<Arc<crate::wamp::Router>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    if broker.is_none() && router.is_none() {
+        return;
+    }
+    let mut changes = users.changes();
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let names = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = changes.recv() => n,
+            };
+            match names {
+                Ok(names) => {
+                    if let Some(b) = &broker {
+                        b.end_sessions_of_users(&names);
+                    }
+                    if let Some(r) = &router {
+                        r.end_sessions_of_users(&names);
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "user changes came faster than sessions could be checked; some sessions of changed users may stay"
+                    );
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
 }
 
 /// The admin API's view of the running gateway.

@@ -125,6 +125,9 @@ pub struct Users {
     verified: moka::sync::Cache<[u8; 32], Arc<str>>,
     /// Hash checks running at once.
     checks: tokio::sync::Semaphore,
+    /// Names of users changed (password, roles, topics, claims) or removed:
+    /// sessions they logged in are ended by whoever holds them.
+    changed: tokio::sync::broadcast::Sender<Arc<[String]>>,
 }
 
 impl Default for Users {
@@ -137,6 +140,7 @@ impl Default for Users {
                 .time_to_live(REMEMBER)
                 .build(),
             checks: tokio::sync::Semaphore::new(cores),
+            changed: tokio::sync::broadcast::channel(64).0,
         }
     }
 }
@@ -145,11 +149,31 @@ impl Users {
     /// Replaces every user (later entries with the same name win: the
     /// store's over gateway.yaml's when given in that order).
     pub fn replace(&self, users: impl IntoIterator<Item = User>) {
-        let map = users
+        let map: HashMap<String, Arc<User>> = users
             .into_iter()
             .map(|u| (u.name.clone(), Arc::new(u)))
             .collect();
-        self.by_name.store(Arc::new(map));
+        let old = self.by_name.swap(Arc::new(map));
+        self.announce(&old);
+    }
+
+    /// Names of users changed or removed from now on (see `changed`).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<[String]>> {
+        self.changed.subscribe()
+    }
+
+    /// Tells the holders of sessions which users differ from `old`.
+    fn announce(&self, old: &HashMap<String, Arc<User>>) {
+        let now = self.by_name.load();
+        let changed: Vec<String> = old
+            .iter()
+            .filter(|(name, user)| now.get(*name).is_none_or(|u| **u != ***user))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !changed.is_empty() {
+            // Nobody listening (no broker, no router) is fine.
+            let _ = self.changed.send(changed.into());
+        }
     }
 
     /// Adds (or replaces) one user at once, ahead of the store's next
@@ -158,11 +182,12 @@ impl Users {
         let user = Arc::new(user);
         // rcu: an edit made meanwhile (a registration, another admin
         // write) is not lost.
-        self.by_name.rcu(|map| {
+        let old = self.by_name.rcu(|map| {
             let mut map = HashMap::clone(map);
             map.insert(user.name.clone(), user.clone());
             map
         });
+        self.announce(&old);
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<User>> {
@@ -178,11 +203,12 @@ impl Users {
 
     /// Takes one user out at once, ahead of the store's next load.
     pub fn remove(&self, name: &str) {
-        self.by_name.rcu(|map| {
+        let old = self.by_name.rcu(|map| {
             let mut map = HashMap::clone(map);
             map.remove(name);
             map
         });
+        self.announce(&old);
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -430,6 +430,35 @@ impl Broker {
         let Some(session) = self.sessions().get(client_id).cloned() else {
             return false;
         };
+        self.evict(&session);
+        tracing::info!(client_id, "MQTT session ended by the admin API");
+        true
+    }
+
+    /// Ends the sessions password users in `names` logged in (those users
+    /// were changed or removed); how many.
+    pub fn end_sessions_of_users(&self, names: &[String]) -> usize {
+        // Not under the sessions' lock: a session's own lock is taken below.
+        let all: Vec<Arc<Session>> = self.sessions().values().cloned().collect();
+        let victims: Vec<Arc<Session>> = all
+            .into_iter()
+            .filter(|s| {
+                s.state().identity.as_ref().is_some_and(|i| {
+                    i.method == crate::identity::AuthMethod::Password
+                        && names.iter().any(|n| *n == i.subject)
+                })
+            })
+            .collect();
+        for session in &victims {
+            self.evict(session);
+            tracing::info!(client_id = %session.client_id,
+                "MQTT session ended: its user was changed or removed");
+        }
+        victims.len()
+    }
+
+    /// Disconnects a session's client and ends the session.
+    fn evict(&self, session: &Arc<Session>) {
         {
             let mut st = session.state();
             st.evicted = true;
@@ -438,9 +467,7 @@ impl Broker {
                 k.notify_one();
             }
         }
-        self.drop_session(&session);
-        tracing::info!(client_id, "MQTT session ended by the admin API");
-        true
+        self.drop_session(session);
     }
 
     /// `GET /admin/mqtt/sessions`.

@@ -599,6 +599,33 @@ impl Router {
         serde_json::json!({ "realms": out })
     }
 
+    /// Ends the sessions password users in `names` joined with (a ticket
+    /// checked against the user's password; those users were changed or
+    /// removed); how many.
+    pub fn end_sessions_of_users(&self, names: &[String]) -> usize {
+        use crate::identity::AuthMethod;
+        let mut ended = 0;
+        for realm in self.realms.load().values() {
+            let mut state = realm.state();
+            let victims = state.sessions_where(0, |m| {
+                matches!(m.identity.method, AuthMethod::Password | AuthMethod::Ticket)
+                    && names.iter().any(|n| *n == m.identity.subject)
+            });
+            for id in victims {
+                if state.kill(
+                    id,
+                    "wamp.close.killed",
+                    Some("the user was changed or removed"),
+                ) {
+                    tracing::info!(realm = %realm.name, session = id,
+                        "WAMP session ended: its user was changed or removed");
+                    ended += 1;
+                }
+            }
+        }
+        ended
+    }
+
     /// Ends a session (in whichever realm) with GOODBYE `wamp.close.killed`;
     /// whether there was one.
     pub fn kill(&self, session: Id) -> bool {

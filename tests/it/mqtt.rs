@@ -1153,3 +1153,64 @@ async fn browsers_connect_over_websocket_only_from_listed_origins() {
     }
     assert!(open(None).await.is_ok());
 }
+
+/// A user changed or removed (admin API, CLI, store, reload) loses the
+/// sessions it logged in; other users keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_a_changed_or_removed_user_end() {
+    let (gw, addr) = broker("").await;
+    let made = admin_call(
+        &gw,
+        http::Method::POST,
+        "/admin/users",
+        Some(serde_json::json!({"name": "dev-y", "roles": ["device"]})),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let password = made.json()["password"].as_str().unwrap().to_owned();
+    let mut y = v4_connect(addr, "y", Some(("dev-y", &password)), true)
+        .await
+        .unwrap();
+    let mut a = v4_connect(addr, "a", login("dev-a"), true).await.unwrap();
+
+    let changed = admin_call(
+        &gw,
+        http::Method::PUT,
+        "/admin/users/dev-y",
+        Some(serde_json::json!({"roles": ["device", "sensor"]})),
+    )
+    .await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    let ended = tokio::time::timeout(Duration::from_secs(5), y.publishes.recv())
+        .await
+        .expect("dev-y's connection ends");
+    assert!(ended.is_none(), "the client's connection was closed");
+    // Others are untouched.
+    a.client
+        .subscribe("dev-a/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        suback(&mut a).await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+
+    // The same password still works (a PUT keeps it) until the user goes.
+    let mut y2 = v4_connect(addr, "y2", Some(("dev-y", &password)), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        admin_call(&gw, http::Method::DELETE, "/admin/users/dev-y", None)
+            .await
+            .status,
+        204
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), y2.publishes.recv())
+        .await
+        .expect("the removed user's connection ends");
+    assert!(ended.is_none());
+    let status = admin_call(&gw, http::Method::GET, "/admin/mqtt/sessions", None)
+        .await
+        .json();
+    assert!(!status.to_string().contains("\"y2\""), "{status}");
+}

@@ -1100,3 +1100,33 @@ async fn only_listed_origins_may_connect() {
         assert!(open(None).await.is_ok(), "{url}");
     }
 }
+
+/// A ticket user removed by a reload loses its session (GOODBYE
+/// `wamp.close.killed`); the other users keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_users_session_ends() {
+    let gw = TestGateway::start(&config("")).await;
+    let addr = gw.gw.listener_addr("wamp").unwrap();
+    let mut a = joined(addr, "a", true, false).await;
+    let mut b = joined(addr, "b", false, false).await;
+    let yaml = std::fs::read_to_string(&gw.path).unwrap();
+    let line = yaml
+        .lines()
+        .find(|l| l.contains("{ name: a,"))
+        .unwrap()
+        .to_owned();
+    std::fs::write(&gw.path, yaml.replace(&format!("{line}\n"), "")).unwrap();
+    let r = send(
+        http::Request::post(format!("http://{}/admin/reload", gw.gw.admin_addr()))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let bye = a.recv().await;
+    assert_eq!(bye[0], 6, "{bye}");
+    assert_eq!(bye[2], "wamp.close.killed", "{bye}");
+    // b still calls (an error for a procedure nobody registered is an answer).
+    let answer = b.ask(json!([48, 7, {}, "com.test.nobody"])).await;
+    assert_eq!(answer[0], 8, "{answer}");
+}
