@@ -453,7 +453,10 @@ impl Gateway {
         let pipeline = Arc::new(PipelineConfig {
             table: http.table.clone(),
             local: Arc::new(LocalSet {
-                token_server: TokenServerSlot(oauth.server.clone()),
+                token_server: TokenServerSlot {
+                    server: oauth.server.clone(),
+                    waiting: oauth.waiting.clone(),
+                },
                 registration: registration.clone(),
                 tunnels: tunnels.0.clone(),
                 wamp: wamp
@@ -1226,7 +1229,11 @@ impl AdminBackend for Gateway {
 
 /// The local services of the gateway's listeners: the token server, as
 /// the current config has it (none without an `oauth` section).
-struct TokenServerSlot(Arc<arc_swap::ArcSwapOption<crate::oauth::OAuthServer>>);
+struct TokenServerSlot {
+    server: Arc<arc_swap::ArcSwapOption<crate::oauth::OAuthServer>>,
+    /// Answers 503 while the token server waits for its store.
+    waiting: Arc<arc_swap::ArcSwapOption<crate::oauth::StoreWaiting>>,
+}
 
 /// Every local service on HTTP listeners: the token server, MQTT over
 /// WebSocket.
@@ -1275,9 +1282,14 @@ impl crate::transport::LocalServices for TokenServerSlot {
     ) -> Option<(Arc<dyn crate::transport::LocalService>, u16)> {
         use crate::transport::LocalService;
         // Cloned only when it answers the path: most requests go to routes.
-        let current = self.0.load();
-        let server = current.as_ref()?;
-        let endpoint = LocalService::endpoint(&**server, listener, path)?;
-        Some((server.clone(), endpoint))
+        let current = self.server.load();
+        if let Some(server) = current.as_ref() {
+            let endpoint = LocalService::endpoint(&**server, listener, path)?;
+            return Some((server.clone(), endpoint));
+        }
+        let waiting = self.waiting.load();
+        let waiting = waiting.as_ref()?;
+        let endpoint = LocalService::endpoint(&**waiting, listener, path)?;
+        Some((waiting.clone(), endpoint))
     }
 }

@@ -769,6 +769,53 @@ impl LocalService for OAuthServer {
     }
 }
 
+/// The token server's endpoints while it waits for its store: 503, so a
+/// client retries (a 404 would say there is no token server at all).
+pub struct StoreWaiting {
+    pub listeners: Vec<String>,
+    pub metrics: RouteMetrics,
+}
+
+impl LocalService for StoreWaiting {
+    fn name(&self) -> &str {
+        "oauth"
+    }
+
+    fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
+    }
+
+    fn endpoint(&self, listener: &str, path: &str) -> Option<u16> {
+        let ep = Endpoint::from_path(path)?;
+        self.listeners
+            .iter()
+            .any(|l| l == listener)
+            .then_some(ep.number())
+    }
+
+    fn serve<'a>(
+        self: Arc<Self>,
+        _endpoint: u16,
+        _request: Request<LocalBody>,
+        _peer: IpAddr,
+        _cert: Option<&'a CertIdentity>,
+    ) -> LocalFuture<'a> {
+        Box::pin(async {
+            let body = serde_json::json!({
+                "error": "temporarily_unavailable",
+                "error_description": "the token server waits for its store; retry shortly",
+            });
+            let mut r = json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from(body.to_string()),
+            );
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

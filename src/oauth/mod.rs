@@ -17,7 +17,7 @@ use bytes::Bytes;
 use prometheus::IntCounterVec;
 
 pub use clients::{Client, ClientRecord, Clients, new_secret};
-pub use endpoints::Endpoint;
+pub use endpoints::{Endpoint, StoreWaiting};
 pub use runtime::OAuthRuntime;
 
 use crate::config::OAuthConfig;

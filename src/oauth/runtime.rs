@@ -12,6 +12,7 @@ use arc_swap::ArcSwapOption;
 use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 
+use super::endpoints::StoreWaiting;
 use super::keys::{self, KeySource};
 use super::limit::Replays;
 use super::{ClientRecord, Clients, OAuthServer, serving_listeners};
@@ -29,6 +30,9 @@ pub struct OAuthRuntime {
     pub self_keys: SelfKeys,
     /// What the HTTP stack serves; `None` without an `oauth` section.
     pub server: Arc<ArcSwapOption<OAuthServer>>,
+    /// What answers the token server's endpoints while it waits for its
+    /// store (`server` is `None` then).
+    pub waiting: Arc<ArcSwapOption<StoreWaiting>>,
     /// The config last applied, for rebuilding on store changes.
     applied: Mutex<Option<(Arc<Config>, Arc<Revocations>)>>,
     issued: IntCounterVec,
@@ -182,6 +186,7 @@ impl OAuthRuntime {
         OAuthRuntime {
             self_keys: SelfKeys::default(),
             server: Arc::new(ArcSwapOption::empty()),
+            waiting: Arc::new(ArcSwapOption::empty()),
             applied: Mutex::new(None),
             limiter: Mutex::new(None),
             replays: Arc::default(),
@@ -244,6 +249,7 @@ impl OAuthRuntime {
         }
         let (Some(oauth), Some(store)) = (&cfg.oauth, store) else {
             self.server.store(None);
+            self.waiting.store(None);
             self.sync.loaded(generation);
             self.remember(cfg, revocations);
             return Ok(());
@@ -320,6 +326,7 @@ impl OAuthRuntime {
                 "token server ready"
             );
         }
+        self.waiting.store(None);
         self.server.store(Some(Arc::new(OAuthServer {
             issuer: oauth.issuer.clone(),
             clients,
@@ -361,6 +368,14 @@ impl OAuthRuntime {
         why: &str,
     ) {
         self.server.store(None);
+        self.waiting.store(cfg.oauth.as_ref().map(|oauth| {
+            let route_listeners: Vec<String> =
+                cfg.listeners.iter().map(|l| l.name.clone()).collect();
+            Arc::new(StoreWaiting {
+                listeners: serving_listeners(cfg, oauth),
+                metrics: self.metrics.route("oauth", &route_listeners),
+            })
+        }));
         *self.applied.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((cfg.clone(), revocations.clone()));
         self.sync.failed(why);

@@ -405,6 +405,19 @@ async fn a_gateway_starts_without_its_store_and_recovers() {
         r.text()
     );
 
+    // The token server's endpoints say "later", not "no such thing".
+    let waiting = send(
+        Request::post(gw.url("/oauth2/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full("grant_type=client_credentials"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(waiting.status, 503, "{}", waiting.text());
+    assert_eq!(waiting.json()["error"], "temporarily_unavailable");
+    assert_eq!(waiting.headers["retry-after"], "5");
+    assert_eq!(get(&gw.url("/.well-known/jwks.json")).await.status, 503);
+
     std::fs::remove_file(&blocked).unwrap();
     wait_until(
         Duration::from_secs(15),
