@@ -17,8 +17,6 @@ use super::{ConnState, LocalBody, LocalFuture, LocalService, Switch, UpgradedIo}
 use crate::identity::CertIdentity;
 use crate::metrics::RouteMetrics;
 
-const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-
 /// A WebSocket connection a local service took over.
 pub type WebSocket = WebSocketStream<Box<dyn UpgradedIo>>;
 
@@ -123,7 +121,11 @@ pub fn accept(
     let h = response.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept_value(key));
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::try_from(accept).expect("base64 is a valid field value"),
+    );
     if let Some(p) = protocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
@@ -137,16 +139,6 @@ pub fn upgrade_required(hint: &str) -> Response<Bytes> {
     r.headers_mut()
         .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     r
-}
-
-/// `Sec-WebSocket-Accept`: base64 of SHA-1 of the key and the GUID.
-fn accept_value(key: &[u8]) -> HeaderValue {
-    use base64::Engine;
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
-    ctx.update(key);
-    ctx.update(ACCEPT_GUID);
-    let encoded = base64::engine::general_purpose::STANDARD.encode(ctx.finish());
-    HeaderValue::try_from(encoded).expect("base64 is a valid field value")
 }
 
 /// The WebSocket on a connection after its `101`; a message (and a frame)
