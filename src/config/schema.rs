@@ -242,19 +242,88 @@ impl std::ops::Deref for PathList {
     }
 }
 
-/// The embedded store (OAuth clients, signing keys, revoked tokens).
+/// The store (OAuth clients, signing keys, revoked tokens, users, API
+/// routes): the embedded redb file at `path`, or etcd (`etcd`, cluster mode).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "StoreFields")]
 pub struct StoreConfig {
+    /// The embedded store's file (unused when `etcd` is given).
     pub path: PathBuf,
+    /// The cluster store; the embedded file when absent.
+    pub etcd: Option<EtcdStoreConfig>,
+    /// Whether `path` was written in the config (it may not be with `etcd`).
+    pub(super) path_given: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
+        StoreFields::default().into()
+    }
+}
+
+/// `store:` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFields {
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    etcd: Option<EtcdStoreConfig>,
+}
+
+impl From<StoreFields> for StoreConfig {
+    fn from(f: StoreFields) -> StoreConfig {
         StoreConfig {
-            path: PathBuf::from("data/tollgate.redb"),
+            path_given: f.path.is_some(),
+            path: f
+                .path
+                .unwrap_or_else(|| PathBuf::from("data/tollgate.redb")),
+            etcd: f.etcd,
         }
     }
+}
+
+/// `store.etcd`: the store on an etcd v3 cluster (needs a build with the
+/// `cluster` feature).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdStoreConfig {
+    /// `http://host:port`, or `https://` with `tls`.
+    #[serde(default = "default_etcd_endpoints")]
+    pub endpoints: Vec<String>,
+    /// Every key tollgate writes starts with it (several gateways can share
+    /// one etcd under different prefixes).
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+    /// Bounds every store call (connecting included).
+    #[serde(default = "default_etcd_timeout", deserialize_with = "units::duration")]
+    pub timeout: Duration,
+}
+
+/// TLS to etcd: the CA its certificates chain to, and a client
+/// certificate when etcd asks for one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+fn default_etcd_endpoints() -> Vec<String> {
+    vec!["http://127.0.0.1:2379".to_owned()]
+}
+
+fn default_etcd_prefix() -> String {
+    "/tollgate/".to_owned()
+}
+
+fn default_etcd_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// The OAuth 2.0 token server (client credentials grant).

@@ -76,9 +76,73 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
     mqtt(cfg, &mut errs);
     wamp(cfg, &mut errs);
     tunnels(cfg, &mut errs);
+    store(cfg, &mut errs);
     errs.nonzero("proxy.connect_timeout", cfg.proxy.connect_timeout);
     errs.nonzero("proxy.pool_idle_timeout", cfg.proxy.pool_idle_timeout);
     errs.0
+}
+
+/// `store`: the embedded file or etcd, not both; etcd only in a build with
+/// cluster support.
+fn store(cfg: &Config, errs: &mut Errors) {
+    let Some(etcd) = &cfg.store.etcd else {
+        return;
+    };
+    if !cfg!(feature = "cluster") {
+        errs.add(
+            "store.etcd",
+            "this build has no cluster support (build with --features cluster)",
+        );
+        return;
+    }
+    if cfg.store.path_given {
+        errs.add(
+            "store.path",
+            "give either `store.path` (the embedded store) or `store.etcd`, not both",
+        );
+    }
+    if etcd.endpoints.is_empty() {
+        errs.add(
+            "store.etcd.endpoints",
+            "must name at least one etcd endpoint (e.g. `http://127.0.0.1:2379`)",
+        );
+    }
+    for (i, e) in etcd.endpoints.iter().enumerate() {
+        let at = format!("store.etcd.endpoints[{i}]");
+        let tls = e.starts_with("https://");
+        if !tls && !e.starts_with("http://") {
+            errs.add(at, format!("`{e}` must start with `http://` or `https://`"));
+        } else if e.parse::<http::Uri>().map_or(true, |u| u.host().is_none()) {
+            errs.add(at, format!("`{e}` is not a URL like `http://host:2379`"));
+        } else if tls && etcd.tls.is_none() {
+            errs.add(
+                at,
+                "an `https://` endpoint needs `store.etcd.tls.ca` (the CA etcd's certificate chains to)",
+            );
+        } else if !tls && etcd.tls.is_some() {
+            errs.add(
+                at,
+                "with `store.etcd.tls` every endpoint must be `https://`",
+            );
+        }
+    }
+    if !etcd.prefix.ends_with('/') {
+        errs.add(
+            "store.etcd.prefix",
+            format!("`{}` must end with `/` (e.g. `/tollgate/`)", etcd.prefix),
+        );
+    }
+    if etcd
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.cert.is_some() != t.key.is_some())
+    {
+        errs.add(
+            "store.etcd.tls",
+            "`cert` and `key` go together (a client certificate and its key)",
+        );
+    }
+    errs.nonzero("store.etcd.timeout", etcd.timeout);
 }
 
 fn listeners(cfg: &Config, errs: &mut Errors) {

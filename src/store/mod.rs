@@ -1,13 +1,16 @@
 //! What the gateway and the CLI write at run time (OAuth clients, signing
 //! keys, revoked token ids, API-registered routes, users), behind one
-//! interface: [`Store`]. The embedded redb file ([`RedbStore`]) is the one
-//! implementation today; a distributed store is another behind the same
-//! trait. [`open`] is the one place that picks it from the config.
+//! interface: [`Store`]. The embedded redb file ([`RedbStore`]) is the
+//! default; etcd (`EtcdStore`, the `cluster` feature) is the store shared by
+//! the nodes of a cluster. [`open`] is the one place that picks one from the
+//! config.
 //!
 //! Records are JSON (the helpers on `dyn Store` do the encoding), so a
 //! store stays readable across versions and implementations.
 
 mod embedded;
+#[cfg(feature = "cluster")]
+mod etcd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +19,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use embedded::{DbError, RedbStore};
+#[cfg(feature = "cluster")]
+pub use etcd::EtcdStore;
 
 use crate::config::Config;
 
@@ -99,7 +104,9 @@ pub trait Store: Send + Sync {
     fn remove(&self, table: Table, key: &str) -> Result<bool, StoreError>;
     /// Reads a whole table and replaces it with what `f` returns, in one
     /// transaction (so two writers cannot lose each other's rows); `None`
-    /// changes nothing. Whether it changed.
+    /// changes nothing. Whether it changed. `f` may run more than once (a
+    /// distributed store runs it again when another writer got in first);
+    /// only its last run is written.
     fn update(
         &self,
         table: Table,
@@ -123,20 +130,48 @@ pub trait StoreView: Send + Sync {
 
 /// The store the config names (`store:`), shared in this process.
 pub fn open(cfg: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(etcd) = &cfg.store.etcd {
+        return open_etcd(cfg, etcd);
+    }
     Ok(RedbStore::shared(&cfg.resolve(&cfg.store.path))?)
 }
 
+#[cfg(feature = "cluster")]
+fn open_etcd(
+    cfg: &Config,
+    etcd: &crate::config::EtcdStoreConfig,
+) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(EtcdStore::shared(cfg, etcd)?)
+}
+
+/// Without cluster support the config check refuses `store.etcd`; this
+/// says so again to whoever skipped it.
+#[cfg(not(feature = "cluster"))]
+fn open_etcd(
+    _: &Config,
+    etcd: &crate::config::EtcdStoreConfig,
+) -> Result<Arc<dyn Store>, StoreError> {
+    Err(StoreError::Io {
+        path: PathBuf::from(format!("etcd {}", etcd.endpoints.join(","))),
+        message: "this build has no cluster support (build with --features cluster)".to_owned(),
+    })
+}
+
 /// The store the config names, if it exists already (read-only callers
-/// must not create one).
+/// must not create one). etcd always exists.
 pub fn existing(cfg: &Config) -> Result<Option<Arc<dyn Store>>, StoreError> {
-    if !cfg.resolve(&cfg.store.path).exists() {
+    if cfg.store.etcd.is_none() && !cfg.resolve(&cfg.store.path).exists() {
         return Ok(None);
     }
     open(cfg).map(Some)
 }
 
-/// Where a change of the configured store is announced, if anywhere.
+/// Where a change of the configured store is announced, if anywhere (not
+/// for etcd: its changes reach the gateway through the generation).
 pub fn change_marker(cfg: &Config) -> Option<PathBuf> {
+    if cfg.store.etcd.is_some() {
+        return None;
+    }
     Some(RedbStore::marker_for(&cfg.resolve(&cfg.store.path)))
 }
 
@@ -191,19 +226,18 @@ impl dyn Store + '_ {
 
     /// Reads the signing keys and replaces them with what `f` returns, in one
     /// write transaction (so the CLI and the gateway cannot lose each
-    /// other's keys). `f` returning `None` changes nothing.
+    /// other's keys). `f` returning `None` changes nothing; it may run more
+    /// than once (see [`Store::update`]).
     pub fn update_signing_keys<V, T>(
         &self,
-        f: impl FnOnce(Vec<V>) -> Result<(Option<Vec<(String, V)>>, T), String>,
+        mut f: impl FnMut(Vec<V>) -> Result<(Option<Vec<(String, V)>>, T), String>,
     ) -> Result<T, String>
     where
         V: Serialize + DeserializeOwned,
     {
-        let mut f = Some(f);
         let mut out = None;
         let table = Table::SigningKeys;
         self.update(table, &mut |rows| {
-            let f = f.take().ok_or("the update ran twice")?;
             let current = rows
                 .iter()
                 .map(|(_, v)| serde_json::from_slice(v).map_err(|e| corrupt(self, table, e)))

@@ -18,6 +18,7 @@ mod oauth;
 mod proxy;
 mod routing;
 mod state;
+mod store_etcd;
 mod support;
 mod tls;
 mod tunnel;

@@ -1,0 +1,433 @@
+//! The store on etcd (cluster mode, the `cluster` feature): every node of a
+//! swarm reads and writes the same records.
+//!
+//! Keys, under the configured prefix: `<table>/<key>` (JSON records),
+//! `revoked/<jti>` (the unix time after which the revocation no longer
+//! matters) and `meta/generation` (how many write transactions the store has
+//! committed). Every write is one etcd transaction that also bumps the
+//! generation and only commits if the generation's revision is still the one
+//! read before (retried a bounded number of times otherwise), so
+//! [`Store::generation`] counts writes across nodes and two writers of an
+//! `update` cannot lose each other's rows.
+//!
+//! The store interface is synchronous and is called from plain threads and
+//! from inside tokio runtimes (current-thread ones included). The etcd client
+//! therefore runs on its own small runtime; a call sends its request there
+//! and waits on a std channel, bounded by the configured timeout, so no call
+//! blocks the caller's runtime or hangs while etcd is unreachable.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+
+use super::{Row, Store, StoreError, Table};
+use crate::config::{Config, EtcdStoreConfig, EtcdTls};
+
+/// Under the prefix: the write counter.
+const GENERATION: &str = "meta/generation";
+/// Under the prefix: revoked token ids.
+const REVOKED: &str = "revoked/";
+/// etcd's default `--max-txn-ops`.
+const MAX_TXN_OPS: usize = 128;
+/// How often a write is tried while other writers keep getting in first.
+const MAX_ATTEMPTS: usize = 32;
+
+pub struct EtcdStore {
+    client: Client,
+    endpoints: String,
+    prefix: String,
+    timeout: Duration,
+}
+
+/// The runtime the etcd clients of this process run on.
+fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("tollgate-etcd")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the etcd client's runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Runs `fut` on the etcd runtime and waits for it, at most `timeout`.
+fn run<T, F>(timeout: Duration, fut: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+{
+    let rt = runtime()?;
+    let (tx, rx) = mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(tokio::time::timeout(timeout, fut).await);
+    });
+    // The runtime's own timeout answers first; this one is a backstop.
+    match rx.recv_timeout(timeout + Duration::from_secs(1)) {
+        Ok(Ok(Ok(v))) => Ok(v),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(_)) | Err(_) => Err(format!("no answer from etcd within {timeout:?}")),
+    }
+}
+
+/// What a write does, given the records it read: the operations and what
+/// to return, or `None` to write nothing.
+type Plan<'a, R> = dyn FnMut(Vec<KeyValue>) -> Result<Option<(Vec<TxnOp>, R)>, StoreError> + 'a;
+
+/// The generation counter as read: its value and its key's revision (0:
+/// never written).
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    value: u64,
+    revision: i64,
+}
+
+impl EtcdStore {
+    /// A client for `etcd` (files in it resolved by the caller). Connecting
+    /// is lazy: an unreachable etcd fails the calls, not this.
+    pub fn connect(etcd: &EtcdStoreConfig) -> Result<EtcdStore, StoreError> {
+        let endpoints = etcd.endpoints.join(",");
+        let fail = |message: String| StoreError::Io {
+            path: PathBuf::from(describe(&endpoints, &etcd.prefix)),
+            message,
+        };
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(etcd.timeout)
+            .with_timeout(etcd.timeout)
+            .with_keep_alive(Duration::from_secs(10), etcd.timeout);
+        if let Some(tls) = &etcd.tls {
+            options = options.with_tls(tls_options(tls).map_err(fail)?);
+        }
+        let list = etcd.endpoints.clone();
+        let client = run(etcd.timeout, async move {
+            Client::connect(list, Some(options)).await
+        })
+        .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        Ok(EtcdStore {
+            client,
+            endpoints,
+            prefix: etcd.prefix.clone(),
+            timeout: etcd.timeout,
+        })
+    }
+
+    /// One client per etcd (endpoints, prefix, TLS, timeout) in this
+    /// process: the store is opened per operation.
+    pub fn shared(cfg: &Config, etcd: &EtcdStoreConfig) -> Result<Arc<EtcdStore>, StoreError> {
+        static OPEN: Mutex<Vec<(EtcdStoreConfig, Arc<EtcdStore>)>> = Mutex::new(Vec::new());
+        let mut etcd = etcd.clone();
+        if let Some(tls) = &mut etcd.tls {
+            tls.ca = cfg.resolve(&tls.ca);
+            tls.cert = tls.cert.as_ref().map(|p| cfg.resolve(p));
+            tls.key = tls.key.as_ref().map(|p| cfg.resolve(p));
+        }
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, s)) = open.iter().find(|(c, _)| *c == etcd) {
+            return Ok(s.clone());
+        }
+        let store = Arc::new(EtcdStore::connect(&etcd)?);
+        open.push((etcd, store.clone()));
+        Ok(store)
+    }
+
+    fn io(&self, message: impl std::fmt::Display) -> StoreError {
+        StoreError::Io {
+            path: PathBuf::from(self.describe()),
+            message: message.to_string(),
+        }
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    fn table_dir(&self, table: Table) -> String {
+        self.key(&format!("{}/", table.name()))
+    }
+
+    /// `fut` on the etcd runtime, its error naming what was being done.
+    fn call<T, F>(&self, what: &str, fut: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        run(self.timeout, fut).map_err(|e| self.io(format!("{what}: {e}")))
+    }
+
+    /// Every record under `dir`, in key order.
+    fn range(&self, what: &str, dir: String) -> Result<Vec<KeyValue>, StoreError> {
+        let mut kv = self.client.kv_client();
+        self.call(what, async move {
+            let mut resp = kv.get(dir, Some(GetOptions::new().with_prefix())).await?;
+            Ok(resp.take_kvs())
+        })
+    }
+
+    /// The generation counter and the records under `dir`, read at one
+    /// revision.
+    fn snapshot(
+        &self,
+        what: &str,
+        dir: Option<String>,
+    ) -> Result<(Counter, Vec<KeyValue>), StoreError> {
+        let mut kv = self.client.kv_client();
+        let mut ops = vec![TxnOp::get(self.key(GENERATION), None)];
+        if let Some(dir) = dir {
+            ops.push(TxnOp::get(dir, Some(GetOptions::new().with_prefix())));
+        }
+        let resp = self.call(what, async move { kv.txn(Txn::new().and_then(ops)).await })?;
+        let mut gets = resp.op_responses().into_iter().map(|r| match r {
+            TxnOpResponse::Get(mut g) => g.take_kvs(),
+            _ => Vec::new(),
+        });
+        let counter = match gets.next().unwrap_or_default().first() {
+            None => Counter {
+                value: 0,
+                revision: 0,
+            },
+            Some(kv) => Counter {
+                value: std::str::from_utf8(kv.value())
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| self.corrupt("meta", "the generation is not a number"))?,
+                revision: kv.mod_revision(),
+            },
+        };
+        Ok((counter, gets.next().unwrap_or_default()))
+    }
+
+    fn corrupt(&self, table: &str, message: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            path: PathBuf::from(self.describe()),
+            table: table.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// One write transaction: reads the counter (and the records under
+    /// `dir`), asks `plan` for the operations (`None`: nothing to write),
+    /// and commits them with the counter bumped if nobody wrote in between;
+    /// otherwise reads and plans again.
+    fn write<R>(
+        &self,
+        what: &str,
+        dir: Option<String>,
+        plan: &mut Plan<'_, R>,
+    ) -> Result<Option<(Vec<TxnOpResponse>, R)>, StoreError> {
+        let started = Instant::now();
+        for _ in 0..MAX_ATTEMPTS {
+            let (counter, rows) = self.snapshot(what, dir.clone())?;
+            let Some((mut ops, out)) = plan(rows)? else {
+                return Ok(None);
+            };
+            if ops.len() >= MAX_TXN_OPS {
+                return Err(self.io(format!(
+                    "{what}: {} changes are more than one etcd transaction may hold ({})",
+                    ops.len(),
+                    MAX_TXN_OPS - 1
+                )));
+            }
+            let generation = self.key(GENERATION);
+            ops.push(TxnOp::put(
+                generation.clone(),
+                (counter.value + 1).to_string(),
+                None,
+            ));
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    generation,
+                    CompareOp::Equal,
+                    counter.revision,
+                )])
+                .and_then(ops);
+            let mut kv = self.client.kv_client();
+            let resp = self.call(what, async move { kv.txn(txn).await })?;
+            if resp.succeeded() {
+                return Ok(Some((resp.op_responses(), out)));
+            }
+            if started.elapsed() >= self.timeout {
+                break;
+            }
+        }
+        Err(self.io(format!(
+            "{what}: other writers kept changing the store; gave up after {:?}",
+            started.elapsed()
+        )))
+    }
+
+    /// `kvs` under `dir`, as (key without `dir`, value).
+    fn rows(&self, dir: &str, kvs: Vec<KeyValue>) -> Result<Vec<Row>, StoreError> {
+        kvs.into_iter()
+            .map(|kv| {
+                let key = std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|k| k.strip_prefix(dir))
+                    .ok_or_else(|| self.io(format!("a key under `{dir}` is not UTF-8")))?;
+                Ok((key.to_owned(), kv.value().to_vec()))
+            })
+            .collect()
+    }
+
+    fn revocations(&self, kvs: Vec<KeyValue>) -> Result<Vec<(String, u64)>, StoreError> {
+        let dir = self.key(REVOKED);
+        self.rows(&dir, kvs)?
+            .into_iter()
+            .map(|(jti, until)| {
+                let until = std::str::from_utf8(&until)
+                    .ok()
+                    .and_then(|u| u.parse().ok())
+                    .ok_or_else(|| {
+                        self.corrupt("revoked", format!("`{jti}`: the time is not a number"))
+                    })?;
+                Ok((jti, until))
+            })
+            .collect()
+    }
+}
+
+fn describe(endpoints: &str, prefix: &str) -> String {
+    format!("etcd {endpoints} (prefix {prefix})")
+}
+
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, String> {
+    let read =
+        |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()));
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        options = options.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(options)
+}
+
+impl Store for EtcdStore {
+    fn describe(&self) -> String {
+        describe(&self.endpoints, &self.prefix)
+    }
+
+    fn change_marker(&self) -> Option<PathBuf> {
+        None
+    }
+
+    fn generation(&self) -> Result<u64, StoreError> {
+        Ok(self.snapshot("reading the generation", None)?.0.value)
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<Row>, StoreError> {
+        let dir = self.table_dir(table);
+        let kvs = self.range(&format!("reading `{}`", table.name()), dir.clone())?;
+        self.rows(&dir, kvs)
+    }
+
+    fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let key = format!("{}{key}", self.table_dir(table));
+        self.write(&format!("writing to `{}`", table.name()), None, &mut |_| {
+            Ok(Some((vec![TxnOp::put(key.clone(), value, None)], ())))
+        })?;
+        Ok(())
+    }
+
+    fn remove(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+        let key = format!("{}{key}", self.table_dir(table));
+        let written = self.write(
+            &format!("removing from `{}`", table.name()),
+            None,
+            &mut |_| Ok(Some((vec![TxnOp::delete(key.clone(), None)], ()))),
+        )?;
+        Ok(written.is_some_and(|(resps, ())| {
+            matches!(resps.first(), Some(TxnOpResponse::Delete(d)) if d.deleted() > 0)
+        }))
+    }
+
+    fn update(
+        &self,
+        table: Table,
+        f: &mut dyn FnMut(Vec<Row>) -> Result<Option<Vec<Row>>, String>,
+    ) -> Result<bool, StoreError> {
+        let dir = self.table_dir(table);
+        let written = self.write(
+            &format!("updating `{}`", table.name()),
+            Some(dir.clone()),
+            &mut |kvs| {
+                let current = self.rows(&dir, kvs)?;
+                let Some(next) = f(current.clone()).map_err(|message| StoreError::Refused {
+                    table: table.name(),
+                    message,
+                })?
+                else {
+                    return Ok(None);
+                };
+                // Later rows of the same key win, as in the embedded store.
+                let next: BTreeMap<String, Vec<u8>> = next.into_iter().collect();
+                let current: BTreeMap<String, Vec<u8>> = current.into_iter().collect();
+                let mut ops = Vec::new();
+                for k in current.keys().filter(|k| !next.contains_key(*k)) {
+                    ops.push(TxnOp::delete(format!("{dir}{k}"), None));
+                }
+                for (k, v) in next.iter().filter(|(k, v)| current.get(*k) != Some(*v)) {
+                    ops.push(TxnOp::put(format!("{dir}{k}"), v.clone(), None));
+                }
+                Ok(Some((ops, ())))
+            },
+        )?;
+        Ok(written.is_some())
+    }
+
+    fn revoked(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let kvs = self.range("reading revoked tokens", self.key(REVOKED))?;
+        self.revocations(kvs)
+    }
+
+    fn revoke(&self, jti: &str, until: u64) -> Result<(), StoreError> {
+        let key = self.key(&format!("{REVOKED}{jti}"));
+        self.write("revoking a token", None, &mut |_| {
+            Ok(Some((
+                vec![TxnOp::put(key.clone(), until.to_string(), None)],
+                (),
+            )))
+        })?;
+        Ok(())
+    }
+
+    fn purge_revoked(&self, now: u64) -> Result<usize, StoreError> {
+        // In transactions of at most what etcd allows; almost always one.
+        let mut purged = 0;
+        loop {
+            let mut more = false;
+            let written = self.write(
+                "purging revoked tokens",
+                Some(self.key(REVOKED)),
+                &mut |kvs| {
+                    let expired: Vec<String> = self
+                        .revocations(kvs)?
+                        .into_iter()
+                        .filter(|(_, until)| *until <= now)
+                        .map(|(jti, _)| jti)
+                        .collect();
+                    more = expired.len() >= MAX_TXN_OPS;
+                    let ops: Vec<TxnOp> = expired
+                        .iter()
+                        .take(MAX_TXN_OPS - 1)
+                        .map(|jti| TxnOp::delete(self.key(&format!("{REVOKED}{jti}")), None))
+                        .collect();
+                    let n = ops.len();
+                    Ok(Some((ops, n)))
+                },
+            )?;
+            purged += written.map_or(0, |(_, n)| n);
+            if !more {
+                return Ok(purged);
+            }
+        }
+    }
+}
