@@ -129,6 +129,23 @@ async fn tunnels(gw: &TestGateway) -> Value {
         .json()
 }
 
+/// A peer on `id` with a certificate of its own (CN `name`, O `org`).
+async fn peer(addr: SocketAddr, ca: &TestCa, name: &str, org: &str, id: &str) -> Peer {
+    connect(addr, &ca.pem(), Some(&ca.client(name, org)), id)
+        .await
+        .unwrap()
+}
+
+/// Waits until `n` peers are on `id`.
+async fn joined(gw: &TestGateway, id: &str, n: usize) {
+    wait_until(
+        Duration::from_secs(5),
+        &format!("{n} peers on {id}"),
+        || async { peers_on(&tunnels(gw).await, id) == n },
+    )
+    .await;
+}
+
 /// Peers on `id` (under any prefix).
 fn peers_on(status: &Value, id: &str) -> usize {
     status
@@ -153,10 +170,7 @@ async fn two_peers_relay_text_and_binary_in_order_and_closes_propagate() {
     let mut b = connect(addr, &ca.pem(), Some(&dhcp), "dhcp-0001")
         .await
         .unwrap();
-    wait_until(Duration::from_secs(5), "both peers joined", || async {
-        peers_on(&tunnels(&gw).await, "dhcp-0001") == 2
-    })
-    .await;
+    joined(&gw, "dhcp-0001", 2).await;
     // A peer on another id hears nothing.
     let mut elsewhere = connect(addr, &ca.pem(), Some(&dhcp), "dhcp-0002")
         .await
@@ -220,10 +234,7 @@ async fn two_peers_relay_text_and_binary_in_order_and_closes_propagate() {
     // truncation.
     end_cleanly(&mut b).await;
     end_cleanly(&mut a).await;
-    wait_until(Duration::from_secs(5), "the id is empty", || async {
-        peers_on(&tunnels(&gw).await, "dhcp-0001") == 0
-    })
-    .await;
+    joined(&gw, "dhcp-0001", 0).await;
     let m = gw.metrics().await;
     assert_eq!(
         metric(
@@ -255,24 +266,15 @@ async fn a_dropped_connection_closes_the_pipe_unless_told_otherwise() {
     // Kept open: the other peer stays when one goes.
     let a = connect(addr, &ca.pem(), Some(&one), "kept").await.unwrap();
     let mut b = connect(addr, &ca.pem(), Some(&two), "kept").await.unwrap();
-    wait_until(Duration::from_secs(5), "joined", || async {
-        peers_on(&tunnels(&gw).await, "kept") == 2
-    })
-    .await;
+    joined(&gw, "kept", 2).await;
     drop(a);
-    wait_until(Duration::from_secs(5), "a left", || async {
-        peers_on(&tunnels(&gw).await, "kept") == 1
-    })
-    .await;
+    joined(&gw, "kept", 1).await;
     assert!(quiet(&mut b).await, "b stays connected");
 
     // A pipe: a connection dropped without a close closes the other end.
     let a = connect_at(addr, &ca.pem(), &one, "/pipe/p").await;
     let mut b = connect_at(addr, &ca.pem(), &two, "/pipe/p").await;
-    wait_until(Duration::from_secs(5), "joined", || async {
-        peers_on(&tunnels(&gw).await, "p") == 2
-    })
-    .await;
+    joined(&gw, "p", 2).await;
     drop(a);
     match next(&mut b).await {
         Some(Message::Close(Some(f))) => {
@@ -344,10 +346,7 @@ async fn who_may_join_and_how_many() {
     let mut m = connect(addr, &ca.pem(), Some(&manager), "dev-1")
         .await
         .unwrap();
-    wait_until(Duration::from_secs(5), "both joined", || async {
-        peers_on(&tunnels(&gw).await, "dev-1") == 2
-    })
-    .await;
+    joined(&gw, "dev-1", 2).await;
     // Full: a third certificate is refused...
     let third = ca.client("ops", "Micronets Manager");
     assert_eq!(
@@ -440,10 +439,7 @@ async fn limits_oversize_messages_and_slow_peers() {
     let slow = connect_over(tcp, &ca.pem(), Some(&b_id), "slow")
         .await
         .unwrap();
-    wait_until(Duration::from_secs(5), "both joined", || async {
-        peers_on(&tunnels(&gw).await, "slow") == 2
-    })
-    .await;
+    joined(&gw, "slow", 2).await;
     let chunk = Bytes::from(vec![1u8; 2000]);
     let sent = async {
         loop {
@@ -472,10 +468,7 @@ async fn limits_oversize_messages_and_slow_peers() {
     drop(slow);
     // The sender is still served: a new peer hears it.
     let mut c = connect(addr, &ca.pem(), Some(&c_id), "slow").await.unwrap();
-    wait_until(Duration::from_secs(5), "c joined", || async {
-        peers_on(&tunnels(&gw).await, "slow") == 2
-    })
-    .await;
+    joined(&gw, "slow", 2).await;
     fast.send(Message::Text("after".into())).await.unwrap();
     // (What the relay had not read of the burst yet may come first.)
     let mut got = next(&mut c).await;
@@ -494,20 +487,11 @@ async fn the_micronets_envelope_is_checked_and_answers_go_to_the_asker() {
     )
     .await;
     let addr = gw.gw.listener_addr("edge").unwrap();
-    let mut manager = connect(addr, &ca.pem(), Some(&ca.client("m", "o")), "gw-7")
-        .await
-        .unwrap();
-    let mut dhcp = connect(addr, &ca.pem(), Some(&ca.client("d", "o")), "gw-7")
-        .await
-        .unwrap();
-    let mut logger = connect(addr, &ca.pem(), Some(&ca.client("l", "o")), "gw-7")
-        .await
-        .unwrap();
+    let mut manager = peer(addr, &ca, "m", "o", "gw-7").await;
+    let mut dhcp = peer(addr, &ca, "d", "o", "gw-7").await;
+    let mut logger = peer(addr, &ca, "l", "o", "gw-7").await;
 
-    wait_until(Duration::from_secs(5), "all three joined", || async {
-        peers_on(&tunnels(&gw).await, "gw-7") == 3
-    })
-    .await;
+    joined(&gw, "gw-7", 3).await;
     // Malformed: answered to the sender, relayed to nobody.
     for (bad, says) in [
         (Message::Text("not json".into()), "not JSON"),
@@ -640,9 +624,7 @@ async fn http_requests_are_carried_to_the_peer_and_answered() {
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"], "tunnel_no_peer");
 
-    let ws = connect(addr, &ca.pem(), Some(&ca.client("dev-1", "d")), "dev-1")
-        .await
-        .unwrap();
+    let ws = peer(addr, &ca, "dev-1", "d", "dev-1").await;
     let _dev = device(ws, |m| {
         let path = m["path"].as_str().unwrap();
         let id = m["messageId"].clone();
@@ -665,10 +647,7 @@ async fn http_requests_are_carried_to_the_peer_and_answered() {
         }
     });
 
-    wait_until(Duration::from_secs(5), "the device joined", || async {
-        peers_on(&tunnels(&gw).await, "dev-1") == 1
-    })
-    .await;
+    joined(&gw, "dev-1", 1).await;
     // JSON body, query strings and headers arrive; the answer comes back.
     let r = send(
         Request::post(url("/dhcp/echo?subnet=a%20b&x=1&x=2"))
@@ -787,12 +766,8 @@ async fn quiet_peers_are_pinged_and_silent_ones_closed() {
     )
     .await;
     let addr = gw.gw.listener_addr("edge").unwrap();
-    let mut awake = connect(addr, &ca.pem(), Some(&ca.client("a", "o")), "idle")
-        .await
-        .unwrap();
-    let mut asleep = connect(addr, &ca.pem(), Some(&ca.client("b", "o")), "idle")
-        .await
-        .unwrap();
+    let mut awake = peer(addr, &ca, "a", "o", "idle").await;
+    let mut asleep = peer(addr, &ca, "b", "o", "idle").await;
     // One reads (and so answers the relay's pings); the other does not.
     let reader = tokio::spawn(async move {
         let mut pings = 0;
@@ -837,13 +812,8 @@ async fn only_a_peer_the_request_went_to_answers_it_and_late_answers_go_nowhere(
     )
     .await;
     let addr = gw.gw.listener_addr("edge").unwrap();
-    let mut device = connect(addr, &ca.pem(), Some(&ca.client("dev-9", "d")), "dev-9")
-        .await
-        .unwrap();
-    wait_until(Duration::from_secs(5), "the device joined", || async {
-        peers_on(&tunnels(&gw).await, "dev-9") == 1
-    })
-    .await;
+    let mut device = peer(addr, &ca, "dev-9", "d", "dev-9").await;
+    joined(&gw, "dev-9", 1).await;
     let url = gw.url("/dev/x");
     let waiting = tokio::spawn(async move { get(&url).await });
     let request = next_json(&mut device).await;
@@ -852,13 +822,8 @@ async fn only_a_peer_the_request_went_to_answers_it_and_late_answers_go_nowhere(
 
     // A peer that joins afterwards never got the request: its "answer"
     // is not taken, and not relayed either.
-    let mut intruder = connect(addr, &ca.pem(), Some(&ca.client("x", "d")), "dev-9")
-        .await
-        .unwrap();
-    wait_until(Duration::from_secs(5), "the intruder joined", || async {
-        peers_on(&tunnels(&gw).await, "dev-9") == 2
-    })
-    .await;
+    let mut intruder = peer(addr, &ca, "x", "d", "dev-9").await;
+    joined(&gw, "dev-9", 2).await;
     let answer = |status: u16, body: &str| {
         json!({"message": {"messageId": 1, "inResponseTo": id, "messageType": "REST:RESPONSE",
             "requiresResponse": false, "statusCode": status, "dataFormat": "text/plain",
@@ -903,19 +868,14 @@ async fn a_peer_whose_writes_stall_is_put_out_and_a_removed_tunnel_closes_its_pe
     )
     .await;
     let addr = gw.gw.listener_addr("edge").unwrap();
-    let mut fast = connect(addr, &ca.pem(), Some(&ca.client("a", "o")), "w")
-        .await
-        .unwrap();
+    let mut fast = peer(addr, &ca, "a", "o", "w").await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(8192).unwrap();
     let tcp = socket.connect(addr).await.unwrap();
     let _asleep = connect_over(tcp, &ca.pem(), Some(&ca.client("b", "o")), "w")
         .await
         .unwrap();
-    wait_until(Duration::from_secs(5), "both joined", || async {
-        peers_on(&tunnels(&gw).await, "w") == 2
-    })
-    .await;
+    joined(&gw, "w", 2).await;
     // Its queue never fills (64 MiB), but writing to it stops moving.
     let chunk = Bytes::from(vec![2u8; 16 * 1024]);
     let sent = async {
@@ -936,10 +896,7 @@ async fn a_peer_whose_writes_stall_is_put_out_and_a_removed_tunnel_closes_its_pe
 
     // A reload that removes a tunnel closes its peers (1001).
     let mut other = connect_at(addr, &ca.pem(), &ca.client("c", "o"), "/other/o").await;
-    wait_until(Duration::from_secs(5), "joined", || async {
-        peers_on(&tunnels(&gw).await, "o") == 1
-    })
-    .await;
+    joined(&gw, "o", 1).await;
     std::fs::write(
         &gw.path,
         std::fs::read_to_string(&gw.path)
