@@ -302,13 +302,19 @@ async fn reload(gw: &dyn AdminBackend) -> Response<Full<Bytes>> {
             &json!({ "reloaded": format!("{r:?}").to_lowercase(), "store": gw.status()["store"] }),
         ),
         // The file is fine; the store could not be read (it is retried).
-        Err(e) if e.errors.iter().all(|e| e.path == "store.path") => store_failed(
-            e.errors
+        Err(e)
+            if e.errors
                 .iter()
-                .map(|e| e.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
+                .all(|e| crate::config::StoreConfig::is_key(&e.path)) =>
+        {
+            store_failed(
+                e.errors
+                    .iter()
+                    .map(|e| e.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        }
         Err(e) => json_response(
             StatusCode::BAD_REQUEST,
             &json!({ "message": "the config file has errors; the running config stays", "errors": e.errors.iter().map(|e| format!("{}: {}", e.path, e.message)).collect::<Vec<_>>() }),

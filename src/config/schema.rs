@@ -261,6 +261,22 @@ impl Default for StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// The key a problem with the configured store is reported under.
+    pub fn key(&self) -> &'static str {
+        match self.etcd {
+            Some(_) => "store.etcd",
+            None => "store.path",
+        }
+    }
+
+    /// Whether a problem's key is the store's (the store cannot be used,
+    /// as opposed to the config being wrong).
+    pub fn is_key(path: &str) -> bool {
+        path == "store.path" || path == "store.etcd"
+    }
+}
+
 /// `store:` as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -312,7 +312,11 @@ impl Gateway {
         let token_server = Arc::new(TokenServerPart(oauth.clone()));
         match token_server.apply(&config, &material).await {
             Ok(()) => {}
-            Err(errors) if errors.iter().all(|e| e.path == "store.path") => {
+            Err(errors)
+                if errors
+                    .iter()
+                    .all(|e| crate::config::StoreConfig::is_key(&e.path)) =>
+            {
                 let why = dynamic::describe(&errors);
                 oauth.start_without_store(&config, &material.providers.revocations, &why);
                 store_down.get_or_insert(why);
@@ -813,7 +817,7 @@ impl Gateway {
             return self.rejected(ConfigErrors::new(
                 path,
                 vec![crate::config::ConfigError {
-                    path: "store.path".into(),
+                    path: self.inner.config.load().store.key().into(),
                     message: why,
                 }],
             ));
@@ -914,7 +918,7 @@ impl Gateway {
                 return reject(ConfigErrors::new(
                     path,
                     vec![crate::config::ConfigError {
-                        path: "store.path".into(),
+                        path: file.store.key().into(),
                         message: e,
                     }],
                 ));

@@ -235,17 +235,18 @@ impl OAuthRuntime {
                 message,
             }]
         };
-        let store = self.open_store(cfg).map_err(|e| fail("store.path", e))?;
+        let store_key = cfg.store.key();
+        let store = self.open_store(cfg).map_err(|e| fail(store_key, e))?;
         // Read first: what follows is at least this new.
         let generation = match &store {
             Some(store) => store
                 .generation()
-                .map_err(|e| fail("store.path", e.to_string()))?,
+                .map_err(|e| fail(store_key, e.to_string()))?,
             None => 0,
         };
         for view in &self.views {
             view.load(cfg, store.as_deref())
-                .map_err(|e| fail("store.path", e))?;
+                .map_err(|e| fail(store_key, e))?;
         }
         let (Some(oauth), Some(store)) = (&cfg.oauth, store) else {
             self.server.store(None);
@@ -256,7 +257,7 @@ impl OAuthRuntime {
         };
         let stored: Vec<ClientRecord> = store
             .clients()
-            .map_err(|e| fail("store.path", e.to_string()))?;
+            .map_err(|e| fail(store_key, e.to_string()))?;
         let overlap = key_overlap(cfg, &stored);
         let now = unix_now();
         let source = if oauth.signing_keys.is_empty() {
@@ -267,7 +268,7 @@ impl OAuthRuntime {
         let ring = keys::load(source, oauth.signing_algorithm, overlap, now).map_err(|e| {
             fail(
                 if oauth.signing_keys.is_empty() {
-                    "store.path"
+                    store_key
                 } else {
                     "oauth.signing_keys"
                 },
@@ -276,7 +277,7 @@ impl OAuthRuntime {
         })?;
         let revoked = store
             .revoked()
-            .map_err(|e| fail("store.path", e.to_string()))?;
+            .map_err(|e| fail(store_key, e.to_string()))?;
         revocations.extend(&revoked);
         let mut previous =
             std::mem::take(&mut *self.remote_keys.lock().unwrap_or_else(|e| e.into_inner()));
