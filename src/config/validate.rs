@@ -112,8 +112,15 @@ fn store(cfg: &Config, errs: &mut Errors) {
         let tls = e.starts_with("https://");
         if !tls && !e.starts_with("http://") {
             errs.add(at, format!("`{e}` must start with `http://` or `https://`"));
-        } else if e.parse::<http::Uri>().map_or(true, |u| u.host().is_none()) {
-            errs.add(at, format!("`{e}` is not a URL like `http://host:2379`"));
+        } else if e.parse::<http::Uri>().map_or(true, |u| {
+            u.host().is_none() || u.authority().is_some_and(|a| a.as_str().contains('@'))
+        }) {
+            // (A user and password in the URL would end up in every
+            // store error message.)
+            errs.add(
+                at,
+                "is not a URL like `http://host:2379` (no user or password in it)",
+            );
         } else if tls && etcd.tls.is_none() {
             errs.add(
                 at,

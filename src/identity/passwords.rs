@@ -252,6 +252,17 @@ impl Users {
         let checked = checked.unwrap_or(Err(PasswordError::UnusableHash));
         match (user, checked) {
             (None, _) => Err(PasswordError::UnknownUser),
+            // Changed or removed while the hash was checked: the session
+            // this login would open would miss the announcement.
+            (Some(user), Ok(()))
+                if self
+                    .by_name
+                    .load()
+                    .get(name)
+                    .is_none_or(|now| **now != *user) =>
+            {
+                Err(PasswordError::UnknownUser)
+            }
             (Some(user), Ok(())) => {
                 self.verified.insert(key, hash);
                 Ok(user)

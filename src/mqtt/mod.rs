@@ -252,8 +252,8 @@ pub struct MqttWebSocket {
 pub const WS_SUBPROTOCOLS: &[&str] = &["mqtt", "mqttv3.1"];
 
 impl transport::websocket::WsService for MqttWebSocket {
-    fn allows_origin(&self, headers: &http::HeaderMap) -> bool {
-        transport::websocket::origin_allowed(&self.allowed_origins, headers)
+    fn allows_origin(&self, headers: &http::HeaderMap, tls: bool) -> bool {
+        transport::websocket::origin_allowed(&self.allowed_origins, headers, tls)
     }
 
     fn max_message(&self) -> usize {

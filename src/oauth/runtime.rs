@@ -327,7 +327,6 @@ impl OAuthRuntime {
                 "token server ready"
             );
         }
-        self.waiting.store(None);
         self.server.store(Some(Arc::new(OAuthServer {
             issuer: oauth.issuer.clone(),
             clients,
@@ -343,6 +342,8 @@ impl OAuthRuntime {
             limiter: self.limiter(&oauth.client_auth_limit),
             replays: self.replays.clone(),
         })));
+        // Only now: in between, its endpoints would fall through to 404.
+        self.waiting.store(None);
         self.sync.loaded(generation);
         self.remember(cfg, revocations);
         Ok(())

@@ -154,26 +154,50 @@ pub async fn server(io: Box<dyn UpgradedIo>, max_message: usize) -> WebSocket {
 }
 
 /// Whether a handshake may connect, given the origins an endpoint lists
-/// (`*` for any): one from a page of another site (its `Origin` names
-/// another host than the request's `Host`) only when its origin is listed.
-/// Clients that are not browsers send no `Origin`, or (as paho does) their
-/// target as their origin, and are not affected.
-pub fn origin_allowed(allowed: &[String], headers: &http::HeaderMap) -> bool {
+/// (`*` for any): one from a page of another site only when its origin is
+/// listed. Clients that are not browsers send no `Origin`, or (as paho
+/// does) their target as their origin, and are not affected. An origin
+/// naming the request's own `Host` is the same site: over TLS when it is
+/// `https://` (a page over plain HTTP is another site); without TLS only
+/// for an IP address or `localhost` (a DNS name there could be rebound to
+/// this address by any site).
+pub fn origin_allowed(allowed: &[String], headers: &http::HeaderMap, tls: bool) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).map(|o| o.as_bytes()) else {
         return true;
     };
-    let authority = origin
-        .strip_prefix(b"https://")
-        .or_else(|| origin.strip_prefix(b"http://"));
+    let authority = match (origin.strip_prefix(b"https://"), tls) {
+        (Some(a), _) => Some(a),
+        (None, true) => None,
+        (None, false) => origin.strip_prefix(b"http://"),
+    };
     let same_site = authority.is_some_and(|a| {
-        headers
-            .get(header::HOST)
-            .is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(a))
+        let Some(host) = headers.get(header::HOST).map(|h| h.as_bytes()) else {
+            return false;
+        };
+        host.eq_ignore_ascii_case(a) && (tls || is_address(host))
     });
     same_site
         || allowed
             .iter()
             .any(|o| o == "*" || o.as_bytes().eq_ignore_ascii_case(origin))
+}
+
+/// Whether a Host field names an IP address or `localhost` (with or
+/// without a port).
+fn is_address(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// Closes a WebSocket as its server: sends `frame`, waits (briefly) for
@@ -205,7 +229,7 @@ pub trait WsService: Send + Sync + 'static {
     /// Whether a handshake with these header fields may connect (see
     /// [`origin_allowed`]): a browser carries the user's cookies and client
     /// certificate to any site's page.
-    fn allows_origin(&self, _headers: &http::HeaderMap) -> bool {
+    fn allows_origin(&self, _headers: &http::HeaderMap, _tls: bool) -> bool {
         true
     }
     /// Serves one connection; `protocol` is the subprotocol chosen.
@@ -269,10 +293,13 @@ impl<S: WsService> LocalService for WsEndpoint<S> {
         self: Arc<Self>,
         _endpoint: u16,
         request: Request<()>,
-        _conn: Arc<ConnState>,
+        conn: Arc<ConnState>,
     ) -> Pin<Box<dyn Future<Output = Switch> + Send>> {
         Box::pin(async move {
-            if !self.service.allows_origin(request.headers()) {
+            if !self
+                .service
+                .allows_origin(request.headers(), conn.listener.tls.is_some())
+            {
                 return Switch::refuse(*refuse(
                     StatusCode::FORBIDDEN,
                     "this origin may not connect (allowed_origins)",
@@ -349,29 +376,43 @@ mod tests {
             h
         };
         let listed = ["https://app.example".to_owned()];
-        assert!(origin_allowed(&listed, &headers(None)), "not a browser");
-        assert!(origin_allowed(
-            &listed,
-            &headers(Some("https://app.example"))
-        ));
+        let tls = |o| origin_allowed(&listed, &headers(o), true);
+        assert!(tls(None), "not a browser");
+        assert!(tls(Some("https://app.example")));
+        assert!(tls(Some("https://gw.example:8443")), "same site");
         assert!(
-            origin_allowed(&listed, &headers(Some("https://gw.example:8443"))),
-            "same site"
+            !tls(Some("http://gw.example:8443")),
+            "a plain-HTTP page is another site"
         );
+        assert!(!tls(Some("https://evil.example")));
+        assert!(!tls(Some("https://gw.example")), "another port");
+        assert!(!tls(Some("null")));
         assert!(!origin_allowed(
-            &listed,
-            &headers(Some("https://evil.example"))
+            &[],
+            &headers(Some("https://app.example")),
+            true
         ));
-        assert!(
-            !origin_allowed(&listed, &headers(Some("https://gw.example"))),
-            "another port"
-        );
-        assert!(!origin_allowed(&listed, &headers(Some("null"))));
-        assert!(!origin_allowed(&[], &headers(Some("https://app.example"))));
         assert!(origin_allowed(
             &["*".to_owned()],
-            &headers(Some("https://evil.example"))
+            &headers(Some("https://evil.example")),
+            true
         ));
+        // Without TLS a DNS name could be rebound: only addresses are the same site.
+        assert!(!origin_allowed(
+            &listed,
+            &headers(Some("http://gw.example:8443")),
+            false
+        ));
+        let plain = |origin: &str, host: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static(host));
+            h.insert(header::ORIGIN, origin.parse().unwrap());
+            origin_allowed(&[], &h, false)
+        };
+        assert!(plain("https://127.0.0.1:8082", "127.0.0.1:8082"), "paho's");
+        assert!(plain("http://localhost:8082", "localhost:8082"));
+        assert!(plain("http://[::1]:8082", "[::1]:8082"));
+        assert!(!plain("http://rebind.example:8082", "rebind.example:8082"));
     }
 
     #[test]

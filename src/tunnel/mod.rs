@@ -386,7 +386,7 @@ impl Tunnels {
                 "a tunnel peer must present a client certificate",
             ));
         };
-        if !origin_allowed(&settings.allowed_origins, request.headers()) {
+        if !origin_allowed(&settings.allowed_origins, request.headers(), true) {
             relay.metrics.denied.inc();
             return Err(websocket::refuse(
                 StatusCode::FORBIDDEN,

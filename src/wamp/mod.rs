@@ -62,8 +62,8 @@ impl transport::websocket::WsService for Router {
         self.settings.load().max_message
     }
 
-    fn allows_origin(&self, headers: &http::HeaderMap) -> bool {
-        transport::websocket::origin_allowed(&self.settings.load().allowed_origins, headers)
+    fn allows_origin(&self, headers: &http::HeaderMap, tls: bool) -> bool {
+        transport::websocket::origin_allowed(&self.settings.load().allowed_origins, headers, tls)
     }
 
     fn serve(
@@ -170,7 +170,7 @@ async fn websocket_handshake<S: Stream>(
         }
     };
     use transport::websocket::WsService;
-    let accepted = match router.allows_origin(request.headers()) {
+    let accepted = match router.allows_origin(request.headers(), conn.listener.tls.is_some()) {
         true => transport::websocket::accept(&request, WS_SUBPROTOCOLS),
         false => {
             let mut r = http::Response::new(bytes::Bytes::from_static(

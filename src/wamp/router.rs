@@ -607,8 +607,11 @@ impl Router {
         let mut ended = 0;
         for realm in self.realms.load().values() {
             let mut state = realm.state();
+            // Tickets checked against a password user ("users"), not those
+            // a dynamic authenticator vouched for under the same name.
             let victims = state.sessions_where(0, |m| {
                 matches!(m.identity.method, AuthMethod::Password | AuthMethod::Ticket)
+                    && matches!(m.details.get("authprovider"), Some(super::Value::Str(p)) if p == "users")
                     && names.iter().any(|n| *n == m.identity.subject)
             });
             for id in victims {
