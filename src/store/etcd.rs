@@ -137,6 +137,9 @@ impl EtcdStore {
             return Ok(s.clone());
         }
         let store = Arc::new(EtcdStore::connect(&etcd)?);
+        // Only the config in use is kept: one a reload replaced goes once
+        // its last user lets go.
+        open.clear();
         open.push((etcd, store.clone()));
         Ok(store)
     }
@@ -421,7 +424,10 @@ impl Store for EtcdStore {
                         .map(|jti| TxnOp::delete(self.key(&format!("{REVOKED}{jti}")), None))
                         .collect();
                     let n = ops.len();
-                    Ok(Some((ops, n)))
+                    // Nothing to purge is no write: on a cluster every node's
+                    // purge tick would otherwise count a generation that
+                    // every node reloads for.
+                    Ok((n > 0).then_some((ops, n)))
                 },
             )?;
             purged += written.map_or(0, |(_, n)| n);

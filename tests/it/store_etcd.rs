@@ -293,6 +293,12 @@ mod cluster {
         assert_eq!(a.purge_revoked(50).unwrap(), 1);
         assert_eq!(b.revoked().unwrap(), [("j2".to_owned(), 100)]);
         assert_eq!(a.generation().unwrap(), g + 3);
+        assert_eq!(b.purge_revoked(50).unwrap(), 0);
+        assert_eq!(
+            a.generation().unwrap(),
+            g + 3,
+            "nothing purged, nothing written"
+        );
     }
 
     #[test]
