@@ -370,9 +370,10 @@ impl Pipeline {
             // connections over (the codec decided it is one: a body-less
             // HTTP/1.1 GET with `Connection: upgrade`).
             if req.upgrade && service.upgrades(ep) {
-                let request = head
+                let mut request = head
                     .to_request(())
                     .ok_or(GatewayError::BadHeader("a field value is not valid"))?;
+                canonical_target(&mut request, &canonical.path);
                 let switch = service.upgrade(ep, request, conn.clone()).await;
                 let (parts, body) = switch.response.into_parts();
                 let body = match switch.takeover {
@@ -383,10 +384,11 @@ impl Pipeline {
                 };
                 return Ok(Response::from_parts(parts, body));
             }
-            let request = head
+            let mut request = head
                 .to_request(req.body)
                 .ok_or(GatewayError::BadHeader("a field value is not valid"))?
                 .map(LocalBody::new);
+            canonical_target(&mut request, &canonical.path);
             return Ok(service
                 .serve(ep, request, conn.peer.ip(), conn.peer_cert.as_deref())
                 .await
@@ -648,6 +650,21 @@ fn request_authority<'a>(
         return Err(GatewayError::BadHost("`:authority` and `host` differ"));
     }
     Ok(Some(target))
+}
+
+/// A local service decides on the canonical path, as routes do: the
+/// request it is handed carries it (and the query as sent).
+fn canonical_target<B>(request: &mut http::Request<B>, path: &Cow<'_, str>) {
+    let Cow::Owned(path) = path else {
+        return;
+    };
+    let target = match request.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    if let Ok(uri) = http::Uri::try_from(target) {
+        *request.uri_mut() = uri;
+    }
 }
 
 /// Appends a list field's value to the values gathered so far.

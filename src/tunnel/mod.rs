@@ -369,12 +369,11 @@ impl Tunnels {
         request: &Request<()>,
         conn: &Arc<ConnState>,
     ) -> Result<Switch, Box<Response<Bytes>>> {
-        // The path as sent: an id is written only in characters no
-        // canonical form changes, so any other spelling is refused.
+        // The canonical path (the pipeline hands it over), as routing saw it.
         let Some((relay, id)) = self.find(&conn.listener.name, request.uri().path()) else {
             return Err(websocket::refuse(
                 StatusCode::BAD_REQUEST,
-                "a tunnel id is 1 to 128 of A-Z a-z 0-9 . _ : - written plainly",
+                "a tunnel id is 1 to 128 of A-Z a-z 0-9 . _ : -",
             ));
         };
         let settings = relay.settings.load_full();

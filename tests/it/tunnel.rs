@@ -921,3 +921,26 @@ async fn a_peer_whose_writes_stall_is_put_out_and_a_removed_tunnel_closes_its_pe
     let m = gw.metrics().await;
     assert_eq!(metric(&m, "tollgate_tunnel_peers{prefix=\"/other/\"}"), 0.0);
 }
+
+/// Another spelling of an id (an escaped unreserved character) is that
+/// id, for the join policy too: the decision is on the canonical path.
+#[tokio::test]
+async fn another_spelling_of_an_id_is_that_id() {
+    let ca = TestCa::new("Micronets");
+    let gw = gateway(
+        &ca,
+        "tunnels:\n  - prefix: /micronets/v1/ws-proxy/\n    policy:\n      - allow: { actions: [join], paths: ['{sub}'] }\n",
+    )
+    .await;
+    let addr = gw.gw.listener_addr("edge").unwrap();
+    let dev1 = ca.client("dev-1", "Devices");
+    let dev2 = ca.client("dev-2", "Devices");
+    assert_eq!(
+        connect(addr, &ca.pem(), Some(&dev2), "dev%2D1").await.err(),
+        Some(403)
+    );
+    let _spelled = connect(addr, &ca.pem(), Some(&dev1), "dev%2D1")
+        .await
+        .unwrap();
+    joined(&gw, "dev-1", 1).await;
+}
