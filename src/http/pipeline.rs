@@ -373,7 +373,7 @@ impl Pipeline {
                 let mut request = head
                     .to_request(())
                     .ok_or(GatewayError::BadHeader("a field value is not valid"))?;
-                canonical_target(&mut request, &canonical.path);
+                canonical_target(&mut request, path);
                 let switch = service.upgrade(ep, request, conn.clone()).await;
                 let (parts, body) = switch.response.into_parts();
                 let body = match switch.takeover {
@@ -388,7 +388,7 @@ impl Pipeline {
                 .to_request(req.body)
                 .ok_or(GatewayError::BadHeader("a field value is not valid"))?
                 .map(LocalBody::new);
-            canonical_target(&mut request, &canonical.path);
+            canonical_target(&mut request, path);
             return Ok(service
                 .serve(ep, request, conn.peer.ip(), conn.peer_cert.as_deref())
                 .await
@@ -654,13 +654,13 @@ fn request_authority<'a>(
 
 /// A local service decides on the canonical path, as routes do: the
 /// request it is handed carries it (and the query as sent).
-fn canonical_target<B>(request: &mut http::Request<B>, path: &Cow<'_, str>) {
-    let Cow::Owned(path) = path else {
+fn canonical_target<B>(request: &mut http::Request<B>, path: &str) {
+    if request.uri().path() == path {
         return;
-    };
+    }
     let target = match request.uri().query() {
         Some(q) => format!("{path}?{q}"),
-        None => path.clone(),
+        None => path.to_owned(),
     };
     if let Ok(uri) = http::Uri::try_from(target) {
         *request.uri_mut() = uri;
