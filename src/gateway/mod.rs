@@ -82,6 +82,8 @@ struct Inner {
     admin_addr: SocketAddr,
     /// Closed once every worker thread has finished.
     workers_done: Mutex<mpsc::Receiver<()>>,
+    /// The shared store's change feed, while one is followed.
+    store_feed: arc_swap::ArcSwapOption<crate::store::ChangeFeed>,
 }
 
 /// One worker thread: its event loop serves its share of every listener.
@@ -575,6 +577,7 @@ impl Gateway {
                 listeners,
                 admin_addr,
                 workers_done: Mutex::new(workers_done),
+                store_feed: arc_swap::ArcSwapOption::empty(),
             }),
         };
         // The admin listener outlives the drain so /readyz can report it; it
@@ -627,6 +630,7 @@ impl Gateway {
             gateway.inner.shutdown.graceful.clone(),
         );
         gateway.purge_revocations();
+        gateway.follow_store();
         if let Some(m) = &gateway.inner.mqtt {
             m.broker
                 .publish_sys(gateway.inner.shutdown.graceful.clone());
@@ -661,7 +665,17 @@ impl Gateway {
 
     /// Why store changes wait to be applied, if they do (`/readyz`).
     pub fn store_waiting(&self) -> Option<String> {
-        self.inner.oauth.sync.waiting()
+        self.inner.oauth.sync.waiting().or_else(|| {
+            self.inner
+                .store_feed
+                .load()
+                .as_ref()
+                .is_some_and(|f| !f.connected())
+                .then(|| {
+                    "the shared store's watch is down; other nodes' changes arrive once it is back"
+                        .to_owned()
+                })
+        })
     }
 
     pub fn admin_auth(&self) -> Arc<AdminAuth> {
@@ -1015,6 +1029,93 @@ impl Gateway {
                         .oauth
                         .purge_stored_revocations(expired_by)
                         .await;
+                }
+            }
+        });
+    }
+
+    /// On a store shared by several nodes (etcd): applies what other nodes
+    /// write as it happens. Revocations are added at once; changed clients,
+    /// keys and users reload the token server; changed API routes re-merge
+    /// the routes. A change that cannot be applied is tried again with
+    /// backoff; what arrives meanwhile is merged into it.
+    fn follow_store(&self) {
+        let gateway = self.clone();
+        let stop = self.inner.shutdown.graceful.clone();
+        tokio::spawn(async move {
+            let inner = &gateway.inner;
+            let mut followed: Option<(crate::config::StoreConfig, crate::store::FeedSubscription)> =
+                None;
+            // Applied later: (routes, token server), after a failure.
+            let mut owed = (false, false);
+            let mut wait = Duration::from_millis(250);
+            loop {
+                let store = inner.config.load().store.clone();
+                if followed.as_ref().is_none_or(|(s, _)| *s != store) {
+                    followed = None;
+                    inner.store_feed.store(None);
+                    if store.etcd.is_some() {
+                        let cfg = inner.config.load_full();
+                        let opened =
+                            tokio::task::spawn_blocking(move || crate::store::open(&cfg)).await;
+                        if let Ok(Ok(Some(feed))) = opened.map(|o| o.map(|s| s.feed())) {
+                            inner.store_feed.store(Some(feed.clone()));
+                            followed = Some((store.clone(), feed.subscribe()));
+                        }
+                    }
+                }
+                let changes = async {
+                    match &followed {
+                        Some((_, feed)) if owed == (false, false) => feed.next().await,
+                        _ => std::future::pending().await,
+                    }
+                };
+                // Re-check the store config now and then (a reload may name
+                // another); retry what is owed sooner.
+                let tick = if owed == (false, false) {
+                    Duration::from_secs(2)
+                } else {
+                    wait
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    c = changes => {
+                        if !c.revoked.is_empty() {
+                            inner.providers.load().revocations.extend(&c.revoked);
+                        }
+                        owed.0 |= c.touches(crate::store::Table::ApiRoutes)
+                            || c.touches(crate::store::Table::KongServices);
+                        owed.1 |= c.resync || c.tables.iter().any(|t| t.announced());
+                    }
+                    _ = tokio::time::sleep(tick) => {}
+                }
+                if owed == (false, false) {
+                    continue;
+                }
+                let applied = if owed.0 {
+                    // Merges the routes again; when they are the same, the
+                    // token server is read again all the same.
+                    let _serial = inner.reload_lock.lock().await;
+                    let file = Config::clone(&inner.file_config.load());
+                    let path = inner.config_path.clone().unwrap_or_default();
+                    gateway
+                        .apply_with_store(file, &path)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                } else {
+                    inner.oauth.clone().reapply().await
+                };
+                match applied {
+                    Ok(()) => {
+                        owed = (false, false);
+                        wait = Duration::from_millis(250);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64,
+                            "another node's store change cannot be applied yet; retrying");
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
                 }
             }
         });

@@ -288,7 +288,39 @@ pub fn rotate(
     overlap: u64,
     now: u64,
 ) -> Result<String, String> {
+    rotate_when(store, alg, overlap, now, None)?.ok_or_else(|| "no key was rotated".to_owned())
+}
+
+/// Rotates the signing key if it is at least `max_age` seconds old, as read
+/// in the same transaction as the write: of several nodes finding it due at
+/// once, exactly one rotates (the others read its new key and find nothing
+/// due). The new key's id, if one was made.
+pub fn rotate_due(
+    store: &dyn Store,
+    alg: SigningAlgorithm,
+    overlap: u64,
+    now: u64,
+    max_age: u64,
+) -> Result<Option<String>, String> {
+    rotate_when(store, alg, overlap, now, Some(max_age))
+}
+
+fn rotate_when(
+    store: &dyn Store,
+    alg: SigningAlgorithm,
+    overlap: u64,
+    now: u64,
+    max_age: Option<u64>,
+) -> Result<Option<String>, String> {
     store.update_signing_keys(|mut stored: Vec<StoredKey>| {
+        let due = max_age.is_none_or(|age| {
+            !stored
+                .iter()
+                .any(|k| k.retire_at.is_none() && k.alg == alg && k.created_at + age > now)
+        });
+        if !due {
+            return Ok((None, None));
+        }
         for k in stored.iter_mut().filter(|k| k.retire_at.is_none()) {
             k.retire_at = Some(now + overlap);
         }
@@ -296,7 +328,7 @@ pub fn rotate(
         let kid = new.kid.clone();
         stored.push(new);
         let (kept, _) = maintain(stored, alg, overlap, now)?;
-        Ok((Some(rows(&kept)), kid))
+        Ok((Some(rows(&kept)), Some(kid)))
     })
 }
 

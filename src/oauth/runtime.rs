@@ -602,22 +602,29 @@ impl OAuthRuntime {
             return;
         };
         let now = unix_now();
-        let rotate = oauth.signing_keys.is_empty()
-            && oauth
-                .key_rotation
-                .is_some_and(|age| server.keys.signing.created_at + age.as_secs() <= now);
-        if rotate {
+        let max_age = oauth
+            .key_rotation
+            .filter(|_| oauth.signing_keys.is_empty())
+            .map(|age| age.as_secs());
+        let rotate = max_age.is_some_and(|age| server.keys.signing.created_at + age <= now);
+        if let (true, Some(max_age)) = (rotate, max_age) {
             let store = self.open_store(&cfg);
             let alg = oauth.signing_algorithm;
             let rotated = tokio::task::spawn_blocking(move || {
                 let store = store?.ok_or("no store")?;
                 let stored: Vec<ClientRecord> = store.clients().map_err(|e| e.to_string())?;
-                keys::rotate(&*store, alg, key_overlap(&cfg, &stored), now)
+                keys::rotate_due(&*store, alg, key_overlap(&cfg, &stored), now, max_age)
             })
             .await;
             match rotated {
-                // The store's change marker brings the new key in.
-                Ok(Ok(kid)) => tracing::info!(kid, "signing key rotated (oauth.key_rotation)"),
+                // The store's change marker (or feed) brings the new key in.
+                Ok(Ok(Some(kid))) => {
+                    tracing::info!(kid, "signing key rotated (oauth.key_rotation)")
+                }
+                // Another node rotated first; its key is read now.
+                Ok(Ok(None)) => {
+                    let _ = self.reapply().await;
+                }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "automatic key rotation failed; signing with the current key")
                 }

@@ -19,15 +19,15 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 
-use super::{Row, Store, StoreError, Table};
+use super::{ChangeFeed, Row, Store, StoreError, Table};
 use crate::config::{Config, EtcdStoreConfig, EtcdTls};
 
 /// Under the prefix: the write counter.
@@ -44,6 +44,8 @@ pub struct EtcdStore {
     endpoints: String,
     prefix: String,
     timeout: Duration,
+    /// The watch on the prefix, started by the first [`Store::feed`].
+    feed: OnceLock<Arc<ChangeFeed>>,
 }
 
 /// The runtime the etcd clients of this process run on.
@@ -119,6 +121,7 @@ impl EtcdStore {
             endpoints,
             prefix: etcd.prefix.clone(),
             timeout: etcd.timeout,
+            feed: OnceLock::new(),
         })
     }
 
@@ -299,6 +302,108 @@ impl EtcdStore {
     }
 }
 
+/// Waits between attempts to watch again after the watch failed.
+const WATCH_RETRY_FIRST: Duration = Duration::from_millis(250);
+const WATCH_RETRY_MOST: Duration = Duration::from_secs(5);
+
+/// Watches everything under `prefix` and pushes what changed to `feed` until
+/// the feed's last handle goes; watches again, with backoff, whenever the
+/// watch fails (etcd unreachable, restarted, the watch cancelled).
+async fn watch_changes(client: Client, prefix: String, feed: Weak<ChangeFeed>) {
+    let Some(stop) = feed.upgrade().map(|f| f.stop_token()) else {
+        return;
+    };
+    let mut wait = WATCH_RETRY_FIRST;
+    // Warned once per outage.
+    let mut warned = false;
+    loop {
+        let mut established = false;
+        let ended = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = watch_once(client.clone(), &prefix, &feed, &mut established) => e,
+        };
+        let Some(f) = feed.upgrade() else { return };
+        f.set_connected(false);
+        drop(f);
+        if established {
+            wait = WATCH_RETRY_FIRST;
+            warned = false;
+        }
+        if !warned {
+            warned = true;
+            tracing::warn!(prefix = %prefix, error = %ended,
+                "the etcd watch is down: other nodes' changes arrive once it is back (retrying)");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(WATCH_RETRY_MOST);
+    }
+}
+
+/// One watch, until it fails: why it ended.
+async fn watch_once(
+    mut client: Client,
+    prefix: &str,
+    feed: &Weak<ChangeFeed>,
+    established: &mut bool,
+) -> String {
+    let mut stream = match client
+        .watch(prefix, Some(WatchOptions::new().with_prefix()))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return e.to_string(),
+    };
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return "etcd ended the watch".to_owned(),
+            Err(e) => return e.to_string(),
+        };
+        let Some(feed) = feed.upgrade() else {
+            return "stopped".to_owned();
+        };
+        if resp.canceled() {
+            return format!("etcd cancelled the watch: {}", resp.cancel_reason());
+        }
+        if resp.created() {
+            *established = true;
+            tracing::info!(prefix = %prefix, "watching etcd for other nodes' changes");
+            feed.set_connected(true);
+            continue;
+        }
+        let mut changes = super::Changes::default();
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            let Some(key) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| k.strip_prefix(prefix))
+            else {
+                continue;
+            };
+            if let Some(jti) = key.strip_prefix(REVOKED) {
+                // A purge deletes; only new revocations matter.
+                if event.event_type() == EventType::Put
+                    && let Some(until) = std::str::from_utf8(kv.value())
+                        .ok()
+                        .and_then(|u| u.parse().ok())
+                {
+                    changes.revoked.push((jti.to_owned(), until));
+                }
+            } else if let Some(table) = key
+                .split_once('/')
+                .and_then(|(t, _)| Table::ALL.into_iter().find(|x| x.name() == t))
+                && !changes.tables.contains(&table)
+            {
+                changes.tables.push(table);
+            }
+        }
+        feed.push(changes);
+    }
+}
+
 fn describe(endpoints: &str, prefix: &str) -> String {
     format!("etcd {endpoints} (prefix {prefix})")
 }
@@ -320,6 +425,24 @@ impl Store for EtcdStore {
 
     fn change_marker(&self) -> Option<PathBuf> {
         None
+    }
+
+    fn feed(&self) -> Option<Arc<ChangeFeed>> {
+        let feed = self.feed.get_or_init(|| {
+            let feed = Arc::new(ChangeFeed::default());
+            match runtime() {
+                Ok(rt) => {
+                    rt.spawn(watch_changes(
+                        self.client.clone(),
+                        self.prefix.clone(),
+                        Arc::downgrade(&feed),
+                    ));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot watch etcd"),
+            }
+            feed
+        });
+        Some(feed.clone())
     }
 
     fn generation(&self) -> Result<u64, StoreError> {

@@ -13,7 +13,8 @@ mod embedded;
 mod etcd;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -62,7 +63,7 @@ impl Table {
 
     /// Whether a change is announced to a running gateway (which re-reads
     /// it); API routes are applied by the admin API that wrote them.
-    fn announced(self) -> bool {
+    pub fn announced(self) -> bool {
         matches!(self, Table::Clients | Table::SigningKeys | Table::Users)
     }
 }
@@ -118,6 +119,159 @@ pub trait Store: Send + Sync {
     fn revoke(&self, jti: &str, until: u64) -> Result<(), StoreError>;
     /// Drops revocations whose tokens have expired; returns how many.
     fn purge_revoked(&self, now: u64) -> Result<usize, StoreError>;
+    /// What other writers change, as it happens (a store shared by several
+    /// nodes); `None`: changes are announced through [`Store::change_marker`].
+    fn feed(&self) -> Option<Arc<ChangeFeed>> {
+        None
+    }
+}
+
+/// What changed in a shared store since the last [`ChangeFeed::next`].
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Tables written.
+    pub tables: Vec<Table>,
+    /// Revocations made.
+    pub revoked: Vec<(String, u64)>,
+    /// Changes may have been missed (the feed was down, or more came than
+    /// it holds): read everything again.
+    pub resync: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty() && self.revoked.is_empty() && !self.resync
+    }
+
+    pub fn touches(&self, table: Table) -> bool {
+        self.resync || self.tables.contains(&table)
+    }
+}
+
+/// Revocations a subscription holds before it asks for a full re-read
+/// instead.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+const FEED_MOST_REVOKED: usize = 10_000;
+
+/// Changes of a shared store pushed by its implementation to every
+/// [`FeedSubscription`], each collecting them until taken: a reader that
+/// falls behind gets them merged, never a queue that grows. Whoever holds
+/// the last handle ends the implementation's watch.
+#[derive(Default)]
+pub struct ChangeFeed {
+    subscribers: Mutex<Vec<std::sync::Weak<Pending>>>,
+    connected: AtomicBool,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+#[derive(Default)]
+struct Pending {
+    changes: Mutex<Changes>,
+    ready: tokio::sync::Notify,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Changes> {
+        self.changes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One reader of a [`ChangeFeed`]: sees every change pushed after it
+/// subscribed.
+pub struct FeedSubscription {
+    feed: Arc<ChangeFeed>,
+    pending: Arc<Pending>,
+}
+
+impl FeedSubscription {
+    /// Waits for changes and takes them.
+    pub async fn next(&self) -> Changes {
+        loop {
+            let taken = std::mem::take(&mut *self.pending.lock());
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.pending.ready.notified().await;
+        }
+    }
+
+    pub fn feed(&self) -> &Arc<ChangeFeed> {
+        &self.feed
+    }
+}
+
+impl ChangeFeed {
+    /// A new reader. Its first [`FeedSubscription::next`] asks for a full
+    /// read: what changed before it subscribed is not known to it.
+    pub fn subscribe(self: &Arc<Self>) -> FeedSubscription {
+        let pending = Arc::new(Pending::default());
+        pending.lock().resync = true;
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        subscribers.retain(|s| s.strong_count() > 0);
+        subscribers.push(Arc::downgrade(&pending));
+        FeedSubscription {
+            feed: self.clone(),
+            pending,
+        }
+    }
+
+    /// Whether the implementation's watch is up.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// For the implementation: adds `changes` to what every subscriber has
+    /// pending.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn push(&self, changes: Changes) {
+        if changes.is_empty() {
+            return;
+        }
+        let subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        for pending in subscribers.iter().filter_map(std::sync::Weak::upgrade) {
+            {
+                let mut p = pending.lock();
+                p.resync |= changes.resync;
+                for t in &changes.tables {
+                    if !p.tables.contains(t) {
+                        p.tables.push(*t);
+                    }
+                }
+                p.revoked.extend(changes.revoked.iter().cloned());
+                if p.revoked.len() > FEED_MOST_REVOKED {
+                    p.revoked = Vec::new();
+                    p.resync = true;
+                }
+            }
+            pending.ready.notify_one();
+        }
+    }
+
+    /// For the implementation: the watch is up (everything is read again:
+    /// what changed while it was down is not known) or down.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        if up {
+            self.push(Changes {
+                resync: true,
+                ..Changes::default()
+            });
+        }
+    }
+
+    /// For the implementation: cancelled when the last handle goes (its
+    /// watch holds the feed weakly).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn stop_token(&self) -> tokio_util::sync::CancellationToken {
+        self.stop.clone()
+    }
+}
+
+impl Drop for ChangeFeed {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// Something served from the store, read whole when a config is applied

@@ -5,6 +5,8 @@ mod admin;
 mod blame;
 mod boundary;
 mod cli;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod frontend;
 mod h1;
 mod jwt;

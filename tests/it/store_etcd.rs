@@ -58,7 +58,7 @@ fn store_etcd_config_is_checked() {
 }
 
 #[cfg(feature = "cluster")]
-mod cluster {
+pub(crate) mod cluster {
     use std::net::TcpListener;
     use std::process::{Child, Command, Stdio};
     use std::sync::Arc;
@@ -71,12 +71,13 @@ mod cluster {
 
     /// A single-member etcd on free ports with its own data directory,
     /// killed when dropped.
-    struct Etcd {
-        child: Child,
-        endpoint: String,
+    pub(crate) struct Etcd {
+        child: Option<Child>,
+        pub(crate) endpoint: String,
+        peer_url: String,
         /// The CA, a client certificate and its key, when it serves TLS.
         tls: Option<EtcdTls>,
-        _dir: tempfile::TempDir,
+        dir: tempfile::TempDir,
     }
 
     /// PEM files in `dir`: a CA, a certificate for 127.0.0.1 signed by it
@@ -126,7 +127,7 @@ mod cluster {
     }
 
     impl Etcd {
-        fn start() -> Etcd {
+        pub(crate) fn start() -> Etcd {
             Etcd::start_with(false)
         }
 
@@ -135,13 +136,29 @@ mod cluster {
             let dir = tempfile::tempdir().unwrap();
             let (client, peer) = (free_port(), free_port());
             let scheme = if tls { "https" } else { "http" };
-            let endpoint = format!("{scheme}://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-            let mut cmd = Command::new("etcd");
             let tls = tls.then(|| make_certs(dir.path()));
-            if tls.is_some() {
-                let d = dir.path();
+            let mut etcd = Etcd {
+                child: None,
+                endpoint: format!("{scheme}://127.0.0.1:{client}"),
+                peer_url: format!("http://127.0.0.1:{peer}"),
+                tls,
+                dir,
+            };
+            etcd.resume();
+            etcd
+        }
+
+        /// Starts it (again, with its data), and waits until it answers.
+        pub(crate) fn resume(&mut self) {
+            assert!(self.child.is_none(), "etcd runs already");
+            let d = self.dir.path();
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(d.join("etcd.log"))
+                .unwrap();
+            let mut cmd = Command::new("etcd");
+            if self.tls.is_some() {
                 cmd.arg("--cert-file")
                     .arg(d.join("server.pem"))
                     .arg("--key-file")
@@ -150,32 +167,35 @@ mod cluster {
                     .arg(d.join("ca.pem"))
                     .arg("--client-cert-auth");
             }
-            let child = cmd
-                .args(["--name", "t", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &endpoint])
-                .args(["--advertise-client-urls", &endpoint])
-                .args(["--listen-peer-urls", &peer_url])
-                .args(["--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &format!("t={peer_url}")])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("etcd (Debian's etcd-server) must be installed");
-            let etcd = Etcd {
-                child,
-                endpoint,
-                tls,
-                _dir: dir,
-            };
+            let (endpoint, peer_url) = (&self.endpoint, &self.peer_url);
+            self.child = Some(
+                cmd.args(["--name", "t", "--data-dir"])
+                    .arg(d.join("data"))
+                    .args(["--listen-client-urls", endpoint])
+                    .args(["--advertise-client-urls", endpoint])
+                    .args(["--listen-peer-urls", peer_url])
+                    .args(["--initial-advertise-peer-urls", peer_url])
+                    .args(["--initial-cluster", &format!("t={peer_url}")])
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("etcd (Debian's etcd-server) must be installed"),
+            );
             // Ready when it answers a read.
-            let probe = etcd.store("/probe/");
+            let probe = self.store("/probe/");
             let deadline = Instant::now() + Duration::from_secs(30);
             while let Err(e) = probe.generation() {
                 assert!(Instant::now() < deadline, "etcd did not start: {e}");
                 std::thread::sleep(Duration::from_millis(50));
             }
-            etcd
+        }
+
+        /// Kills it (its data stays for [`resume`](Self::resume)).
+        pub(crate) fn stop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
 
         fn config(&self, prefix: &str) -> EtcdStoreConfig {
@@ -195,8 +215,7 @@ mod cluster {
 
     impl Drop for Etcd {
         fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.stop();
         }
     }
 
@@ -409,8 +428,7 @@ mod cluster {
         let mut etcd = Etcd::start();
         let store = etcd.store("/down/");
         store.put(Table::Clients, "a", b"1").unwrap();
-        let _ = etcd.child.kill();
-        let _ = etcd.child.wait();
+        etcd.stop();
         let timeout = etcd.config("/down/").timeout;
         let calls: Vec<(&str, Call)> = vec![
             ("generation", Box::new(|s| s.generation().map(drop))),
