@@ -106,3 +106,6 @@ bench_token() {
   printf '%s.%s.%s' "$header" "$claims" "$sig"
 }
 b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+
+# field NAME: the value of `NAME=<number>` in the load tools' output line.
+field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p"; }

@@ -16,6 +16,9 @@
 //! - `connrate`: CONCURRENCY (32) loops of connect, CONNACK, DISCONNECT.
 //! - `idle`: CONNS (10000) connected clients, held until stdin closes
 //!   (the script reads the broker's RSS meanwhile).
+//!
+//! With SUB_TARGET=host:port the subscribers of `fanin`, `fanout` and
+//! `latency` connect there instead (another node of a cluster).
 
 #![allow(clippy::print_stdout)] // the tool's output
 
@@ -190,18 +193,25 @@ async fn measure(secs: u64, counts: &[Rc<Cell<u64>>]) -> f64 {
     (end - start) as f64 / t.elapsed().as_secs_f64()
 }
 
-async fn run(addr: SocketAddr, scenario: &str) -> std::io::Result<String> {
+async fn run(addr: SocketAddr, sub_addr: SocketAddr, scenario: &str) -> std::io::Result<String> {
     let secs = env("SECS", 5u64);
     let q = qos(env("QOS", 0u8));
     let payload = vec![b'x'; env("PAYLOAD", 64usize)];
     let stop = Rc::new(Cell::new(false));
+    // Subscribers on another node: its bus subscription follows the SUBACK.
+    let settle = || async move {
+        if sub_addr != addr {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
     let out = match scenario {
         "fanin" => {
             let publishers = env("PUBLISHERS", 10usize);
-            let mut sub = Client::connect(addr, "bench-sub").await?;
+            let mut sub = Client::connect(sub_addr, "bench-sub").await?;
             sub.subscribe("bench/#", q).await?;
             let count = Rc::new(Cell::new(0));
             tokio::task::spawn_local(receive(sub, count.clone(), stop.clone(), |_| {}));
+            settle().await;
             for i in 0..publishers {
                 let c = Client::connect(addr, &format!("bench-pub-{i}")).await?;
                 let window = env("WINDOW", 64u16);
@@ -229,12 +239,13 @@ async fn run(addr: SocketAddr, scenario: &str) -> std::io::Result<String> {
             let subscribers = env("SUBSCRIBERS", 100usize);
             let mut counts = Vec::new();
             for i in 0..subscribers {
-                let mut s = Client::connect(addr, &format!("bench-sub-{i}")).await?;
+                let mut s = Client::connect(sub_addr, &format!("bench-sub-{i}")).await?;
                 s.subscribe("bench/fan", q).await?;
                 let count = Rc::new(Cell::new(0));
                 counts.push(count.clone());
                 tokio::task::spawn_local(receive(s, count, stop.clone(), |_| {}));
             }
+            settle().await;
             let p = Client::connect(addr, "bench-pub").await?;
             tokio::task::spawn_local(publish(
                 p,
@@ -253,7 +264,7 @@ async fn run(addr: SocketAddr, scenario: &str) -> std::io::Result<String> {
         }
         "latency" => {
             let rate = env("RATE", 2000u64);
-            let mut sub = Client::connect(addr, "bench-lat-sub").await?;
+            let mut sub = Client::connect(sub_addr, "bench-lat-sub").await?;
             sub.subscribe("bench/lat", q).await?;
             let origin = Instant::now();
             let samples = Rc::new(std::cell::RefCell::new(Vec::new()));
@@ -268,6 +279,7 @@ async fn run(addr: SocketAddr, scenario: &str) -> std::io::Result<String> {
                     }
                 }));
             }
+            settle().await;
             let mut p = Client::connect(addr, "bench-lat-pub").await?;
             let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
             let until = Instant::now() + Duration::from_secs(secs + 1);
@@ -363,13 +375,15 @@ fn main() {
         return;
     };
     let addr: SocketAddr = target.parse().expect("TARGET is host:port");
+    let sub_addr: SocketAddr =
+        std::env::var("SUB_TARGET").map_or(addr, |t| t.parse().expect("SUB_TARGET is host:port"));
     let scenario = std::env::var("SCENARIO").unwrap_or_else(|_| "fanin".into());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let local = tokio::task::LocalSet::new();
-    match local.block_on(&rt, run(addr, &scenario)) {
+    match local.block_on(&rt, run(addr, sub_addr, &scenario)) {
         Ok(line) => println!("{line}"),
         Err(e) => {
             eprintln!("mqtt_load {scenario}: {e}");

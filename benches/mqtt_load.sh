@@ -64,7 +64,6 @@ load() { # port scenario env... -> the tool's line
   shift 2
   env TARGET="127.0.0.1:$port" SCENARIO="$scenario" SECS="$SECS" "$@" taskset -c "$LOAD_CPU" "$tool"
 }
-field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p"; }
 
 declare -A results
 run() { # name scenario field env...

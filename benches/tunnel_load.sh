@@ -149,7 +149,6 @@ wait_quiet() {
   for _ in $(seq 60); do [ "$(busy_pct)" -lt 10 ] && return 0; done
   echo "    (the machine stayed busy with other work; measuring anyway)" >&2
 }
-field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p"; }
 problems=()
 
 # Idle peers first, on fresh relays: RSS before, with them, and 2 s after

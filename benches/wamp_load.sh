@@ -192,7 +192,6 @@ load() { # port scenario env... -> the tool's line
   env TARGET="127.0.0.1:$port" SCENARIO="$scenario" SECS="$SECS" "$@" \
     timeout $((SECS + 120)) taskset -c "$LOAD_CPU" "$tool" || true
 }
-field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p"; }
 
 declare -A results
 rows=()

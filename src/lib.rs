@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod bus;
 pub mod config;
 pub mod gateway;
 pub mod http;

@@ -45,6 +45,9 @@ pub struct Config {
     pub tunnels: Vec<super::tunnel::TunnelConfig>,
     #[serde(default)]
     pub store: StoreConfig,
+    /// Cluster mode's bus to the other nodes (`bus.nats`); absent: one node.
+    #[serde(default)]
+    pub bus: BusConfig,
     /// The directory of the config file: relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -82,6 +85,7 @@ impl Default for Config {
             wamp: super::wamp::WampConfig::default(),
             tunnels: Vec::new(),
             store: StoreConfig::default(),
+            bus: BusConfig::default(),
             base_dir: PathBuf::new(),
         }
     }
@@ -340,6 +344,83 @@ fn default_etcd_prefix() -> String {
 
 fn default_etcd_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+/// `bus`: how cluster nodes reach each other (MQTT publishes today).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    /// The bus on NATS (needs a build with the `cluster` feature).
+    #[serde(default)]
+    pub nats: Option<NatsBusConfig>,
+}
+
+/// `bus.nats`: core NATS between the nodes of one gateway.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsBusConfig {
+    /// `nats://host:port`, or `tls://host:port` with `tls`; no user or
+    /// password in them (see `token_file` and `credentials`).
+    #[serde(default = "default_nats_servers")]
+    pub servers: Vec<String>,
+    /// The first token(s) of every subject tollgate uses (several gateways
+    /// can share one NATS under different prefixes): dot-separated tokens
+    /// of letters, digits, `-` and `_`.
+    #[serde(default = "default_nats_prefix")]
+    pub prefix: String,
+    /// The CA NATS's certificate chains to, and a client certificate when
+    /// NATS asks for one (the same block as `store.etcd.tls`).
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+    /// A file holding the token NATS's `authorization` asks for.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// A NATS credentials file (user JWT and NKey seed).
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// Bounds each attempt to connect.
+    #[serde(
+        default = "default_nats_connect_timeout",
+        deserialize_with = "units::duration"
+    )]
+    pub connect_timeout: Duration,
+    /// Messages waiting to be sent to NATS; a message that finds it full
+    /// is dropped and counted (`tollgate_bus_dropped_total{reason="queue_full"}`).
+    #[serde(default = "default_nats_queue")]
+    pub send_queue: usize,
+    /// Messages received from NATS waiting for the broker (per subscription
+    /// inside the client, and once more before routing); beyond it NATS
+    /// drops them (`reason="slow_consumer"`).
+    #[serde(default = "default_nats_queue")]
+    pub receive_queue: usize,
+}
+
+/// Whether `prefix` is NATS subject tokens tollgate may start its
+/// subjects with: dot-separated, each of letters, digits, `-` and `_`.
+pub fn valid_subject_prefix(prefix: &str) -> bool {
+    prefix.len() <= 128
+        && prefix.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn default_nats_servers() -> Vec<String> {
+    vec!["nats://127.0.0.1:4222".to_owned()]
+}
+
+fn default_nats_prefix() -> String {
+    "tollgate".to_owned()
+}
+
+fn default_nats_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_nats_queue() -> usize {
+    8192
 }
 
 /// The OAuth 2.0 token server (client credentials grant).

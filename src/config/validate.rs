@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 
 use super::schema::{
-    AuthConfig, AuthRequirement, ClientAuth, Config, Limits, OAuthConfig, Protocol, ProviderConfig,
-    RouteConfig, TokenSource, UpstreamConfig, UpstreamProtocol,
+    AuthConfig, AuthRequirement, ClientAuth, Config, EtcdTls, Limits, OAuthConfig, Protocol,
+    ProviderConfig, RouteConfig, TokenSource, UpstreamConfig, UpstreamProtocol,
 };
 use super::{ConfigError, TargetUrl};
 use crate::authz::{Policy, Resource};
@@ -77,6 +77,7 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
     wamp(cfg, &mut errs);
     tunnels(cfg, &mut errs);
     store(cfg, &mut errs);
+    bus(cfg, &mut errs);
     errs.nonzero("proxy.connect_timeout", cfg.proxy.connect_timeout);
     errs.nonzero("proxy.pool_idle_timeout", cfg.proxy.pool_idle_timeout);
     errs.0
@@ -139,17 +140,91 @@ fn store(cfg: &Config, errs: &mut Errors) {
             format!("`{}` must end with `/` (e.g. `/tollgate/`)", etcd.prefix),
         );
     }
-    if etcd
-        .tls
-        .as_ref()
-        .is_some_and(|t| t.cert.is_some() != t.key.is_some())
-    {
+    client_tls("store.etcd.tls", etcd.tls.as_ref(), errs);
+    errs.nonzero("store.etcd.timeout", etcd.timeout);
+}
+
+/// A client TLS block (`store.etcd.tls`, `bus.nats.tls`).
+fn client_tls(at: &str, tls: Option<&EtcdTls>, errs: &mut Errors) {
+    if tls.is_some_and(|t| t.cert.is_some() != t.key.is_some()) {
         errs.add(
-            "store.etcd.tls",
+            at,
             "`cert` and `key` go together (a client certificate and its key)",
         );
     }
-    errs.nonzero("store.etcd.timeout", etcd.timeout);
+}
+
+/// `bus.nats`: only in a build with cluster support; servers without
+/// secrets in them; a prefix that is NATS subject tokens.
+fn bus(cfg: &Config, errs: &mut Errors) {
+    let Some(nats) = &cfg.bus.nats else {
+        return;
+    };
+    if !cfg!(feature = "cluster") {
+        errs.add(
+            "bus.nats",
+            "this build has no cluster support (build with --features cluster)",
+        );
+        return;
+    }
+    if nats.servers.is_empty() {
+        errs.add(
+            "bus.nats.servers",
+            "must name at least one NATS server (e.g. `nats://127.0.0.1:4222`)",
+        );
+    }
+    for (i, server) in nats.servers.iter().enumerate() {
+        let at = format!("bus.nats.servers[{i}]");
+        let tls = server.starts_with("tls://");
+        if !tls && !server.starts_with("nats://") {
+            errs.add(
+                at,
+                format!("`{server}` must start with `nats://` or `tls://`"),
+            );
+        } else if server.parse::<http::Uri>().map_or(true, |u| {
+            u.host().is_none()
+                || u.authority().is_some_and(|a| a.as_str().contains('@'))
+                || !matches!(u.path(), "" | "/")
+                || u.query().is_some()
+        }) {
+            // (Credentials in the URL would end up in every bus error
+            // message: `token_file` and `credentials` take them.)
+            errs.add(
+                at,
+                "is not a URL like `nats://host:4222` (no user, password or token in it)",
+            );
+        } else if tls && nats.tls.is_none() {
+            errs.add(
+                at,
+                "a `tls://` server needs `bus.nats.tls.ca` (the CA NATS's certificate chains to)",
+            );
+        }
+    }
+    if !crate::config::valid_subject_prefix(&nats.prefix) {
+        errs.add(
+            "bus.nats.prefix",
+            format!(
+                "`{}` must be dot-separated tokens of letters, digits, `-` and `_` (e.g. `tollgate`)",
+                nats.prefix
+            ),
+        );
+    }
+    client_tls("bus.nats.tls", nats.tls.as_ref(), errs);
+    if nats.token_file.is_some() && nats.credentials.is_some() {
+        errs.add(
+            "bus.nats.token_file",
+            "give either `token_file` or `credentials`, not both",
+        );
+    }
+    errs.nonzero("bus.nats.connect_timeout", nats.connect_timeout);
+    for (key, n) in [
+        ("bus.nats.send_queue", nats.send_queue),
+        ("bus.nats.receive_queue", nats.receive_queue),
+    ] {
+        if n == 0 || n > 1_000_000 {
+            errs.add(key, "must be between 1 and 1000000 messages");
+        }
+    }
 }
 
 fn listeners(cfg: &Config, errs: &mut Errors) {

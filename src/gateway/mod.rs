@@ -65,6 +65,8 @@ struct Inner {
     admin: Arc<AdminPart>,
     mqtt: Option<Arc<MqttPart>>,
     wamp: Option<Arc<WampPart>>,
+    /// Cluster mode's bus to the other nodes (`bus.nats`).
+    bus: Option<Arc<crate::bus::Bus>>,
     tunnels: Arc<TunnelPart>,
     /// Applied in this order on every reload.
     parts: Vec<Arc<dyn Part>>,
@@ -352,6 +354,14 @@ impl Gateway {
         crate::telemetry::count_dropped_lines(metrics.access_log_dropped.clone());
         let readiness = Arc::new(Readiness::default());
         let shutdown = Shutdown::default();
+        // Cluster mode: the bus to the other nodes, and the MQTT broker on
+        // it. It connects in the background; readiness does not wait for it.
+        let bus = crate::bus::Bus::start(&config, &metrics, shutdown.force.clone())
+            .await
+            .map_err(config_error)?;
+        if let (Some(bus), Some(m)) = (&bus, &mqtt) {
+            crate::mqtt::join_bus(&m.broker, bus.clone(), shutdown.force.clone());
+        }
         // The WAMP router, when a listener or WebSocket path serves it.
         let wamp = match crate::wamp::enabled(&config) {
             false => None,
@@ -565,6 +575,7 @@ impl Gateway {
                 .collect(),
                 mqtt: mqtt.clone(),
                 wamp: wamp.clone(),
+                bus,
                 tunnels,
                 http,
                 admin,
@@ -717,14 +728,19 @@ impl Gateway {
             .collect();
         let cfg = inner.config.load();
         let file_routes = inner.file_config.load().routes.len();
+        let mut store = inner.oauth.sync.status();
+        if let (Some(o), Some(feed)) = (store.as_object_mut(), &*inner.store_feed.load()) {
+            o.insert("watching".into(), feed.connected().into());
+        }
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "ready": inner.readiness.is_ready(),
             "listeners": listeners,
             "routes": { "total": cfg.routes.len(), "from_file": file_routes, "from_api": cfg.routes.len().saturating_sub(file_routes), "not_served": inner.skipped_routes.load().len() },
             "oauth_clients": inner.oauth.server.load().as_ref().map(|s| s.clients.len()),
-            "store": inner.oauth.sync.status(),
+            "store": store,
             "password_users": inner.users.len(),
+            "bus": inner.bus.as_ref().map(|b| b.status()),
         })
     }
 
@@ -977,9 +993,10 @@ impl Gateway {
             || old.proxy.connect_timeout != new.proxy.connect_timeout
             || old.proxy.pool_idle_timeout != new.proxy.pool_idle_timeout
             || old.proxy.pool_max_idle_per_target != new.proxy.pool_max_idle_per_target
+            || old.bus != new.bus
         {
             tracing::warn!(
-                "changes to listeners, admin or proxy connection settings take effect after a restart"
+                "changes to listeners, admin, bus or proxy connection settings take effect after a restart"
             );
         }
         let new = Arc::new(new);
@@ -1044,29 +1061,34 @@ impl Gateway {
         let stop = self.inner.shutdown.graceful.clone();
         tokio::spawn(async move {
             let inner = &gateway.inner;
-            let mut followed: Option<(crate::config::StoreConfig, crate::store::FeedSubscription)> =
-                None;
+            let mut followed: Option<crate::store::FeedSubscription> = None;
             // Applied later: (routes, token server), after a failure.
             let mut owed = (false, false);
             let mut wait = Duration::from_millis(250);
             loop {
-                let store = inner.config.load().store.clone();
-                if followed.as_ref().is_none_or(|(s, _)| *s != store) {
-                    followed = None;
-                    inner.store_feed.store(None);
-                    if store.etcd.is_some() {
-                        let cfg = inner.config.load_full();
-                        let opened =
-                            tokio::task::spawn_blocking(move || crate::store::open(&cfg)).await;
-                        if let Ok(Ok(Some(feed))) = opened.map(|o| o.map(|s| s.feed())) {
-                            inner.store_feed.store(Some(feed.clone()));
-                            followed = Some((store.clone(), feed.subscribe()));
-                        }
-                    }
+                // The store in use now: a reload may name another, and a
+                // client whose TLS files changed is a new one.
+                let cfg = inner.config.load_full();
+                let feed = match cfg.store.etcd {
+                    None => None,
+                    Some(_) => tokio::task::spawn_blocking(move || crate::store::open(&cfg))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .and_then(|s| s.feed()),
+                };
+                let same = match (&followed, &feed) {
+                    (Some(sub), Some(feed)) => Arc::ptr_eq(sub.feed(), feed),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !same {
+                    inner.store_feed.store(feed.clone());
+                    followed = feed.map(|f| f.subscribe());
                 }
                 let changes = async {
                     match &followed {
-                        Some((_, feed)) if owed == (false, false) => feed.next().await,
+                        Some(feed) if owed == (false, false) => feed.next().await,
                         _ => std::future::pending().await,
                     }
                 };

@@ -12,7 +12,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 use super::codec::QoS;
 use super::persist::{Journal, Op, StoredSession, StoredSubscription};
-use super::router::{Router, Target};
+use super::router::{Router, Scope, Target};
 use super::session::{Delivery, Message, Outgoing, Pushed, Session};
 use crate::authz::Policy;
 use crate::config::{MqttAuth, MqttLimits, TokenField};
@@ -172,6 +172,8 @@ pub struct Broker {
     /// Where retained messages and persistent sessions are kept (none:
     /// in memory only).
     pub journal: Option<Journal>,
+    /// The other nodes (cluster mode), once the gateway joined the bus.
+    pub(super) bridge: std::sync::OnceLock<Arc<super::cluster::Bridge>>,
 }
 
 /// What a publish did: how many sessions it was queued for, and, when it
@@ -179,6 +181,8 @@ pub struct Broker {
 /// when that is done.
 pub struct Routed {
     pub sessions: usize,
+    /// Sent to the other nodes too (who gets it there is not known here).
+    pub bridged: bool,
     pub durable: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
@@ -206,6 +210,7 @@ impl Broker {
                 .max_capacity(100_000)
                 .time_to_live(FAILURE_WINDOW)
                 .build(),
+            bridge: std::sync::OnceLock::new(),
         })
     }
 
@@ -243,17 +248,45 @@ impl Broker {
             .insert(client_id.clone(), n.saturating_add(1));
     }
 
-    /// Routes a message to every matching subscription and keeps it when
-    /// retained.
+    /// Routes a message published on this node to every matching
+    /// subscription, here and (in cluster mode) on the other nodes, and
+    /// keeps it when retained. Shared subscriptions of a message that went
+    /// on the bus get it from there (the bus picks the node, this one
+    /// included), so that each group sees it once across the nodes.
     pub fn publish(&self, message: Message) -> Routed {
-        let message = Arc::new(message);
+        let bridged = self
+            .bridge
+            .get()
+            .is_some_and(|bridge| bridge.send(&message));
+        let scope = if bridged { Scope::Direct } else { Scope::All };
+        let mut routed = self.route(Arc::new(message), scope, true);
+        routed.bridged = bridged;
+        routed
+    }
+
+    /// Routes a message another node published (the bus's entry point):
+    /// to this node's subscriptions in `scope`, through the same queues
+    /// and options as a local one. Keeping retained messages is
+    /// [`Broker::retain_remote`]'s.
+    pub(super) fn publish_remote(&self, message: Arc<Message>, scope: Scope<'_>) -> Routed {
+        self.route(message, scope, false)
+    }
+
+    /// Keeps (or clears) a retained message another node published.
+    pub(super) fn retain_remote(&self, message: &Arc<Message>) {
+        // The cluster's store has it from the node that took the publish.
+        let write = !self.journal.as_ref().is_some_and(Journal::shares_retained);
+        self.retain(message, write);
+    }
+
+    fn route(&self, message: Arc<Message>, scope: Scope<'_>, keep: bool) -> Routed {
         let mut written = false;
-        if message.retain {
-            written |= self.retain(&message);
+        if message.retain && keep {
+            written |= self.retain(&message, true);
         }
         let mut targets: Vec<Target> = Vec::new();
         self.router_read()
-            .matches(&message.topic, message.origin, &mut targets);
+            .matches_in(&message.topic, message.origin, scope, &mut targets);
         let journal = self.journal.as_ref();
         // One delivery per session: the highest QoS of its matching
         // subscriptions, and every one's identifier.
@@ -297,14 +330,16 @@ impl Broker {
         }
         Routed {
             sessions: sent,
+            bridged: false,
             durable: journal
                 .filter(|_| written && message.qos != QoS::AtMostOnce)
                 .map(Journal::synced),
         }
     }
 
-    /// Keeps (or clears) a retained message; whether it was written down.
-    fn retain(&self, message: &Arc<Message>) -> bool {
+    /// Keeps (or clears) a retained message, and with `write` journals it;
+    /// whether it was journaled.
+    fn retain(&self, message: &Arc<Message>, write: bool) -> bool {
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
         let stored = if message.payload.is_empty() {
             retained.remove(&message.topic).map(|_| None)
@@ -320,7 +355,7 @@ impl Broker {
         self.metrics.retained.set(retained.len() as i64);
         // Written while the map is locked: the journal sees changes of one
         // topic in the order the map does.
-        match (stored, &self.journal) {
+        match (stored, self.journal.as_ref().filter(|_| write)) {
             (Some(m), Some(j)) => {
                 j.send(Op::Retain(message.topic.to_string(), m));
                 true
@@ -494,6 +529,21 @@ impl Broker {
         serde_json::json!({ "total": list.len(), "data": list })
     }
 
+    /// Takes in stored retained messages (at start; in cluster mode once the
+    /// cluster's store answers): unexpired ones, for topics that have none
+    /// yet (one published since is newer).
+    pub fn recover_retained(&self, retained: Vec<(String, super::persist::StoredMessage)>) {
+        let now = Instant::now();
+        let mut map = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        for (_, m) in retained {
+            let m = Message::from_stored(m);
+            if m.expires_at.is_none_or(|t| t > now) {
+                map.entry(m.topic.clone()).or_insert_with(|| Arc::new(m));
+            }
+        }
+        self.metrics.retained.set(map.len() as i64);
+    }
+
     /// Takes in what the journal held at start: retained messages, and
     /// persistent sessions with their subscriptions, queues and QoS 2
     /// state; each session expires as it would have.
@@ -502,17 +552,7 @@ impl Broker {
         retained: Vec<(String, super::persist::StoredMessage)>,
         sessions: Vec<super::persist::Recovered>,
     ) {
-        let now = Instant::now();
-        {
-            let mut map = self.retained.write().unwrap_or_else(|e| e.into_inner());
-            for (_, m) in retained {
-                let m = Message::from_stored(m);
-                if m.expires_at.is_none_or(|t| t > now) {
-                    map.insert(m.topic.clone(), Arc::new(m));
-                }
-            }
-            self.metrics.retained.set(map.len() as i64);
-        }
+        self.recover_retained(retained);
         let unix_now = super::persist::now_ms() / 1000;
         let count = sessions.len();
         for r in sessions {

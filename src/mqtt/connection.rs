@@ -1013,7 +1013,7 @@ impl Connection {
                 return Some(End::Error(DisconnectReasonCode::UnspecifiedError));
             }
             match routed.sessions {
-                0 => (
+                0 if !routed.bridged => (
                     PubAckReason::NoMatchingSubscribers,
                     PubRecReason::NoMatchingSubscribers,
                 ),

@@ -6,6 +6,7 @@
 
 pub mod acl_file;
 mod broker;
+mod cluster;
 mod codec;
 mod connection;
 mod persist;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use broker::{Broker, Settings};
+pub use cluster::join_bus;
 use connection::ConnInfo;
 pub use register::Registration;
 
@@ -110,8 +112,18 @@ impl Broker {
         if !p.enabled {
             return Ok(Broker::new(settings, metrics, None));
         }
-        let (journal, (retained, sessions)) = persist::Journal::open(&cfg.resolve(&p.path))
-            .map_err(|message| {
+        // Cluster mode: retained messages are the cluster's, in its store.
+        let shared = match &cfg.store.etcd {
+            None => None,
+            Some(_) => Some(crate::store::open(cfg).map_err(|e| {
+                vec![ConfigError {
+                    path: cfg.store.key().into(),
+                    message: e.to_string(),
+                }]
+            })?),
+        };
+        let (journal, (retained, sessions), late) =
+            persist::Journal::open(&cfg.resolve(&p.path), shared).map_err(|message| {
                 vec![ConfigError {
                     path: "mqtt.persistence.path".into(),
                     message,
@@ -119,6 +131,14 @@ impl Broker {
             })?;
         let broker = Broker::new(settings, metrics, Some(journal));
         broker.recover(retained, sessions);
+        if let Some(late) = late {
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                if let Ok(retained) = late.await {
+                    broker.recover_retained(retained);
+                }
+            });
+        }
         Ok(broker)
     }
 

@@ -10,7 +10,7 @@
 //! disk. Bounded by the per-session queue limit and `max_retained`.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -18,7 +18,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde::{Deserialize, Serialize};
 
-use crate::store::DbError;
+use crate::store::{DbError, SharedRecords, Store};
 
 use super::codec::QoS;
 use super::router::SubOptions;
@@ -121,7 +121,16 @@ pub enum Op {
 #[derive(Clone)]
 pub struct Journal {
     tx: mpsc::Sender<Op>,
+    /// Retained messages are kept in the cluster's store, by the node that
+    /// took the publish (the others get them over the bus).
+    shares_retained: bool,
 }
+
+/// Under the cluster store's prefix: retained messages by topic.
+const SHARED_RETAINED: &str = "mqtt/retained/";
+
+/// The cluster's retained messages, read once the store answers.
+pub type LateRetained = tokio::sync::oneshot::Receiver<Vec<(String, StoredMessage)>>;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -131,8 +140,13 @@ pub fn now_ms() -> u64 {
 
 impl Journal {
     /// Opens (creating) the file, recovers what it holds and starts the
-    /// writer thread.
-    pub fn open(path: &Path) -> Result<(Journal, Loaded), String> {
+    /// writer thread. With `shared` (cluster mode) retained messages are
+    /// kept there instead, and come later: read on a thread of their own,
+    /// retried until the store answers.
+    pub fn open(
+        path: &Path,
+        shared: Option<Arc<dyn Store>>,
+    ) -> Result<(Journal, Loaded, Option<LateRetained>), String> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("{}: cannot create its directory: {e}", path.display()))?;
@@ -142,14 +156,37 @@ impl Journal {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
-        let (retained, sessions) = load(&db).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (mut retained, sessions) = load(&db).map_err(|e| format!("{}: {e}", path.display()))?;
+        let shared = shared.filter(|s| s.shared_records().is_some());
+        let late = shared.clone().map(|store| {
+            retained.clear();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = std::thread::Builder::new()
+                .name("tollgate-mqtt-retained".into())
+                .spawn(move || {
+                    let _ = tx.send(read_shared_retained(&*store));
+                });
+            rx
+        });
         let (tx, rx) = mpsc::channel();
         let file = path.to_owned();
+        let shares_retained = shared.is_some();
         std::thread::Builder::new()
             .name("tollgate-mqtt-journal".into())
-            .spawn(move || write_loop(db, rx, file))
+            .spawn(move || write_loop(db, shared, rx, file))
             .map_err(|e| e.to_string())?;
-        Ok((Journal { tx }, (retained, sessions)))
+        Ok((
+            Journal {
+                tx,
+                shares_retained,
+            },
+            (retained, sessions),
+            late,
+        ))
+    }
+
+    pub fn shares_retained(&self) -> bool {
+        self.shares_retained
     }
 
     pub fn send(&self, op: Op) {
@@ -178,9 +215,46 @@ fn split_key(k: &[u8]) -> Option<(String, u64)> {
     Some((String::from_utf8(client.to_vec()).ok()?, n))
 }
 
-/// The writer: every op waiting is applied in one transaction.
-fn write_loop(db: Database, rx: mpsc::Receiver<Op>, file: PathBuf) {
+/// The cluster's retained messages; waits (with backoff) until the store
+/// answers.
+fn read_shared_retained(store: &dyn Store) -> Vec<(String, StoredMessage)> {
+    let Some(records) = store.shared_records() else {
+        return Vec::new();
+    };
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match records.read_all(SHARED_RETAINED) {
+            Ok(rows) => {
+                return rows
+                    .into_iter()
+                    .filter_map(|(topic, v)| {
+                        let m = decode_message(&mut Bytes::from(v));
+                        if m.is_none() {
+                            tracing::warn!(
+                                topic,
+                                "a shared retained message cannot be read; skipped"
+                            );
+                        }
+                        Some((topic, m?))
+                    })
+                    .collect();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64,
+                    "the cluster's retained MQTT messages cannot be read yet; retrying");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The writer: every op waiting is applied in one transaction (retained
+/// messages, in cluster mode, in the shared store after it).
+fn write_loop(db: Database, shared: Option<Arc<dyn Store>>, rx: mpsc::Receiver<Op>, file: PathBuf) {
+    let records = shared.as_deref().and_then(|s| s.shared_records());
     let mut failing = false;
+    let mut shared_failing = false;
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         while ops.len() < 4096 {
@@ -190,6 +264,7 @@ fn write_loop(db: Database, rx: mpsc::Receiver<Op>, file: PathBuf) {
             }
         }
         let mut waiters = Vec::new();
+        let mut shared_changes: Vec<(String, Option<Vec<u8>>)> = Vec::new();
         let written = (|| -> Result<(), DbError> {
             let txn = db.begin_write()?;
             {
@@ -199,6 +274,19 @@ fn write_loop(db: Database, rx: mpsc::Receiver<Op>, file: PathBuf) {
                 let mut incoming = txn.open_table(INCOMING)?;
                 for op in ops {
                     match op {
+                        Op::Retain(topic, m) if records.is_some() => {
+                            let value = m.map(|m| encode_message(&m).to_vec());
+                            if value.as_ref().is_some_and(|v| {
+                                records.is_some_and(|r| v.len() + topic.len() > r.max_value())
+                            }) {
+                                tracing::warn!(
+                                    topic,
+                                    "a retained message is too large for the cluster's store; kept in memory on the nodes only"
+                                );
+                                continue;
+                            }
+                            shared_changes.push((topic, value));
+                        }
                         Op::Retain(topic, Some(m)) => {
                             retained.insert(topic.as_str(), encode_message(&m).as_ref())?;
                         }
@@ -242,6 +330,10 @@ fn write_loop(db: Database, rx: mpsc::Receiver<Op>, file: PathBuf) {
             Ok(())
         })();
         match written {
+            // Acknowledged only once the cluster's store has them too.
+            Ok(()) if !write_shared(records, &shared_changes, &mut shared_failing) => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             Ok(()) => {
                 if failing {
                     tracing::info!(file = %file.display(), "MQTT state is written again");
@@ -261,6 +353,33 @@ fn write_loop(db: Database, rx: mpsc::Receiver<Op>, file: PathBuf) {
                 failing = true;
                 std::thread::sleep(Duration::from_millis(100));
             }
+        }
+    }
+}
+
+/// Writes retained messages to the cluster's store; whether they are there
+/// (or there were none). `failing` is logged once per outage.
+fn write_shared(
+    records: Option<&dyn SharedRecords>,
+    changes: &[(String, Option<Vec<u8>>)],
+    failing: &mut bool,
+) -> bool {
+    let Some(records) = records.filter(|_| !changes.is_empty()) else {
+        return true;
+    };
+    match records.write(SHARED_RETAINED, changes) {
+        Ok(()) => {
+            if std::mem::take(failing) {
+                tracing::info!("retained MQTT messages are written to the cluster's store again");
+            }
+            true
+        }
+        Err(e) => {
+            if !std::mem::replace(failing, true) {
+                tracing::error!(error = %e,
+                    "cannot write retained MQTT messages to the cluster's store; their publishes are not acknowledged until it can");
+            }
+            false
         }
     }
 }
@@ -494,7 +613,7 @@ mod tests {
             released: false,
         };
         {
-            let (j, (retained, sessions)) = Journal::open(&path).unwrap();
+            let (j, (retained, sessions), _) = Journal::open(&path, None).unwrap();
             assert!(retained.is_empty() && sessions.is_empty());
             j.send(Op::Retain("a/b".into(), Some(message())));
             j.send(Op::Session(
@@ -531,8 +650,8 @@ mod tests {
         }
         // The writer thread holds the file until it sees its channel close.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let (_, (retained, sessions)) = loop {
-            match Journal::open(&path) {
+        let (_, (retained, sessions), _) = loop {
+            match Journal::open(&path, None) {
                 Ok(j) => break j,
                 Err(e) if std::time::Instant::now() < deadline => {
                     assert!(e.contains("already open"), "{e}");

@@ -32,6 +32,49 @@ struct Group {
     next: AtomicUsize,
 }
 
+impl Group {
+    /// One member, in turn, skipping members whose client is away (their
+    /// share goes to one that is there, when there is one).
+    fn pick(&self, out: &mut Vec<Target>) {
+        let n = self.members.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let pick = (0..n)
+            .map(|i| &self.members[(start + i) % n])
+            .find(|m| m.session.is_connected())
+            .or_else(|| self.members.get(start % n));
+        if let Some(m) = pick {
+            out.push(Target {
+                session: m.session.clone(),
+                options: m.options,
+            });
+        }
+    }
+}
+
+/// Which subscriptions a message is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every one (a message of this node alone).
+    All,
+    /// Not the shared ones (theirs travel through the bus's queue groups).
+    Direct,
+    /// One shared subscription: a member of `group` subscribed to `filter`.
+    Group { group: &'a str, filter: &'a str },
+}
+
+/// A distinct subscription as the bus sees it: a filter, or a shared
+/// subscription's group and filter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FilterKey {
+    pub share: Option<Box<str>>,
+    pub filter: Box<str>,
+}
+
+/// Told when a [`FilterKey`] gains its first subscriber or loses its last.
+pub trait Interest: Send + Sync {
+    fn changed(&self, key: FilterKey);
+}
+
 #[derive(Default)]
 struct Subscribers {
     direct: Vec<Subscriber>,
@@ -43,7 +86,16 @@ impl Subscribers {
         self.direct.is_empty() && self.shared.is_empty()
     }
 
-    fn collect(&self, origin: u64, out: &mut Vec<Target>) {
+    fn collect(&self, origin: u64, scope: Scope<'_>, out: &mut Vec<Target>) {
+        self.collect_direct(origin, out);
+        if let Scope::All = scope {
+            for g in &self.shared {
+                g.pick(out);
+            }
+        }
+    }
+
+    fn collect_direct(&self, origin: u64, out: &mut Vec<Target>) {
         for s in &self.direct {
             if s.options.no_local && s.session.id == origin {
                 continue;
@@ -52,22 +104,6 @@ impl Subscribers {
                 session: s.session.clone(),
                 options: s.options,
             });
-        }
-        for g in &self.shared {
-            // In turn, skipping members whose client is away (their share
-            // goes to one that is there, when there is one).
-            let n = g.members.len();
-            let start = g.next.fetch_add(1, Ordering::Relaxed);
-            let pick = (0..n)
-                .map(|i| &g.members[(start + i) % n])
-                .find(|m| m.session.is_connected())
-                .or_else(|| g.members.get(start % n));
-            if let Some(m) = pick {
-                out.push(Target {
-                    session: m.session.clone(),
-                    options: m.options,
-                });
-            }
         }
     }
 
@@ -148,6 +184,10 @@ pub struct Target {
 pub struct Router {
     root: Node,
     count: usize,
+    /// Subscribers per distinct filter (and group), kept while someone
+    /// listens to `interest`.
+    filters: HashMap<FilterKey, usize>,
+    interest: Option<Arc<dyn Interest>>,
 }
 
 impl Router {
@@ -173,7 +213,64 @@ impl Router {
         let subs = if rest { &mut node.rest } else { &mut node.here };
         let added = subs.insert(share, Subscriber { session, options });
         self.count += usize::from(added);
+        if added && let Some(interest) = &self.interest {
+            let key = FilterKey {
+                share: share.map(Box::from),
+                filter: filter.into(),
+            };
+            let n = self.filters.entry(key.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                interest.changed(key);
+            }
+        }
         added
+    }
+
+    /// Tells `interest` of every change from now on, and of every filter
+    /// subscribed so far.
+    pub fn set_interest(&mut self, interest: Arc<dyn Interest>) {
+        fn walk(node: &Node, path: &mut Vec<String>, out: &mut HashMap<FilterKey, usize>) {
+            let mut add = |subs: &Subscribers, filter: String| {
+                if !subs.direct.is_empty() {
+                    let key = FilterKey {
+                        share: None,
+                        filter: filter.as_str().into(),
+                    };
+                    *out.entry(key).or_insert(0) += subs.direct.len();
+                }
+                for g in &subs.shared {
+                    let key = FilterKey {
+                        share: Some(g.name.clone()),
+                        filter: filter.as_str().into(),
+                    };
+                    *out.entry(key).or_insert(0) += g.members.len();
+                }
+            };
+            if !path.is_empty() {
+                add(&node.here, path.join("/"));
+            }
+            let mut rest = path.clone();
+            rest.push("#".into());
+            add(&node.rest, rest.join("/"));
+            for (level, child) in &node.children {
+                path.push(level.to_string());
+                walk(child, path, out);
+                path.pop();
+            }
+        }
+        let mut filters = HashMap::new();
+        walk(&self.root, &mut Vec::new(), &mut filters);
+        for key in filters.keys() {
+            interest.changed(key.clone());
+        }
+        self.filters = filters;
+        self.interest = Some(interest);
+    }
+
+    /// Whether anyone subscribes to `key` (tracked once an interest is set).
+    pub fn has_filter(&self, key: &FilterKey) -> bool {
+        self.filters.contains_key(key)
     }
 
     /// Whether there was such a subscription.
@@ -197,6 +294,19 @@ impl Router {
         let levels: Vec<&str> = filter.split('/').collect();
         let removed = walk(&mut self.root, &levels, share, session);
         self.count -= usize::from(removed);
+        if removed && let Some(interest) = &self.interest {
+            let key = FilterKey {
+                share: share.map(Box::from),
+                filter: filter.into(),
+            };
+            if let Some(n) = self.filters.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.filters.remove(&key);
+                    interest.changed(key);
+                }
+            }
+        }
         removed
     }
 
@@ -212,34 +322,68 @@ impl Router {
     /// subscription (a session subscribed twice appears twice; the broker
     /// merges them). `origin` is the publishing session, for no-local.
     pub fn matches(&self, topic: &str, origin: u64, out: &mut Vec<Target>) {
+        self.matches_in(topic, origin, Scope::All, out);
+    }
+
+    /// [`Router::matches`] among the subscriptions `scope` names.
+    pub fn matches_in(&self, topic: &str, origin: u64, scope: Scope<'_>, out: &mut Vec<Target>) {
+        if let Scope::Group { group, filter } = scope {
+            return self.group_member(group, filter, out);
+        }
         let levels: Vec<&str> = topic.split('/').collect();
         // `+` and `#` at the first level never match a `$` topic.
         let dollar = topic.starts_with('$');
         // `node.rest` holds `<level>/#`, which matches that level too.
-        fn walk(
-            node: &Node,
-            levels: &[&str],
-            first: bool,
+        struct Walk<'s, 'o> {
             dollar: bool,
             origin: u64,
-            out: &mut Vec<Target>,
-        ) {
-            let wild = !(first && dollar);
+            scope: Scope<'s>,
+            out: &'o mut Vec<Target>,
+        }
+        fn walk(w: &mut Walk<'_, '_>, node: &Node, levels: &[&str], first: bool) {
+            let wild = !(first && w.dollar);
             if wild {
-                node.rest.collect(origin, out);
+                node.rest.collect(w.origin, w.scope, w.out);
             }
             let Some((level, tail)) = levels.split_first() else {
-                node.here.collect(origin, out);
+                node.here.collect(w.origin, w.scope, w.out);
                 return;
             };
             if let Some(child) = node.children.get(*level) {
-                walk(child, tail, false, dollar, origin, out);
+                walk(w, child, tail, false);
             }
             if wild && let Some(child) = node.children.get("+") {
-                walk(child, tail, false, dollar, origin, out);
+                walk(w, child, tail, false);
             }
         }
-        walk(&self.root, &levels, true, dollar, origin, out);
+        let mut w = Walk {
+            dollar,
+            origin,
+            scope,
+            out,
+        };
+        walk(&mut w, &self.root, &levels, true);
+    }
+
+    /// One member of the shared subscription `$share/<group>/<filter>`.
+    fn group_member(&self, group: &str, filter: &str, out: &mut Vec<Target>) {
+        let mut node = &self.root;
+        let mut levels = filter.split('/').peekable();
+        let mut rest = false;
+        while let Some(level) = levels.next() {
+            if level == "#" && levels.peek().is_none() {
+                rest = true;
+                break;
+            }
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return,
+            }
+        }
+        let subs = if rest { &node.rest } else { &node.here };
+        if let Some(g) = subs.shared.iter().find(|g| &*g.name == group) {
+            g.pick(out);
+        }
     }
 }
 

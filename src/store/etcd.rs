@@ -27,7 +27,7 @@ use etcd_client::{
     KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 
-use super::{ChangeFeed, Row, Store, StoreError, Table};
+use super::{ChangeFeed, Row, SharedRecords, Store, StoreError, Table};
 use crate::config::{Config, EtcdStoreConfig, EtcdTls};
 
 /// Under the prefix: the write counter.
@@ -36,6 +36,11 @@ const GENERATION: &str = "meta/generation";
 const REVOKED: &str = "revoked/";
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
+/// Bytes of values in one transaction of shared records, under etcd's
+/// default request limit (1.5 MiB).
+const MAX_TXN_BYTES: usize = 1024 * 1024;
+/// etcd clients [`EtcdStore::shared`] keeps for configs in use.
+const KEPT_CLIENTS: usize = 4;
 /// How often a write is tried while other writers keep getting in first.
 const MAX_ATTEMPTS: usize = 32;
 
@@ -126,24 +131,33 @@ impl EtcdStore {
     }
 
     /// One client per etcd (endpoints, prefix, TLS, timeout) in this
-    /// process: the store is opened per operation.
+    /// process: the store is opened per operation. A client whose TLS files
+    /// changed since it connected (a rotated certificate) is replaced by one
+    /// that reads them again.
     pub fn shared(cfg: &Config, etcd: &EtcdStoreConfig) -> Result<Arc<EtcdStore>, StoreError> {
-        static OPEN: Mutex<Vec<(EtcdStoreConfig, Arc<EtcdStore>)>> = Mutex::new(Vec::new());
+        type Open = (EtcdStoreConfig, Vec<Option<FileStamp>>, Arc<EtcdStore>);
+        static OPEN: Mutex<Vec<Open>> = Mutex::new(Vec::new());
         let mut etcd = etcd.clone();
         if let Some(tls) = &mut etcd.tls {
             tls.ca = cfg.resolve(&tls.ca);
             tls.cert = tls.cert.as_ref().map(|p| cfg.resolve(p));
             tls.key = tls.key.as_ref().map(|p| cfg.resolve(p));
         }
+        let stamps = tls_stamps(etcd.tls.as_ref());
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, s)) = open.iter().find(|(c, _)| *c == etcd) {
-            return Ok(s.clone());
+        match open.iter().find(|(c, ..)| *c == etcd) {
+            Some((_, seen, s)) if *seen == stamps => return Ok(s.clone()),
+            Some(_) => tracing::info!("the etcd client's TLS files changed; connecting with them"),
+            None => {}
         }
         let store = Arc::new(EtcdStore::connect(&etcd)?);
-        // Only the config in use is kept: one a reload replaced goes once
-        // its last user lets go.
-        open.clear();
-        open.push((etcd, store.clone()));
+        // A few configs are kept (one per gateway of a test process; one a
+        // reload replaced goes once it is the oldest and unused).
+        open.retain(|(c, ..)| *c != etcd);
+        if open.len() >= KEPT_CLIENTS {
+            open.remove(0);
+        }
+        open.push((etcd, stamps, store.clone()));
         Ok(store)
     }
 
@@ -408,6 +422,22 @@ fn describe(endpoints: &str, prefix: &str) -> String {
     format!("etcd {endpoints} (prefix {prefix})")
 }
 
+/// A file's length and modification time: a replaced file shows.
+type FileStamp = (u64, Option<std::time::SystemTime>);
+
+fn tls_stamps(tls: Option<&EtcdTls>) -> Vec<Option<FileStamp>> {
+    let Some(tls) = tls else { return Vec::new() };
+    [Some(&tls.ca), tls.cert.as_ref(), tls.key.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.len(), m.modified().ok()))
+        })
+        .collect()
+}
+
 fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, String> {
     let read =
         |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()));
@@ -425,6 +455,10 @@ impl Store for EtcdStore {
 
     fn change_marker(&self) -> Option<PathBuf> {
         None
+    }
+
+    fn shared_records(&self) -> Option<&dyn SharedRecords> {
+        Some(self)
     }
 
     fn feed(&self) -> Option<Arc<ChangeFeed>> {
@@ -558,5 +592,49 @@ impl Store for EtcdStore {
                 return Ok(purged);
             }
         }
+    }
+}
+
+impl SharedRecords for EtcdStore {
+    fn read_all(&self, dir: &str) -> Result<Vec<Row>, StoreError> {
+        let dir = self.key(dir);
+        let kvs = self.range(&format!("reading `{dir}`"), dir.clone())?;
+        self.rows(&dir, kvs)
+    }
+
+    fn write(&self, dir: &str, changes: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let dir = self.key(dir);
+        let mut rest = changes;
+        while !rest.is_empty() {
+            // As many as one transaction holds (at least one).
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .take(MAX_TXN_OPS)
+                .take_while(|(k, v)| {
+                    bytes += dir.len() + k.len() + v.as_ref().map_or(0, Vec::len);
+                    bytes <= MAX_TXN_BYTES
+                })
+                .count()
+                .max(1);
+            let (now, later) = rest.split_at(n);
+            rest = later;
+            let ops: Vec<TxnOp> = now
+                .iter()
+                .map(|(k, v)| match v {
+                    Some(v) => TxnOp::put(format!("{dir}{k}"), v.clone(), None),
+                    None => TxnOp::delete(format!("{dir}{k}"), None),
+                })
+                .collect();
+            let mut kv = self.client.kv_client();
+            self.call(&format!("writing `{dir}`"), async move {
+                kv.txn(Txn::new().and_then(ops)).await
+            })?;
+        }
+        Ok(())
+    }
+
+    fn max_value(&self) -> usize {
+        MAX_TXN_BYTES
     }
 }

@@ -124,6 +124,24 @@ pub trait Store: Send + Sync {
     fn feed(&self) -> Option<Arc<ChangeFeed>> {
         None
     }
+    /// Records the nodes of a cluster share outside the tables (MQTT
+    /// retained messages); `None`: the store is one node's.
+    fn shared_records(&self) -> Option<&dyn SharedRecords> {
+        None
+    }
+}
+
+/// Binary records shared by the nodes of a cluster, outside the tables and
+/// the generation (no node reloads for them): the last writer of a key
+/// wins. Keys are `<dir><name>`.
+pub trait SharedRecords: Send + Sync {
+    /// Every record under `dir`, as (name, value).
+    fn read_all(&self, dir: &str) -> Result<Vec<Row>, StoreError>;
+    /// Puts (`Some`) and removes (`None`), durable when it returns; in as
+    /// few transactions as the store allows, in order.
+    fn write(&self, dir: &str, changes: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError>;
+    /// The largest value it keeps.
+    fn max_value(&self) -> usize;
 }
 
 /// What changed in a shared store since the last [`ChangeFeed::next`].
@@ -408,5 +426,54 @@ impl dyn Store + '_ {
         })
         .map_err(|e| e.to_string())?;
         out.ok_or_else(|| "the signing keys were not read".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_feed_merges_what_each_subscriber_has_not_taken() {
+        let feed = Arc::new(ChangeFeed::default());
+        let a = feed.subscribe();
+        // A new subscriber reads everything first.
+        assert!(a.next().await.resync);
+        feed.push(Changes {
+            tables: vec![Table::Clients],
+            revoked: vec![("j1".into(), 10)],
+            resync: false,
+        });
+        let b = feed.subscribe();
+        feed.push(Changes {
+            tables: vec![Table::Clients, Table::ApiRoutes],
+            revoked: vec![("j2".into(), 20)],
+            resync: false,
+        });
+        let got = a.next().await;
+        assert_eq!(got.tables, [Table::Clients, Table::ApiRoutes]);
+        assert_eq!(got.revoked, [("j1".into(), 10), ("j2".into(), 20)]);
+        assert!(!got.resync && got.touches(Table::ApiRoutes) && !got.touches(Table::Users));
+        let got = b.next().await;
+        assert!(got.resync, "b subscribed after j1");
+        assert_eq!(got.revoked, [("j2".to_owned(), 20)]);
+
+        // More revocations than it holds: a full read instead.
+        feed.push(Changes {
+            revoked: (0..=FEED_MOST_REVOKED as u64)
+                .map(|i| (i.to_string(), i))
+                .collect(),
+            ..Changes::default()
+        });
+        let got = a.next().await;
+        assert!(got.resync && got.revoked.is_empty());
+
+        // The watch is told to stop when the last handle goes.
+        let stop = feed.stop_token();
+        drop(b);
+        drop(feed);
+        assert!(!stop.is_cancelled(), "a still holds it");
+        drop(a);
+        assert!(stop.is_cancelled());
     }
 }

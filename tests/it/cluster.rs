@@ -288,6 +288,8 @@ async fn etcd_down_serves_refuses_writes_and_catches_up() {
         r.status == 200 && r.text().contains("degraded")
     })
     .await;
+    let status = admin(&a, Method::GET, "/admin/status", None).await.json();
+    assert_eq!(status["store"]["watching"], false, "{status}");
 
     etcd.resume();
     // The revocation refused with 503 is retried, as its caller would.
@@ -322,4 +324,79 @@ async fn etcd_down_serves_refuses_writes_and_catches_up() {
             == "ready\n"
     })
     .await;
+    let status = admin(&a, Method::GET, "/admin/status", None).await.json();
+    assert_eq!(status["store"]["watching"], true, "{status}");
+}
+
+/// A node with an MQTT listener (user `dev-a`, the `%u/#` rule) on the
+/// cluster store: its address.
+async fn mqtt_node(etcd: &Etcd, prefix: &str) -> (TestGateway, std::net::SocketAddr) {
+    let hash = bcrypt::hash(crate::mqtt::PASSWORD, 4).unwrap();
+    let yaml = format!(
+        "listeners:\n  - name: sidecar\n    bind: 127.0.0.1:0\n  - name: mqtt\n    bind: 127.0.0.1:0\n    protocol: mqtt\n\
+admin:\n  bind: 127.0.0.1:0\nauth:\n  users:\n    - {{ name: dev-a, password_hash: '{hash}' }}\n\
+mqtt:\n  policy:\n    - allow: {{ actions: [publish, subscribe], topics: ['%u/#'] }}\n\
+store:\n  etcd:\n    endpoints: [{}]\n    prefix: {prefix}\n    timeout: 2s\n",
+        etcd.endpoint
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let addr = gw.gw.listener_addr("mqtt").unwrap();
+    (gw, addr)
+}
+
+/// Retained messages are the cluster's: one published on A (acknowledged
+/// once etcd has it) is delivered by a node started afterwards, and so is
+/// its clearing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_the_clusters() {
+    use crate::mqtt::{login, next_publish, subscribed, v4_connect};
+    use rumqttc::QoS;
+    let etcd = Etcd::start();
+    let (_a, addr_a) = mqtt_node(&etcd, "/c4/").await;
+    let publisher = v4_connect(addr_a, "pub", login("dev-a"), true)
+        .await
+        .unwrap();
+    for (topic, payload) in [("dev-a/status", "online"), ("dev-a/gone", "soon cleared")] {
+        publisher
+            .client
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .await
+            .unwrap();
+    }
+    publisher
+        .client
+        .publish("dev-a/gone", QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    let mut publisher = publisher;
+    let mut acked = 0;
+    while acked < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), publisher.acks.recv()).await {
+            Ok(Some(rumqttc::Packet::PubAck(_))) => acked += 1,
+            Ok(Some(_)) => {}
+            other => panic!("no PUBACK: {other:?}"),
+        }
+    }
+
+    // A node that was not there when they were published.
+    let (_c, addr_c) = mqtt_node(&etcd, "/c4/").await;
+    wait_until(PROPAGATION, "node C has the cluster's retained messages", || async {
+        let mut sub = subscribed(addr_c, "sub", "dev-a", true, "dev-a/#", QoS::AtLeastOnce).await;
+        let got = tokio::time::timeout(Duration::from_millis(300), sub.publishes.recv()).await;
+        let _ = sub.client.disconnect().await;
+        matches!(got, Ok(Some(p)) if p.topic == "dev-a/status" && p.payload == "online" && p.retain)
+    })
+    .await;
+    let mut sub = subscribed(addr_c, "sub2", "dev-a", true, "dev-a/#", QoS::AtLeastOnce).await;
+    let first = next_publish(&mut sub.publishes).await;
+    assert_eq!(first.topic, "dev-a/status");
+    // The cleared one is not among them.
+    if let Ok(Some(p)) =
+        tokio::time::timeout(Duration::from_millis(500), sub.publishes.recv()).await
+    {
+        panic!(
+            "unexpected retained message on {}: {:?}",
+            p.topic, p.payload
+        );
+    }
 }

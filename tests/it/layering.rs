@@ -14,6 +14,7 @@ const BASE: &[&str] = &[
     "transport",
     "telemetry",
     "pki",
+    "bus",
 ];
 const FRONT_ENDS: &[&str] = &["http", "oauth", "admin", "mqtt", "wamp", "tunnel"];
 const ROOT: &[&str] = &["gateway", "main", "lib"];

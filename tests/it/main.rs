@@ -4,6 +4,7 @@
 mod admin;
 mod blame;
 mod boundary;
+mod bus_nats;
 mod cli;
 #[cfg(feature = "cluster")]
 mod cluster;

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::support::*;
 
-const PASSWORD: &str = "pw-of-every-test-user";
+pub(crate) const PASSWORD: &str = "pw-of-every-test-user";
 
 /// A gateway with an MQTT listener, MQTT over WebSocket at `/mqtt` on the
 /// HTTP listener, users `dev-a`, `dev-b`, `+` and `#`, and the default rule
@@ -34,13 +34,13 @@ mqtt:\n  websocket: {{ path: /mqtt }}\n  sys_interval: 1s\n  policy:\n    - allo
 }
 
 /// A 3.1.1 client: its handle, what it receives, and its CONNACK code.
-struct V4 {
-    client: rumqttc::AsyncClient,
-    publishes: mpsc::UnboundedReceiver<rumqttc::Publish>,
-    acks: mpsc::UnboundedReceiver<Packet>,
+pub(crate) struct V4 {
+    pub(crate) client: rumqttc::AsyncClient,
+    pub(crate) publishes: mpsc::UnboundedReceiver<rumqttc::Publish>,
+    pub(crate) acks: mpsc::UnboundedReceiver<Packet>,
 }
 
-async fn v4_connect(
+pub(crate) async fn v4_connect(
     addr: SocketAddr,
     id: &str,
     login: Option<(&str, &str)>,
@@ -99,7 +99,7 @@ async fn v4_connect(
 }
 
 /// A 3.1.1 client of `user` subscribed to `filter` (its SUBACK read).
-async fn subscribed(
+pub(crate) async fn subscribed(
     addr: SocketAddr,
     id: &str,
     user: &str,
@@ -132,7 +132,9 @@ async fn admin_call(
     .await
 }
 
-async fn next_publish(rx: &mut mpsc::UnboundedReceiver<rumqttc::Publish>) -> rumqttc::Publish {
+pub(crate) async fn next_publish(
+    rx: &mut mpsc::UnboundedReceiver<rumqttc::Publish>,
+) -> rumqttc::Publish {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("a message within 5s")
@@ -155,7 +157,7 @@ async fn suback(c: &mut V4) -> Vec<rumqttc::SubscribeReasonCode> {
     }
 }
 
-fn login(user: &str) -> Option<(&str, &str)> {
+pub(crate) fn login(user: &str) -> Option<(&str, &str)> {
     Some((user, PASSWORD))
 }
 

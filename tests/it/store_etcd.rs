@@ -405,6 +405,17 @@ pub(crate) mod cluster {
         assert_eq!(store.scan(Table::Users).unwrap(), [row("u", "1")]);
         assert_eq!(store.generation().unwrap(), 1);
 
+        // Rotated files (here: rewritten) make a new client that reads them.
+        for f in ["client.pem", "client-key.pem"] {
+            let path = dir.join(f);
+            let pem = std::fs::read(&path).unwrap();
+            std::fs::write(&path, [pem.as_slice(), b"\n"].concat()).unwrap();
+        }
+        let rotated = tollgate::store::open(&cfg).unwrap();
+        assert!(!Arc::ptr_eq(&store, &rotated), "a new client");
+        assert_eq!(rotated.scan(Table::Users).unwrap(), [row("u", "1")]);
+        assert!(Arc::ptr_eq(&rotated, &tollgate::store::open(&cfg).unwrap()));
+
         let mut anonymous = etcd.config("/tls/");
         anonymous.tls = Some(EtcdTls {
             cert: None,

@@ -40,7 +40,15 @@ async fn least_request_avoids_the_busy_target() {
     while slow.hits() < 3 {
         let url = url.clone();
         pending.push(tokio::spawn(async move { get(&url).await.status }));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Each reaches a target before the next goes: none is still on its
+        // way to the slow one when the count is taken.
+        let sent = pending.len();
+        wait_until(
+            Duration::from_secs(10),
+            "the request reached a target",
+            || async { slow.hits() + fast.hits() >= sent },
+        )
+        .await;
     }
     let slow_before = slow.hits();
     for _ in 0..20 {
