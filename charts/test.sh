@@ -39,6 +39,10 @@ render deployment --set mode=deployment --set admin.exposed=true \
 render secrets --set-string 'secretFiles.signing-key\.pem=not-a-real-key' \
   --set 'config.routes[0].name=bar' --set 'config.routes[0].match.path_prefix=/bar/' \
   --set 'config.routes[0].upstream.targets[0]=http://bar.default.svc:8080'
+render cluster --set cluster.enabled=true \
+  --set 'cluster.etcd.endpoints={https://etcd-0.etcd:2379,https://etcd-1.etcd:2379,https://etcd-2.etcd:2379}' \
+  --set 'cluster.nats.servers={nats://nats:4222}' \
+  --set-string 'secretFiles.etcd-ca\.pem=not-a-real-ca' --set cluster.etcd.tls.ca=/etc/tollgate/secrets/etcd-ca.pem
 
 # Values the chart must refuse, with the reason.
 refused() { # expected-message helm-args...
@@ -54,6 +58,9 @@ refused "serviceMonitor.enabled" --set serviceMonitor.enabled=true
 refused "mode: expected daemonset or deployment" --set mode=statefulset
 refused "nodeAccess: expected hostPort or hostNetwork" --set nodeAccess=nodePort
 refused "config.listeners\[sidecar\].bind: expected port 9000" --set ports.sidecar=9000
+refused "cluster.etcd.endpoints: cluster mode needs" --set cluster.enabled=true
+refused "config.bus: with cluster.enabled" --set cluster.enabled=true --set 'cluster.etcd.endpoints={http://etcd:2379}' \
+  --set 'config.bus.nats.servers={nats://nats:4222}'
 
 /usr/bin/python3 - "$work" "$tollgate" <<'PY'
 import hashlib, os, subprocess, sys, yaml
@@ -110,6 +117,18 @@ sann = sec["DaemonSet"]["spec"]["template"]["metadata"]["annotations"]
 check(sann["checksum/config"] != annotations["checksum/config"], "a config change changes checksum/config (pods roll)")
 check("checksum/secret" in sann, "checksum/secret")
 
+cl = docs("cluster")
+check(container(cl["DaemonSet"])["image"] == "tollgate:cluster-local", f"cluster image: {container(cl['DaemonSet'])['image']}")
+check(container(ds["DaemonSet"])["image"] == "tollgate:local", "the default image is the one-node build")
+ccfg = yaml.safe_load(cl["ConfigMap"]["data"]["gateway.yaml"])
+check(ccfg["store"] == {"etcd": {"endpoints": ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379", "https://etcd-2.etcd:2379"],
+                                 "prefix": "/tollgate/", "timeout": "5s", "tls": {"ca": "/etc/tollgate/secrets/etcd-ca.pem"}}},
+      f"cluster store: {ccfg['store']}")
+check(ccfg["bus"] == {"nats": {"servers": ["nats://nats:4222"], "prefix": "tollgate"}}, f"cluster bus: {ccfg['bus']}")
+check("bus" not in cfg and cfg["store"] == {"path": "/var/lib/tollgate/tollgate.redb"}, "no cluster keys by default")
+with open(os.path.join(work, "cluster-gateway.yaml"), "w") as f:
+    f.write(cl["ConfigMap"]["data"]["gateway.yaml"])
+
 # The gateway.yaml each mode renders is one tollgate accepts.
 for name, text in [("daemonset", gateway), ("deployment", dep["ConfigMap"]["data"]["gateway.yaml"]),
                    ("secrets", sec["ConfigMap"]["data"]["gateway.yaml"])]:
@@ -127,6 +146,19 @@ with open(os.path.join(work, "probes"), "w") as f:
         f.write(" ".join(c[probe]["exec"]["command"]) + "\n")
 print("chart: lint, templates and rendered gateway.yaml checked")
 PY
+
+# The cluster rendering needs a cluster build to check: the cluster image's
+# binary reads it (check-config validates; it does not connect to etcd).
+if docker image inspect tollgate:cluster-local >/dev/null 2>&1; then
+  chmod a+r "$work/cluster-gateway.yaml"
+  if ! out=$(docker run --rm --network none -v "$work/cluster-gateway.yaml:/etc/tollgate/gateway.yaml:ro" \
+    tollgate:cluster-local check-config -c /etc/tollgate/gateway.yaml 2>&1); then
+    echo "FAIL: tollgate:cluster-local check-config refused the cluster rendering:"; echo "$out"; exit 1
+  fi
+  echo "chart: the cluster values' gateway.yaml (store.etcd, bus.nats) passes the cluster build's check-config"
+else
+  echo "charts/test.sh: no tollgate:cluster-local image (deploy/image/build.sh --cluster); the cluster rendering's check-config is skipped"
+fi
 
 if ! docker image inspect tollgate:local >/dev/null 2>&1; then
   echo "charts/test.sh: no tollgate:local image (deploy/image/build.sh); the pod's container run is skipped"

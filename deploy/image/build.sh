@@ -3,31 +3,51 @@
 # (glibc, +crt-static) and the host's CA certificates in a FROM scratch
 # image, the same layout as the Dockerfile's. Also builds the example
 # services' images (bar: busybox httpd; foo: a busybox client loop), from
-# Debian's busybox-static.
+# Debian's busybox-static. With --cluster, the cluster build instead
+# (`--features cluster`, same layout) and etcd's and NATS's images from
+# Debian's etcd-server and nats-server binaries (each with the libc and
+# loader it links, in a FROM scratch image). Quiet unless something fails.
 #
 #   deploy/image/build.sh            # tollgate:local, tollgate-example-bar:local, tollgate-example-foo:local
+#   deploy/image/build.sh --cluster  # tollgate:cluster-local, tollgate-etcd:local, tollgate-nats:local, the examples
+#   TOLLGATE_BIN=path deploy/image/build.sh [--cluster]   # that static binary (built as above) instead of building
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TARGET=$(uname -m)-unknown-linux-gnu   # x86_64 or aarch64
+cluster=no
+case "${1:-}" in
+  --cluster) cluster=yes ;;
+  "") ;;
+  *) echo "usage: deploy/image/build.sh [--cluster]"; exit 2 ;;
+esac
 
-RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked --quiet --target "$TARGET" --bin tollgate
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
+built=()
 # `docker build`, quiet unless it fails.
 build() {
   if ! docker build -q -t "$1" "$2" >"$ctx/build.log" 2>&1; then
     cat "$ctx/build.log"
     exit 1
   fi
+  built+=("$1")
 }
 
-mkdir -p "$ctx/gw/var/lib/tollgate" "$ctx/gw/etc/ssl/certs"
-cp "target/$TARGET/release/tollgate" "$ctx/gw/tollgate"
-strip "$ctx/gw/tollgate" 2>/dev/null || true
-cp /etc/ssl/certs/ca-certificates.crt "$ctx/gw/etc/ssl/certs/"
-cp deploy/image/gateway.yaml "$ctx/gw/gateway.yaml"
-cat > "$ctx/gw/Dockerfile" <<'DOCKERFILE'
+# tollgate_image TAG [cargo args...]: the static binary in a FROM scratch image.
+tollgate_image() {
+  local tag=$1 dir=$ctx/gw-${1//[:\/]/-}
+  shift
+  local binary=${TOLLGATE_BIN:-target/$TARGET/release/tollgate}
+  if [ -z "${TOLLGATE_BIN:-}" ]; then
+    RUSTFLAGS="-C target-feature=+crt-static" \
+      cargo build --release --locked --quiet --target "$TARGET" --bin tollgate "$@"
+  fi
+  mkdir -p "$dir/var/lib/tollgate" "$dir/etc/ssl/certs"
+  cp "$binary" "$dir/tollgate"
+  strip "$dir/tollgate" 2>/dev/null || true
+  cp /etc/ssl/certs/ca-certificates.crt "$dir/etc/ssl/certs/"
+  cp deploy/image/gateway.yaml "$dir/gateway.yaml"
+  cat > "$dir/Dockerfile" <<'DOCKERFILE'
 FROM scratch
 COPY etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY tollgate /usr/local/bin/tollgate
@@ -39,7 +59,41 @@ HEALTHCHECK --interval=10s --timeout=6s --start-period=5s CMD ["/usr/local/bin/t
 ENTRYPOINT ["/usr/local/bin/tollgate"]
 CMD ["run", "-c", "/etc/tollgate/gateway.yaml", "--log-format", "json"]
 DOCKERFILE
-build tollgate:local "$ctx/gw"
+  build "$tag" "$dir"
+}
+
+# host_binary_image TAG BINARY DATA_DIR PORTS: a dynamically linked host
+# binary with exactly the shared objects ldd names (libc and the loader for
+# Debian's Go builds) in a FROM scratch image, running as 65532 with a
+# writable DATA_DIR. Arguments are given at `docker run` / in compose.
+host_binary_image() {
+  local tag=$1 binary=$2 data=$3 ports=$4 dir=$ctx/bin-${1//[:\/]/-}
+  [ -x "$binary" ] || { echo "needs $binary (Debian's $(basename "$binary") package)"; exit 1; }
+  mkdir -p "$dir/data" "$dir/root/usr/local/bin"
+  cp "$binary" "$dir/root/usr/local/bin/"
+  local lib
+  for lib in $(ldd "$binary" | grep -o '/[^ ]*'); do
+    mkdir -p "$dir/root$(dirname "$lib")"
+    cp -L "$lib" "$dir/root$lib"
+  done
+  cat > "$dir/Dockerfile" <<DOCKERFILE
+FROM scratch
+COPY root/ /
+COPY --chown=65532:65532 data/ $data/
+USER 65532:65532
+EXPOSE $ports
+ENTRYPOINT ["/usr/local/bin/$(basename "$binary")"]
+DOCKERFILE
+  build "$tag" "$dir"
+}
+
+if [ "$cluster" = yes ]; then
+  tollgate_image tollgate:cluster-local --features cluster
+  host_binary_image tollgate-etcd:local "$(command -v etcd || echo /usr/bin/etcd)" /var/lib/etcd "2379 2380"
+  host_binary_image tollgate-nats:local "$(command -v nats-server || echo /usr/sbin/nats-server)" /var/lib/nats "4222 6222 8222"
+else
+  tollgate_image tollgate:local
+fi
 
 busybox=$(command -v busybox || true)
 if [ -z "$busybox" ] || ! file -L "$busybox" 2>/dev/null | grep -q "statically linked"; then
@@ -83,6 +137,6 @@ ENTRYPOINT ["/bin/busybox", "sh", "/foo.sh"]
 DOCKERFILE
 build tollgate-example-foo:local "$ctx/foo"
 
-for image in tollgate:local tollgate-example-bar:local tollgate-example-foo:local; do
+for image in "${built[@]}"; do
   printf '%-30s %s\n' "$image" "$(docker image inspect -f '{{.Size}}' "$image" | awk '{ printf "%.1f MB", $1 / 1e6 }')"
 done

@@ -378,6 +378,9 @@ impl Gateway {
                 }))
             }
         };
+        if let (Some(bus), Some(w)) = (&bus, &wamp) {
+            crate::wamp::join_bus(&w.router, bus.clone(), shutdown.force.clone());
+        }
         end_sessions_of_changed_users(
             &users,
             mqtt.as_ref().map(|m| m.broker.clone()),
@@ -1065,6 +1068,7 @@ impl Gateway {
             // Applied later: (routes, token server), after a failure.
             let mut owed = (false, false);
             let mut wait = Duration::from_millis(250);
+            let mut retry_at: Option<tokio::time::Instant> = None;
             loop {
                 // The store in use now: a reload may name another, and a
                 // client whose TLS files changed is a new one.
@@ -1086,19 +1090,18 @@ impl Gateway {
                     inner.store_feed.store(feed.clone());
                     followed = feed.map(|f| f.subscribe());
                 }
+                // The feed is always read: revocations apply at once, even
+                // while a re-read that failed waits for its retry.
                 let changes = async {
                     match &followed {
-                        Some(feed) if owed == (false, false) => feed.next().await,
-                        _ => std::future::pending().await,
+                        Some(feed) => feed.next().await,
+                        None => std::future::pending().await,
                     }
                 };
-                // Re-check the store config now and then (a reload may name
-                // another); retry what is owed sooner.
-                let tick = if owed == (false, false) {
-                    Duration::from_secs(2)
-                } else {
-                    wait
-                };
+                // Re-check the store now and then (a reload may name
+                // another); retry what is owed when its time comes.
+                let wake = retry_at
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(2));
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     c = changes => {
@@ -1108,10 +1111,16 @@ impl Gateway {
                         owed.0 |= c.touches(crate::store::Table::ApiRoutes)
                             || c.touches(crate::store::Table::KongServices);
                         owed.1 |= c.resync || c.tables.iter().any(|t| t.announced());
+                        // The watch is back: catch up now, not at the retry.
+                        if c.resync {
+                            retry_at = None;
+                        }
                     }
-                    _ = tokio::time::sleep(tick) => {}
+                    _ = tokio::time::sleep_until(wake) => {}
                 }
-                if owed == (false, false) {
+                if owed == (false, false)
+                    || retry_at.is_some_and(|at| tokio::time::Instant::now() < at)
+                {
                     continue;
                 }
                 let applied = if owed.0 {
@@ -1131,11 +1140,13 @@ impl Gateway {
                 match applied {
                     Ok(()) => {
                         owed = (false, false);
+                        retry_at = None;
                         wait = Duration::from_millis(250);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64,
                             "another node's store change cannot be applied yet; retrying");
+                        retry_at = Some(tokio::time::Instant::now() + wait);
                         wait = (wait * 2).min(Duration::from_secs(30));
                     }
                 }

@@ -92,13 +92,20 @@ pub(crate) async fn serve<S: Stream>(
     // clients do not hold their slots.
     let mut head_timer = pin!(tokio::time::sleep(limits.header_read_timeout));
     let mut head_started = true;
+    // No request yet: a drain does not close it before its first request
+    // (it may have been accepted just as the drain began; the head timer
+    // bounds the wait).
+    let mut fresh = true;
     let mut memo = ConnMemo::default();
     // The request timer, moved along from request to request (see
     // `proxy::forward`); armed by the first request.
     let mut deadline = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
     loop {
         let parsed = match read(&mut buf, limits) {
-            Read::Request(parsed) => parsed,
+            Read::Request(parsed) => {
+                fresh = false;
+                parsed
+            }
             Read::Http2 => return Ended::Http2(io, buf.freeze()),
             Read::Refused(error) => {
                 let response = entry.refuse(error);
@@ -115,7 +122,7 @@ pub(crate) async fn serve<S: Stream>(
                 let read = tokio::select! {
                     biased;
                     read = poll_fn(|cx| io.poll_fill(cx, &mut buf)) => read,
-                    _ = &mut graceful, if buf.is_empty() => return Ended::Closed,
+                    _ = &mut graceful, if buf.is_empty() && !fresh => return Ended::Closed,
                     _ = &mut head_timer, if head_started => {
                         tracing::debug!(listener = %state.listener.name, peer = %state.peer,
                             "no whole request head within the header-read timeout; closing");

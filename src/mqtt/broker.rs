@@ -341,8 +341,13 @@ impl Broker {
     /// whether it was journaled.
     fn retain(&self, message: &Arc<Message>, write: bool) -> bool {
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        let shared = self.journal.as_ref().is_some_and(Journal::shares_retained);
         let stored = if message.payload.is_empty() {
-            retained.remove(&message.topic).map(|_| None)
+            // The cluster's store may hold one this node never saw.
+            retained
+                .remove(&message.topic)
+                .map(|_| None)
+                .or(shared.then_some(None))
         } else if retained.contains_key(&message.topic)
             || retained.len() < self.settings.load().limits.max_retained
         {
@@ -529,16 +534,56 @@ impl Broker {
         serde_json::json!({ "total": list.len(), "data": list })
     }
 
-    /// Takes in stored retained messages (at start; in cluster mode once the
-    /// cluster's store answers): unexpired ones, for topics that have none
-    /// yet (one published since is newer).
-    pub fn recover_retained(&self, retained: Vec<(String, super::persist::StoredMessage)>) {
+    /// Takes in the journal's retained messages at start (unexpired ones).
+    fn recover_retained(&self, retained: Vec<(String, super::persist::StoredMessage)>) {
         let now = Instant::now();
         let mut map = self.retained.write().unwrap_or_else(|e| e.into_inner());
         for (_, m) in retained {
             let m = Message::from_stored(m);
             if m.expires_at.is_none_or(|t| t > now) {
                 map.entry(m.topic.clone()).or_insert_with(|| Arc::new(m));
+            }
+        }
+        self.metrics.retained.set(map.len() as i64);
+    }
+
+    /// The cluster's store says what a topic's retained message is now
+    /// (`None`: none): kept in memory as it says (its writer journaled it).
+    pub(super) fn shared_retained(
+        &self,
+        topic: &str,
+        message: Option<super::persist::StoredMessage>,
+    ) {
+        let mut map = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        match message.map(Message::from_stored) {
+            None => {
+                map.remove(topic);
+            }
+            Some(m)
+                if map.contains_key(topic)
+                    || map.len() < self.settings.load().limits.max_retained =>
+            {
+                map.insert(m.topic.clone(), Arc::new(m));
+            }
+            Some(_) => self.metrics.dropped.retained_full.inc(),
+        }
+        self.metrics.retained.set(map.len() as i64);
+    }
+
+    /// Everything the cluster's store holds, read whole: replaces this
+    /// node's retained messages but its own `$` topics.
+    pub(super) fn replace_shared_retained(
+        &self,
+        list: Vec<(String, super::persist::StoredMessage)>,
+    ) {
+        let now = Instant::now();
+        let max = self.settings.load().limits.max_retained;
+        let mut map = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|topic, _| topic.starts_with('$'));
+        for (_, m) in list {
+            let m = Message::from_stored(m);
+            if m.expires_at.is_none_or(|t| t > now) && map.len() < max {
+                map.insert(m.topic.clone(), Arc::new(m));
             }
         }
         self.metrics.retained.set(map.len() as i64);

@@ -113,17 +113,10 @@ impl Broker {
             return Ok(Broker::new(settings, metrics, None));
         }
         // Cluster mode: retained messages are the cluster's, in its store.
-        let shared = match &cfg.store.etcd {
-            None => None,
-            Some(_) => Some(crate::store::open(cfg).map_err(|e| {
-                vec![ConfigError {
-                    path: cfg.store.key().into(),
-                    message: e.to_string(),
-                }]
-            })?),
-        };
-        let (journal, (retained, sessions), late) =
-            persist::Journal::open(&cfg.resolve(&p.path), shared).map_err(|message| {
+        let shared = cfg.store.etcd.is_some().then(|| Arc::new(cfg.clone()));
+        let shares = shared.is_some();
+        let (journal, (retained, sessions)) = persist::Journal::open(&cfg.resolve(&p.path), shared)
+            .map_err(|message| {
                 vec![ConfigError {
                     path: "mqtt.persistence.path".into(),
                     message,
@@ -131,13 +124,8 @@ impl Broker {
             })?;
         let broker = Broker::new(settings, metrics, Some(journal));
         broker.recover(retained, sessions);
-        if let Some(late) = late {
-            let broker = broker.clone();
-            tokio::spawn(async move {
-                if let Ok(retained) = late.await {
-                    broker.recover_retained(retained);
-                }
-            });
+        if shares {
+            follow_shared_retained(Arc::new(cfg.clone()), Arc::downgrade(&broker));
         }
         Ok(broker)
     }
@@ -310,4 +298,69 @@ impl transport::websocket::WsService for MqttWebSocket {
             .await;
         })
     }
+}
+
+/// Cluster mode: keeps the broker's retained messages as the cluster's
+/// store has them — read whole when its watch (re)starts (so a node that
+/// starts later, or whose bus was away, catches up), then each change as
+/// it is written, by whichever node. Ends with the broker.
+fn follow_shared_retained(cfg: Arc<Config>, broker: std::sync::Weak<Broker>) {
+    tokio::spawn(async move {
+        let mut wait = std::time::Duration::from_millis(250);
+        let feed = loop {
+            let opened = {
+                let cfg = cfg.clone();
+                tokio::task::spawn_blocking(move || crate::store::open(&cfg)).await
+            };
+            match opened {
+                Ok(Ok(store)) => match store.feed() {
+                    Some(feed) => break feed.subscribe(),
+                    None => return,
+                },
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the cluster's retained MQTT messages cannot be followed yet; retrying")
+                }
+                Err(_) => return,
+            }
+            if broker.strong_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(30));
+        };
+        loop {
+            let changes = tokio::select! {
+                c = feed.next() => c,
+                // Checked now and then: the broker may be gone.
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
+                    if broker.strong_count() == 0 { return }
+                    continue;
+                }
+            };
+            let Some(b) = broker.upgrade() else { return };
+            if changes.resync {
+                let cfg = cfg.clone();
+                match tokio::task::spawn_blocking(move || persist::read_all_retained(&cfg)).await {
+                    Ok(Ok(list)) => {
+                        tracing::debug!(
+                            retained = list.len(),
+                            "the cluster's retained MQTT messages read"
+                        );
+                        b.replace_shared_retained(list)
+                    }
+                    // The watch is down again: its return reads again.
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "the cluster's retained MQTT messages cannot be read")
+                    }
+                    Err(_) => return,
+                }
+                continue;
+            }
+            for (key, value) in changes.records {
+                if let Some((topic, message)) = persist::shared_retained(&key, value.as_deref()) {
+                    b.shared_retained(&topic, message);
+                }
+            }
+        }
+    });
 }

@@ -18,7 +18,8 @@ use redb::{Database, ReadableTable, TableDefinition};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{DbError, SharedRecords, Store};
+use crate::config::Config;
+use crate::store::DbError;
 
 use super::codec::QoS;
 use super::router::SubOptions;
@@ -127,10 +128,10 @@ pub struct Journal {
 }
 
 /// Under the cluster store's prefix: retained messages by topic.
-const SHARED_RETAINED: &str = "mqtt/retained/";
-
-/// The cluster's retained messages, read once the store answers.
-pub type LateRetained = tokio::sync::oneshot::Receiver<Vec<(String, StoredMessage)>>;
+pub const SHARED_RETAINED: &str = "mqtt/retained/";
+/// The largest retained message (with its topic) kept in the cluster's
+/// store: etcd refuses requests over 1.5 MiB.
+const SHARED_MAX_VALUE: usize = 1024 * 1024;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -140,13 +141,11 @@ pub fn now_ms() -> u64 {
 
 impl Journal {
     /// Opens (creating) the file, recovers what it holds and starts the
-    /// writer thread. With `shared` (cluster mode) retained messages are
-    /// kept there instead, and come later: read on a thread of their own,
-    /// retried until the store answers.
-    pub fn open(
-        path: &Path,
-        shared: Option<Arc<dyn Store>>,
-    ) -> Result<(Journal, Loaded, Option<LateRetained>), String> {
+    /// writer thread. With `shared` (cluster mode: the config naming the
+    /// cluster's store) retained messages are written there instead, by a
+    /// thread of their own (`shared_loop`); the broker follows them from
+    /// the store (`mqtt::follow_shared_retained`).
+    pub fn open(path: &Path, shared: Option<Arc<Config>>) -> Result<(Journal, Loaded), String> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("{}: cannot create its directory: {e}", path.display()))?;
@@ -157,23 +156,27 @@ impl Journal {
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
         let (mut retained, sessions) = load(&db).map_err(|e| format!("{}: {e}", path.display()))?;
-        let shared = shared.filter(|s| s.shared_records().is_some());
-        let late = shared.clone().map(|store| {
-            retained.clear();
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let _ = std::thread::Builder::new()
-                .name("tollgate-mqtt-retained".into())
-                .spawn(move || {
-                    let _ = tx.send(read_shared_retained(&*store));
-                });
-            rx
-        });
+        if shared.is_some() {
+            // The cluster's come from its store; `$` topics stay each node's.
+            retained.retain(|(topic, _)| topic.starts_with('$'));
+        }
+        let shared_tx = match shared {
+            None => None,
+            Some(cfg) => {
+                let (tx, rx) = mpsc::channel();
+                std::thread::Builder::new()
+                    .name("tollgate-mqtt-shared".into())
+                    .spawn(move || shared_loop(&cfg, rx))
+                    .map_err(|e| e.to_string())?;
+                Some(tx)
+            }
+        };
         let (tx, rx) = mpsc::channel();
         let file = path.to_owned();
-        let shares_retained = shared.is_some();
+        let shares_retained = shared_tx.is_some();
         std::thread::Builder::new()
             .name("tollgate-mqtt-journal".into())
-            .spawn(move || write_loop(db, shared, rx, file))
+            .spawn(move || write_loop(db, shared_tx, rx, file))
             .map_err(|e| e.to_string())?;
         Ok((
             Journal {
@@ -181,7 +184,6 @@ impl Journal {
                 shares_retained,
             },
             (retained, sessions),
-            late,
         ))
     }
 
@@ -215,46 +217,122 @@ fn split_key(k: &[u8]) -> Option<(String, u64)> {
     Some((String::from_utf8(client.to_vec()).ok()?, n))
 }
 
-/// The cluster's retained messages; waits (with backoff) until the store
-/// answers.
-fn read_shared_retained(store: &dyn Store) -> Vec<(String, StoredMessage)> {
-    let Some(records) = store.shared_records() else {
-        return Vec::new();
+/// Every retained message in the cluster's store.
+pub fn read_all_retained(cfg: &Config) -> Result<Vec<(String, StoredMessage)>, String> {
+    let store = crate::store::open(cfg).map_err(|e| e.to_string())?;
+    let records = store.shared_records().ok_or("the store is not shared")?;
+    let rows = records
+        .read_all(SHARED_RETAINED)
+        .map_err(|e| e.to_string())?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(topic, v)| {
+            let m = decode_message(&mut Bytes::from(v));
+            if m.is_none() {
+                tracing::warn!(topic, "a shared retained message cannot be read; skipped");
+            }
+            Some((topic, m?))
+        })
+        .collect())
+}
+
+/// A retained message as the cluster's store holds it, from a watch event
+/// (`None`: cleared, or not one of them).
+pub fn shared_retained(key: &str, value: Option<&[u8]>) -> Option<(String, Option<StoredMessage>)> {
+    let topic = key.strip_prefix(SHARED_RETAINED)?;
+    let message = match value {
+        None => None,
+        Some(v) => Some(decode_message(&mut Bytes::copy_from_slice(v))?),
     };
-    let mut wait = Duration::from_millis(250);
+    Some((topic.to_owned(), message))
+}
+
+/// What a journal batch hands to the cluster's store: its retained changes
+/// and its waiters (answered once those changes, and all before them, are
+/// there).
+struct SharedBatch {
+    changes: Vec<(String, Option<Vec<u8>>)>,
+    waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Writes retained messages to the cluster's store, in order, and answers
+/// waiters in order once what they wait for is written. Changes not written
+/// yet are kept (the latest per topic) and tried again with backoff, so a
+/// failed write is never lost; meanwhile waiters wait (their clients are
+/// not acknowledged), and the journal's own writes go on.
+fn shared_loop(cfg: &Config, rx: mpsc::Receiver<SharedBatch>) {
+    let mut pending: std::collections::BTreeMap<String, Option<Vec<u8>>> = Default::default();
+    let mut held: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    let mut wait = Duration::from_millis(100);
+    let mut failing = false;
     loop {
-        match records.read_all(SHARED_RETAINED) {
-            Ok(rows) => {
-                return rows
-                    .into_iter()
-                    .filter_map(|(topic, v)| {
-                        let m = decode_message(&mut Bytes::from(v));
-                        if m.is_none() {
-                            tracing::warn!(
-                                topic,
-                                "a shared retained message cannot be read; skipped"
-                            );
-                        }
-                        Some((topic, m?))
-                    })
-                    .collect();
+        let next = if pending.is_empty() {
+            rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(wait)
+        };
+        let mut take = |batch: SharedBatch| {
+            pending.extend(batch.changes);
+            held.extend(batch.waiters);
+        };
+        match next {
+            Ok(batch) => {
+                take(batch);
+                while let Ok(batch) = rx.try_recv() {
+                    take(batch);
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64,
-                    "the cluster's retained MQTT messages cannot be read yet; retrying");
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_secs(30));
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        if !pending.is_empty() {
+            let changes: Vec<(String, Option<Vec<u8>>)> = pending
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let written = crate::store::open(cfg)
+                .map_err(|e| e.to_string())
+                .and_then(|store| match store.shared_records() {
+                    Some(records) => records
+                        .write(SHARED_RETAINED, &changes)
+                        .map_err(|e| e.to_string()),
+                    None => Err("the store is not shared".to_owned()),
+                });
+            match written {
+                Ok(()) => {
+                    pending.clear();
+                    wait = Duration::from_millis(100);
+                    if std::mem::take(&mut failing) {
+                        tracing::info!(
+                            "retained MQTT messages are written to the cluster's store again"
+                        );
+                    }
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::error!(error = %e,
+                            "cannot write retained MQTT messages to the cluster's store; publishes waiting for it are not acknowledged until it can (retrying)");
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                    continue;
+                }
             }
+        }
+        for w in held.drain(..) {
+            let _ = w.send(());
         }
     }
 }
 
 /// The writer: every op waiting is applied in one transaction (retained
 /// messages, in cluster mode, in the shared store after it).
-fn write_loop(db: Database, shared: Option<Arc<dyn Store>>, rx: mpsc::Receiver<Op>, file: PathBuf) {
-    let records = shared.as_deref().and_then(|s| s.shared_records());
+fn write_loop(
+    db: Database,
+    shared: Option<mpsc::Sender<SharedBatch>>,
+    rx: mpsc::Receiver<Op>,
+    file: PathBuf,
+) {
     let mut failing = false;
-    let mut shared_failing = false;
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         while ops.len() < 4096 {
@@ -274,16 +352,20 @@ fn write_loop(db: Database, shared: Option<Arc<dyn Store>>, rx: mpsc::Receiver<O
                 let mut incoming = txn.open_table(INCOMING)?;
                 for op in ops {
                     match op {
-                        Op::Retain(topic, m) if records.is_some() => {
-                            let value = m.map(|m| encode_message(&m).to_vec());
-                            if value.as_ref().is_some_and(|v| {
-                                records.is_some_and(|r| v.len() + topic.len() > r.max_value())
-                            }) {
+                        // `$` topics (the broker's own statistics) are each
+                        // node's: they stay in its journal.
+                        Op::Retain(topic, m) if shared.is_some() && !topic.starts_with('$') => {
+                            let mut value = m.map(|m| encode_message(&m).to_vec());
+                            if value
+                                .as_ref()
+                                .is_some_and(|v| v.len() + topic.len() > SHARED_MAX_VALUE)
+                            {
+                                // Not kept there: no older one may stay instead.
                                 tracing::warn!(
                                     topic,
                                     "a retained message is too large for the cluster's store; kept in memory on the nodes only"
                                 );
-                                continue;
+                                value = None;
                             }
                             shared_changes.push((topic, value));
                         }
@@ -330,14 +412,22 @@ fn write_loop(db: Database, shared: Option<Arc<dyn Store>>, rx: mpsc::Receiver<O
             Ok(())
         })();
         match written {
-            // Acknowledged only once the cluster's store has them too.
-            Ok(()) if !write_shared(records, &shared_changes, &mut shared_failing) => {
-                std::thread::sleep(Duration::from_millis(100));
+            // Acknowledged only once the cluster's store has them too (in
+            // order: after everything before them).
+            Ok(()) if shared.is_some() => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!(file = %file.display(), "MQTT state is written again");
+                }
+                if let Some(tx) = &shared {
+                    let _ = tx.send(SharedBatch {
+                        changes: shared_changes,
+                        waiters,
+                    });
+                }
             }
             Ok(()) => {
-                if failing {
+                if std::mem::take(&mut failing) {
                     tracing::info!(file = %file.display(), "MQTT state is written again");
-                    failing = false;
                 }
                 for w in waiters {
                     let _ = w.send(());
@@ -353,33 +443,6 @@ fn write_loop(db: Database, shared: Option<Arc<dyn Store>>, rx: mpsc::Receiver<O
                 failing = true;
                 std::thread::sleep(Duration::from_millis(100));
             }
-        }
-    }
-}
-
-/// Writes retained messages to the cluster's store; whether they are there
-/// (or there were none). `failing` is logged once per outage.
-fn write_shared(
-    records: Option<&dyn SharedRecords>,
-    changes: &[(String, Option<Vec<u8>>)],
-    failing: &mut bool,
-) -> bool {
-    let Some(records) = records.filter(|_| !changes.is_empty()) else {
-        return true;
-    };
-    match records.write(SHARED_RETAINED, changes) {
-        Ok(()) => {
-            if std::mem::take(failing) {
-                tracing::info!("retained MQTT messages are written to the cluster's store again");
-            }
-            true
-        }
-        Err(e) => {
-            if !std::mem::replace(failing, true) {
-                tracing::error!(error = %e,
-                    "cannot write retained MQTT messages to the cluster's store; their publishes are not acknowledged until it can");
-            }
-            false
         }
     }
 }
@@ -613,7 +676,7 @@ mod tests {
             released: false,
         };
         {
-            let (j, (retained, sessions), _) = Journal::open(&path, None).unwrap();
+            let (j, (retained, sessions)) = Journal::open(&path, None).unwrap();
             assert!(retained.is_empty() && sessions.is_empty());
             j.send(Op::Retain("a/b".into(), Some(message())));
             j.send(Op::Session(
@@ -650,7 +713,7 @@ mod tests {
         }
         // The writer thread holds the file until it sees its channel close.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let (_, (retained, sessions), _) = loop {
+        let (_, (retained, sessions)) = loop {
             match Journal::open(&path, None) {
                 Ok(j) => break j,
                 Err(e) if std::time::Instant::now() < deadline => {

@@ -39,6 +39,11 @@ const MAX_TXN_OPS: usize = 128;
 /// Bytes of values in one transaction of shared records, under etcd's
 /// default request limit (1.5 MiB).
 const MAX_TXN_BYTES: usize = 1024 * 1024;
+/// HTTP/2 pings on the connection to etcd (etcd closes connections that
+/// ping more often than every 5 s: `--grpc-keepalive-min-time`), and how
+/// long an answer may take.
+const KEEP_ALIVE: Duration = Duration::from_secs(6);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// etcd clients [`EtcdStore::shared`] keeps for configs in use.
 const KEPT_CLIENTS: usize = 4;
 /// How often a write is tried while other writers keep getting in first.
@@ -83,9 +88,35 @@ where
     // The runtime's own timeout answers first; this one is a backstop.
     match rx.recv_timeout(timeout + Duration::from_secs(1)) {
         Ok(Ok(Ok(v))) => Ok(v),
-        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Ok(Err(e))) => Err(describe_error(&e)),
         Ok(Err(_)) | Err(_) => Err(format!("no answer from etcd within {timeout:?}")),
     }
+}
+
+/// An etcd client error for people: gRPC's status prints its metadata and
+/// the transport error's debug form; this keeps the code, the message and
+/// each cause's own words.
+fn describe_error(e: &etcd_client::Error) -> String {
+    let mut out = match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            format!("{:?}: {}", status.code(), status.message())
+        }
+        other => other.to_string(),
+    };
+    let mut cause = match e {
+        etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status),
+        etcd_client::Error::TransportError(t) => std::error::Error::source(t),
+        other => std::error::Error::source(other),
+    };
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// What a write does, given the records it read: the operations and what
@@ -112,7 +143,9 @@ impl EtcdStore {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(etcd.timeout)
             .with_timeout(etcd.timeout)
-            .with_keep_alive(Duration::from_secs(10), etcd.timeout);
+            // A peer gone silent (a partition) shows within seconds: the
+            // watch fails over and readiness says so.
+            .with_keep_alive(KEEP_ALIVE, etcd.timeout.min(KEEP_ALIVE_TIMEOUT));
         if let Some(tls) = &etcd.tls {
             options = options.with_tls(tls_options(tls).map_err(fail)?);
         }
@@ -409,9 +442,13 @@ async fn watch_once(
             } else if let Some(table) = key
                 .split_once('/')
                 .and_then(|(t, _)| Table::ALL.into_iter().find(|x| x.name() == t))
-                && !changes.tables.contains(&table)
             {
-                changes.tables.push(table);
+                if !changes.tables.contains(&table) {
+                    changes.tables.push(table);
+                }
+            } else if !key.starts_with("meta/") {
+                let value = (event.event_type() == EventType::Put).then(|| kv.value().to_vec());
+                changes.records.push((key.to_owned(), value));
             }
         }
         feed.push(changes);
@@ -632,9 +669,5 @@ impl SharedRecords for EtcdStore {
             })?;
         }
         Ok(())
-    }
-
-    fn max_value(&self) -> usize {
-        MAX_TXN_BYTES
     }
 }

@@ -138,10 +138,8 @@ pub trait SharedRecords: Send + Sync {
     /// Every record under `dir`, as (name, value).
     fn read_all(&self, dir: &str) -> Result<Vec<Row>, StoreError>;
     /// Puts (`Some`) and removes (`None`), durable when it returns; in as
-    /// few transactions as the store allows, in order.
+    /// few transactions as the store allows, in order. A key appears once.
     fn write(&self, dir: &str, changes: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError>;
-    /// The largest value it keeps.
-    fn max_value(&self) -> usize;
 }
 
 /// What changed in a shared store since the last [`ChangeFeed::next`].
@@ -151,6 +149,9 @@ pub struct Changes {
     pub tables: Vec<Table>,
     /// Revocations made.
     pub revoked: Vec<(String, u64)>,
+    /// Shared records written (key under the prefix, value; `None`:
+    /// removed), in order: see [`SharedRecords`].
+    pub records: Vec<(String, Option<Vec<u8>>)>,
     /// Changes may have been missed (the feed was down, or more came than
     /// it holds): read everything again.
     pub resync: bool,
@@ -158,7 +159,7 @@ pub struct Changes {
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.tables.is_empty() && self.revoked.is_empty() && !self.resync
+        self.tables.is_empty() && self.revoked.is_empty() && self.records.is_empty() && !self.resync
     }
 
     pub fn touches(&self, table: Table) -> bool {
@@ -166,10 +167,10 @@ impl Changes {
     }
 }
 
-/// Revocations a subscription holds before it asks for a full re-read
-/// instead.
+/// Revocations and records a subscription holds before it asks for a full
+/// re-read instead.
 #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
-const FEED_MOST_REVOKED: usize = 10_000;
+const FEED_MOST_HELD: usize = 10_000;
 
 /// Changes of a shared store pushed by its implementation to every
 /// [`FeedSubscription`], each collecting them until taken: a reader that
@@ -256,8 +257,10 @@ impl ChangeFeed {
                     }
                 }
                 p.revoked.extend(changes.revoked.iter().cloned());
-                if p.revoked.len() > FEED_MOST_REVOKED {
+                p.records.extend(changes.records.iter().cloned());
+                if p.revoked.len() + p.records.len() > FEED_MOST_HELD {
                     p.revoked = Vec::new();
+                    p.records = Vec::new();
                     p.resync = true;
                 }
             }
@@ -442,13 +445,13 @@ mod tests {
         feed.push(Changes {
             tables: vec![Table::Clients],
             revoked: vec![("j1".into(), 10)],
-            resync: false,
+            ..Changes::default()
         });
         let b = feed.subscribe();
         feed.push(Changes {
             tables: vec![Table::Clients, Table::ApiRoutes],
             revoked: vec![("j2".into(), 20)],
-            resync: false,
+            ..Changes::default()
         });
         let got = a.next().await;
         assert_eq!(got.tables, [Table::Clients, Table::ApiRoutes]);
@@ -457,10 +460,18 @@ mod tests {
         let got = b.next().await;
         assert!(got.resync, "b subscribed after j1");
         assert_eq!(got.revoked, [("j2".to_owned(), 20)]);
+        feed.push(Changes {
+            records: vec![
+                ("mqtt/retained/a".into(), Some(b"1".to_vec())),
+                ("mqtt/retained/a".into(), None),
+            ],
+            ..Changes::default()
+        });
+        assert_eq!(b.next().await.records.len(), 2, "in order, each");
 
         // More revocations than it holds: a full read instead.
         feed.push(Changes {
-            revoked: (0..=FEED_MOST_REVOKED as u64)
+            revoked: (0..=FEED_MOST_HELD as u64)
                 .map(|i| (i.to_string(), i))
                 .collect(),
             ..Changes::default()

@@ -12,6 +12,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -289,18 +290,33 @@ pub async fn serve<F: FrontEnd>(
         handshake_timeout: handshakes("timeout"),
     };
     let mut last_limit_warning: Option<Instant> = None;
+    let mut draining = false;
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.graceful.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::error!(listener = %info.name, error = %e, "accept failed; retrying in 100ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        let accepted = if draining {
+            // Connections the kernel already took are served (closing the
+            // socket would reset them); then the listener goes.
+            match listener.accept().now_or_never() {
+                Some(accepted) => accepted,
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                _ = shutdown.graceful.cancelled() => {
+                    draining = true;
                     continue;
                 }
-            },
+                accepted = listener.accept() => accepted,
+            }
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(_) if draining => break,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::error!(listener = %info.name, error = %e, "accept failed; retrying in 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let Ok(permit) = info.slots.clone().try_acquire_owned() else {
             rejected.inc();

@@ -6,7 +6,7 @@
 use super::message::{Id, Message};
 use std::sync::Arc;
 
-use super::router::{Outgoing, RealmState, Shared, global_id};
+use super::router::{Outgoing, RealmState, Shared};
 use super::table::{Entry, Table};
 use super::value::{Dict, Value};
 use crate::authz::MatchPolicy;
@@ -15,18 +15,34 @@ use crate::authz::MatchPolicy;
 /// subscribers.
 pub type Broker = Table<()>;
 
-/// A publication on its way to the subscribers.
+/// A publication on its way to the subscribers: one published here, or on
+/// another node (cluster mode), or a meta event. Every one passes the same
+/// matching and filtering ([`RealmState::publish`]).
 pub struct Delivery<'a> {
     pub topic: &'a str,
-    /// The publishing session (none for the router's meta events).
+    pub publication: Id,
+    /// The publishing session on this node, for `exclude_me` (none for
+    /// meta events and publications from other nodes).
     pub publisher: Option<Id>,
     /// PUBLISH's options: `exclude_me`, `exclude`, `exclude_authid`,
     /// `exclude_authrole`, `eligible`, `eligible_authid`, `eligible_authrole`.
     pub options: &'a Dict,
-    pub disclose: bool,
+    /// The publisher (session, authid, authrole), when disclosed.
+    pub disclosed: Option<(Id, &'a str, &'a str)>,
     pub args: Option<Value>,
     pub kwargs: Option<Value>,
 }
+
+/// The options that pick subscribers, the ones that travel with a
+/// publication to other nodes (`exclude_me` concerns the publisher's node).
+pub const FILTERS: [&str; 6] = [
+    "exclude",
+    "exclude_authid",
+    "exclude_authrole",
+    "eligible",
+    "eligible_authid",
+    "eligible_authrole",
+];
 
 fn ids(options: &Dict, key: &str) -> Option<Vec<Id>> {
     match options.get(key)? {
@@ -93,9 +109,9 @@ impl RealmState {
     }
 
     /// Delivers a publication to every subscription it reaches, each
-    /// subscriber once per subscription; returns the publication id.
-    pub fn publish(&mut self, d: &Delivery<'_>) -> Id {
-        let publication = global_id();
+    /// subscriber once per subscription.
+    pub fn publish(&mut self, d: &Delivery<'_>) {
+        let publication = d.publication;
         let exclude_me = !matches!(d.options.get("exclude_me"), Some(Value::Bool(false)));
         let exclude = ids(d.options, "exclude");
         let eligible = ids(d.options, "eligible");
@@ -104,20 +120,10 @@ impl RealmState {
         let eligible_authid = texts(d.options, "eligible_authid");
         let eligible_authrole = texts(d.options, "eligible_authrole");
         let mut publisher_details = Dict::new();
-        if d.disclose
-            && let Some(p) = d
-                .publisher
-                .and_then(|p| self.sessions.get(&p).map(|m| (p, m)))
-        {
-            publisher_details.insert("publisher".into(), Value::UInt(p.0));
-            publisher_details.insert(
-                "publisher_authid".into(),
-                Value::Str(p.1.authid.to_string()),
-            );
-            publisher_details.insert(
-                "publisher_authrole".into(),
-                Value::Str(p.1.authrole.to_string()),
-            );
+        if let Some((session, authid, authrole)) = d.disclosed {
+            publisher_details.insert("publisher".into(), Value::UInt(session));
+            publisher_details.insert("publisher_authid".into(), Value::Str(authid.to_owned()));
+            publisher_details.insert("publisher_authrole".into(), Value::Str(authrole.to_owned()));
         }
         // One EVENT per subscription, shared by its subscribers and encoded
         // once per serializer.
@@ -167,6 +173,5 @@ impl RealmState {
         for (to, event) in out {
             self.deliver_to(to, Outgoing::Shared(event));
         }
-        publication
     }
 }

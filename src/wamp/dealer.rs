@@ -6,14 +6,17 @@
 //! and authorisation), through the same path, with a oneshot for its answer.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+use super::cluster::wire::Frame;
 use super::message::{self as m, Id, Message};
-use super::router::{RealmState, error_with};
+use super::router::{Realm, RealmState, error_with};
 use super::table::{Entry, Table};
 use super::value::{Dict, Value};
 use crate::authz::MatchPolicy;
+use crate::bus::NodeId;
 
 /// How a shared registration picks its callee (`options.invoke`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,8 +95,17 @@ pub enum Outcome {
 }
 
 pub enum Caller {
-    Session { id: Id, request: Id },
+    Session {
+        id: Id,
+        request: Id,
+    },
     Router(oneshot::Sender<Outcome>),
+    /// A session on another node (cluster mode): its answers go to that
+    /// node's inbox, under the call id it chose.
+    Remote {
+        node: NodeId,
+        call: u64,
+    },
 }
 
 struct Pending {
@@ -117,6 +129,25 @@ pub struct Dealer {
     pending: HashMap<Id, Pending>,
     /// (caller session, its request id) -> invocation, for CANCEL.
     by_request: HashMap<(Id, Id), Id>,
+    /// (caller's node, its call id) -> invocation, for CANCELs from there.
+    by_remote: HashMap<(NodeId, u64), Id>,
+    /// Calls of this node's sessions handed to other nodes, by call id.
+    forwarded: HashMap<u64, Forwarded>,
+    /// (caller session, its request id) -> call id, for CANCEL.
+    forwarded_by_request: HashMap<(Id, Id), u64>,
+    /// Cancels of forwarded calls whose node is not known yet: sent when
+    /// it is (every hand-off ends within seconds, and takes its entry).
+    unsent_cancels: HashMap<u64, CancelMode>,
+}
+
+/// A call handed to another node (cluster mode), waiting for its answer.
+struct Forwarded {
+    session: Id,
+    request: Id,
+    /// The node that took it, once known.
+    node: Option<NodeId>,
+    /// The caller takes progressive results.
+    progress: bool,
 }
 
 /// A CALL on its way to a callee.
@@ -155,9 +186,10 @@ impl CancelMode {
 impl Dealer {
     /// Where a call goes: for the router's own calls (authenticators,
     /// authorizers) only an exact registration, so that no prefix or
-    /// wildcard registration can capture them.
-    fn target(&self, uri: &str, router_call: bool) -> Option<Id> {
-        match router_call {
+    /// wildcard registration can capture them; the same for calls from
+    /// other nodes (they came for this node's exact registration).
+    fn target(&self, uri: &str, exact_only: bool) -> Option<Id> {
+        match exact_only {
             true => self.registrations.lookup(uri, MatchPolicy::Exact),
             false => self.best_match(uri),
         }
@@ -221,6 +253,9 @@ impl RealmState {
             return Ok(id);
         }
         let id = self.id();
+        if policy == MatchPolicy::Exact {
+            self.cluster.offer(&self.name, &uri);
+        }
         let reg = Entry::new(uri, policy, session, Shared { invoke, next: 0 });
         let details = reg.described(id);
         self.dealer.registrations.insert(id, reg);
@@ -239,9 +274,15 @@ impl RealmState {
     /// Whether the session was a callee of that registration. Calls it is
     /// serving for it go on.
     pub fn unregister(&mut self, session: Id, id: Id) -> bool {
+        let exact = (self.dealer.registrations.entries.get(&id))
+            .filter(|r| r.policy == MatchPolicy::Exact && self.cluster.link().is_some())
+            .map(|r| r.uri.clone());
         let Some(emptied) = self.dealer.registrations.remove_session(id, session) else {
             return false;
         };
+        if let (true, Some(uri)) = (emptied, exact) {
+            self.cluster.offer(&self.name, &uri);
+        }
         self.held(session, true, -1);
         let args = || vec![Value::UInt(session), Value::UInt(id)];
         self.meta_event("wamp.registration.on_unregister", args());
@@ -254,8 +295,8 @@ impl RealmState {
     /// Hands a call to a callee; returns the invocation id, or gives the
     /// caller back when nobody registered the procedure.
     pub fn call(&mut self, req: CallRequest<'_>) -> Result<Id, Caller> {
-        let router_call = matches!(req.caller, Caller::Router(_));
-        let Some(reg_id) = self.dealer.target(req.procedure, router_call) else {
+        let exact_only = !matches!(req.caller, Caller::Session { .. });
+        let Some(reg_id) = self.dealer.target(req.procedure, exact_only) else {
             return Err(req.caller);
         };
         let Some(reg) = self.dealer.registrations.entries.get_mut(&reg_id) else {
@@ -268,7 +309,7 @@ impl RealmState {
         let invocation = self.id();
         self.metrics.calls.inc();
         let progress = matches!(req.options.get("receive_progress"), Some(Value::Bool(true)))
-            && matches!(req.caller, Caller::Session { .. });
+            && !matches!(req.caller, Caller::Router(_));
         let mut details = Dict::new();
         if !exact {
             details.insert("procedure".into(), Value::Str(req.procedure.to_owned()));
@@ -281,11 +322,17 @@ impl RealmState {
             details.insert("caller_authid".into(), Value::Str(authid.to_owned()));
             details.insert("caller_authrole".into(), Value::Str(authrole.to_owned()));
         }
-        if let Caller::Session { id, request } = req.caller {
-            self.dealer.by_request.insert((id, request), invocation);
-            if let Some(member) = self.sessions.get_mut(&id) {
-                member.pending_calls += 1;
+        match req.caller {
+            Caller::Session { id, request } => {
+                self.dealer.by_request.insert((id, request), invocation);
+                if let Some(member) = self.sessions.get_mut(&id) {
+                    member.pending_calls += 1;
+                }
             }
+            Caller::Remote { node, call } => {
+                self.dealer.by_remote.insert((node, call), invocation);
+            }
+            Caller::Router(_) => {}
         }
         let retry = matches!(req.caller, Caller::Router(_))
             .then(|| (req.procedure.to_owned(), req.args.clone()));
@@ -323,11 +370,17 @@ impl RealmState {
         self.metrics
             .call_seconds
             .observe(pending.started.elapsed().as_secs_f64());
-        if let Caller::Session { id, request } = pending.caller {
-            self.dealer.by_request.remove(&(id, request));
-            if let Some(member) = self.sessions.get_mut(&id) {
-                member.pending_calls = member.pending_calls.saturating_sub(1);
+        match pending.caller {
+            Caller::Session { id, request } => {
+                self.dealer.by_request.remove(&(id, request));
+                if let Some(member) = self.sessions.get_mut(&id) {
+                    member.pending_calls = member.pending_calls.saturating_sub(1);
+                }
             }
+            Caller::Remote { node, call } => {
+                self.dealer.by_remote.remove(&(node, call));
+            }
+            Caller::Router(_) => {}
         }
         Some(pending)
     }
@@ -360,6 +413,33 @@ impl RealmState {
                 };
                 self.send(id, message);
             }
+            Caller::Remote { node, call } => {
+                let realm = self.name.to_string();
+                let frame = match outcome {
+                    Outcome::Result(args, kwargs) => Frame::Result {
+                        realm,
+                        call,
+                        progress: false,
+                        args,
+                        kwargs,
+                    },
+                    Outcome::Error(error, args) => Frame::Error {
+                        realm,
+                        call,
+                        error,
+                        args,
+                        kwargs: None,
+                    },
+                };
+                self.to_node(node, &frame);
+            }
+        }
+    }
+
+    /// Sends to another node's inbox (cluster mode).
+    fn to_node(&self, node: NodeId, frame: &Frame) {
+        if let Some(link) = self.cluster.link() {
+            link.send_to(node, frame);
         }
     }
 
@@ -380,17 +460,30 @@ impl RealmState {
             return;
         }
         if matches!(options.get("progress"), Some(Value::Bool(true))) {
-            if let (true, Caller::Session { id, request }) = (p.progress, &p.caller) {
-                let (id, request) = (*id, *request);
-                self.send(
-                    id,
-                    Message::Result {
-                        request,
-                        details: Dict::from([("progress".into(), Value::Bool(true))]),
+            match (p.progress, &p.caller) {
+                (true, Caller::Session { id, request }) => {
+                    let (id, request) = (*id, *request);
+                    self.send(
+                        id,
+                        Message::Result {
+                            request,
+                            details: Dict::from([("progress".into(), Value::Bool(true))]),
+                            args,
+                            kwargs,
+                        },
+                    );
+                }
+                (true, Caller::Remote { node, call }) => {
+                    let frame = Frame::Result {
+                        realm: self.name.to_string(),
+                        call: *call,
+                        progress: true,
                         args,
                         kwargs,
-                    },
-                );
+                    };
+                    self.to_node(*node, &frame);
+                }
+                _ => {}
             }
             return;
         }
@@ -429,15 +522,40 @@ impl RealmState {
                 Caller::Router(tx) => {
                     let _ = tx.send(Outcome::Error(error, args));
                 }
+                Caller::Remote { node, call } => {
+                    let frame = Frame::Error {
+                        realm: self.name.to_string(),
+                        call,
+                        error,
+                        args,
+                        kwargs,
+                    };
+                    self.to_node(node, &frame);
+                }
             }
         }
     }
 
     /// A caller's CANCEL; `false` when no such call is pending.
     pub fn cancel(&mut self, caller: Id, request: Id, mode: CancelMode) -> bool {
-        let Some(invocation) = self.dealer.by_request.get(&(caller, request)).copied() else {
-            return false;
-        };
+        if let Some(call) = self.dealer.forwarded_by_request.get(&(caller, request)) {
+            let call = *call;
+            return self.cancel_forwarded(call, mode);
+        }
+        match self.dealer.by_request.get(&(caller, request)) {
+            Some(invocation) => self.cancel_invocation(*invocation, mode),
+            None => false,
+        }
+    }
+
+    /// A CANCEL from the caller's node (cluster mode).
+    pub fn cancel_remote(&mut self, node: NodeId, call: u64, mode: CancelMode) {
+        if let Some(invocation) = self.dealer.by_remote.get(&(node, call)) {
+            self.cancel_invocation(*invocation, mode);
+        }
+    }
+
+    fn cancel_invocation(&mut self, invocation: Id, mode: CancelMode) -> bool {
         let Some(p) = self.dealer.pending.get_mut(&invocation) else {
             return false;
         };
@@ -492,7 +610,7 @@ impl RealmState {
 
     /// Keeps a call's `timeout` timer, to be stopped when the call ends;
     /// a call that ended already stops it now.
-    pub fn set_timer(&mut self, invocation: Id, timer: tokio::task::AbortHandle) {
+    fn set_timer(&mut self, invocation: Id, timer: tokio::task::AbortHandle) {
         match self.dealer.pending.get_mut(&invocation) {
             Some(p) => p.timer = Some(timer),
             None => timer.abort(),
@@ -517,6 +635,20 @@ impl RealmState {
             })
             .map(|(inv, _)| *inv)
             .collect();
+        let forwarded: Vec<u64> = self
+            .dealer
+            .forwarded
+            .iter()
+            .filter(|(_, f)| f.session == session)
+            .map(|(call, _)| *call)
+            .collect();
+        for call in forwarded {
+            // Forgotten here (late answers are dropped); the node serving
+            // it interrupts its callee.
+            if let Some(f) = self.finish_forwarded(call) {
+                self.tell_node(f.node, call, CancelMode::KillNoWait);
+            }
+        }
         for invocation in gone {
             if self.redispatch(invocation, session) {
                 continue;
@@ -606,3 +738,251 @@ pub fn no_such_procedure(request: Id, procedure: &str) -> Message {
         format!("no callee registered procedure `{procedure}`"),
     )
 }
+
+/// Starts a call's `timeout` (milliseconds; 0: none): when it runs out
+/// the callee is interrupted and the caller gets `wamp.error.timeout`.
+pub fn arm_timeout(realm: &Arc<Realm>, invocation: Id, timeout: u64) {
+    if timeout == 0 {
+        return;
+    }
+    let weak = Arc::downgrade(realm);
+    let timer = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(timeout)).await;
+        if let Some(realm) = weak.upgrade() {
+            realm.state().timed_out(invocation);
+        }
+    });
+    realm.state().set_timer(invocation, timer.abort_handle());
+}
+
+/// Hands a session's call to a callee of this node and starts its
+/// timeout; the ERROR for the caller when nobody here registered it.
+pub fn call_here(realm: &Arc<Realm>, req: CallRequest<'_>, timeout: u64) -> Option<Message> {
+    let request = match req.caller {
+        Caller::Session { request, .. } => request,
+        _ => 0,
+    };
+    let procedure = req.procedure;
+    let placed = realm.state().call(req);
+    match placed {
+        Ok(invocation) => {
+            arm_timeout(realm, invocation, timeout);
+            None
+        }
+        Err(_) => {
+            realm.state().metrics.call_errors.inc();
+            Some(no_such_procedure(request, procedure))
+        }
+    }
+}
+
+/// Calls handed to other nodes (cluster mode): the caller's side.
+impl RealmState {
+    /// Notes a call of `session` on its way to another node; its call id.
+    /// It counts among the session's pending calls until answered.
+    pub fn forward(&mut self, session: Id, request: Id, progress: bool) -> u64 {
+        // Random: an answer for a call is not easily forged on the bus.
+        let call = loop {
+            let c = fastrand::u64(1..);
+            if !self.dealer.forwarded.contains_key(&c) {
+                break c;
+            }
+        };
+        self.dealer.forwarded.insert(
+            call,
+            Forwarded {
+                session,
+                request,
+                node: None,
+                progress,
+            },
+        );
+        self.dealer
+            .forwarded_by_request
+            .insert((session, request), call);
+        if let Some(member) = self.sessions.get_mut(&session) {
+            member.pending_calls += 1;
+        }
+        call
+    }
+
+    fn finish_forwarded(&mut self, call: u64) -> Option<Forwarded> {
+        let f = self.dealer.forwarded.remove(&call)?;
+        self.dealer
+            .forwarded_by_request
+            .remove(&(f.session, f.request));
+        if let Some(member) = self.sessions.get_mut(&f.session) {
+            member.pending_calls = member.pending_calls.saturating_sub(1);
+        }
+        Some(f)
+    }
+
+    /// Takes a forwarded call back to serve it another way: it ends here.
+    /// `None` when its caller left or canceled it.
+    pub fn take_forwarded(&mut self, call: u64) -> Option<(Id, Id)> {
+        let canceled = self.dealer.unsent_cancels.remove(&call).is_some();
+        let f = self.finish_forwarded(call)?;
+        if canceled {
+            self.metrics.call_errors.inc();
+            self.send(
+                f.session,
+                error_with(
+                    m::CALL,
+                    f.request,
+                    "wamp.error.canceled",
+                    "canceled by the caller".into(),
+                ),
+            );
+            return None;
+        }
+        Some((f.session, f.request))
+    }
+
+    fn cancel_frame(&self, call: u64, mode: CancelMode) -> Frame {
+        Frame::Cancel {
+            realm: self.name.to_string(),
+            call,
+            mode,
+        }
+    }
+
+    /// Tells the node serving a call to cancel it, now or once known.
+    fn tell_node(&mut self, node: Option<NodeId>, call: u64, mode: CancelMode) {
+        match node {
+            Some(node) => self.to_node(node, &self.cancel_frame(call, mode)),
+            None => {
+                self.dealer.unsent_cancels.insert(call, mode);
+            }
+        }
+    }
+
+    /// `node` took the call; a cancel asked for meanwhile (the call may
+    /// have ended here already) goes to it now.
+    pub fn forward_accepted(&mut self, call: u64, node: NodeId) {
+        if let Some(f) = self.dealer.forwarded.get_mut(&call) {
+            f.node.get_or_insert(node);
+        }
+        if let Some(mode) = self.dealer.unsent_cancels.remove(&call) {
+            self.to_node(node, &self.cancel_frame(call, mode));
+        }
+    }
+
+    /// A result, progressive result or error from the node serving the
+    /// call.
+    pub fn forward_answered(&mut self, call: u64, from: NodeId, answer: Frame) {
+        let Some(f) = self.dealer.forwarded.get_mut(&call) else {
+            return;
+        };
+        // Only the node that took it answers.
+        if *f.node.get_or_insert(from) != from {
+            return;
+        }
+        let (session, request, progress) = (f.session, f.request, f.progress);
+        let message = match answer {
+            Frame::Result {
+                progress: true,
+                args,
+                kwargs,
+                ..
+            } => {
+                if progress {
+                    self.send(
+                        session,
+                        Message::Result {
+                            request,
+                            details: Dict::from([("progress".into(), Value::Bool(true))]),
+                            args,
+                            kwargs,
+                        },
+                    );
+                }
+                return;
+            }
+            Frame::Result { args, kwargs, .. } => Message::Result {
+                request,
+                details: Dict::new(),
+                args,
+                kwargs,
+            },
+            Frame::Error {
+                error,
+                args,
+                kwargs,
+                ..
+            } => Message::Error {
+                request_type: m::CALL,
+                request,
+                details: Dict::new(),
+                error,
+                args,
+                kwargs,
+            },
+            _ => return,
+        };
+        self.finish_forwarded(call);
+        self.send(session, message);
+    }
+
+    /// Ends a forwarded call with an error of this node's (or the node
+    /// that refused it).
+    pub fn forward_failed(&mut self, call: u64, error: &str, message: String) {
+        self.dealer.unsent_cancels.remove(&call);
+        if let Some(f) = self.finish_forwarded(call) {
+            self.metrics.call_errors.inc();
+            self.send(f.session, error_with(m::CALL, f.request, error, message));
+        }
+    }
+
+    /// The caller's CANCEL of a forwarded call: `skip` and `killnowait`
+    /// answer it now; `kill` waits for the callee's ERROR. The node serving
+    /// it is told (but for `skip`).
+    fn cancel_forwarded(&mut self, call: u64, mode: CancelMode) -> bool {
+        let Some(f) = self.dealer.forwarded.get_mut(&call) else {
+            return false;
+        };
+        let node = f.node;
+        if mode != CancelMode::Kill {
+            self.forward_failed(call, "wamp.error.canceled", "canceled by the caller".into());
+        }
+        if mode != CancelMode::Skip {
+            self.tell_node(node, call, mode);
+        }
+        true
+    }
+
+    /// Fails the forwarded calls whose node `lost` says is gone (`None`:
+    /// not yet taken) with `tollgate.error.node_lost`.
+    pub fn fail_forwarded(&mut self, lost: impl Fn(Option<NodeId>) -> bool, why: &str) -> usize {
+        let gone: Vec<u64> = self
+            .dealer
+            .forwarded
+            .iter()
+            .filter(|(_, f)| lost(f.node))
+            .map(|(call, _)| *call)
+            .collect();
+        for call in &gone {
+            self.forward_failed(*call, NODE_LOST, why.to_owned());
+        }
+        gone.len()
+    }
+
+    /// Ends the calls this node serves for callers on nodes `lost` says
+    /// are gone: their callees are interrupted.
+    pub fn drop_calls_from(&mut self, lost: impl Fn(NodeId) -> bool) {
+        let gone: Vec<Id> = self
+            .dealer
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p.caller, Caller::Remote { node, .. } if lost(node)))
+            .map(|(inv, _)| *inv)
+            .collect();
+        for invocation in gone {
+            if let Some(p) = self.finish(invocation) {
+                self.interrupt(p.callee, invocation, "killnowait");
+            }
+        }
+    }
+}
+
+/// The error of a call whose node was lost (or the bus to it).
+pub const NODE_LOST: &str = "tollgate.error.node_lost";

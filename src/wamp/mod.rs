@@ -5,11 +5,13 @@
 //! certificates, JWTs) and authorisation (the shared policy engine, or an
 //! authorizer procedure). Served on `protocol: wamp` listeners (RawSocket
 //! and WebSocket on one port) and at a WebSocket path of HTTP listeners;
-//! JSON, MessagePack and CBOR.
+//! JSON, MessagePack and CBOR. In cluster mode events and calls cross
+//! nodes over the bus (cluster/).
 
 mod auth;
 pub mod auth_crypto;
 mod broker;
+mod cluster;
 mod dealer;
 pub mod message;
 mod meta;
@@ -23,6 +25,7 @@ mod wire;
 
 use std::sync::Arc;
 
+pub use cluster::join_bus;
 pub use message::{CodecError, Message, Serializer};
 pub use router::Router;
 pub use settings::{Settings, settings};

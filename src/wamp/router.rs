@@ -90,6 +90,9 @@ pub struct Member {
 }
 
 pub struct RealmState {
+    pub name: Arc<str>,
+    /// The other nodes, in cluster mode (shared by every realm).
+    pub cluster: Arc<super::cluster::Slot>,
     pub sessions: HashMap<Id, Member>,
     pub broker: Broker,
     pub dealer: Dealer,
@@ -114,6 +117,8 @@ pub struct Families {
     denials: IntCounterVec,
     too_slow: IntCounterVec,
     pub join_refusals: IntCounterVec,
+    /// Cluster mode: the router's subscriptions at the bus server.
+    pub bus_subscriptions: IntGauge,
 }
 
 impl Families {
@@ -153,6 +158,13 @@ impl Families {
                 "WAMP joins refused (authentication, realm, role)",
                 &["listener"],
             ),
+            bus_subscriptions: m
+                .gauge(
+                    "tollgate_wamp_bus_subscriptions",
+                    "Subscriptions the WAMP router holds at the bus server (cluster mode): events, its inbox, heartbeats and one per exact registration",
+                    &[],
+                )
+                .with_label_values(&[] as &[&str]),
         }
     }
 
@@ -317,9 +329,10 @@ impl RealmState {
         }
         let delivery = super::broker::Delivery {
             topic,
+            publication: global_id(),
             publisher: None,
             options: &Dict::new(),
-            disclose: false,
+            disclosed: None,
             args: Some(Value::List(args)),
             kwargs: None,
         };
@@ -503,6 +516,8 @@ pub struct Router {
     /// Failed logins by address: past ten a minute, joins from there are
     /// refused unchecked (loopback exempt, as for OAuth clients).
     pub logins: crate::identity::limit::AuthLimiter,
+    /// The other nodes, in cluster mode.
+    pub cluster: Arc<super::cluster::Slot>,
 }
 
 impl Router {
@@ -516,6 +531,7 @@ impl Router {
                 10,
                 std::time::Duration::from_secs(60),
             ),
+            cluster: Arc::default(),
         };
         router.sync_realms();
         router
@@ -548,6 +564,8 @@ impl Router {
                     Arc::new(Realm {
                         name: Arc::from(name.as_str()),
                         state: Mutex::new(RealmState {
+                            name: Arc::from(name.as_str()),
+                            cluster: self.cluster.clone(),
                             sessions: HashMap::new(),
                             broker: Broker::default(),
                             dealer: Dealer::default(),

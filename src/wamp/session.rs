@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{self, Refused};
 use super::broker::Delivery;
-use super::dealer::{CallRequest, Caller, CancelMode, Invoke, no_such_procedure};
+use super::cluster::{Outbound, unavailable};
+use super::dealer::{CallRequest, Caller, CancelMode, Invoke, call_here, no_such_procedure};
 use super::message::{self as m, Id, Message};
 use super::meta;
 use super::router::{
@@ -612,17 +613,22 @@ impl Session {
                 let Verdict::Allowed { disclose } = verdict else {
                     return Ok(acknowledge.then(|| refusal(m::PUBLISH, request, verdict, &topic)));
                 };
-                let publication = self.realm.state().publish(&Delivery {
+                let delivery = Delivery {
                     topic: &topic,
+                    publication: global_id(),
                     publisher: Some(self.session),
                     options: &options,
-                    disclose,
+                    disclosed: disclose.then_some((self.session, &*self.authid, &*self.authrole)),
                     args,
                     kwargs,
-                });
+                };
+                self.realm.state().publish(&delivery);
+                if let Some(link) = self.router.cluster.link() {
+                    link.send_event(&self.realm.name, &delivery);
+                }
                 acknowledge.then_some(Message::Published {
                     request,
-                    publication,
+                    publication: delivery.publication,
                 })
             }
             Message::Register {
@@ -788,39 +794,63 @@ impl Session {
                 format!("too many calls waiting for results ({waiting})"),
             ));
         }
-        let placed = state.call(CallRequest {
-            caller: Caller::Session {
-                id: self.session,
-                request,
-            },
-            procedure: &procedure,
-            options: &options,
-            disclose: disclose.then_some((self.session, &*self.authid, &*self.authrole)),
-            args,
-            kwargs,
-        });
-        drop(state);
-        let invocation = match placed {
-            Ok(i) => i,
-            Err(_) => {
-                self.realm.state().metrics.call_errors.inc();
-                return Some(no_such_procedure(request, &procedure));
-            }
-        };
         let timeout = options.get("timeout").and_then(Value::as_id).unwrap_or(0);
-        if timeout > 0 {
-            let realm = Arc::downgrade(&self.realm);
-            let timer = tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(timeout)).await;
-                if let Some(realm) = realm.upgrade() {
-                    realm.state().timed_out(invocation);
+        // Cluster mode: unless a `single` callee here has it, the call goes
+        // to whichever node NATS picks (this one included).
+        if let Some(link) = self.router.cluster.link() {
+            let regs = &state.dealer.registrations;
+            let exact = (regs.lookup(&procedure, MatchPolicy::Exact))
+                .and_then(|id| regs.entries.get(&id))
+                .map(|r| r.kind.invoke);
+            if exact != Some(Invoke::Single) {
+                let here = exact.is_some() || state.dealer.best_match(&procedure).is_some();
+                if link.connected() {
+                    let progress =
+                        matches!(options.get("receive_progress"), Some(Value::Bool(true)));
+                    let call = state.forward(self.session, request, progress);
+                    drop(state);
+                    link.hand_off(
+                        &self.realm,
+                        call,
+                        Outbound {
+                            procedure,
+                            options,
+                            disclose: disclose.then(|| {
+                                (
+                                    self.session,
+                                    self.authid.to_string(),
+                                    self.authrole.to_string(),
+                                )
+                            }),
+                            args,
+                            kwargs,
+                            here,
+                        },
+                    );
+                    return None;
                 }
-            });
-            self.realm
-                .state()
-                .set_timer(invocation, timer.abort_handle());
+                if !here {
+                    state.metrics.call_errors.inc();
+                    return Some(unavailable(request));
+                }
+            }
         }
-        None
+        drop(state);
+        call_here(
+            &self.realm,
+            CallRequest {
+                caller: Caller::Session {
+                    id: self.session,
+                    request,
+                },
+                procedure: &procedure,
+                options: &options,
+                disclose: disclose.then_some((self.session, &*self.authid, &*self.authrole)),
+                args,
+                kwargs,
+            },
+            timeout,
+        )
     }
 }
 

@@ -400,3 +400,152 @@ async fn retained_messages_are_the_clusters() {
         );
     }
 }
+
+/// The retained message a fresh subscriber of `dev-a/#` on `addr` gets
+/// first (none within half a second: `None`).
+async fn retained_on(addr: std::net::SocketAddr, id: &str) -> Option<String> {
+    use rumqttc::QoS;
+    let mut sub =
+        crate::mqtt::subscribed(addr, id, "dev-a", true, "dev-a/#", QoS::AtLeastOnce).await;
+    let got = tokio::time::timeout(Duration::from_millis(500), sub.publishes.recv()).await;
+    let _ = sub.client.disconnect().await;
+    match got {
+        Ok(Some(p)) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+        _ => None,
+    }
+}
+
+/// Publishes a retained QoS 1 message on `addr` as dev-a and waits for its
+/// PUBACK (bounded: `within`).
+async fn publish_retained(
+    addr: std::net::SocketAddr,
+    id: &str,
+    topic: &str,
+    payload: &str,
+    within: Duration,
+) {
+    use rumqttc::QoS;
+    let mut p = crate::mqtt::v4_connect(addr, id, crate::mqtt::login("dev-a"), true)
+        .await
+        .unwrap();
+    p.client
+        .publish(topic, QoS::AtLeastOnce, true, payload.to_owned())
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(within, p.acks.recv()).await {
+            Ok(Some(rumqttc::Packet::PubAck(_))) => break,
+            Ok(Some(_)) => {}
+            other => panic!("no PUBACK for {payload:?}: {other:?}"),
+        }
+    }
+}
+
+/// Retained writes to etcd: a burst on one topic (one journal batch naming
+/// it many times) ends as its last; a write while etcd is down is kept and
+/// written when it is back (its PUBACK waits for that); a clear on a node
+/// that never saw the message still clears it everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_writes_survive_bursts_outages_and_strangers() {
+    use rumqttc::QoS;
+    let mut etcd = Etcd::start();
+    let (_a, addr_a) = mqtt_node(&etcd, "/c5/").await;
+    // One connection: the burst, then its last at QoS 1, in order.
+    let mut publisher = crate::mqtt::v4_connect(addr_a, "burst", crate::mqtt::login("dev-a"), true)
+        .await
+        .unwrap();
+    for i in 0..300 {
+        publisher
+            .client
+            .publish("dev-a/t", QoS::AtMostOnce, true, format!("v{i}"))
+            .await
+            .unwrap();
+    }
+    publisher
+        .client
+        .publish("dev-a/t", QoS::AtLeastOnce, true, "final")
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), publisher.acks.recv()).await {
+            Ok(Some(rumqttc::Packet::PubAck(_))) => break,
+            Ok(Some(_)) => {}
+            other => panic!("no PUBACK for the burst's last: {other:?}"),
+        }
+    }
+    let (_c, addr_c) = mqtt_node(&etcd, "/c5/").await;
+    wait_until(
+        PROPAGATION,
+        "a new node serves the burst's last",
+        || async { retained_on(addr_c, "s1").await.as_deref() == Some("final") },
+    )
+    .await;
+
+    // etcd away: the PUBACK waits; back: written, and every node has it.
+    etcd.stop();
+    let waiting = tokio::spawn(publish_retained(
+        addr_a,
+        "outage",
+        "dev-a/t",
+        "v2",
+        Duration::from_secs(60),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "not acknowledged while etcd is down"
+    );
+    etcd.resume();
+    waiting.await.unwrap();
+    let (_d, addr_d) = mqtt_node(&etcd, "/c5/").await;
+    for (addr, name) in [(addr_c, "C"), (addr_d, "D (new)")] {
+        wait_until(
+            PROPAGATION,
+            &format!("node {name} serves the write made during the outage"),
+            || async { retained_on(addr, "s2").await.as_deref() == Some("v2") },
+        )
+        .await;
+    }
+
+    // A node that never had `dev-a/u` clears it: gone everywhere.
+    publish_retained(addr_a, "u1", "dev-a/u", "u1", Duration::from_secs(10)).await;
+    let (_e, addr_e) = mqtt_node(&etcd, "/c5/").await;
+    publish_retained(addr_e, "u2", "dev-a/u", "", Duration::from_secs(10)).await;
+    wait_until(PROPAGATION, "the clear reaches node A", || async {
+        let mut sub =
+            crate::mqtt::subscribed(addr_a, "s3", "dev-a", true, "dev-a/u", QoS::AtLeastOnce).await;
+        let got = tokio::time::timeout(Duration::from_millis(300), sub.publishes.recv()).await;
+        let _ = sub.client.disconnect().await;
+        got.is_err()
+    })
+    .await;
+}
+
+/// A record this node cannot read makes its re-read fail (and retry); a
+/// revocation another node makes meanwhile is refused here all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_apply_while_a_re_read_fails() {
+    let etcd = Etcd::start();
+    let up = Upstream::echo("bar").await;
+    let yaml = node_config(&up, &etcd, "/c6/", "");
+    let a = TestGateway::start(&yaml).await;
+    let b = TestGateway::start(&yaml).await;
+    let t = token(&a, "foo", SECRET, "").await;
+    assert_eq!(call_bar(&b, &t).await.status, 200);
+    // `/c6/oauth_clients/zz` = "not json", through etcd's JSON gateway.
+    let r = send(
+        Request::post(format!("{}/v3/kv/put", etcd.endpoint))
+            .body(full(
+                r#"{"key":"L2M2L29hdXRoX2NsaWVudHMveno=","value":"bm90IGpzb24="}"#,
+            ))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = token_call(&a, "/oauth2/revoke", &t, ("foo", SECRET)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_until(PROPAGATION, "B refuses the token revoked on A", || async {
+        call_bar(&b, &t).await.status == 401
+    })
+    .await;
+}

@@ -68,6 +68,44 @@ async fn graceful_shutdown_closes_idle_keep_alive_connections() {
     assert!(gw.gw.drained().await, "drain finished before the deadline");
 }
 
+/// A connection accepted just before the drain began, whose request comes
+/// after: it is answered (and then closed), not cut off unanswered; so is
+/// one still waiting in the listen queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_as_the_drain_begins_gets_its_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::echo("up").await;
+    let gw = TestGateway::start(&config_with_routes(&route("r", "/", &[&up], ""))).await;
+    let mut fresh = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    // Accepted by the gateway (the listener counts it) before the drain.
+    wait_until(
+        Duration::from_secs(5),
+        "the connection is accepted",
+        || async {
+            metric(
+                &gw.metrics().await,
+                "tollgate_transport_active_connections{listener=\"sidecar\"}",
+            ) >= 1.0
+        },
+    )
+    .await;
+    gw.gw.shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fresh
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), fresh.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text:?}"
+    );
+    assert!(gw.gw.drained().await, "drain finished before the deadline");
+}
+
 fn two_route_config(target: &Upstream) -> String {
     config_with_routes(&route("switch", "/", &[target], ""))
 }

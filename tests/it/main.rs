@@ -29,4 +29,6 @@ mod tunnel_client;
 mod upstreams;
 mod wamp;
 mod wamp_autobahn;
+#[cfg(feature = "cluster")]
+mod wamp_cluster;
 mod wamp_router;

@@ -30,7 +30,7 @@ fn config(extra: &str) -> String {
 
 /// The gateway.yaml of these tests, with `extra` at the end of `wamp:` and
 /// `auth_extra` at the end of `auth:`.
-fn config_with(extra: &str, auth_extra: &str) -> String {
+pub(crate) fn config_with(extra: &str, auth_extra: &str) -> String {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let hash = HASH.get_or_init(|| bcrypt::hash("pw", 4).unwrap());
     let users: String = USERS
@@ -84,13 +84,13 @@ enum Link {
 }
 
 /// A client of one transport and serializer.
-struct Client {
+pub(crate) struct Client {
     link: Link,
     msgpack: bool,
 }
 
 impl Client {
-    async fn websocket(addr: std::net::SocketAddr, msgpack: bool) -> Client {
+    pub(crate) async fn websocket(addr: std::net::SocketAddr, msgpack: bool) -> Client {
         let mut req = format!("ws://{addr}/any/path")
             .into_client_request()
             .unwrap();
@@ -140,7 +140,7 @@ impl Client {
         }
     }
 
-    async fn send(&mut self, m: Value) {
+    pub(crate) async fn send(&mut self, m: Value) {
         let bytes = self.encode(&m);
         match &mut self.link {
             Link::Ws(ws) => {
@@ -159,13 +159,13 @@ impl Client {
         }
     }
 
-    async fn recv(&mut self) -> Value {
+    pub(crate) async fn recv(&mut self) -> Value {
         self.try_recv(Duration::from_secs(5))
             .await
             .expect("a message within 5s")
     }
 
-    async fn try_recv(&mut self, within: Duration) -> Option<Value> {
+    pub(crate) async fn try_recv(&mut self, within: Duration) -> Option<Value> {
         tokio::time::timeout(within, self.next()).await.ok()?
     }
 
@@ -203,7 +203,7 @@ impl Client {
     }
 
     /// Joins as ticket user `authid`; the WELCOME.
-    async fn join(&mut self, realm: &str, authid: &str) -> Value {
+    pub(crate) async fn join(&mut self, realm: &str, authid: &str) -> Value {
         self.send(json!([1, realm, {"roles": {"caller": {}, "callee": {"features": {"call_canceling": true}},
             "publisher": {}, "subscriber": {}}, "authmethods": ["ticket"], "authid": authid}]))
             .await;
@@ -216,13 +216,18 @@ impl Client {
     }
 
     /// Sends a request and returns the reply (the next message).
-    async fn ask(&mut self, m: Value) -> Value {
+    pub(crate) async fn ask(&mut self, m: Value) -> Value {
         self.send(m).await;
         self.recv().await
     }
 }
 
-async fn joined(addr: std::net::SocketAddr, authid: &str, raw: bool, msgpack: bool) -> Client {
+pub(crate) async fn joined(
+    addr: std::net::SocketAddr,
+    authid: &str,
+    raw: bool,
+    msgpack: bool,
+) -> Client {
     let mut c = if raw {
         Client::rawsocket(addr, msgpack).await
     } else {

@@ -26,6 +26,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- $config := deepCopy .Values.config -}}
 {{- $_ := set $config "admin" (merge $admin (default (dict) $config.admin)) -}}
+{{- with .Values.cluster -}}
+{{- if .enabled -}}
+{{- $etcd := dict "endpoints" .etcd.endpoints "prefix" .etcd.prefix "timeout" .etcd.timeout -}}
+{{- if .etcd.tls }}{{ $_ := set $etcd "tls" .etcd.tls }}{{ end -}}
+{{- $_ := set $config "store" (dict "etcd" $etcd) -}}
+{{- if .nats.servers -}}
+{{- $nats := dict "servers" .nats.servers "prefix" .nats.prefix -}}
+{{- if .nats.tls }}{{ $_ := set $nats "tls" .nats.tls }}{{ end -}}
+{{- $_ := set $config "bus" (dict "nats" $nats) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}
 
@@ -46,6 +58,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if and (eq .name "sidecar") (not (hasSuffix (printf ":%v" $.Values.ports.sidecar) (toString .bind))) -}}
 {{- fail (printf "config.listeners[sidecar].bind: expected port %v (ports.sidecar), got %q" $.Values.ports.sidecar (toString .bind)) -}}
 {{- end -}}
+{{- end -}}
+{{- if and .Values.cluster.enabled (not .Values.cluster.etcd.endpoints) -}}
+{{- fail "cluster.etcd.endpoints: cluster mode needs the etcd cluster's client URLs (e.g. http://etcd-0.etcd:2379)" -}}
+{{- end -}}
+{{- if and .Values.cluster.enabled .Values.config.bus -}}
+{{- fail "config.bus: with cluster.enabled the chart renders bus.nats from cluster.nats; give it there" -}}
 {{- end -}}
 {{- if and .Values.secretFiles .Values.existingSecret -}}
 {{- fail "secretFiles and existingSecret: give one or the other" -}}

@@ -1,0 +1,216 @@
+"""Helpers of compose/cluster-test.sh: timed propagation checks, the MQTT
+fan-out check (paho) and the loader for the rolling restart. Standard
+library and Debian's python3-paho-mqtt only; every wait is bounded.
+
+  probe.py route ADMIN TOKEN NAME NODE_URL...     register a route on one node, time it serving on each
+  probe.py until STATUS HEADER NODE_URL...        time until each URL answers STATUS
+  probe.py mqtt PUB_HOST:PORT SUB_HOST:PORT USER PASSWORD N
+  probe.py load OUT TOKEN NAME=URL[,URL]...       GET a node's URLs in turn, in a loop, until OUT.stop exists
+  probe.py judge OUT WINDOWS                      which failures are acceptable (refused on the restarting node)
+"""
+import http.client
+import json
+import os
+import sys
+import threading
+import time
+import urllib.parse
+
+
+def request(url, method="GET", headers=None, body=None, timeout=3):
+    """One request on a new connection: (status, body) or raises."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request(method, u.path + (("?" + u.query) if u.query else ""), body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def status_of(url, headers=None):
+    try:
+        return request(url, headers=headers)[0]
+    except OSError:
+        return None
+
+
+def wait_all(urls, expect, headers=None, start=None, limit=20.0):
+    """Polls every URL until it answers `expect`; milliseconds since start for each (None: not within limit)."""
+    start = start or time.monotonic()
+    left = dict(enumerate(urls))
+    took = [None] * len(urls)
+    while left and time.monotonic() - start < limit:
+        for i, url in list(left.items()):
+            if status_of(url, headers) == expect:
+                took[i] = (time.monotonic() - start) * 1000
+                del left[i]
+        time.sleep(0.005)
+    return took
+
+
+def show(took, names):
+    return ", ".join(f"{n} {t:.0f} ms" if t is not None else f"{n} NOT SERVED" for n, t in zip(names, took))
+
+
+def cmd_route(admin, token, name, *nodes):
+    route = {"name": name, "match": {"path_prefix": f"/{name}/"}, "strip_prefix": True,
+             "upstream": {"targets": ["http://tasks.bar:8080"]}, "auth": "none"}
+    start = time.monotonic()
+    status, body = request(admin + "/admin/routes", "POST",
+                           {"Authorization": "Bearer " + token, "Content-Type": "application/json"},
+                           json.dumps(route))
+    if status != 201:
+        sys.exit(f"POST /admin/routes answered {status}: {body.decode(errors='replace')}")
+    took = wait_all([n + f"/{name}/" for n in nodes], 200, start=start)
+    print(show(took, [n.split(":")[-1] for n in nodes]))
+    sys.exit(0 if all(t is not None for t in took) else 1)
+
+
+def cmd_until(expect, header, *urls):
+    headers = dict([header.split(": ", 1)]) if header else None
+    took = wait_all(list(urls), int(expect), headers)
+    print(show(took, [u.split("/")[2] for u in urls]))
+    sys.exit(0 if all(t is not None for t in took) else 1)
+
+
+def cmd_mqtt(pub, sub, user, password, n):
+    import paho.mqtt.client as mqtt
+    n = int(n)
+    topic = f"{user}/cluster/fanout"
+    got, seen_dup = [], [0]
+    subscribed, done = threading.Event(), threading.Event()
+
+    def client(cid):
+        try:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv311)
+        except AttributeError:  # paho 1.x
+            c = mqtt.Client(client_id=cid, protocol=mqtt.MQTTv311)
+        c.username_pw_set(user, password)
+        c.connected = threading.Event()
+        c.on_connect = lambda cl, ud, flags, rc, *rest: (rc == 0) and cl.connected.set()
+        return c
+
+    def on_message(c, userdata, msg):
+        if msg.dup:
+            seen_dup[0] += 1
+        got.append(int(msg.payload))
+        if len(got) >= n:
+            done.set()
+
+    s = client(f"sub-{os.getpid()}")
+    s.on_message = on_message
+    s.on_subscribe = lambda *a: subscribed.set()
+    host, port = sub.split(":")
+    s.connect(host, int(port), keepalive=30)
+    s.loop_start()
+    if not s.connected.wait(10):
+        sys.exit(f"the subscriber could not connect to {sub}")
+    s.subscribe(topic, qos=1)
+    if not subscribed.wait(10):
+        sys.exit("the subscriber on the far node got no SUBACK")
+    time.sleep(0.5)  # the far node's interest reaches NATS
+    p = client(f"pub-{os.getpid()}")
+    host, port = pub.split(":")
+    p.connect(host, int(port), keepalive=30)
+    p.loop_start()
+    if not p.connected.wait(10):
+        sys.exit(f"the publisher could not connect to {pub}")
+    start = time.monotonic()
+    infos = [p.publish(topic, str(i), qos=1) for i in range(n)]
+    for info in infos:
+        info.wait_for_publish(timeout=20)
+    acked = time.monotonic() - start
+    done.wait(20)
+    took = time.monotonic() - start
+    p.loop_stop(); s.loop_stop(); p.disconnect(); s.disconnect()
+    unacked = sum(1 for i in infos if not i.is_published())
+    missing = sorted(set(range(n)) - set(got))
+    in_order = got == sorted(got)
+    print(f"{n} QoS 1 messages published on {pub} (all PUBACKed in {acked * 1000:.0f} ms, {unacked} not acked), "
+          f"{len(set(got))} received on {sub} in {took * 1000:.0f} ms ({len(set(got)) / took:.0f} msg/s), "
+          f"{len(got) - len(set(got))} duplicates, in order: {in_order}")
+    if unacked or missing or not in_order:
+        print(f"missing: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        sys.exit(1)
+
+
+def cmd_load(out, token, *targets):
+    """One thread per node: GET on a new connection each time; every outcome logged with its time."""
+    headers = {"Authorization": "Bearer " + token}
+    lock = threading.Lock()
+    log = open(out, "w")
+
+    def worker(name, urls):
+        urls = urls.split(",")
+        i = 0
+        while not os.path.exists(out + ".stop"):
+            url = urls[i % len(urls)]
+            i += 1
+            t = time.time()
+            try:
+                status, _ = request(url, headers=headers, timeout=5)
+                kind = "ok" if status == 200 else f"status {status}"
+            except ConnectionRefusedError:
+                kind = "refused"
+            except Exception as e:  # reset, closed without answer, timeout...
+                kind = type(e).__name__
+            with lock:
+                log.write(f"{t:.3f} {name} {kind.replace(' ', '_')}\n")
+            if kind != "ok":
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=worker, args=t.split("=", 1)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+
+
+MEANING = {
+    "RemoteDisconnected": "the node accepted the connection, then closed it without an answer",
+    "ConnectionResetError": "the connection was reset",
+    "TimeoutError": "no answer within 5 s",
+    "timeout": "no answer within 5 s",
+}
+
+
+def cmd_judge(out, windows):
+    """Failures are acceptable only as refused connects on the node being restarted."""
+    spans = []
+    for line in open(windows):
+        node, a, b = line.split()
+        spans.append((node, float(a), float(b)))
+    counts, bad, refused = {}, [], {}
+    for line in open(out):
+        t, node, kind = line.split()
+        t = float(t)
+        c = counts.setdefault(node, {})
+        c[kind] = c.get(kind, 0) + 1
+        if kind == "ok":
+            continue
+        if kind == "refused":
+            first, last = refused.get(node, (t, t))
+            refused[node] = (min(first, t), max(last, t))
+        restarting = any(n == node and a <= t <= b for n, a, b in spans)
+        if not (kind == "refused" and restarting):
+            why = MEANING.get(kind, "")
+            bad.append(f"{node} {kind}{' (' + why + ')' if why else ''} at "
+                       f"{time.strftime('%H:%M:%S', time.localtime(t))}{f'{t % 1:.3f}'[1:]}"
+                       f"{' while it restarted' if restarting else ''}")
+    total = sum(sum(c.values()) for c in counts.values())
+    for node in sorted(counts):
+        window = (f"; refused from the first to the last for {(refused[node][1] - refused[node][0]) * 1000:.0f} ms"
+                  if node in refused else "")
+        print(f"  {node}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts[node].items())) + window)
+    print(f"  {total} requests, {total - sum(c.get('ok', 0) for c in counts.values())} failed, "
+          f"{len(bad)} not acceptable (anything but a refused connect on the node being restarted)")
+    for b in bad[:20]:
+        print("  not acceptable: " + b)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    globals()["cmd_" + sys.argv[1].replace("-", "_")](*sys.argv[2:])
