@@ -23,8 +23,9 @@ MQTT_PORTS=(18891 18892 18893) HTTP_PORTS=(18081 18082 18083) ADMIN_PORTS=(19101
 source benches/common.sh
 require etcd nats-server taskset python3 curl
 
+# The same features for both: a bench build also makes target/release/tollgate.
+cargo bench --features cluster --bench mqtt_load --no-run --quiet 2>/dev/null
 cargo build --release --quiet --features cluster
-cargo bench --bench mqtt_load --no-run --quiet 2>/dev/null
 tool=$(ls -t target/release/deps/mqtt_load-* | grep -v '\.d$' | head -1)
 
 taskset -c "$SERVER_CPU" etcd --name bench --data-dir "$work/etcd" \

@@ -326,6 +326,47 @@ impl Bus {
     }
 }
 
+/// At most the first 120 characters of `s` (for log lines about what a
+/// hostile sender chose).
+pub fn bounded(s: &str) -> &str {
+    match s.char_indices().nth(120) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Logs bus messages a front-end refused, at most one line per 10 seconds
+/// (a hostile publisher can send many), with how many were not logged.
+pub struct Complaints {
+    kind: &'static str,
+    last: Option<std::time::Instant>,
+    quiet: u64,
+}
+
+impl Complaints {
+    pub fn new(kind: &'static str) -> Complaints {
+        Complaints {
+            kind,
+            last: None,
+            quiet: 0,
+        }
+    }
+
+    pub fn log(&mut self, why: &str, subject: &str) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            self.quiet += 1;
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        tracing::warn!(reason = why, subject = %bounded(subject), not_logged = self.quiet,
+            "{} message from the bus was dropped (tollgate_bus_dropped_total)", self.kind);
+        self.quiet = 0;
+    }
+}
+
 /// A random, non-zero node id.
 #[cfg(feature = "cluster")]
 fn new_node_id() -> NodeId {

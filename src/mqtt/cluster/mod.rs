@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::broker::Broker;
 use super::router::{FilterKey, Interest, Scope};
 use super::session::Message;
-use crate::bus::{Bus, Incoming, KindCounters, NodeId, Subscription};
+use crate::bus::{Bus, Complaints, Incoming, KindCounters, NodeId, Subscription, bounded};
 
 /// What a node hands to the bus: its messages, numbered.
 pub struct Bridge {
@@ -127,7 +127,7 @@ pub fn join_bus(broker: &Arc<Broker>, bus: Arc<Bus>, stop: CancellationToken) {
         tags: HashMap::new(),
         next_tag: TAG_RETAINED + 1,
         seen: Seen::default(),
-        complaints: Complaints::default(),
+        complaints: Complaints::new("an MQTT"),
         _retained_sub: None,
     };
     tokio::spawn(dispatcher.run(rx, stop));
@@ -365,37 +365,6 @@ fn queue_group(group: &str, filter: &str) -> String {
     name.push('.');
     name.push_str(&hex);
     name
-}
-
-fn bounded(s: &str) -> &str {
-    match s.char_indices().nth(120) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
-
-/// Logs refused bus messages, at most one line per 10 seconds (a hostile
-/// publisher can send many), with how many were not logged.
-#[derive(Default)]
-struct Complaints {
-    last: Option<Instant>,
-    quiet: u64,
-}
-
-impl Complaints {
-    fn log(&mut self, why: &str, subject: &str) {
-        if self
-            .last
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
-        {
-            self.quiet += 1;
-            return;
-        }
-        self.last = Some(Instant::now());
-        tracing::warn!(reason = why, subject = %bounded(subject), not_logged = self.quiet,
-            "an MQTT message from the bus was dropped (tollgate_bus_dropped_total)");
-        self.quiet = 0;
-    }
 }
 
 /// Which (origin, sequence) pairs were routed: per origin the highest

@@ -36,7 +36,9 @@ use super::dealer::{CallRequest, Caller, NODE_LOST, call_here, no_such_procedure
 use super::message::Id;
 use super::router::{Realm, Router};
 use super::value::{Dict, Value};
-use crate::bus::{Bus, BusError, Incoming, KindCounters, NodeId, Subscription};
+use crate::bus::{
+    Bus, BusError, Complaints, Incoming, KindCounters, NodeId, Subscription, bounded,
+};
 use wire::Frame;
 
 /// A node not heard from for this long is taken for lost.
@@ -359,7 +361,7 @@ pub fn join_bus(router: &Arc<Router>, bus: Arc<Bus>, stop: CancellationToken) {
         next_tag: TAG_PROCS,
         fixed: Vec::new(),
         confirmed: false,
-        complaints: Complaints::default(),
+        complaints: Complaints::new("a WAMP"),
     };
     tokio::spawn(dispatcher.run(rx, stop));
 }
@@ -672,37 +674,6 @@ impl Dispatcher {
             }
             _ => self.malformed("a kind of message that does not belong there", &m.subject),
         }
-    }
-}
-
-fn bounded(s: &str) -> &str {
-    match s.char_indices().nth(120) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
-
-/// Logs refused bus messages, at most one line per 10 seconds (a hostile
-/// publisher can send many), with how many were not logged.
-#[derive(Default)]
-struct Complaints {
-    last: Option<Instant>,
-    quiet: u64,
-}
-
-impl Complaints {
-    fn log(&mut self, why: &str, subject: &str) {
-        if self
-            .last
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
-        {
-            self.quiet += 1;
-            return;
-        }
-        self.last = Some(Instant::now());
-        tracing::warn!(reason = why, subject = %bounded(subject), not_logged = self.quiet,
-            "a WAMP message from the bus was dropped (tollgate_bus_dropped_total)");
-        self.quiet = 0;
     }
 }
 
