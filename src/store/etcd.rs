@@ -145,7 +145,10 @@ impl EtcdStore {
             .with_timeout(etcd.timeout)
             // A peer gone silent (a partition) shows within seconds: the
             // watch fails over and readiness says so.
-            .with_keep_alive(KEEP_ALIVE, etcd.timeout.min(KEEP_ALIVE_TIMEOUT));
+            .with_keep_alive(KEEP_ALIVE, etcd.timeout.min(KEEP_ALIVE_TIMEOUT))
+            // A member cut off from its cluster refuses (and ends the watch)
+            // instead of serving what it had, or staying silent.
+            .with_require_leader(true);
         if let Some(tls) = &etcd.tls {
             options = options.with_tls(tls_options(tls).map_err(fail)?);
         }
