@@ -177,8 +177,16 @@ MEANING = {
 }
 
 
+# On the node being restarted: a refused connect, or a connection the
+# kernel resets when the listening socket closes with it still in the
+# listen queue (never accepted, so nothing of it was read). Both are safe
+# to retry; an accepted connection closed without an answer is not.
+RESTART_OK = ("refused", "ConnectionResetError")
+
+
 def cmd_judge(out, windows):
-    """Failures are acceptable only as refused connects on the node being restarted."""
+    """Failures are acceptable only as refused (or never-accepted, reset)
+    connects on the node being restarted."""
     spans = []
     for line in open(windows):
         node, a, b = line.split()
@@ -195,7 +203,7 @@ def cmd_judge(out, windows):
             first, last = refused.get(node, (t, t))
             refused[node] = (min(first, t), max(last, t))
         restarting = any(n == node and a <= t <= b for n, a, b in spans)
-        if not (kind == "refused" and restarting):
+        if not (kind in RESTART_OK and restarting):
             why = MEANING.get(kind, "")
             bad.append(f"{node} {kind}{' (' + why + ')' if why else ''} at "
                        f"{time.strftime('%H:%M:%S', time.localtime(t))}{f'{t % 1:.3f}'[1:]}"
@@ -206,7 +214,7 @@ def cmd_judge(out, windows):
                   if node in refused else "")
         print(f"  {node}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts[node].items())) + window)
     print(f"  {total} requests, {total - sum(c.get('ok', 0) for c in counts.values())} failed, "
-          f"{len(bad)} not acceptable (anything but a refused connect on the node being restarted)")
+          f"{len(bad)} not acceptable (anything but a refused or reset connect on the node being restarted)")
     for b in bad[:20]:
         print("  not acceptable: " + b)
     sys.exit(1 if bad else 0)
