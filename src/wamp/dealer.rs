@@ -173,13 +173,29 @@ pub enum CancelMode {
 }
 
 impl CancelMode {
+    /// CANCEL's `mode` option (`killnowait` when absent).
     pub fn from_options(options: &Dict) -> Option<CancelMode> {
-        Some(match options.get("mode").and_then(Value::as_str) {
-            Some("skip") => CancelMode::Skip,
-            Some("kill") => CancelMode::Kill,
-            None | Some("killnowait") => CancelMode::KillNoWait,
-            Some(_) => return None,
+        match options.get("mode").and_then(Value::as_str) {
+            None => Some(CancelMode::KillNoWait),
+            Some(name) => CancelMode::from_name(name),
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<CancelMode> {
+        Some(match name {
+            "skip" => CancelMode::Skip,
+            "kill" => CancelMode::Kill,
+            "killnowait" => CancelMode::KillNoWait,
+            _ => return None,
         })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CancelMode::Skip => "skip",
+            CancelMode::Kill => "kill",
+            CancelMode::KillNoWait => "killnowait",
+        }
     }
 }
 
@@ -571,7 +587,9 @@ impl RealmState {
         match mode {
             CancelMode::Skip => {}
             CancelMode::Kill => self.interrupt(callee, invocation, "kill"),
-            CancelMode::KillNoWait => self.interrupt(callee, invocation, "killnowait"),
+            CancelMode::KillNoWait => {
+                self.interrupt(callee, invocation, CancelMode::KillNoWait.name())
+            }
         }
         if mode == CancelMode::Kill {
             if let Some(p) = self.dealer.pending.get_mut(&invocation) {
@@ -595,7 +613,7 @@ impl RealmState {
         let Some(p) = self.finish(invocation) else {
             return;
         };
-        self.interrupt(p.callee, invocation, "killnowait");
+        self.interrupt(p.callee, invocation, CancelMode::KillNoWait.name());
         self.deliver(
             p.caller,
             Outcome::Error(
@@ -668,7 +686,7 @@ impl RealmState {
                     Dict::new(),
                 );
             } else {
-                self.interrupt(p.callee, invocation, "killnowait");
+                self.interrupt(p.callee, invocation, CancelMode::KillNoWait.name());
             }
         }
     }
@@ -978,7 +996,7 @@ impl RealmState {
             .collect();
         for invocation in gone {
             if let Some(p) = self.finish(invocation) {
-                self.interrupt(p.callee, invocation, "killnowait");
+                self.interrupt(p.callee, invocation, CancelMode::KillNoWait.name());
             }
         }
     }

@@ -100,14 +100,6 @@ fn who(w: &Option<Who>) -> Value {
     }
 }
 
-fn mode_name(mode: CancelMode) -> &'static str {
-    match mode {
-        CancelMode::Skip => "skip",
-        CancelMode::Kill => "kill",
-        CancelMode::KillNoWait => "killnowait",
-    }
-}
-
 /// The bytes of `frame` from `origin`.
 pub fn encode(origin: u64, frame: &Frame) -> Bytes {
     let (kind, fields) = match frame {
@@ -187,10 +179,9 @@ pub fn encode(origin: u64, frame: &Frame) -> Bytes {
                 opt(kwargs),
             ],
         ),
-        Frame::Cancel { realm, call, mode } => (
-            7,
-            vec![text(realm), Value::UInt(*call), text(mode_name(*mode))],
-        ),
+        Frame::Cancel { realm, call, mode } => {
+            (7, vec![text(realm), Value::UInt(*call), text(mode.name())])
+        }
         Frame::Heartbeat => (8, vec![]),
     };
     let body =
@@ -352,12 +343,7 @@ pub fn decode(frame: &[u8]) -> Result<(u64, Frame)> {
         7 => Frame::Cancel {
             realm: f.text()?,
             call: f.id()?,
-            mode: match f.text()?.as_str() {
-                "skip" => CancelMode::Skip,
-                "kill" => CancelMode::Kill,
-                "killnowait" => CancelMode::KillNoWait,
-                _ => return Err("an unknown cancel mode"),
-            },
+            mode: CancelMode::from_name(&f.text()?).ok_or("an unknown cancel mode")?,
         },
         8 => Frame::Heartbeat,
         _ => return Err("an unknown kind"),
