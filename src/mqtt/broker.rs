@@ -174,6 +174,8 @@ pub struct Broker {
     pub journal: Option<Journal>,
     /// The other nodes (cluster mode), once the gateway joined the bus.
     pub(super) bridge: std::sync::OnceLock<Arc<super::cluster::Bridge>>,
+    /// Sessions moving between nodes (cluster mode).
+    pub(super) handover: std::sync::OnceLock<Arc<super::cluster::Handover>>,
 }
 
 /// What a publish did: how many sessions it was queued for, and, when it
@@ -211,6 +213,7 @@ impl Broker {
                 .time_to_live(FAILURE_WINDOW)
                 .build(),
             bridge: std::sync::OnceLock::new(),
+            handover: std::sync::OnceLock::new(),
         })
     }
 
@@ -443,6 +446,9 @@ impl Broker {
             if let Some(j) = &self.journal {
                 j.send(Op::Session(session.client_id.to_string(), None));
             }
+            if let Some(h) = self.handover.get() {
+                h.released(&session.client_id);
+            }
         }
         self.metrics.sessions.set(sessions.len() as i64);
         mapped
@@ -497,11 +503,22 @@ impl Broker {
         victims.len()
     }
 
-    /// Disconnects a session's client and ends the session.
+    /// Disconnects a session's client (an operator's doing) and ends the
+    /// session.
     fn evict(&self, session: &Arc<Session>) {
+        self.end_with_client(session, true);
+    }
+
+    /// Ends a session because a client on another node took its id (a
+    /// clean start, or another owner): its client is taken over.
+    pub(super) fn end_taken_over(&self, session: &Arc<Session>) {
+        self.end_with_client(session, false);
+    }
+
+    fn end_with_client(&self, session: &Arc<Session>, evicted: bool) {
         {
             let mut st = session.state();
-            st.evicted = true;
+            st.evicted = evicted;
             st.generation += 1;
             if let Some(k) = st.kick.take() {
                 k.notify_one();
@@ -601,59 +618,17 @@ impl Broker {
         let unix_now = super::persist::now_ms() / 1000;
         let count = sessions.len();
         for r in sessions {
-            let session = Session::new(Arc::from(r.client_id.as_str()));
-            {
-                let mut st = session.state();
-                st.expiry_secs = r.session.expiry_secs;
-                st.owner = r.session.owner.clone();
-                for sub in &r.session.subscriptions {
-                    st.subscriptions.insert(sub.filter.clone(), sub.options());
-                }
-                for (seq, d) in r.queue {
-                    let (pkid, released) = (d.pkid, d.released);
-                    let delivery = Delivery {
-                        message: Arc::new(Message::from_stored(d.message)),
-                        qos: d.qos,
-                        retain: d.retain,
-                        subscription_ids: d.subscription_ids,
-                        seq,
-                    };
-                    st.next_seq = st.next_seq.max(seq + 1);
-                    match (pkid, released) {
-                        (0, _) => st.queue.push_back(delivery),
-                        (pkid, false) => {
-                            st.inflight.insert(pkid, Outgoing::Published(delivery));
-                        }
-                        (pkid, true) => {
-                            st.inflight.insert(pkid, Outgoing::Released(seq));
-                        }
-                    }
-                }
-                st.incoming_qos2.extend(r.incoming_qos2);
-            }
-            {
-                let mut router = self.router_write();
-                for sub in &r.session.subscriptions {
-                    if let Ok(parsed) = super::topic::parse_subscription(&sub.filter) {
-                        router.subscribe(
-                            parsed.share,
-                            parsed.filter,
-                            session.clone(),
-                            sub.options(),
-                        );
-                    }
-                }
-                self.metrics.subscriptions.set(router.len() as i64);
-            }
-            self.sessions()
-                .insert(session.client_id.clone(), session.clone());
+            let (left_at, expiry_secs) = (r.session.left_at, r.session.expiry_secs);
+            let Some(session) = self.install(r) else {
+                continue;
+            };
             // It expires counting from when its client left (or from now,
             // for one that was connected when the broker stopped).
-            let left = match r.session.left_at {
+            let left = match left_at {
                 0 => unix_now,
                 t => t,
             };
-            let remaining = (left + u64::from(r.session.expiry_secs)).saturating_sub(unix_now);
+            let remaining = (left + u64::from(expiry_secs)).saturating_sub(unix_now);
             let broker = self.clone();
             let generation = session.state().generation;
             tokio::spawn(async move {
@@ -668,6 +643,155 @@ impl Broker {
                 retained = self.retained_read().len(),
                 "MQTT state recovered"
             );
+        }
+    }
+
+    /// Puts a session as the journal (or another node) kept it in the map,
+    /// its subscriptions in the router; none if the map holds the client
+    /// id already.
+    fn install(&self, r: super::persist::Recovered) -> Option<Arc<Session>> {
+        let session = Session::new(Arc::from(r.client_id.as_str()));
+        {
+            let mut st = session.state();
+            st.expiry_secs = r.session.expiry_secs;
+            st.owner = r.session.owner.clone();
+            for sub in &r.session.subscriptions {
+                st.subscriptions.insert(sub.filter.clone(), sub.options());
+            }
+            for (seq, d) in r.queue {
+                let (pkid, released) = (d.pkid, d.released);
+                let delivery = Delivery {
+                    message: Arc::new(Message::from_stored(d.message)),
+                    qos: d.qos,
+                    retain: d.retain,
+                    subscription_ids: d.subscription_ids,
+                    seq,
+                };
+                st.next_seq = st.next_seq.max(seq + 1);
+                match (pkid, released) {
+                    (0, _) => st.queue.push_back(delivery),
+                    (pkid, false) => {
+                        st.inflight.insert(pkid, Outgoing::Published(delivery));
+                    }
+                    (pkid, true) => {
+                        st.inflight.insert(pkid, Outgoing::Released(seq));
+                    }
+                }
+            }
+            st.incoming_qos2.extend(r.incoming_qos2);
+        }
+        {
+            let mut sessions = self.sessions();
+            if sessions.contains_key(&session.client_id) {
+                return None;
+            }
+            sessions.insert(session.client_id.clone(), session.clone());
+            self.held(&session.client_id);
+            self.metrics.sessions.set(sessions.len() as i64);
+        }
+        let mut router = self.router_write();
+        for sub in &r.session.subscriptions {
+            if let Ok(parsed) = super::topic::parse_subscription(&sub.filter) {
+                router.subscribe(parsed.share, parsed.filter, session.clone(), sub.options());
+            }
+        }
+        self.metrics.subscriptions.set(router.len() as i64);
+        drop(router);
+        Some(session)
+    }
+
+    /// Takes in a session another node handed over (cluster mode), unless
+    /// a client of this node took the id meanwhile: routed here from now
+    /// on, and its queue, what was in flight and its QoS 2 ids written to
+    /// this node's journal.
+    pub(super) fn adopt(&self, moved: super::persist::Recovered) -> Option<Arc<Session>> {
+        let client = moved.client_id.clone();
+        let session = self.install(moved)?;
+        if let Some(j) = &self.journal {
+            let st = session.state();
+            for d in &st.queue {
+                if d.seq > 0 {
+                    j.send(Op::Enqueue(client.clone(), d.seq, d.stored(0, false)));
+                }
+            }
+            for (pkid, o) in &st.inflight {
+                match o {
+                    Outgoing::Published(d) if d.seq > 0 => {
+                        j.send(Op::Enqueue(client.clone(), d.seq, d.stored(*pkid, false)))
+                    }
+                    Outgoing::Released(seq) if *seq > 0 => j.send(Op::Enqueue(
+                        client.clone(),
+                        *seq,
+                        super::persist::StoredDelivery::released(*pkid),
+                    )),
+                    _ => {}
+                }
+            }
+            for pkid in &st.incoming_qos2 {
+                j.send(Op::Incoming(client.clone(), *pkid, true));
+            }
+        }
+        Some(session)
+    }
+
+    /// Hands `session` to another node (cluster mode): its client is
+    /// disconnected (taken over), and its queue, what is in flight and its
+    /// QoS 2 ids are taken out and returned with its record. It stays in
+    /// the map, routing to an empty queue, until [`Broker::drop_session`]
+    /// once the other node is ready: what it queues meanwhile follows.
+    pub(super) fn hand_over(&self, session: &Session) -> super::persist::Recovered {
+        let _sessions = self.sessions();
+        let mut st = session.state();
+        // Moved under the `sessions` lock, as a resuming CONNECT does:
+        // expiry timers and the old connection see it is no longer theirs.
+        st.generation += 1;
+        if let Some(k) = st.kick.take() {
+            k.notify_one();
+        }
+        session.set_connected(false);
+        let mut queue: Vec<(u64, super::persist::StoredDelivery)> = Vec::new();
+        for (pkid, o) in std::mem::take(&mut st.inflight) {
+            queue.push(match o {
+                Outgoing::Published(d) => (d.seq, d.stored(pkid, false)),
+                Outgoing::Released(seq) => (seq, super::persist::StoredDelivery::released(pkid)),
+            });
+        }
+        queue.extend(st.queue.drain(..).map(|d| (d.seq, d.stored(0, false))));
+        super::persist::Recovered {
+            client_id: session.client_id.to_string(),
+            session: StoredSession {
+                expiry_secs: st.expiry_secs,
+                left_at: 0,
+                subscriptions: st
+                    .subscriptions
+                    .iter()
+                    .map(|(f, o)| StoredSubscription::new(f, o))
+                    .collect(),
+                owner: st.owner.clone(),
+            },
+            queue,
+            incoming_qos2: st.incoming_qos2.drain().collect(),
+        }
+    }
+
+    /// What was queued for a session since [`Broker::hand_over`]: taken out.
+    pub(super) fn take_queue(
+        &self,
+        session: &Session,
+    ) -> Vec<(u64, super::persist::StoredDelivery)> {
+        session
+            .state()
+            .queue
+            .drain(..)
+            .map(|d| (d.seq, d.stored(0, false)))
+            .collect()
+    }
+
+    /// The session of `client_id` is in the map now (cluster mode: this
+    /// node answers for it).
+    pub(super) fn held(&self, client_id: &Arc<str>) {
+        if let Some(h) = self.handover.get() {
+            h.held(client_id);
         }
     }
 }

@@ -358,20 +358,31 @@ impl Connection {
         // using its id starts afresh and ends the old one. Generations
         // move while `sessions` is held, so an expiry timer (which checks
         // under the same lock) never ends a session being resumed.
+        let owner = (
+            identity.subject.clone(),
+            identity.method.as_str().to_owned(),
+        );
+        // Cluster mode: a session another node holds comes here (or ends
+        // there, for a clean start or another owner).
+        let handover = broker.handover.get().cloned();
+        let mut adopted = false;
+        if let Some(h) = &handover
+            && !broker.sessions().contains_key(&client_id)
+            && let Some(moved) = h.take(&client_id, connect.clean_start, &owner).await
+        {
+            adopted = broker.adopt(moved).is_some();
+        }
         let kick = Arc::new(Notify::new());
         let (session, present, replaced, generation) = {
             let mut sessions = broker.sessions();
             let existing = sessions.get(&client_id).cloned();
-            let owner = (
-                identity.subject.clone(),
-                identity.method.as_str().to_owned(),
-            );
             let owned = |s: &Arc<Session>| s.state().owner.as_ref().is_none_or(|o| *o == owner);
             let (session, present, replaced) = match existing {
                 Some(s) if !connect.clean_start && owned(&s) => (s, true, None),
                 old => {
                     let s = Session::new(client_id.clone());
                     sessions.insert(client_id.clone(), s.clone());
+                    broker.held(&client_id);
                     (s, false, old)
                 }
             };
@@ -515,6 +526,13 @@ impl Connection {
                     Outgoing::Released(_) => conn.send(&Packet::PubRel(PubRel::new(pkid, None))),
                 }
             }
+        }
+        if adopted
+            && present
+            && let Some(h) = &handover
+        {
+            // What the node it came from queued for it meanwhile follows.
+            h.finish(broker.clone(), conn.session.clone());
         }
         if send_all(io, &conn.out).await.is_err() {
             return None;

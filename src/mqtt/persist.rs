@@ -56,6 +56,27 @@ pub struct StoredDelivery {
     pub released: bool,
 }
 
+impl StoredDelivery {
+    /// A QoS 2 message whose PUBREC came (only its packet id matters now).
+    pub fn released(pkid: u16) -> StoredDelivery {
+        StoredDelivery {
+            message: StoredMessage {
+                topic: String::new(),
+                payload: Bytes::new(),
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                properties: None,
+                expires_at_ms: None,
+            },
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            subscription_ids: Vec::new(),
+            pkid,
+            released: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredSubscription {
     pub filter: String,
@@ -607,7 +628,7 @@ fn decode_message(b: &mut Bytes) -> Option<StoredMessage> {
     })
 }
 
-fn encode_delivery(d: &StoredDelivery) -> BytesMut {
+pub(super) fn encode_delivery(d: &StoredDelivery) -> BytesMut {
     let mut b = BytesMut::new();
     b.put_u8(d.qos as u8);
     b.put_u8(u8::from(d.retain));
@@ -621,7 +642,7 @@ fn encode_delivery(d: &StoredDelivery) -> BytesMut {
     b
 }
 
-fn decode_delivery(b: &mut Bytes) -> Option<StoredDelivery> {
+pub(super) fn decode_delivery(b: &mut Bytes) -> Option<StoredDelivery> {
     if b.remaining() < 7 {
         return None;
     }

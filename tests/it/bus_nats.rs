@@ -216,7 +216,14 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
     }
 
     async fn connect(addr: SocketAddr, id: &str) -> Client {
+        connect_session(addr, id, true).await.0
+    }
+
+    /// With `clean` off, a persistent session (3.1.1: it lasts the
+    /// broker's maximum); and whether the broker had one (CONNACK).
+    async fn connect_session(addr: SocketAddr, id: &str, clean: bool) -> (Client, bool) {
         let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_clean_session(clean);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_credentials("dev", PASSWORD);
         opts.set_inflight(100);
@@ -239,11 +246,44 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
                 }
             }
         });
-        match tokio::time::timeout(WAIT, acks.recv()).await {
-            Ok(Some(Packet::ConnAck(a))) if a.code == rumqttc::ConnectReturnCode::Success => {}
+        let present = match tokio::time::timeout(WAIT, acks.recv()).await {
+            Ok(Some(Packet::ConnAck(a))) if a.code == rumqttc::ConnectReturnCode::Success => {
+                a.session_present
+            }
             other => panic!("no CONNACK for {id}: {other:?}"),
-        }
-        Client { c, rx, acks }
+        };
+        (Client { c, rx, acks }, present)
+    }
+
+    /// The client ids of `gw`'s sessions, and whether each is connected.
+    async fn sessions(gw: &TestGateway) -> Vec<(String, bool)> {
+        let list = get(&format!(
+            "http://{}/admin/mqtt/sessions",
+            gw.gw.admin_addr()
+        ))
+        .await;
+        let list: serde_json::Value = serde_json::from_slice(&list.body).unwrap();
+        let mut ids: Vec<(String, bool)> = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["client_id"].as_str().unwrap().to_owned(),
+                    s["connected"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn sessions_are(gw: &TestGateway, want: &[(&str, bool)]) {
+        let want: Vec<(String, bool)> = want.iter().map(|(i, c)| (i.to_string(), *c)).collect();
+        wait_until(WAIT, &format!("sessions {want:?}"), || async {
+            sessions(gw).await == want
+        })
+        .await;
     }
 
     impl Client {
@@ -929,5 +969,121 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
             .publish("s/1", QoS::AtLeastOnce, false, "late")
             .await;
         assert_eq!(text(&sub.next().await), "late");
+    }
+
+    /// A persistent session follows its client to another node: what was
+    /// queued for it there comes along (none lost), what is published
+    /// after reaches it on its new node, and the old node no longer holds
+    /// it. A clean start on a third node ends it wherever it is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bus_nats_a_session_follows_its_client_to_another_node() {
+        let nats = Nats::start(None).await;
+        let (a, a_addr) = node(&nats, "", false).await;
+        let (b, b_addr) = node(&nats, "", false).await;
+        let (c, c_addr) = node(&nats, "", false).await;
+        for n in [&a, &b, &c] {
+            connected(n, true).await;
+        }
+        let (mut x, present) = connect_session(a_addr, "mover", false).await;
+        assert!(!present);
+        x.sub("move/#", QoS::AtLeastOnce).await;
+        x.c.disconnect().await.unwrap();
+        sessions_are(&a, &[("mover", false)]).await;
+        // Queued on A while its client is away.
+        let publisher = connect(a_addr, "pub").await;
+        for i in 1..=3 {
+            publisher
+                .publish(&format!("move/{i}"), QoS::AtLeastOnce, false, i.to_string())
+                .await;
+        }
+        wait_until(WAIT, "3 queued on A", || async {
+            let l = get(&format!("http://{}/admin/mqtt/sessions", a.gw.admin_addr())).await;
+            let l: serde_json::Value = serde_json::from_slice(&l.body).unwrap();
+            l["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["client_id"] == "mover" && s["queued"] == 3)
+        })
+        .await;
+
+        let (mut x, present) = connect_session(b_addr, "mover", false).await;
+        assert!(present, "the session came from A");
+        for i in 1..=3 {
+            let p = x.next().await;
+            assert_eq!(
+                (p.topic.as_str(), text(&p)),
+                (&*format!("move/{i}"), i.to_string())
+            );
+        }
+        sessions_are(&a, &[("pub", true)]).await;
+        sessions_are(&b, &[("mover", true)]).await;
+        // Its subscription lives on B now: a publish on C reaches it there.
+        let on_c = connect(c_addr, "pub-c").await;
+        on_c.publish("move/4", QoS::AtLeastOnce, false, "4").await;
+        let p = x.next().await;
+        assert_eq!((p.topic.as_str(), text(&p)), ("move/4", "4".into()));
+        // And one on A (which held it before).
+        publisher
+            .publish("move/5", QoS::AtLeastOnce, false, "5")
+            .await;
+        let p = x.next().await;
+        assert_eq!((p.topic.as_str(), text(&p)), ("move/5", "5".into()));
+        let m = a.metrics().await;
+        assert_eq!(
+            metric(
+                &m,
+                "tollgate_mqtt_messages_dropped_total{reason=\"too_large\"}"
+            ),
+            0.0
+        );
+
+        // While connected on B, the same id on C with a clean start: B's
+        // client is taken over and its session ends; C's starts afresh.
+        let (_y, present) = connect_session(c_addr, "mover", true).await;
+        assert!(!present, "a clean start");
+        sessions_are(&b, &[]).await;
+        sessions_are(&c, &[("mover", true), ("pub-c", true)]).await;
+        // B's client saw its connection end.
+        assert!(
+            tokio::time::timeout(WAIT, async { while x.rx.recv().await.is_some() {} })
+                .await
+                .is_ok(),
+            "B's connection ended"
+        );
+    }
+
+    /// A node shutting down (a rolling restart) still hands its
+    /// sessions over: a client that reconnects to another node keeps its
+    /// subscriptions and what was queued for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bus_nats_a_draining_node_hands_its_sessions_over() {
+        let nats = Nats::start(None).await;
+        let (a, a_addr) = node(&nats, "", false).await;
+        let (b, b_addr) = node(&nats, "", false).await;
+        connected(&a, true).await;
+        connected(&b, true).await;
+        let (mut x, _) = connect_session(a_addr, "roller", false).await;
+        x.sub("roll/#", QoS::AtLeastOnce).await;
+        x.c.disconnect().await.unwrap();
+        sessions_are(&a, &[("roller", false)]).await;
+        let publisher = connect(a_addr, "pub").await;
+        publisher
+            .publish("roll/1", QoS::AtLeastOnce, false, "1")
+            .await;
+        wait_until(WAIT, "queued on A", || async {
+            get(&format!("http://{}/admin/mqtt/sessions", a.gw.admin_addr()))
+                .await
+                .body
+                .windows(10)
+                .any(|w| w == b"\"queued\":1")
+        })
+        .await;
+        a.gw.shutdown();
+        let (mut x, present) = connect_session(b_addr, "roller", false).await;
+        assert!(present, "handed over while A drains");
+        let p = x.next().await;
+        assert_eq!((p.topic.as_str(), text(&p)), ("roll/1", "1".into()));
+        sessions_are(&b, &[("roller", true)]).await;
     }
 }

@@ -17,15 +17,18 @@
 //!   every node subscribes to whole, so every node keeps them. A node that
 //!   starts later does not get those published before it joined.
 
+mod handover;
 mod subject;
 mod wire;
+
+pub use handover::Handover;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::broker::Broker;
@@ -43,9 +46,23 @@ pub struct Bridge {
     retained: String,
     seq: AtomicU64,
     counters: KindCounters,
+    pending: Arc<Pending>,
 }
 
 impl Bridge {
+    /// Resolves once this node's bus subscriptions match its clients'
+    /// filters as they stand now (in place at the server).
+    pub async fn settled(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx);
+        self.pending.notify.notify_one();
+        let _ = rx.await;
+    }
+
     /// Sends a message published on this node to the others; whether the
     /// bus took it (a `$` topic never goes; a message the bus cannot take
     /// now is dropped there and counted).
@@ -79,6 +96,8 @@ impl Bridge {
 #[derive(Default)]
 struct Pending {
     dirty: Mutex<HashSet<FilterKey>>,
+    /// Told once the changes before them are settled.
+    waiters: Mutex<Vec<oneshot::Sender<()>>>,
     notify: Notify,
 }
 
@@ -101,7 +120,9 @@ impl Interest for Pending {
 pub fn join_bus(broker: &Arc<Broker>, bus: Arc<Bus>, stop: CancellationToken) {
     let topics = format!("{}.mqtt", bus.prefix());
     let retained = format!("{}.mqtt-retained", bus.prefix());
+    let pending = Arc::new(Pending::default());
     let bridge = Arc::new(Bridge {
+        pending: pending.clone(),
         node: bus.node_id(),
         topics: topics.clone(),
         retained: retained.clone(),
@@ -112,7 +133,7 @@ pub fn join_bus(broker: &Arc<Broker>, bus: Arc<Bus>, stop: CancellationToken) {
     if broker.bridge.set(bridge).is_err() {
         return;
     }
-    let pending = Arc::new(Pending::default());
+    Handover::start(broker, bus.clone(), stop.clone());
     let (tx, rx) = mpsc::channel(bus.receive_queue());
     broker.router_write().set_interest(pending.clone());
     let dispatcher = Dispatcher {
@@ -197,6 +218,13 @@ impl Dispatcher {
     /// and leaves those that lost their last; once the server has the new
     /// ones, the subscriptions gauge says so.
     async fn settle(&mut self, stop: &CancellationToken) {
+        let waiters = std::mem::take(
+            &mut *self
+                .pending
+                .waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         let dirty: Vec<FilterKey> =
             std::mem::take(&mut *self.pending.dirty.lock().unwrap_or_else(|e| e.into_inner()))
                 .into_iter()
@@ -222,6 +250,9 @@ impl Dispatcher {
         }
         if added {
             self.confirm(stop).await;
+        }
+        for w in waiters {
+            let _ = w.send(());
         }
         let held: usize = self.subs.values().map(Vec::len).sum();
         let retained = usize::from(self._retained_sub.is_some());
