@@ -300,13 +300,18 @@ impl Bus {
         self.backend.flush().await
     }
 
-    /// Sends a request and waits for its one reply (WAMP calls, later).
+    /// Sends a request and waits for its first reply.
     pub async fn request(
         &self,
         subject: String,
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, BusError> {
+        if subject.len() > MAX_SUBJECT {
+            return Err(BusError::Failed(format!(
+                "a subject longer than {MAX_SUBJECT} bytes"
+            )));
+        }
         self.backend.request(subject, payload, timeout).await
     }
 
