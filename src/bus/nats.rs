@@ -24,6 +24,8 @@ pub(super) struct Nats {
     queue: mpsc::Sender<(String, Bytes)>,
     servers: Vec<String>,
     flush_timeout: Duration,
+    /// A subject nobody serves (see `flush`).
+    flush_subject: String,
 }
 
 /// Reconnect delays: doubling from 100ms up to 5s, with jitter so the
@@ -162,6 +164,7 @@ impl Nats {
             queue,
             servers: nats.servers.clone(),
             flush_timeout: nats.connect_timeout,
+            flush_subject: format!("{}.flush.{node:016x}", nats.prefix),
         })
     }
 }
@@ -286,8 +289,16 @@ impl Backend for Nats {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            match tokio::time::timeout(self.flush_timeout, self.client.flush()).await {
-                Ok(Ok(())) => Ok(()),
+            // async-nats's flush only writes out what is buffered. The
+            // server reads a connection in order: its answer to a request
+            // nobody serves ("no responders") comes once it has read
+            // everything sent before, subscriptions included.
+            let asked = self
+                .client
+                .request(self.flush_subject.clone(), Bytes::new());
+            match tokio::time::timeout(self.flush_timeout, asked).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
                 Ok(Err(e)) => Err(BusError::Failed(e.to_string())),
                 Err(_) => Err(BusError::TimedOut(self.flush_timeout)),
             }

@@ -877,7 +877,7 @@ impl Connection {
                 }
                 self.send(&Packet::PubComp(comp));
             }
-            Packet::Subscribe(s) => return self.subscribe(s),
+            Packet::Subscribe(s) => return self.subscribe(s).await,
             Packet::Unsubscribe(u) => {
                 let mut reasons = Vec::with_capacity(u.filters.len());
                 let mut any = false;
@@ -1070,7 +1070,7 @@ impl Connection {
         None
     }
 
-    fn subscribe(&mut self, s: rumqttc::v5::mqttbytes::v5::Subscribe) -> Option<End> {
+    async fn subscribe(&mut self, s: rumqttc::v5::mqttbytes::v5::Subscribe) -> Option<End> {
         let settings = self.settings();
         let id = s.properties.as_ref().and_then(|p| p.id);
         if id == Some(0) {
@@ -1165,6 +1165,16 @@ impl Connection {
         }
         // The session's record, once per SUBSCRIBE.
         self.broker.persist_session(&self.session, 0);
+        // Cluster mode: what any node publishes after the SUBACK reaches
+        // the client, so it waits for this node's bus subscriptions (a
+        // round trip to NATS for a filter new here; not while it is down).
+        if let Some(bridge) = self.broker.bridge.get()
+            && codes
+                .iter()
+                .any(|c| matches!(c, SubscribeReasonCode::Success(_)))
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(2), bridge.settled()).await;
+        }
         self.send(&Packet::SubAck(SubAck {
             pkid: s.pkid,
             return_codes: codes,

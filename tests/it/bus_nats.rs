@@ -1086,4 +1086,30 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
         assert_eq!((p.topic.as_str(), text(&p)), ("roll/1", "1".into()));
         sessions_are(&b, &[("roller", true)]).await;
     }
+
+    /// In cluster mode a SUBACK means the subscription is in place on
+    /// every node: a publish on another node right after it arrives
+    /// (each round a filter new to the cluster).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bus_nats_a_suback_means_every_node_delivers() {
+        let nats = Nats::start(None).await;
+        let (a, a_addr) = node(&nats, "", false).await;
+        let (b, b_addr) = node(&nats, "", false).await;
+        connected(&a, true).await;
+        connected(&b, true).await;
+        let mut sub = connect(b_addr, "sub").await;
+        let publisher = connect(a_addr, "pub").await;
+        for round in 0..20 {
+            let topic = format!("fresh/{round}");
+            sub.sub(&topic, QoS::AtLeastOnce).await;
+            publisher
+                .publish(&topic, QoS::AtLeastOnce, false, round.to_string())
+                .await;
+            let p = sub.next().await;
+            assert_eq!(
+                (p.topic.as_str(), text(&p)),
+                (topic.as_str(), round.to_string())
+            );
+        }
+    }
 }

@@ -51,8 +51,12 @@ pub struct Bridge {
 
 impl Bridge {
     /// Resolves once this node's bus subscriptions match its clients'
-    /// filters as they stand now (in place at the server).
+    /// filters as they stand now (in place at the server); at once while
+    /// the bus is down.
     pub async fn settled(&self) {
+        if !self.bus.connected() {
+            return;
+        }
         let (tx, rx) = oneshot::channel();
         self.pending
             .waiters
