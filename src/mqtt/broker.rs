@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 use super::codec::QoS;
-use super::persist::{Journal, Op, StoredSession, StoredSubscription};
+use super::persist::{Journal, Op};
 use super::router::{Router, Scope, Target};
 use super::session::{Delivery, Message, Outgoing, Pushed, Session};
 use crate::authz::Policy;
@@ -390,16 +390,7 @@ impl Broker {
         if st.expiry_secs == 0 {
             return;
         }
-        let record = StoredSession {
-            expiry_secs: st.expiry_secs,
-            left_at,
-            subscriptions: st
-                .subscriptions
-                .iter()
-                .map(|(f, o)| StoredSubscription::new(f, o))
-                .collect(),
-            owner: st.owner.clone(),
-        };
+        let record = st.record(left_at);
         // Sent under the session's lock: records reach the journal in order.
         j.send(Op::Session(session.client_id.to_string(), Some(record)));
     }
@@ -759,16 +750,7 @@ impl Broker {
         queue.extend(st.queue.drain(..).map(|d| (d.seq, d.stored(0, false))));
         super::persist::Recovered {
             client_id: session.client_id.to_string(),
-            session: StoredSession {
-                expiry_secs: st.expiry_secs,
-                left_at: 0,
-                subscriptions: st
-                    .subscriptions
-                    .iter()
-                    .map(|(f, o)| StoredSubscription::new(f, o))
-                    .collect(),
-                owner: st.owner.clone(),
-            },
+            session: st.record(0),
             queue,
             incoming_qos2: st.incoming_qos2.drain().collect(),
         }

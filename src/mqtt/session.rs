@@ -127,6 +127,21 @@ pub struct SessionState {
 }
 
 impl SessionState {
+    /// Its record as the journal keeps it (`left_at`: Unix seconds its
+    /// client left, 0 while connected).
+    pub fn record(&self, left_at: u64) -> super::persist::StoredSession {
+        super::persist::StoredSession {
+            expiry_secs: self.expiry_secs,
+            left_at,
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(f, o)| super::persist::StoredSubscription::new(f, o))
+                .collect(),
+            owner: self.owner.clone(),
+        }
+    }
+
     /// A packet id not in flight (1..=65535).
     pub fn next_pkid(&mut self) -> Option<u16> {
         for _ in 0..u16::MAX {

@@ -354,6 +354,17 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
         .await;
     }
 
+    /// `n` plain nodes on `nats`, each connected to it.
+    async fn connected_nodes(nats: &Nats, n: usize) -> Vec<(TestGateway, SocketAddr)> {
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            let node = node(nats, "", false).await;
+            connected(&node.0, true).await;
+            nodes.push(node);
+        }
+        nodes
+    }
+
     fn text(p: &rumqttc::Publish) -> String {
         String::from_utf8(p.payload.to_vec()).unwrap()
     }
@@ -978,12 +989,10 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bus_nats_a_session_follows_its_client_to_another_node() {
         let nats = Nats::start(None).await;
-        let (a, a_addr) = node(&nats, "", false).await;
-        let (b, b_addr) = node(&nats, "", false).await;
-        let (c, c_addr) = node(&nats, "", false).await;
-        for n in [&a, &b, &c] {
-            connected(n, true).await;
-        }
+        let mut nodes = connected_nodes(&nats, 3).await;
+        let (c, c_addr) = nodes.pop().unwrap();
+        let (b, b_addr) = nodes.pop().unwrap();
+        let (a, a_addr) = nodes.pop().unwrap();
         let (mut x, present) = connect_session(a_addr, "mover", false).await;
         assert!(!present);
         x.sub("move/#", QoS::AtLeastOnce).await;
@@ -1059,10 +1068,9 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bus_nats_a_draining_node_hands_its_sessions_over() {
         let nats = Nats::start(None).await;
-        let (a, a_addr) = node(&nats, "", false).await;
-        let (b, b_addr) = node(&nats, "", false).await;
-        connected(&a, true).await;
-        connected(&b, true).await;
+        let mut nodes = connected_nodes(&nats, 2).await;
+        let (b, b_addr) = nodes.pop().unwrap();
+        let (a, a_addr) = nodes.pop().unwrap();
         let (mut x, _) = connect_session(a_addr, "roller", false).await;
         x.sub("roll/#", QoS::AtLeastOnce).await;
         x.c.disconnect().await.unwrap();
@@ -1093,12 +1101,9 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bus_nats_a_suback_means_every_node_delivers() {
         let nats = Nats::start(None).await;
-        let (a, a_addr) = node(&nats, "", false).await;
-        let (b, b_addr) = node(&nats, "", false).await;
-        connected(&a, true).await;
-        connected(&b, true).await;
-        let mut sub = connect(b_addr, "sub").await;
-        let publisher = connect(a_addr, "pub").await;
+        let nodes = connected_nodes(&nats, 2).await;
+        let mut sub = connect(nodes[1].1, "sub").await;
+        let publisher = connect(nodes[0].1, "pub").await;
         for round in 0..20 {
             let topic = format!("fresh/{round}");
             sub.sub(&topic, QoS::AtLeastOnce).await;
