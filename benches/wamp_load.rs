@@ -17,6 +17,9 @@
 //!   INVOCATION with a YIELD of its arguments; CALLERS (10) sessions call
 //!   it, each keeping WINDOW (32) calls outstanding: calls/s answered and
 //!   p50/p99 from CALL to RESULT. `CALLERS=1 WINDOW=1` is the latency run.
+//!   With CALLEE_TARGET=host:port the callee joins there instead (another
+//!   node of a cluster: calls cross the bus), and the callers start once a
+//!   call on TARGET is answered.
 //! - `fanout`: SUBSCRIBERS (100) sessions subscribe to `com.bench.topic`;
 //!   one session publishes to it (unacknowledged), never more than WINDOW
 //!   (64) publications ahead of the slowest subscriber (so the router, not
@@ -920,6 +923,25 @@ async fn publisher(
     }
 }
 
+/// Until a call on `addr` is answered (10 s at most): a registration made
+/// on another node reaches this one over the bus a moment after REGISTERED.
+async fn until_served(addr: SocketAddr, ws: bool, ser: Ser, realm: &str) -> io::Result<()> {
+    let mut c = Conn::join(addr, ws, ser, realm).await?;
+    let start = Instant::now();
+    let mut id = 0u64;
+    loop {
+        id += 1;
+        match c
+            .ask(json!([CALL, id, {}, PROCEDURE, [0, 0, ""]]), RESULT)
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() > Duration::from_secs(10) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 /// Warm-up for a second, then `secs` of samples: (per second, samples
 /// sorted).
 async fn measure(secs: u64, sh: &Shared) -> (f64, Vec<u64>) {
@@ -975,7 +997,12 @@ async fn run(addr: SocketAddr, scenario: &str) -> io::Result<String> {
         "rpc" => {
             let callers = env("CALLERS", 10usize);
             let window = env("WINDOW", 32usize);
-            callee(Conn::join(addr, ws, ser, &realm).await?, sh.clone()).await?;
+            let callee_addr = std::env::var("CALLEE_TARGET")
+                .map_or(addr, |t| t.parse().expect("CALLEE_TARGET is host:port"));
+            callee(Conn::join(callee_addr, ws, ser, &realm).await?, sh.clone()).await?;
+            if callee_addr != addr {
+                until_served(addr, ws, ser, &realm).await?;
+            }
             for _ in 0..callers {
                 let c = Conn::join(addr, ws, ser, &realm).await?;
                 tokio::task::spawn_local(caller(c, window, sh.clone()));

@@ -4,10 +4,10 @@
 # tollgate nodes (A, B, C) with a three-member etcd cluster and a
 # three-server NATS cluster, and checks from the host what callers of each
 # node see: tokens, clients, routes and revocations crossing nodes (timed),
-# MQTT QoS 1 across nodes, a node lost and back, a partition from etcd, a
-# rolling restart under load. Prints figures. Bounded in time; removes
-# every container, network and volume it made. WAMP across nodes is not
-# built yet, so not tested here.
+# MQTT QoS 1 across nodes, WAMP calls and events across nodes (timed), a
+# node lost and back, a partition from etcd, a rolling restart under load.
+# Prints figures. Bounded in time; removes every container, network and
+# volume it made.
 #
 #   compose/cluster-test.sh          # skipped (exit 0) without a Docker engine
 #   TOLLGATE_BIN=path compose/cluster-test.sh   # image from that static cluster build (see deploy/image/build.sh)
@@ -23,6 +23,7 @@ for tool in curl openssl docker-compose mosquitto_sub; do
   command -v "$tool" >/dev/null || { echo "compose/cluster-test.sh: needs $tool"; exit 1; }
 done
 /usr/bin/python3 -c 'import paho.mqtt' 2>/dev/null || { echo "compose/cluster-test.sh: needs python3-paho-mqtt"; exit 1; }
+/usr/bin/python3 -c 'import autobahn.asyncio' 2>/dev/null || { echo "compose/cluster-test.sh: needs python3-autobahn"; exit 1; }
 
 P=tollgate-cluster-test
 dc() { docker-compose -p "$P" -f compose/cluster/docker-compose.yml "$@"; }
@@ -62,6 +63,7 @@ dc up -d >"$work/up.log" 2>&1 || { cat "$work/up.log"; fail "docker-compose up";
 declare -A http=([A]=http://127.0.0.1:28082 [B]=http://127.0.0.1:28083 [C]=http://127.0.0.1:28084)
 declare -A admin=([A]=http://127.0.0.1:29090 [B]=http://127.0.0.1:29091 [C]=http://127.0.0.1:29092)
 declare -A mqtt=([A]=127.0.0.1:21883 [B]=127.0.0.1:21884 [C]=127.0.0.1:21885)
+declare -A wamp=([A]=ws://127.0.0.1:28180/ws [B]=ws://127.0.0.1:28181/ws [C]=ws://127.0.0.1:28182/ws)
 declare -A svc=([A]=gateway-a [B]=gateway-b [C]=gateway-c)
 declare -A cid
 for n in A B C; do cid[$n]=$(dc ps -q "${svc[$n]}"); done
@@ -158,7 +160,15 @@ else
   soft_fail "MQTT across nodes (A -> C over the NATS bus): $out"
 fi
 
-# 7. Node loss: B stops; A and C keep serving; B back catches up with a change made meanwhile.
+# 7. WAMP: a callee on A serves calls made on B (handed over NATS), and
+# events published on B reach a subscriber on C.
+if out=$(probe wamp "${wamp[A]}" "${wamp[B]}" "${wamp[C]}" 100 2>&1); then
+  ok "WAMP across nodes (callee on A, caller and publisher on B, subscriber on C): $out (A on ${on_nats[A]:-?}, B on ${on_nats[B]:-?}, C on ${on_nats[C]:-?})"
+else
+  soft_fail "WAMP across nodes (callee on A, caller on B, subscriber on C, over the NATS bus): $out"
+fi
+
+# 8. Node loss: B stops; A and C keep serving; B back catches up with a change made meanwhile.
 t0=$(now_ms)
 docker stop -t 15 "${cid[B]}" >/dev/null
 stop_ms=$(( $(now_ms) - t0 ))
@@ -173,7 +183,7 @@ ready_ms=$(( $(now_ms) - t0 ))
 [ "$(status "${http[B]}/while-b-down/")" = 200 ] || fail "B back does not serve the route registered while it was down"
 ok "node loss: B stopped (${stop_ms} ms, drained); A and C kept serving; a route registered on A meanwhile served on A, C: $out; B started again was ready in ${ready_ms} ms and serves it"
 
-# 8. Partition: A cut off from etcd keeps serving, refuses writes, says degraded; back, it catches up.
+# 9. Partition: A cut off from etcd keeps serving, refuses writes, says degraded; back, it catches up.
 store_net=${P}_store
 docker network disconnect "$store_net" "${cid[A]}"
 t0=$(now_ms)
@@ -222,7 +232,7 @@ for n in A B C; do  # the writes A refused were not applied anywhere
 done
 ok "partition healed: A serves the route registered on B meanwhile $out after reconnecting; /readyz: $(readyz A); the refused writes are nowhere"
 
-# 9. Rolling restart of every node under load against all three. The
+# 10. Rolling restart of every node under load against all three. The
 # loader calls each node's own address, as callers on a node reach its
 # host-mode port (a published port on this one engine goes through
 # docker-proxy, which accepts the connection and then closes it while the

@@ -1,10 +1,12 @@
 """Helpers of compose/cluster-test.sh: timed propagation checks, the MQTT
-fan-out check (paho) and the loader for the rolling restart. Standard
-library and Debian's python3-paho-mqtt only; every wait is bounded.
+fan-out check (paho), the WAMP call and event checks (autobahn) and the
+loader for the rolling restart. Standard library and Debian's
+python3-paho-mqtt and python3-autobahn only; every wait is bounded.
 
   probe.py route ADMIN TOKEN NAME NODE_URL...     register a route on one node, time it serving on each
   probe.py until STATUS HEADER NODE_URL...        time until each URL answers STATUS
   probe.py mqtt PUB_HOST:PORT SUB_HOST:PORT USER PASSWORD N
+  probe.py wamp CALLEE_URL CALLER_URL SUBSCRIBER_URL N   realm1 over WebSocket: calls B -> A, events B -> C
   probe.py load OUT TOKEN NAME=URL[,URL]...       GET a node's URLs in turn, in a loop, until OUT.stop exists
   probe.py judge OUT WINDOWS                      which failures are acceptable (refused on the restarting node)
 """
@@ -134,6 +136,116 @@ def cmd_mqtt(pub, sub, user, password, n):
     if unacked or missing or not in_order:
         print(f"missing: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
         sys.exit(1)
+
+
+def wamp_join(url, realm="realm1"):
+    """A joined autobahn session (asyncio, WebSocket) on `url`; raises if the join fails."""
+    import asyncio
+    from autobahn.asyncio.wamp import ApplicationSession
+    from autobahn.asyncio.websocket import WampWebSocketClientFactory
+    from autobahn.wamp.types import ComponentConfig
+
+    loop = asyncio.get_running_loop()
+    joined = loop.create_future()
+
+    class Session(ApplicationSession):
+        def onJoin(self, details):
+            joined.done() or joined.set_result(self)
+
+        def onLeave(self, details):
+            joined.done() or joined.set_exception(RuntimeError(f"join refused: {details.reason} {details.message or ''}"))
+            self.disconnect()
+
+    u = urllib.parse.urlsplit(url)
+
+    async def connect():
+        factory = WampWebSocketClientFactory(lambda: Session(ComponentConfig(realm)), url=url)
+        await loop.create_connection(factory, u.hostname, u.port)
+        return await joined
+    return asyncio.wait_for(connect(), 10)
+
+
+def cmd_wamp(callee_url, caller_url, sub_url, n):
+    """A callee on one node, a caller on another (the call crosses NATS),
+    then events published on the caller's node to a subscriber on a third."""
+    import asyncio
+    from autobahn.wamp.exception import ApplicationError
+    from autobahn.wamp.types import PublishOptions
+    n = int(n)
+    name = lambda url: urllib.parse.urlsplit(url).port
+    # autobahn's repr of an ApplicationError leaves the error URI out.
+    why = lambda e: f"{e.error}: {e.args[0] if e.args else ''}" if isinstance(e, ApplicationError) else repr(e)
+
+    async def main():
+        callee = await wamp_join(callee_url)
+        caller = await wamp_join(caller_url)
+        sub = await wamp_join(sub_url)
+        served = [0]
+
+        def add(a, b):
+            served[0] += 1
+            return a + b
+        await callee.register(add, "com.example.add")
+        # The registration reaches the bus (a NATS queue group) a moment
+        # after REGISTERED: until then the caller's node knows no callee.
+        start = time.monotonic()
+        first_error = None
+        while True:
+            try:
+                if await asyncio.wait_for(caller.call("com.example.add", 2, 3), 5) == 5:
+                    break
+            except (ApplicationError, asyncio.TimeoutError) as e:
+                first_error = first_error or e
+            if time.monotonic() - start > 10:
+                sys.exit(f"a call from {name(caller_url)} was not served by the callee on {name(callee_url)} "
+                         f"within 10 s: {why(first_error)}")
+            await asyncio.sleep(0.02)
+        reachable = (time.monotonic() - start) * 1000
+        took = []
+        for i in range(n):
+            t = time.monotonic()
+            try:
+                r = await asyncio.wait_for(caller.call("com.example.add", i, 1), 5)
+            except (ApplicationError, asyncio.TimeoutError) as e:
+                sys.exit(f"call {i + 1} of {n} from {name(caller_url)} to the callee on {name(callee_url)} failed: {why(e)}")
+            took.append((time.monotonic() - t) * 1000)
+            if r != i + 1:
+                sys.exit(f"call {i + 1} of {n}: com.example.add({i}, 1) answered {r!r}")
+        if served[0] != n + 1:
+            sys.exit(f"the callee on {name(callee_url)} served {served[0]} calls, {n + 1} were made")
+        took.sort()
+        # Nobody registered this one anywhere: an error at once, no hang.
+        t = time.monotonic()
+        try:
+            await asyncio.wait_for(caller.call("com.example.nobody"), 5)
+            sys.exit("com.example.nobody answered although nobody registered it")
+        except ApplicationError as e:
+            missing = f"{e.error} in {(time.monotonic() - t) * 1000:.0f} ms"
+
+        got, done = [], asyncio.Event()
+
+        def on_event(i):
+            got.append(i)
+            len(got) >= n and done.set()
+        await sub.subscribe(on_event, "com.example.topic")
+        t = time.monotonic()
+        for i in range(n):
+            await caller.publish("com.example.topic", i, options=PublishOptions(acknowledge=True))
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+        except asyncio.TimeoutError:
+            pass
+        events_ms = (time.monotonic() - t) * 1000
+        for s in (callee, caller, sub):
+            s.leave()
+        print(f"{n} calls from {name(caller_url)} served by the callee on {name(callee_url)}: "
+              f"median {took[len(took) // 2]:.1f} ms, p90 {took[int(len(took) * 0.9)]:.1f} ms, "
+              f"max {took[-1]:.1f} ms (first served {reachable:.0f} ms after REGISTERED); "
+              f"unregistered: {missing}; {len(got)} of {n} events published on {name(caller_url)} "
+              f"reached the subscriber on {name(sub_url)} in {events_ms:.0f} ms, in order: {got == sorted(got)}")
+        if got != list(range(n)):
+            sys.exit(1)
+    asyncio.run(main())
 
 
 def cmd_load(out, token, *targets):
