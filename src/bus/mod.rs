@@ -159,7 +159,7 @@ impl BusMetrics {
                 .with_label_values(&[] as &[&str]),
             messages: m.counter(
                 "tollgate_bus_messages_total",
-                "Messages sent to and received from the bus, by direction (sent | received) and kind (mqtt)",
+                "Messages sent to and received from the bus, by direction (sent | received) and kind (mqtt | wamp)",
                 &["direction", "kind"],
             ),
             duplicates: m.counter(

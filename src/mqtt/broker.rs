@@ -700,7 +700,7 @@ impl Broker {
         let session = self.install(moved)?;
         if let Some(j) = &self.journal {
             let st = session.state();
-            for d in &st.queue {
+            for d in st.queue.iter() {
                 if d.seq > 0 {
                     j.send(Op::Enqueue(client.clone(), d.seq, d.stored(0, false)));
                 }
@@ -747,7 +747,12 @@ impl Broker {
                 Outgoing::Released(seq) => (seq, super::persist::StoredDelivery::released(pkid)),
             });
         }
-        queue.extend(st.queue.drain(..).map(|d| (d.seq, d.stored(0, false))));
+        queue.extend(
+            st.queue
+                .take_all()
+                .into_iter()
+                .map(|d| (d.seq, d.stored(0, false))),
+        );
         super::persist::Recovered {
             client_id: session.client_id.to_string(),
             session: st.record(0),
@@ -764,7 +769,8 @@ impl Broker {
         session
             .state()
             .queue
-            .drain(..)
+            .take_all()
+            .into_iter()
             .map(|d| (d.seq, d.stored(0, false)))
             .collect()
     }

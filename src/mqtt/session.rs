@@ -100,8 +100,82 @@ pub enum Outgoing {
     Released(u64),
 }
 
+/// The deliveries waiting for a session, with how many are QoS 0: a full
+/// queue makes room by dropping its oldest QoS 0 delivery, and one full of
+/// QoS 1/2 deliveries (a slow subscriber) must not be searched for one on
+/// every message it is offered.
+#[derive(Default)]
+pub struct Queue {
+    items: VecDeque<Delivery>,
+    qos0: usize,
+}
+
+impl Queue {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn front(&self) -> Option<&Delivery> {
+        self.items.front()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Delivery> {
+        self.items.iter()
+    }
+
+    fn counted(&mut self, d: &Delivery, added: bool) {
+        if d.qos == QoS::AtMostOnce {
+            match added {
+                true => self.qos0 += 1,
+                false => self.qos0 -= 1,
+            }
+        }
+    }
+
+    pub fn push_back(&mut self, d: Delivery) {
+        self.counted(&d, true);
+        self.items.push_back(d);
+    }
+
+    pub fn push_front(&mut self, d: Delivery) {
+        self.counted(&d, true);
+        self.items.push_front(d);
+    }
+
+    pub fn pop_front(&mut self) -> Option<Delivery> {
+        let d = self.items.pop_front()?;
+        self.counted(&d, false);
+        Some(d)
+    }
+
+    /// Takes every delivery out, in order.
+    pub fn take_all(&mut self) -> VecDeque<Delivery> {
+        self.qos0 = 0;
+        std::mem::take(&mut self.items)
+    }
+
+    /// Drops the oldest QoS 0 delivery; whether there was one.
+    fn drop_oldest_qos0(&mut self) -> bool {
+        if self.qos0 == 0 {
+            return false;
+        }
+        match self.items.iter().position(|d| d.qos == QoS::AtMostOnce) {
+            Some(i) => {
+                self.items.remove(i);
+                self.qos0 -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 pub struct SessionState {
-    pub queue: VecDeque<Delivery>,
+    pub queue: Queue,
     pub inflight: BTreeMap<u16, Outgoing>,
     next_pkid: u16,
     /// Raw filter (with `$share/…`) -> options.
@@ -187,7 +261,7 @@ impl Session {
             id,
             client_id,
             state: Mutex::new(SessionState {
-                queue: VecDeque::new(),
+                queue: Queue::default(),
                 inflight: BTreeMap::new(),
                 next_pkid: 0,
                 subscriptions: HashMap::new(),
@@ -228,13 +302,10 @@ impl Session {
         let mut state = self.state();
         let mut dropped_qos0 = false;
         if state.queue.len() >= max {
-            match state.queue.iter().position(|d| d.qos == QoS::AtMostOnce) {
-                Some(i) => {
-                    state.queue.remove(i);
-                    dropped_qos0 = true;
-                }
-                _ => return Pushed::Dropped,
+            if !state.queue.drop_oldest_qos0() {
+                return Pushed::Dropped;
             }
+            dropped_qos0 = true;
         }
         // A persistent session's QoS 1/2 messages go to the journal.
         let mut persisted = false;
@@ -323,5 +394,22 @@ mod tests {
             .map(|d| d.message.payload[0])
             .collect();
         assert_eq!(kept, [1, 2]);
+    }
+
+    #[test]
+    fn the_queue_counts_its_qos0_deliveries() {
+        let mut q = Queue::default();
+        q.push_back(delivery(QoS::AtLeastOnce, 0));
+        q.push_back(delivery(QoS::AtMostOnce, 1));
+        q.push_front(delivery(QoS::AtMostOnce, 2));
+        assert_eq!(q.qos0, 2);
+        assert_eq!(q.pop_front().map(|d| d.message.payload[0]), Some(2));
+        assert_eq!(q.qos0, 1);
+        assert!(q.drop_oldest_qos0());
+        assert_eq!((q.qos0, q.len()), (0, 1));
+        assert!(!q.drop_oldest_qos0(), "only QoS 1 left");
+        q.push_back(delivery(QoS::AtMostOnce, 3));
+        assert_eq!(q.take_all().len(), 2);
+        assert_eq!((q.qos0, q.len()), (0, 0));
     }
 }
