@@ -4,7 +4,7 @@
 # tollgate nodes (A, B, C) with a three-member etcd cluster and a
 # three-server NATS cluster, and checks from the host what callers of each
 # node see: tokens, clients, routes and revocations crossing nodes (timed),
-# MQTT QoS 1 across nodes, WAMP calls and events across nodes (timed), a
+# MQTT QoS 1 and a persistent session across nodes, WAMP calls and events across nodes (timed), a
 # node lost and back, a partition from etcd, a rolling restart under load.
 # Prints figures. Bounded in time; removes every container, network and
 # volume it made.
@@ -158,6 +158,14 @@ if out=$(probe mqtt "${mqtt[A]}" "${mqtt[C]}" dev1 "$mqtt_password" 1000 2>&1); 
   ok "MQTT across nodes: $out"
 else
   soft_fail "MQTT across nodes (A -> C over the NATS bus): $out"
+fi
+
+# A persistent session made on A follows its client to C, with what was
+# published (on B) while it was away.
+if out=$(probe session "${mqtt[A]}" "${mqtt[C]}" "${mqtt[B]}" dev1 "$mqtt_password" 100 2>&1); then
+  ok "MQTT session across nodes: $out"
+else
+  soft_fail "MQTT session across nodes (made on A, resumed on C): $out"
 fi
 
 # 7. WAMP: a callee on A serves calls made on B (handed over NATS), and
