@@ -158,13 +158,33 @@ impl Nats {
             }
         });
         let (queue, rx) = mpsc::channel(nats.send_queue);
+        let flush_subject = format!("{}.flush.{node:016x}", nats.prefix);
+        // This node answers its own flushes (see `flush`); anyone else
+        // listening on the subject gets them too and changes nothing.
+        let mut echo = client
+            .subscribe(flush_subject.clone())
+            .await
+            .map_err(|e| config_error("bus.nats", e.to_string()))?;
+        let (replier, done) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let m = tokio::select! {
+                    _ = done.cancelled() => return,
+                    m = echo.next() => m,
+                };
+                let Some(m) = m else { return };
+                if let Some(to) = m.reply {
+                    let _ = replier.publish(to, Bytes::new()).await;
+                }
+            }
+        });
         tokio::spawn(send_loop(client.clone(), rx, metrics, stop));
         Ok(Nats {
             client,
             queue,
             servers: nats.servers.clone(),
             flush_timeout: nats.connect_timeout,
-            flush_subject: format!("{}.flush.{node:016x}", nats.prefix),
+            flush_subject,
         })
     }
 }
@@ -290,15 +310,14 @@ impl Backend for Nats {
     fn flush(&self) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
             // async-nats's flush only writes out what is buffered. The
-            // server reads a connection in order: its answer to a request
-            // nobody serves ("no responders") comes once it has read
-            // everything sent before, subscriptions included.
+            // server reads a connection in order: the answer to a request
+            // this node serves itself comes once the server has read
+            // everything sent before it, subscriptions included.
             let asked = self
                 .client
                 .request(self.flush_subject.clone(), Bytes::new());
             match tokio::time::timeout(self.flush_timeout, asked).await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
                 Ok(Err(e)) => Err(BusError::Failed(e.to_string())),
                 Err(_) => Err(BusError::TimedOut(self.flush_timeout)),
             }

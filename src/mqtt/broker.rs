@@ -726,39 +726,55 @@ impl Broker {
     }
 
     /// Hands `session` to another node (cluster mode): its client is
-    /// disconnected (taken over), and its queue, what is in flight and its
-    /// QoS 2 ids are taken out and returned with its record. It stays in
-    /// the map, routing to an empty queue, until [`Broker::drop_session`]
-    /// once the other node is ready: what it queues meanwhile follows.
-    pub(super) fn hand_over(&self, session: &Session) -> super::persist::Recovered {
-        let _sessions = self.sessions();
-        let mut st = session.state();
-        // Moved under the `sessions` lock, as a resuming CONNECT does:
-        // expiry timers and the old connection see it is no longer theirs.
-        st.generation += 1;
-        if let Some(k) = st.kick.take() {
-            k.notify_one();
-        }
-        session.set_connected(false);
-        let mut queue: Vec<(u64, super::persist::StoredDelivery)> = Vec::new();
-        for (pkid, o) in std::mem::take(&mut st.inflight) {
-            queue.push(match o {
-                Outgoing::Published(d) => (d.seq, d.stored(pkid, false)),
-                Outgoing::Released(seq) => (seq, super::persist::StoredDelivery::released(pkid)),
-            });
-        }
-        queue.extend(
-            st.queue
-                .take_all()
-                .into_iter()
-                .map(|d| (d.seq, d.stored(0, false))),
-        );
-        super::persist::Recovered {
-            client_id: session.client_id.to_string(),
-            session: st.record(0),
-            queue,
-            incoming_qos2: st.incoming_qos2.drain().collect(),
-        }
+    /// disconnected (taken over), it leaves the map and the journal (the
+    /// other node has it now), and its queue, what is in flight and its
+    /// QoS 2 ids are taken out and returned with its record. Its
+    /// subscriptions stay in the router until [`Broker::forget_moved`],
+    /// once the other node receives them too: what it queues meanwhile
+    /// follows ([`Broker::take_queue`]).
+    pub(super) fn hand_over(&self, session: &Arc<Session>) -> super::persist::Recovered {
+        let mut sessions = self.sessions();
+        let moved = {
+            let mut st = session.state();
+            // Moved under the `sessions` lock, as a resuming CONNECT does:
+            // expiry timers and the old connection see it is no longer
+            // theirs, and its will waits (the session goes on elsewhere).
+            st.generation += 1;
+            st.handed_over = true;
+            if let Some(k) = st.kick.take() {
+                k.notify_one();
+            }
+            session.set_connected(false);
+            let mut queue: Vec<(u64, super::persist::StoredDelivery)> = Vec::new();
+            for (pkid, o) in std::mem::take(&mut st.inflight) {
+                queue.push(match o {
+                    Outgoing::Published(d) => (d.seq, d.stored(pkid, false)),
+                    Outgoing::Released(seq) => {
+                        (seq, super::persist::StoredDelivery::released(pkid))
+                    }
+                });
+            }
+            queue.extend(
+                st.queue
+                    .take_all()
+                    .into_iter()
+                    .map(|d| (d.seq, d.stored(0, false))),
+            );
+            super::persist::Recovered {
+                client_id: session.client_id.to_string(),
+                session: st.record(0),
+                queue,
+                incoming_qos2: st.incoming_qos2.drain().collect(),
+            }
+        };
+        self.unmap(&mut sessions, session);
+        moved
+    }
+
+    /// A session handed over is received by the other node: its
+    /// subscriptions here go.
+    pub(super) fn forget_moved(&self, session: &Session) {
+        self.unsubscribe_all(session);
     }
 
     /// What was queued for a session since [`Broker::hand_over`]: taken out.

@@ -1288,11 +1288,12 @@ impl Connection {
             // Taken over: a newer connection to the same session came
             // within the delay, so no will (§3.1.3.2.2); one that started
             // a new session ended this one, which sends it.
-            let continues = self
-                .broker
-                .sessions()
-                .get(&self.session.client_id)
-                .is_some_and(|s| s.id == self.session.id);
+            let continues = self.session.state().handed_over
+                || self
+                    .broker
+                    .sessions()
+                    .get(&self.session.client_id)
+                    .is_some_and(|s| s.id == self.session.id);
             if !continues {
                 let _ = self.broker.publish(message);
             }

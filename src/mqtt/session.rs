@@ -198,6 +198,8 @@ pub struct SessionState {
     pub next_seq: u64,
     /// Ended by an operator (the admin API), not by a newer connection.
     pub evicted: bool,
+    /// Handed to another node (cluster mode): it goes on there.
+    pub handed_over: bool,
 }
 
 impl SessionState {
@@ -273,6 +275,7 @@ impl Session {
                 owner: None,
                 next_seq: 1,
                 evicted: false,
+                handed_over: false,
             }),
             wake: Notify::new(),
             connected: AtomicBool::new(false),

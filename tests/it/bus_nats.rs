@@ -1117,4 +1117,64 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
             );
         }
     }
+
+    /// A session that moves keeps its client's will (v5, with a delay)
+    /// from being published: the session goes on on the new node, and the
+    /// old connection is told it was taken over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bus_nats_a_moved_session_sends_no_will() {
+        use rumqttc::v5::mqttbytes::QoS as Q5;
+        use rumqttc::v5::mqttbytes::v5::{
+            ConnectProperties, DisconnectReasonCode, LastWill, LastWillProperties, Packet as P5,
+        };
+        let nats = Nats::start(None).await;
+        let nodes = connected_nodes(&nats, 2).await;
+        let (a, a_addr) = (&nodes[0].0, nodes[0].1);
+        let b_addr = nodes[1].1;
+        let mut watcher = connect(b_addr, "watcher").await;
+        watcher.sub("will/#", QoS::AtMostOnce).await;
+        let will = LastWill {
+            topic: "will/roamer".into(),
+            message: "gone".into(),
+            qos: Q5::AtMostOnce,
+            retain: false,
+            properties: Some(LastWillProperties {
+                delay_interval: Some(1),
+                payload_format_indicator: None,
+                message_expiry_interval: None,
+                content_type: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: Vec::new(),
+            }),
+        };
+        let mut props = ConnectProperties::new();
+        props.session_expiry_interval = Some(60);
+        let login = ("dev", PASSWORD);
+        let (mut first, _) = crate::mqtt5::Raw::connect_as(
+            a_addr,
+            "roamer",
+            login,
+            false,
+            props.clone(),
+            Some(will),
+        )
+        .await;
+        sessions_are(a, &[("roamer", true)]).await;
+        let (_second, ack) =
+            crate::mqtt5::Raw::connect_as(b_addr, "roamer", login, false, props, None).await;
+        assert!(ack.session_present, "moved from A");
+        match first.recv().await {
+            P5::Disconnect(d) => {
+                assert_eq!(d.reason_code, DisconnectReasonCode::SessionTakenOver)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(2500), watcher.rx.recv())
+                .await
+                .is_err(),
+            "no will: the session goes on on B"
+        );
+    }
 }

@@ -35,7 +35,7 @@ mqtt:\n  sys_interval: 1s\n  policy:\n    - allow: {{ actions: [publish, subscri
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-struct Raw {
+pub(crate) struct Raw {
     tcp: Box<dyn Io>,
     buf: BytesMut,
 }
@@ -84,6 +84,17 @@ impl Raw {
         props: ConnectProperties,
         will: Option<LastWill>,
     ) -> (Raw, ConnAck) {
+        Raw::connect_as(addr, id, (user, PASSWORD), clean, props, will).await
+    }
+
+    pub(crate) async fn connect_as(
+        addr: SocketAddr,
+        id: &str,
+        (user, password): (&str, &str),
+        clean: bool,
+        props: ConnectProperties,
+        will: Option<LastWill>,
+    ) -> (Raw, ConnAck) {
         let mut raw = Raw {
             tcp: Box::new(TcpStream::connect(addr).await.unwrap()),
             buf: BytesMut::new(),
@@ -98,7 +109,7 @@ impl Raw {
             will,
             Some(Login {
                 username: user.into(),
-                password: PASSWORD.into(),
+                password: password.into(),
             }),
         ))
         .await;
@@ -114,7 +125,7 @@ impl Raw {
         self.tcp.write_all(&out).await.unwrap();
     }
 
-    async fn recv(&mut self) -> Packet {
+    pub(crate) async fn recv(&mut self) -> Packet {
         self.try_recv(Duration::from_secs(5))
             .await
             .expect("a packet within 5s")

@@ -8,12 +8,12 @@
 //! 1. `take`: the holder disconnects its client (session taken over) and
 //!    either ends the session (a clean start, or another owner: as on one
 //!    node) or hands it over: subscriptions, expiry, owner, the queued and
-//!    in-flight messages, the QoS 2 ids. It keeps the session, without a
-//!    connection and still subscribed, so what is published meanwhile is
-//!    queued there.
-//! 2. `release`, once the new node's bus subscriptions for the session's
-//!    filters are in place: the holder drops the session and sends what
-//!    it queued since step 1.
+//!    in-flight messages, the QoS 2 ids. The session leaves its map and
+//!    journal, but stays subscribed, so what is published meanwhile is
+//!    queued there; a node asking for it meanwhile is told to ask again.
+//! 2. `release`, once the new node answers for the session and its bus
+//!    subscriptions for the session's filters are in place: the holder
+//!    drops the subscriptions and sends what it queued since step 1.
 //!
 //! So a message published while a session moves is not lost; one
 //! published between the two steps may arrive twice (QoS 1 is at least
@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::super::broker::Broker;
@@ -50,6 +50,9 @@ const ABSENT: u8 = 0;
 const ENDED: u8 = 1;
 const MOVED: u8 = 2;
 const TAIL: u8 = 3;
+const BUSY: u8 = 4;
+/// How long a node waits before asking again for a session on its way.
+const BUSY_RETRY: Duration = Duration::from_millis(50);
 
 /// This node's side of moving sessions; the broker tells it which
 /// sessions it holds.
@@ -65,6 +68,8 @@ enum Op {
     Released(Arc<str>),
     /// Drop a session handed over and never released (its id).
     Abandoned(Arc<str>, u64),
+    /// Answered once the ops before it are done.
+    Sync(oneshot::Sender<()>),
 }
 
 enum Reply {
@@ -72,6 +77,8 @@ enum Reply {
     Ended,
     Moved(Recovered),
     Tail(Vec<(u64, StoredDelivery)>),
+    /// On its way to another node: ask again.
+    Busy,
 }
 
 impl Handover {
@@ -143,11 +150,20 @@ impl Handover {
             put_str(b, &owner.0);
             put_str(b, &owner.1);
         });
-        let reply = self
-            .bus
-            .request(self.subject(client_id), payload, ASK_TIMEOUT)
-            .await;
-        match reply.map(|r| decode_reply(r, client_id)) {
+        let asked = tokio::time::Instant::now();
+        let reply = loop {
+            let reply = self
+                .bus
+                .request(self.subject(client_id), payload.clone(), ASK_TIMEOUT)
+                .await;
+            match reply.map(|r| decode_reply(r, client_id)) {
+                Ok(Some(Reply::Busy)) if asked.elapsed() < ASK_TIMEOUT => {
+                    tokio::time::sleep(BUSY_RETRY).await;
+                }
+                other => break other,
+            }
+        };
+        match reply {
             Ok(Some(Reply::Moved(r))) => {
                 tracing::info!(client_id, "MQTT session taken over from another node");
                 Some(r)
@@ -177,9 +193,19 @@ impl Handover {
     pub fn finish(self: &Arc<Self>, broker: Arc<Broker>, session: Arc<Session>) {
         let handover = self.clone();
         tokio::spawn(async move {
-            if let Some(bridge) = broker.bridge.get() {
-                let _ = tokio::time::timeout(ASK_TIMEOUT, bridge.settled()).await;
-            }
+            // This node answers for the session (its subscription is on
+            // the server) and gets what its filters match, before the other
+            // lets go.
+            let (tx, rx) = oneshot::channel();
+            let _ = handover.ops.send(Op::Sync(tx));
+            let _ = tokio::time::timeout(ASK_TIMEOUT, async {
+                let _ = rx.await;
+                if let Some(bridge) = broker.bridge.get() {
+                    bridge.settled().await;
+                }
+                let _ = handover.bus.flush().await;
+            })
+            .await;
             let payload = handover.request(RELEASE, |_| {});
             let subject = handover.subject(&session.client_id);
             let tail = match handover.bus.request(subject, payload, ASK_TIMEOUT).await {
@@ -193,6 +219,14 @@ impl Handover {
                     return;
                 }
             };
+            let current = broker
+                .sessions()
+                .get(&session.client_id)
+                .is_some_and(|s| s.id == session.id);
+            if !current {
+                // Ended or taken on meanwhile: what came is not its anymore.
+                return;
+            }
             let max = broker.settings.load().limits.max_queued_messages;
             for (_, d) in tail {
                 let delivery = Delivery {
@@ -220,8 +254,8 @@ struct Answerer {
     handover: Arc<Handover>,
     tx: mpsc::Sender<Incoming>,
     subs: HashMap<Arc<str>, Subscription>,
-    /// Handed over, not yet released: the session's id and the taker.
-    moving: HashMap<Arc<str>, (u64, NodeId)>,
+    /// Handed over, not yet released: the session and the taker.
+    moving: HashMap<Arc<str>, (Arc<Session>, NodeId)>,
     complaints: Complaints,
 }
 
@@ -234,6 +268,8 @@ impl Answerer {
     ) {
         loop {
             tokio::select! {
+                // Ops first: a request is answered with the map as it is.
+                biased;
                 _ = stop.cancelled() => return,
                 op = ops.recv() => match op {
                     Some(op) => self.apply(op).await,
@@ -269,27 +305,23 @@ impl Answerer {
             }
             Op::Released(id) => {
                 self.subs.remove(&id);
-                self.moving.remove(&id);
             }
             Op::Abandoned(id, session_id) => {
-                if self.moving.get(&id).is_some_and(|(s, _)| *s == session_id) {
-                    self.moving.remove(&id);
-                    if let Some(s) = self.mapped(&id, session_id) {
-                        tracing::warn!(client_id = %bounded(&id),
-                            "MQTT session handed over but never released by the other node: dropped here");
-                        self.broker.drop_session(&s);
-                    }
+                if self
+                    .moving
+                    .get(&id)
+                    .is_some_and(|(s, _)| s.id == session_id)
+                    && let Some((s, _)) = self.moving.remove(&id)
+                {
+                    tracing::warn!(client_id = %bounded(&id),
+                        "MQTT session handed over but never released by the other node: its subscriptions here end");
+                    self.broker.forget_moved(&s);
                 }
             }
+            Op::Sync(done) => {
+                let _ = done.send(());
+            }
         }
-    }
-
-    fn mapped(&self, id: &str, session_id: u64) -> Option<Arc<Session>> {
-        self.broker
-            .sessions()
-            .get(id)
-            .filter(|s| s.id == session_id)
-            .cloned()
     }
 
     fn answer(&mut self, m: Incoming) {
@@ -312,9 +344,10 @@ impl Answerer {
                 .log("a malformed session request", &m.subject);
         };
         if request.node == self.handover.bus.node_id() {
-            // Our own (a subscription of a session that just left here):
-            // nobody here has it.
-            if request.kind == TAKE {
+            // Our own, through a subscription on its way out (its session
+            // just left here): nobody here has it. With the subscription
+            // still ours, another client of this node took the id.
+            if request.kind == TAKE && !self.subs.contains_key(client_id.as_str()) {
                 self.reply(reply_to, &client_id, Reply::Absent);
             }
             return;
@@ -328,15 +361,13 @@ impl Answerer {
         }
     }
 
-    /// None: no answer (the session is on its way to another node, which
-    /// answers for it once it has it).
     fn take(&mut self, client_id: &str, request: &Request) -> Option<Reply> {
+        if self.moving.contains_key(client_id) {
+            return Some(Reply::Busy);
+        }
         let Some(session) = self.broker.sessions().get(client_id).cloned() else {
             return Some(Reply::Absent);
         };
-        if self.moving.contains_key(client_id) {
-            return None;
-        }
         let owned = session
             .state()
             .owner
@@ -348,9 +379,9 @@ impl Answerer {
         }
         let moved = self.broker.hand_over(&session);
         let id: Arc<str> = Arc::from(client_id);
-        self.moving.insert(id.clone(), (session.id, request.node));
-        let ops = self.handover.ops.clone();
         let session_id = session.id;
+        self.moving.insert(id.clone(), (session, request.node));
+        let ops = self.handover.ops.clone();
         tokio::spawn(async move {
             tokio::time::sleep(ABANDONED).await;
             let _ = ops.send(Op::Abandoned(id, session_id));
@@ -359,16 +390,16 @@ impl Answerer {
     }
 
     fn release(&mut self, client_id: &str, node: NodeId) -> Option<Reply> {
-        let Some(&(session_id, taker)) = self.moving.get(client_id) else {
-            return Some(Reply::Absent);
-        };
-        if taker != node {
+        if self
+            .moving
+            .get(client_id)
+            .is_none_or(|(_, taker)| *taker != node)
+        {
             return Some(Reply::Absent);
         }
-        self.moving.remove(client_id);
-        let session = self.mapped(client_id, session_id)?;
+        let (session, _) = self.moving.remove(client_id)?;
         let tail = self.broker.take_queue(&session);
-        self.broker.drop_session(&session);
+        self.broker.forget_moved(&session);
         tracing::debug!(client_id = %bounded(client_id), "MQTT session moved to another node");
         Some(Reply::Tail(tail))
     }
@@ -447,6 +478,7 @@ fn encode_reply(reply: &Reply) -> (Bytes, usize) {
     match reply {
         Reply::Absent => b.put_u8(ABSENT),
         Reply::Ended => b.put_u8(ENDED),
+        Reply::Busy => b.put_u8(BUSY),
         Reply::Moved(r) => {
             b.put_u8(MOVED);
             let record = serde_json::to_vec(&r.session).unwrap_or_default();
@@ -509,6 +541,7 @@ fn decode_reply(mut b: Bytes, client_id: &str) -> Option<Reply> {
     Some(match b.get_u8() {
         ABSENT => Reply::Absent,
         ENDED => Reply::Ended,
+        BUSY => Reply::Busy,
         MOVED => {
             let n = take(&mut b, 4)?.get_u32() as usize;
             let session: StoredSession = serde_json::from_slice(&take(&mut b, n)?).ok()?;
