@@ -1123,31 +1123,14 @@ bus:\n  nats:\n    servers: ['{}']\n    prefix: test.bus\n{extra_bus}",
     /// old connection is told it was taken over.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bus_nats_a_moved_session_sends_no_will() {
-        use rumqttc::v5::mqttbytes::QoS as Q5;
-        use rumqttc::v5::mqttbytes::v5::{
-            ConnectProperties, DisconnectReasonCode, LastWill, LastWillProperties, Packet as P5,
-        };
+        use rumqttc::v5::mqttbytes::v5::{ConnectProperties, DisconnectReasonCode, Packet as P5};
         let nats = Nats::start(None).await;
         let nodes = connected_nodes(&nats, 2).await;
         let (a, a_addr) = (&nodes[0].0, nodes[0].1);
         let b_addr = nodes[1].1;
         let mut watcher = connect(b_addr, "watcher").await;
         watcher.sub("will/#", QoS::AtMostOnce).await;
-        let will = LastWill {
-            topic: "will/roamer".into(),
-            message: "gone".into(),
-            qos: Q5::AtMostOnce,
-            retain: false,
-            properties: Some(LastWillProperties {
-                delay_interval: Some(1),
-                payload_format_indicator: None,
-                message_expiry_interval: None,
-                content_type: None,
-                response_topic: None,
-                correlation_data: None,
-                user_properties: Vec::new(),
-            }),
-        };
+        let will = crate::mqtt5::delayed_will("will/roamer", 1);
         let mut props = ConnectProperties::new();
         props.session_expiry_interval = Some(60);
         let login = ("dev", PASSWORD);

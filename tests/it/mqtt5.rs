@@ -519,19 +519,16 @@ async fn limits_keep_alive_and_session_expiry() {
     assert!(!ack.session_present, "expired");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_will_delay_is_cancelled_by_a_reconnect_and_takeover_is_told() {
-    let (_gw, addr) = broker("").await;
-    let (mut w, _) = Raw::connect(addr, "watch", "bob", ConnectProperties::new()).await;
-    w.subscribe(1, vec![filter("shared/will", QoS::AtMostOnce)], None)
-        .await;
-    let will = || LastWill {
-        topic: Bytes::from_static(b"shared/will"),
+/// A QoS 0 will "gone" to `topic`, sent `delay` seconds after its client
+/// is gone.
+pub(crate) fn delayed_will(topic: &'static str, delay: u32) -> LastWill {
+    LastWill {
+        topic: Bytes::from_static(topic.as_bytes()),
         message: Bytes::from_static(b"gone"),
         qos: QoS::AtMostOnce,
         retain: false,
         properties: Some(LastWillProperties {
-            delay_interval: Some(1),
+            delay_interval: Some(delay),
             payload_format_indicator: None,
             message_expiry_interval: None,
             content_type: None,
@@ -539,7 +536,16 @@ async fn a_will_delay_is_cancelled_by_a_reconnect_and_takeover_is_told() {
             correlation_data: None,
             user_properties: Vec::new(),
         }),
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_delay_is_cancelled_by_a_reconnect_and_takeover_is_told() {
+    let (_gw, addr) = broker("").await;
+    let (mut w, _) = Raw::connect(addr, "watch", "bob", ConnectProperties::new()).await;
+    w.subscribe(1, vec![filter("shared/will", QoS::AtMostOnce)], None)
+        .await;
+    let will = || delayed_will("shared/will", 1);
     let mut props = ConnectProperties::new();
     props.session_expiry_interval = Some(60);
     let (first, _) =
