@@ -510,10 +510,7 @@ impl Broker {
         {
             let mut st = session.state();
             st.evicted = evicted;
-            st.generation += 1;
-            if let Some(k) = st.kick.take() {
-                k.notify_one();
-            }
+            st.take_over();
         }
         self.drop_session(session);
     }
@@ -739,11 +736,8 @@ impl Broker {
             // Moved under the `sessions` lock, as a resuming CONNECT does:
             // expiry timers and the old connection see it is no longer
             // theirs, and its will waits (the session goes on elsewhere).
-            st.generation += 1;
             st.handed_over = true;
-            if let Some(k) = st.kick.take() {
-                k.notify_one();
-            }
+            st.take_over();
             session.set_connected(false);
             let mut queue: Vec<(u64, super::persist::StoredDelivery)> = Vec::new();
             for (pkid, o) in std::mem::take(&mut st.inflight) {

@@ -390,11 +390,7 @@ impl Connection {
                 .into_iter()
                 .flatten()
             {
-                let mut st = old.state();
-                st.generation += 1;
-                if let Some(k) = st.kick.take() {
-                    k.notify_one();
-                }
+                old.state().take_over();
             }
             let generation = {
                 let mut st = session.state();

@@ -218,6 +218,16 @@ impl SessionState {
         }
     }
 
+    /// Ends whatever the attached connection does with this session: the
+    /// generation moves (its connection, will and expiry timer see it is
+    /// no longer theirs) and the connection is told to go.
+    pub fn take_over(&mut self) {
+        self.generation += 1;
+        if let Some(k) = self.kick.take() {
+            k.notify_one();
+        }
+    }
+
     /// A packet id not in flight (1..=65535).
     pub fn next_pkid(&mut self) -> Option<u16> {
         for _ in 0..u16::MAX {

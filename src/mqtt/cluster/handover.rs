@@ -356,17 +356,15 @@ impl Answerer {
             TAKE => self.take(&client_id, &request),
             _ => self.release(&client_id, request.node),
         };
-        if let Some(r) = reply {
-            self.reply(reply_to, &client_id, r);
-        }
+        self.reply(reply_to, &client_id, reply);
     }
 
-    fn take(&mut self, client_id: &str, request: &Request) -> Option<Reply> {
+    fn take(&mut self, client_id: &str, request: &Request) -> Reply {
         if self.moving.contains_key(client_id) {
-            return Some(Reply::Busy);
+            return Reply::Busy;
         }
         let Some(session) = self.broker.sessions().get(client_id).cloned() else {
-            return Some(Reply::Absent);
+            return Reply::Absent;
         };
         let owned = session
             .state()
@@ -375,7 +373,7 @@ impl Answerer {
             .is_none_or(|o| *o == request.owner);
         if request.clean || !owned {
             self.broker.end_taken_over(&session);
-            return Some(Reply::Ended);
+            return Reply::Ended;
         }
         let moved = self.broker.hand_over(&session);
         let id: Arc<str> = Arc::from(client_id);
@@ -386,22 +384,25 @@ impl Answerer {
             tokio::time::sleep(ABANDONED).await;
             let _ = ops.send(Op::Abandoned(id, session_id));
         });
-        Some(Reply::Moved(moved))
+        Reply::Moved(moved)
     }
 
-    fn release(&mut self, client_id: &str, node: NodeId) -> Option<Reply> {
+    fn release(&mut self, client_id: &str, node: NodeId) -> Reply {
+        // Only the node it was handed to may end its way here.
         if self
             .moving
             .get(client_id)
             .is_none_or(|(_, taker)| *taker != node)
         {
-            return Some(Reply::Absent);
+            return Reply::Absent;
         }
-        let (session, _) = self.moving.remove(client_id)?;
+        let Some((session, _)) = self.moving.remove(client_id) else {
+            return Reply::Absent;
+        };
         let tail = self.broker.take_queue(&session);
         self.broker.forget_moved(&session);
         tracing::debug!(client_id = %bounded(client_id), "MQTT session moved to another node");
-        Some(Reply::Tail(tail))
+        Reply::Tail(tail)
     }
 
     fn reply(&self, to: String, client_id: &str, reply: Reply) {
