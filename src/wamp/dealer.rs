@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use super::cluster::wire::Frame;
 use super::message::{self as m, Id, Message};
-use super::router::{Realm, RealmState, error_with};
+use super::router::{Realm, RealmState, call_error, error_with};
 use super::table::{Entry, Table};
 use super::value::{Dict, Value};
 use crate::authz::MatchPolicy;
@@ -524,17 +524,9 @@ impl RealmState {
         if let Some(p) = self.finish(invocation) {
             self.metrics.call_errors.inc();
             match p.caller {
-                Caller::Session { id, request } => self.send(
-                    id,
-                    Message::Error {
-                        request_type: m::CALL,
-                        request,
-                        details: Dict::new(),
-                        error,
-                        args,
-                        kwargs,
-                    },
-                ),
+                Caller::Session { id, request } => {
+                    self.send(id, call_error(request, error, args, kwargs))
+                }
                 Caller::Router(tx) => {
                     let _ = tx.send(Outcome::Error(error, args));
                 }
@@ -927,14 +919,7 @@ impl RealmState {
                 args,
                 kwargs,
                 ..
-            } => Message::Error {
-                request_type: m::CALL,
-                request,
-                details: Dict::new(),
-                error,
-                args,
-                kwargs,
-            },
+            } => call_error(request, error, args, kwargs),
             _ => return,
         };
         self.finish_forwarded(call);

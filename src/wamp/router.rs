@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::Broker;
 use super::dealer::Dealer;
-use super::message::{Id, Message};
+use super::message::{self as m, Id, Message};
 use super::settings::{RealmRules, Role, Settings};
 use super::value::{Dict, Value};
 use crate::authz::{MatchPolicy, WampVerb};
@@ -216,6 +216,23 @@ pub fn error_with(request_type: u64, request: Id, uri: &str, message: String) ->
         error: uri.to_owned(),
         args: Some(Value::List(vec![Value::Str(message)])),
         kwargs: None,
+    }
+}
+
+/// A callee's ERROR for a CALL, as its caller gets it.
+pub fn call_error(
+    request: Id,
+    error: String,
+    args: Option<Value>,
+    kwargs: Option<Value>,
+) -> Message {
+    Message::Error {
+        request_type: m::CALL,
+        request,
+        details: Dict::new(),
+        error,
+        args,
+        kwargs,
     }
 }
 
