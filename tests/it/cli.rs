@@ -272,15 +272,21 @@ async fn text_logs_are_plain_and_a_reload_is_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gateway.yaml");
     let yaml = |name: &str| {
-        config_with_routes(&route(name, "/", &[&up], "")) + "reload: { debounce: 100ms }\n"
+        config_with_routes(&route(name, &format!("/{name}"), &[&up], ""))
+            + "reload: { debounce: 100ms }\n"
     };
     std::fs::write(&file, yaml("first")).unwrap();
     let (child, addr, logs) = run_binary_with(&file, "text");
-    assert_eq!(get(&format!("http://{addr}/")).await.status, 200);
+    assert_eq!(get(&format!("http://{addr}/first")).await.status, 200);
     std::fs::write(&file, yaml("second")).unwrap();
-    // Time for the reload, and for any second one a duplicate file event
-    // would bring.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The reload is done once the new route serves (however busy the
+    // machine); then time for any second one a duplicate file event would
+    // bring.
+    wait_until(Duration::from_secs(20), "the reloaded route", || async {
+        get(&format!("http://{addr}/second")).await.status == 200
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
